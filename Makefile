@@ -1,0 +1,32 @@
+# Two entry points, each doing all set-up on a fresh machine with Python >= 3.10 and pip:
+#   make demo   - the main job: a demo on the embedded defaults
+#   make test   - lint, type-check and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned: 2.13.0 is the CPU build on this machine's disk; an open spec
+# would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/kvcache demo
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check kvcache kernels tests benches
+	$(BIN)/mypy
+	$(BIN)/pytest -q tests
+
+bench: $(VENV)/.installed
+	$(BIN)/pytest benches --benchmark-only --benchmark-columns=min,median,ops -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks

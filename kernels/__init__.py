@@ -1,0 +1,1 @@
+"""Block copy kernels (installed as ``kvcache.kernels``): gather, scatter and tier copies."""

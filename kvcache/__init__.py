@@ -1,0 +1,51 @@
+"""kvcache: share KV-cache blocks across sessions and tenants, route requests to the worker
+that holds their prefix, and spill cold blocks down a memory hierarchy.
+
+The public API is what ``__all__`` lists; everything else is private and may change.
+"""
+
+from kvcache.config import CacheConfig, TenantQuota
+from kvcache.errors import (
+    CapacityError,
+    ConfigError,
+    InvalidTokensError,
+    KVCacheError,
+    QuotaError,
+    RequestError,
+    ScopeError,
+    TierError,
+    TraceError,
+)
+from kvcache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.hashing import Hasher
+from kvcache.manager import Allocation, BlockManager, Prompt
+from kvcache.stats import CacheStats, TenantStats
+from kvcache.tenancy import PUBLIC_SCOPE, Scope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PUBLIC_SCOPE",
+    "Allocation",
+    "BlockManager",
+    "BlockRemoved",
+    "BlockStored",
+    "CacheConfig",
+    "CacheEvent",
+    "CacheStats",
+    "CapacityError",
+    "ConfigError",
+    "Hasher",
+    "InvalidTokensError",
+    "KVCacheError",
+    "Prompt",
+    "QuotaError",
+    "RequestError",
+    "Scope",
+    "ScopeError",
+    "TenantQuota",
+    "TenantStats",
+    "TierError",
+    "TraceError",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Command-line subcommands; each module exposes ``add_parser(subparsers)`` and ``run(args)``."""

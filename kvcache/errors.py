@@ -1,0 +1,57 @@
+"""Every error a user of kvcache can cause, in one hierarchy.
+
+``KVCacheError`` is the root; catch it to handle anything the library raises on bad input or
+exhausted capacity. Internal invariants are checked with ``assert`` and are not part of this
+hierarchy: an ``AssertionError`` is always a kvcache bug.
+
+    KVCacheError
+    ├── ConfigError          a configuration value is out of range
+    ├── InvalidTokensError   tokens are empty, not integers, negative or >= vocab_size
+    ├── RequestError         a request id is unknown, already freed, or already in use
+    ├── ScopeError           a scope is malformed or not allowed to do what was asked
+    ├── CapacityError        the pool cannot hold the request (nothing was changed)
+    │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
+    ├── TraceError           a trace file is malformed (names the line and field)
+    └── TierError            a storage tier was misused (wrong layout, bad size)
+"""
+
+from __future__ import annotations
+
+
+class KVCacheError(Exception):
+    """Root of every error kvcache raises for something the caller can fix."""
+
+
+class ConfigError(KVCacheError, ValueError):
+    """A configuration value is out of range."""
+
+
+class InvalidTokensError(KVCacheError, ValueError):
+    """Token ids are empty, not integers, negative, or not below the vocabulary size."""
+
+
+class RequestError(KVCacheError, KeyError):
+    """A request id is unknown, already freed, or already in use."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ScopeError(KVCacheError, ValueError):
+    """A scope is malformed or not allowed to do what was asked."""
+
+
+class CapacityError(KVCacheError, MemoryError):
+    """The block pool cannot hold what was asked; the pool is left exactly as it was."""
+
+
+class QuotaError(CapacityError):
+    """A tenant's block cap would be exceeded; the pool is left exactly as it was."""
+
+
+class TraceError(KVCacheError, ValueError):
+    """A trace file is malformed; the message names the line and the field."""
+
+
+class TierError(KVCacheError, ValueError):
+    """A storage tier was given data of the wrong layout or size."""

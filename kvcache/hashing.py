@@ -1,0 +1,180 @@
+"""Block keys: the one hasher of kvcache.
+
+A prompt is cut into blocks of ``block_size`` tokens. Block ``i``'s key is
+
+    key[i] = xxh3_128(key[i-1] || content[i])          (16 + block_size*4 bytes in)
+
+where ``content[i]`` is the block's token ids as little-endian uint32 (or, for traces that
+carry precomputed block ids, the id as little-endian uint64), and ``key[-1]`` is the root of the
+chain. The root names everything that changes what a block means:
+
+    root = BLAKE2b-128(key=deployment_key, msg=encode(version, block_size, content kind,
+                                                    model_id, adapter_id, scope))
+
+``encode`` is canonical and length-prefixed (every field is a tag, a uint32 length and its
+bytes; ``None`` differs from ``""``), so two different namespaces never serialize to the same
+bytes. The keyed BLAKE2b makes roots unguessable without the deployment key; the xxh3 links
+after it are cheap. Nothing depends on import-time randomness: the same inputs give the same
+keys in every process and on every machine, which the router and the shared tiers rely on.
+
+When a prompt continues privately after a published public prefix, the private chain starts
+from ``switch = xxh3_128(private_root || last_public_key, seed=1)``; the seed keeps switch
+links and block links in separate domains.
+
+This module hashes; it does not decide what is cached or visible (see ``manager``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from kvcache.errors import InvalidTokensError
+
+HASH_SCHEME_VERSION = 1
+KEY_BYTES = 16
+TOKEN_BYTES = 4  # uint32 little-endian: every vocabulary in use is far below 2**32
+BLOCK_ID_BYTES = 8  # uint64 little-endian for precomputed block ids (Mooncake ``hash_ids``)
+KIND_TOKENS = "tokens"
+KIND_BLOCK_IDS = "block_ids"
+
+_xxh3_128 = xxhash.xxh3_128_digest
+_ARRAY_CODE = "I" if array("I").itemsize == 4 else "L"
+_NEEDS_BYTESWAP = sys.byteorder != "little"
+
+
+def _field(tag: bytes, value: str | int | None) -> bytes:
+    if value is None:
+        return tag + b"\x00"
+    data = value.encode("utf-8") if isinstance(value, str) else str(value).encode("ascii")
+    return tag + b"\x01" + struct.pack("<I", len(data)) + data
+
+
+def encode_namespace(
+    *,
+    block_size: int,
+    kind: str,
+    model_id: str,
+    adapter_id: str | None,
+    scope: str,
+) -> bytes:
+    """Canonical, length-prefixed bytes of everything that enters a chain root."""
+    return b"".join(
+        (
+            b"kvcache-block-key",
+            struct.pack("<I", HASH_SCHEME_VERSION),
+            _field(b"B", block_size),
+            _field(b"K", kind),
+            _field(b"M", model_id),
+            _field(b"A", adapter_id),
+            _field(b"S", scope),
+        )
+    )
+
+
+def tokens_to_bytes(tokens: Sequence[int], vocab_size: int | None = None) -> bytes:
+    """Validate token ids and return them as little-endian uint32 bytes (one conversion per prompt)."""
+    if len(tokens) == 0:
+        raise InvalidTokensError("tokens is empty; a prompt needs at least one token id")
+    try:
+        arr = array(_ARRAY_CODE, tokens)
+    except (TypeError, OverflowError) as exc:
+        raise InvalidTokensError(_describe_bad_token(tokens, vocab_size)) from exc
+    # Checked in native order, before any byte swap; numpy's max is ~100x faster than max(arr).
+    if vocab_size is not None and int(np.frombuffer(arr, dtype=np.uint32).max()) >= vocab_size:
+        raise InvalidTokensError(_describe_bad_token(tokens, vocab_size))
+    if _NEEDS_BYTESWAP:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _describe_bad_token(tokens: Sequence[int], vocab_size: int | None) -> str:
+    limit = vocab_size if vocab_size is not None else 2**32
+    for i, tok in enumerate(tokens):
+        if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
+            return f"tokens[{i}]={tok!r} is a {type(tok).__name__}; token ids must be integers"
+        if not 0 <= int(tok) < limit:
+            return f"tokens[{i}]={tok} is outside 0..{limit - 1} (vocab_size={vocab_size})"
+    return "tokens could not be converted to uint32"
+
+
+def block_ids_to_bytes(block_ids: Sequence[int]) -> bytes:
+    """Precomputed block ids (e.g. Mooncake ``hash_ids``) as little-endian uint64 bytes."""
+    try:
+        arr = np.asarray(block_ids, dtype="<u8")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidTokensError(f"block ids must be integers in 0..2**64-1: {exc}") from exc
+    if arr.ndim != 1:
+        raise InvalidTokensError(f"block ids must be a flat sequence, got shape {arr.shape}")
+    return arr.tobytes()
+
+
+def chain(parent: bytes, content: bytes, width: int) -> tuple[list[bytes], list[bytes]]:
+    """Keys and contents of every whole ``width``-byte block of ``content``, chained from ``parent``.
+
+    The hot loop of the project: one slice and one xxh3 call per block.
+    """
+    n = len(content) - len(content) % width
+    keys: list[bytes] = []
+    contents: list[bytes] = []
+    add_key = keys.append
+    add_content = contents.append
+    h = _xxh3_128
+    key = parent
+    for start in range(0, n, width):
+        block = content[start : start + width]
+        key = h(key + block)
+        add_key(key)
+        add_content(block)
+    return keys, contents
+
+
+def link(parent: bytes, block: bytes) -> bytes:
+    """One chain link: the key of ``block`` under ``parent``."""
+    return _xxh3_128(parent + block)
+
+
+def switch(private_root: bytes, public_key: bytes) -> bytes:
+    """The parent of the first private block that follows a public prefix ending at ``public_key``."""
+    return _xxh3_128(private_root + public_key, seed=1)
+
+
+@dataclass(slots=True)
+class Hasher:
+    """Computes and memoizes chain roots for one model/adapter/deployment.
+
+    Roots are cached per (scope, kind); there are few scopes, and a root costs a BLAKE2b call.
+    """
+
+    block_size: int
+    model_id: str = "default"
+    adapter_id: str | None = None
+    deployment_key: bytes | None = None
+    _roots: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
+
+    def root(self, scope: str, kind: str = KIND_TOKENS) -> bytes:
+        cached = self._roots.get((scope, kind))
+        if cached is not None:
+            return cached
+        msg = encode_namespace(
+            block_size=self.block_size,
+            kind=kind,
+            model_id=self.model_id,
+            adapter_id=self.adapter_id,
+            scope=scope,
+        )
+        root = hashlib.blake2b(msg, key=self.deployment_key or b"", digest_size=KEY_BYTES).digest()
+        self._roots[(scope, kind)] = root
+        return root
+
+    def token_keys(self, tokens: Sequence[int], scope: str) -> list[bytes]:
+        """Keys of every full block of ``tokens`` in ``scope`` (no public prefix)."""
+        raw = tokens_to_bytes(tokens)
+        return chain(self.root(scope), raw, self.block_size * TOKEN_BYTES)[0]

@@ -1,0 +1,55 @@
+"""Who a request belongs to, and which chain scope its blocks are keyed in.
+
+A ``Scope`` is set by the embedding server from the authenticated caller, never parsed from
+request content. Its ``chain_scope`` enters the root of the hash chain (see ``hashing``), so two
+tenants sending the same tokens get different keys and cannot hit, probe or overwrite each
+other's blocks: there is no check to forget at lookup time.
+
+- private (default): ``Scope("acme")`` -> chain scope ``"tenant:acme"``;
+- share group: ``Scope("acme", group="partners")`` -> ``"group:partners"``, shared by every
+  tenant of that group, subject to k-anonymity (``CacheConfig.k_anonymity``);
+- public: prefixes an operator published with ``BlockManager.publish``; every scope's chain
+  runs through them first and continues in its own scope after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcache.errors import ScopeError
+
+PUBLIC_SCOPE = "public"
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    tenant: str
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tenant, str) or not self.tenant:
+            raise ScopeError(f"tenant={self.tenant!r} must be a non-empty string")
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise ScopeError(f"group={self.group!r} must be None or a non-empty string")
+
+    @property
+    def chain_scope(self) -> str:
+        return f"group:{self.group}" if self.group is not None else f"tenant:{self.tenant}"
+
+    @property
+    def is_shared(self) -> bool:
+        return self.group is not None
+
+
+DEFAULT_SCOPE = Scope("default")
+
+
+def as_scope(scope: Scope | str | None) -> Scope:
+    """Accept a ``Scope``, a bare tenant name, or None (the default tenant)."""
+    if scope is None:
+        return DEFAULT_SCOPE
+    if isinstance(scope, Scope):
+        return scope
+    if isinstance(scope, str):
+        return Scope(scope)
+    raise ScopeError(f"scope={scope!r} must be a Scope, a tenant name or None")
