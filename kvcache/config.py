@@ -17,10 +17,11 @@ DEFAULT_BLOCK_SIZE = 16
 class TenantQuota:
     """Limits on the blocks one tenant owns (in use or cached).
 
-    ``floor_blocks``: other tenants' allocations never evict this tenant's cached blocks while it
-    owns this many or fewer. ``cap_blocks``: the tenant never owns more; past it, its own least
-    recently used cached blocks are evicted first, and if that is not enough the allocation fails
-    with ``QuotaError``.
+    ``floor_blocks``: while the tenant owns this many blocks or fewer, no allocation evicts its
+    cached blocks (its own allocations take them only when nothing else can be evicted), so
+    another tenant's flood cannot flush its working set. ``cap_blocks``: the tenant never owns
+    more; past it, its own least recently used cached blocks are evicted first, and if that is
+    not enough the allocation fails with ``QuotaError``.
     """
 
     floor_blocks: int = 0

@@ -262,21 +262,30 @@ class BlockManager:
                     f"cap_blocks={cap}, and only {len(plan)} of its own cached blocks can be "
                     "evicted; nothing was allocated"
                 )
+        evicted: dict[str, int] = {tenant: len(plan)}
         plan.extend([None] * min(len(pool.free), num_new - len(plan)))
-        evicted: dict[str, int] = {}
         if len(plan) < num_new:
+            # Oldest first, skipping owners at or below their floor (the requester included, so
+            # a tenant within its floor is never evicted by its own load while others' blocks
+            # can go instead).
             for block_id in pool.lru:
                 if block_id in pinned or block_id in chosen:
                     continue
                 owner = pool.blocks[block_id].owner
-                if owner != tenant:
-                    floor = config.quota_for(owner).floor_blocks
-                    if pool.owned[owner] - evicted.get(owner, 0) <= floor:
-                        continue  # protected by the owner's floor
+                if pool.owned[owner] - evicted.get(owner, 0) <= config.quota_for(owner).floor_blocks:
+                    continue
                 evicted[owner] = evicted.get(owner, 0) + 1
+                chosen.add(block_id)
                 plan.append(block_id)
                 if len(plan) == num_new:
                     break
+        if len(plan) < num_new:
+            # Last resort: the requester's own cached blocks, below its own floor.
+            for block_id in pool.lru_of(tenant):
+                if len(plan) == num_new:
+                    break
+                if block_id not in pinned and block_id not in chosen:
+                    plan.append(block_id)
         if len(plan) < num_new:
             raise CapacityError(
                 f"need {num_new} free blocks for tenant {tenant!r}, only {len(plan)} can be freed "

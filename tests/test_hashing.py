@@ -1,0 +1,105 @@
+"""Block keys: chained, canonical, deterministic across processes, scoped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xxhash
+
+from kvcache import Hasher, InvalidTokensError
+from kvcache.hashing import (
+    chain,
+    encode_namespace,
+    link,
+    tokens_to_bytes,
+)
+
+TOKENS = list(range(100, 164))  # 64 tokens = 4 blocks of 16
+
+
+def test_key_is_xxh3_128_of_parent_and_little_endian_uint32_tokens() -> None:
+    hasher = Hasher(block_size=16)
+    root = hasher.root("tenant:a")
+    keys = hasher.token_keys(TOKENS, "tenant:a")
+    assert len(keys) == 4
+    expected = xxhash.xxh3_128_digest(root + np.asarray(TOKENS[:16], dtype="<u4").tobytes())
+    assert keys[0] == expected
+    assert keys[1] == xxhash.xxh3_128_digest(keys[0] + np.asarray(TOKENS[16:32], dtype="<u4").tobytes())
+
+
+def test_only_full_blocks_get_keys() -> None:
+    hasher = Hasher(block_size=16)
+    assert len(hasher.token_keys(TOKENS[:15], "s")) == 0
+    assert len(hasher.token_keys(TOKENS[:31], "s")) == 1
+    assert hasher.token_keys(TOKENS[:31], "s") == hasher.token_keys(TOKENS[:16], "s")
+
+
+def test_keys_depend_on_every_namespace_field() -> None:
+    base = Hasher(block_size=16, model_id="m", adapter_id=None)
+    variants = [
+        Hasher(block_size=16, model_id="m2"),
+        Hasher(block_size=16, model_id="m", adapter_id="lora"),
+        Hasher(block_size=16, model_id="m", adapter_id=""),
+        Hasher(block_size=16, model_id="m", deployment_key=b"secret"),
+        Hasher(block_size=8, model_id="m"),
+    ]
+    ref = base.token_keys(TOKENS, "tenant:a")
+    assert ref == Hasher(block_size=16, model_id="m").token_keys(TOKENS, "tenant:a")
+    assert base.token_keys(TOKENS, "tenant:b") != ref
+    for other in variants:
+        assert other.token_keys(TOKENS, "tenant:a")[0] != ref[0]
+
+
+def test_namespace_encoding_is_length_prefixed() -> None:
+    # Moving a character between adjacent fields must change the encoding.
+    a = encode_namespace(block_size=16, kind="tokens", model_id="ab", adapter_id="c", scope="s")
+    b = encode_namespace(block_size=16, kind="tokens", model_id="a", adapter_id="bc", scope="s")
+    none = encode_namespace(block_size=16, kind="tokens", model_id="a", adapter_id=None, scope="s")
+    empty = encode_namespace(block_size=16, kind="tokens", model_id="a", adapter_id="", scope="s")
+    assert a != b
+    assert none != empty
+
+
+def test_chain_matches_link_by_link() -> None:
+    raw = tokens_to_bytes(TOKENS)
+    keys, contents = chain(b"\0" * 16, raw, 64)
+    parent = b"\0" * 16
+    for key, content in zip(keys, contents, strict=True):
+        assert key == link(parent, content)
+        parent = key
+    assert b"".join(contents) == raw
+
+
+def test_keys_identical_in_a_fresh_process() -> None:
+    code = (
+        "from kvcache import Hasher;"
+        "h = Hasher(block_size=16, model_id='m', adapter_id='a', deployment_key=b'k');"
+        f"print(','.join(k.hex() for k in h.token_keys({TOKENS!r}, 'tenant:x')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    here = Hasher(block_size=16, model_id="m", adapter_id="a", deployment_key=b"k")
+    assert out.stdout.strip() == ",".join(k.hex() for k in here.token_keys(TOKENS, "tenant:x"))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ([], "empty"),
+        ([1, -5], "tokens[1]=-5"),
+        ([1, 2**32], "tokens[1]=4294967296"),
+        ([1, 2.5], "tokens[1]=2.5 is a float"),
+        (["7"], "tokens[0]='7' is a str"),
+        ([3, 1000], "tokens[1]=1000 is outside 0..999"),
+    ],
+)
+def test_bad_tokens_are_named(tokens: list[object], message: str) -> None:
+    with pytest.raises(InvalidTokensError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        tokens_to_bytes(tokens, vocab_size=1000)  # type: ignore[arg-type]
+
+
+def test_numpy_integers_are_accepted() -> None:
+    assert tokens_to_bytes(np.arange(5, dtype=np.int64).tolist()) == tokens_to_bytes(list(range(5)))
+    assert tokens_to_bytes([np.int32(3)]) == tokens_to_bytes([3])  # type: ignore[list-item]
