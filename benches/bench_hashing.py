@@ -24,7 +24,9 @@ def sha256_pickle_chain(tokens: list[int], block_size: int, extra: Any = None) -
     parent = b"\x00" * 32
     keys = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        data = pickle.dumps((parent, tuple(tokens[start : start + block_size]), extra), pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(
+            (parent, tuple(tokens[start : start + block_size]), extra), pickle.HIGHEST_PROTOCOL
+        )
         parent = hashlib.sha256(data).digest()
         keys.append(parent)
     return keys

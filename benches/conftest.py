@@ -28,8 +28,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     write = terminalreporter.write_line
     load = os.getloadavg()
     write("")
-    write(f"kvcache benchmark summary (torch threads {NUM_THREADS}, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cpus)")
+    write(
+        f"kvcache benchmark summary (torch threads {NUM_THREADS}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cpus)"
+    )
     groups: dict[str, list[Any]] = {}
     for bench in session.benchmarks:
         groups.setdefault(bench.group or "", []).append(bench)
@@ -43,5 +45,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 if unit in b.extra_info:
                     per_s = b.extra_info[unit] / median
                     rate = f"{per_s / 1e9:.2f} GB/s" if unit == "bytes" else f"{per_s / 1e6:.2f} M{unit}/s"
-            ratio = f"  x{base.stats.median / median:.2f} vs baseline" if base is not None and b is not base else ""
+            ratio = (
+                f"  x{base.stats.median / median:.2f} vs baseline"
+                if base is not None and b is not base
+                else ""
+            )
             write(f"    {b.name:<60} median {median * 1e3:9.3f} ms  {rate:>16}{ratio}")
