@@ -16,6 +16,8 @@ from kvcache.manager import BlockManager
 from kvcache.tenancy import Scope
 from kvcache.workloads import multi_turn_chat, system_prompt
 
+HELP = "replay multi-tenant chat sessions through a block manager and print hit rates"
+
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenants", type=int, default=4)
@@ -69,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"evictions {stats.evictions}, blocks cached {stats.cached_free_blocks} of {stats.num_blocks}")
     probe = requests[-1]
-    other = next(t for t in scopes if t != probe.tenant and scopes[t].group is None)
+    outsiders = [t for t in scopes if scopes[t].chain_scope != scopes[probe.tenant].chain_scope]
+    if not outsiders:
+        return 0  # every tenant shares one scope: there is no isolation to show
+    other = outsiders[-1]
     own = manager.lookup(probe.tokens, scopes[probe.tenant])
     probed = manager.lookup(probe.tokens, scopes[other])
     print(

@@ -1,0 +1,147 @@
+"""Start a private ``redis-server`` on loopback: how the project, its commands and tests get Redis.
+
+The pod tier (ICMS emulation) and the HTTP server share blocks and events through Redis. Nothing
+here assumes one is running: :func:`start_redis` finds the ``redis-server`` binary (installing
+Debian's package with ``apt-get`` when it is missing and we may), starts it bound to 127.0.0.1 on a
+free port with persistence off, waits until it answers ``PING``, and returns a handle that stops it.
+Failure to start raises :class:`RedisUnavailable` with the reason; callers that need Redis must let
+it propagate (tests fail loudly rather than skip).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from kvcache.errors import KVCacheError
+
+__all__ = ["RedisServer", "RedisUnavailable", "find_redis_server", "start_redis"]
+
+
+class RedisUnavailable(KVCacheError):
+    """``redis-server`` could not be found, installed or started."""
+
+
+def _install_with_apt() -> None:
+    if shutil.which("apt-get") is None:
+        raise RedisUnavailable("redis-server is not installed and apt-get is not available to install it")
+    sudo: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise RedisUnavailable("redis-server is not installed; run: apt-get install redis-server")
+        sudo = ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        done = subprocess.run([*sudo, *cmd], env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RedisUnavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-400:]}")
+
+
+def find_redis_server(install: bool = True) -> str:
+    """Path of ``redis-server``; installs Debian's package first when ``install`` and it is missing."""
+    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/sbin/redis-server"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    if not install:
+        raise RedisUnavailable("redis-server is not installed")
+    _install_with_apt()
+    path = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(path).exists():
+        raise RedisUnavailable("redis-server is still missing after apt-get install")
+    return path
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ping(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """A running private ``redis-server``; :meth:`stop` (or leaving the ``with`` block) ends it."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: tempfile.TemporaryDirectory[str] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and _ping(self.port)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.workdir.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def start_redis(
+    port: int | None = None, *, maxmemory: str | None = None, install: bool = True, timeout: float = 10.0
+) -> RedisServer:
+    """Start ``redis-server`` on 127.0.0.1 (a free port unless ``port``), persistence off.
+
+    ``maxmemory`` (e.g. ``"256mb"``) caps it with LRU eviction of keys, as a capacity-bounded tier wants.
+    """
+    binary = find_redis_server(install=install)
+    if port is not None and _port_in_use(port):
+        raise RedisUnavailable(f"port {port} on 127.0.0.1 is in use; pick another or leave it unset")
+    port = port or _free_port()
+    workdir = tempfile.TemporaryDirectory(prefix="kvcache-redis-")
+    args = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+        "--dir", workdir.name, "--protected-mode", "yes", "--loglevel", "warning",
+    ]  # fmt: skip
+    if maxmemory:
+        args += ["--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+    with Path(workdir.name, "redis.log").open("wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = Path(workdir.name, "redis.log").read_text(errors="replace")[-400:]
+            workdir.cleanup()
+            raise RedisUnavailable(f"redis-server exited with code {process.returncode}: {text}")
+        if _ping(port):
+            return RedisServer(port=port, process=process, workdir=workdir)
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    workdir.cleanup()
+    raise RedisUnavailable(f"redis-server did not answer PING on 127.0.0.1:{port} within {timeout:.0f}s")

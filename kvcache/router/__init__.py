@@ -1,0 +1,1 @@
+"""Cache-affinity routing over workers, and a discrete-event replay of request traces."""
