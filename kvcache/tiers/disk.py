@@ -182,7 +182,7 @@ class DiskTier(Tier):
             self.lru.move_to_end(index)
             return
         self._make_room()
-        payload = codec.tensor_bytes(block.contiguous() if block.device.type == "cpu" else block.cpu())
+        payload = codec.tensor_bytes(block.cpu().contiguous())
         header = codec.encode_header(key, payload)
         path = self._file(*index)
         if layout.digest not in self._made:
