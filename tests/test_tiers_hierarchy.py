@@ -109,6 +109,10 @@ def test_engine_round_trip_through_block_manager_eviction() -> None:
     manager.free("b")
     assert h.stats().blocks_offloaded == 2 and h.lookup_prefix(ks[:2]) == 2
     assert all(same_bits(h.load(ks[:2])[i], kv_of(ks[i])) for i in range(2))
+    c = manager.allocate("c", prompt[:8])  # both blocks come back from G2 instead of a recompute
+    assert c.num_cached_tokens == 0 and h.restore(pool, c.block_ids[:2], ks[:2]) == 2
+    restored = pack_blocks(pool, torch.tensor(c.block_ids[:2]))
+    assert same_bits(restored[0], kv_of(ks[0])) and same_bits(restored[1], kv_of(ks[1]))
     with pytest.raises(TierError, match="differs"):
         h.evict_hook(torch.zeros(2, 2, 2, 4, 2, 8, dtype=torch.float32))
 

@@ -4,6 +4,7 @@
     manager.set_evict_hook(hierarchy.evict_hook(pool))      # offload: write-back on eviction
     n = hierarchy.lookup_prefix(keys[num_cached_blocks:])   # blocks some tier holds
     packed = hierarchy.load(keys[num_cached_blocks:][:n])   # [m, L, 2, block_size, kv_heads, head_dim]
+    m = hierarchy.restore(pool, new_block_ids, keys[num_cached_blocks:])   # or straight into the pool
 
 - Offload on eviction: the evict hook stores the device block in the first tier; a full private
   tier (G2, G3) hands its least recently used block to the next one (``Tier.on_evict``), the
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache.errors import TierError
+from kvcache.kernels import unpack_blocks
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey, TierStats, TransferModel
 from kvcache.tiers.icms import IcmsTier
 from kvcache.tiers.policy import TierPolicy, best_load_prefix
@@ -149,6 +151,24 @@ class Hierarchy:
         stats.prefill_tokens_saved += good * self.layout.block_size
         stats.stall_ms += (self._clock() - started) * 1e3
         return out
+
+    def restore(
+        self, pool: torch.Tensor, block_ids: Sequence[int], keys: Sequence[bytes], context_tokens: int = 0
+    ) -> int:
+        """Load the leading held ``keys`` straight into blocks ``block_ids`` of ``pool``
+        ``[L, 2, num_blocks, block_size, kv_heads, head_dim]`` (an engine's freshly allocated
+        blocks after its device hit); returns how many blocks were restored."""
+        if len(block_ids) != len(keys):
+            raise TierError(f"{len(block_ids)} block ids for {len(keys)} keys; pass one id per key")
+        n = self.lookup_prefix(keys)
+        if n == 0:
+            return 0
+        packed = self.load(keys[:n], context_tokens)  # [m, L, 2, block_size, kv_heads, head_dim]
+        m = packed.shape[0]
+        if m:
+            ids = torch.tensor(list(block_ids[:m]), dtype=torch.long, device=pool.device)
+            unpack_blocks(pool, ids, packed.to(pool.device, non_blocking=True))
+        return m
 
     def store(self, keys: Sequence[bytes], packed: torch.Tensor) -> None:
         """Store blocks ``packed`` ``[n, L, 2, block_size, kv_heads, head_dim]`` in the first tier."""
