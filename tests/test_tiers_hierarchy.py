@@ -54,7 +54,7 @@ def test_store_demotes_down_the_chain_and_load_promotes(tmp_path: Path) -> None:
     assert g3.contains(key(2)) and g3.contains(key(3))
 
 
-def test_a_damaged_block_truncates_the_load(tmp_path: Path) -> None:
+def test_a_damaged_block_falls_back_to_another_copy_or_truncates_the_load(tmp_path: Path) -> None:
     g3 = DiskTier(tmp_path, 8)
     h = Hierarchy(LAYOUT, [g3], TierPolicy(promote_on_hit=False))
     h.store(keys(0, 1, 2), torch.stack([block(i) for i in range(3)]))
@@ -65,6 +65,15 @@ def test_a_damaged_block_truncates_the_load(tmp_path: Path) -> None:
     packed = h.load(keys(0, 1, 2))
     assert packed.shape[0] == 1 and same_bits(packed[0], block(0))
     assert g3.stats.corrupt == 1 and h.lookup_prefix(keys(0, 1, 2)) == 1
+    # With a second copy in the shared tier, the damaged disk copy is dropped and the shared one serves.
+    icms = IcmsTier(InProcessBackend(8), write_behind_blocks=1)
+    h2 = Hierarchy(LAYOUT, [DiskTier(tmp_path / "b", 8), icms], TierPolicy(promote_on_hit=False))
+    h2.store(keys(0, 1, 2), torch.stack([block(i) for i in range(3)]))
+    damaged = h2.tiers[0].path(key(1))  # type: ignore[attr-defined]
+    damaged.write_bytes(damaged.read_bytes()[:-5])
+    packed = h2.load(keys(0, 1, 2))
+    assert packed.shape[0] == 3 and all(same_bits(packed[i], block(i)) for i in range(3))
+    assert (h2.tiers[0].stats.corrupt, icms.stats.hits) == (1, 1)
 
 
 def test_cost_rule_declines_loads_slower_than_recompute() -> None:
@@ -184,5 +193,65 @@ class SpillMachine(RuleBasedStateMachine):
 
 TestSpill = SpillMachine.TestCase
 TestSpill.settings = settings(
+    max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+class TierMachine(RuleBasedStateMachine):
+    """Random store/load/remove/corrupt/flush straight on a hierarchy whose G2 (2 blocks) and G3
+    (3 blocks) overflow constantly, over a shared tier large enough for everything. A load never
+    returns wrong bytes, and every stored, not removed block stays loadable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory()
+        self.g3 = DiskTier(self.tmp.name, 3)
+        self.icms = IcmsTier(InProcessBackend(1000), write_behind_blocks=3)
+        self.h = Hierarchy(LAYOUT, [HostTier(LAYOUT, 2), self.g3, self.icms])
+        self.live: set[int] = set()
+
+    def teardown(self) -> None:
+        self.tmp.cleanup()
+
+    @rule(ids=st.lists(st.integers(0, 9), min_size=1, max_size=4, unique=True))
+    def store(self, ids: list[int]) -> None:
+        self.h.store(keys(*ids), torch.stack([block(i) for i in ids]))
+        self.live.update(ids)
+
+    @rule(ids=st.lists(st.integers(0, 9), min_size=1, max_size=5, unique=True))
+    def load(self, ids: list[int]) -> None:
+        packed = self.h.load(keys(*ids))
+        for i, got in zip(ids, packed, strict=False):
+            assert same_bits(got, block(i)), "served wrong bytes"
+
+    @rule(i=st.integers(0, 9))
+    def remove(self, i: int) -> None:
+        self.h.remove(keys(i))
+        self.live.discard(i)
+
+    @rule(i=st.integers(0, 9))
+    def corrupt_on_disk(self, i: int) -> None:
+        path = self.g3.path(key(i))
+        if path.exists():
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0xFF
+            path.write_bytes(bytes(data))
+
+    @rule()
+    def flush(self) -> None:
+        self.h.flush()
+
+    @invariant()
+    def nothing_stored_is_lost(self) -> None:
+        for i in self.live:
+            got = self.h.load(keys(i))  # a damaged disk copy is dropped and the shared copy serves
+            assert got.shape[0] == 1, f"block {i} was lost"
+            assert same_bits(got[0], block(i))
+
+
+TestTiers = TierMachine.TestCase
+TestTiers.settings = settings(
     max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
 )
