@@ -255,3 +255,32 @@ TestTiers = TierMachine.TestCase
 TestTiers.settings = settings(
     max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
 )
+
+
+def test_policy_switches_and_a_failing_offload_never_breaks_an_allocation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manager = BlockManager(CacheConfig(num_blocks=2, block_size=4, model_id="tiny"))
+    pool = torch.zeros(2, 2, 2, 4, 2, 8, dtype=torch.bfloat16)
+    off = Hierarchy(
+        LAYOUT, [HostTier(LAYOUT, 8)], TierPolicy(offload_on_evict=False, prefetch_on_route=False)
+    )
+    manager.set_evict_hook(off.evict_hook(pool))
+    manager.allocate("a", list(range(8)))
+    manager.free("a")
+    manager.allocate("b", list(range(100, 108)))
+    manager.free("b")
+    assert off.stats().blocks_offloaded == 0 and off.prefetch(keys(0)) == 0
+
+    g2 = HostTier(LAYOUT, 8)
+    h = Hierarchy(LAYOUT, [g2])
+    manager.set_evict_hook(h.evict_hook(pool))
+
+    def disk_full(key: object, block: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(g2, "store", disk_full)
+    c = manager.allocate("c", list(range(200, 208)))  # evicts b's two blocks: both offloads fail
+    assert len(c.block_ids) == 2
+    manager.check_invariants()
+    assert (h.stats().offload_errors, h.stats().blocks_offloaded) == (2, 0)
