@@ -12,7 +12,8 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── CapacityError        the pool cannot hold the request (nothing was changed)
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
-    └── TierError            a storage tier was misused (wrong layout, bad size)
+    ├── TierError            a storage tier was misused (wrong layout, bad size)
+    └── ModelError           a model cannot be loaded (not available offline, unknown name)
 """
 
 from __future__ import annotations
@@ -55,3 +56,7 @@ class TraceError(KVCacheError, ValueError):
 
 class TierError(KVCacheError, ValueError):
     """A storage tier was given data of the wrong layout or size."""
+
+
+class ModelError(KVCacheError, ValueError):
+    """A model cannot be loaded: not available locally, or an unknown random-weight name."""
