@@ -4,14 +4,16 @@ Prefill is timed through the engine itself (``Engine.score``: hashing, block gat
 ``num_new`` new tokens after ``ctx`` cached tokens, and fitted by least squares to
 
     prefill_ms = prefill_base_ms + prefill_ms_per_token * num_new
-                 + prefill_ms_per_token_per_ctx_token * num_new * ctx
+                 + prefill_ms_per_token_per_ctx_token * num_new * (ctx + num_new / 2)
 
+(the last term: attention of each new token over the cached context and the new tokens before it).
 Decode is timed as one forward of ``batch`` single-token sequences over a ``ctx``-token cache:
 
     decode_step_ms = decode_base_ms + decode_ms_per_token_per_seq * batch
 
-The fitted fields are those of ``kvcache.router.latency.LatencyModel``; the JSON written by
-:func:`write_latency_json` has exactly its keys. Not here: how the router uses them.
+The formulas match ``LatencyModel.prefill_ms``/``decode_step_ms`` for one request, and the fitted fields are
+those of ``kvcache.router.latency.LatencyModel``: the JSON written by :func:`write_latency_json`
+has exactly its keys. Not here: how the router uses them.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def measure(
 def fit(samples: Sequence[Sample], *, max_num_seqs: int, max_batched_tokens: int) -> LatencyFit:
     """Least-squares fit of both formulas; coefficients are clamped at 0 (time never shrinks)."""
     pre = [s for s in samples if s.kind == "prefill"]
-    a = np.array([[1.0, s.num_new, s.num_new * s.ctx] for s in pre])
+    a = np.array([[1.0, s.num_new, s.num_new * (s.ctx + s.num_new / 2)] for s in pre])
     p = np.clip(np.linalg.lstsq(a, np.array([s.ms for s in pre]), rcond=None)[0], 0.0, None)
     dec = [s for s in samples if s.kind == "decode"]
     b = np.array([[1.0, s.num_new] for s in dec])

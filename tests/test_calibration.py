@@ -34,7 +34,9 @@ def _one_thread() -> Iterator[None]:
 
 def test_fit_recovers_exact_linear_costs() -> None:
     samples = [
-        Sample("prefill", n, c, 2.0 + 0.5 * n + 0.001 * n * c) for n in (10, 50, 90) for c in (0, 100, 400)
+        Sample("prefill", n, c, 2.0 + 0.5 * n + 0.001 * n * (c + n / 2))
+        for n in (10, 50, 90)
+        for c in (0, 100, 400)
     ]
     samples += [Sample("decode", b, 64, 3.0 + 0.25 * b) for b in (1, 2, 8)]
     got = fit(samples, max_num_seqs=8, max_batched_tokens=2048)

@@ -26,7 +26,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=_ints, default=[1, 4, 16], help="decode batch sizes")
     parser.add_argument("--decode-ctx", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="written as-is: the worker's batch cap")
+    parser.add_argument("--max-num-seqs", type=int, default=128, help="written as-is: the worker's batch cap")
     parser.add_argument(
         "--max-batched-tokens", type=int, default=8192, help="written as-is: tokens per step cap"
     )
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     for s in samples:
         if s.kind == "prefill":
             model = latency.prefill_base_ms + s.num_new * (
-                latency.prefill_ms_per_token + latency.prefill_ms_per_token_per_ctx_token * s.ctx
+                latency.prefill_ms_per_token
+                + latency.prefill_ms_per_token_per_ctx_token * (s.ctx + s.num_new / 2)
             )
         else:
             model = latency.decode_base_ms + latency.decode_ms_per_token_per_seq * s.num_new
