@@ -12,7 +12,9 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── CapacityError        the pool cannot hold the request (nothing was changed)
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
-    └── TierError            a storage tier was misused (wrong layout, bad size)
+    ├── TierError            a storage tier was misused (wrong layout, bad size)
+    └── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
+                             layout, or block ids outside the pool
 """
 
 from __future__ import annotations
@@ -55,3 +57,7 @@ class TraceError(KVCacheError, ValueError):
 
 class TierError(KVCacheError, ValueError):
     """A storage tier was given data of the wrong layout or size."""
+
+
+class KernelError(KVCacheError, ValueError):
+    """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
