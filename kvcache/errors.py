@@ -12,8 +12,11 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── CapacityError        the pool cannot hold the request (nothing was changed)
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
-    └── TierError            a storage tier was misused (wrong layout, bad size)
-        └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
+    ├── TierError            a storage tier was misused (wrong layout, bad size)
+    │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
+    ├── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
+    │                        layout, or block ids outside the pool
+    └── ModelError           a model cannot be loaded (not available offline, unknown name)
 """
 
 from __future__ import annotations
@@ -62,3 +65,11 @@ class CorruptBlockError(TierError):
     """Stored block bytes failed a check (magic, version, layout, key, size or checksum).
 
     Tiers catch it, count a miss, drop the block and report it; it never reaches a request."""
+
+
+class KernelError(KVCacheError, ValueError):
+    """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
+
+
+class ModelError(KVCacheError, ValueError):
+    """A model cannot be loaded: not available locally, or an unknown random-weight name."""
