@@ -137,7 +137,7 @@ def make_sglang(
     return sglang
 
 
-def make_affinity(recompute_weight: float = 1.0) -> Policy:
+def make_affinity(recompute_weight: float = 1.5) -> Policy:
     """kvcache's policy: the lowest modelled cost of serving the request on each worker.
 
     ``cost = queued_prefill_ms + (1 + recompute_weight) x prefill_ms(new, cached, active)``:
@@ -147,7 +147,10 @@ def make_affinity(recompute_weight: float = 1.0) -> Policy:
     recomputed on a cold worker delay everyone queued after them. A shared first block saves
     one block of prefill, never enough to outweigh a queue, so a common system prompt cannot
     pile traffic onto one worker. In the spirit of Mooncake's Conductor (lowest estimated
-    TTFT = queue + prefill; Qin et al., FAST'25) and Preble's cost-aware E2 scheduling.
+    TTFT = queue + prefill; Qin et al., FAST'25) and Preble's cost-aware E2 scheduling. The
+    default weight 1.5 came from a sweep over 0-4 on the Mooncake trace at 137, 274 and 548
+    blocks per worker: the smallest tried that kept the hit rate within about 1% of the best
+    baseline's at all three without giving up p99 TTFT.
     """
 
     def affinity(inp: RoutingInput) -> int:
