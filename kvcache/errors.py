@@ -12,7 +12,10 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── CapacityError        the pool cannot hold the request (nothing was changed)
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
-    └── TierError            a storage tier was misused (wrong layout, bad size)
+    ├── TierError            a storage tier was misused (wrong layout, bad size)
+    │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
+    └── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
+                             layout, or block ids outside the pool
 """
 
 from __future__ import annotations
@@ -55,3 +58,13 @@ class TraceError(KVCacheError, ValueError):
 
 class TierError(KVCacheError, ValueError):
     """A storage tier was given data of the wrong layout or size."""
+
+
+class CorruptBlockError(TierError):
+    """Stored block bytes failed a check (magic, version, layout, key, size or checksum).
+
+    Tiers catch it, count a miss, drop the block and report it; it never reaches a request."""
+
+
+class KernelError(KVCacheError, ValueError):
+    """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
