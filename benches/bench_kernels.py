@@ -108,8 +108,22 @@ def _make_call(op: str, impl: str, w: Workload) -> Callable[[], object]:
 
 @pytest.fixture(scope="module", autouse=True)
 def ratio_table(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After the module: ours against torch's primitive and against the copy bound, per group."""
-    yield
+    """After the module: ours against torch's primitive and against the copy bound, per group.
+
+    CPU runs use ``KVCACHE_BENCH_THREADS`` torch threads (default 1): on a shared 2-core machine a
+    second thread mostly waits for a core, which makes copy timings swing by 10x.
+    """
+    threads_before = torch.get_num_threads()
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("KVCACHE_BENCH_THREADS", "1")))
+    try:
+        yield
+        _report(request)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _report(request: pytest.FixtureRequest) -> None:
     session = getattr(request.config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
@@ -190,4 +204,4 @@ def test_block_copy(benchmark: Any, impl: str, op: str, workload: Workload) -> N
         _sync()
 
     benchmark.extra_info["bytes"] = workload.moved_bytes
-    benchmark.pedantic(run, warmup_rounds=2, rounds=8 if DEVICE.type == "cpu" else 50, iterations=1)
+    benchmark.pedantic(run, warmup_rounds=2, rounds=20 if DEVICE.type == "cpu" else 50, iterations=1)
