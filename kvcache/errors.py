@@ -14,8 +14,9 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── TraceError           a trace file is malformed (names the line and field)
     ├── TierError            a storage tier was misused (wrong layout, bad size)
     │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
-    └── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
-                             layout, or block ids outside the pool
+    ├── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
+    │                        layout, or block ids outside the pool
+    └── ModelError           a model cannot be loaded (not available offline, unknown name)
 """
 
 from __future__ import annotations
@@ -68,3 +69,7 @@ class CorruptBlockError(TierError):
 
 class KernelError(KVCacheError, ValueError):
     """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
+
+
+class ModelError(KVCacheError, ValueError):
+    """A model cannot be loaded: not available locally, or an unknown random-weight name."""
