@@ -12,7 +12,9 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── CapacityError        the pool cannot hold the request (nothing was changed)
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
-    └── TierError            a storage tier was misused (wrong layout, bad size)
+    ├── TierError            a storage tier was misused (wrong layout, bad size)
+    ├── AuthError            an API key is missing or unknown (HTTP 401)
+    └── ProtocolError        a request body or wire message is malformed (HTTP 400)
 """
 
 from __future__ import annotations
@@ -55,3 +57,11 @@ class TraceError(KVCacheError, ValueError):
 
 class TierError(KVCacheError, ValueError):
     """A storage tier was given data of the wrong layout or size."""
+
+
+class AuthError(KVCacheError, PermissionError):
+    """An API key is missing or not in the server's configuration."""
+
+
+class ProtocolError(KVCacheError, ValueError):
+    """A request body or a wire message is malformed; the message names the field and the fix."""
