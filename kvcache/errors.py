@@ -13,6 +13,7 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
     ├── TierError            a storage tier was misused (wrong layout, bad size)
+    │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
     ├── AuthError            an API key is missing or unknown (HTTP 401)
     └── ProtocolError        a request body or wire message is malformed (HTTP 400)
 """
@@ -57,6 +58,12 @@ class TraceError(KVCacheError, ValueError):
 
 class TierError(KVCacheError, ValueError):
     """A storage tier was given data of the wrong layout or size."""
+
+
+class CorruptBlockError(TierError):
+    """Stored block bytes failed a check (magic, version, layout, key, size or checksum).
+
+    Tiers catch it, count a miss, drop the block and report it; it never reaches a request."""
 
 
 class AuthError(KVCacheError, PermissionError):

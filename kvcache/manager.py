@@ -16,7 +16,7 @@ requests on workers (``router``).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from kvcache import hashing
@@ -447,6 +447,15 @@ class BlockManager:
             tenants=tenants,
             owned_blocks={o: n for o, n in pool.owned.items() if n},
         )
+
+    def set_evict_hook(self, fn: Callable[[int, bytes], None] | None) -> None:
+        """Call ``fn(block_id, key)`` synchronously just before a cached block's slot is reused.
+
+        The block's KV bytes are still intact when ``fn`` runs, so it can copy them down to a
+        spill tier (write-back). ``fn`` must not raise: it runs inside an allocation that has
+        already been validated. ``None`` removes the hook.
+        """
+        self.pool.evict_hook = fn
 
     def drain_events(self) -> list[CacheEvent]:
         """Blocks stored and removed since the last drain, in order."""
