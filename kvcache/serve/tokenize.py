@@ -105,3 +105,13 @@ class IncrementalDecoder:
             return delta
         self.text += delta
         return delta
+
+
+def load(model: str, vocab_size: int = 256) -> Tokenizer:
+    """The HF tokenizer of ``model`` when it has one, else ``ByteTokenizer(vocab_size)``."""
+    from kvcache.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        return ByteTokenizer(vocab_size)
+    return HFTokenizer(tokenizer, model)
