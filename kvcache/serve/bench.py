@@ -152,6 +152,21 @@ async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str
     return result
 
 
+async def wait_ready(session: Any, url: str, timeout_s: float = 120.0) -> None:
+    """Wait until the server's ``/health`` answers 200 (it has workers), so timing starts warm."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            async with session.get(f"{url}/health") as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
+        await asyncio.sleep(0.2)
+
+
 async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration_s: float,
                    max_concurrency: int, keys: dict[str, str], seed: int = 0,
                    progress: Any = None) -> tuple[list[Result], float]:  # fmt: skip
@@ -173,6 +188,7 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
 
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        await wait_ready(session, url)
         start = time.perf_counter()
         i = 0
         while time.perf_counter() - start < duration_s:
