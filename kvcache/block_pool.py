@@ -131,6 +131,16 @@ class BlockPool:
         self.events.append(BlockStored(key, parent, block.block_id, scope))
         return True
 
+    def uncache(self, block: Block) -> None:
+        """Drop a referenced block's key (its contents were never written, e.g. a failed request);
+        it stays with its request and returns to the free queue when released."""
+        key = block.key
+        assert key is not None and block.ref_count > 0 and self.index[key] == block.block_id
+        del self.index[key]
+        self.events.append(BlockRemoved(key, block.block_id, block.scope))
+        block.key = None
+        block.writers = None
+
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block. Callers pass a request's blocks tail first, so
         that its tail blocks sit nearest the front of the LRU queue and are evicted first."""

@@ -14,6 +14,7 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── TraceError           a trace file is malformed (names the line and field)
     ├── TierError            a storage tier was misused (wrong layout, bad size)
     │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
+    ├── ModelError           a model cannot be loaded (not available offline, unknown name)
     ├── AuthError            an API key is missing or unknown (HTTP 401)
     └── ProtocolError        a request body or wire message is malformed (HTTP 400)
 """
@@ -72,3 +73,7 @@ class AuthError(KVCacheError, PermissionError):
 
 class ProtocolError(KVCacheError, ValueError):
     """A request body or a wire message is malformed; the message names the field and the fix."""
+
+
+class ModelError(KVCacheError, ValueError):
+    """A model cannot be loaded: not available locally, or an unknown random-weight name."""

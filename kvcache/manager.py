@@ -86,6 +86,7 @@ class _Request:
     num_tokens: int
     next_parent: bytes  # parent key of the next block to fill
     tail_tokens: list[int]
+    num_hit_blocks: int = 0  # leading blocks reused from the cache; the rest were taken fresh
 
 
 class BlockManager:
@@ -357,6 +358,7 @@ class BlockManager:
             num_tokens=prompt.num_tokens,
             next_parent=prompt.parent_of(len(keys)),
             tail_tokens=list(prompt.tail_tokens),
+            num_hit_blocks=num_hit,
         )
         num_cached = num_hit * bs
         stats = self._tenants.get(tenant)
@@ -419,6 +421,20 @@ class BlockManager:
         if req is None:
             raise RequestError(f"request id {request_id!r} is not running (unknown or already freed)")
         self.pool.release(reversed(req.block_ids))
+
+    def abort(self, request_id: Hashable) -> None:
+        """Release a request whose KV was not (fully) computed: every block it cached itself
+        (not the prefix it reused) is un-indexed before release, so no later request can hit a
+        block whose contents were never written."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise RequestError(f"request id {request_id!r} is not running (unknown or already freed)")
+        pool = self.pool
+        for block_id in req.block_ids[req.num_hit_blocks :]:
+            block = pool.blocks[block_id]
+            if block.key is not None:
+                pool.uncache(block)
+        pool.release(reversed(req.block_ids))
 
     # ---- observation ---------------------------------------------------------------------
 
