@@ -16,7 +16,9 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
     ├── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
     │                        layout, or block ids outside the pool
-    └── ModelError           a model cannot be loaded (not available offline, unknown name)
+    ├── ModelError           a model cannot be loaded (not available offline, unknown name)
+    ├── AuthError            an API key is missing or unknown (HTTP 401)
+    └── ProtocolError        a request body or wire message is malformed (HTTP 400)
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class CorruptBlockError(TierError):
 
 class KernelError(KVCacheError, ValueError):
     """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
+
+
+class AuthError(KVCacheError, PermissionError):
+    """An API key is missing or not in the server's configuration."""
+
+
+class ProtocolError(KVCacheError, ValueError):
+    """A request body or a wire message is malformed; the message names the field and the fix."""
 
 
 class ModelError(KVCacheError, ValueError):

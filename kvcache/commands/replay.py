@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -58,6 +59,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-bounds", action="store_true", help="skip the shared/infinite cache upper bounds"
     )
+    parser.add_argument(
+        "--per-worker", action="store_true", help="print each worker's share under every policy"
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print each table in Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--tiers",
@@ -138,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             ) from None
     else:
         unique = trace.unique_blocks(block_size)
-        capacities = [max(1, round(args.capacity_fraction * unique / args.workers))]
+        capacities = [max(1, int(args.capacity_fraction * unique / args.workers))]
     latency = LatencyModel.from_json(args.latency) if args.latency else LatencyModel()
     failures = _failures(args.fail)
     prompts = prepare(trace, block_size)
@@ -174,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
         at = [r for r in rows if r["capacity_blocks"] == capacity]
         print(f"\n{capacity} blocks per worker ({capacity * args.workers} in all)")
         print(report.table(at))
+        if args.markdown:
+            print(report.markdown_table(at))
+        if args.per_worker:
+            for row in at:
+                print(report.worker_table(row))
         if args.tiers:
             from kvcache.tiers import spill_report
 
@@ -192,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "trace": args.trace,
             "block_size": block_size,
-            "latency": latency.__repr__(),
+            "latency": dataclasses.asdict(latency),
             "results": rows,
             "upper_bounds": {str(c): b for c, b in bounds.items()},
         }
