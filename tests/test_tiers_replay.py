@@ -45,14 +45,23 @@ def test_replay_command_compares_with_g1_only(tmp_path: Path, capsys: pytest.Cap
     assert cli.main(["trace", str(trace), "--requests", "60", "--session-rate", "2"]) == 0
     out_json = tmp_path / "r.json"
     argv = ["replay", str(trace), "--workers", "2", "--capacity-blocks", "20", "--policy", "round_robin"]
-    argv += ["--tiers", "g2=2x,g3=200,icms=100", "--json", str(out_json), "--quiet", "--no-bounds"]
+    argv += [
+        "--tiers",
+        "g2=2x,g3=200,icms=100",
+        "--json",
+        str(out_json),
+        "--markdown",
+        "--quiet",
+        "--no-bounds",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "spill tiers g2=2x,g3=200,icms=100" in out and "p99 change" in out
+    assert "| policy | G1-only token hit | with tiers |" in out
     rows = json.loads(out_json.read_text())["results"]
     assert [r["policy"] for r in rows] == ["round_robin", "round_robin+tiers"]
     tiers = rows[1]["tiers"]
     assert tiers["sizes"] == {"g2": 40, "g3": 200, "icms": 100}
     by_tier = sum(tiers[n]["token_hit_rate"] for n in ("g2", "g3", "icms"))
     assert tiers["device_token_hit_rate"] + by_tier == pytest.approx(rows[1]["token_hit_rate"])
-    assert cli.main([*argv[:-2], "--tiers", "g5=1"]) == 2
+    assert cli.main([*argv[:-3], "--tiers", "g5=1"]) == 2

@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"\nspill tiers {args.tiers} (token hit rate by tier; TTFT includes transfer times)")
             print(spill_report.table(at))
+            if args.markdown:
+                print(spill_report.markdown_table(at))
         if capacity in bounds:
             b = bounds[capacity]
             print(
