@@ -284,3 +284,17 @@ def test_policy_switches_and_a_failing_offload_never_breaks_an_allocation(
     assert len(c.block_ids) == 2
     manager.check_invariants()
     assert (h.stats().offload_errors, h.stats().blocks_offloaded) == (2, 0)
+
+
+def test_lookup_checks_keys_window_by_window_and_stops_at_the_first_gap(tmp_path: Path) -> None:
+    g2, g3 = HostTier(LAYOUT, 200), DiskTier(tmp_path, 8)
+    h = Hierarchy(LAYOUT, [g2, g3])
+    h.store(keys(*range(150)), torch.stack([block(i % 7) for i in range(150)]))
+    g3.store(key(150), block(150 % 7))  # one more, only on disk
+    asked: list[int] = []
+    real = g3.contains_many
+    g3.contains_many = lambda ks: asked.append(len(ks)) or real(ks)  # type: ignore[method-assign]
+    assert h.lookup_prefix(keys(*range(1000))) == 151
+    # windows 0-63 and 64-127 are all in G2; in 128-191 G2 holds 22 and disk is asked for the other
+    # 42; the 150th key is on disk, the 151st nowhere, so no window after it is checked
+    assert asked == [42]

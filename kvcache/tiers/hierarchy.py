@@ -96,18 +96,26 @@ class Hierarchy:
         layout = self.layout
         return [TierKey(k, layout) for k in keys]
 
-    def _locate(self, tkeys: Sequence[TierKey]) -> list[int]:
-        """For each leading key some tier holds, the index of the fastest tier holding it."""
-        where = [-1] * len(tkeys)
-        for t, tier in enumerate(self.tiers):
-            idx = [i for i, w in enumerate(where) if w < 0]
-            if not idx:
-                break
-            for i, held in zip(idx, tier.contains_many([tkeys[i] for i in idx]), strict=True):
-                if held:
-                    where[i] = t
-        n = where.index(-1) if -1 in where else len(where)
-        return where[:n]
+    def _locate(self, tkeys: Sequence[TierKey], window: int = 64) -> list[int]:
+        """For each leading key some tier holds, the index of the fastest tier holding it.
+
+        Keys are checked ``window`` at a time (one batched call per tier and window, a single
+        round trip for a remote tier), stopping at the first window with a key no tier holds."""
+        where: list[int] = []
+        for start in range(0, len(tkeys), window):
+            part = tkeys[start : start + window]
+            found = [-1] * len(part)
+            for t, tier in enumerate(self.tiers):
+                idx = [i for i, w in enumerate(found) if w < 0]
+                if not idx:
+                    break
+                for i, held in zip(idx, tier.contains_many([part[i] for i in idx]), strict=True):
+                    if held:
+                        found[i] = t
+            if -1 in found:
+                return where + found[: found.index(-1)]
+            where += found
+        return where
 
     # ---- the engine's interface --------------------------------------------------------------
 
