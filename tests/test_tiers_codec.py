@@ -52,3 +52,8 @@ def test_layout_checks_name_the_problem() -> None:
     assert LAYOUT.digest == LayoutFingerprint("tiny", "bfloat16", 2, 2, 8, 4).digest
     pool = torch.zeros(2, 2, 5, 4, 2, 8, dtype=torch.bfloat16)
     assert LayoutFingerprint.of_pool("tiny", pool) == LAYOUT
+
+
+def test_keys_must_be_block_manager_keys() -> None:
+    with pytest.raises(TierError, match="block key of 17 bytes"):
+        TierKey(b"x" * 17, LAYOUT)

@@ -108,10 +108,17 @@ class LayoutFingerprint:
 
 @dataclass(frozen=True, slots=True)
 class TierKey:
-    """A block key together with the layout its bytes were computed in."""
+    """A block key (16 bytes, ``hashing.KEY_BYTES``) with the layout its bytes were computed in."""
 
     key: bytes
     layout: LayoutFingerprint
+
+    def __post_init__(self) -> None:
+        if len(self.key) != hashing.KEY_BYTES:
+            raise TierError(
+                f"block key of {len(self.key)} bytes; tiers take the block manager's "
+                f"{hashing.KEY_BYTES}-byte keys"
+            )
 
 
 @dataclass(slots=True)
