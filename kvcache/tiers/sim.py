@@ -11,7 +11,8 @@ Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
   (fastest first), trimmed by the cost rule when a prefill cost is given, and the milliseconds
   to load them: one batch per tier, so each tier's base latency is paid once.
 
-Tiers are inclusive: a loaded block stays where it was (and is refreshed in LRU order), so a
+Only reads are charged: offload writes are write-behind, off the request's path, and do not
+compete with reads for bandwidth here. Tiers are inclusive: a loaded block stays where it was (and is refreshed in LRU order), so a
 later eviction from the device does not have to write it again.
 
 Default speeds, per GPU: G2 pinned host memory over PCIe Gen5 x16, 50 GB/s (48-55 GB/s
