@@ -16,7 +16,7 @@ oldest). A second queue per owner lets quota enforcement find a tenant's own old
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from kvcache.events import BlockRemoved, BlockStored, CacheEvent
@@ -48,6 +48,9 @@ class BlockPool:
         self.owned: dict[str, int] = {}  # blocks charged per owner, referenced or cached
         self.num_evictions = 0
         self.events: list[CacheEvent] = []
+        # Called with (block_id, key) just before a cached block's slot is reused, while its
+        # bytes are still intact (write-back to a spill tier). It must not raise.
+        self.evict_hook: Callable[[int, bytes], None] | None = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class BlockPool:
     def _evict(self, block: Block) -> None:
         key = block.key
         assert key is not None and block.ref_count == 0
+        if self.evict_hook is not None:
+            self.evict_hook(block.block_id, key)
         del self.lru[block.block_id]
         del self.lru_by_owner[block.owner][block.block_id]
         del self.index[key]
@@ -125,6 +130,16 @@ class BlockPool:
         self.index[key] = block.block_id
         self.events.append(BlockStored(key, parent, block.block_id, scope))
         return True
+
+    def uncache(self, block: Block) -> None:
+        """Drop a referenced block's key (its contents were never written, e.g. a failed request);
+        it stays with its request and returns to the free queue when released."""
+        key = block.key
+        assert key is not None and block.ref_count > 0 and self.index[key] == block.block_id
+        del self.index[key]
+        self.events.append(BlockRemoved(key, block.block_id, block.scope))
+        block.key = None
+        block.writers = None
 
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block. Callers pass a request's blocks tail first, so

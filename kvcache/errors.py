@@ -13,8 +13,12 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     │   └── QuotaError       the tenant's block cap would be exceeded (nothing was changed)
     ├── TraceError           a trace file is malformed (names the line and field)
     ├── TierError            a storage tier was misused (wrong layout, bad size)
-    └── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
-                             layout, or block ids outside the pool
+    │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
+    ├── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
+    │                        layout, or block ids outside the pool
+    ├── ModelError           a model cannot be loaded (not available offline, unknown name)
+    ├── AuthError            an API key is missing or unknown (HTTP 401)
+    └── ProtocolError        a request body or wire message is malformed (HTTP 400)
 """
 
 from __future__ import annotations
@@ -59,5 +63,23 @@ class TierError(KVCacheError, ValueError):
     """A storage tier was given data of the wrong layout or size."""
 
 
+class CorruptBlockError(TierError):
+    """Stored block bytes failed a check (magic, version, layout, key, size or checksum).
+
+    Tiers catch it, count a miss, drop the block and report it; it never reaches a request."""
+
+
 class KernelError(KVCacheError, ValueError):
     """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
+
+
+class AuthError(KVCacheError, PermissionError):
+    """An API key is missing or not in the server's configuration."""
+
+
+class ProtocolError(KVCacheError, ValueError):
+    """A request body or a wire message is malformed; the message names the field and the fix."""
+
+
+class ModelError(KVCacheError, ValueError):
+    """A model cannot be loaded: not available locally, or an unknown random-weight name."""

@@ -150,6 +150,11 @@ def chain(parent: bytes, content: bytes, width: int) -> list[bytes]:
     return chain_python(parent, content, width)
 
 
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """64-bit xxh3 of a buffer (no copy): the integrity check of blocks the spill tiers store."""
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
 def link(parent: bytes, block: bytes) -> bytes:
     """One chain link: the key of ``block`` under ``parent``."""
     return _xxh3_128(parent + block)

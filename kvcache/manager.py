@@ -16,7 +16,7 @@ requests on workers (``router``).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from kvcache import hashing
@@ -86,6 +86,7 @@ class _Request:
     num_tokens: int
     next_parent: bytes  # parent key of the next block to fill
     tail_tokens: list[int]
+    num_hit_blocks: int = 0  # leading blocks reused from the cache; the rest were taken fresh
 
 
 class BlockManager:
@@ -357,6 +358,7 @@ class BlockManager:
             num_tokens=prompt.num_tokens,
             next_parent=prompt.parent_of(len(keys)),
             tail_tokens=list(prompt.tail_tokens),
+            num_hit_blocks=num_hit,
         )
         num_cached = num_hit * bs
         stats = self._tenants.get(tenant)
@@ -420,6 +422,20 @@ class BlockManager:
             raise RequestError(f"request id {request_id!r} is not running (unknown or already freed)")
         self.pool.release(reversed(req.block_ids))
 
+    def abort(self, request_id: Hashable) -> None:
+        """Release a request whose KV was not (fully) computed: every block it cached itself
+        (not the prefix it reused) is un-indexed before release, so no later request can hit a
+        block whose contents were never written."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise RequestError(f"request id {request_id!r} is not running (unknown or already freed)")
+        pool = self.pool
+        for block_id in req.block_ids[req.num_hit_blocks :]:
+            block = pool.blocks[block_id]
+            if block.key is not None:
+                pool.uncache(block)
+        pool.release(reversed(req.block_ids))
+
     # ---- observation ---------------------------------------------------------------------
 
     def block_ids(self, request_id: Hashable) -> list[int]:
@@ -447,6 +463,15 @@ class BlockManager:
             tenants=tenants,
             owned_blocks={o: n for o, n in pool.owned.items() if n},
         )
+
+    def set_evict_hook(self, fn: Callable[[int, bytes], None] | None) -> None:
+        """Call ``fn(block_id, key)`` synchronously just before a cached block's slot is reused.
+
+        The block's KV bytes are still intact when ``fn`` runs, so it can copy them down to a
+        spill tier (write-back). ``fn`` must not raise: it runs inside an allocation that has
+        already been validated. ``None`` removes the hook.
+        """
+        self.pool.evict_hook = fn
 
     def drain_events(self) -> list[CacheEvent]:
         """Blocks stored and removed since the last drain, in order."""

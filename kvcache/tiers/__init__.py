@@ -1,1 +1,35 @@
-"""The spill hierarchy: device pool (G1), host memory (G2), local disk (G3) and a pod-shared tier (ICMS)."""
+"""The spill hierarchy: device pool (G1), host memory (G2), local disk (G3) and a pod-shared tier (ICMS).
+
+Import from here; the modules behind it are private. ``Hierarchy`` is what an engine uses; the
+tiers can also be used one by one. ``sim`` models the same tiers for the router's trace replay.
+"""
+
+from kvcache.tiers.backends import BackendUnavailable, InProcessBackend, RedisBackend
+from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey, TierStats, TransferModel
+from kvcache.tiers.device import DeviceTier
+from kvcache.tiers.disk import DiskTier
+from kvcache.tiers.hierarchy import Hierarchy, HierarchyStats
+from kvcache.tiers.host import HostTier
+from kvcache.tiers.icms import IcmsLink, IcmsTier
+from kvcache.tiers.policy import PrefillCost, TierPolicy, best_load_prefix
+
+__all__ = [
+    "BackendUnavailable",
+    "DeviceTier",
+    "DiskTier",
+    "Hierarchy",
+    "HierarchyStats",
+    "HostTier",
+    "IcmsLink",
+    "IcmsTier",
+    "InProcessBackend",
+    "LayoutFingerprint",
+    "PrefillCost",
+    "RedisBackend",
+    "Tier",
+    "TierKey",
+    "TierPolicy",
+    "TierStats",
+    "TransferModel",
+    "best_load_prefix",
+]

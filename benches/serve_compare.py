@@ -1,0 +1,214 @@
+"""Side by side on one server binary: routing ``affinity`` vs ``round_robin``, pod tier on vs off.
+
+    .venv/bin/python benches/serve_compare.py --workers 2 --duration 20 --rate 4
+
+For each configuration it starts a fresh Redis and ``kvcache serve`` (same command, different
+flags), waits for every worker, replays the same trace with ``bench-serve``'s loop, reads the
+server's per-tier prefix-cache counters, and stops it. Then it prints one table and the ratios
+(TTFT and throughput of affinity over round_robin, pod tier on over off), the machine's load
+average beside them, and writes the JSON (``--out``) and a bar chart (``--plot``).
+
+It also probes isolation on the first configuration: tenant B sends tenant A's cached prompts
+and fresh prompts of the same length; B's TTFT on A's prompts should look like a miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kvcache.redis_server import start_redis
+from kvcache.serve import bench
+
+DEFAULT_TRACE = "synthetic:tenants=4,sessions=3,turns=4,system=256,user=64,output=16"
+CONFIGS = [
+    ("affinity", True),
+    ("round_robin", True),
+    ("affinity", False),
+    ("round_robin", False),
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """Prefix-cache counters summed per tier: ``{"queries:device": ..., "hits:device": ...}``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for kind in ("queries", "hits"):
+            if line.startswith(f"kvcache:prefix_cache_{kind}_total{{"):
+                tier = line.split('tier="', 1)[1].split('"', 1)[0]
+                out[f"{kind}:{tier}"] = out.get(f"{kind}:{tier}", 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _config_text(num_tenants: int) -> str:
+    return "".join(f'[tenants.tenant{t}]\nkeys = ["sk-tenant{t}"]\n' for t in range(num_tenants))
+
+
+async def _isolation_probe(url: str, num_probes: int, prompt_tokens: int) -> dict[str, float]:
+    """Median TTFT (ms) of tenant1 on tenant0's cached prompts, on fresh prompts, and of tenant0's hits."""
+    import aiohttp
+
+    rng = random.Random(7)
+    probe, miss, hit = [], [], []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(num_probes):
+            secret = [rng.randrange(1, 256) for _ in range(prompt_tokens)]
+            fresh = [rng.randrange(1, 256) for _ in range(prompt_tokens)]
+            a = {"Authorization": "Bearer sk-tenant0"}
+            b = {"Authorization": "Bearer sk-tenant1"}
+            await bench._one(session, url, bench.TraceRequest(secret, 1), a)
+            await asyncio.sleep(0.3)  # the router learns tenant0's blocks
+            r_probe = await bench._one(session, url, bench.TraceRequest(secret, 1), b)
+            r_miss = await bench._one(session, url, bench.TraceRequest(fresh, 1), b)
+            r_hit = await bench._one(session, url, bench.TraceRequest(secret, 1), a)
+            assert r_probe.cached_tokens == 0, "isolation broken: tenant1 hit tenant0's blocks"
+            probe.append(r_probe.ttft_s * 1e3)
+            miss.append(r_miss.ttft_s * 1e3)
+            hit.append(r_hit.ttft_s * 1e3)
+    return {"probe_ttft_ms": statistics.median(probe), "miss_ttft_ms": statistics.median(miss),
+            "hit_ttft_ms": statistics.median(hit)}  # fmt: skip
+
+
+def run_config(args: argparse.Namespace, policy: str, pod: bool, trace: list[bench.TraceRequest],
+               keys: dict[str, str], config_path: Path, probe: bool) -> dict[str, Any]:  # fmt: skip
+    redis = start_redis()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
+           "--workers", str(args.workers), "--redis", redis.url, "--port", str(port), "--policy", policy,
+           "--threads", str(args.threads),
+           "--num-blocks", str(args.num_blocks), "--config", str(config_path)]  # fmt: skip
+    if not pod:
+        cmd.append("--no-pod-tier")
+    log = open(Path(args.logs) / f"serve-{policy}-{'pod' if pod else 'nopod'}.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        results, wall_s = asyncio.run(bench.run_load(url, trace, rate=args.rate, duration_s=args.duration,
+                                                     max_concurrency=args.max_concurrency, keys=keys,
+                                                     seed=args.seed))  # fmt: skip
+        summary = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency)
+        summary["tiers"] = _metrics(url)
+        if probe:
+            summary["isolation"] = asyncio.run(_isolation_probe(url, args.probes, args.probe_tokens))
+        return summary
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        redis.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--num-blocks", type=int, default=256)
+    parser.add_argument("--trace", default=DEFAULT_TRACE)
+    parser.add_argument("--rate", type=float, default=4.0)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--max-concurrency", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probes", type=int, default=8)
+    parser.add_argument("--probe-tokens", type=int, default=192)
+    parser.add_argument("--only", help="comma-separated subset, e.g. affinity:pod,round_robin:pod")
+    parser.add_argument("--logs", default="/tmp")
+    parser.add_argument("--out", default="serve_compare.json")
+    parser.add_argument("--plot", default="serve_compare.png")
+    args = parser.parse_args()
+
+    trace = bench.load_trace(args.trace, vocab_size=256)
+    tenants = sorted({r.tenant for r in trace if r.tenant is not None}) or ["tenant0"]
+    num_tenants = max(2, len(tenants))
+    config_path = Path(args.logs) / "serve_compare.toml"
+    config_path.write_text(_config_text(num_tenants))
+    keys = {f"tenant{t}": f"sk-tenant{t}" for t in range(num_tenants)}
+    configs = CONFIGS
+    if args.only:
+        wanted = set(args.only.split(","))
+        configs = [c for c in CONFIGS if f"{c[0]}:{'pod' if c[1] else 'nopod'}" in wanted]
+    results: dict[str, dict[str, Any]] = {}
+    load_before = os.getloadavg()
+    for i, (policy, pod) in enumerate(configs):
+        name = f"{policy}:{'pod' if pod else 'nopod'}"
+        started = time.monotonic()
+        results[name] = run_config(args, policy, pod, trace, keys, config_path, probe=i == 0)
+        print(f"{name}: done in {time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.2f}", flush=True)
+    report = {"args": vars(args), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "results": results, "ratios": _ratios(results)}  # fmt: skip
+    print(_table(results))
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    _plot(results, args.plot)
+    return 0
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    pairs = [("affinity_over_round_robin", "affinity:{p}", "round_robin:{p}"),
+             ("pod_on_over_off", "{r}:pod", "{r}:nopod")]  # fmt: skip
+    for label, num, den in pairs:
+        for fill in (("pod", "nopod") if "{p}" in num else ("affinity", "round_robin")):
+            key = {"p": fill, "r": fill}
+            a, b = results.get(num.format(**key)), results.get(den.format(**key))
+            if a is None or b is None:
+                continue
+            suffix = f"{label}[{fill}]"
+            out[f"mean_ttft {suffix}"] = a["mean_ttft_ms"] / b["mean_ttft_ms"]
+            out[f"p99_ttft {suffix}"] = a["p99_ttft_ms"] / b["p99_ttft_ms"]
+            out[f"output_throughput {suffix}"] = a["output_throughput"] / b["output_throughput"]
+    return out
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    head = f"{'config':<22}{'done':>6}{'req/s':>8}{'tok/s':>8}{'TTFT ms':>9}{'p99':>8}{'ITL ms':>8}"
+    head += f"{'hit%':>7}"
+    lines = [head]
+    for name, s in results.items():
+        lines.append(f"{name:<22}{s['completed']:>6}{s['request_throughput']:>8.2f}{s['output_throughput']:>8.1f}"
+                     f"{s['mean_ttft_ms']:>9.1f}{s['p99_ttft_ms']:>8.1f}{s['mean_itl_ms']:>8.1f}"
+                     f"{100 * s['cache_hit_rate']:>7.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    keys = ("mean_ttft_ms", "output_throughput", "cache_hit_rate")
+    labels = ("mean TTFT (ms)", "output tokens/s", "prefix cache hit rate")
+    for ax, key, label in zip(axes, keys, labels, strict=True):
+        ax.bar(range(len(names)), [results[n][key] for n in names], color="#4c72b0")
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""A single-sequence greedy engine that reuses cached KV blocks across requests and tenants.
+
+    engine = Engine.load("tiny")                      # or a local model path
+    engine.publish(system_prompt)                     # shared by every tenant
+    for step in engine.stream(tokens, scope=Scope("acme"), max_new_tokens=32):
+        ...                                           # step 0 arrives right after prefill (TTFT)
+
+Per request: hash the prompt in its scope and allocate blocks through the ``BlockManager``; load
+the cached prefix from the paged pool ``[num_layers, 2, num_blocks, block_size, kv_heads,
+head_dim]`` with ONE ``gather_kv`` into the model's cache object; run the model on the uncached
+suffix only; ``scatter_kv`` the newly filled blocks back in one call. Greedy decode continues on the
+same cache, and each block that fills during decode is written to the pool and becomes shareable.
+A request that fails is aborted, so no block whose KV was never written stays indexed.
+
+Single-threaded: a server calls it from one worker thread. Not here: transformers (``hf``), block
+bookkeeping (``manager``), batching several sequences (each request runs alone).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcache import hf
+from kvcache.config import CacheConfig
+from kvcache.errors import ConfigError
+from kvcache.events import CacheEvent
+from kvcache.kernels import gather_kv, scatter_kv
+from kvcache.manager import Allocation, BlockManager
+from kvcache.tenancy import Scope
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """``num_blocks`` x ``block_size`` tokens of KV in the pool; ``device``/``dtype`` default to CUDA
+    + bfloat16 when present, else CPU + float32; ``seed`` seeds random-weight models; ``tiers``: a
+    spill hierarchy (``kvcache.tiers.Hierarchy``) or None."""
+
+    num_blocks: int = 1024
+    block_size: int = 16
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    tiers: Any = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}; choose one of {', '.join(_DTYPES)} or None")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillTimings:
+    """Where a request's time to first token went, in seconds. ``overhead_s`` is the engine's own
+    work (hashing, lookup and allocation, block gather, cache construction, block scatter)."""
+
+    hash_s: float
+    lookup_s: float
+    gather_s: float
+    cache_s: float
+    model_s: float
+    scatter_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        return self.hash_s + self.lookup_s + self.gather_s + self.cache_s + self.scatter_s
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStep:
+    token_id: int
+    index: int  # 0 = the token right after prefill
+    prompt_tokens: int
+    cached_tokens: int
+    elapsed_s: float  # since the request started; step 0's is the TTFT
+    timings: PrefillTimings | None = None  # step 0 only
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: list[int]
+    ttft_s: float
+    total_s: float
+    timings: PrefillTimings | None = None
+
+
+class Engine:
+    """A causal LM, a paged KV pool and the block manager that indexes it."""
+
+    def __init__(
+        self, loaded: hf.LoadedModel, config: EngineConfig, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.config = config
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.shape = loaded.shape
+        self.vocab_size = loaded.shape.vocab_size
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.block_size = config.block_size
+        self.manager = BlockManager(
+            CacheConfig(
+                num_blocks=config.num_blocks,
+                block_size=config.block_size,
+                vocab_size=self.vocab_size,
+                model_id=self.model_id,
+            )
+        )
+        s = loaded.shape
+        # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.pool = torch.zeros(
+            (s.num_layers, 2, config.num_blocks, config.block_size, s.kv_heads, s.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self._clock = clock
+        self._sync: Callable[[], None] = (
+            torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        )
+        self._request_ids = itertools.count()
+
+    @classmethod
+    def load(cls, model: str = "tiny", config: EngineConfig | None = None) -> Engine:
+        """A random-weight model (``tiny``, ``tiny-llama``, ``tiny-qwen2``, ...) or a local model."""
+        config = config or EngineConfig()
+        dtype = _DTYPES[config.dtype] if config.dtype is not None else None
+        return cls(hf.load_model(model, device=config.device, dtype=dtype, seed=config.seed), config)
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def publish(self, tokens: Sequence[int]) -> int:
+        """Make ``tokens`` (e.g. a system prompt) a public prefix every tenant shares; returns its
+        full blocks. Their KV is computed by the first request that uses them."""
+        return self.manager.publish(tokens)
+
+    def drain_events(self) -> list[CacheEvent]:
+        return self.manager.drain_events()
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        scope: Scope | str | None = None,
+        max_new_tokens: int = 16,
+        request_id: Hashable | None = None,
+    ) -> Generation:
+        steps = list(self.stream(tokens, scope, max_new_tokens, request_id))
+        first, last = steps[0], steps[-1]
+        return Generation(
+            prompt_tokens=first.prompt_tokens,
+            cached_tokens=first.cached_tokens,
+            output_tokens=[s.token_id for s in steps],
+            ttft_s=first.elapsed_s,
+            total_s=last.elapsed_s,
+            timings=first.timings,
+        )
+
+    def stream(
+        self,
+        tokens: Sequence[int],
+        scope: Scope | str | None = None,
+        max_new_tokens: int = 16,
+        request_id: Hashable | None = None,
+    ) -> Iterator[GenerationStep]:
+        """Greedy tokens one by one; step 0 comes right after prefill. Blocks are released when
+        the iterator finishes or is closed."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        rid = request_id if request_id is not None else ("engine", next(self._request_ids))
+        return self._run(tokens, scope, max_new_tokens, rid)
+
+    def score(
+        self, tokens: Sequence[int], scope: Scope | str | None = None, request_id: Hashable | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Next-token logits ``[vocab]`` (float32) after ``tokens`` and how many prompt tokens came
+        from the cache: the prefill of :meth:`stream`, exactly, without decoding."""
+        rid = request_id if request_id is not None else ("engine", next(self._request_ids))
+        start = self._clock()
+        prompt = self.manager.hash(tokens, scope)
+        t_hash = self._clock()
+        alloc = self.manager.allocate(rid, prompt)
+        t_lookup = self._clock()
+        try:
+            with torch.inference_mode():
+                logits, _, _ = self._prefill(tokens, alloc, t_hash - start, t_lookup - t_hash)
+        except BaseException:
+            self.manager.abort(rid)
+            raise
+        self.manager.free(rid)
+        return logits, alloc.num_cached_tokens
+
+    # ---- the request path ----------------------------------------------------------------
+
+    def _run(
+        self, tokens: Sequence[int], scope: Scope | str | None, max_new_tokens: int, rid: Hashable
+    ) -> Iterator[GenerationStep]:
+        clock, manager = self._clock, self.manager
+        start = clock()
+        prompt = manager.hash(tokens, scope)
+        t_hash = clock()
+        alloc = manager.allocate(rid, prompt)
+        t_lookup = clock()
+        done = False
+        try:
+            with torch.inference_mode():
+                logits, cache, timings = self._prefill(tokens, alloc, t_hash - start, t_lookup - t_hash)
+                token = int(logits.argmax())
+                n = len(tokens)
+                yield GenerationStep(token, 0, n, alloc.num_cached_tokens, clock() - start, timings)
+                block_ids = list(alloc.block_ids)
+                ids = torch.empty((1, 1), dtype=torch.long, device=self.device)
+                for index in range(1, max_new_tokens):
+                    pos = n + index - 1  # position of ``token``, whose KV this step computes
+                    ids.fill_(token)
+                    logits = hf.forward(self.model, ids, cache, pos)
+                    block_ids += manager.append(rid, [token])
+                    if (pos + 1) % self.block_size == 0:  # the block ending at ``pos`` is full
+                        self._write_blocks(cache, block_ids, pos + 1 - self.block_size, pos + 1)
+                    token = int(logits[0].argmax())
+                    yield GenerationStep(token, index, n, alloc.num_cached_tokens, clock() - start)
+            done = True
+        except GeneratorExit:
+            done = True  # closed early by the consumer: every indexed block was already written
+            raise
+        finally:
+            if done:
+                manager.free(rid)
+            else:
+                manager.abort(rid)
+
+    def _prefill(
+        self, tokens: Sequence[int], alloc: Allocation, hash_s: float, lookup_s: float
+    ) -> tuple[torch.Tensor, Any, PrefillTimings]:
+        clock, sync, bs = self._clock, self._sync, self.block_size
+        num_cached = alloc.num_cached_tokens
+        num_hit = num_cached // bs
+        t0 = clock()
+        kv = None
+        if num_hit:
+            hit_ids = torch.tensor(alloc.block_ids[:num_hit], dtype=torch.long, device=self.device)
+            kv = gather_kv(self.pool, hit_ids)  # [L, 2, kv_heads, num_cached, head_dim]
+            sync()
+        t_gather = clock()
+        cache = hf.new_cache(kv)
+        t_cache = clock()
+        suffix = torch.tensor([list(tokens[num_cached:])], dtype=torch.long, device=self.device)
+        logits = hf.forward(self.model, suffix, cache, num_cached)[0]
+        sync()
+        t_model = clock()
+        self._write_blocks(cache, alloc.block_ids, num_hit * bs, len(tokens) // bs * bs)
+        sync()
+        t_scatter = clock()
+        timings = PrefillTimings(
+            hash_s=hash_s,
+            lookup_s=lookup_s,
+            gather_s=t_gather - t0,
+            cache_s=t_cache - t_gather,
+            model_s=t_model - t_cache,
+            scatter_s=t_scatter - t_model,
+        )
+        return logits, cache, timings
+
+    def _write_blocks(self, cache: Any, block_ids: list[int], start: int, end: int) -> None:
+        """Scatter positions ``start:end`` (block-aligned) of ``cache`` into their pool blocks."""
+        if end <= start:
+            return
+        bs = self.block_size
+        ids = torch.tensor(block_ids[start // bs : end // bs], dtype=torch.long, device=self.device)
+        scatter_kv(self.pool, ids, hf.read_cache(cache, start, end))

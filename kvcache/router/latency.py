@@ -1,0 +1,101 @@
+"""How long a simulated worker takes: prefill as a function of new and cached tokens, decode
+per output token as a function of the batch, and the batching limits.
+
+    prefill_ms(new, cached, running) =
+        steps x (prefill_base_ms + decode_ms_per_token_per_seq x running)   (per forward step)
+      + new x prefill_ms_per_token                                          (linear layers)
+      + new x (cached + new / 2) x prefill_ms_per_token_per_ctx_token        (attention over the context)
+    steps = ceil(new / max_batched_tokens)
+    decode_step_ms(seqs) = decode_base_ms + decode_ms_per_token_per_seq x seqs
+
+Each prefill chunk shares its step with the ``running`` decoding sequences (chunked prefill, as
+vLLM schedules it), which is how decode pressure slows a prefill down. The defaults are the
+rough shape of an 8B-parameter model in bf16 on one H100-class GPU; ``kvcache calibrate``
+(HF engine) measures real ones and writes them with ``to_json``. This module only computes
+times; queueing is the worker's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcache.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    """Latency parameters of one simulated worker (all times in milliseconds).
+
+    - ``prefill_base_ms``: fixed cost of one forward step (launches, sampling).
+    - ``prefill_ms_per_token``: linear-layer cost per prompt token computed.
+    - ``prefill_ms_per_token_per_ctx_token``: attention cost per computed token per token of
+      context before it (cached context included: a cache hit saves the linear work, not the
+      attention of the new tokens over it).
+    - ``decode_base_ms``: one decode step with a batch of one (weights read once per step).
+    - ``decode_ms_per_token_per_seq``: extra step time per sequence in the batch.
+    - ``max_num_seqs``: sequences a worker runs at once (prefilling or decoding); more wait.
+    - ``max_batched_tokens``: prompt tokens per forward step (the chunked-prefill budget).
+    """
+
+    prefill_base_ms: float = 5.0
+    prefill_ms_per_token: float = 0.08
+    prefill_ms_per_token_per_ctx_token: float = 1.5e-6
+    decode_base_ms: float = 8.0
+    decode_ms_per_token_per_seq: float = 0.15
+    max_num_seqs: int = 128
+    max_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value!r} must be a finite number")
+            if value < 0:
+                raise ConfigError(f"{f.name}={value!r} must be >= 0")
+        for name in ("max_num_seqs", "max_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+
+    def prefill_ms(self, num_new_tokens: int, num_cached_tokens: int = 0, num_running: int = 0) -> float:
+        """Time to compute ``num_new_tokens`` after ``num_cached_tokens`` of reused context,
+        sharing steps with ``num_running`` decoding sequences."""
+        if num_new_tokens <= 0:
+            return 0.0
+        steps = -(-num_new_tokens // self.max_batched_tokens)
+        return (
+            steps * (self.prefill_base_ms + self.decode_ms_per_token_per_seq * num_running)
+            + num_new_tokens * self.prefill_ms_per_token
+            + num_new_tokens
+            * (num_cached_tokens + num_new_tokens / 2)
+            * self.prefill_ms_per_token_per_ctx_token
+        )
+
+    def decode_step_ms(self, num_seqs: int) -> float:
+        """One decode step producing a token for each of ``num_seqs`` sequences."""
+        return self.decode_base_ms + self.decode_ms_per_token_per_seq * max(1, num_seqs)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> LatencyModel:
+        """Read a model written by ``to_json``; every field must be present, no other keys."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read a latency model from {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a latency model is a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data))
+        if unknown or missing:
+            raise ConfigError(
+                f"{path}: unknown keys {unknown}, missing keys {missing}; expected exactly {sorted(names)}"
+            )
+        return cls(**data)

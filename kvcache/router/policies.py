@@ -1,0 +1,185 @@
+"""Routing policies: pure functions from (per-worker overlap, per-worker load, request) to a
+worker id, chosen by name from ``POLICIES``.
+
+A policy sees a ``RoutingInput`` (the request's size and one ``WorkerView`` per live worker,
+with what the router believes: prefix overlap in blocks, active requests and blocks, prefill
+work routed there and not yet done) and returns one of the views' worker ids. Ties break
+through the seeded ``rng`` in the input, never towards the lowest id, so idle workers share
+load. Nothing here keeps state; the router owns the index and the load accounting.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvcache.router.latency import LatencyModel
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """The router's belief about one worker when a request arrives."""
+
+    worker_id: int
+    overlap_blocks: int  # leading blocks of the request it holds
+    active_requests: int  # routed there, not finished
+    active_blocks: int  # blocks those requests hold
+    pending_prefill_tokens: int  # prompt tokens routed there whose prefill has not finished
+    queued_prefill_ms: float  # modelled prefill work ahead of a new request
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingInput:
+    num_tokens: int
+    block_size: int
+    workers: Sequence[WorkerView]
+    latency: LatencyModel
+    turn: int  # requests routed before this one
+    rng: random.Random
+
+    def new_tokens(self, view: WorkerView) -> int:
+        """Prompt tokens the worker would compute, given its overlap (at least one, as engines do)."""
+        return max(1, self.num_tokens - view.overlap_blocks * self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_tokens // self.block_size)
+
+
+Policy = Callable[[RoutingInput], int]
+
+
+def argmin(inp: RoutingInput, cost: Callable[[WorkerView], float | tuple[float, ...]]) -> int:
+    """The worker of lowest cost; equal costs break by the seeded rng."""
+    costs = [(cost(v), v.worker_id) for v in inp.workers]
+    best = min(c for c, _ in costs)
+    tied = [w for c, w in costs if c == best]
+    return tied[0] if len(tied) == 1 else inp.rng.choice(tied)
+
+
+def round_robin(inp: RoutingInput) -> int:
+    """Worker ``turn mod n``: ignores cache and load."""
+    return inp.workers[inp.turn % len(inp.workers)].worker_id
+
+
+def random_choice(inp: RoutingInput) -> int:
+    """A uniformly random worker (seeded)."""
+    return inp.rng.choice(inp.workers).worker_id
+
+
+def least_loaded(inp: RoutingInput) -> int:
+    """Fewest active requests, then least pending prefill; ignores cache."""
+    return argmin(inp, lambda v: (v.active_requests, v.pending_prefill_tokens))
+
+
+def lpm(inp: RoutingInput) -> int:
+    """Pure longest prefix match: the most leading blocks cached; ties random. Ignores load,
+    which is why it piles every request sharing a first block onto one worker."""
+    return argmin(inp, lambda v: -v.overlap_blocks)
+
+
+def make_dynamo(overlap_weight: float = 1.0, temperature: float = 0.0) -> Policy:
+    """NVIDIA Dynamo's KV router cost.
+
+    Source: NVIDIA Dynamo documentation, "KV Router", section "Cost Function"
+    (docs.nvidia.com/dynamo, components/router; ai-dynamo/dynamo ``lib/llm/src/kv_router``):
+    ``cost = kv_overlap_score_weight x prefill_blocks + decode_blocks``, lowest wins;
+    prefill blocks are the worker's pending prefill tokens plus this request's uncached ones,
+    over the block size; active (decode) blocks are the worker's plus this request's. With
+    ``temperature > 0`` the worker is sampled from ``softmax(-normalized_logit / temperature)``
+    (logits min-max normalized), else the minimum is taken (ties random).
+    """
+
+    def dynamo(inp: RoutingInput) -> int:
+        bs = inp.block_size
+
+        def logit(v: WorkerView) -> float:
+            prefill_blocks = (v.pending_prefill_tokens + inp.new_tokens(v)) / bs
+            decode_blocks = v.active_blocks + inp.num_blocks
+            return overlap_weight * prefill_blocks + decode_blocks
+
+        if temperature <= 0:
+            return argmin(inp, logit)
+        logits = [logit(v) for v in inp.workers]
+        lo, hi = min(logits), max(logits)
+        span = hi - lo or 1.0
+        weights = [math.exp(-(x - lo) / span / temperature) for x in logits]
+        return inp.rng.choices([v.worker_id for v in inp.workers], weights)[0]
+
+    return dynamo
+
+
+def make_sglang(
+    balance_abs_threshold: int = 64, balance_rel_threshold: float = 1.5, cache_threshold: float = 0.3
+) -> Policy:
+    """SGLang gateway (sgl-router) cache-aware policy.
+
+    Source: sgl-project/sglang, the sgl-router cache-aware policy (``cache_aware.rs``, router
+    README for the thresholds; recent releases default ``cache_threshold`` to 0.3, older ones
+    to 0.5): the system is imbalanced when ``max_load - min_load > balance_abs_threshold`` and
+    ``max_load > min_load x balance_rel_threshold`` (load = running requests); then the least
+    loaded worker wins. Otherwise the worker with the highest prefix match ratio wins if that
+    ratio exceeds ``cache_threshold``, else the least loaded (the gateway's own fallback picks
+    the worker with the smallest cache tree; load is the fallback this project specifies).
+    """
+
+    def sglang(inp: RoutingInput) -> int:
+        loads = [v.active_requests for v in inp.workers]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
+            return argmin(inp, lambda v: v.active_requests)
+        best = max(v.overlap_blocks for v in inp.workers)
+        ratio = best * inp.block_size / inp.num_tokens
+        if best and ratio > cache_threshold:
+            return argmin(inp, lambda v: (-v.overlap_blocks, v.active_requests))
+        return argmin(inp, lambda v: v.active_requests)
+
+    return sglang
+
+
+def make_affinity(recompute_weight: float = 1.5) -> Policy:
+    """kvcache's policy: the lowest modelled cost of serving the request on each worker.
+
+    ``cost = queued_prefill_ms + (1 + recompute_weight) x prefill_ms(new, cached, active)``:
+    the request's own TTFT on that worker (the prefill work queued ahead of it, then its own
+    prefill of the tokens the worker lacks, slowed by the decode batch it shares steps with)
+    plus ``recompute_weight`` times the compute it takes from the system, since tokens
+    recomputed on a cold worker delay everyone queued after them. A shared first block saves
+    one block of prefill, never enough to outweigh a queue, so a common system prompt cannot
+    pile traffic onto one worker. In the spirit of Mooncake's Conductor (lowest estimated
+    TTFT = queue + prefill; Qin et al., FAST'25) and Preble's cost-aware E2 scheduling. The
+    default weight 1.5 came from a sweep over 0-4 on the Mooncake trace at 137, 274 and 548
+    blocks per worker: the smallest tried that kept the hit rate within about 1% of the best
+    baseline's at all three without giving up p99 TTFT.
+    """
+
+    def affinity(inp: RoutingInput) -> int:
+        lat = inp.latency
+        slots = lat.max_num_seqs
+
+        def cost(v: WorkerView) -> float:
+            new = inp.new_tokens(v)
+            cached = inp.num_tokens - new
+            prefill = lat.prefill_ms(new, cached, min(v.active_requests, slots - 1))
+            wait = v.queued_prefill_ms
+            if v.active_requests >= slots:  # no free sequence slot: at least a step per request over
+                wait += lat.decode_step_ms(slots) * (v.active_requests - slots + 1)
+            return wait + (1.0 + recompute_weight) * prefill
+
+        return argmin(inp, cost)
+
+    return affinity
+
+
+POLICIES: dict[str, Policy] = {
+    "round_robin": round_robin,
+    "random": random_choice,
+    "least_loaded": least_loaded,
+    "lpm": lpm,
+    "dynamo": make_dynamo(),
+    "sglang": make_sglang(),
+    "affinity": make_affinity(),
+}
+BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang")

@@ -1,0 +1,221 @@
+"""Metrics of a replay: hit rates, prefill work, modelled latency, throughput, load balance,
+per-worker breakdown, cache upper bounds; as a dict (JSON keys follow ``vllm bench serve``
+where one exists), a text table, and a plot.
+
+Definitions: a token hit is a prompt token whose KV was reused (from the device pool, or
+loaded from a lower tier); a block hit is a full prompt block found in the device pool. TTFT
+is first token minus arrival (a request re-routed after a failure keeps its arrival). Load
+imbalance is max/mean over workers of prompt tokens computed, over the whole run and per 60 s
+window (windows where no worker computed anything are skipped). The upper bounds replay the
+trace through one shared cache (same total capacity, then unbounded) with no queueing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvcache.config import CacheConfig
+from kvcache.manager import BlockManager, Prompt
+from kvcache.router.replay import ReplayResult
+from kvcache.router.trace import Trace
+
+WINDOW_MS = 60_000.0
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def _imbalance(tokens: Sequence[float]) -> float:
+    mean = sum(tokens) / len(tokens)
+    return max(tokens) / mean if mean else 1.0
+
+
+def metrics(result: ReplayResult) -> dict[str, Any]:
+    """Everything the table, the JSON and the plot show for one replay."""
+    jobs = [j for j in result.jobs if j.finish_ms > 0.0 or j.first_token_ms > 0.0]
+    cfg = result.config
+    input_tokens = sum(j.request.num_tokens for j in result.jobs)
+    output_tokens = sum(j.request.output_tokens for j in jobs)
+    cached = sum(j.cached_tokens for j in jobs)
+    loaded = sum(j.loaded_tokens for j in jobs)
+    computed = sum(j.prefill_tokens for j in jobs)
+    ttft = np.array([j.first_token_ms - j.arrival_ms for j in jobs], dtype=np.float64)
+    e2el = np.array([j.finish_ms - j.arrival_ms for j in jobs], dtype=np.float64)
+    start = min((j.arrival_ms for j in result.jobs), default=0.0)
+    end = max((j.finish_ms for j in jobs), default=start)
+    duration_s = max(end - start, 1e-9) / 1000.0
+    per_worker: list[dict[str, Any]] = []
+    for w in range(cfg.num_workers):
+        mine = [j for j in jobs if j.worker_id == w]
+        prompt = sum(j.request.num_tokens for j in mine)
+        hit = sum(j.cached_tokens + j.loaded_tokens for j in mine)
+        per_worker.append(
+            {
+                "worker_id": w,
+                "completed": len(mine),
+                "input_tokens": prompt,
+                "prefill_tokens": sum(j.prefill_tokens for j in mine),
+                "token_hit_rate": hit / prompt if prompt else 0.0,
+            }
+        )
+    windows: dict[int, list[float]] = {}
+    for j in jobs:
+        row = windows.setdefault(int((j.start_ms - start) // WINDOW_MS), [0.0] * cfg.num_workers)
+        row[j.worker_id] += j.prefill_tokens
+    window_imbalance = [_imbalance(row) for row in windows.values() if any(row)]
+    return {
+        "policy": cfg.policy,
+        "mode": cfg.mode,
+        "num_workers": cfg.num_workers,
+        "capacity_blocks": cfg.capacity_blocks,
+        "completed": len(jobs),
+        "lost": result.num_lost,
+        "rerouted": result.num_rerouted,
+        "duration": duration_s,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(jobs) / duration_s,
+        "output_throughput": output_tokens / duration_s,
+        "token_hit_rate": (cached + loaded) / input_tokens if input_tokens else 0.0,
+        "block_hit_rate": sum(j.hit_blocks for j in jobs) / max(1, sum(j.query_blocks for j in jobs)),
+        "loaded_tokens": loaded,
+        "prefill_tokens_computed": computed,
+        "prefill_tokens_saved": cached + loaded,
+        "mean_ttft_ms": float(ttft.mean()) if len(ttft) else 0.0,
+        "median_ttft_ms": _pct(ttft, 50),
+        "p90_ttft_ms": _pct(ttft, 90),
+        "p99_ttft_ms": _pct(ttft, 99),
+        "mean_e2el_ms": float(e2el.mean()) if len(e2el) else 0.0,
+        "p99_e2el_ms": _pct(e2el, 99),
+        "load_imbalance": _imbalance([w["prefill_tokens"] for w in per_worker]),
+        "load_imbalance_60s_mean": float(np.mean(window_imbalance)) if window_imbalance else 1.0,
+        "load_imbalance_60s_max": max(window_imbalance, default=1.0),
+        "per_worker": per_worker,
+        "wall_s": result.wall_s,
+    }
+
+
+def upper_bounds(
+    trace: Trace, prompts: Sequence[Prompt], block_size: int, total_blocks: int
+) -> dict[str, float]:
+    """Token hit rate of one shared cache of ``total_blocks`` blocks, and of an unbounded one,
+    each serving the trace one request at a time in arrival order."""
+    infinite = sum(-(-p.num_tokens // block_size) for p in prompts) + 1
+    out = {}
+    for name, num_blocks in (
+        ("shared_cache_token_hit_rate", total_blocks),
+        ("infinite_cache_token_hit_rate", infinite),
+    ):
+        manager = BlockManager(CacheConfig(num_blocks=num_blocks, block_size=block_size))
+        hit = total = 0
+        for i, (req, prompt) in enumerate(zip(trace.requests, prompts, strict=True)):
+            if -(-prompt.num_tokens // block_size) > num_blocks:
+                total += req.num_tokens  # cannot be held at all
+                continue
+            hit += manager.allocate(i, prompt).num_cached_tokens
+            total += req.num_tokens
+            manager.free(i)
+        out[name] = hit / total if total else 0.0
+    return out
+
+
+COLUMNS = (  # title, metric key, width, format spec
+    ("policy", "policy", 13, "s"),
+    ("tok hit", "token_hit_rate", 8, ".1%"),
+    ("blk hit", "block_hit_rate", 8, ".1%"),
+    ("prefill Mtok", "prefill_tokens_computed", 13, ".2f"),
+    ("TTFT mean", "mean_ttft_ms", 10, ".0f"),
+    ("p50", "median_ttft_ms", 7, ".0f"),
+    ("p90", "p90_ttft_ms", 7, ".0f"),
+    ("p99 ms", "p99_ttft_ms", 8, ".0f"),
+    ("req/s", "request_throughput", 7, ".2f"),
+    ("imbal", "load_imbalance", 6, ".2f"),
+    ("60s mean", "load_imbalance_60s_mean", 9, ".2f"),
+    ("60s max", "load_imbalance_60s_max", 8, ".2f"),
+    ("lost", "lost", 5, "d"),
+)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table, one row per replay (TTFT in ms; imbalance = max/mean prefill tokens
+    per worker, over the run, then the mean and the worst of the 60 s windows)."""
+    lines = ["".join(t.ljust(w) if k == "policy" else t.rjust(w) for t, k, w, _ in COLUMNS)]
+    for row in rows:
+        cells = []
+        for _title, key, width, spec in COLUMNS:
+            value = row[key] / 1e6 if key == "prefill_tokens_computed" else row[key]
+            text = format(value, spec)
+            cells.append(text.ljust(width) if key == "policy" else text.rjust(width))
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+def worker_table(row: dict[str, Any]) -> str:
+    """One policy's per-worker breakdown."""
+    lines = [f"  {row['policy']}: worker  completed  input Mtok  prefill Mtok  token hit"]
+    for w in row["per_worker"]:
+        lines.append(
+            f"  {'':>{len(row['policy'])}}  {w['worker_id']:>6}  {w['completed']:>9}"
+            f"  {w['input_tokens'] / 1e6:>10.2f}  {w['prefill_tokens'] / 1e6:>12.2f}"
+            f"  {w['token_hit_rate']:>9.1%}"
+        )
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The same table in Markdown, for docs."""
+    lines = [
+        "| policy | token hit | block hit | prefill Mtok | mean TTFT ms | p50 | p90 | p99 TTFT ms | req/s "
+        "| imbalance | 60 s mean | 60 s worst | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['token_hit_rate']:.1%} | {r['block_hit_rate']:.1%} | "
+            f"{r['prefill_tokens_computed'] / 1e6:.2f} | {r['mean_ttft_ms']:.0f} | "
+            f"{r['median_ttft_ms']:.0f} | "
+            f"{r['p90_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | {r['request_throughput']:.2f} | "
+            f"{r['load_imbalance']:.2f} | {r['load_imbalance_60s_mean']:.2f} | "
+            f"{r['load_imbalance_60s_max']:.2f} | {r['lost']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Token hit rate and p99 TTFT per policy at each capacity; hit rate vs capacity when
+    several capacities were replayed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    capacities = sorted({r["capacity_blocks"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    sweep = len(capacities) > 1
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(15 if sweep else 10, 4.2))
+    at = [r for r in rows if r["capacity_blocks"] == capacities[len(capacities) // 2]]
+    names = [r["policy"] for r in at]
+    colors = ["tab:red" if n == "affinity" else "tab:blue" for n in names]
+    axes[0].bar(names, [100 * r["token_hit_rate"] for r in at], color=colors)
+    axes[0].set_ylabel("token hit rate (%)")
+    axes[1].bar(names, [r["p99_ttft_ms"] / 1000 for r in at], color=colors)
+    axes[1].set_ylabel("p99 TTFT (s, modelled)")
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=45)
+        ax.set_title(f"{at[0]['num_workers']} workers x {at[0]['capacity_blocks']} blocks")
+    if sweep:
+        for name in policies:
+            pts = sorted((r["capacity_blocks"], r["token_hit_rate"]) for r in rows if r["policy"] == name)
+            axes[2].plot([c for c, _ in pts], [100 * h for _, h in pts], marker="o", label=name)
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_xlabel("capacity per worker (blocks)")
+        axes[2].set_ylabel("token hit rate (%)")
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

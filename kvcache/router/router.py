@@ -1,0 +1,189 @@
+"""The router a server embeds: add workers, route requests, feed worker events back.
+
+    router = Router(policy="affinity", mode="precise", block_size=16)
+    for w in range(4):
+        router.add_worker(w)
+    worker_id = router.route(RouteRequest("req-1", prompt.keys, prompt.num_tokens, "acme"))
+    router.on_events(worker_id, manager.drain_events())   # precise mode learns from events
+    router.on_finished("req-1")                           # releases the worker's load
+
+It keeps two things: an index of which worker holds which block key (``index``) and its own
+load accounting (requests and blocks routed to each worker and not finished, and a modelled
+prefill schedule per worker built from the latency model: each request's estimated prefill
+starts when the previous estimate ends). It never reads a worker's internals. Choosing is the
+policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
+``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
+must have evicted.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from kvcache.errors import ConfigError, RequestError
+from kvcache.events import CacheEvent
+from kvcache.router.index import ApproxIndex, PreciseIndex
+from kvcache.router.latency import LatencyModel
+from kvcache.router.policies import POLICIES, Policy, RoutingInput, WorkerView
+from kvcache.tenancy import Scope
+
+MODES = ("precise", "approx")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What the router needs of a request: its block keys (from ``BlockManager.hash`` or
+    ``hash_block_ids``, same config as the workers), its length and its scope."""
+
+    request_id: Hashable
+    block_keys: Sequence[bytes]
+    num_tokens: int
+    scope: Scope | str | None = None
+
+
+@dataclass(slots=True)
+class _Load:
+    active: dict[Hashable, int] = field(default_factory=dict)  # request -> blocks
+    active_blocks: int = 0
+    prefill_free_ms: float = 0.0  # when the modelled prefill queue empties
+    pending: deque[tuple[float, int]] = field(default_factory=deque)  # (est. prefill end, tokens)
+    pending_tokens: int = 0
+
+
+def _monotonic_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class Router:
+    """Routes requests to workers by a named policy over a prefix index and load."""
+
+    def __init__(
+        self,
+        policy: str | Policy = "affinity",
+        mode: str = "precise",
+        block_size: int = 16,
+        *,
+        latency: LatencyModel | None = None,
+        ttl_ms: float = 120_000.0,
+        capacity_blocks: int | None = None,
+        seed: int = 0,
+        clock: Callable[[], float] = _monotonic_ms,
+    ) -> None:
+        if isinstance(policy, str):
+            if policy not in POLICIES:
+                raise ConfigError(f"policy={policy!r} is unknown; choose one of {sorted(POLICIES)}")
+            self.policy_name, self.policy = policy, POLICIES[policy]
+        else:
+            self.policy_name, self.policy = getattr(policy, "__name__", "custom"), policy
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is unknown; choose 'precise' (events) or 'approx' (TTL)")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"block_size={block_size!r} must be a positive integer")
+        if ttl_ms <= 0:
+            raise ConfigError(f"ttl_ms={ttl_ms} must be > 0")
+        self.mode = mode
+        self.block_size = block_size
+        self.latency = latency or LatencyModel()
+        self.index: PreciseIndex | ApproxIndex = (
+            PreciseIndex() if mode == "precise" else ApproxIndex(ttl_ms, capacity_blocks)
+        )
+        self.clock = clock
+        self.rng = random.Random(seed)
+        self.loads: dict[int, _Load] = {}
+        self.where: dict[Hashable, int] = {}  # active request -> worker
+        self.num_routed = 0
+
+    @property
+    def workers(self) -> list[int]:
+        return list(self.loads)
+
+    def add_worker(self, worker_id: int) -> None:
+        if worker_id in self.loads:
+            raise ConfigError(f"worker {worker_id} is already added")
+        self.loads[worker_id] = _Load()
+
+    def remove_worker(self, worker_id: int) -> list[Hashable]:
+        """Forget a worker (its index entries and load); returns its unfinished request ids."""
+        load = self.loads.pop(worker_id, None)
+        if load is None:
+            raise ConfigError(f"worker {worker_id} is not known to the router")
+        self.index.remove_worker(worker_id)
+        for request_id in load.active:
+            del self.where[request_id]
+        return list(load.active)
+
+    def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
+        overlap = self.index.overlaps(request.block_keys, self.loads, now)
+        views = []
+        for w, load in self.loads.items():
+            pending = load.pending
+            while pending and pending[0][0] <= now:
+                load.pending_tokens -= pending.popleft()[1]
+            views.append(
+                WorkerView(
+                    worker_id=w,
+                    overlap_blocks=overlap[w],
+                    active_requests=len(load.active),
+                    active_blocks=load.active_blocks,
+                    pending_prefill_tokens=load.pending_tokens,
+                    queued_prefill_ms=max(0.0, load.prefill_free_ms - now),
+                )
+            )
+        return views
+
+    def route(self, request: RouteRequest) -> int:
+        """Choose a worker for ``request`` and count it against that worker until ``on_finished``."""
+        if not self.loads:
+            raise ConfigError("the router has no workers; call add_worker(worker_id) first")
+        if request.request_id in self.where:
+            raise RequestError(f"request id {request.request_id!r} is already routed; finish it first")
+        if request.num_tokens < 1 or len(request.block_keys) > -(-request.num_tokens // self.block_size):
+            raise RequestError(
+                f"request {request.request_id!r}: num_tokens={request.num_tokens} with "
+                f"{len(request.block_keys)} block keys of {self.block_size} tokens is inconsistent"
+            )
+        now = self.clock()
+        views = self._views(request, now)
+        inp = RoutingInput(
+            request.num_tokens, self.block_size, views, self.latency, self.num_routed, self.rng
+        )
+        worker_id = self.policy(inp)
+        view = next(v for v in views if v.worker_id == worker_id)
+        self._charge(worker_id, request, inp, view, now)
+        if isinstance(self.index, ApproxIndex):
+            self.index.record(worker_id, request.block_keys, now)
+        self.num_routed += 1
+        return worker_id
+
+    def _charge(
+        self, worker_id: int, request: RouteRequest, inp: RoutingInput, view: WorkerView, now: float
+    ) -> None:
+        load = self.loads[worker_id]
+        new = inp.new_tokens(view)
+        prefill = self.latency.prefill_ms(new, request.num_tokens - new, view.active_requests)
+        load.prefill_free_ms = max(now, load.prefill_free_ms) + prefill
+        load.pending.append((load.prefill_free_ms, new))
+        load.pending_tokens += new
+        blocks = inp.num_blocks
+        load.active[request.request_id] = blocks
+        load.active_blocks += blocks
+        self.where[request.request_id] = worker_id
+
+    def on_events(self, worker_id: int, events: Sequence[CacheEvent]) -> None:
+        """A worker's block stored/removed events (precise mode; ignored in approx mode)."""
+        if worker_id not in self.loads:
+            return  # a removed worker's late events
+        if isinstance(self.index, PreciseIndex):
+            self.index.apply(worker_id, events)
+
+    def on_finished(self, request_id: Hashable) -> None:
+        """The request is done (or abandoned): its worker's load goes down."""
+        worker_id = self.where.pop(request_id, None)
+        if worker_id is None:
+            raise RequestError(f"request id {request_id!r} is not routed (unknown or already finished)")
+        load = self.loads[worker_id]
+        load.active_blocks -= load.active.pop(request_id)

@@ -1,0 +1,261 @@
+"""Load a running server with a trace and report what ``vllm bench serve`` reports, plus cache hits.
+
+A trace is a JSON-lines file, one request per line, in either form:
+
+- token level: ``{"prompt": "text" | [token ids], "output_tokens": 32, "tenant": "acme"}``;
+- Mooncake: ``{"timestamp": ms, "input_length": n, "output_length": m, "hash_ids": [...]}``; each
+  hash id becomes ``block_tokens`` token ids drawn from a generator seeded by it, so equal ids give
+  equal blocks (shared prefixes) and the prompt is cut to ``input_length``;
+
+or ``synthetic[:key=value,...]`` for ``kvcache.workloads.multi_turn_chat`` (keys: tenants,
+sessions, turns, system, user, output, seed, shared).
+
+Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second,
+at most ``max_concurrency`` in flight, until ``duration_s`` has passed; then the loop waits for the
+requests in flight. Each request streams, so TTFT and inter-token latencies are measured at the
+client; ``cached_tokens`` comes from the final usage chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvcache.errors import TraceError
+from kvcache.workloads import multi_turn_chat
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    prompt: str | list[int]
+    output_tokens: int
+    tenant: str | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def _synthetic(spec: str, vocab_size: int) -> list[TraceRequest]:
+    names = {"tenants": "num_tenants", "sessions": "sessions_per_tenant", "turns": "turns",
+             "system": "system_prompt_tokens", "user": "user_tokens", "output": "output_tokens",
+             "seed": "seed", "shared": "shared_system_prompt"}  # fmt: skip
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, spec.partition(":")[2].split(",")):
+        key, _, value = item.partition("=")
+        if key not in names or not value.isdigit():
+            raise TraceError(f"synthetic trace option {item!r}: use key=integer with keys {sorted(names)}")
+        kwargs[names[key]] = bool(int(value)) if key == "shared" else int(value)
+    reqs = multi_turn_chat(vocab_size=vocab_size, **kwargs)
+    return [TraceRequest(r.tokens, r.output_tokens, r.tenant) for r in reqs]
+
+
+def _mooncake(line: dict[str, Any], where: str, block_tokens: int, vocab_size: int) -> TraceRequest:
+    try:
+        n, m, ids = int(line["input_length"]), int(line["output_length"]), line["hash_ids"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TraceError(f"{where}: Mooncake lines need input_length, output_length, hash_ids") from exc
+    tokens: list[int] = []
+    for h in ids:
+        rng = np.random.default_rng(int(h))
+        tokens += rng.integers(1, vocab_size, size=block_tokens).tolist()
+    if n < 1 or len(tokens) < n or m < 1:
+        raise TraceError(f"{where}: input_length={n} needs {n} tokens, hash_ids give {len(tokens)}; "
+                         f"output_length={m} must be >= 1")  # fmt: skip
+    return TraceRequest(tokens[:n], m, line.get("tenant"))
+
+
+def load_trace(spec: str, *, block_tokens: int = 512, vocab_size: int = 256) -> list[TraceRequest]:
+    """Read a trace file or build a synthetic one (see the module docstring)."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return _synthetic(spec, vocab_size)
+    path = Path(spec)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror}") from exc
+    out: list[TraceRequest] = []
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{where}: not JSON ({exc.msg})") from exc
+        if not isinstance(line, dict):
+            raise TraceError(f"{where}: each line must be a JSON object")
+        if "hash_ids" in line:
+            out.append(_mooncake(line, where, block_tokens, vocab_size))
+            continue
+        prompt, output = line.get("prompt"), line.get("output_tokens", line.get("output_length", 16))
+        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
+            raise TraceError(f"{where}: 'prompt' must be a non-empty string or list of token ids")
+        if not isinstance(output, int) or output < 1:
+            raise TraceError(f"{where}: 'output_tokens'={output!r} must be an integer >= 1")
+        out.append(TraceRequest(prompt, output, line.get("tenant")))
+    if not out:
+        raise TraceError(f"trace {path} holds no requests")
+    return out
+
+
+async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str]) -> Result:
+    body = {"prompt": req.prompt, "max_tokens": req.output_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    result = Result(ok=False)
+    last = start
+    try:
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}"
+                return result
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = str(chunk["error"].get("message"))
+                    return result
+                now = time.perf_counter()
+                if chunk.get("choices"):
+                    if result.output_tokens == 0:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    result.output_tokens += 1
+                    last = now
+                usage = chunk.get("usage")
+                if usage:
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                    result.output_tokens = usage["completion_tokens"]
+        result.e2e_s = time.perf_counter() - start
+        result.ok = result.output_tokens > 0
+    except Exception as exc:  # a failed request is reported, never fatal to the run
+        result.error = type(exc).__name__
+    return result
+
+
+async def wait_ready(session: Any, url: str, timeout_s: float = 120.0) -> None:
+    """Wait until the server's ``/health`` answers 200 (it has workers), so timing starts warm."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            async with session.get(f"{url}/health") as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration_s: float,
+                   max_concurrency: int, keys: dict[str, str], seed: int = 0,
+                   progress: Any = None) -> tuple[list[Result], float]:  # fmt: skip
+    """Send the trace; returns the results and the wall time from first send to last answer."""
+    import aiohttp
+
+    rng = np.random.default_rng(seed)
+    limit = asyncio.Semaphore(max_concurrency)
+    tasks: list[asyncio.Task[Result]] = []
+    url = url.rstrip("/")
+
+    async def bounded(req: TraceRequest) -> Result:
+        async with limit:
+            headers = {"Authorization": f"Bearer {keys[req.tenant]}"} if req.tenant in keys else {}
+            result = await _one(session, url, req, headers)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        await wait_ready(session, url)
+        start = time.perf_counter()
+        i = 0
+        while time.perf_counter() - start < duration_s:
+            await limit.acquire()  # bounded loop: never more than max_concurrency queued or running
+            limit.release()
+            tasks.append(asyncio.create_task(bounded(trace[i % len(trace)])))
+            i += 1
+            if rate != float("inf"):
+                await asyncio.sleep(float(rng.exponential(1.0 / rate)))
+            else:
+                await asyncio.sleep(0)
+        results = list(await asyncio.gather(*tasks))
+    return results, time.perf_counter() - start
+
+
+def summarize(
+    results: list[Result], duration_s: float, *, rate: float, max_concurrency: int
+) -> dict[str, Any]:
+    """``vllm bench serve`` keys (ms, tokens/s) plus ``cached_tokens`` and ``cache_hit_rate``."""
+    ok = [r for r in results if r.ok]
+    out: dict[str, Any] = {
+        "duration": duration_s,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "total_input_tokens": sum(r.prompt_tokens for r in ok),
+        "total_output_tokens": sum(r.output_tokens for r in ok),
+        "request_rate": rate if rate != float("inf") else "inf",
+        "max_concurrency": max_concurrency,
+        "request_throughput": len(ok) / duration_s if duration_s else 0.0,
+    }
+    out["output_throughput"] = out["total_output_tokens"] / duration_s if duration_s else 0.0
+    out["total_token_throughput"] = (out["total_input_tokens"] + out["total_output_tokens"]) / duration_s
+    series = {
+        "ttft": [r.ttft_s for r in ok],
+        "tpot": [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1],
+        "itl": [x for r in ok for x in r.itl_s],
+        "e2el": [r.e2e_s for r in ok],
+    }
+    for name, values in series.items():
+        arr = np.asarray(values, dtype=np.float64) * 1000.0 if values else np.zeros(1)
+        out[f"mean_{name}_ms"] = float(arr.mean())
+        out[f"median_{name}_ms"] = float(np.median(arr))
+        out[f"std_{name}_ms"] = float(arr.std())
+        out[f"p99_{name}_ms"] = float(np.percentile(arr, 99))
+    out["cached_tokens"] = sum(r.cached_tokens for r in ok)
+    total_in = out["total_input_tokens"]
+    out["cache_hit_rate"] = out["cached_tokens"] / total_in if total_in else 0.0
+    out["errors"] = sorted({r.error for r in results if not r.ok})
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    rows = [("Successful requests", "completed"), ("Failed requests", "failed"),
+            ("Benchmark duration (s)", "duration"), ("Total input tokens", "total_input_tokens"),
+            ("Total generated tokens", "total_output_tokens"),
+            ("Request throughput (req/s)", "request_throughput"),
+            ("Output token throughput (tok/s)", "output_throughput"),
+            ("Total token throughput (tok/s)", "total_token_throughput"),
+            ("Mean TTFT (ms)", "mean_ttft_ms"), ("Median TTFT (ms)", "median_ttft_ms"),
+            ("P99 TTFT (ms)", "p99_ttft_ms"), ("Mean TPOT (ms)", "mean_tpot_ms"),
+            ("Mean ITL (ms)", "mean_itl_ms"), ("P99 ITL (ms)", "p99_itl_ms"),
+            ("Mean E2EL (ms)", "mean_e2el_ms"), ("Cached prompt tokens", "cached_tokens"),
+            ("Prefix cache hit rate", "cache_hit_rate")]  # fmt: skip
+    lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
+    for label, key in rows:
+        value = summary[key]
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        lines.append(f"{label:<38}{text:>12}")
+    lines.append("=" * 50)
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Who may call the server: tenants, their API keys, share groups, k-anonymity and block quotas.
+
+A config file (TOML or JSON, chosen by extension) lists tenants; each names its API keys, an
+optional share group and optional block floor/cap. ``k_anonymity`` applies to every share group::
+
+    host = "127.0.0.1"          # default; bind elsewhere only behind something that terminates TLS
+    k_anonymity = 2
+
+    [tenants.acme]
+    keys = ["sk-acme-1", "sk-acme-2"]
+    group = "partners"           # blocks shared with every tenant of this group (k-anonymous)
+    cap_blocks = 512             # per worker: the tenant never owns more blocks than this
+
+    [tenants.globex]
+    keys = ["sk-globex"]
+
+Without a file the server binds to loopback and serves one tenant, ``default``, without keys.
+This module only parses and answers "which scope does this key belong to"; it does not serve.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvcache.config import TenantQuota
+from kvcache.errors import AuthError, ConfigError
+from kvcache.tenancy import Scope
+
+DEFAULT_TENANT = "default"
+LOOPBACK = "127.0.0.1"
+
+_TOP_KEYS = {"host", "k_anonymity", "tenants"}
+_TENANT_KEYS = {"keys", "group", "cap_blocks", "floor_blocks"}
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSpec:
+    """One tenant: its scope (name and share group) and its per-worker block quota."""
+
+    name: str
+    group: str | None = None
+    quota: TenantQuota = field(default_factory=TenantQuota)
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.name, group=self.group)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Tenants by API key. ``keys`` empty means no authentication: every caller is ``default``."""
+
+    host: str = LOOPBACK
+    k_anonymity: int = 1
+    tenants: dict[str, TenantSpec] = field(
+        default_factory=lambda: {DEFAULT_TENANT: TenantSpec(DEFAULT_TENANT)}
+    )
+    keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant name
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k_anonymity, int) or self.k_anonymity < 1:
+            raise ConfigError(f"k_anonymity={self.k_anonymity!r} must be an integer >= 1")
+        for key, tenant in self.keys.items():
+            if tenant not in self.tenants:
+                raise ConfigError(f"API key ...{key[-4:]} names tenant {tenant!r}, which is not defined")
+        if not self.keys and DEFAULT_TENANT not in self.tenants:
+            raise ConfigError("a config without API keys must define the tenant 'default'")
+
+    @property
+    def requires_auth(self) -> bool:
+        return bool(self.keys)
+
+    def authenticate(self, authorization: str | None) -> TenantSpec:
+        """The tenant of an ``Authorization: Bearer KEY`` header; raises ``AuthError`` otherwise."""
+        if not self.keys:
+            return self.tenants[DEFAULT_TENANT]
+        if not authorization:
+            raise AuthError("missing API key; send 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthError("malformed Authorization header; send 'Authorization: Bearer <key>'")
+        tenant = self.keys.get(key.strip())
+        if tenant is None:
+            raise AuthError("unknown API key")  # never echo the key back
+        return self.tenants[tenant]
+
+    def quotas(self) -> dict[str, TenantQuota]:
+        """Quotas for ``CacheConfig.quotas``: only tenants that set one."""
+        return {name: t.quota for name, t in self.tenants.items() if t.quota != TenantQuota()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> ServeConfig:
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        host = data.get("host", LOOPBACK)
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{source}: host={host!r} must be a non-empty string")
+        raw_tenants = data.get("tenants", {})
+        if not isinstance(raw_tenants, Mapping) or not raw_tenants:
+            raise ConfigError(f"{source}: 'tenants' must be a non-empty table of tenant name -> settings")
+        tenants: dict[str, TenantSpec] = {}
+        keys: dict[str, str] = {}
+        for name, spec in raw_tenants.items():
+            where = f"{source}: tenants.{name}"
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"{where} must be a table")
+            bad = set(spec) - _TENANT_KEYS
+            if bad:
+                raise ConfigError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(_TENANT_KEYS)}")
+            tenant_keys = spec.get("keys", [])
+            if not isinstance(tenant_keys, list) or not all(isinstance(k, str) and k for k in tenant_keys):
+                raise ConfigError(f"{where}.keys must be a list of non-empty strings")
+            for key in tenant_keys:
+                if key in keys:
+                    raise ConfigError(f"{where}: API key ...{key[-4:]} is also given to {keys[key]!r}")
+                keys[key] = name
+            group = spec.get("group")
+            if group is not None and (not isinstance(group, str) or not group):
+                raise ConfigError(f"{where}.group={group!r} must be a non-empty string")
+            cap, floor = spec.get("cap_blocks"), spec.get("floor_blocks", 0)
+            for label, value in (("cap_blocks", cap), ("floor_blocks", floor)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ConfigError(f"{where}.{label}={value!r} must be an integer")
+            tenants[name] = TenantSpec(name, group, TenantQuota(floor_blocks=floor, cap_blocks=cap))
+        if not keys:
+            raise ConfigError(f"{source}: no tenant has API keys; give each tenant a 'keys' list")
+        return cls(host=host, k_anonymity=data.get("k_anonymity", 1), tenants=tenants, keys=keys)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> ServeConfig:
+        """Read a ``.toml`` or ``.json`` file; ``None`` gives the keyless loopback default."""
+        if path is None:
+            return cls()
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read server config {path}: {exc.strerror}") from exc
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            elif path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                raise ConfigError(f"server config {path} must end in .toml or .json")
+        except (ValueError, json.JSONDecodeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"server config {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"server config {path} must hold a table/object at the top")
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,293 @@
+"""The OpenAI-compatible front: authenticate, validate, tokenize, route, proxy, retry.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` or not),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /debug/workers``.
+
+A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
+block size and chain scope as their block managers), and the router picks the worker. The
+front streams the worker's tokens to the client. If the worker fails before it finished (the
+connection is refused or cut) the worker is removed and the request goes to another one; tokens
+the client already has are skipped by index, so a client sees each token once and exactly one
+answer per request (decoding is greedy and every worker loads the same weights, so the retried
+stream continues the same text). Errors the caller caused (400/401/404/429) are never retried.
+
+Not here: the engine (``worker``), the Redis bookkeeping (``pool``), the wire format (``protocol``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kvcache.errors import AuthError, ProtocolError, RequestError
+from kvcache.hashing import Hasher
+from kvcache.serve import protocol
+from kvcache.serve.config import ServeConfig, TenantSpec
+from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
+from kvcache.serve.pool import WorkerPool
+from kvcache.serve.tokenize import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger("kvcache.front")
+MAX_ATTEMPTS = 4
+WAIT_FOR_WORKER_S = 10.0
+_RETRYABLE = (
+    aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError,
+)  # fmt: skip
+
+
+class HTTPFailure(Exception):
+    """An error to answer with ``status`` and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.type_ = status, message, type_
+
+
+@dataclass(slots=True)
+class Step:
+    token_id: int
+    index: int
+    worker_id: str
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the client is told in ``usage`` and what the metrics record, filled while streaming."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    worker_id: str = ""
+    tier_hits: dict[str, int] | None = None
+    queue_s: float = 0.0
+
+
+class Front:
+    def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
+                 redis_url: str | None, route_request: Any) -> None:  # fmt: skip
+        self.config = config
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.metrics = ServeMetrics()
+        self.pool = WorkerPool(router, self.metrics, redis_url)
+        self.route_request = route_request  # kvcache.router.RouteRequest
+        self._ids = itertools.count()
+        self._hasher: Hasher | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    # ---- dispatch ------------------------------------------------------------------------
+
+    def _keys(self, token_ids: list[int], tenant: TenantSpec) -> list[bytes]:
+        reg = self.pool.first
+        if reg is None:
+            return []
+        if self._hasher is None or (self._hasher.model_id, self._hasher.block_size) != (reg.model_id,
+                                                                                         reg.block_size):
+            self._hasher = Hasher(block_size=reg.block_size, model_id=reg.model_id)
+        return self._hasher.token_keys(token_ids, tenant.scope.chain_scope)
+
+    async def _wait_for_worker(self) -> None:
+        deadline = time.monotonic() + WAIT_FOR_WORKER_S
+        while not self.pool.workers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HTTPFailure(503, "no worker is available; retry later", "service_unavailable")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.pool.changed.wait(), timeout=min(left, 0.25))
+
+    async def generate(self, request_id: str, token_ids: list[int], tenant: TenantSpec, max_tokens: int,
+                       outcome: Outcome) -> AsyncIterator[Step]:  # fmt: skip
+        """Tokens from whichever worker serves the request, each index once, retried on failure."""
+        assert self.session is not None
+        sent = 0
+        body = {"request_id": request_id, "token_ids": token_ids, "tenant": tenant.name,
+                "group": tenant.group, "max_tokens": max_tokens}  # fmt: skip
+        keys = self._keys(token_ids, tenant)
+        for _attempt in range(MAX_ATTEMPTS):
+            await self._wait_for_worker()
+            route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope)
+            worker_id = self.router.route(route)
+            state = self.pool.workers.get(worker_id)
+            if state is None:  # the router and the pool disagree for a moment: take any live worker
+                worker_id, state = next(iter(self.pool.workers.items()))
+            reg = state.reg
+            try:
+                async with self.session.post(f"{reg.url}/generate", json=body) as resp:
+                    if resp.status != 200:
+                        detail = (await resp.json(content_type=None)).get("error", "worker error")
+                        if resp.status >= 500 and resp.status != 503:
+                            raise aiohttp.ClientPayloadError(detail)
+                        raise HTTPFailure(resp.status, detail, "rate_limit_exceeded" if resp.status == 429
+                                          else "invalid_request_error")  # fmt: skip
+                    done = False
+                    async for raw in resp.content:
+                        line = json.loads(raw)
+                        if line.get("done"):
+                            done = True
+                            break
+                        if line["index"] == 0:
+                            outcome.prompt_tokens = line["prompt_tokens"]
+                            outcome.cached_tokens = line["cached_tokens"]
+                            outcome.tier_hits = line["tier_hits"]
+                            outcome.queue_s = line["queue_s"]
+                            outcome.worker_id = worker_id
+                        if line["index"] < sent:
+                            continue  # the client has it from the failed worker
+                        sent += 1
+                        yield Step(line["token_id"], line["index"], worker_id)
+                    if not done:
+                        raise aiohttp.ClientPayloadError("worker stream ended early")
+                    return
+            except _RETRYABLE as exc:
+                log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
+                            type(exc).__name__)  # fmt: skip
+                self.pool.mark_down(worker_id, reg.instance, failed=True)
+                self.metrics.retries.inc()
+            finally:
+                with contextlib.suppress(RequestError):  # already gone if its worker was removed
+                    self.router.on_finished(request_id)
+        raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers", "service_unavailable")
+
+    # ---- HTTP ----------------------------------------------------------------------------
+
+    def _error(self, status: int, message: str, type_: str) -> web.Response:
+        self.metrics.requests.labels(str(status)).inc()
+        return web.json_response(protocol.error_body(message, status=status, type_=type_), status=status)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        received = time.monotonic()
+        try:
+            tenant = self.config.authenticate(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return self._error(401, str(exc), "authentication_error")
+        try:
+            try:
+                raw = await request.json()
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+            req = protocol.parse_chat(raw) if chat else protocol.parse_completion(raw)
+            if req.messages is not None:
+                token_ids = self.tokenizer.encode_chat(req.messages)
+            elif req.text is not None:
+                token_ids = self.tokenizer.encode(req.text)
+            else:
+                assert req.token_ids is not None
+                token_ids = req.token_ids
+            reg = self.pool.first
+            if reg is not None and max(token_ids) >= reg.vocab_size:
+                raise ProtocolError(f"token id {max(token_ids)} is not below the model's vocab_size "
+                                    f"{reg.vocab_size}")  # fmt: skip
+        except ProtocolError as exc:
+            return self._error(400, str(exc), "invalid_request_error")
+        if req.model is not None and req.model != self.model_name:
+            return self._error(404, f"model {req.model!r} is not served here; use {self.model_name!r}",
+                               "model_not_found")  # fmt: skip
+        prefix = "chatcmpl" if chat else "cmpl"
+        request_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        outcome = Outcome()
+        decoder = IncrementalDecoder(self.tokenizer)
+        steps = self.generate(request_id, token_ids, tenant, req.max_tokens, outcome)
+        response: web.StreamResponse | None = None
+        num_out = 0
+        try:
+            async for step in steps:
+                if num_out == 0:
+                    self.metrics.ttft.labels(step.worker_id).observe(time.monotonic() - received)
+                    if req.stream:
+                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})  # fmt: skip
+                        await response.prepare(request)
+                num_out += 1
+                delta = decoder.push(step.token_id)
+                if response is not None:
+                    chunk = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
+                                           text=delta, first=num_out == 1)  # fmt: skip
+                    await response.write(protocol.sse(chunk))
+        except HTTPFailure as exc:
+            if response is None:
+                return self._error(exc.status, exc.message, exc.type_)
+            await response.write(protocol.sse(protocol.error_body(exc.message, status=exc.status,
+                                                                  type_=exc.type_)))  # fmt: skip
+            await response.write_eof()
+            return response
+        tail = decoder.flush()
+        usage = protocol.usage(outcome.prompt_tokens, num_out, outcome.cached_tokens)
+        self._record(tenant, outcome, received)
+        if response is None:
+            body = protocol.response(req, request_id=request_id, model=self.model_name, created=created,
+                                     text=decoder.text, finish_reason="length", usage_=usage)  # fmt: skip
+            return web.json_response(body)
+        final = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
+                               text=tail, finish_reason="length",
+                               usage_=usage)  # fmt: skip
+        if not req.include_usage:
+            final.pop("usage")
+        await response.write(protocol.sse(final))
+        await response.write(protocol.sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+    def _record(self, tenant: TenantSpec, outcome: Outcome, received: float) -> None:
+        m = self.metrics
+        m.requests.labels("200").inc()
+        m.e2e.labels(outcome.worker_id).observe(time.monotonic() - received)
+        m.queue.labels(outcome.worker_id).observe(outcome.queue_s)
+        m.record_cache(outcome.worker_id, tenant.name, outcome.prompt_tokens,
+                       outcome.tier_hits or {"device": outcome.cached_tokens})  # fmt: skip
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvcache"}]})  # fmt: skip
+
+    async def health(self, request: web.Request) -> web.Response:
+        status = 200 if self.pool.workers else 503
+        body = {"workers": len(self.pool.workers), "redis": self.pool.redis_up}
+        return web.json_response(body, status=status)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def debug_workers(self, request: web.Request) -> web.Response:
+        return web.json_response({wid: {"url": s.reg.url, "pid": s.reg.pid, "instance": s.reg.instance,
+                                        "indexed_blocks": len(s.indexed_blocks)}
+                                  for wid, s in self.pool.workers.items()})  # fmt: skip
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 2**20)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/debug/workers", self.debug_workers)
+        app.cleanup_ctx.append(self._background)
+        return app
+
+    async def _background(self, app: web.Application) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=60.0)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        task = asyncio.create_task(self.pool.run())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await self.session.close()

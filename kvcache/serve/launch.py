@@ -1,0 +1,83 @@
+"""Start a whole deployment on one machine: Redis (unless given), N worker processes, the front.
+
+``kvcache serve`` is this module behind argparse. Workers are separate processes running
+``kvcache worker --connect REDIS_URL``, exactly what an operator starts on another machine; the
+front finds them through Redis like any remote worker. On SIGINT/SIGTERM the front stops, then
+the workers, then the Redis it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from kvcache.serve.config import ServeConfig
+from kvcache.serve.front import Front
+from kvcache.serve.tokenize import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerArgs:
+    """What every worker of a deployment is started with (``kvcache worker`` flags)."""
+
+    model: str = "tiny"
+    num_blocks: int = 1024
+    block_size: int = 16
+    threads: int = 1
+    config_path: str | None = None
+    pod_tier: bool = True
+
+    def argv(self, redis_url: str, worker_id: str) -> list[str]:
+        argv = [sys.executable, "-m", "kvcache.cli", "worker", "--connect", redis_url,
+                "--worker-id", worker_id, "--model", self.model, "--num-blocks", str(self.num_blocks),
+                "--block-size", str(self.block_size), "--threads", str(self.threads)]  # fmt: skip
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        if not self.pod_tier:
+            argv += ["--no-pod-tier"]
+        return argv
+
+
+def spawn_workers(args: WorkerArgs, redis_url: str, num_workers: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen(args.argv(redis_url, f"w{i}")) for i in range(num_workers)]
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def run_front(front: Front, host: str, port: int) -> None:
+    """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM."""
+    runner = web.AppRunner(front.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    print(f"kvcache serving {front.model_name} on http://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
+               mode: str, block_size: int) -> Front:  # fmt: skip
+    from kvcache.router import Router, RouteRequest
+
+    router: Any = Router(policy=policy, mode=mode, block_size=block_size)
+    return Front(config=config, router=router, tokenizer=tokenizer, model_name=model, redis_url=redis_url,
+                 route_request=RouteRequest)  # fmt: skip

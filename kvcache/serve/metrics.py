@@ -1,0 +1,63 @@
+"""Prometheus metrics of the server, named like vLLM's where vLLM has one.
+
+- ``kvcache:prefix_cache_queries`` / ``kvcache:prefix_cache_hits`` (counters, tokens) by ``tier``,
+  ``worker`` and ``tenant``: a tier is queried for the prompt tokens the tiers above it missed,
+  and hits the tokens it supplies (``device`` first, then lower tiers), so per-tier hit rates
+  read as in vLLM and the sum of hits over tiers is the request's ``cached_tokens``;
+- ``kvcache:time_to_first_token_seconds``, ``kvcache:request_queue_time_seconds``,
+  ``kvcache:e2e_request_latency_seconds`` (histograms, by worker);
+- ``kvcache:requests`` (counter by status code), ``kvcache:request_retries`` (re-sent to another
+  worker after one failed), ``kvcache:workers`` (gauge), ``kvcache:router_indexed_blocks``
+  (gauge by worker: blocks the router believes a worker caches, from its events).
+
+Every metric lives in the ``ServeMetrics`` object's own registry, never in the process-global one.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0)  # fmt: skip
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        labels = ["tier", "worker", "tenant"]
+        self.queries = Counter("kvcache:prefix_cache_queries", "Prompt tokens looked up in a cache tier",
+                               labels, registry=r)  # fmt: skip
+        self.hits = Counter("kvcache:prefix_cache_hits", "Prompt tokens served from a cache tier",
+                            labels, registry=r)  # fmt: skip
+        self.ttft = Histogram("kvcache:time_to_first_token_seconds", "Time to first token at the front",
+                              ["worker"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.queue = Histogram("kvcache:request_queue_time_seconds", "Time waiting for a worker's engine",
+                               ["worker"], buckets=QUEUE_BUCKETS, registry=r)  # fmt: skip
+        self.e2e = Histogram("kvcache:e2e_request_latency_seconds", "Request latency at the front",
+                             ["worker"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.requests = Counter("kvcache:requests", "Requests answered, by HTTP status", ["status"],
+                                registry=r)  # fmt: skip
+        self.retries = Counter("kvcache:request_retries", "Requests re-sent after a worker failed",
+                               registry=r)  # fmt: skip
+        self.workers = Gauge("kvcache:workers", "Workers the router routes to", registry=r)
+        self.indexed = Gauge("kvcache:router_indexed_blocks", "Blocks the router believes a worker caches",
+                             ["worker"], registry=r)  # fmt: skip
+
+    def record_cache(self, worker: str, tenant: str, prompt_tokens: int, tier_hits: dict[str, int]) -> None:
+        """Count one request's lookups: ``tier_hits`` in lookup order, device first."""
+        remaining = prompt_tokens
+        for tier, hit_tokens in tier_hits.items():
+            assert 0 <= hit_tokens <= remaining, (tier, hit_tokens, remaining)
+            self.queries.labels(tier, worker, tenant).inc(remaining)
+            self.hits.labels(tier, worker, tenant).inc(hit_tokens)
+            remaining -= hit_tokens
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0.0 when absent): for tests and the benchmark report."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

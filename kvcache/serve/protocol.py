@@ -1,0 +1,198 @@
+"""The OpenAI wire format: validate request bodies, build responses, stream chunks and errors.
+
+``parse_completion`` / ``parse_chat`` turn a decoded JSON body into a ``GenerateRequest`` or
+raise ``ProtocolError`` naming the field; nothing reaches a worker unvalidated. The builders
+produce ``/v1/completions`` and ``/v1/chat/completions`` bodies (and their ``chunk`` forms for
+server-sent events) with ``usage.prompt_tokens_details.cached_tokens``.
+
+Decoding is greedy: ``temperature``/``top_p``/``seed`` are accepted and ignored, ``n`` must be 1.
+Not here: tokenizing (``tokenize``), authentication (``config``), HTTP (``front``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kvcache.errors import ProtocolError
+
+MAX_TOKENS_DEFAULT = 16
+MAX_TOKENS_LIMIT = 4096
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+_IGNORED = {"temperature", "top_p", "seed", "user", "presence_penalty", "frequency_penalty", "stop"}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A validated request: exactly one of ``text``, ``token_ids`` or ``messages`` is set."""
+
+    chat: bool
+    model: str | None
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    text: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[tuple[str, str]] | None = None
+
+
+def _require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"'{name}'={value!r} must be an integer in {lo}..{hi}")
+    return value
+
+
+def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, Any]:
+    unknown = set(body) - allowed - _IGNORED
+    if unknown:
+        raise ProtocolError(f"unsupported fields {sorted(unknown)}; remove them")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError(f"'model'={model!r} must be a string")
+    n = body.get("n", 1)
+    if n != 1:
+        raise ProtocolError(f"'n'={n!r}: only n=1 is supported")
+    for name in ("logprobs", "echo"):
+        if body.get(name) not in (None, False):
+            raise ProtocolError(f"'{name}' is not supported; leave it unset")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ProtocolError(f"'stream'={stream!r} must be true or false")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+            raise ProtocolError("'stream_options' must be an object like {\"include_usage\": true}")
+        include_usage = options.get("include_usage", False) is True
+    limit_name = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        limit_name = "max_completion_tokens"
+    max_tokens = _int_field(body, limit_name, MAX_TOKENS_DEFAULT, 1, MAX_TOKENS_LIMIT)
+    return {"chat": chat, "model": model, "max_tokens": max_tokens, "stream": stream,
+            "include_usage": include_usage}  # fmt: skip
+
+
+def parse_completion(body: Any) -> GenerateRequest:
+    """``/v1/completions``: ``prompt`` is a string, a list of token ids, or a one-element list of either."""
+    body = _require_object(body)
+    common = _common(body, {"model", "prompt", "max_tokens", "stream", "stream_options", "n",
+                            "logprobs", "echo"}, chat=False)  # fmt: skip
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ProtocolError("'prompt' is empty; send at least one character")
+        return GenerateRequest(text=prompt, **common)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
+            return GenerateRequest(token_ids=list(prompt), **common)
+        if all(isinstance(t, (str, list)) for t in prompt):
+            raise ProtocolError(f"'prompt' holds {len(prompt)} prompts; send one prompt per request")
+    raise ProtocolError("'prompt' must be a non-empty string or a non-empty list of token ids in 0..2**32-1")
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+            if not isinstance(text, str):
+                raise ProtocolError(f"{where}.content[{i}] must be {{\"type\": \"text\", \"text\": \"...\"}}")
+            parts.append(text)
+        return "".join(parts)
+    raise ProtocolError(f"{where}.content must be a string or a list of text parts")
+
+
+def parse_chat(body: Any) -> GenerateRequest:
+    """``/v1/chat/completions``: ``messages`` is a non-empty list of ``{role, content}`` objects."""
+    body = _require_object(body)
+    common = _common(body, {"model", "messages", "max_tokens", "max_completion_tokens", "stream",
+                            "stream_options", "n", "logprobs"}, chat=True)  # fmt: skip
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    parsed: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ProtocolError(f"{where} must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ProtocolError(f"{where}.role={role!r} must be one of {list(CHAT_ROLES)}")
+        parsed.append((role, _content_text(message.get("content"), where)))
+    return GenerateRequest(messages=parsed, **common)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def response(
+    req: GenerateRequest, *, request_id: str, model: str, created: int, text: str, finish_reason: str,
+    usage_: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The non-streamed body."""
+    if req.chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": finish_reason}  # fmt: skip
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        obj = "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice],
+            "usage": usage_}  # fmt: skip
+
+
+def chunk(
+    req: GenerateRequest, *, request_id: str, model: str, created: int, text: str | None,
+    finish_reason: str | None = None, usage_: dict[str, Any] | None = None, first: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One streamed chunk; ``text=None`` gives the usage-only final chunk (empty ``choices``)."""
+    choices: list[dict[str, Any]] = []
+    if text is not None:
+        if req.chat:
+            delta: dict[str, Any] = {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+        else:
+            choices = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    out: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk" if req.chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>\\n\\n`` (or a literal such as ``[DONE]``)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def error_body(message: str, *, status: int, type_: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}

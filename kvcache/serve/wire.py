@@ -1,0 +1,94 @@
+"""Canonical bytes for cache events, and the Redis names workers and the front agree on.
+
+A batch of ``BlockStored``/``BlockRemoved`` events (``kvcache.events``, the records the simulator
+uses) encodes as::
+
+    b"KVEV" version:u8 count:u32  then per event:
+      0x01 key[16] parent_key[16] block_id:u32 scope_len:u16 scope(utf-8)     BlockStored
+      0x02 key[16]                block_id:u32 scope_len:u16 scope(utf-8)     BlockRemoved
+
+little-endian throughout. Decoding checks every length and tag and raises ``ProtocolError``
+naming the offset, so a corrupt or hostile stream entry can never be mistaken for events.
+No pickle: the format is the same for every language and version of Python.
+
+Redis layout (one deployment per Redis database):
+- ``kvcache:workers`` hash: worker id -> JSON registration (url, instance, pid, model, ...);
+- ``kvcache:alive:<worker id>``: set with a TTL by the worker's heartbeat;
+- ``kvcache:events`` stream: entries ``{worker, instance, events}``, ``events`` encoded as above.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kvcache.errors import ProtocolError
+from kvcache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.hashing import KEY_BYTES
+
+MAGIC = b"KVEV"
+VERSION = 1
+WORKERS_KEY = "kvcache:workers"
+EVENTS_STREAM = "kvcache:events"
+EVENTS_MAXLEN = 200_000  # the stream is trimmed (approximately) past this many entries
+HEARTBEAT_S = 1.0
+ALIVE_TTL_S = 4
+
+
+def alive_key(worker_id: str) -> str:
+    return f"kvcache:alive:{worker_id}"
+
+
+_STORED, _REMOVED = 1, 2
+_HEAD = struct.Struct("<4sBI")
+_TAIL = struct.Struct("<IH")
+
+
+def encode_events(events: list[CacheEvent]) -> bytes:
+    out = [_HEAD.pack(MAGIC, VERSION, len(events))]
+    for event in events:
+        scope = event.scope.encode("utf-8")
+        if isinstance(event, BlockStored):
+            tail = _TAIL.pack(event.block_id, len(scope))
+            out.append(bytes([_STORED]) + event.key + event.parent_key + tail)
+        else:
+            out.append(bytes([_REMOVED]) + event.key + _TAIL.pack(event.block_id, len(scope)))
+        assert len(event.key) == KEY_BYTES
+        out.append(scope)
+    return b"".join(out)
+
+
+def decode_events(data: bytes) -> list[CacheEvent]:
+    if len(data) < _HEAD.size:
+        raise ProtocolError(f"event batch is {len(data)} bytes, shorter than its {_HEAD.size}-byte header")
+    magic, version, count = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"event batch starts {magic!r} v{version}; expected {MAGIC!r} v{VERSION}")
+    events: list[CacheEvent] = []
+    pos = _HEAD.size
+    for _ in range(count):
+        if pos >= len(data):
+            raise ProtocolError(f"event batch ends at byte {pos} after {len(events)} of {count} events")
+        tag = data[pos]
+        if tag not in (_STORED, _REMOVED):
+            raise ProtocolError(f"unknown event tag {tag} at byte {pos}")
+        fixed = 1 + KEY_BYTES * (2 if tag == _STORED else 1) + _TAIL.size
+        if pos + fixed > len(data):
+            raise ProtocolError(f"event at byte {pos} is truncated")
+        key = data[pos + 1 : pos + 1 + KEY_BYTES]
+        parent = data[pos + 1 + KEY_BYTES : pos + 1 + 2 * KEY_BYTES] if tag == _STORED else b""
+        block_id, scope_len = _TAIL.unpack_from(data, pos + fixed - _TAIL.size)
+        pos += fixed
+        if pos + scope_len > len(data):
+            raise ProtocolError(f"event scope at byte {pos} runs past the end of the batch")
+        try:
+            scope = data[pos : pos + scope_len].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"event scope at byte {pos} is not UTF-8") from exc
+        pos += scope_len
+        if tag == _STORED:
+            events.append(BlockStored(key, parent, block_id, scope))
+        else:
+            events.append(BlockRemoved(key, block_id, scope))
+    if pos != len(data):
+        raise ProtocolError(f"event batch has {len(data) - pos} trailing bytes after {count} events")
+    return events

@@ -1,0 +1,268 @@
+"""A worker: one engine behind an internal HTTP endpoint, registered and publishing events in Redis.
+
+``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}`` and answers with
+newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the first also
+carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits`` and ``queue_s``), then ``{"done": true}``.
+Errors the caller caused come back before the first line as a JSON error with its HTTP status
+(400 bad tokens, 429 over quota, 503 pool full), and never stop the worker.
+
+The engine is single-threaded: every request runs on one engine thread, one at a time, in
+arrival order; ``queue_s`` is how long a request waited for it. After each prefill and each
+request the worker drains the engine's cache events and appends them to the Redis stream, so the
+front's router learns what this worker caches. A heartbeat keeps the registration alive; when
+Redis is unreachable the worker keeps serving and drops events (counted), and re-registers once
+Redis answers again.
+
+Not here: routing and the OpenAI protocol (``front``), tokenizing (the front sends token ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from kvcache.errors import CapacityError, InvalidTokensError, KVCacheError, QuotaError
+from kvcache.events import CacheEvent
+from kvcache.serve import wire
+from kvcache.tenancy import Scope
+
+log = logging.getLogger("kvcache.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a worker tells the front about itself (stored as JSON in ``kvcache:workers``)."""
+
+    worker_id: str
+    url: str
+    instance: str  # new on every start: the front purges what it knew of an earlier instance
+    pid: int
+    model_id: str
+    block_size: int
+    vocab_size: int
+
+    def to_json(self) -> str:
+        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Registration:
+        data = json.loads(text)
+        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
+
+
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, QuotaError):
+        return 429
+    if isinstance(exc, CapacityError):
+        return 503
+    if isinstance(exc, KVCacheError):
+        return 400
+    return 500
+
+
+class Worker:
+    """Serves one engine (``kvcache.engine.Engine``) over HTTP; see the module docstring."""
+
+    def __init__(self, engine: Any, worker_id: str, redis_url: str | None, tier_names: tuple[str, ...] = ()):
+        self.engine = engine
+        self.worker_id = worker_id
+        self.redis_url = redis_url
+        self.tier_names = tier_names
+        self.instance = uuid.uuid4().hex[:12]
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.events: asyncio.Queue[list[CacheEvent]] = asyncio.Queue()
+        self.num_dropped_event_batches = 0
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._redis_task: asyncio.Task[None] | None = None
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _steps(self, body: dict[str, Any], cancel: threading.Event) -> Iterator[dict[str, Any]]:
+        """Runs on the engine thread: the request's lines, errors as one ``{"error"}`` line."""
+        scope = Scope(body["tenant"], group=body.get("group"))
+        stream = self.engine.stream(
+            body["token_ids"], scope=scope, max_new_tokens=body["max_tokens"], request_id=body["request_id"]
+        )
+        try:
+            for step in stream:
+                line: dict[str, Any] = {"token_id": int(step.token_id), "index": step.index}
+                if step.index == 0:
+                    line.update(prompt_tokens=step.prompt_tokens, cached_tokens=step.cached_tokens,
+                                tier_hits=self._tier_hits(step), prefill_s=step.elapsed_s)  # fmt: skip
+                    self._publish(self.engine.drain_events())  # the router learns the prefix early
+                yield line
+                if cancel.is_set():
+                    break
+        finally:
+            stream.close()  # frees the request's blocks even when the caller went away
+            self._publish(self.engine.drain_events())
+
+    def _tier_hits(self, step: Any) -> dict[str, int]:
+        hits = dict(getattr(step, "tier_hits", None) or {})
+        if not hits:
+            hits = {"device": step.cached_tokens, **{name: 0 for name in self.tier_names}}
+        return {str(k): int(v) for k, v in hits.items()}
+
+    def _publish(self, events: list[CacheEvent]) -> None:
+        if events:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.events.put_nowait, events)
+
+    # ---- HTTP ----------------------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise InvalidTokensError("body must be a JSON object")
+            fields = (("request_id", str), ("token_ids", list), ("tenant", str), ("max_tokens", int))
+            for name, kind in fields:
+                if not isinstance(body.get(name), kind):
+                    raise InvalidTokensError(f"'{name}' must be a {kind.__name__}")
+        except (ValueError, KVCacheError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        received = time.monotonic()
+        lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            queue_s = time.monotonic() - received
+            try:
+                for line in self._steps(body, cancel):
+                    if line["index"] == 0:
+                        line["queue_s"] = queue_s
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+                    if cancel.is_set():
+                        break
+            except Exception as exc:  # a request must never take the worker down
+                if not isinstance(exc, KVCacheError):
+                    log.exception("request %s failed", body.get("request_id"))
+                loop.call_soon_threadsafe(lines.put_nowait, {"error": str(exc), "status": _status_of(exc)})
+            loop.call_soon_threadsafe(lines.put_nowait, None)
+
+        future = loop.run_in_executor(self.executor, run)
+        response: web.StreamResponse | None = None
+        try:
+            while (line := await lines.get()) is not None:
+                if "error" in line:
+                    if response is None:
+                        return web.json_response({"error": line["error"]}, status=line["status"])
+                    break  # after the first token the front sees a truncated stream
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                    await response.prepare(request)
+                await response.write(json.dumps(line).encode() + b"\n")
+            if response is None:
+                return web.json_response({"error": "no output"}, status=500)
+            await response.write(b'{"done": true}\n')
+            await response.write_eof()
+            return response
+        finally:
+            cancel.set()
+            await asyncio.shield(future)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"worker_id": self.worker_id, "instance": self.instance,
+                                  "dropped_event_batches": self.num_dropped_event_batches})  # fmt: skip
+
+    # ---- Redis ---------------------------------------------------------------------------
+
+    def registration(self) -> Registration:
+        manager = self.engine.manager
+        return Registration(self.worker_id, self.url, self.instance, os.getpid(), manager.config.model_id,
+                            manager.block_size, int(self.engine.vocab_size))  # fmt: skip
+
+    async def _redis_loop(self) -> None:
+        """Heartbeat and event publishing; survives Redis going away and coming back."""
+        import redis.asyncio as aioredis
+
+        assert self.redis_url is not None
+        client: Any = aioredis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        reg = self.registration().to_json()
+        next_beat = 0.0
+        while True:
+            try:
+                if time.monotonic() >= next_beat:
+                    await client.hset(wire.WORKERS_KEY, self.worker_id, reg)
+                    await client.set(wire.alive_key(self.worker_id), self.instance, ex=wire.ALIVE_TTL_S)
+                    next_beat = time.monotonic() + wire.HEARTBEAT_S
+                try:
+                    batch = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
+                except asyncio.TimeoutError:
+                    continue
+                fields = {"worker": self.worker_id, "instance": self.instance,
+                          "events": wire.encode_events(batch)}  # fmt: skip
+                try:
+                    await client.xadd(wire.EVENTS_STREAM, fields, maxlen=wire.EVENTS_MAXLEN, approximate=True)
+                except Exception:
+                    self.num_dropped_event_batches += 1
+                    raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: keep serving, drop events, retry the heartbeat
+                log.warning("redis unavailable (%s); serving on without events", type(exc).__name__)
+                while not self.events.empty():
+                    self.events.get_nowait()
+                    self.num_dropped_event_batches += 1
+                await asyncio.sleep(0.5)
+                next_beat = 0.0
+
+    async def deregister(self) -> None:
+        import redis.asyncio as aioredis
+
+        assert self.redis_url is not None
+        client: Any = aioredis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            await client.hdel(wire.WORKERS_KEY, self.worker_id)
+            await client.delete(wire.alive_key(self.worker_id))
+        except Exception:
+            pass  # Redis is gone: the heartbeat expires on its own
+        finally:
+            await client.aclose()
+
+    async def start(self, host: str, port: int, advertise: str | None = None) -> web.AppRunner:
+        self._loop = asyncio.get_running_loop()
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/generate", self.generate)
+        app.router.add_get("/health", self.health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        self.url = f"http://{advertise or host}:{bound}"
+        if self.redis_url:
+            self._redis_task = asyncio.create_task(self._redis_loop())
+        return runner
+
+
+async def serve_forever(worker: Worker, host: str, port: int, advertise: str | None = None) -> None:
+    """Run ``worker`` until SIGINT/SIGTERM; then deregister (best effort) and stop."""
+    import signal
+
+    runner = await worker.start(host, port, advertise)
+    print(f"worker {worker.worker_id} serving at {worker.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if worker._redis_task is not None:
+        worker._redis_task.cancel()
+        await asyncio.gather(worker._redis_task, return_exceptions=True)
+        await worker.deregister()
+    await runner.cleanup()
+    worker.executor.shutdown(wait=False, cancel_futures=True)

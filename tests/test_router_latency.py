@@ -1,0 +1,46 @@
+"""The latency model: exact formula values, limits, and its JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvcache import ConfigError
+from kvcache.router.latency import LatencyModel
+
+
+def test_prefill_and_decode_formula() -> None:
+    m = LatencyModel(
+        prefill_base_ms=2.0,
+        prefill_ms_per_token=0.5,
+        prefill_ms_per_token_per_ctx_token=0.01,
+        decode_base_ms=4.0,
+        decode_ms_per_token_per_seq=1.0,
+        max_num_seqs=8,
+        max_batched_tokens=10,
+    )
+    # 2 steps x (2 + 1 x 3 running) + 20 x 0.5 + 20 x (30 + 10) x 0.01
+    assert m.prefill_ms(20, 30, 3) == pytest.approx(10 + 10 + 8)
+    assert m.prefill_ms(0, 100) == 0.0
+    assert m.decode_step_ms(5) == 9.0
+    assert m.decode_step_ms(0) == 5.0
+
+
+def test_json_round_trip_and_errors(tmp_path: Path) -> None:
+    m = LatencyModel(prefill_ms_per_token=0.1, max_num_seqs=32)
+    m.to_json(tmp_path / "lat.json")
+    assert LatencyModel.from_json(tmp_path / "lat.json") == m
+    data = json.loads((tmp_path / "lat.json").read_text())
+    del data["decode_base_ms"]
+    data["gpu"] = "h100"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"unknown keys \['gpu'\], missing keys \['decode_base_ms'\]"):
+        LatencyModel.from_json(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="cannot read a latency model"):
+        LatencyModel.from_json(tmp_path / "none.json")
+    with pytest.raises(ConfigError, match=r"max_num_seqs=0 must be an integer >= 1"):
+        LatencyModel(max_num_seqs=0)
+    with pytest.raises(ConfigError, match=r"prefill_ms_per_token=-1 must be >= 0"):
+        LatencyModel(prefill_ms_per_token=-1)
