@@ -118,9 +118,9 @@ def paged_decode_attention(
     counts its cached tokens (the new token's own K/V included once written). ``scale`` defaults to
     ``1 / sqrt(head_dim)``. Returns ``[num_seqs, num_heads, head_dim]`` in ``q``'s dtype.
     """
-    head_dim = pool.shape[-1] if isinstance(pool, torch.Tensor) else 0
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if select_backend(checks.check_pool(pool).device, backend) == "triton":
+    pool = checks.check_pool(pool)
+    scale = 1.0 / math.sqrt(pool.shape[-1]) if scale is None else float(scale)
+    if select_backend(pool.device, backend) == "triton":
         from kvcache.kernels import triton_attention
 
         out: torch.Tensor = triton_attention.paged_decode_attention(

@@ -103,6 +103,7 @@ def test_triton_through_dispatch_and_custom_scale(ta: ModuleType) -> None:
 
 
 BAD = {
+    "pool not a tensor": (lambda q, p, t, n: (q, "pool", 0, t, n), "pool must be a torch.Tensor, got str"),
     "q of another head_dim": (lambda q, p, t, n: (q[..., :4], p, 0, t, n), "head_dim 8"),
     "heads not a multiple": (
         lambda q, p, t, n: (q[:, :1].expand(3, 3, 8), p, 0, t, n),
