@@ -19,5 +19,5 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_runs_by_default(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", "--tenants", "2", "--sessions", "2", "--turns", "2"]) == 0
+    assert cli.main(["demo", "--tenants", "2", "--sessions", "2", "--turns", "2", "--parts", "manager"]) == 0
     assert "hit" in capsys.readouterr().out.lower()

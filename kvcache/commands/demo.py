@@ -1,13 +1,22 @@
-"""``kvcache demo``: multi-tenant chat sessions through one block manager, hit rates per tenant.
+"""``kvcache demo``: the main job on embedded defaults, a tour of the engine in three parts.
 
-Tenants share a published system prompt; two of them also form a share group. Requests run
-``--in-flight`` at a time (allocate, decode ``output_tokens`` with ``append``, free).
+1. manager: multi-tenant chat sessions through one block manager, hit rates per tenant. Tenants
+   share a published system prompt; two of them also form a share group. Requests run
+   ``--in-flight`` at a time (allocate, decode ``output_tokens`` with ``append``, free).
+2. router: a seeded synthetic trace (chat, agent loops, Zipf documents) replayed over simulated
+   workers under every routing policy (``kvcache trace`` + ``kvcache replay --policy all``).
+3. model: chat sessions on a tiny random-weight model, TTFT with and without KV reuse
+   (``kvcache generate``).
+
+``--parts`` picks a subset; the whole tour takes about a minute on two CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections import deque
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -16,7 +25,8 @@ from kvcache.manager import BlockManager
 from kvcache.tenancy import Scope
 from kvcache.workloads import multi_turn_chat, system_prompt
 
-HELP = "replay multi-tenant chat sessions through a block manager and print hit rates"
+HELP = "a tour on embedded defaults: block manager hit rates, routing policies, a tiny model's TTFT"
+PARTS = ("manager", "router", "model")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +38,48 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvcache.errors import ConfigError
+
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ConfigError(f"--parts {args.parts!r}: choose a comma-separated subset of {','.join(PARTS)}")
+    if "manager" in parts:
+        _banner("1. block manager: tenants sharing a system prompt, isolated otherwise")
+        _manager(args)
+    if "router" in parts:
+        _banner("2. router: a synthetic trace over 8 simulated workers, every policy")
+        _router(args.seed)
+    if "model" in parts:
+        _banner("3. model: chat sessions on a tiny random-weight Llama, with and without KV reuse")
+        from kvcache import cli
+
+        cli.main(["generate", "--sessions", "8", "--turns", "2", "--seed", str(args.seed)])
+    return 0
+
+
+def _banner(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def _router(seed: int) -> None:
+    from kvcache import cli
+
+    with tempfile.TemporaryDirectory(prefix="kvcache-demo-") as tmp:
+        trace = str(Path(tmp, "mix.jsonl"))
+        cli.main(["trace", trace, "--workload", "mix", "--requests", "1500", "--seed", str(seed)])
+        cli.main(
+            ["replay", trace, "--workers", "8", "--capacity-fraction", "0.1", "--policy", "all", "--quiet"]
+        )
+
+
+def _manager(args: argparse.Namespace) -> None:
     vocab = 32_000
     config = CacheConfig(num_blocks=args.num_blocks, block_size=args.block_size, vocab_size=vocab)
     manager = BlockManager(config)
@@ -73,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     probe = requests[-1]
     outsiders = [t for t in scopes if scopes[t].chain_scope != scopes[probe.tenant].chain_scope]
     if not outsiders:
-        return 0  # every tenant shares one scope: there is no isolation to show
+        return  # every tenant shares one scope: there is no isolation to show
     other = outsiders[-1]
     own = manager.lookup(probe.tokens, scopes[probe.tenant])
     probed = manager.lookup(probe.tokens, scopes[other])
@@ -81,4 +130,3 @@ def run(args: argparse.Namespace) -> int:
         f"isolation: {probe.tenant} sees {own} cached tokens of its last prompt; {other} probing the "
         f"same tokens sees {probed} (the public system prompt, {published * args.block_size} tokens)"
     )
-    return 0

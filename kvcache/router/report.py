@@ -125,7 +125,7 @@ def upper_bounds(
 
 
 COLUMNS = (  # title, metric key, width, format spec
-    ("policy", "policy", 13, "s"),
+    ("policy", "policy", 16, "s"),
     ("tok hit", "token_hit_rate", 8, ".1%"),
     ("blk hit", "block_hit_rate", 8, ".1%"),
     ("prefill Mtok", "prefill_tokens_computed", 13, ".2f"),
