@@ -77,9 +77,17 @@ def test_a_restarted_worker_rejoins_and_its_events_rebuild_the_view(server: Depl
 
 
 def test_serving_continues_when_redis_stops(server: Deployment) -> None:
+    pod = {"tier": "pod", "tenant": "acme"}
+    queries = server.metric("kvcache:prefix_cache_queries_total", **pod)
+    hits = server.metric("kvcache:prefix_cache_hits_total", **pod)
     server.redis.stop()
     server.wait_for("the front to notice", lambda: server.request("/health")[1]["redis"] is False)
     for seed in range(300, 304):
         status, body = server.request("/v1/completions", {"prompt": ids(seed, 40), "max_tokens": 3}, key=KEY)
         assert status == 200 and body["usage"]["completion_tokens"] == 3
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert len(server.workers()) == 2  # known workers stay routable without heartbeats
+    # Every prompt token was asked of the pod tier, none found: misses, each failed access counted.
+    assert server.metric("kvcache:prefix_cache_queries_total", **pod) == queries + 4 * 40
+    assert server.metric("kvcache:prefix_cache_hits_total", **pod) == hits
+    assert server.metric("kvcache:tier_errors_total") >= 4

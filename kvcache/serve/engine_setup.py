@@ -10,6 +10,7 @@ device pool, in lookup order, for the per-tier metrics.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 from kvcache.manager import BlockManager
@@ -28,12 +29,19 @@ def apply_tenancy(engine: Any, config: ServeConfig) -> None:
 
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
-                seed: int, redis_url: str | None) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
+                seed: int, redis_url: str | None, worker_id: str = "",
+                pod_capacity_blocks: int = 1 << 20) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
     import torch
 
-    from kvcache.engine import Engine, EngineConfig
+    from kvcache.engine import EngineConfig
+    from kvcache.serve.podtier import POD, PodTieredEngine
 
     torch.set_num_threads(threads)
-    engine = Engine.load(model, EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed))
+    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed)
+    engine = PodTieredEngine.load(model, engine_config)
+    assert isinstance(engine, PodTieredEngine)
     apply_tenancy(engine, config)
-    return engine, ()
+    if redis_url is None:
+        return engine, ()
+    engine.attach_pod_tier(redis_url, pod_capacity_blocks, zlib.crc32(worker_id.encode()) & 0xFFFF)
+    return engine, (POD,)

@@ -70,6 +70,7 @@ class Outcome:
     worker_id: str = ""
     tier_hits: dict[str, int] | None = None
     queue_s: float = 0.0
+    tier_errors: int = 0
 
 
 class Front:
@@ -141,6 +142,7 @@ class Front:
                             outcome.cached_tokens = line["cached_tokens"]
                             outcome.tier_hits = line["tier_hits"]
                             outcome.queue_s = line["queue_s"]
+                            outcome.tier_errors = line.get("tier_errors", 0)
                             outcome.worker_id = worker_id
                         if line["index"] < sent:
                             continue  # the client has it from the failed worker
@@ -252,6 +254,8 @@ class Front:
         m.queue.labels(outcome.worker_id).observe(outcome.queue_s)
         m.record_cache(outcome.worker_id, tenant.name, outcome.prompt_tokens,
                        outcome.tier_hits or {"device": outcome.cached_tokens})  # fmt: skip
+        if outcome.tier_errors:
+            m.tier_errors.labels(outcome.worker_id).inc(outcome.tier_errors)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

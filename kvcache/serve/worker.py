@@ -99,8 +99,10 @@ class Worker:
             for step in stream:
                 line: dict[str, Any] = {"token_id": int(step.token_id), "index": step.index}
                 if step.index == 0:
-                    line.update(prompt_tokens=step.prompt_tokens, cached_tokens=step.cached_tokens,
-                                tier_hits=self._tier_hits(step), prefill_s=step.elapsed_s)  # fmt: skip
+                    hits = self._tier_hits(step)
+                    line.update(prompt_tokens=step.prompt_tokens, cached_tokens=sum(hits.values()),
+                                tier_hits=hits, prefill_s=step.elapsed_s,
+                                tier_errors=int(getattr(self.engine, "last_tier_errors", 0)))  # fmt: skip
                     self._publish(self.engine.drain_events())  # the router learns the prefix early
                 yield line
                 if cancel.is_set():
@@ -110,10 +112,11 @@ class Worker:
             self._publish(self.engine.drain_events())
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
-        hits = dict(getattr(step, "tier_hits", None) or {})
-        if not hits:
-            hits = {"device": step.cached_tokens, **{name: 0 for name in self.tier_names}}
-        return {str(k): int(v) for k, v in hits.items()}
+        """Prompt tokens each tier supplied, device first (the engine reports the device's)."""
+        hits = {"device": int(step.cached_tokens)}
+        for name in self.tier_names:
+            hits[name] = int(getattr(self.engine, "last_tier_tokens", 0))
+        return hits
 
     def _publish(self, events: list[CacheEvent]) -> None:
         if events:

@@ -1,0 +1,70 @@
+"""The pod tier of served engines over a real Redis: a prefix one worker computed is loaded by
+another, outputs are unchanged, k-anonymous group blocks never come from it, and Redis going
+away costs misses (counted), never a failed request."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from kvcache.engine import EngineConfig
+from kvcache.manager import BlockManager
+from kvcache.redis_server import RedisServer, start_redis
+from kvcache.serve.podtier import PodTieredEngine
+from kvcache.tenancy import Scope
+
+PROMPT = [(7 * i) % 1000 + 1 for i in range(100)]  # 6 full blocks of 16, 4 tokens over
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with start_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def engine(redis: RedisServer) -> PodTieredEngine:
+    engine = PodTieredEngine.load("tiny", EngineConfig(num_blocks=64, block_size=16, seed=0))
+    assert isinstance(engine, PodTieredEngine)
+    engine.attach_pod_tier(redis.url, capacity_blocks=4096)
+    return engine
+
+
+def fresh_worker(engine: PodTieredEngine, k: int = 1) -> None:
+    """Forget the device cache, as another worker (or a restarted one) would have none of it."""
+    engine.manager = BlockManager(dataclasses.replace(engine.manager.config, k_anonymity=k))
+
+
+def test_another_worker_loads_the_prefix_from_the_pod_tier(engine: PodTieredEngine) -> None:
+    first = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
+    assert (first.cached_tokens, engine.last_tier_tokens) == (0, 0)
+    fresh_worker(engine)
+    second = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
+    assert (second.cached_tokens, engine.last_tier_tokens) == (0, 96)  # device miss, pod hit of 6 blocks
+    assert second.output_tokens == first.output_tokens
+    third = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
+    assert (third.cached_tokens, engine.last_tier_tokens) == (96, 0)  # now on the device
+    fresh_worker(engine)
+    other = engine.generate(PROMPT, Scope("globex"), max_new_tokens=5)
+    assert (other.cached_tokens, engine.last_tier_tokens) == (0, 0)  # another tenant's keys differ
+
+
+def test_group_blocks_under_k_anonymity_never_come_from_the_tier(engine: PodTieredEngine) -> None:
+    fresh_worker(engine, k=2)
+    engine.generate(PROMPT[::-1], Scope("initech", group="partners"), max_new_tokens=2)
+    fresh_worker(engine, k=2)
+    engine.generate(PROMPT[::-1], Scope("hooli", group="partners"), max_new_tokens=2)
+    assert engine.last_tier_tokens == 0
+
+
+def test_redis_gone_means_counted_misses(engine: PodTieredEngine, redis: RedisServer) -> None:
+    fresh_worker(engine)
+    expected = engine.generate(PROMPT[:50], Scope("acme"), max_new_tokens=4).output_tokens
+    redis.stop()
+    fresh_worker(engine)
+    got = engine.generate(PROMPT[:50], Scope("acme"), max_new_tokens=4)
+    assert (got.cached_tokens, engine.last_tier_tokens) == (0, 0)
+    assert engine.last_tier_errors >= 1
+    assert got.output_tokens == expected
