@@ -40,6 +40,7 @@ def fresh_worker(engine: PodTieredEngine, k: int = 1) -> None:
 def test_another_worker_loads_the_prefix_from_the_pod_tier(engine: PodTieredEngine) -> None:
     first = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
     assert (first.cached_tokens, engine.last_tier_tokens) == (0, 0)
+    engine.write_through()
     fresh_worker(engine)
     second = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
     assert (second.cached_tokens, engine.last_tier_tokens) == (0, 96)  # device miss, pod hit of 6 blocks
@@ -54,6 +55,7 @@ def test_another_worker_loads_the_prefix_from_the_pod_tier(engine: PodTieredEngi
 def test_group_blocks_under_k_anonymity_never_come_from_the_tier(engine: PodTieredEngine) -> None:
     fresh_worker(engine, k=2)
     engine.generate(PROMPT[::-1], Scope("initech", group="partners"), max_new_tokens=2)
+    engine.write_through()
     fresh_worker(engine, k=2)
     engine.generate(PROMPT[::-1], Scope("hooli", group="partners"), max_new_tokens=2)
     assert engine.last_tier_tokens == 0
@@ -62,9 +64,12 @@ def test_group_blocks_under_k_anonymity_never_come_from_the_tier(engine: PodTier
 def test_redis_gone_means_counted_misses(engine: PodTieredEngine, redis: RedisServer) -> None:
     fresh_worker(engine)
     expected = engine.generate(PROMPT[:50], Scope("acme"), max_new_tokens=4).output_tokens
+    engine.write_through()
     redis.stop()
     fresh_worker(engine)
     got = engine.generate(PROMPT[:50], Scope("acme"), max_new_tokens=4)
     assert (got.cached_tokens, engine.last_tier_tokens) == (0, 0)
     assert engine.last_tier_errors >= 1
     assert got.output_tokens == expected
+    engine.write_through()  # the write fails too: counted, not raised
+    assert engine.last_tier_errors >= 2

@@ -6,8 +6,10 @@
 - before prefill, the blocks after the device hit are looked up in the pod tier and the leading
   ones it holds are loaded into their (already allocated) pool slots, so prefill computes only
   the rest; at least one prompt token is always computed, for its logits;
-- after prefill, the prompt's newly computed full blocks are written through to the pod tier
-  and flushed, so another worker's next request with the same prefix finds them.
+- after prefill the prompt's newly computed full blocks are packed (a local copy), and
+  ``write_through`` (which the worker calls once the request is answered, so Redis writes stay
+  off its time to first token) stores and flushes them, so another worker's next request with
+  the same prefix finds them.
 
 Keys are the block manager's (scope-rooted, so tenants never share tier entries). Blocks of a
 share group under k-anonymity (k > 1) never come from the pod tier: the tier does not know how
@@ -38,6 +40,7 @@ class PodTieredEngine(Engine):
     hierarchy: Hierarchy | None = None
     last_tier_tokens = 0
     last_tier_errors = 0
+    _pending: tuple[list[bytes], torch.Tensor] | None = None
 
     def attach_pod_tier(self, redis_url: str, capacity_blocks: int, worker_index: int = 0) -> None:
         backend = RedisBackend(redis_url, capacity_blocks)
@@ -84,10 +87,20 @@ class PodTieredEngine(Engine):
         logits, cache, timings = super()._prefill(tokens, alloc, hash_s, lookup_s)
         start, end = alloc.num_cached_tokens // bs, len(tokens) // bs
         computed = self._keys(alloc.block_ids[start:end])
-        if computed:  # write through: the prompt's new blocks, for every other worker
+        if computed:  # packed now (a local copy), written by ``write_through`` after the request
             ids = torch.tensor(alloc.block_ids[start : start + len(computed)], dtype=torch.long,
                                device=self.device)  # fmt: skip
-            hierarchy.store(computed, pack_blocks(self.pool, ids))
-            hierarchy.flush()
+            self._pending = (computed, pack_blocks(self.pool, ids))
         self.last_tier_errors = self._errors() - errors_before
         return logits, cache, timings
+
+    def write_through(self) -> None:
+        """Store the last request's newly computed prompt blocks in the pod tier and flush, so
+        other workers find them. Called after the request, off its time to first token."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.hierarchy is None:
+            return
+        errors_before = self._errors()
+        self.hierarchy.store(*pending)
+        self.hierarchy.flush()
+        self.last_tier_errors += self._errors() - errors_before

@@ -2,7 +2,8 @@
 
 ``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}`` and answers with
 newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the first also
-carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits`` and ``queue_s``), then ``{"done": true}``.
+carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and ``queue_s``), then
+``{"done": true, "engine_s"}`` (the engine time the request took, queueing excluded).
 Errors the caller caused come back before the first line as a JSON error with its HTTP status
 (400 bad tokens, 429 over quota, 503 pool full), and never stop the worker.
 
@@ -109,6 +110,9 @@ class Worker:
                     break
         finally:
             stream.close()  # frees the request's blocks even when the caller went away
+            write_through = getattr(self.engine, "write_through", None)
+            if write_through is not None:
+                write_through()
             self._publish(self.engine.drain_events())
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
@@ -142,14 +146,16 @@ class Worker:
         loop = asyncio.get_running_loop()
 
         def run() -> None:
-            queue_s = time.monotonic() - received
+            started = time.monotonic()
             try:
                 for line in self._steps(body, cancel):
                     if line["index"] == 0:
-                        line["queue_s"] = queue_s
+                        line["queue_s"] = started - received
                     loop.call_soon_threadsafe(lines.put_nowait, line)
                     if cancel.is_set():
                         break
+                done = {"done": True, "engine_s": time.monotonic() - started}
+                loop.call_soon_threadsafe(lines.put_nowait, done)
             except Exception as exc:  # a request must never take the worker down
                 if not isinstance(exc, KVCacheError):
                     log.exception("request %s failed", body.get("request_id"))
@@ -159,7 +165,11 @@ class Worker:
         future = loop.run_in_executor(self.executor, run)
         response: web.StreamResponse | None = None
         try:
+            done: dict[str, Any] = {"done": True}
             while (line := await lines.get()) is not None:
+                if line.get("done"):
+                    done = line
+                    continue
                 if "error" in line:
                     if response is None:
                         return web.json_response({"error": line["error"]}, status=line["status"])
@@ -170,7 +180,7 @@ class Worker:
                 await response.write(json.dumps(line).encode() + b"\n")
             if response is None:
                 return web.json_response({"error": "no output"}, status=500)
-            await response.write(b'{"done": true}\n')
+            await response.write(json.dumps(done).encode() + b"\n")
             await response.write_eof()
             return response
         finally:
