@@ -1,8 +1,30 @@
-"""Block copy kernels (installed as ``kvcache.kernels``): gather, scatter and tier copies.
+"""Block copy kernels (installed as ``kvcache.kernels``): gather, scatter, pack and tier copies.
 
-Import the functions from here; :mod:`kvcache.kernels.dispatch` picks the backend per call.
+Import the functions from here; :mod:`kvcache.kernels.dispatch` checks the arguments and picks the
+backend per call (Triton on CUDA when it imports, else the pure-torch reference). Bad arguments
+raise :class:`kvcache.errors.KernelError`.
 """
 
-from kvcache.kernels.dispatch import gather_kv, pack_blocks, scatter_kv, unpack_blocks
+from kvcache.kernels.dispatch import (
+    BACKEND_ENV,
+    Backend,
+    copy_blocks,
+    gather_kv,
+    pack_blocks,
+    scatter_kv,
+    select_backend,
+    triton_available,
+    unpack_blocks,
+)
 
-__all__ = ["gather_kv", "pack_blocks", "scatter_kv", "unpack_blocks"]
+__all__ = [
+    "BACKEND_ENV",
+    "Backend",
+    "copy_blocks",
+    "gather_kv",
+    "pack_blocks",
+    "scatter_kv",
+    "select_backend",
+    "triton_available",
+    "unpack_blocks",
+]

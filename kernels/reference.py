@@ -13,13 +13,17 @@ Block ids index dimension 2. Each function moves all the blocks of one request i
 - :func:`pack_blocks` / :func:`unpack_blocks` move blocks to and from a block-major buffer
   ``[n, num_layers, 2, block_size, kv_heads, head_dim]`` in which each block is one contiguous run of
   bytes, the unit a spill tier stores.
+- :func:`copy_blocks` copies blocks from one pool to another of the same layout (two tiers, possibly
+  on two devices) with one gather on the source and one write on the destination.
+
+These functions trust their arguments; :mod:`kvcache.kernels.dispatch` checks them first.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_kv", "pack_blocks", "scatter_kv", "unpack_blocks"]
+__all__ = ["copy_blocks", "gather_kv", "pack_blocks", "scatter_kv", "unpack_blocks"]
 
 
 def gather_kv(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -46,3 +50,11 @@ def pack_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 def unpack_blocks(pool: torch.Tensor, block_ids: torch.Tensor, packed: torch.Tensor) -> None:
     """Write a block-major buffer ``[n, L, 2, block_size, kv_heads, head_dim]`` into ``block_ids``."""
     pool.index_copy_(2, block_ids, packed.permute(1, 2, 0, 3, 4, 5).to(pool.dtype))
+
+
+def copy_blocks(
+    src_pool: torch.Tensor, src_ids: torch.Tensor, dst_pool: torch.Tensor, dst_ids: torch.Tensor
+) -> None:
+    """Copy blocks ``src_ids`` of ``src_pool`` into blocks ``dst_ids`` of ``dst_pool`` (same layout)."""
+    picked = src_pool.index_select(2, src_ids)  # [L, 2, n, block_size, H, D] on the source device
+    dst_pool.index_copy_(2, dst_ids, picked.to(dst_pool.device))

@@ -28,11 +28,12 @@ import torch
 
 from kvcache import hf
 from kvcache.config import CacheConfig
-from kvcache.errors import ConfigError
+from kvcache.errors import ConfigError, TierError
 from kvcache.events import CacheEvent
-from kvcache.kernels import gather_kv, scatter_kv
-from kvcache.manager import Allocation, BlockManager
+from kvcache.kernels import gather_kv, scatter_kv, unpack_blocks
+from kvcache.manager import Allocation, BlockManager, Prompt
 from kvcache.tenancy import Scope
+from kvcache.tiers import Hierarchy, LayoutFingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,15 +41,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """``num_blocks`` x ``block_size`` tokens of KV in the pool; ``device``/``dtype`` default to CUDA
-    + bfloat16 when present, else CPU + float32; ``seed`` seeds random-weight models; ``tiers``: a
-    spill hierarchy (``kvcache.tiers.Hierarchy``) or None."""
+    + bfloat16 when present, else CPU + float32; ``seed`` seeds random-weight models.
+
+    ``tiers``: a spill hierarchy below the pool, or a function that builds one from the engine's
+    layout (known once the model is loaded), or None. Evicted blocks are written down to it, and
+    prefix blocks it holds after the pool's hit are loaded instead of recomputed.
+    """
 
     num_blocks: int = 1024
     block_size: int = 16
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
-    tiers: Any = None
+    tiers: Hierarchy | Callable[[LayoutFingerprint], Hierarchy] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -58,7 +63,8 @@ class EngineConfig:
 @dataclass(frozen=True, slots=True)
 class PrefillTimings:
     """Where a request's time to first token went, in seconds. ``overhead_s`` is the engine's own
-    work (hashing, lookup and allocation, block gather, cache construction, block scatter)."""
+    work (hashing, lookup and allocation, loads from spill tiers, block gather, cache construction,
+    block scatter). ``tier_tokens``: prompt tokens loaded from spill tiers instead of recomputed."""
 
     hash_s: float
     lookup_s: float
@@ -66,10 +72,12 @@ class PrefillTimings:
     cache_s: float
     model_s: float
     scatter_s: float
+    tier_s: float = 0.0
+    tier_tokens: int = 0
 
     @property
     def overhead_s(self) -> float:
-        return self.hash_s + self.lookup_s + self.gather_s + self.cache_s + self.scatter_s
+        return self.hash_s + self.lookup_s + self.tier_s + self.gather_s + self.cache_s + self.scatter_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +85,7 @@ class GenerationStep:
     token_id: int
     index: int  # 0 = the token right after prefill
     prompt_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # not recomputed: hits in the pool plus blocks loaded from spill tiers
     elapsed_s: float  # since the request started; step 0's is the TTFT
     timings: PrefillTimings | None = None  # step 0 only
 
@@ -127,6 +135,18 @@ class Engine:
             torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         )
         self._request_ids = itertools.count()
+        self.layout = LayoutFingerprint.of_pool(self.model_id, self.pool)
+        tiers = config.tiers
+        self.tiers: Hierarchy | None = (
+            tiers if isinstance(tiers, Hierarchy) or tiers is None else tiers(self.layout)
+        )
+        if self.tiers is not None:
+            if self.tiers.layout != self.layout:
+                raise TierError(
+                    f"the spill hierarchy stores {self.tiers.layout}, this engine's blocks are "
+                    f"{self.layout}; build it with engine.layout (pass a function as tiers=)"
+                )
+            self.manager.set_evict_hook(self.tiers.evict_hook(self.pool))
 
     @classmethod
     def load(cls, model: str = "tiny", config: EngineConfig | None = None) -> Engine:
@@ -190,12 +210,12 @@ class Engine:
         t_lookup = self._clock()
         try:
             with torch.inference_mode():
-                logits, _, _ = self._prefill(tokens, alloc, t_hash - start, t_lookup - t_hash)
+                logits, _, timings = self._prefill(prompt, alloc, t_hash - start, t_lookup - t_hash)
         except BaseException:
             self.manager.abort(rid)
             raise
         self.manager.free(rid)
-        return logits, alloc.num_cached_tokens
+        return logits, alloc.num_cached_tokens + timings.tier_tokens
 
     # ---- the request path ----------------------------------------------------------------
 
@@ -211,10 +231,11 @@ class Engine:
         done = False
         try:
             with torch.inference_mode():
-                logits, cache, timings = self._prefill(tokens, alloc, t_hash - start, t_lookup - t_hash)
+                logits, cache, timings = self._prefill(prompt, alloc, t_hash - start, t_lookup - t_hash)
                 token = int(logits.argmax())
                 n = len(tokens)
-                yield GenerationStep(token, 0, n, alloc.num_cached_tokens, clock() - start, timings)
+                num_cached = alloc.num_cached_tokens + timings.tier_tokens
+                yield GenerationStep(token, 0, n, num_cached, clock() - start, timings)
                 block_ids = list(alloc.block_ids)
                 ids = torch.empty((1, 1), dtype=torch.long, device=self.device)
                 for index in range(1, max_new_tokens):
@@ -225,7 +246,7 @@ class Engine:
                     if (pos + 1) % self.block_size == 0:  # the block ending at ``pos`` is full
                         self._write_blocks(cache, block_ids, pos + 1 - self.block_size, pos + 1)
                     token = int(logits[0].argmax())
-                    yield GenerationStep(token, index, n, alloc.num_cached_tokens, clock() - start)
+                    yield GenerationStep(token, index, n, num_cached, clock() - start)
             done = True
         except GeneratorExit:
             done = True  # closed early by the consumer: every indexed block was already written
@@ -237,12 +258,17 @@ class Engine:
                 manager.abort(rid)
 
     def _prefill(
-        self, tokens: Sequence[int], alloc: Allocation, hash_s: float, lookup_s: float
+        self, prompt: Prompt, alloc: Allocation, hash_s: float, lookup_s: float
     ) -> tuple[torch.Tensor, Any, PrefillTimings]:
         clock, sync, bs = self._clock, self._sync, self.block_size
-        num_cached = alloc.num_cached_tokens
-        num_hit = num_cached // bs
+        tokens = prompt.tokens
+        assert tokens is not None
+        t_tier = clock()
+        num_loaded = self._load_from_tiers(prompt, alloc)
+        sync()
         t0 = clock()
+        num_hit = alloc.num_cached_tokens // bs + num_loaded
+        num_cached = num_hit * bs
         kv = None
         if num_hit:
             hit_ids = torch.tensor(alloc.block_ids[:num_hit], dtype=torch.long, device=self.device)
@@ -265,8 +291,28 @@ class Engine:
             cache_s=t_cache - t_gather,
             model_s=t_model - t_cache,
             scatter_s=t_scatter - t_model,
+            tier_s=t0 - t_tier,
+            tier_tokens=num_loaded * bs,
         )
         return logits, cache, timings
+
+    def _load_from_tiers(self, prompt: Prompt, alloc: Allocation) -> int:
+        """Load the prefix blocks the spill tiers hold right after the pool's hit into the
+        request's own (freshly allocated) blocks, in one unpack; returns how many."""
+        if self.tiers is None:
+            return 0
+        bs = self.block_size
+        first = alloc.num_cached_tokens // bs
+        # Leave at least one prompt token to compute: the model must produce the last logits.
+        last = min(len(prompt.keys), (prompt.num_tokens - 1) // bs)
+        if last <= first or not self.tiers.lookup_prefix(prompt.keys[first : first + 1]):
+            return 0
+        packed = self.tiers.load(prompt.keys[first:last], context_tokens=first * bs)  # [n, L, 2, bs, H, D]
+        n = packed.shape[0]
+        if n:
+            ids = torch.tensor(alloc.block_ids[first : first + n], dtype=torch.long, device=self.device)
+            unpack_blocks(self.pool, ids, packed.to(self.device))
+        return n
 
     def _write_blocks(self, cache: Any, block_ids: list[int], start: int, end: int) -> None:
         """Scatter positions ``start:end`` (block-aligned) of ``cache`` into their pool blocks."""

@@ -14,6 +14,8 @@ hierarchy: an ``AssertionError`` is always a kvcache bug.
     ├── TraceError           a trace file is malformed (names the line and field)
     ├── TierError            a storage tier was misused (wrong layout, bad size)
     │   └── CorruptBlockError  stored block bytes failed a check (tiers count it as a miss)
+    ├── KernelError          a block-copy kernel got a tensor of the wrong shape, dtype, device or
+    │                        layout, or block ids outside the pool
     ├── ModelError           a model cannot be loaded (not available offline, unknown name)
     ├── AuthError            an API key is missing or unknown (HTTP 401)
     └── ProtocolError        a request body or wire message is malformed (HTTP 400)
@@ -73,6 +75,10 @@ class AuthError(KVCacheError, PermissionError):
 
 class ProtocolError(KVCacheError, ValueError):
     """A request body or a wire message is malformed; the message names the field and the fix."""
+
+
+class KernelError(KVCacheError, ValueError):
+    """A block-copy kernel was given a bad argument; the message names it, and nothing was written."""
 
 
 class ModelError(KVCacheError, ValueError):

@@ -34,6 +34,7 @@ TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "phi")
 _ALIASES = {"tiny": "llama"}
+SMALL_QWEN2 = "small-qwen2"  # a few million parameters: CPU benchmarks where the model dominates
 QWEN25_7B_SHAPE = "qwen2.5-7b-shape"  # random weights with Qwen2.5-7B's shape, for GPU benchmarks
 
 
@@ -62,7 +63,7 @@ class LoadedModel:
 
 
 def tiny_model_names() -> list[str]:
-    return ["tiny", *(f"tiny-{f}" for f in TINY_FAMILIES), QWEN25_7B_SHAPE]
+    return ["tiny", *(f"tiny-{f}" for f in TINY_FAMILIES), SMALL_QWEN2, QWEN25_7B_SHAPE]
 
 
 def tiny_config(name: str) -> Any:
@@ -91,6 +92,9 @@ def tiny_config(name: str) -> Any:
             max_position_embeddings=32768,
             tie_word_embeddings=False,
         )
+    if name == SMALL_QWEN2:
+        small = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "vocab_size": 32000}
+        return transformers.Qwen2Config(**{**llama_like, **small})
     if family == "llama":
         return transformers.LlamaConfig(**llama_like)
     if family == "qwen2":

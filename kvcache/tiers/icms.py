@@ -109,14 +109,15 @@ class IcmsTier(Tier):
 
     # ---- backend access: every failure is a counted miss ------------------------------------
 
-    def _backend(self, fn: Callable[[], T], default: T) -> T:
+    def _backend(self, fn: Callable[[], T], default: T, count: bool = True) -> T:
+        """``fn()``, or ``default`` when the backend is down (counted, unless only observing)."""
         if self._clock() < self._down_until:
-            self._stats.errors += 1
+            self._stats.errors += count
             return default
         try:
             return fn()
         except BackendUnavailable as exc:
-            self._stats.errors += 1
+            self._stats.errors += count
             self._down_until = self._clock() + self.retry_after_s
             log.warning("ICMS backend unavailable, serving misses for %.1fs: %s", self.retry_after_s, exc)
             return default
@@ -245,10 +246,10 @@ class IcmsTier(Tier):
         return self._backend(lambda: self.backend.delete(name), False) or here
 
     def __len__(self) -> int:
-        return self._backend(self.backend.count, 0) + len(self.pending)
+        return self._backend(self.backend.count, 0, count=False) + len(self.pending)
 
     @property
     def stats(self) -> TierStats:
         snapshot = super().stats
-        snapshot.evictions = self._backend(lambda: self.backend.evictions, 0)
+        snapshot.evictions = self._backend(lambda: self.backend.evictions, 0, count=False)
         return snapshot

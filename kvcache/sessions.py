@@ -1,0 +1,89 @@
+"""Multi-tenant chat sessions through an ``Engine``: every turn re-sends the whole conversation.
+
+Each tenant's sessions start with a system prompt (one published prompt for all tenants when
+``shared_system_prompt``, else one private prompt per tenant); each turn appends a user message,
+generates a reply with the engine, and the reply (the tokens the model really produced) becomes
+part of the next turn's prompt, so the blocks filled during decode are hit by the next turn.
+
+With ``baseline=True`` every turn is also prefilled by the bare model without any cache, right
+before the engine runs it, so TTFT with and without reuse are measured side by side under the same
+machine load. Not here: printing (``commands/generate``), the model itself (``hf``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kvcache import hf
+from kvcache.engine import Engine
+from kvcache.tenancy import Scope
+
+
+@dataclass(frozen=True, slots=True)
+class ChatConfig:
+    num_tenants: int = 4
+    num_sessions: int = 32  # in total, spread round-robin over the tenants
+    turns: int = 3
+    system_prompt_tokens: int = 512
+    user_tokens: int = 64
+    output_tokens: int = 16
+    shared_system_prompt: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    tenant: str
+    session: int
+    turn: int
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float  # through the engine, reusing cached blocks
+    uncached_ttft_s: float | None  # the bare model prefilling the whole prompt; None without baseline
+
+
+@torch.inference_mode()
+def uncached_ttft(engine: Engine, tokens: Sequence[int]) -> float:
+    """Seconds for the bare model to prefill ``tokens`` from scratch and pick the first token."""
+    start = time.perf_counter()
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=engine.device)
+    int(hf.forward(engine.model, ids, hf.new_cache(None), 0)[0].argmax())
+    return time.perf_counter() - start
+
+
+def run_chat(engine: Engine, config: ChatConfig, *, baseline: bool = True) -> list[TurnResult]:
+    """Run every session's turns, interleaved across sessions turn by turn."""
+    rng = np.random.default_rng(config.seed)
+    vocab = engine.vocab_size
+
+    def draw(n: int) -> list[int]:
+        return rng.integers(1, vocab, size=n, dtype=np.int64).tolist()  # type: ignore[no-any-return]
+
+    tenants = [f"tenant{t}" for t in range(config.num_tenants)]
+    if config.shared_system_prompt:
+        common = draw(config.system_prompt_tokens)
+        engine.publish(common)
+        systems = {t: common for t in tenants}
+    else:
+        systems = {t: draw(config.system_prompt_tokens) for t in tenants}
+    sessions = [(tenants[s % len(tenants)], s) for s in range(config.num_sessions)]
+    histories = {s: list(systems[tenant]) for tenant, s in sessions}
+    results: list[TurnResult] = []
+    total = config.turns * len(sessions)
+    with tqdm(total=total, desc="turns", unit="req", leave=False) as bar:
+        for turn in range(config.turns):
+            for tenant, s in sessions:
+                history = histories[s]
+                history.extend(draw(config.user_tokens))
+                base = uncached_ttft(engine, history) if baseline else None
+                gen = engine.generate(history, Scope(tenant), max_new_tokens=config.output_tokens)
+                results.append(TurnResult(tenant, s, turn, len(history), gen.cached_tokens, gen.ttft_s, base))
+                history.extend(gen.output_tokens)
+                bar.update()
+    return results

@@ -1,0 +1,181 @@
+"""Simulated spill tiers for the router's trace replay: which block keys each tier holds, and how
+long loading them takes. No bytes move; sizes are in blocks, times come from ``TransferModel``s.
+
+Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
+
+- ``on_evict(worker, keys, now)``: blocks leaving a worker's device pool go to its G2 (host
+  memory); G2's least recently used overflow goes to its G3 (local disk); G3's overflow is
+  dropped. Every evicted block is also written behind to the pod-shared ICMS tier, so another
+  worker can load it instead of recomputing.
+- ``fetch(worker, keys, now)``: the leading keys found in this worker's G2 or G3 or in ICMS
+  (fastest first), trimmed by the cost rule when a prefill cost is given, and the milliseconds
+  to load them: one batch per tier, so each tier's base latency is paid once.
+
+Tiers are inclusive: a loaded block stays where it was (and is refreshed in LRU order), so a
+later eviction from the device does not have to write it again.
+
+Default speeds, per GPU: G2 pinned host memory over PCIe Gen5 x16, 50 GB/s (48-55 GB/s
+measured on H100, FACTS.md), 10 us per batch; G3 one PCIe Gen4 NVMe drive, 7 GB/s sequential
+read, 100 us latency, 10 us per block; ICMS ``IcmsLink`` (BlueField-4 figures, see ``icms``).
+KV size per token defaults to an 8B Llama-3-shaped model in bf16 (32 layers x 8 KV heads x 128
+x 2 x 2 bytes = 128 KiB), the model the router's default latency model stands for.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from kvcache.errors import ConfigError
+from kvcache.tiers.base import TransferModel
+from kvcache.tiers.icms import IcmsLink
+from kvcache.tiers.policy import PrefillCost, best_load_prefix
+
+KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
+G2_TRANSFER = TransferModel(bandwidth_bytes_per_s=50e9, base_latency_ms=0.01)
+G3_TRANSFER = TransferModel(bandwidth_bytes_per_s=7e9, base_latency_ms=0.1, per_block_ms=0.01)
+ICMS_TRANSFER = IcmsLink().transfer
+TIER_NAMES = ("g2", "g3", "icms")
+
+
+@dataclass(frozen=True, slots=True)
+class TierSizes:
+    """Blocks per worker for G2 and G3, blocks in all for the shared ICMS tier (0 = absent)."""
+
+    g2: int = 0
+    g3: int = 0
+    icms: int = 0
+
+    @classmethod
+    def parse(cls, spec: str, device_blocks: int) -> TierSizes:
+        """``"g2=SIZE,g3=SIZE,icms=SIZE"``; SIZE is a block count or a multiple of the per-worker
+        device capacity (``4x``). Any subset of the three names."""
+        sizes: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or name not in TIER_NAMES or name in sizes:
+                raise ConfigError(
+                    f"--tiers item {part!r} must be NAME=SIZE with NAME one of {', '.join(TIER_NAMES)}, "
+                    "each at most once (e.g. g2=4x,g3=16x,icms=20000)"
+                )
+            try:
+                blocks = round(float(value[:-1]) * device_blocks) if value.endswith("x") else int(value)
+            except ValueError:
+                raise ConfigError(
+                    f"--tiers size {value!r} must be a block count or a multiple like 4x"
+                ) from None
+            if blocks < 0:
+                raise ConfigError(f"--tiers {name}={value} must be >= 0")
+            sizes[name] = blocks
+        if not sizes:
+            raise ConfigError("--tiers is empty; give at least one of g2=, g3=, icms=")
+        return cls(**sizes)
+
+
+@dataclass(slots=True)
+class SimTierStats:
+    blocks_hit: int = 0
+    cross_worker_hits: int = 0
+    blocks_in: int = 0
+    evictions: int = 0
+    transfer_ms: float = 0.0
+
+
+@dataclass
+class SimTiers:
+    """Lower tiers of ``num_workers`` workers and the pod they share."""
+
+    num_workers: int
+    sizes: TierSizes
+    block_tokens: int
+    kv_bytes_per_token: int = KV_BYTES_PER_TOKEN
+    transfer: dict[str, TransferModel] = field(
+        default_factory=lambda: {"g2": G2_TRANSFER, "g3": G3_TRANSFER, "icms": ICMS_TRANSFER}
+    )
+    prefill: PrefillCost | None = None
+    stats: dict[str, SimTierStats] = field(default_factory=lambda: {n: SimTierStats() for n in TIER_NAMES})
+    blocks_declined: int = 0
+    fetches: int = 0
+
+    def __post_init__(self) -> None:
+        self._g2: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(self.num_workers)]
+        self._g3: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(self.num_workers)]
+        self._icms: OrderedDict[bytes, int] = OrderedDict()  # key -> worker that wrote it
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.block_tokens * self.kv_bytes_per_token
+
+    def _put(self, name: str, tier: OrderedDict[bytes, None], key: bytes, capacity: int) -> bytes | None:
+        """Insert ``key``; returns the key pushed out, if any."""
+        if key in tier:
+            tier.move_to_end(key)
+            return None
+        tier[key] = None
+        self.stats[name].blocks_in += 1
+        if len(tier) > capacity:
+            self.stats[name].evictions += 1
+            return tier.popitem(last=False)[0]
+        return None
+
+    def on_evict(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
+        sizes = self.sizes
+        for key in keys:
+            down: bytes | None = key
+            if sizes.g2:
+                down = self._put("g2", self._g2[worker_id], key, sizes.g2)
+            if down is not None and sizes.g3:
+                self._put("g3", self._g3[worker_id], down, sizes.g3)
+            if sizes.icms:
+                icms = self._icms
+                if key not in icms:
+                    self.stats["icms"].blocks_in += 1
+                icms[key] = icms.get(key, worker_id)
+                icms.move_to_end(key)
+                if len(icms) > sizes.icms:
+                    icms.popitem(last=False)
+                    self.stats["icms"].evictions += 1
+
+    def fetch(self, worker_id: int, keys: list[bytes], now_ms: float) -> tuple[int, float]:
+        self.fetches += 1
+        g2, g3, icms = self._g2[worker_id], self._g3[worker_id], self._icms
+        where: list[str] = []
+        for key in keys:
+            if key in g2:
+                where.append("g2")
+            elif key in g3:
+                where.append("g3")
+            elif key in icms:
+                where.append("icms")
+            else:
+                break
+        if where and self.prefill is not None:
+            sources = [self.transfer[name] for name in where]
+            n, _ = best_load_prefix(sources, self.block_nbytes, self.block_tokens, 0, self.prefill)
+            self.blocks_declined += len(where) - n
+            where = where[:n]
+        counts = dict.fromkeys(TIER_NAMES, 0)
+        for key, name in zip(keys, where, strict=False):
+            counts[name] += 1
+            if name == "g2":
+                g2.move_to_end(key)
+            elif name == "g3":
+                g3.move_to_end(key)
+            else:
+                icms.move_to_end(key)
+                self.stats["icms"].cross_worker_hits += icms[key] != worker_id
+        total_ms = 0.0
+        for name, n in counts.items():
+            if n:
+                ms = self.transfer[name].transfer_ms(n, n * self.block_nbytes)
+                self.stats[name].blocks_hit += n
+                self.stats[name].transfer_ms += ms
+                total_ms += ms
+        return len(where), total_ms
+
+    def occupancy(self) -> dict[str, int]:
+        return {
+            "g2": sum(len(t) for t in self._g2),
+            "g3": sum(len(t) for t in self._g3),
+            "icms": len(self._icms),
+        }

@@ -1,0 +1,107 @@
+"""Helpers for the kernel tests: pools of distinct values, naive per-block loops, a usable Triton.
+
+The naive functions state the semantics one block, one layer and one of K/V at a time, with plain
+slicing; the kernels must agree with them exactly (every operation is a copy, so equality is exact).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (num_layers, num_blocks, block_size, kv_heads, head_dim): degenerate, odd, and a real head_dim.
+SHAPES = ((1, 3, 1, 1, 1), (2, 9, 4, 3, 8), (3, 6, 16, 2, 64))
+
+
+def make_pool(
+    shape: tuple[int, int, int, int, int], dtype: torch.dtype, seed: int = 0, device: torch.device = DEVICE
+) -> torch.Tensor:
+    """A pool ``[L, 2, num_blocks, block_size, H, D]`` whose elements are (almost all) distinct."""
+    num_layers, num_blocks, block_size, kv_heads, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(num_layers, 2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    return values.to(dtype).to(device)
+
+
+def ids_tensor(
+    ids: list[int], dtype: torch.dtype = torch.int64, device: torch.device = DEVICE
+) -> torch.Tensor:
+    return torch.tensor(ids, dtype=dtype, device=device)
+
+
+def naive_gather(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
+    out = torch.full(
+        (num_layers, 2, kv_heads, len(ids) * block_size, head_dim), float("nan"), dtype=pool.dtype
+    )
+    for i, block in enumerate(ids):
+        for layer in range(num_layers):
+            for kv in range(2):
+                # pool block [block_size, H, D] -> cache rows [H, block_size, D]
+                out[layer, kv, :, i * block_size : (i + 1) * block_size, :] = (
+                    pool[layer, kv, block].cpu().transpose(0, 1)
+                )
+    return out
+
+
+def naive_scatter(pool: torch.Tensor, ids: list[int], kv_cache: torch.Tensor) -> torch.Tensor:
+    out = pool.cpu().clone()
+    block_size = pool.shape[3]
+    for i, block in enumerate(ids):
+        for layer in range(pool.shape[0]):
+            for kv in range(2):
+                rows = kv_cache[layer, kv, :, i * block_size : (i + 1) * block_size, :].cpu()
+                out[layer, kv, block] = rows.transpose(0, 1).to(pool.dtype)
+    return out
+
+
+def naive_pack(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
+    out = torch.full(
+        (len(ids), num_layers, 2, block_size, kv_heads, head_dim), float("nan"), dtype=pool.dtype
+    )
+    for i, block in enumerate(ids):
+        out[i] = pool[:, :, block].cpu()
+    return out
+
+
+def naive_unpack(pool: torch.Tensor, ids: list[int], packed: torch.Tensor) -> torch.Tensor:
+    out = pool.cpu().clone()
+    for i, block in enumerate(ids):
+        out[:, :, block] = packed[i].cpu().to(pool.dtype)
+    return out
+
+
+def naive_copy(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> torch.Tensor:
+    out = dst.cpu().clone()
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        out[:, :, d] = src[:, :, s].cpu()
+    return out
+
+
+def triton_module() -> ModuleType:
+    """``kvcache.kernels.triton_kernels`` able to run on ``DEVICE``.
+
+    Without CUDA the module is (re)built under the Triton interpreter: ``TRITON_INTERPRET`` is read
+    when a kernel is decorated, so it is set for the import only and restored afterwards.
+    """
+    from kvcache.kernels import triton_kernels
+
+    if DEVICE.type == "cuda" or triton_kernels.interpreted():
+        return triton_kernels
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.reload(triton_kernels)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    assert module.interpreted()
+    return module

@@ -1,0 +1,62 @@
+"""Simulated tiers for the replay: the SpillHook protocol with exact hits, cascade and times."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcache.errors import ConfigError
+from kvcache.tiers import PrefillCost
+from kvcache.tiers.sim import G2_TRANSFER, G3_TRANSFER, ICMS_TRANSFER, SimTiers, TierSizes
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_parse_sizes() -> None:
+    assert TierSizes.parse("g2=4x,g3=100,icms=2.5x", device_blocks=10) == TierSizes(40, 100, 25)
+    assert TierSizes.parse("icms=7", 10) == TierSizes(0, 0, 7)
+    for bad in ("g4=1", "g2", "g2=abc", "g2=1,g2=2", "", "g2=-1"):
+        with pytest.raises(ConfigError):
+            TierSizes.parse(bad, 10)
+
+
+def test_eviction_cascades_and_fetch_prices_each_tier_once() -> None:
+    sim = SimTiers(
+        num_workers=2, sizes=TierSizes(g2=2, g3=2, icms=100), block_tokens=512, kv_bytes_per_token=1024
+    )
+    sim.on_evict(0, [k(0), k(1), k(2), k(3), k(4)], 0.0)
+    # worker 0: G2 holds 3, 4; G3 holds 1, 2 (0 fell off the end); ICMS holds all five
+    assert sim.occupancy() == {"g2": 2, "g3": 2, "icms": 5}
+    nbytes = 512 * 1024
+    n, ms = sim.fetch(0, [k(3), k(4), k(1), k(0), k(9)], 1.0)
+    assert n == 4
+    assert ms == pytest.approx(
+        G2_TRANSFER.transfer_ms(2, 2 * nbytes)
+        + G3_TRANSFER.transfer_ms(1, nbytes)
+        + ICMS_TRANSFER.transfer_ms(1, nbytes)
+    )
+    assert (sim.stats["g2"].blocks_hit, sim.stats["g3"].blocks_hit, sim.stats["icms"].blocks_hit) == (2, 1, 1)
+    assert sim.stats["icms"].cross_worker_hits == 0
+    # another worker finds worker 0's blocks only in the shared tier
+    n, ms = sim.fetch(1, [k(2), k(3), k(7)], 2.0)
+    assert (n, ms) == (2, pytest.approx(ICMS_TRANSFER.transfer_ms(2, 2 * nbytes)))
+    assert sim.stats["icms"].cross_worker_hits == 2
+    assert sim.fetch(1, [k(9)], 3.0) == (0, 0.0)
+
+
+def test_shared_tier_capacity_is_lru() -> None:
+    sim = SimTiers(num_workers=1, sizes=TierSizes(icms=2), block_tokens=16)
+    sim.on_evict(0, [k(0), k(1)], 0.0)
+    assert sim.fetch(0, [k(0)], 0.0)[0] == 1  # refreshes 0
+    sim.on_evict(0, [k(2)], 0.0)
+    assert sim.fetch(0, [k(1)], 0.0)[0] == 0 and sim.fetch(0, [k(0), k(2)], 0.0)[0] == 2
+    assert sim.stats["icms"].evictions == 1
+
+
+def test_cost_rule_declines_slow_loads() -> None:
+    cheap = PrefillCost(ms_per_token=1e-6)  # recompute nearly free: never load
+    sim = SimTiers(num_workers=1, sizes=TierSizes(g2=4), block_tokens=16, prefill=cheap)
+    sim.on_evict(0, [k(0), k(1)], 0.0)
+    assert sim.fetch(0, [k(0), k(1)], 0.0) == (0, 0.0)
+    assert sim.blocks_declined == 2
