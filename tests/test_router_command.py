@@ -51,6 +51,34 @@ def test_trace_then_replay_all(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_single_policy_breakdowns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    assert (
+        cli.main(["trace", str(trace), "--requests", "30", "--format", "tokens", "--workload", "chat"]) == 0
+    )
+    argv = [
+        "replay",
+        str(trace),
+        "--workers",
+        "2",
+        "--capacity-blocks",
+        "64",
+        "--policy",
+        "lpm,affinity",
+        "--mode",
+        "approx",
+        "--per-worker",
+        "--markdown",
+        "--no-bounds",
+        "--quiet",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "blocks of 16 tokens; 2 workers, mode approx" in out
+    assert "| policy | token hit |" in out and "| affinity |" in out
+    assert "lpm: worker  completed" in out and "upper bounds" not in out
+
+
 def test_replay_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "t.jsonl"
     assert cli.main(["trace", str(trace), "--requests", "5", "--format", "tokens"]) == 0

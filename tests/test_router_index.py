@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from kvcache import BlockRemoved, BlockStored
 from kvcache.router.index import ApproxIndex, PreciseIndex
 
@@ -36,3 +39,30 @@ def test_approx_entries_expire() -> None:
     assert set(index.holders) == {K[4]}
     index.remove_worker(1)
     assert index.holders == {}
+
+
+def brute_overlap(held: set[bytes], keys: list[bytes]) -> int:
+    n = 0
+    while n < len(keys) and keys[n] in held:
+        n += 1
+    return n
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 7), st.booleans()), max_size=60),
+    st.lists(st.integers(0, 7), max_size=8),
+)
+def test_precise_overlap_matches_brute_force(ops: list[tuple[int, int, bool]], request: list[int]) -> None:
+    index = PreciseIndex()
+    held: dict[int, set[bytes]] = {w: set() for w in range(4)}
+    for worker, key, store in ops:
+        k = bytes([key]) * 16
+        if store:
+            index.apply(worker, [BlockStored(k, b"", 0, "s")])
+            held[worker].add(k)
+        else:
+            index.apply(worker, [BlockRemoved(k, 0, "s")])
+            held[worker].discard(k)
+    keys = [bytes([k]) * 16 for k in request]
+    assert index.overlaps(keys, range(4), 0.0) == {w: brute_overlap(held[w], keys) for w in range(4)}

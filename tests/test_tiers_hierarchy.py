@@ -41,14 +41,15 @@ def test_store_demotes_down_the_chain_and_load_promotes(tmp_path: Path) -> None:
     icms = IcmsTier(InProcessBackend(8), write_behind_blocks=1)
     h = Hierarchy(LAYOUT, [g2, g3, icms])
     h.store(keys(0, 1, 2, 3), torch.stack([block(i) for i in range(4)]))
-    assert [len(g2), len(g3), len(icms)] == [2, 2, 0]  # 0 and 1 went down to disk
+    # 0 and 1 went down to disk; every block was also written behind to the shared tier
+    assert [len(g2), len(g3), len(icms)] == [2, 2, 4]
     assert h.lookup_prefix(keys(0, 1, 2, 3, 4)) == 4
     packed = h.load(keys(0, 1, 2))
     assert packed.shape == (3, *LAYOUT.block_shape)
     assert all(same_bits(packed[i], block(i)) for i in range(3))
     s = h.stats()
     assert (s.blocks_loaded, s.blocks_promoted, s.prefill_tokens_saved, s.loads) == (3, 2, 12, 1)
-    assert (s.tiers["G2"].hits, s.tiers["G3"].hits) == (1, 2)
+    assert (s.tiers["G2"].hits, s.tiers["G3"].hits, s.tiers["ICMS"].hits) == (1, 2, 0)
     assert g2.contains(key(0)) and g2.contains(key(1))  # promoted; 2 and 3 pushed to disk
     assert g3.contains(key(2)) and g3.contains(key(3))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -58,7 +59,24 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-bounds", action="store_true", help="skip the shared/infinite cache upper bounds"
     )
+    parser.add_argument(
+        "--per-worker", action="store_true", help="print each worker's share under every policy"
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print each table in Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--tiers",
+        default=None,
+        metavar="g2=SIZE,g3=SIZE,icms=SIZE",
+        help="also replay with spill tiers below each worker's pool and compare with G1-only; SIZE "
+        "in blocks or as a multiple of the per-worker capacity (4x); g2/g3 per worker, icms shared",
+    )
+    parser.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=None,
+        help="KV bytes per token for tier transfer times (default: 8B Llama-3 shape, bf16, 128 KiB)",
+    )
 
 
 def _failures(specs: list[str]) -> tuple[tuple[int, float], ...]:
@@ -74,6 +92,29 @@ def _failures(specs: list[str]) -> tuple[tuple[int, float], ...]:
         except ValueError:
             raise ConfigError(f"--fail {spec!r} must be WORKER@SECONDS, e.g. 3@120") from None
     return tuple(out)
+
+
+def _replay_with_tiers(
+    args: argparse.Namespace, trace: Any, config: Any, block_size: int, prompts: Any
+) -> dict[str, Any]:
+    from kvcache.router import report
+    from kvcache.router.replay import replay
+    from kvcache.tiers import PrefillCost, spill_report
+    from kvcache.tiers.sim import KV_BYTES_PER_TOKEN, SimTiers, TierSizes
+
+    lat = config.latency
+    sim = SimTiers(
+        config.num_workers,
+        TierSizes.parse(args.tiers, config.capacity_blocks),
+        block_size,
+        kv_bytes_per_token=args.kv_bytes_per_token or KV_BYTES_PER_TOKEN,
+        prefill=PrefillCost(lat.prefill_ms_per_token, lat.prefill_ms_per_token_per_ctx_token),
+    )
+    result = replay(trace, config, block_size=block_size, prompts=prompts, spill=sim, progress=not args.quiet)
+    row = report.metrics(result)
+    row["tiers"] = spill_report.tier_metrics(sim, row)
+    row["policy"] = f"{config.policy}+tiers"
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             ) from None
     else:
         unique = trace.unique_blocks(block_size)
-        capacities = [max(1, round(args.capacity_fraction * unique / args.workers))]
+        capacities = [max(1, int(args.capacity_fraction * unique / args.workers))]
     latency = LatencyModel.from_json(args.latency) if args.latency else LatencyModel()
     failures = _failures(args.fail)
     prompts = prepare(trace, block_size)
@@ -131,11 +172,23 @@ def run(args: argparse.Namespace) -> int:
                     replay(trace, config, block_size=block_size, prompts=prompts, progress=not args.quiet)
                 )
             )
+            if args.tiers:
+                rows.append(_replay_with_tiers(args, trace, config, block_size, prompts))
         if not args.no_bounds:
             bounds[capacity] = report.upper_bounds(trace, prompts, block_size, capacity * args.workers)
         at = [r for r in rows if r["capacity_blocks"] == capacity]
         print(f"\n{capacity} blocks per worker ({capacity * args.workers} in all)")
         print(report.table(at))
+        if args.markdown:
+            print(report.markdown_table(at))
+        if args.per_worker:
+            for row in at:
+                print(report.worker_table(row))
+        if args.tiers:
+            from kvcache.tiers import spill_report
+
+            print(f"\nspill tiers {args.tiers} (token hit rate by tier; TTFT includes transfer times)")
+            print(spill_report.table(at))
         if capacity in bounds:
             b = bounds[capacity]
             print(
@@ -149,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "trace": args.trace,
             "block_size": block_size,
-            "latency": latency.__repr__(),
+            "latency": dataclasses.asdict(latency),
             "results": rows,
             "upper_bounds": {str(c): b for c, b in bounds.items()},
         }

@@ -15,6 +15,7 @@ the first key no candidate holds. Policies are elsewhere (``policies``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from kvcache.events import BlockStored, CacheEvent
@@ -80,11 +81,18 @@ class PreciseIndex:
 
 
 class ApproxIndex:
-    """Block key -> {worker: expiry}, kept from the router's own decisions."""
+    """Block key -> {worker: expiry}, kept from the router's own decisions.
 
-    def __init__(self, ttl_ms: float) -> None:
+    With ``capacity_blocks`` the index also models each worker's pool as an LRU of that many
+    blocks (a request's tail first, so its head is the most recent, as a worker frees them),
+    so a key the worker must have evicted by now stops counting before its TTL runs out.
+    """
+
+    def __init__(self, ttl_ms: float, capacity_blocks: int | None = None) -> None:
         self.ttl_ms = ttl_ms
+        self.capacity_blocks = capacity_blocks
         self.holders: dict[bytes, dict[int, float]] = {}
+        self.lru: dict[int, OrderedDict[bytes, None]] = {}
         self._next_sweep_ms = ttl_ms
 
     def record(self, worker_id: int, keys: Sequence[bytes], now_ms: float) -> None:
@@ -96,6 +104,17 @@ class ApproxIndex:
                 holders[key] = {worker_id: expiry}
             else:
                 held[worker_id] = expiry
+        cap = self.capacity_blocks
+        if cap is not None:
+            lru = self.lru.setdefault(worker_id, OrderedDict())
+            for key in reversed(keys):
+                lru[key] = None
+                lru.move_to_end(key)
+            while len(lru) > cap:
+                old, _ = lru.popitem(last=False)
+                held = holders.get(old)
+                if held is not None and held.pop(worker_id, None) is not None and not held:
+                    del holders[old]
         if now_ms >= self._next_sweep_ms:
             self._sweep(now_ms)
 
@@ -110,6 +129,7 @@ class ApproxIndex:
         self._next_sweep_ms = now_ms + self.ttl_ms
 
     def remove_worker(self, worker_id: int) -> None:
+        self.lru.pop(worker_id, None)
         for key in list(self.holders):
             held = self.holders[key]
             if held.pop(worker_id, None) is not None and not held:

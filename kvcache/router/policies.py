@@ -83,8 +83,9 @@ def lpm(inp: RoutingInput) -> int:
 def make_dynamo(overlap_weight: float = 1.0, temperature: float = 0.0) -> Policy:
     """NVIDIA Dynamo's KV router cost.
 
-    Source: ai-dynamo/dynamo, docs "KV Cache Routing" and ``lib/llm/src/kv_router/scheduler.rs``:
-    ``logit = overlap_weight x potential_prefill_blocks + potential_active_blocks``, lowest wins;
+    Source: NVIDIA Dynamo documentation, "KV Router", section "Cost Function"
+    (docs.nvidia.com/dynamo, components/router; ai-dynamo/dynamo ``lib/llm/src/kv_router``):
+    ``cost = kv_overlap_score_weight x prefill_blocks + decode_blocks``, lowest wins;
     prefill blocks are the worker's pending prefill tokens plus this request's uncached ones,
     over the block size; active (decode) blocks are the worker's plus this request's. With
     ``temperature > 0`` the worker is sampled from ``softmax(-normalized_logit / temperature)``
@@ -115,12 +116,13 @@ def make_sglang(
 ) -> Policy:
     """SGLang gateway (sgl-router) cache-aware policy.
 
-    Source: sgl-project/sglang, ``sgl-router/src/policies/cache_aware.rs``: the system is
-    imbalanced when ``max_load - min_load > balance_abs_threshold`` and
+    Source: sgl-project/sglang, the sgl-router cache-aware policy (``cache_aware.rs``, router
+    README for the thresholds; recent releases default ``cache_threshold`` to 0.3, older ones
+    to 0.5): the system is imbalanced when ``max_load - min_load > balance_abs_threshold`` and
     ``max_load > min_load x balance_rel_threshold`` (load = running requests); then the least
     loaded worker wins. Otherwise the worker with the highest prefix match ratio wins if that
-    ratio exceeds ``cache_threshold``, else the least loaded (the gateway's fallback picks the
-    smallest cache tree; we use load as the issue's specification asks).
+    ratio exceeds ``cache_threshold``, else the least loaded (the gateway's own fallback picks
+    the worker with the smallest cache tree; load is the fallback this project specifies).
     """
 
     def sglang(inp: RoutingInput) -> int:
@@ -137,7 +139,7 @@ def make_sglang(
     return sglang
 
 
-def make_affinity(recompute_weight: float = 1.0) -> Policy:
+def make_affinity(recompute_weight: float = 1.5) -> Policy:
     """kvcache's policy: the lowest modelled cost of serving the request on each worker.
 
     ``cost = queued_prefill_ms + (1 + recompute_weight) x prefill_ms(new, cached, active)``:
@@ -147,7 +149,10 @@ def make_affinity(recompute_weight: float = 1.0) -> Policy:
     recomputed on a cold worker delay everyone queued after them. A shared first block saves
     one block of prefill, never enough to outweigh a queue, so a common system prompt cannot
     pile traffic onto one worker. In the spirit of Mooncake's Conductor (lowest estimated
-    TTFT = queue + prefill; Qin et al., FAST'25) and Preble's cost-aware E2 scheduling.
+    TTFT = queue + prefill; Qin et al., FAST'25) and Preble's cost-aware E2 scheduling. The
+    default weight 1.5 came from a sweep over 0-4 on the Mooncake trace at 137, 274 and 548
+    blocks per worker: the smallest tried that kept the hit rate within about 1% of the best
+    baseline's at all three without giving up p99 TTFT.
     """
 
     def affinity(inp: RoutingInput) -> int:

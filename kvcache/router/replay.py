@@ -104,6 +104,7 @@ class _Replay:
             block_size,
             latency=config.latency,
             ttl_ms=config.ttl_ms,
+            capacity_blocks=config.capacity_blocks,
             seed=config.seed,
             clock=lambda: self.now,
         )

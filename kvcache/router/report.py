@@ -125,7 +125,7 @@ def upper_bounds(
 
 
 COLUMNS = (  # title, metric key, width, format spec
-    ("policy", "policy", 13, "s"),
+    ("policy", "policy", 16, "s"),
     ("tok hit", "token_hit_rate", 8, ".1%"),
     ("blk hit", "block_hit_rate", 8, ".1%"),
     ("prefill Mtok", "prefill_tokens_computed", 13, ".2f"),
@@ -135,13 +135,15 @@ COLUMNS = (  # title, metric key, width, format spec
     ("p99 ms", "p99_ttft_ms", 8, ".0f"),
     ("req/s", "request_throughput", 7, ".2f"),
     ("imbal", "load_imbalance", 6, ".2f"),
-    ("imbal 60s", "load_imbalance_60s_max", 10, ".2f"),
+    ("60s mean", "load_imbalance_60s_mean", 9, ".2f"),
+    ("60s max", "load_imbalance_60s_max", 8, ".2f"),
     ("lost", "lost", 5, "d"),
 )
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table, one row per replay (TTFT in ms; imbal 60s = the worst window)."""
+    """A fixed-width table, one row per replay (TTFT in ms; imbalance = max/mean prefill tokens
+    per worker, over the run, then the mean and the worst of the 60 s windows)."""
     lines = ["".join(t.ljust(w) if k == "policy" else t.rjust(w) for t, k, w, _ in COLUMNS)]
     for row in rows:
         cells = []
@@ -153,12 +155,24 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def worker_table(row: dict[str, Any]) -> str:
+    """One policy's per-worker breakdown."""
+    lines = [f"  {row['policy']}: worker  completed  input Mtok  prefill Mtok  token hit"]
+    for w in row["per_worker"]:
+        lines.append(
+            f"  {'':>{len(row['policy'])}}  {w['worker_id']:>6}  {w['completed']:>9}"
+            f"  {w['input_tokens'] / 1e6:>10.2f}  {w['prefill_tokens'] / 1e6:>12.2f}"
+            f"  {w['token_hit_rate']:>9.1%}"
+        )
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The same table in Markdown, for docs."""
     lines = [
         "| policy | token hit | block hit | prefill Mtok | mean TTFT ms | p50 | p90 | p99 TTFT ms | req/s "
-        "| imbalance | worst 60 s imbalance | lost |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| imbalance | 60 s mean | 60 s worst | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -166,7 +180,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['prefill_tokens_computed'] / 1e6:.2f} | {r['mean_ttft_ms']:.0f} | "
             f"{r['median_ttft_ms']:.0f} | "
             f"{r['p90_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | {r['request_throughput']:.2f} | "
-            f"{r['load_imbalance']:.2f} | {r['load_imbalance_60s_max']:.2f} | {r['lost']} |"
+            f"{r['load_imbalance']:.2f} | {r['load_imbalance_60s_mean']:.2f} | "
+            f"{r['load_imbalance_60s_max']:.2f} | {r['lost']} |"
         )
     return "\n".join(lines)
 

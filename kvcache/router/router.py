@@ -11,7 +11,9 @@ It keeps two things: an index of which worker holds which block key (``index``) 
 load accounting (requests and blocks routed to each worker and not finished, and a modelled
 prefill schedule per worker built from the latency model: each request's estimated prefill
 starts when the previous estimate ends). It never reads a worker's internals. Choosing is the
-policy's job (``policies``); simulating workers is ``replay``'s.
+policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
+``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
+must have evicted.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Router:
         *,
         latency: LatencyModel | None = None,
         ttl_ms: float = 120_000.0,
+        capacity_blocks: int | None = None,
         seed: int = 0,
         clock: Callable[[], float] = _monotonic_ms,
     ) -> None:
@@ -85,7 +88,9 @@ class Router:
         self.mode = mode
         self.block_size = block_size
         self.latency = latency or LatencyModel()
-        self.index: PreciseIndex | ApproxIndex = PreciseIndex() if mode == "precise" else ApproxIndex(ttl_ms)
+        self.index: PreciseIndex | ApproxIndex = (
+            PreciseIndex() if mode == "precise" else ApproxIndex(ttl_ms, capacity_blocks)
+        )
         self.clock = clock
         self.rng = random.Random(seed)
         self.loads: dict[int, _Load] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,11 @@ class LayoutFingerprint:
     kv_heads: int
     head_dim: int
     block_size: int
+    # Derived once (every store and load needs them): not part of equality or hashing.
+    torch_dtype: torch.dtype = field(init=False, repr=False, compare=False)
+    block_shape: tuple[int, int, int, int, int] = field(init=False, repr=False, compare=False)
+    block_nbytes: int = field(init=False, repr=False, compare=False)
+    digest: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
@@ -65,6 +70,16 @@ class LayoutFingerprint:
                 raise TierError(f"{name}={value!r} must be a positive integer")
         if not self.model_id:
             raise TierError("model_id must be a non-empty string")
+        dtype = getattr(torch, self.dtype)
+        # ``block_shape``: [num_layers, 2, block_size, kv_heads, head_dim], one block, contiguous.
+        shape = (self.num_layers, 2, self.block_size, self.kv_heads, self.head_dim)
+        numel = shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
+        setattr_ = object.__setattr__
+        setattr_(self, "torch_dtype", dtype)
+        setattr_(self, "block_shape", shape)
+        setattr_(self, "block_nbytes", numel * dtype.itemsize)
+        # ``digest``: 16 bytes naming this layout, in every stored block's header and file path.
+        setattr_(self, "digest", hashing.link(b"kvcache-tier-layout", self.encode()))
 
     @classmethod
     def of_pool(cls, model_id: str, pool: torch.Tensor) -> LayoutFingerprint:
@@ -76,32 +91,11 @@ class LayoutFingerprint:
         num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
         return cls(model_id, dtype_name(pool.dtype), num_layers, kv_heads, head_dim, block_size)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        dtype = getattr(torch, self.dtype)
-        assert isinstance(dtype, torch.dtype)
-        return dtype
-
-    @property
-    def block_shape(self) -> tuple[int, int, int, int, int]:
-        """``[num_layers, 2, block_size, kv_heads, head_dim]``: one block, contiguous."""
-        return (self.num_layers, 2, self.block_size, self.kv_heads, self.head_dim)
-
-    @property
-    def block_nbytes(self) -> int:
-        n = self.num_layers * 2 * self.block_size * self.kv_heads * self.head_dim
-        return n * torch.empty((), dtype=self.torch_dtype).element_size()
-
     def encode(self) -> bytes:
         """Canonical bytes: length-prefixed model id, then the numbers as little-endian uint32."""
         model = self.model_id.encode("utf-8")
         dims = (DTYPE_CODES[self.dtype], self.num_layers, self.kv_heads, self.head_dim, self.block_size)
         return struct.pack("<I", len(model)) + model + struct.pack("<5I", *dims)
-
-    @property
-    def digest(self) -> bytes:
-        """16 bytes naming this layout; part of every stored block's header and file path."""
-        return hashing.link(b"kvcache-tier-layout", self.encode())
 
     def check_block(self, block: torch.Tensor) -> None:
         """Raise ``TierError`` unless ``block`` is one block of this layout."""

@@ -55,7 +55,7 @@ def tensor_bytes(block: torch.Tensor) -> memoryview:
         raise TierError(
             f"need a contiguous CPU tensor, got device={block.device} contiguous={block.is_contiguous()}"
         )
-    array: Any = block.view(-1).view(torch.uint8).numpy()
+    array: Any = block.view(torch.uint8).numpy().reshape(-1)
     return memoryview(array)
 
 

@@ -18,6 +18,7 @@ demote into this tier), and any in-memory cache of file contents (the OS page ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -61,13 +62,21 @@ class DiskTier(Tier):
         self.lru: OrderedDict[_Index, None] = OrderedDict()
         self.layouts: dict[bytes, LayoutFingerprint] = {}
         self._tmp_counter = 0
+        self._dirs: dict[bytes, str] = {}
+        self._made: set[bytes] = set()  # layout folders known to exist
         self._header = bytearray(codec.HEADER_BYTES)
         self._scan()
 
     # ---- paths and index -----------------------------------------------------------------------
 
     def path(self, key: TierKey) -> Path:
-        return self.root / key.layout.digest.hex() / (key.key.hex() + SUFFIX)
+        return Path(self._file(key.layout.digest, key.key))
+
+    def _file(self, digest: bytes, key: bytes) -> str:
+        folder = self._dirs.get(digest)
+        if folder is None:
+            folder = self._dirs[digest] = os.path.join(self.root, digest.hex())
+        return os.path.join(folder, key.hex() + SUFFIX)
 
     def _scan(self) -> None:
         """Index the files earlier processes left, oldest first; drop their dead temp files."""
@@ -100,7 +109,7 @@ class DiskTier(Tier):
 
     def _adopt(self, key: TierKey) -> bool:
         """Index a file another process stored since we scanned."""
-        if not self.path(key).is_file():
+        if not os.path.isfile(self._file(key.layout.digest, key.key)):
             return False
         self._make_room()
         self.lru[(key.layout.digest, key.key)] = None
@@ -139,8 +148,8 @@ class DiskTier(Tier):
         else:
             layout.check_block(out)
         payload = codec.tensor_bytes(out)
-        path = self.path(key)
         index = (layout.digest, key.key)
+        path = self._file(*index)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # removed by another process since we indexed it
@@ -173,12 +182,15 @@ class DiskTier(Tier):
             self.lru.move_to_end(index)
             return
         self._make_room()
-        payload = codec.tensor_bytes(block.contiguous() if block.device.type == "cpu" else block.cpu())
+        payload = codec.tensor_bytes(block.cpu().contiguous())
         header = codec.encode_header(key, payload)
-        path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
+        path = self._file(*index)
+        if layout.digest not in self._made:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._made.add(layout.digest)
         self._tmp_counter += 1
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{self._tmp_counter}.tmp"
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{self._tmp_counter}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, [memoryview(header), payload])
@@ -186,7 +198,7 @@ class DiskTier(Tier):
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            os.unlink(tmp)
             raise
         os.close(fd)
         os.replace(tmp, path)
@@ -219,15 +231,19 @@ class DiskTier(Tier):
 
     def _drop(self, index: _Index, evicted: bool) -> None:
         self.lru.pop(index, None)
-        digest, key = index
-        (self.root / digest.hex() / (key.hex() + SUFFIX)).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file(*index))
         if evicted:
             self._stats.evictions += 1
 
 
 def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    for buf in buffers:
-        view = buf.cast("B")
-        while view.nbytes:
-            written = os.write(fd, view)
-            view = view[written:]
+    """Write every buffer in order: one ``writev`` call, more only after a short write."""
+    views = [b.cast("B") for b in buffers]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]

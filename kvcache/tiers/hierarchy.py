@@ -5,9 +5,10 @@
     n = hierarchy.lookup_prefix(keys[num_cached_blocks:])   # blocks some tier holds
     packed = hierarchy.load(keys[num_cached_blocks:][:n])   # [m, L, 2, block_size, kv_heads, head_dim]
 
-- Offload on eviction: the evict hook packs the device block and stores it in the first tier;
-  a full tier hands its least recently used block to the next one (``Tier.on_evict``), the last
-  one drops it.
+- Offload on eviction: the evict hook stores the device block in the first tier; a full private
+  tier (G2, G3) hands its least recently used block to the next one (``Tier.on_evict``), the
+  last one drops it. Every offloaded block is also written behind to the shared tier (ICMS), so
+  another worker of the pod can load it instead of recomputing.
 - Promote on hit: a block loaded from a slower tier is copied into the first tier.
 - Prefetch on a routing decision: ``prefetch(keys)`` prestages blocks of the shared tier and
   promotes disk blocks into host memory before the request's prefill needs them.
@@ -23,6 +24,7 @@ Not here: the device pool and which blocks a request uses (the engine and its bl
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -78,8 +80,14 @@ class Hierarchy:
         self.transfer = list(transfer) if transfer is not None else None
         self._clock = clock
         self._stats = HierarchyStats(tiers={})
-        for upper, lower in zip(self.tiers, self.tiers[1:], strict=False):
-            upper.on_evict = lower.store  # demote what a full tier pushes out
+        # Private tiers form a chain: a full one demotes its oldest block to the next. Shared
+        # tiers (ICMS) get every offloaded block written behind, so other workers can load it.
+        private = [t for t in self.tiers if not isinstance(t, IcmsTier)]
+        self.shared = [t for t in self.tiers if isinstance(t, IcmsTier)]
+        for upper, lower in itertools.pairwise(private):
+            upper.on_evict = lower.store
+        if private:
+            private[-1].on_evict = None
 
     def _keys(self, keys: Sequence[bytes]) -> list[TierKey]:
         layout = self.layout
@@ -148,10 +156,15 @@ class Hierarchy:
             raise TierError(
                 f"packed {tuple(packed.shape)} must be [{len(keys)}, *{list(self.layout.block_shape)}]"
             )
-        tier = self.tiers[0]
         for key, block in zip(self._keys(keys), packed, strict=True):
-            tier.store(key, block)
+            self._offload(key, block)
         self._stats.blocks_offloaded += len(keys)
+
+    def _offload(self, key: TierKey, block: torch.Tensor) -> None:
+        self.tiers[0].store(key, block)
+        for tier in self.shared:
+            if tier is not self.tiers[0]:
+                tier.store(key, block)
 
     def evict_hook(self, pool: torch.Tensor) -> Callable[[int, bytes], None]:
         """A ``BlockManager.set_evict_hook`` callback that writes evicted blocks of ``pool``
@@ -159,14 +172,13 @@ class Hierarchy:
         layout = LayoutFingerprint.of_pool(self.layout.model_id, pool)
         if layout != self.layout:
             raise TierError(f"pool layout {layout} differs from the hierarchy's {self.layout}")
-        first = self.tiers[0]
         stats = self._stats
 
         def hook(block_id: int, key: bytes) -> None:
             if not self.policy.offload_on_evict:
                 return
             try:
-                first.store(TierKey(key, layout), pool[:, :, block_id])
+                self._offload(TierKey(key, layout), pool[:, :, block_id])
                 stats.blocks_offloaded += 1
             except Exception:  # a hook must not raise inside an allocation; the block is only lost
                 stats.offload_errors += 1

@@ -1,0 +1,213 @@
+"""Tier bandwidth against the machine's own limits, side by side in one run.
+
+- G2 (host slab) store/load of one block vs a plain ``copy_`` of the same bytes between two
+  preallocated tensors.
+- G3 (disk) store/load of one block vs a plain file write (unlink, create, write, close) and a
+  plain read (open, ``preadv`` into a preallocated buffer, close) of the same bytes, page cache
+  warm. G3 does more by design: a header, temp file + rename, and an xxh3_64 checksum over
+  every byte it reads.
+- G1<->G2 on a GPU (skipped without CUDA): ``HostTier.store``/``load`` of 64 device blocks vs one
+  large pinned host<->device copy of the same bytes, the best ``torch`` achieves.
+
+``g3-load`` also shows the floor of any verified read (plain read, then the checksum).
+Blocks of 1 MiB and 16 MiB (bf16 KV blocks of 8B-class shapes). Run: ``make bench`` or
+``pytest benches/bench_tiers.py --benchmark-only``; the summary prints GB/s and ratios.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcache import hashing
+from kvcache.tiers import DiskTier, HostTier, LayoutFingerprint, TierKey
+
+LAYOUTS = {
+    "1MiB": LayoutFingerprint("bench", "bfloat16", num_layers=8, kv_heads=4, head_dim=128, block_size=64),
+    "16MiB": LayoutFingerprint("bench", "bfloat16", num_layers=32, kv_heads=8, head_dim=128, block_size=128),
+}
+ROUNDS = 40
+
+
+def _block(layout: LayoutFingerprint, device: str = "cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(layout.block_shape, generator=gen).to(layout.torch_dtype).to(device)
+
+
+def _key(i: int, layout: LayoutFingerprint) -> TierKey:
+    return TierKey(i.to_bytes(16, "little"), layout)
+
+
+def _run(benchmark, fn, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+    benchmark.extra_info["bytes"] = nbytes
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Copies are memory-bound: one thread, so a busy shared machine cannot stall a second one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> LayoutFingerprint:
+    return LAYOUTS[request.param]
+
+
+@pytest.fixture
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Under the same file system the G3 tier would use by default (the working directory's /tmp).
+    path = tmp_path_factory.mktemp("g3")
+    yield path
+
+
+# ---- G2: host memory ---------------------------------------------------------------------------
+
+
+def test_g2_store_baseline_copy(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g2-store-{layout.block_nbytes >> 20}MiB"
+    src, dst = _block(layout), torch.empty(layout.block_shape, dtype=layout.torch_dtype)
+    _run(benchmark, lambda: dst.copy_(src), layout.block_nbytes)
+
+
+def test_g2_store_ours(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g2-store-{layout.block_nbytes >> 20}MiB"
+    tier, src = HostTier(layout, 4), _block(layout)
+    _run(benchmark, lambda: tier.store(_key(1, layout), src), layout.block_nbytes)
+
+
+def test_g2_load_baseline_copy(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g2-load-{layout.block_nbytes >> 20}MiB"
+    src, dst = _block(layout), torch.empty(layout.block_shape, dtype=layout.torch_dtype)
+    _run(benchmark, lambda: dst.copy_(src), layout.block_nbytes)
+
+
+def test_g2_load_ours(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g2-load-{layout.block_nbytes >> 20}MiB"
+    tier, out = HostTier(layout, 4), torch.empty(layout.block_shape, dtype=layout.torch_dtype)
+    tier.store(_key(1, layout), _block(layout))
+    _run(benchmark, lambda: tier.load(_key(1, layout), out), layout.block_nbytes)
+
+
+# ---- G3: local disk ----------------------------------------------------------------------------
+
+
+def test_g3_store_baseline_write(benchmark, layout: LayoutFingerprint, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g3-store-{layout.block_nbytes >> 20}MiB"
+    data = _block(layout).view(-1).view(torch.uint8).numpy()
+    path = workdir / "plain.bin"
+
+    def write() -> None:
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, memoryview(data))
+        os.close(fd)
+
+    _run(benchmark, write, layout.block_nbytes)
+
+
+def test_g3_store_ours(benchmark, layout: LayoutFingerprint, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g3-store-{layout.block_nbytes >> 20}MiB"
+    tier, src, key = DiskTier(workdir, 8), _block(layout), _key(1, layout)
+
+    def store() -> None:
+        tier.remove(key)  # a fresh write each round, as the baseline does
+        tier.store(key, src)
+
+    _run(benchmark, store, layout.block_nbytes)
+
+
+def test_g3_load_baseline_read(benchmark, layout: LayoutFingerprint, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g3-load-{layout.block_nbytes >> 20}MiB"
+    path = workdir / "plain.bin"
+    path.write_bytes(_block(layout).view(-1).view(torch.uint8).numpy().tobytes())
+    buf = memoryview(bytearray(layout.block_nbytes))
+
+    def read() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        os.preadv(fd, [buf], 0)
+        os.close(fd)
+
+    _run(benchmark, read, layout.block_nbytes)
+
+
+def test_g3_load_read_plus_checksum(benchmark, layout: LayoutFingerprint, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The floor of any verified read: the plain read, then xxh3_64 over the bytes read."""
+    benchmark.group = f"g3-load-{layout.block_nbytes >> 20}MiB"
+    path = workdir / "plain.bin"
+    path.write_bytes(_block(layout).view(-1).view(torch.uint8).numpy().tobytes())
+    buf = memoryview(bytearray(layout.block_nbytes))
+
+    def read() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        os.preadv(fd, [buf], 0)
+        os.close(fd)
+        hashing.checksum(buf)
+
+    _run(benchmark, read, layout.block_nbytes)
+
+
+def test_g3_load_ours(benchmark, layout: LayoutFingerprint, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g3-load-{layout.block_nbytes >> 20}MiB"
+    tier, key = DiskTier(workdir, 8), _key(1, layout)
+    tier.store(key, _block(layout))
+    out = torch.empty(layout.block_shape, dtype=layout.torch_dtype)
+
+    def load() -> None:
+        assert tier.load(key, out) is out
+
+    _run(benchmark, load, layout.block_nbytes)
+
+
+# ---- G1 <-> G2 on a GPU ------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="G1<->G2 needs a CUDA device")
+NUM_GPU_BLOCKS = 64
+
+
+def _sync(fn):  # type: ignore[no-untyped-def]
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+@needs_cuda
+@pytest.mark.parametrize("direction", ["d2h", "h2d"])
+def test_g1_g2_baseline_one_pinned_copy(benchmark, layout: LayoutFingerprint, direction: str) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g1-g2-{direction}-{layout.block_nbytes >> 20}MiB-x{NUM_GPU_BLOCKS}"
+    shape = (NUM_GPU_BLOCKS, *layout.block_shape)
+    dev = torch.empty(shape, dtype=layout.torch_dtype, device="cuda")
+    host = torch.empty(shape, dtype=layout.torch_dtype, pin_memory=True)
+    src, dst = (dev, host) if direction == "d2h" else (host, dev)
+    _run(benchmark, _sync(lambda: dst.copy_(src, non_blocking=True)), NUM_GPU_BLOCKS * layout.block_nbytes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("direction", ["d2h", "h2d"])
+def test_g1_g2_ours(benchmark, layout: LayoutFingerprint, direction: str) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"g1-g2-{direction}-{layout.block_nbytes >> 20}MiB-x{NUM_GPU_BLOCKS}"
+    tier = HostTier(layout, NUM_GPU_BLOCKS)
+    dev = torch.empty((NUM_GPU_BLOCKS, *layout.block_shape), dtype=layout.torch_dtype, device="cuda")
+    keys = [_key(i, layout) for i in range(NUM_GPU_BLOCKS)]
+    for k, b in zip(keys, dev, strict=True):
+        tier.store(k, b)
+
+    def store() -> None:
+        for k, b in zip(keys, dev, strict=True):
+            tier.store(k, b)
+
+    def load() -> None:
+        for k, b in zip(keys, dev, strict=True):
+            tier.load(k, b)
+
+    fn = store if direction == "d2h" else load
+    _run(benchmark, _sync(fn), NUM_GPU_BLOCKS * layout.block_nbytes)
