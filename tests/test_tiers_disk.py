@@ -12,7 +12,8 @@ import pytest
 import torch
 from tiers_helpers import LAYOUT, LAYOUT_F32, block, key, same_bits
 
-from kvcache.tiers import DiskTier, LayoutFingerprint, TierKey, codec
+from kvcache.redis_server import start_redis
+from kvcache.tiers import DiskTier, IcmsTier, LayoutFingerprint, RedisBackend, TierKey, codec
 
 
 def test_round_trip_files_and_atomic_names(tmp_path: Path) -> None:
@@ -50,18 +51,27 @@ WRITER = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from tiers_helpers import key, block
-from kvcache.tiers import DiskTier
+from kvcache.tiers import DiskTier, IcmsTier, RedisBackend
 tier = DiskTier({root!r}, 16)
+pod = IcmsTier(RedisBackend({url!r}, 100), worker_id=7)
 for i in range(3):
     tier.store(key(i), block(i))
+    pod.store(key(10 + i), block(10 + i))
+pod.flush()
 """
 
 
 def test_a_new_process_finds_what_another_stored(tmp_path: Path) -> None:
+    """On local disk (G3) and in the Redis-backed shared tier alike."""
     root = tmp_path / "g3"
     reader = DiskTier(root, 16)  # running before the writer: learns of its files on lookup
-    code = WRITER.format(tests=str(Path(__file__).parent), root=str(root))
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    with start_redis() as server:
+        code = WRITER.format(tests=str(Path(__file__).parent), root=str(root), url=server.url)
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        pod = IcmsTier(RedisBackend(server.url, 100), worker_id=0)
+        got = pod.load_many([key(10), key(11), key(12)])
+        assert all(same_bits(b, block(10 + i)) for i, b in enumerate(got) if b is not None)
+        assert pod.stats.hits == pod.stats.cross_worker_hits == 3
     assert reader.lookup_prefix([key(0), key(1), key(2), key(3)]) == 3
     fresh = DiskTier(root, 16)  # started after: finds them by scanning
     assert len(fresh) == 3

@@ -54,7 +54,7 @@ def test_store_demotes_down_the_chain_and_load_promotes(tmp_path: Path) -> None:
     assert g3.contains(key(2)) and g3.contains(key(3))
 
 
-def test_a_damaged_block_truncates_the_load(tmp_path: Path) -> None:
+def test_a_damaged_block_falls_back_to_another_copy_or_truncates_the_load(tmp_path: Path) -> None:
     g3 = DiskTier(tmp_path, 8)
     h = Hierarchy(LAYOUT, [g3], TierPolicy(promote_on_hit=False))
     h.store(keys(0, 1, 2), torch.stack([block(i) for i in range(3)]))
@@ -65,6 +65,15 @@ def test_a_damaged_block_truncates_the_load(tmp_path: Path) -> None:
     packed = h.load(keys(0, 1, 2))
     assert packed.shape[0] == 1 and same_bits(packed[0], block(0))
     assert g3.stats.corrupt == 1 and h.lookup_prefix(keys(0, 1, 2)) == 1
+    # With a second copy in the shared tier, the damaged disk copy is dropped and the shared one serves.
+    icms = IcmsTier(InProcessBackend(8), write_behind_blocks=1)
+    h2 = Hierarchy(LAYOUT, [DiskTier(tmp_path / "b", 8), icms], TierPolicy(promote_on_hit=False))
+    h2.store(keys(0, 1, 2), torch.stack([block(i) for i in range(3)]))
+    damaged = h2.tiers[0].path(key(1))  # type: ignore[attr-defined]
+    damaged.write_bytes(damaged.read_bytes()[:-5])
+    packed = h2.load(keys(0, 1, 2))
+    assert packed.shape[0] == 3 and all(same_bits(packed[i], block(i)) for i in range(3))
+    assert (h2.tiers[0].stats.corrupt, icms.stats.hits) == (1, 1)
 
 
 def test_cost_rule_declines_loads_slower_than_recompute() -> None:
@@ -109,6 +118,10 @@ def test_engine_round_trip_through_block_manager_eviction() -> None:
     manager.free("b")
     assert h.stats().blocks_offloaded == 2 and h.lookup_prefix(ks[:2]) == 2
     assert all(same_bits(h.load(ks[:2])[i], kv_of(ks[i])) for i in range(2))
+    c = manager.allocate("c", prompt[:8])  # both blocks come back from G2 instead of a recompute
+    assert c.num_cached_tokens == 0 and h.restore(pool, c.block_ids[:2], ks[:2]) == 2
+    restored = pack_blocks(pool, torch.tensor(c.block_ids[:2]))
+    assert same_bits(restored[0], kv_of(ks[0])) and same_bits(restored[1], kv_of(ks[1]))
     with pytest.raises(TierError, match="differs"):
         h.evict_hook(torch.zeros(2, 2, 2, 4, 2, 8, dtype=torch.float32))
 
@@ -182,3 +195,92 @@ TestSpill = SpillMachine.TestCase
 TestSpill.settings = settings(
     max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
 )
+
+
+class TierMachine(RuleBasedStateMachine):
+    """Random store/load/remove/corrupt/flush straight on a hierarchy whose G2 (2 blocks) and G3
+    (3 blocks) overflow constantly, over a shared tier large enough for everything. A load never
+    returns wrong bytes, and every stored, not removed block stays loadable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory()
+        self.g3 = DiskTier(self.tmp.name, 3)
+        self.icms = IcmsTier(InProcessBackend(1000), write_behind_blocks=3)
+        self.h = Hierarchy(LAYOUT, [HostTier(LAYOUT, 2), self.g3, self.icms])
+        self.live: set[int] = set()
+
+    def teardown(self) -> None:
+        self.tmp.cleanup()
+
+    @rule(ids=st.lists(st.integers(0, 9), min_size=1, max_size=4, unique=True))
+    def store(self, ids: list[int]) -> None:
+        self.h.store(keys(*ids), torch.stack([block(i) for i in ids]))
+        self.live.update(ids)
+
+    @rule(ids=st.lists(st.integers(0, 9), min_size=1, max_size=5, unique=True))
+    def load(self, ids: list[int]) -> None:
+        packed = self.h.load(keys(*ids))
+        for i, got in zip(ids, packed, strict=False):
+            assert same_bits(got, block(i)), "served wrong bytes"
+
+    @rule(i=st.integers(0, 9))
+    def remove(self, i: int) -> None:
+        self.h.remove(keys(i))
+        self.live.discard(i)
+
+    @rule(i=st.integers(0, 9))
+    def corrupt_on_disk(self, i: int) -> None:
+        path = self.g3.path(key(i))
+        if path.exists():
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0xFF
+            path.write_bytes(bytes(data))
+
+    @rule()
+    def flush(self) -> None:
+        self.h.flush()
+
+    @invariant()
+    def nothing_stored_is_lost(self) -> None:
+        for i in self.live:
+            got = self.h.load(keys(i))  # a damaged disk copy is dropped and the shared copy serves
+            assert got.shape[0] == 1, f"block {i} was lost"
+            assert same_bits(got[0], block(i))
+
+
+TestTiers = TierMachine.TestCase
+TestTiers.settings = settings(
+    max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+def test_policy_switches_and_a_failing_offload_never_breaks_an_allocation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manager = BlockManager(CacheConfig(num_blocks=2, block_size=4, model_id="tiny"))
+    pool = torch.zeros(2, 2, 2, 4, 2, 8, dtype=torch.bfloat16)
+    off = Hierarchy(
+        LAYOUT, [HostTier(LAYOUT, 8)], TierPolicy(offload_on_evict=False, prefetch_on_route=False)
+    )
+    manager.set_evict_hook(off.evict_hook(pool))
+    manager.allocate("a", list(range(8)))
+    manager.free("a")
+    manager.allocate("b", list(range(100, 108)))
+    manager.free("b")
+    assert off.stats().blocks_offloaded == 0 and off.prefetch(keys(0)) == 0
+
+    g2 = HostTier(LAYOUT, 8)
+    h = Hierarchy(LAYOUT, [g2])
+    manager.set_evict_hook(h.evict_hook(pool))
+
+    def disk_full(key: object, block: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(g2, "store", disk_full)
+    c = manager.allocate("c", list(range(200, 208)))  # evicts b's two blocks: both offloads fail
+    assert len(c.block_ids) == 2
+    manager.check_invariants()
+    assert (h.stats().offload_errors, h.stats().blocks_offloaded) == (2, 0)

@@ -212,4 +212,12 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(rows, args.plot)
         print(f"wrote {args.plot}")
+        if args.tiers:
+            from pathlib import Path
+
+            from kvcache.tiers import spill_report
+
+            tiers_png = Path(args.plot).with_name(Path(args.plot).stem + "-tiers.png")
+            spill_report.plot(rows, tiers_png)
+            print(f"wrote {tiers_png}")
     return 0

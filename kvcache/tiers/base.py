@@ -130,7 +130,7 @@ class TierStats:
     cross_worker_hits: int = 0  # shared tier: hits on blocks another worker stored
     prestaged_loads: int = 0
     sync_loads: int = 0
-    stall_ms: float = 0.0  # time a load waited on this tier (modelled for ICMS, measured otherwise)
+    stall_ms: float = 0.0  # time loads waited on this tier: measured host time (G1-G3), modelled (ICMS)
     occupancy_blocks: int = 0
     capacity_blocks: int = 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -127,9 +128,11 @@ class DiskTier(Tier):
     def load(self, key: TierKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
         index = (key.layout.digest, key.key)
         block = None
+        started = time.perf_counter()
         if index in self.lru or self._adopt(key):
             block = self._read(key, out)
         s = self._stats
+        s.stall_ms += (time.perf_counter() - started) * 1e3
         if block is None:
             s.misses += 1
             return None

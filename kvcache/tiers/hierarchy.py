@@ -4,6 +4,7 @@
     manager.set_evict_hook(hierarchy.evict_hook(pool))      # offload: write-back on eviction
     n = hierarchy.lookup_prefix(keys[num_cached_blocks:])   # blocks some tier holds
     packed = hierarchy.load(keys[num_cached_blocks:][:n])   # [m, L, 2, block_size, kv_heads, head_dim]
+    m = hierarchy.restore(pool, new_block_ids, keys[num_cached_blocks:])   # or straight into the pool
 
 - Offload on eviction: the evict hook stores the device block in the first tier; a full private
   tier (G2, G3) hands its least recently used block to the next one (``Tier.on_evict``), the
@@ -15,8 +16,9 @@
 - Cost rule: with ``TierPolicy.prefill`` set, ``load`` brings only the leading blocks whose
   transfer beats recomputing them (``policy.best_load_prefix``).
 
-``load`` may return fewer blocks than asked: a block found damaged (or lost) on the way is a
-counted miss, and the caller recomputes it and everything after it. Block keys are wrapped with
+A block found damaged (or lost) on the way is a counted miss in its tier, and ``load`` tries the
+next tier holding a copy; only when none is left does it return fewer blocks than asked, and the
+caller recomputes from there. Block keys are wrapped with
 the layout fingerprint here; callers pass plain 16-byte keys.
 
 Not here: the device pool and which blocks a request uses (the engine and its block manager).
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache.errors import TierError
+from kvcache.kernels import unpack_blocks
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey, TierStats, TransferModel
 from kvcache.tiers.icms import IcmsTier
 from kvcache.tiers.policy import TierPolicy, best_load_prefix
@@ -128,14 +131,24 @@ class Hierarchy:
             where = where[:n]
         out = torch.empty((len(where), *self.layout.block_shape), dtype=self.layout.torch_dtype)
         good = len(where)
-        for t, tier in enumerate(self.tiers):
-            idx = [i for i, w in enumerate(where) if w == t]
-            if not idx:
-                continue
-            got = tier.load_many([tkeys[i] for i in idx], [out[i] for i in idx])
-            for i, block in zip(idx, got, strict=True):
-                if block is None:
-                    good = min(good, i)  # damaged or lost on the way: recompute from here
+        where = list(where)
+        todo = list(range(len(where)))
+        while todo:
+            failed: list[int] = []
+            for t, tier in enumerate(self.tiers):
+                idx = [i for i in todo if where[i] == t]
+                if idx:
+                    got = tier.load_many([tkeys[i] for i in idx], [out[i] for i in idx])
+                    failed += [i for i, block in zip(idx, got, strict=True) if block is None]
+            todo = []
+            for i in sorted(failed):  # damaged or lost on the way: try a slower tier's copy
+                lower = [t for t in range(where[i] + 1, len(self.tiers)) if self.tiers[t].contains(tkeys[i])]
+                if lower and i < good:
+                    where[i] = lower[0]
+                    todo.append(i)
+                else:
+                    good = min(good, i)  # no copy left: recompute from here
+            todo = [i for i in todo if i < good]
         out = out[:good]
         if self.policy.promote_on_hit and good:
             first = self.tiers[0]
@@ -149,6 +162,24 @@ class Hierarchy:
         stats.prefill_tokens_saved += good * self.layout.block_size
         stats.stall_ms += (self._clock() - started) * 1e3
         return out
+
+    def restore(
+        self, pool: torch.Tensor, block_ids: Sequence[int], keys: Sequence[bytes], context_tokens: int = 0
+    ) -> int:
+        """Load the leading held ``keys`` straight into blocks ``block_ids`` of ``pool``
+        ``[L, 2, num_blocks, block_size, kv_heads, head_dim]`` (an engine's freshly allocated
+        blocks after its device hit); returns how many blocks were restored."""
+        if len(block_ids) != len(keys):
+            raise TierError(f"{len(block_ids)} block ids for {len(keys)} keys; pass one id per key")
+        n = self.lookup_prefix(keys)
+        if n == 0:
+            return 0
+        packed = self.load(keys[:n], context_tokens)  # [m, L, 2, block_size, kv_heads, head_dim]
+        m = packed.shape[0]
+        if m:
+            ids = torch.tensor(list(block_ids[:m]), dtype=torch.long, device=pool.device)
+            unpack_blocks(pool, ids, packed.to(pool.device, non_blocking=True))
+        return m
 
     def store(self, keys: Sequence[bytes], packed: torch.Tensor) -> None:
         """Store blocks ``packed`` ``[n, L, 2, block_size, kv_heads, head_dim]`` in the first tier."""
@@ -165,6 +196,11 @@ class Hierarchy:
         for tier in self.shared:
             if tier is not self.tiers[0]:
                 tier.store(key, block)
+
+    def remove(self, keys: Sequence[bytes]) -> int:
+        """Drop ``keys`` from every tier (e.g. invalidated KV); returns how many copies went."""
+        tkeys = self._keys(keys)
+        return sum(tier.remove_many(tkeys) for tier in self.tiers)
 
     def evict_hook(self, pool: torch.Tensor) -> Callable[[int, bytes], None]:
         """A ``BlockManager.set_evict_hook`` callback that writes evicted blocks of ``pool``

@@ -10,6 +10,7 @@ Invariant: every slot ``0..capacity-1`` is either in ``free`` or the value of ex
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
@@ -110,8 +111,10 @@ class SlabTier(Tier):
         if slot is None:
             self._stats.misses += 1
             return None
+        started = time.perf_counter()
         block = self._read(slot, out)
         s = self._stats
+        s.stall_ms += (time.perf_counter() - started) * 1e3  # host time; async device copies excluded
         s.hits += 1
         s.blocks_out += 1
         s.bytes_out += self.layout.block_nbytes

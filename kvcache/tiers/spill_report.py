@@ -10,6 +10,7 @@ loaded are shared among tiers in proportion to the blocks each one served.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kvcache.tiers.sim import TIER_NAMES, SimTiers
@@ -94,3 +95,46 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.0%}" if before else "n/a"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Token hit rate by tier (stacked, G1-only beside it) and p99 TTFT, per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = _pairs(rows)
+    names = [base["policy"] for base, _ in pairs]
+    x = range(len(pairs))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax1.bar(
+        [i - 0.2 for i in x], [100 * b["token_hit_rate"] for b, _ in pairs], 0.4, label="G1-only", color="0.6"
+    )
+    bottom = [0.0] * len(pairs)
+    for label in ("G1", *TIER_NAMES):
+        values = [
+            100
+            * (t["tiers"]["device_token_hit_rate"] if label == "G1" else t["tiers"][label]["token_hit_rate"])
+            for _, t in pairs
+        ]
+        ax1.bar([i + 0.2 for i in x], values, 0.4, bottom=bottom, label=f"tiers: {label.upper()}")
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax1.set_ylabel("token hit rate (%)")
+    ax1.legend(fontsize=8)
+    ax2.bar(
+        [i - 0.2 for i in x], [b["p99_ttft_ms"] / 1000 for b, _ in pairs], 0.4, label="G1-only", color="0.6"
+    )
+    ax2.bar([i + 0.2 for i in x], [t["p99_ttft_ms"] / 1000 for _, t in pairs], 0.4, label="with tiers")
+    ax2.set_ylabel("p99 TTFT (s, modelled)")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x), names, rotation=30)
+    first = pairs[0][1] if pairs else {}
+    fig.suptitle(
+        f"{first.get('num_workers', '?')} workers x {first.get('capacity_blocks', '?')} device blocks; "
+        f"tiers {first.get('tiers', {}).get('sizes', {})}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
