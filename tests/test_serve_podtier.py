@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvcache.engine import EngineConfig
+from kvcache.engine import EngineConfig, Generation
 from kvcache.manager import BlockManager
 from kvcache.redis_server import RedisServer, start_redis
 from kvcache.serve.podtier import PodTieredEngine
@@ -26,10 +26,15 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def engine(redis: RedisServer) -> PodTieredEngine:
-    engine = PodTieredEngine.load("tiny", EngineConfig(num_blocks=64, block_size=16, seed=0))
+    tiers = PodTieredEngine.pod_tier(redis.url, capacity_blocks=4096)
+    engine = PodTieredEngine.load("tiny", EngineConfig(num_blocks=64, block_size=16, seed=0, tiers=tiers))
     assert isinstance(engine, PodTieredEngine)
-    engine.attach_pod_tier(redis.url, capacity_blocks=4096)
     return engine
+
+
+def tier_tokens(gen: Generation) -> int:
+    assert gen.timings is not None
+    return gen.timings.tier_tokens
 
 
 def fresh_worker(engine: PodTieredEngine, k: int = 1) -> None:
@@ -39,26 +44,30 @@ def fresh_worker(engine: PodTieredEngine, k: int = 1) -> None:
 
 def test_another_worker_loads_the_prefix_from_the_pod_tier(engine: PodTieredEngine) -> None:
     first = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
-    assert (first.cached_tokens, engine.last_tier_tokens) == (0, 0)
+    assert (first.cached_tokens, tier_tokens(first)) == (0, 0)
     engine.write_through()
     fresh_worker(engine)
     second = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
-    assert (second.cached_tokens, engine.last_tier_tokens) == (0, 96)  # device miss, pod hit of 6 blocks
+    assert (second.cached_tokens, tier_tokens(second)) == (96, 96)  # all 6 blocks from the pod tier
     assert second.output_tokens == first.output_tokens
     third = engine.generate(PROMPT, Scope("acme"), max_new_tokens=5)
-    assert (third.cached_tokens, engine.last_tier_tokens) == (96, 0)  # now on the device
+    assert (third.cached_tokens, tier_tokens(third)) == (96, 0)  # now on the device
     fresh_worker(engine)
     other = engine.generate(PROMPT, Scope("globex"), max_new_tokens=5)
-    assert (other.cached_tokens, engine.last_tier_tokens) == (0, 0)  # another tenant's keys differ
+    assert (other.cached_tokens, tier_tokens(other)) == (0, 0)  # another tenant's keys differ
 
 
 def test_group_blocks_under_k_anonymity_never_come_from_the_tier(engine: PodTieredEngine) -> None:
-    fresh_worker(engine, k=2)
-    engine.generate(PROMPT[::-1], Scope("initech", group="partners"), max_new_tokens=2)
+    group_prompt = PROMPT[::-1]
+    fresh_worker(engine, k=1)  # stored without k-anonymity: the tier now holds the group's blocks
+    engine.generate(group_prompt, Scope("initech", group="partners"), max_new_tokens=2)
     engine.write_through()
     fresh_worker(engine, k=2)
-    engine.generate(PROMPT[::-1], Scope("hooli", group="partners"), max_new_tokens=2)
-    assert engine.last_tier_tokens == 0
+    probe = engine.generate(group_prompt, Scope("hooli", group="partners"), max_new_tokens=2)
+    assert (probe.cached_tokens, tier_tokens(probe)) == (0, 0)  # gated: the tier is not asked
+    fresh_worker(engine, k=1)
+    control = engine.generate(group_prompt, Scope("piper", group="partners"), max_new_tokens=2)
+    assert (control.cached_tokens, tier_tokens(control)) == (96, 96)
 
 
 def test_redis_gone_means_counted_misses(engine: PodTieredEngine, redis: RedisServer) -> None:
@@ -68,7 +77,7 @@ def test_redis_gone_means_counted_misses(engine: PodTieredEngine, redis: RedisSe
     redis.stop()
     fresh_worker(engine)
     got = engine.generate(PROMPT[:50], Scope("acme"), max_new_tokens=4)
-    assert (got.cached_tokens, engine.last_tier_tokens) == (0, 0)
+    assert (got.cached_tokens, tier_tokens(got)) == (0, 0)
     assert engine.last_tier_errors >= 1
     assert got.output_tokens == expected
     engine.write_through()  # the write fails too: counted, not raised

@@ -26,6 +26,8 @@ def apply_tenancy(engine: Any, config: ServeConfig) -> None:
         return
     cache_config = dataclasses.replace(manager.config, k_anonymity=config.k_anonymity, quotas=quotas)
     engine.manager = BlockManager(cache_config)
+    if getattr(engine, "tiers", None) is not None:  # the engine's write-back of evicted blocks
+        engine.manager.set_evict_hook(engine.tiers.evict_hook(engine.pool))
 
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
@@ -37,11 +39,11 @@ def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size:
     from kvcache.serve.podtier import POD, PodTieredEngine
 
     torch.set_num_threads(threads)
-    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed)
+    tiers = None
+    if redis_url is not None:
+        index = zlib.crc32(worker_id.encode()) & 0xFFFF
+        tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index)
+    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers)
     engine = PodTieredEngine.load(model, engine_config)
-    assert isinstance(engine, PodTieredEngine)
     apply_tenancy(engine, config)
-    if redis_url is None:
-        return engine, ()
-    engine.attach_pod_tier(redis_url, pod_capacity_blocks, zlib.crc32(worker_id.encode()) & 0xFFFF)
-    return engine, (POD,)
+    return engine, (POD,) if redis_url is not None else ()

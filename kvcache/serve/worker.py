@@ -117,9 +117,10 @@ class Worker:
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
         """Prompt tokens each tier supplied, device first (the engine reports the device's)."""
-        hits = {"device": int(step.cached_tokens)}
-        for name in self.tier_names:
-            hits[name] = int(getattr(self.engine, "last_tier_tokens", 0))
+        tier_tokens = int(step.timings.tier_tokens) if step.timings is not None else 0
+        hits = {"device": int(step.cached_tokens) - tier_tokens}
+        for name in self.tier_names:  # one lower tier (the pod tier) in served engines
+            hits[name] = tier_tokens
         return hits
 
     def _publish(self, events: list[CacheEvent]) -> None:
