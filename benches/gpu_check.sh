@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Kernel checks for a GPU machine, in one short run: the kernel tests (Triton compiled for the GPU
-# against the reference) and the kernel benchmark (GB/s beside index_select and clone), results in $OUT.
+# against the reference) and the kernel benchmarks (block copies in GB/s beside index_select and clone;
+# paged decode attention beside gather + SDPA), results in $OUT.
 #
 #   bash benches/gpu_check.sh --prepare   # here, with network: wheels the GPU image may lack -> out/gpu_wheels
 #   OUT=/some/dir bash benches/gpu_check.sh   # there (device tool: carry out/gpu_wheels); --dry-run on a CPU
@@ -64,11 +65,11 @@ EOF
 cat "$OUT/env.txt"
 
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_reference.py tests/test_kernels_checks.py \
-    tests/test_kernels_triton.py 2>&1 | tee "$OUT/tests.txt"
+    tests/test_kernels_triton.py tests/test_kernels_attention.py 2>&1 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 KVCACHE_BENCH_OUT=$OUT timeout 300 "$PY" -m pytest -q -p no:cacheprovider benches/bench_kernels.py \
-    --benchmark-only --benchmark-columns=min,median,ops 2>&1 | tee "$OUT/bench.txt"
+    benches/bench_attention.py --benchmark-only --benchmark-columns=min,median,ops 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
 echo "tests_rc=$tests_rc bench_rc=$bench_rc" | tee "$OUT/status.txt"

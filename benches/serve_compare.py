@@ -1,4 +1,4 @@
-"""Side by side on one server binary: routing ``affinity`` vs ``round_robin``, pod tier on vs off.
+"""Side by side on one server binary: routing ``affinity``/``ttft`` vs ``round_robin``, pod tier on vs off.
 
     .venv/bin/python benches/serve_compare.py --workers 2 --duration 20 --rate 4
 
@@ -30,12 +30,14 @@ from typing import Any
 from kvcache.redis_server import start_redis
 from kvcache.serve import bench
 
-DEFAULT_TRACE = "synthetic:tenants=4,sessions=3,turns=4,system=256,user=64,output=16"
+DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"
 CONFIGS = [
     ("affinity", True),
     ("round_robin", True),
+    ("ttft", True),
     ("affinity", False),
     ("round_robin", False),
+    ("ttft", False),
 ]
 
 
@@ -157,6 +159,9 @@ def main() -> int:
     report = {"args": vars(args), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "results": results, "ratios": _ratios(results)}  # fmt: skip
     print(_table(results))
+    sent = max(s["completed"] + s["failed"] for s in results.values())
+    if sent > len(trace):
+        print(f"note: {sent} requests from a {len(trace)}-request trace: it wrapped, repeats are hits")
     print(json.dumps(report["ratios"], indent=2))
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -167,9 +172,10 @@ def main() -> int:
 def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     pairs = [("affinity_over_round_robin", "affinity:{p}", "round_robin:{p}"),
+             ("ttft_over_round_robin", "ttft:{p}", "round_robin:{p}"),
              ("pod_on_over_off", "{r}:pod", "{r}:nopod")]  # fmt: skip
     for label, num, den in pairs:
-        for fill in (("pod", "nopod") if "{p}" in num else ("affinity", "round_robin")):
+        for fill in (("pod", "nopod") if "{p}" in num else ("affinity", "round_robin", "ttft")):
             key = {"p": fill, "r": fill}
             a, b = results.get(num.format(**key)), results.get(den.format(**key))
             if a is None or b is None:

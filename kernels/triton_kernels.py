@@ -4,7 +4,7 @@ Every operation is one launch of one kernel, :func:`_block_copy_kernel`: a progr
 (``block_size * kv_heads * head_dim`` elements) of one layer's K or V from a source to a destination.
 Both sides are described as 6-D strided views ordered ``(layer, kv, block, token, head, dim)``; a
 side is either *indexed* (its block comes from an id array: the pool) or *dense* (block ``i`` of the
-request: the contiguous cache or the block-major buffer). The four public shapes are only different
+request: the contiguous cache or the block-major buffer). The five operations are only different
 stride sets over that one kernel:
 
     gather_kv      pool[l, k, ids[i], t, h, d]   -> out[l, k, h, i * block_size + t, d]

@@ -18,7 +18,6 @@ has exactly its keys. Not here: how the router uses them.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from kvcache import hf
 from kvcache.engine import Engine
+from kvcache.router.latency import LatencyModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,4 +132,5 @@ def fit(samples: Sequence[Sample], *, max_num_seqs: int, max_batched_tokens: int
 
 
 def write_latency_json(latency: LatencyFit, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(asdict(latency), indent=2) + "\n")
+    """Write through ``LatencyModel.to_json``, so the file is exactly what the replay reads."""
+    LatencyModel(**asdict(latency)).to_json(path)

@@ -229,11 +229,21 @@ def read_cache(cache: Any, start: int, end: int, batch_index: int = 0) -> torch.
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _ForwardArgs:
+    cache_kwarg: str  # "cache" where transformers renamed it, "past_key_values" before
+    legacy_tuples: bool  # the model takes and returns tuples of (k, v), not a Cache (GPT-2 in 4.5x)
+    logits_to_keep: bool
+
+
 @functools.cache
-def _cache_kwarg(model_class: Any) -> str:
-    """``cache`` in transformers versions that renamed it, ``past_key_values`` before."""
+def _forward_args(model_class: Any) -> _ForwardArgs:
     params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _ForwardArgs(
+        cache_kwarg="cache" if "cache" in params else "past_key_values",
+        legacy_tuples=not getattr(model_class, "_supports_cache_class", True),
+        logits_to_keep="logits_to_keep" in params,
+    )
 
 
 def forward(model: Any, input_ids: torch.Tensor, cache: Any, start_pos: int) -> torch.Tensor:
@@ -241,8 +251,18 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any, start_pos: int) -> 
     holds (grown in place); returns the last position's logits ``[batch, vocab]`` in float32."""
     batch, n = input_ids.shape
     positions = torch.arange(start_pos, start_pos + n, device=input_ids.device).expand(batch, n)
-    kwargs = {_cache_kwarg(model.__class__): cache}
-    out = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+    args = _forward_args(model.__class__)
+    kwargs: dict[str, Any] = {"logits_to_keep": 1} if args.logits_to_keep else {}
+    if args.legacy_tuples:
+        past = cache.to_legacy_cache() if cache_length(cache) else None
+        out = model(
+            input_ids=input_ids, position_ids=positions, past_key_values=past, use_cache=True, **kwargs
+        )
+        cache.key_cache = [k for k, _ in out.past_key_values]
+        cache.value_cache = [v for _, v in out.past_key_values]
+    else:
+        kwargs[args.cache_kwarg] = cache
+        out = model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
     return out.logits[:, -1].float()  # type: ignore[no-any-return]
 
 

@@ -84,20 +84,19 @@ def naive_copy(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids
     return out
 
 
-def triton_module() -> ModuleType:
-    """``kvcache.kernels.triton_kernels`` able to run on ``DEVICE``.
+def triton_module(name: str = "triton_kernels") -> ModuleType:
+    """``kvcache.kernels.<name>`` (a Triton module) able to run on ``DEVICE``.
 
     Without CUDA the module is (re)built under the Triton interpreter: ``TRITON_INTERPRET`` is read
     when a kernel is decorated, so it is set for the import only and restored afterwards.
     """
-    from kvcache.kernels import triton_kernels
-
-    if DEVICE.type == "cuda" or triton_kernels.interpreted():
-        return triton_kernels
+    module = importlib.import_module(f"kvcache.kernels.{name}")
+    if DEVICE.type == "cuda" or module.interpreted():
+        return module
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = importlib.reload(triton_kernels)
+        module = importlib.reload(module)
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]

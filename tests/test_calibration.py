@@ -12,6 +12,7 @@ import torch
 from kvcache import hf
 from kvcache.calibration import LatencyFit, Sample, fit, measure, write_latency_json
 from kvcache.engine import Engine, EngineConfig
+from kvcache.router.latency import LatencyModel
 
 KEYS = [
     "prefill_base_ms",
@@ -54,6 +55,12 @@ def test_json_has_exactly_the_latency_model_fields(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     assert list(data) == KEYS
     assert data["max_num_seqs"] == 16 and data["prefill_ms_per_token"] == 0.1
+    model = LatencyModel.from_json(path)  # what ``kvcache replay --latency`` reads
+    assert (model.prefill_ms_per_token_per_ctx_token, model.decode_base_ms, model.max_batched_tokens) == (
+        0.001,
+        2.0,
+        4096,
+    )
 
 
 def test_measure_times_every_grid_point_with_the_right_cached_context() -> None:

@@ -31,10 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.serve.worker import Worker, serve_forever
 
     config = ServeConfig.load(args.config)
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine, tier_names = engine_setup.load_engine(
         args.model, config, num_blocks=args.num_blocks, block_size=args.block_size, threads=args.threads,
-        seed=args.seed, redis_url=None if args.no_pod_tier else args.connect)  # fmt: skip
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        seed=args.seed, redis_url=None if args.no_pod_tier else args.connect,
+        worker_id=worker_id)  # fmt: skip
     worker = Worker(engine, worker_id, args.connect, tier_names)
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
     return 0

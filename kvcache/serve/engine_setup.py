@@ -10,6 +10,7 @@ device pool, in lookup order, for the per-tier metrics.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 from kvcache.manager import BlockManager
@@ -25,15 +26,24 @@ def apply_tenancy(engine: Any, config: ServeConfig) -> None:
         return
     cache_config = dataclasses.replace(manager.config, k_anonymity=config.k_anonymity, quotas=quotas)
     engine.manager = BlockManager(cache_config)
+    if getattr(engine, "tiers", None) is not None:  # the engine's write-back of evicted blocks
+        engine.manager.set_evict_hook(engine.tiers.evict_hook(engine.pool))
 
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
-                seed: int, redis_url: str | None) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
+                seed: int, redis_url: str | None, worker_id: str = "",
+                pod_capacity_blocks: int = 1 << 20) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
     import torch
 
-    from kvcache.engine import Engine, EngineConfig
+    from kvcache.engine import EngineConfig
+    from kvcache.serve.podtier import POD, PodTieredEngine
 
     torch.set_num_threads(threads)
-    engine = Engine.load(model, EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed))
+    tiers = None
+    if redis_url is not None:
+        index = zlib.crc32(worker_id.encode()) & 0xFFFF
+        tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index)
+    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers)
+    engine = PodTieredEngine.load(model, engine_config)
     apply_tenancy(engine, config)
-    return engine, ()
+    return engine, (POD,) if redis_url is not None else ()

@@ -36,6 +36,7 @@ from kvcache.serve import protocol
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
+from kvcache.serve.routing import ServiceEstimate
 from kvcache.serve.tokenize import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger("kvcache.front")
@@ -70,11 +71,14 @@ class Outcome:
     worker_id: str = ""
     tier_hits: dict[str, int] | None = None
     queue_s: float = 0.0
+    prefill_s: float = 0.0
+    tier_errors: int = 0
 
 
 class Front:
     def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
-                 redis_url: str | None, route_request: Any) -> None:  # fmt: skip
+                 redis_url: str | None, route_request: Any,
+                 estimate: ServiceEstimate | None = None) -> None:  # fmt: skip
         self.config = config
         self.router = router
         self.tokenizer = tokenizer
@@ -82,6 +86,7 @@ class Front:
         self.metrics = ServeMetrics()
         self.pool = WorkerPool(router, self.metrics, redis_url)
         self.route_request = route_request  # kvcache.router.RouteRequest
+        self.estimate = estimate  # fed from workers' reports when the policy uses it
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -135,12 +140,18 @@ class Front:
                         line = json.loads(raw)
                         if line.get("done"):
                             done = True
+                            if self.estimate is not None and "engine_s" in line:
+                                computed = outcome.prompt_tokens - outcome.cached_tokens
+                                engine_ms, prefill_ms = 1e3 * line["engine_s"], 1e3 * outcome.prefill_s
+                                self.estimate.observe(engine_ms, prefill_ms, computed)
                             break
                         if line["index"] == 0:
                             outcome.prompt_tokens = line["prompt_tokens"]
                             outcome.cached_tokens = line["cached_tokens"]
                             outcome.tier_hits = line["tier_hits"]
                             outcome.queue_s = line["queue_s"]
+                            outcome.prefill_s = line.get("prefill_s", 0.0)
+                            outcome.tier_errors = line.get("tier_errors", 0)
                             outcome.worker_id = worker_id
                         if line["index"] < sent:
                             continue  # the client has it from the failed worker
@@ -252,6 +263,8 @@ class Front:
         m.queue.labels(outcome.worker_id).observe(outcome.queue_s)
         m.record_cache(outcome.worker_id, tenant.name, outcome.prompt_tokens,
                        outcome.tier_hits or {"device": outcome.cached_tokens})  # fmt: skip
+        if outcome.tier_errors:
+            m.tier_errors.labels(outcome.worker_id).inc(outcome.tier_errors)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

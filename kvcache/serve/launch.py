@@ -19,6 +19,7 @@ from aiohttp import web
 
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
+from kvcache.serve.routing import ServiceEstimate, make_ttft_policy
 from kvcache.serve.tokenize import Tokenizer
 
 
@@ -76,8 +77,15 @@ async def run_front(front: Front, host: str, port: int) -> None:
 
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
                mode: str, block_size: int) -> Front:  # fmt: skip
+    """The front with its router; ``policy="ttft"`` is ``routing.make_ttft_policy``, any other name
+    one of the router's policies."""
     from kvcache.router import Router, RouteRequest
 
-    router: Any = Router(policy=policy, mode=mode, block_size=block_size)
+    estimate = None
+    chosen: Any = policy
+    if policy == "ttft":
+        estimate = ServiceEstimate()
+        chosen = make_ttft_policy(estimate)
+    router: Any = Router(policy=chosen, mode=mode, block_size=block_size)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=model, redis_url=redis_url,
-                 route_request=RouteRequest)  # fmt: skip
+                 route_request=RouteRequest, estimate=estimate)  # fmt: skip

@@ -7,8 +7,10 @@
 - ``kvcache:time_to_first_token_seconds``, ``kvcache:request_queue_time_seconds``,
   ``kvcache:e2e_request_latency_seconds`` (histograms, by worker);
 - ``kvcache:requests`` (counter by status code), ``kvcache:request_retries`` (re-sent to another
-  worker after one failed), ``kvcache:workers`` (gauge), ``kvcache:router_indexed_blocks``
-  (gauge by worker: blocks the router believes a worker caches, from its events).
+  worker after one failed), ``kvcache:tier_errors`` (lower-tier accesses that failed, by worker:
+  Redis unreachable; each is a miss, never a failed request), ``kvcache:workers`` (gauge),
+  ``kvcache:router_indexed_blocks`` (gauge by worker: blocks the router believes a worker
+  caches, from its events).
 
 Every metric lives in the ``ServeMetrics`` object's own registry, never in the process-global one.
 """
@@ -42,6 +44,8 @@ class ServeMetrics:
                                 registry=r)  # fmt: skip
         self.retries = Counter("kvcache:request_retries", "Requests re-sent after a worker failed",
                                registry=r)  # fmt: skip
+        self.tier_errors = Counter("kvcache:tier_errors", "Lower-tier lookups that failed (counted misses)",
+                                   ["worker"], registry=r)  # fmt: skip
         self.workers = Gauge("kvcache:workers", "Workers the router routes to", registry=r)
         self.indexed = Gauge("kvcache:router_indexed_blocks", "Blocks the router believes a worker caches",
                              ["worker"], registry=r)  # fmt: skip

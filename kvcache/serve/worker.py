@@ -2,7 +2,8 @@
 
 ``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}`` and answers with
 newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the first also
-carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits`` and ``queue_s``), then ``{"done": true}``.
+carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and ``queue_s``), then
+``{"done": true, "engine_s"}`` (the engine time the request took, queueing excluded).
 Errors the caller caused come back before the first line as a JSON error with its HTTP status
 (400 bad tokens, 429 over quota, 503 pool full), and never stop the worker.
 
@@ -99,21 +100,28 @@ class Worker:
             for step in stream:
                 line: dict[str, Any] = {"token_id": int(step.token_id), "index": step.index}
                 if step.index == 0:
-                    line.update(prompt_tokens=step.prompt_tokens, cached_tokens=step.cached_tokens,
-                                tier_hits=self._tier_hits(step), prefill_s=step.elapsed_s)  # fmt: skip
+                    hits = self._tier_hits(step)
+                    line.update(prompt_tokens=step.prompt_tokens, cached_tokens=sum(hits.values()),
+                                tier_hits=hits, prefill_s=step.elapsed_s,
+                                tier_errors=int(getattr(self.engine, "last_tier_errors", 0)))  # fmt: skip
                     self._publish(self.engine.drain_events())  # the router learns the prefix early
                 yield line
                 if cancel.is_set():
                     break
         finally:
             stream.close()  # frees the request's blocks even when the caller went away
+            write_through = getattr(self.engine, "write_through", None)
+            if write_through is not None:
+                write_through()
             self._publish(self.engine.drain_events())
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
-        hits = dict(getattr(step, "tier_hits", None) or {})
-        if not hits:
-            hits = {"device": step.cached_tokens, **{name: 0 for name in self.tier_names}}
-        return {str(k): int(v) for k, v in hits.items()}
+        """Prompt tokens each tier supplied, device first (the engine reports the device's)."""
+        tier_tokens = int(step.timings.tier_tokens) if step.timings is not None else 0
+        hits = {"device": int(step.cached_tokens) - tier_tokens}
+        for name in self.tier_names:  # one lower tier (the pod tier) in served engines
+            hits[name] = tier_tokens
+        return hits
 
     def _publish(self, events: list[CacheEvent]) -> None:
         if events:
@@ -139,14 +147,16 @@ class Worker:
         loop = asyncio.get_running_loop()
 
         def run() -> None:
-            queue_s = time.monotonic() - received
+            started = time.monotonic()
             try:
                 for line in self._steps(body, cancel):
                     if line["index"] == 0:
-                        line["queue_s"] = queue_s
+                        line["queue_s"] = started - received
                     loop.call_soon_threadsafe(lines.put_nowait, line)
                     if cancel.is_set():
                         break
+                done = {"done": True, "engine_s": time.monotonic() - started}
+                loop.call_soon_threadsafe(lines.put_nowait, done)
             except Exception as exc:  # a request must never take the worker down
                 if not isinstance(exc, KVCacheError):
                     log.exception("request %s failed", body.get("request_id"))
@@ -156,7 +166,11 @@ class Worker:
         future = loop.run_in_executor(self.executor, run)
         response: web.StreamResponse | None = None
         try:
+            done: dict[str, Any] = {"done": True}
             while (line := await lines.get()) is not None:
+                if line.get("done"):
+                    done = line
+                    continue
                 if "error" in line:
                     if response is None:
                         return web.json_response({"error": line["error"]}, status=line["status"])
@@ -167,7 +181,7 @@ class Worker:
                 await response.write(json.dumps(line).encode() + b"\n")
             if response is None:
                 return web.json_response({"error": "no output"}, status=500)
-            await response.write(b'{"done": true}\n')
+            await response.write(json.dumps(done).encode() + b"\n")
             await response.write_eof()
             return response
         finally:

@@ -1,0 +1,161 @@
+"""Triton paged decode attention: one program per (sequence, KV head) walks the sequence's blocks.
+
+A program loads the ``group = num_heads // kv_heads`` query heads that share one KV head, then for
+each block of the sequence loads that block's K and V rows of the head once (``[block_size,
+head_dim]``, straight from the pool) and folds them into a running softmax (the max, the sum of
+exponentials and the weighted sum of V, rescaled as the max grows), all in float32. Nothing is
+gathered into a contiguous cache first, so the bytes read are exactly the sequence's KV once.
+
+Products are broadcast multiplies and sums rather than ``tl.dot`` (which needs every dimension >= 16,
+and a decode step has a single query row per head); the kernel is bound by reading KV anyway.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before import). Callers use :func:`kvcache.kernels.attention.paged_decode_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from kvcache.kernels.attention import check_decode_args
+
+from kvcache.errors import KernelError
+
+__all__ = ["interpreted", "paged_decode_attention"]
+
+
+# Reductions go through tl.reduce with this module's combine functions and constants come from
+# tl.full, not tl.sum / tl.max / tl.zeros (themselves @jit functions of triton.language): the kernel
+# then also runs when the interpreter is switched on after triton.language was imported, since only
+# this module's functions need rebuilding for it. Compiled, tl.sum is exactly this reduce.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    out_ptr,
+    k_base_ptr,  # pool[layer, 0]
+    v_base_ptr,  # pool[layer, 1]
+    tables_ptr,
+    lens_ptr,
+    scale,
+    q_s_seq,
+    q_s_head,
+    out_s_seq,
+    out_s_head,
+    tables_s_seq,
+    kv_s_block,
+    kv_s_tok,
+    kv_s_head,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    g = tl.arange(0, GROUP_P2)
+    t = tl.arange(0, BLOCK_SIZE_P2)
+    d = tl.arange(0, HEAD_DIM_P2)
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    heads = kv_head * GROUP + g
+    q = tl.load(
+        q_ptr + seq * q_s_seq + heads[:, None] * q_s_head + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [G, D]
+    seq_len = tl.load(lens_ptr + seq)
+    num_blocks = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    m = tl.full((GROUP_P2,), float("-inf"), tl.float32)  # running max of the scores
+    denom = tl.full((GROUP_P2,), 0.0, tl.float32)  # running sum of exp(score - m)
+    acc = tl.full((GROUP_P2, HEAD_DIM_P2), 0.0, tl.float32)  # running sum of exp(score - m) * v
+    for b in range(0, num_blocks):
+        block = tl.load(tables_ptr + seq * tables_s_seq + b).to(tl.int64)
+        tok = b * BLOCK_SIZE + t
+        t_mask = (t < BLOCK_SIZE) & (tok < seq_len)
+        rows = block * kv_s_block + t[:, None] * kv_s_tok + kv_head * kv_s_head + d[None, :]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base_ptr + rows, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
+        scores = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add) * scale  # [G, T]
+        scores = tl.where(t_mask[None, :], scores, float("-inf"))
+        # Every block holds at least one valid token, so m_new is finite and no exp sees -inf - -inf.
+        m_new = tl.maximum(m, tl.reduce(scores, 1, _maximum))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])  # [G, T]
+        v = tl.load(v_base_ptr + rows, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
+        acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
+        denom = denom * alpha + tl.reduce(p, 1, _add)
+        m = m_new
+    result = acc / denom[:, None]
+    tl.store(
+        out_ptr + seq * out_s_seq + heads[:, None] * out_s_head + d[None, :],
+        result,
+        mask=g_mask[:, None] & d_mask[None, :],
+    )
+
+
+def interpreted() -> bool:
+    """Whether the kernel was built for the Triton interpreter (it then takes CPU tensors)."""
+    return type(_paged_decode_kernel).__name__ == "InterpretedFunction"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Checked launch; see :func:`kvcache.kernels.attention.paged_decode_attention`."""
+    q, pool, tables, lens = check_decode_args(q, pool, layer, block_tables, seq_lens)
+    if not (pool.device.type == "cuda" or (pool.device.type == "cpu" and interpreted())):
+        raise KernelError(
+            f"the Triton decode kernel needs the pool on a CUDA device, got {pool.device}; use the "
+            "reference there, or set TRITON_INTERPRET=1 before importing kvcache.kernels.triton_attention"
+        )
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, _, block_size, kv_heads, _ = pool.shape
+    group = num_heads // kv_heads
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_seqs == 0:
+        return out
+    k_base, v_base = pool[layer, 0], pool[layer, 1]  # [num_blocks, block_size, H_kv, D] views
+    _paged_decode_kernel[(num_seqs, kv_heads)](
+        q,
+        out,
+        k_base,
+        v_base,
+        tables,
+        lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        tables.stride(0),
+        k_base.stride(0),
+        k_base.stride(1),
+        k_base.stride(2),
+        GROUP=group,
+        GROUP_P2=triton.next_power_of_2(group),
+        BLOCK_SIZE=block_size,
+        BLOCK_SIZE_P2=triton.next_power_of_2(block_size),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=triton.next_power_of_2(head_dim),
+    )
+    return out

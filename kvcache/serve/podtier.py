@@ -1,0 +1,86 @@
+"""The pod tier for served engines: every worker reads and writes one Redis-backed ICMS tier.
+
+``PodTieredEngine`` is the HF engine with a ``kvcache.tiers.Hierarchy`` whose only tier is an
+``IcmsTier`` over ``RedisBackend``. The engine itself loads the prefix blocks the tier holds
+after its pool's hit, and writes evicted blocks down; for a pod of workers this adds:
+
+- write-through: after prefill the prompt's newly computed full blocks are packed (a local
+  copy), and ``write_through`` (which the worker calls once the request is answered, so Redis
+  writes stay off its time to first token) stores and flushes them, so another worker's next
+  request with the same prefix finds them;
+- k-anonymity: requests of a share group under k > 1 never load from the tier and never write
+  to it: the tier cannot tell how many tenants wrote a block, and a hit there must not reveal
+  what one tenant sent.
+
+Keys are the block manager's (scope-rooted, so tenants never share tier entries). When Redis is
+unreachable the tier answers misses and counts errors; requests never fail because of it.
+``last_tier_errors`` is how many backend errors the last request met (the engine is
+single-threaded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvcache.engine import Engine, PrefillTimings
+from kvcache.kernels import pack_blocks
+from kvcache.manager import Allocation, Prompt
+from kvcache.tiers import Hierarchy, IcmsTier, LayoutFingerprint, RedisBackend
+
+POD = "pod"
+
+
+class PodTieredEngine(Engine):
+    last_tier_errors = 0
+    _pending: tuple[list[bytes], torch.Tensor] | None = None
+
+    @staticmethod
+    def pod_tier(redis_url: str, capacity_blocks: int, worker_index: int = 0) -> Any:
+        """``EngineConfig.tiers``: builds the hierarchy once the engine knows its block layout."""
+
+        def build(layout: LayoutFingerprint) -> Hierarchy:
+            tier = IcmsTier(RedisBackend(redis_url, capacity_blocks), worker_id=worker_index,
+                            write_behind_blocks=64)  # fmt: skip
+            return Hierarchy(layout, [tier])
+
+        return build
+
+    def _errors(self) -> int:
+        return sum(s.errors for s in self.tiers.stats().tiers.values()) if self.tiers is not None else 0
+
+    def _gated(self, prompt: Prompt) -> bool:
+        return self.manager.config.k_anonymity > 1 and prompt.scope.is_shared
+
+    def _load_from_tiers(self, prompt: Prompt, alloc: Allocation) -> int:
+        if self._gated(prompt):
+            return 0
+        return super()._load_from_tiers(prompt, alloc)
+
+    def _prefill(
+        self, prompt: Prompt, alloc: Allocation, hash_s: float, lookup_s: float
+    ) -> tuple[torch.Tensor, Any, PrefillTimings]:
+        errors_before = self._errors()
+        logits, cache, timings = super()._prefill(prompt, alloc, hash_s, lookup_s)
+        self.last_tier_errors = self._errors() - errors_before
+        if self.tiers is None or self._gated(prompt):
+            return logits, cache, timings
+        bs = self.block_size
+        start = alloc.num_cached_tokens // bs + timings.tier_tokens // bs
+        end = len(prompt.keys)  # full prompt blocks, all written to the pool by now
+        if end > start:
+            ids = torch.tensor(alloc.block_ids[start:end], dtype=torch.long, device=self.device)
+            self._pending = (list(prompt.keys[start:end]), pack_blocks(self.pool, ids))
+        return logits, cache, timings
+
+    def write_through(self) -> None:
+        """Store the last request's newly computed prompt blocks in the pod tier and flush, so
+        other workers find them. Called after the request, off its time to first token."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.tiers is None:
+            return
+        errors_before = self._errors()
+        self.tiers.store(*pending)
+        self.tiers.flush()
+        self.last_tier_errors += self._errors() - errors_before
