@@ -27,7 +27,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def loaded() -> hf.LoadedModel:
-    return hf.load_model("tiny-qwen2")
+    return hf.load_model("tiny-qwen2", device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture
@@ -132,7 +132,9 @@ def test_bad_arguments_raise_typed_errors(engine: Engine) -> None:
 
 def test_local_checkpoint_loads_through_from_pretrained(loaded: hf.LoadedModel, tmp_path: Path) -> None:
     loaded.model.save_pretrained(tmp_path / "ckpt")
-    engine = Engine.load(str(tmp_path / "ckpt"), EngineConfig(num_blocks=16, block_size=BS))
+    engine = Engine.load(
+        str(tmp_path / "ckpt"), EngineConfig(num_blocks=16, block_size=BS, device="cpu", dtype="float32")
+    )
     assert (engine.model_id, engine.tokenizer, engine.shape) == (str(tmp_path / "ckpt"), None, loaded.shape)
     p = toks(7, 40)
     with torch.inference_mode():
