@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
 from kvcache.errors import ModelError
@@ -161,9 +162,19 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
     return model.to(device)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name_or_path: str) -> Any | None:
-    """The tokenizer stored with a model, or None (random-weight models and bare checkpoints)."""
+    """The tokenizer stored with a model, or None (random-weight models and checkpoints saved
+    without one: transformers would otherwise build an empty tokenizer from the config)."""
     if name_or_path in tiny_model_names():
+        return None
+    if os.path.isdir(name_or_path):
+        stored = any(os.path.exists(os.path.join(name_or_path, f)) for f in _TOKENIZER_FILES)
+    else:
+        stored = any(isinstance(try_to_load_from_cache(name_or_path, f), str) for f in _TOKENIZER_FILES)
+    if not stored:
         return None
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
