@@ -12,8 +12,9 @@ Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
   to load them: one batch per tier, so each tier's base latency is paid once.
 
 Only reads are charged: offload writes are write-behind, off the request's path, and do not
-compete with reads for bandwidth here. Tiers are inclusive: a loaded block stays where it was (and is refreshed in LRU order), so a
-later eviction from the device does not have to write it again.
+compete with reads for bandwidth here. Tiers are inclusive: a loaded block stays where it was
+(and is refreshed in LRU order), so a later eviction from the device does not have to write it
+again.
 
 Default speeds, per GPU: G2 pinned host memory over PCIe Gen5 x16, 50 GB/s (48-55 GB/s
 measured on H100, FACTS.md), 10 us per batch; G3 one PCIe Gen4 NVMe drive, 7 GB/s sequential
