@@ -1,7 +1,8 @@
 """The OpenAI-compatible front: authenticate, validate, tokenize, route, proxy, retry.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` or not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /debug/workers``.
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /debug/workers``
+(worker addresses and pids, for loopback clients only).
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
 block size and chain scope as their block managers), and the router picks the worker. The
@@ -281,6 +282,8 @@ class Front:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def debug_workers(self, request: web.Request) -> web.Response:
+        if request.remote not in ("127.0.0.1", "::1"):  # internal addresses: operators on the host only
+            return self._error(403, "/debug/workers answers loopback clients only", "permission_error")
         return web.json_response({wid: {"url": s.reg.url, "pid": s.reg.pid, "instance": s.reg.instance,
                                         "indexed_blocks": len(s.indexed_blocks)}
                                   for wid, s in self.pool.workers.items()})  # fmt: skip
