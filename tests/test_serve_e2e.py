@@ -117,6 +117,8 @@ def test_share_group_hits_only_after_k_tenants_wrote_a_block(server: Deployment)
         ("/v1/completions", b'{"prompt": "x"}', "sk-nobody", 401, "unknown API key"),
         ("/v1/completions", b'{"prompt": "x"}', None, 401, "missing API key"),
         ("/v1/completions", b'{"prompt": "x", "model": "gpt-9"}', "sk-acme", 404, "'gpt-9'"),
+        ("/v1/completions", b'{"prompt": "' + b"y" * 200 + b'", "max_tokens": 4000}', "sk-acme", 400,
+         "need 263 blocks; a worker's pool holds 256"),
     ],
 )
 def test_client_errors(server: Deployment, path: str, raw: bytes, key: str | None, status: int,
@@ -130,6 +132,13 @@ def test_over_quota_is_429_and_the_worker_lives_on(server: Deployment) -> None:
     status, body = server.request("/v1/completions", {"prompt": ids(6000, 100)}, key="sk-small")
     assert status == 429 and "cap_blocks=2" in body["error"]["message"]
     assert cached(complete(server, "sk-small", ids(6000, 20))) == 0  # 2 blocks fit
+    # Decoding past the cap fails in the middle of the answer: 429 still, and in-band when streamed.
+    over = {"prompt": ids(6001, 20), "max_tokens": 30}
+    status, body = server.request("/v1/completions", over, key="sk-small")
+    assert status == 429 and "cap_blocks=2" in body["error"]["message"]
+    chunks = server.stream("/v1/completions", over, key="sk-small")
+    assert chunks[-1]["error"]["code"] == 429 and "[DONE]" not in chunks
+    assert 1 <= len(chunks) - 1 < 30 and all(len(c["choices"]) == 1 for c in chunks[:-1])
     assert server.request("/health")[1]["workers"] == 2
 
 

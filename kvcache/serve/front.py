@@ -141,6 +141,9 @@ class Front:
                     done = False
                     async for raw in resp.content:
                         line = json.loads(raw)
+                        if "error" in line:  # the worker refused to go on (e.g. quota reached while decoding)
+                            kind = "rate_limit_exceeded" if line["status"] == 429 else "server_error"
+                            raise HTTPFailure(line["status"], line["error"], kind)
                         if line.get("done"):
                             done = True
                             if self.estimate is not None and "engine_s" in line:

@@ -5,7 +5,8 @@ newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (
 carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and ``queue_s``), then
 ``{"done": true, "engine_s"}`` (the engine time the request took, queueing excluded).
 Errors the caller caused come back before the first line as a JSON error with its HTTP status
-(400 bad tokens, 429 over quota, 503 pool full), and never stop the worker.
+(400 bad tokens or more tokens than the pool holds, 429 over quota, 503 pool full), or, once
+tokens were sent, as a last line ``{"error", "status"}``; they never stop the worker.
 
 The engine is single-threaded: every request runs on one engine thread, one at a time, in
 arrival order; ``queue_s`` is how long a request waited for it. After each prefill and each
@@ -139,6 +140,14 @@ class Worker:
             for name, kind in fields:
                 if not isinstance(body.get(name), kind):
                     raise InvalidTokensError(f"'{name}' must be a {kind.__name__}")
+            manager = self.engine.manager
+            needed = -(-(len(body["token_ids"]) + body["max_tokens"]) // manager.block_size)
+            if needed > manager.pool.num_blocks:
+                raise InvalidTokensError(
+                    f"{len(body['token_ids'])} prompt tokens + max_tokens={body['max_tokens']} need "
+                    f"{needed} blocks; a worker's pool holds {manager.pool.num_blocks}: shorten the "
+                    "prompt or max_tokens"
+                )
         except (ValueError, KVCacheError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         received = time.monotonic()
@@ -174,7 +183,8 @@ class Worker:
                 if "error" in line:
                     if response is None:
                         return web.json_response({"error": line["error"]}, status=line["status"])
-                    break  # after the first token the front sees a truncated stream
+                    done = line  # after the first token: the error ends the stream, in-band
+                    continue
                 if response is None:
                     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                     await response.prepare(request)
