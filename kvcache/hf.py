@@ -91,7 +91,7 @@ def tiny_config(name: str) -> Any:
             num_hidden_layers=28,
             num_attention_heads=28,
             num_key_value_heads=4,
-            max_position_embeddings=32768,
+            max_position_embeddings=131072,  # room for a 32k prompt plus its decode
             tie_word_embeddings=False,
         )
     if name == SMALL_QWEN2:
