@@ -303,7 +303,8 @@ class BlockManager:
         """The cached blocks ``allocate`` reuses: the visible prefix, less the last block when it
         would cover the whole prompt and the config asks the model to produce the last logits."""
         hits = self._match(prompt)
-        if self.config.cap_hit_to_prompt_minus_one and hits and len(hits) * self.block_size >= prompt.num_tokens:
+        whole = len(hits) * self.block_size >= prompt.num_tokens
+        if self.config.cap_hit_to_prompt_minus_one and hits and whole:
             hits.pop()
         return hits
 
