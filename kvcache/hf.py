@@ -1,8 +1,9 @@
 """The one module that imports ``transformers``: models, tokenizers and the model's KV cache object.
 
-- :func:`load_model` builds a random-weight tiny model from a config (``tiny``, ``tiny-llama``,
-  ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``, ``tiny-phi``, ``qwen2.5-7b-shape``: real code
-  paths, no download) or loads a name or local path with ``from_pretrained`` from local files only.
+- :func:`load_model` builds a random-weight model from a config (``tiny``, ``tiny-llama``,
+  ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``, ``tiny-phi``, ``small-qwen2``,
+  ``qwen2.5-7b-shape``: real code paths, no download) or loads a name or local path with
+  ``from_pretrained`` from local files only.
 - :func:`new_cache` / :func:`read_cache` convert between the contiguous KV layout the block kernels
   produce, ``[num_layers, 2, kv_heads, seq, head_dim]``, and the model's cache object, for both the
   transformers 4.5x legacy helpers (``DynamicCache.from_legacy_cache``, ``key_cache``) and the 5.x
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
 from kvcache.errors import ModelError
@@ -151,7 +153,7 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
         hub = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise ModelError(
             f"model {name_or_path!r} is neither a local directory with config.json nor in the "
-            f"Hugging Face cache under {hub}, and models are never downloaded here. Download it "
+            f"Hugging Face cache under {hub} (kvcache loads local files only). Download it "
             f"where there is network (`hf download {name_or_path}`), copy the folder over and pass "
             f"its path, or use a random-weight model: {', '.join(tiny_model_names())}"
         ) from exc
@@ -161,9 +163,19 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
     return model.to(device)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name_or_path: str) -> Any | None:
-    """The tokenizer stored with a model, or None (random-weight models and bare checkpoints)."""
+    """The tokenizer stored with a model, or None (random-weight models and checkpoints saved
+    without one: transformers would otherwise build an empty tokenizer from the config)."""
     if name_or_path in tiny_model_names():
+        return None
+    if os.path.isdir(name_or_path):
+        stored = any(os.path.exists(os.path.join(name_or_path, f)) for f in _TOKENIZER_FILES)
+    else:
+        stored = any(isinstance(try_to_load_from_cache(name_or_path, f), str) for f in _TOKENIZER_FILES)
+    if not stored:
         return None
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)

@@ -64,7 +64,7 @@ def test_json_has_exactly_the_latency_model_fields(tmp_path: Path) -> None:
 
 
 def test_measure_times_every_grid_point_with_the_right_cached_context() -> None:
-    engine = Engine(hf.load_model("tiny-qwen2"), EngineConfig(num_blocks=128))
+    engine = Engine(hf.load_model("tiny-qwen2", device="cpu"), EngineConfig(num_blocks=128))
     samples = measure(engine, new_tokens=(8, 24), contexts=(0, 32), batches=(1, 3), decode_ctx=16, repeats=2)
     assert [(s.kind, s.num_new, s.ctx) for s in samples] == [
         ("prefill", 8, 0),

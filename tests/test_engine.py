@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def loaded() -> hf.LoadedModel:
-    return hf.load_model("tiny-qwen2")
+    return hf.load_model("tiny-qwen2", device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture
@@ -127,3 +128,31 @@ def test_bad_arguments_raise_typed_errors(engine: Engine) -> None:
     with pytest.raises(ModelError, match="no tiny config named 'tiny-bert'"):
         hf.tiny_config("tiny-bert")
     assert engine.manager.num_running == 0
+
+
+def test_local_checkpoint_loads_through_from_pretrained(loaded: hf.LoadedModel, tmp_path: Path) -> None:
+    loaded.model.save_pretrained(tmp_path / "ckpt")
+    engine = Engine.load(
+        str(tmp_path / "ckpt"), EngineConfig(num_blocks=16, block_size=BS, device="cpu", dtype="float32")
+    )
+    assert (engine.model_id, engine.tokenizer, engine.shape) == (str(tmp_path / "ckpt"), None, loaded.shape)
+    p = toks(7, 40)
+    with torch.inference_mode():
+        expected = loaded.model(input_ids=torch.tensor([p]), use_cache=False).logits[0, -1]
+    logits, cached = engine.score(p)
+    assert cached == 0
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_is_loaded_only_where_one_is_stored(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    tokenizer = hf.load_tokenizer(str(tmp_path / "tok"))
+    assert tokenizer is not None and tokenizer.encode("hello world") == [1, 2]
+    (tmp_path / "empty").mkdir()
+    assert hf.load_tokenizer(str(tmp_path / "empty")) is None
+    assert hf.load_tokenizer("tiny") is None

@@ -26,7 +26,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def loaded() -> hf.LoadedModel:
-    return hf.load_model("tiny-llama")
+    return hf.load_model("tiny-llama", device="cpu", dtype=torch.float32)
 
 
 def toks(seed: int, n: int) -> list[int]:

@@ -34,7 +34,7 @@ def _one_thread() -> Iterator[None]:
 
 @functools.cache
 def _loaded(name: str) -> hf.LoadedModel:
-    return hf.load_model(name)
+    return hf.load_model(name, device="cpu", dtype=torch.float32)  # the exact contract: float32 CPU
 
 
 def fresh(name: str) -> Engine:

@@ -15,8 +15,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", default="affinity",
-                        help="ttft (serial workers), or a router policy: affinity, round_robin, ...")
+    parser.add_argument(
+        "--policy",
+        default="affinity",
+        help="ttft (serial workers), or a router policy: affinity, round_robin, ...",
+    )
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
     parser.add_argument("--block-size", type=int, default=16)

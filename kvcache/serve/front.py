@@ -97,8 +97,10 @@ class Front:
         reg = self.pool.first
         if reg is None:
             return []
-        if self._hasher is None or (self._hasher.model_id, self._hasher.block_size) != (reg.model_id,
-                                                                                         reg.block_size):
+        if self._hasher is None or (self._hasher.model_id, self._hasher.block_size) != (
+            reg.model_id,
+            reg.block_size,
+        ):
             self._hasher = Hasher(block_size=reg.block_size, model_id=reg.model_id)
         return self._hasher.token_keys(token_ids, tenant.scope.chain_scope)
 

@@ -110,7 +110,7 @@ def _content_text(content: Any, where: str) -> str:
         for i, part in enumerate(content):
             text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
             if not isinstance(text, str):
-                raise ProtocolError(f"{where}.content[{i}] must be {{\"type\": \"text\", \"text\": \"...\"}}")
+                raise ProtocolError(f'{where}.content[{i}] must be {{"type": "text", "text": "..."}}')
             parts.append(text)
         return "".join(parts)
     raise ProtocolError(f"{where}.content must be a string or a list of text parts")
@@ -123,7 +123,7 @@ def parse_chat(body: Any) -> GenerateRequest:
                             "stream_options", "n", "logprobs"}, chat=True)  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ProtocolError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        raise ProtocolError('\'messages\' must be a non-empty list of {"role", "content"} objects')
     parsed: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
