@@ -50,15 +50,25 @@ def _free_port() -> int:
 
 
 def _metrics(url: str) -> dict[str, float]:
-    """Prefix-cache counters summed per tier: ``{"queries:device": ..., "hits:device": ...}``."""
+    """From the server's /metrics: prefix-cache tokens per tier (``queries:device``, ``hits:pod``,
+    ...), requests per worker (``requests:w0``), and the mean engine queue time (``queue_ms``)."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
+    queue_sum = queue_count = 0.0
     for line in text.splitlines():
+        value = float(line.rsplit(" ", 1)[1]) if not line.startswith("#") else 0.0
         for kind in ("queries", "hits"):
             if line.startswith(f"kvcache:prefix_cache_{kind}_total{{"):
                 tier = line.split('tier="', 1)[1].split('"', 1)[0]
-                out[f"{kind}:{tier}"] = out.get(f"{kind}:{tier}", 0.0) + float(line.rsplit(" ", 1)[1])
+                out[f"{kind}:{tier}"] = out.get(f"{kind}:{tier}", 0.0) + value
+        if line.startswith("kvcache:request_queue_time_seconds_sum{"):
+            queue_sum += value
+        elif line.startswith("kvcache:request_queue_time_seconds_count{"):
+            queue_count += value
+            worker = line.split('worker="', 1)[1].split('"', 1)[0]
+            out[f"requests:{worker}"] = value
+    out["queue_ms"] = 1e3 * queue_sum / queue_count if queue_count else 0.0
     return out
 
 
@@ -134,6 +144,7 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=8)
     parser.add_argument("--probe-tokens", type=int, default=192)
     parser.add_argument("--only", help="comma-separated subset, e.g. affinity:pod,round_robin:pod")
+    parser.add_argument("--repeat", type=int, default=1, help="run the configurations this many rounds")
     parser.add_argument("--logs", default="/tmp")
     parser.add_argument("--out", default="serve_compare.json")
     parser.add_argument("--plot", default="serve_compare.png")
@@ -149,23 +160,32 @@ def main() -> int:
     if args.only:
         wanted = set(args.only.split(","))
         configs = [c for c in CONFIGS if f"{c[0]}:{'pod' if c[1] else 'nopod'}" in wanted]
-    results: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, dict[str, Any]]] = []
     load_before = os.getloadavg()
-    for i, (policy, pod) in enumerate(configs):
-        name = f"{policy}:{'pod' if pod else 'nopod'}"
-        started = time.monotonic()
-        results[name] = run_config(args, policy, pod, trace, keys, config_path, probe=i == 0)
-        print(f"{name}: done in {time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.2f}", flush=True)
+    # Rounds interleave the configurations, so a neighbour's burst of load hits them all alike.
+    for round_ in range(args.repeat):
+        results: dict[str, dict[str, Any]] = {}
+        for i, (policy, pod) in enumerate(configs):
+            name = f"{policy}:{'pod' if pod else 'nopod'}"
+            started = time.monotonic()
+            probe = i == 0 and round_ == 0
+            results[name] = run_config(args, policy, pod, trace, keys, config_path, probe=probe)
+            took, load = time.monotonic() - started, os.getloadavg()[0]
+            print(f"round {round_} {name}: done in {took:.0f}s, load {load:.2f}", flush=True)
+        rounds.append(results)
+        print(_table(results))
+    ratios = [_ratios(r) for r in rounds]
+    summary = {k: statistics.geometric_mean([r[k] for r in ratios]) for k in ratios[0]}
     report = {"args": vars(args), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-              "results": results, "ratios": _ratios(results)}  # fmt: skip
-    print(_table(results))
-    sent = max(s["completed"] + s["failed"] for s in results.values())
+              "rounds": rounds, "ratios_per_round": ratios, "ratios": summary}  # fmt: skip
+    sent = max(s["completed"] + s["failed"] for r in rounds for s in r.values())
     if sent > len(trace):
         print(f"note: {sent} requests from a {len(trace)}-request trace: it wrapped, repeats are hits")
-    print(json.dumps(report["ratios"], indent=2))
+    print(json.dumps({k: [round(r[k], 3) for r in ratios] for k in summary}, indent=1))
+    print("geometric mean over rounds:", json.dumps({k: round(v, 3) for k, v in summary.items()}, indent=1))
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    _plot(results, args.plot)
+    _plot(rounds[0], args.plot)
     return 0
 
 
@@ -189,12 +209,17 @@ def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
     head = f"{'config':<22}{'done':>6}{'req/s':>8}{'tok/s':>8}{'TTFT ms':>9}{'p99':>8}{'ITL ms':>8}"
-    head += f"{'hit%':>7}"
+    head += f"{'hit%':>7}{'pod%':>6}{'queue ms':>9}{'max share':>10}"
     lines = [head]
     for name, s in results.items():
+        t = s["tiers"]
+        per_worker = [v for k, v in t.items() if k.startswith("requests:")]
+        share = max(per_worker) / sum(per_worker) if per_worker else 0.0
+        pod = t.get("hits:pod", 0.0) / t["queries:device"] if t.get("queries:device") else 0.0
         lines.append(f"{name:<22}{s['completed']:>6}{s['request_throughput']:>8.2f}{s['output_throughput']:>8.1f}"
                      f"{s['mean_ttft_ms']:>9.1f}{s['p99_ttft_ms']:>8.1f}{s['mean_itl_ms']:>8.1f}"
-                     f"{100 * s['cache_hit_rate']:>7.1f}")  # fmt: skip
+                     f"{100 * s['cache_hit_rate']:>7.1f}{100 * pod:>6.1f}{t['queue_ms']:>9.1f}"
+                     f"{share:>10.2f}")  # fmt: skip
     return "\n".join(lines)
 
 

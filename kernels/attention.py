@@ -53,8 +53,9 @@ def paged_decode_attention_reference(
 
 def check_decode_args(
     q: object, pool: object, layer: object, block_tables: object, seq_lens: object
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, pool, block_tables, seq_lens)`` checked, tables and lengths as int64 on the pool's device."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(q, pool, block_tables, seq_lens, max_len)`` checked; tables and lengths as int64 on the
+    pool's device, ``max_len`` the longest sequence (0 for an empty batch)."""
     pool_t = checks.check_pool(pool)
     num_layers, _, num_blocks, block_size, kv_heads, head_dim = pool_t.shape
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -98,7 +99,8 @@ def check_decode_args(
             f"[0, {num_blocks}) within its first {int(lens[row])} tokens"
         )
     device = pool_t.device
-    return q, pool_t, block_tables.to(device, torch.int64), seq_lens.to(device, torch.int64)
+    max_len = int(lens.max()) if num_seqs else 0
+    return q, pool_t, block_tables.to(device, torch.int64), seq_lens.to(device, torch.int64), max_len
 
 
 def paged_decode_attention(
@@ -127,5 +129,5 @@ def paged_decode_attention(
             q, pool, layer, block_tables, seq_lens, scale
         )
         return out
-    q, pool, tables, lens = check_decode_args(q, pool, layer, block_tables, seq_lens)
+    q, pool, tables, lens, _ = check_decode_args(q, pool, layer, block_tables, seq_lens)
     return paged_decode_attention_reference(q, pool, layer, tables, lens, scale)

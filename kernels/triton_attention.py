@@ -1,13 +1,18 @@
-"""Triton paged decode attention: one program per (sequence, KV head) walks the sequence's blocks.
+"""Triton paged decode attention: programs per (sequence, KV head, split) walk the sequence's blocks.
 
 A program loads the ``group = num_heads // kv_heads`` query heads that share one KV head, then for
-each block of the sequence loads that block's K and V rows of the head once (``[block_size,
+each block of its range loads that block's K and V rows of the head once (``[block_size,
 head_dim]``, straight from the pool) and folds them into a running softmax (the max, the sum of
 exponentials and the weighted sum of V, rescaled as the max grows), all in float32. Nothing is
 gathered into a contiguous cache first, so the bytes read are exactly the sequence's KV once.
 
-Products are broadcast multiplies and sums rather than ``tl.dot`` (which needs every dimension >= 16,
-and a decode step has a single query row per head); the kernel is bound by reading KV anyway.
+When the batch has fewer (sequence, KV head) pairs than the GPU has SMs, each sequence's blocks are
+cut into ranges handled by separate programs (flash-decoding); each writes its partial softmax state
+and torch merges them (rescale to the common max, then normalise). With one split the kernel writes
+the output itself.
+
+Products are broadcast multiplies and reductions rather than ``tl.dot`` (which needs every dimension
+>= 16, and a decode step has a single query row per head); the kernel is bound by reading KV anyway.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before import). Callers use :func:`kvcache.kernels.attention.paged_decode_attention`.
@@ -47,7 +52,12 @@ def _paged_decode_kernel(
     v_base_ptr,  # pool[layer, 1]
     tables_ptr,
     lens_ptr,
+    part_m_ptr,  # [num_seqs, num_heads, num_splits] float32, written when SPLIT
+    part_l_ptr,  # same shape
+    part_acc_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32
     scale,
+    num_heads,
+    blocks_per_split,
     q_s_seq,
     q_s_head,
     out_s_seq,
@@ -62,9 +72,11 @@ def _paged_decode_kernel(
     BLOCK_SIZE_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     g = tl.arange(0, GROUP_P2)
     t = tl.arange(0, BLOCK_SIZE_P2)
     d = tl.arange(0, HEAD_DIM_P2)
@@ -78,10 +90,12 @@ def _paged_decode_kernel(
     ).to(tl.float32)  # [G, D]
     seq_len = tl.load(lens_ptr + seq)
     num_blocks = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    first_block = split * blocks_per_split
+    end_block = tl.minimum(first_block + blocks_per_split, num_blocks)  # a split may get none
     m = tl.full((GROUP_P2,), float("-inf"), tl.float32)  # running max of the scores
     denom = tl.full((GROUP_P2,), 0.0, tl.float32)  # running sum of exp(score - m)
     acc = tl.full((GROUP_P2, HEAD_DIM_P2), 0.0, tl.float32)  # running sum of exp(score - m) * v
-    for b in range(0, num_blocks):
+    for b in range(first_block, end_block):
         block = tl.load(tables_ptr + seq * tables_s_seq + b).to(tl.int64)
         tok = b * BLOCK_SIZE + t
         t_mask = (t < BLOCK_SIZE) & (tok < seq_len)
@@ -98,12 +112,16 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
         denom = denom * alpha + tl.reduce(p, 1, _add)
         m = m_new
-    result = acc / denom[:, None]
-    tl.store(
-        out_ptr + seq * out_s_seq + heads[:, None] * out_s_head + d[None, :],
-        result,
-        mask=g_mask[:, None] & d_mask[None, :],
-    )
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        # Partial state of this split; an empty split leaves m = -inf, denom = 0, acc = 0.
+        row = (seq * num_heads + heads) * tl.num_programs(2) + split  # [G]
+        tl.store(part_m_ptr + row, m, mask=g_mask)
+        tl.store(part_l_ptr + row, denom, mask=g_mask)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+    else:
+        result = acc / denom[:, None]
+        tl.store(out_ptr + seq * out_s_seq + heads[:, None] * out_s_head + d[None, :], result, mask=out_mask)
 
 
 def interpreted() -> bool:
@@ -118,9 +136,15 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Checked launch; see :func:`kvcache.kernels.attention.paged_decode_attention`."""
-    q, pool, tables, lens = check_decode_args(q, pool, layer, block_tables, seq_lens)
+    """Checked launch; see :func:`kvcache.kernels.attention.paged_decode_attention`.
+
+    ``num_splits`` cuts each sequence's blocks into that many ranges handled by separate programs
+    (flash-decoding), whose partial softmax states are then merged; by default 1 when the batch
+    already gives every SM a program, else enough splits for about two programs per SM.
+    """
+    q, pool, tables, lens, max_len = check_decode_args(q, pool, layer, block_tables, seq_lens)
     if not (pool.device.type == "cuda" or (pool.device.type == "cpu" and interpreted())):
         raise KernelError(
             f"the Triton decode kernel needs the pool on a CUDA device, got {pool.device}; use the "
@@ -134,15 +158,32 @@ def paged_decode_attention(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
+    max_blocks = -(-max_len // block_size)
+    if num_splits is None:
+        num_splits = _default_splits(pool.device, num_seqs * kv_heads, max_blocks)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise KernelError(f"num_splits={num_splits!r} must be a positive int")
+    blocks_per_split = -(-max_blocks // num_splits)
+    num_splits = -(-max_blocks // blocks_per_split)  # no split starts past every sequence
+    split = num_splits > 1
+    part_shape = (num_seqs, num_heads, num_splits) if split else (1, 1, 1)
+    part_m = torch.empty(part_shape, dtype=torch.float32, device=pool.device)
+    part_l = torch.empty(part_shape, dtype=torch.float32, device=pool.device)
+    part_acc = torch.empty((*part_shape, head_dim if split else 1), dtype=torch.float32, device=pool.device)
     k_base, v_base = pool[layer, 0], pool[layer, 1]  # [num_blocks, block_size, H_kv, D] views
-    _paged_decode_kernel[(num_seqs, kv_heads)](
+    _paged_decode_kernel[(num_seqs, kv_heads, num_splits)](
         q,
         out,
         k_base,
         v_base,
         tables,
         lens,
+        part_m,
+        part_l,
+        part_acc,
         scale,
+        num_heads,
+        blocks_per_split,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -157,5 +198,21 @@ def paged_decode_attention(
         BLOCK_SIZE_P2=triton.next_power_of_2(block_size),
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=triton.next_power_of_2(head_dim),
+        SPLIT=split,
     )
+    if split:
+        # Merge the splits' softmax states: rescale each to the common max, then normalise.
+        weight = torch.exp(part_m - part_m.amax(dim=2, keepdim=True))  # [S, H, splits]; empty -> 0
+        merged = (weight[..., None] * part_acc).sum(dim=2) / (weight * part_l).sum(dim=2)[..., None]
+        out.copy_(merged)
     return out
+
+
+def _default_splits(device: torch.device, num_programs: int, max_blocks: int) -> int:
+    """1 when the batch gives every SM a program; else about two programs per SM."""
+    if device.type != "cuda":
+        return 1
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if num_programs >= num_sms:
+        return 1
+    return max(1, min(max_blocks, -(-2 * num_sms // num_programs)))

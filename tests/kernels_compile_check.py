@@ -40,6 +40,8 @@ def attention_types(dtype: str) -> Callable[[str], str]:
             return f"*{dtype}"
         if name in ("tables_ptr", "lens_ptr"):
             return "*i64"
+        if name.startswith("part_"):
+            return "*fp32"
         return "fp32" if name == "scale" else "i32"
 
     return types
@@ -64,7 +66,11 @@ def main() -> None:
         }
         size = build(triton_kernels._block_copy_kernel, copy_types(dtype, stride), constexprs)
         print("block_copy", src_ix, dst_ix, dtype, size)
-    for group, bs, dim, dtype in ((7, 16, 128, "bf16"), (1, 3, 12, "fp32")):
+    for group, bs, dim, dtype, split in (
+        (7, 16, 128, "bf16", False),
+        (7, 16, 128, "bf16", True),
+        (1, 3, 12, "fp32", True),
+    ):
         constexprs = {
             "GROUP": group,
             "GROUP_P2": p2(group),
@@ -72,9 +78,10 @@ def main() -> None:
             "BLOCK_SIZE_P2": p2(bs),
             "HEAD_DIM": dim,
             "HEAD_DIM_P2": p2(dim),
+            "SPLIT": split,
         }
         size = build(triton_attention._paged_decode_kernel, attention_types(dtype), constexprs)
-        print("paged_decode", group, dtype, size)
+        print("paged_decode", group, dtype, split, size)
 
 
 if __name__ == "__main__":

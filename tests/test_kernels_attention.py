@@ -95,6 +95,26 @@ def test_triton_matches_reference(ta: ModuleType, case: tuple[int, ...], dtype: 
     assert torch.equal(ours[0], value)
 
 
+@pytest.mark.parametrize(
+    ("case", "num_splits"),
+    [(TRITON_CASES[0], 2), (TRITON_CASES[0], 3), (TRITON_CASES[1], 2), (TRITON_CASES[2], 5)],
+)
+def test_split_kv_merges_to_the_reference(ta: ModuleType, case: tuple[int, ...], num_splits: int) -> None:
+    # Tables hold 3 blocks: 2 splits leave the 1-token sequence's second split empty, 5 become 3.
+    q, pool, tables, lens = decode_batch(case, torch.float32, seed=7)
+    ours = ta.paged_decode_attention(
+        q, pool, 0, tables, lens, 1.0 / math.sqrt(case[4]), num_splits=num_splits
+    )
+    theirs = paged_decode_attention(q, pool, 0, tables, lens, backend="reference")
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_split_count_is_named(ta: ModuleType) -> None:
+    q, pool, tables, lens = decode_batch(CASES[0], torch.float32)
+    with pytest.raises(KernelError, match="num_splits=0 must be a positive int"):
+        ta.paged_decode_attention(q, pool, 0, tables, lens, 1.0, num_splits=0)
+
+
 def test_triton_through_dispatch_and_custom_scale(ta: ModuleType) -> None:
     q, pool, tables, lens = decode_batch(CASES[0], torch.float32, seed=5)
     ours = paged_decode_attention(q, pool, 1, tables, lens, scale=0.5, backend="triton")

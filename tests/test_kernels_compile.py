@@ -26,5 +26,5 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     kernels = [line.split()[0] for line in result.stdout.splitlines()]
-    assert kernels == ["block_copy"] * 3 + ["paged_decode"] * 2
+    assert kernels == ["block_copy"] * 3 + ["paged_decode"] * 3
     assert all(int(line.split()[-1]) > 1000 for line in result.stdout.splitlines())  # real cubins

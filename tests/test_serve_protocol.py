@@ -43,6 +43,7 @@ def test_chat_messages_and_text_parts() -> None:
         ({"prompt": "x", "n": 2}, "n=1"),
         ({"prompt": "x", "stream": "yes"}, "'stream'"),
         ({"prompt": "x", "logprobs": 3}, "'logprobs'"),
+        ({"prompt": "x", "stop": ["\n"]}, "'stop' is not supported"),
         ({"prompt": "x", "model": 3}, "'model'"),
         ({"prompt": "x", "tools": []}, "unsupported fields ['tools']"),
         ({"prompt": "x", "stream_options": {"x": 1}}, "stream_options"),

@@ -132,11 +132,11 @@ class Front:
             try:
                 async with self.session.post(f"{reg.url}/generate", json=body) as resp:
                     if resp.status != 200:
+                        # The worker is alive and refused this request: answer, never retry.
                         detail = (await resp.json(content_type=None)).get("error", "worker error")
-                        if resp.status >= 500 and resp.status != 503:
-                            raise aiohttp.ClientPayloadError(detail)
-                        raise HTTPFailure(resp.status, detail, "rate_limit_exceeded" if resp.status == 429
-                                          else "invalid_request_error")  # fmt: skip
+                        kind = {429: "rate_limit_exceeded", 503: "service_unavailable"}.get(
+                            resp.status, "invalid_request_error" if resp.status < 500 else "server_error")
+                        raise HTTPFailure(resp.status, detail, kind)
                     done = False
                     async for raw in resp.content:
                         line = json.loads(raw)

@@ -5,7 +5,8 @@ raise ``ProtocolError`` naming the field; nothing reaches a worker unvalidated. 
 produce ``/v1/completions`` and ``/v1/chat/completions`` bodies (and their ``chunk`` forms for
 server-sent events) with ``usage.prompt_tokens_details.cached_tokens``.
 
-Decoding is greedy: ``temperature``/``top_p``/``seed`` are accepted and ignored, ``n`` must be 1.
+Decoding is greedy and runs ``max_tokens`` steps: ``temperature``/``top_p``/``seed`` are accepted
+and ignored, ``n`` must be 1, ``stop``/``logprobs``/``echo`` are refused rather than ignored.
 Not here: tokenizing (``tokenize``), authentication (``config``), HTTP (``front``).
 """
 
@@ -20,7 +21,7 @@ from kvcache.errors import ProtocolError
 MAX_TOKENS_DEFAULT = 16
 MAX_TOKENS_LIMIT = 4096
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-_IGNORED = {"temperature", "top_p", "seed", "user", "presence_penalty", "frequency_penalty", "stop"}
+_IGNORED = {"temperature", "top_p", "seed", "user", "presence_penalty", "frequency_penalty"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +63,8 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
     n = body.get("n", 1)
     if n != 1:
         raise ProtocolError(f"'n'={n!r}: only n=1 is supported")
-    for name in ("logprobs", "echo"):
-        if body.get(name) not in (None, False):
+    for name in ("logprobs", "echo", "stop"):
+        if body.get(name) not in (None, False, [], ""):
             raise ProtocolError(f"'{name}' is not supported; leave it unset")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -86,7 +87,7 @@ def parse_completion(body: Any) -> GenerateRequest:
     """``/v1/completions``: ``prompt`` is a string, a list of token ids, or a one-element list of either."""
     body = _require_object(body)
     common = _common(body, {"model", "prompt", "max_tokens", "stream", "stream_options", "n",
-                            "logprobs", "echo"}, chat=False)  # fmt: skip
+                            "logprobs", "echo", "stop"}, chat=False)  # fmt: skip
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -120,7 +121,7 @@ def parse_chat(body: Any) -> GenerateRequest:
     """``/v1/chat/completions``: ``messages`` is a non-empty list of ``{role, content}`` objects."""
     body = _require_object(body)
     common = _common(body, {"model", "messages", "max_tokens", "max_completion_tokens", "stream",
-                            "stream_options", "n", "logprobs"}, chat=True)  # fmt: skip
+                            "stream_options", "n", "logprobs", "stop"}, chat=True)  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError('\'messages\' must be a non-empty list of {"role", "content"} objects')

@@ -53,7 +53,7 @@ class DeviceTier(SlabTier):
     ) -> list[torch.Tensor | None]:
         if outs is not None:
             return super().load_many(keys, outs)
-        slots = [self.table.get(k.key) if k.layout == self.layout else None for k in keys]
+        slots = [self.table.get(k.key) if self._mine(k) else None for k in keys]
         held = [s for s in slots if s is not None]
         if not held:
             self._stats.misses += len(keys)

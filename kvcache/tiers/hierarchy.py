@@ -18,8 +18,8 @@
 
 A block found damaged (or lost) on the way is a counted miss in its tier, and ``load`` tries the
 next tier holding a copy; only when none is left does it return fewer blocks than asked, and the
-caller recomputes from there. Block keys are wrapped with
-the layout fingerprint here; callers pass plain 16-byte keys.
+caller recomputes from there. Block keys are wrapped with the layout fingerprint here; callers
+pass plain 16-byte keys.
 
 Not here: the device pool and which blocks a request uses (the engine and its block manager).
 """
@@ -30,7 +30,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,6 @@ class HierarchyStats:
     offload_errors: int = 0
     stall_ms: float = 0.0  # wall time spent inside ``load``
     prefill_tokens_saved: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Hierarchy:

@@ -103,11 +103,15 @@ class SlabTier(Tier):
         out.copy_(view)
         return out
 
+    def _mine(self, key: TierKey) -> bool:
+        layout = key.layout
+        return layout is self.layout or layout == self.layout  # identity first: the common case
+
     def contains(self, key: TierKey) -> bool:
-        return key.layout == self.layout and key.key in self.table
+        return self._mine(key) and key.key in self.table
 
     def load(self, key: TierKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        slot = self.table.get(key.key) if key.layout == self.layout else None
+        slot = self.table.get(key.key) if self._mine(key) else None
         if slot is None:
             self._stats.misses += 1
             return None
@@ -121,7 +125,7 @@ class SlabTier(Tier):
         return block
 
     def store(self, key: TierKey, block: torch.Tensor) -> None:
-        if key.layout != self.layout:
+        if not self._mine(key):
             raise TierError(f"{self.name} holds layout {self.layout}; cannot store a block of {key.layout}")
         self.layout.check_block(block)
         table = self.table
@@ -139,7 +143,7 @@ class SlabTier(Tier):
         s.bytes_in += self.layout.block_nbytes
 
     def remove(self, key: TierKey) -> bool:
-        return key.layout == self.layout and self.table.pop(key.key) is not None
+        return self._mine(key) and self.table.pop(key.key) is not None
 
     def __len__(self) -> int:
         return len(self.table)
