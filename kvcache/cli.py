@@ -26,7 +26,12 @@ def commands() -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvcache", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="kvcache",
+        description="Share KV-cache blocks across sessions and tenants, route requests by prefix affinity, "
+        "spill cold blocks down a memory hierarchy. With no command, runs the demo.",
+        epilog="Run 'kvcache COMMAND --help' for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in commands().items():
         module = importlib.import_module(f"kvcache.commands.{module_name}")

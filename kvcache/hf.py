@@ -1,8 +1,9 @@
 """The one module that imports ``transformers``: models, tokenizers and the model's KV cache object.
 
-- :func:`load_model` builds a random-weight tiny model from a config (``tiny``, ``tiny-llama``,
-  ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``, ``tiny-phi``, ``qwen2.5-7b-shape``: real code
-  paths, no download) or loads a name or local path with ``from_pretrained`` from local files only.
+- :func:`load_model` builds a random-weight model from a config (``tiny``, ``tiny-llama``,
+  ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``, ``tiny-phi``, ``small-qwen2``,
+  ``qwen2.5-7b-shape``: real code paths, no download) or loads a name or local path with
+  ``from_pretrained`` from local files only.
 - :func:`new_cache` / :func:`read_cache` convert between the contiguous KV layout the block kernels
   produce, ``[num_layers, 2, kv_heads, seq, head_dim]``, and the model's cache object, for both the
   transformers 4.5x legacy helpers (``DynamicCache.from_legacy_cache``, ``key_cache``) and the 5.x
@@ -90,7 +91,7 @@ def tiny_config(name: str) -> Any:
             num_hidden_layers=28,
             num_attention_heads=28,
             num_key_value_heads=4,
-            max_position_embeddings=32768,
+            max_position_embeddings=131072,  # room for a 32k prompt plus its decode
             tie_word_embeddings=False,
         )
     if name == SMALL_QWEN2:
@@ -152,7 +153,7 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
         hub = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise ModelError(
             f"model {name_or_path!r} is neither a local directory with config.json nor in the "
-            f"Hugging Face cache under {hub}, and models are never downloaded here. Download it "
+            f"Hugging Face cache under {hub} (kvcache loads local files only). Download it "
             f"where there is network (`hf download {name_or_path}`), copy the folder over and pass "
             f"its path, or use a random-weight model: {', '.join(tiny_model_names())}"
         ) from exc

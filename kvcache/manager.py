@@ -299,10 +299,22 @@ class BlockManager:
         take = self.pool.take
         return [take(tenant, victim) for victim in plan]
 
+    def _reusable(self, prompt: Prompt) -> list[Block]:
+        """The cached blocks ``allocate`` reuses: the visible prefix, less the last block when it
+        would cover the whole prompt and the config asks the model to produce the last logits."""
+        hits = self._match(prompt)
+        whole = len(hits) * self.block_size >= prompt.num_tokens
+        if self.config.cap_hit_to_prompt_minus_one and hits and whole:
+            hits.pop()
+        return hits
+
     def can_allocate(self, prompt: Prompt | Sequence[int], scope: Scope | str | None = None) -> bool:
         prompt = self._prompt(prompt, scope)
-        hits = self._match(prompt)
-        num_new = -(-prompt.num_tokens // self.block_size) - len(hits)
+        num_blocks = -(-prompt.num_tokens // self.block_size)
+        if num_blocks > self.pool.num_blocks:
+            return False
+        hits = self._reusable(prompt)
+        num_new = num_blocks - len(hits)
         try:
             self._plan(prompt.scope.tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
         except CapacityError:
@@ -327,9 +339,7 @@ class BlockManager:
                 f"prompt of {prompt.num_tokens} tokens needs {num_blocks} blocks of {bs}; the "
                 f"whole pool has {self.pool.num_blocks}. Raise num_blocks or shorten the prompt"
             )
-        hits = self._match(prompt)
-        if self.config.cap_hit_to_prompt_minus_one and hits and len(hits) * bs >= prompt.num_tokens:
-            hits.pop()  # recompute the last block so the model produces the last logits
+        hits = self._reusable(prompt)
         num_new = num_blocks - len(hits)
         tenant = prompt.scope.tenant
         plan = self._plan(tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})

@@ -167,6 +167,22 @@ def test_capacity_error_leaves_everything_unchanged(make_manager: MakeManager) -
     m.check_invariants()
 
 
+def test_can_allocate_agrees_with_allocate_when_the_last_block_is_recomputed(
+    make_manager: MakeManager,
+) -> None:
+    m = make_manager(num_blocks=2, cap_hit_to_prompt_minus_one=True)
+    m.allocate("a", toks(0, 8), "t")  # both blocks held by a running request
+    assert m.lookup(toks(0, 8), "t") == 8
+    # A repeat hits both blocks but must recompute the last one, and no block is free for it.
+    assert not m.can_allocate(toks(0, 8), "t")
+    with pytest.raises(CapacityError):
+        m.allocate("b", toks(0, 8), "t")
+    m.free("a")
+    assert m.can_allocate(toks(0, 8), "t")
+    assert m.allocate("b", toks(0, 8), "t").num_cached_tokens == 4
+    assert not m.can_allocate(toks(0, 12), "t")  # larger than the whole pool
+
+
 def test_prompt_larger_than_pool(make_manager: MakeManager) -> None:
     m = make_manager(num_blocks=4)
     with pytest.raises(CapacityError, match="needs 5 blocks of 4; the whole pool has 4"):
