@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,3 +27,15 @@ def make_manager() -> Callable[..., BlockManager]:
 def toks(start: int, n: int) -> list[int]:
     """``n`` consecutive token ids from ``start``: distinct prompts from distinct starts."""
     return list(range(start, start + n))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module's tests: tiny models on a shared 2-core machine run
+    many times faster on one thread than on two contending ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

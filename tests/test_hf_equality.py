@@ -10,7 +10,6 @@ one block; tenants sharing a published system prompt, and tenants that must not 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,13 +22,7 @@ BS = 16
 ATOL = 1e-5  # float32 on CPU; observed differences are 0 or a few ulps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @functools.cache
