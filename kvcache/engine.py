@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kvcache import hf
-from kvcache.config import CacheConfig
+from kvcache.config import CacheConfig, TenantQuota
 from kvcache.errors import ConfigError, TierError
 from kvcache.events import CacheEvent
 from kvcache.kernels import gather_kv, scatter_kv, unpack_blocks
@@ -46,6 +46,10 @@ class EngineConfig:
     ``tiers``: a spill hierarchy below the pool, or a function that builds one from the engine's
     layout (known once the model is loaded), or None. Evicted blocks are written down to it, and
     prefix blocks it holds after the pool's hit are loaded instead of recomputed.
+
+    ``k_anonymity`` and ``quotas`` go to the block manager (``CacheConfig``): share-group blocks
+    become hits only once k tenants wrote them, and per-tenant floors and caps hold. Spill tiers
+    cannot count writers, so requests of a share group under k > 1 never load from them.
     """
 
     num_blocks: int = 1024
@@ -54,6 +58,8 @@ class EngineConfig:
     dtype: str | None = None
     seed: int = 0
     tiers: Hierarchy | Callable[[LayoutFingerprint], Hierarchy] | None = None
+    k_anonymity: int = 1
+    quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -121,6 +127,8 @@ class Engine:
                 block_size=config.block_size,
                 vocab_size=self.vocab_size,
                 model_id=self.model_id,
+                k_anonymity=config.k_anonymity,
+                quotas=dict(config.quotas),
             )
         )
         s = loaded.shape
@@ -296,10 +304,15 @@ class Engine:
         )
         return logits, cache, timings
 
+    def tiers_gated(self, prompt: Prompt) -> bool:
+        """Whether ``prompt`` must not use the spill tiers: a share group under k-anonymity. A tier
+        cannot tell how many tenants wrote a block, so a load could reveal what one tenant sent."""
+        return self.manager.config.k_anonymity > 1 and prompt.scope.is_shared
+
     def _load_from_tiers(self, prompt: Prompt, alloc: Allocation) -> int:
         """Load the prefix blocks the spill tiers hold right after the pool's hit into the
         request's own (freshly allocated) blocks, in one unpack; returns how many."""
-        if self.tiers is None:
+        if self.tiers is None or self.tiers_gated(prompt):
             return 0
         bs = self.block_size
         first = alloc.num_cached_tokens // bs

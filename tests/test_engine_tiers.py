@@ -9,7 +9,7 @@ import pytest
 import torch
 from kvcache.kernels import pack_blocks
 
-from kvcache import BlockStored, TierError, hf
+from kvcache import BlockStored, Scope, TierError, hf
 from kvcache.engine import Engine, EngineConfig
 from kvcache.tiers import DiskTier, Hierarchy, HostTier, LayoutFingerprint
 
@@ -83,3 +83,21 @@ def test_hierarchy_for_another_layout_is_refused(loaded: hf.LoadedModel) -> None
                 num_blocks=8, block_size=BS, tiers=Hierarchy(other, [HostTier(other, 4, pin=False)])
             ),
         )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_share_group_under_k_anonymity_never_loads_from_tiers(
+    loaded: hf.LoadedModel, tmp_path: Path, k: int
+) -> None:
+    engine = Engine(
+        loaded,
+        EngineConfig(num_blocks=8, block_size=BS, tiers=host_and_disk(tmp_path, 16), k_anonymity=k),
+    )
+    a = toks(5, 100)
+    alice, bob = Scope("alice", group="team"), Scope("bob", group="team")
+    engine.generate(a, alice, max_new_tokens=1)
+    engine.generate(toks(6, 120), "carol", max_new_tokens=1)  # pushes alice's blocks down
+    assert engine.manager.lookup(a, alice) == 0
+    # k = 1: plain sharing, so bob loads the group's blocks from the tier (positive control);
+    # k = 2: only alice wrote them, so bob must compute them as a miss, tier or no tier.
+    assert engine.score(a, bob)[1] == (96 if k == 1 else 0)

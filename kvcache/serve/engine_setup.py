@@ -1,33 +1,17 @@
 """Build a worker's engine: the HF engine with the deployment's tenancy rules and the pod tier.
 
-The server config's k-anonymity and per-tenant quotas apply to every worker's block manager;
-``load_engine`` gives the engine a manager configured with them (same pool size, block size
-and model id, so keys are unchanged). With a Redis URL the engine also gets the pod tier
+The server config's k-anonymity and per-tenant quotas apply to every worker's block manager
+(through ``EngineConfig``). With a Redis URL the engine also gets the pod tier
 (blocks shared by every worker through Redis); ``tier_names`` lists the engine's tiers below the
 device pool, in lookup order, for the per-tier metrics.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from typing import Any
 
-from kvcache.manager import BlockManager
 from kvcache.serve.config import ServeConfig
-
-
-def apply_tenancy(engine: Any, config: ServeConfig) -> None:
-    """Swap in a block manager with ``config``'s k-anonymity and quotas (before any request)."""
-    manager: BlockManager = engine.manager
-    assert manager.num_running == 0, "tenancy must be applied before the engine serves"
-    quotas = config.quotas()
-    if config.k_anonymity == manager.config.k_anonymity and not quotas:
-        return
-    cache_config = dataclasses.replace(manager.config, k_anonymity=config.k_anonymity, quotas=quotas)
-    engine.manager = BlockManager(cache_config)
-    if getattr(engine, "tiers", None) is not None:  # the engine's write-back of evicted blocks
-        engine.manager.set_evict_hook(engine.tiers.evict_hook(engine.pool))
 
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
@@ -43,7 +27,7 @@ def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size:
     if redis_url is not None:
         index = zlib.crc32(worker_id.encode()) & 0xFFFF
         tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index)
-    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers)
+    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers,
+                                 k_anonymity=config.k_anonymity, quotas=config.quotas())  # fmt: skip
     engine = PodTieredEngine.load(model, engine_config)
-    apply_tenancy(engine, config)
     return engine, (POD,) if redis_url is not None else ()

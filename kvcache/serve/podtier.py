@@ -8,9 +8,8 @@ after its pool's hit, and writes evicted blocks down; for a pod of workers this 
   copy), and ``write_through`` (which the worker calls once the request is answered, so Redis
   writes stay off its time to first token) stores and flushes them, so another worker's next
   request with the same prefix finds them;
-- k-anonymity: requests of a share group under k > 1 never load from the tier and never write
-  to it: the tier cannot tell how many tenants wrote a block, and a hit there must not reveal
-  what one tenant sent.
+- k-anonymity: requests of a share group under k > 1 never write to the tier either (the engine
+  already keeps them from loading: ``Engine.tiers_gated``).
 
 Keys are the block manager's (scope-rooted, so tenants never share tier entries). When Redis is
 unreachable the tier answers misses and counts errors; requests never fail because of it.
@@ -50,21 +49,13 @@ class PodTieredEngine(Engine):
     def _errors(self) -> int:
         return sum(s.errors for s in self.tiers.stats().tiers.values()) if self.tiers is not None else 0
 
-    def _gated(self, prompt: Prompt) -> bool:
-        return self.manager.config.k_anonymity > 1 and prompt.scope.is_shared
-
-    def _load_from_tiers(self, prompt: Prompt, alloc: Allocation) -> int:
-        if self._gated(prompt):
-            return 0
-        return super()._load_from_tiers(prompt, alloc)
-
     def _prefill(
         self, prompt: Prompt, alloc: Allocation, hash_s: float, lookup_s: float
     ) -> tuple[torch.Tensor, Any, PrefillTimings]:
         errors_before = self._errors()
         logits, cache, timings = super()._prefill(prompt, alloc, hash_s, lookup_s)
         self.last_tier_errors = self._errors() - errors_before
-        if self.tiers is None or self._gated(prompt):
+        if self.tiers is None or self.tiers_gated(prompt):
             return logits, cache, timings
         bs = self.block_size
         start = alloc.num_cached_tokens // bs + timings.tier_tokens // bs
