@@ -13,15 +13,18 @@ from kvcache.serve.bench import Result, load_trace, summarize, table
 
 def test_token_and_mooncake_lines(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
-    lines = [{"prompt": "hi", "output_tokens": 3, "tenant": "acme"},
-             {"prompt": [1, 2, 3]},
-             {"timestamp": 0, "input_length": 20, "output_length": 2, "hash_ids": [7, 8]},
-             {"timestamp": 5, "input_length": 12, "output_length": 1, "hash_ids": [7]}]  # fmt: skip
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    tokens = [{"timestamp": 0, "text": "hi", "output_length": 3, "tenant": "acme"},
+              {"timestamp": 1, "tokens": [1, 2, 3], "output_length": 16, "tenant": "bob"}]
+    mooncake = [{"timestamp": 0, "input_length": 20, "output_length": 2, "hash_ids": [7, 8]},
+                {"timestamp": 5, "input_length": 12, "output_length": 1, "hash_ids": [7]}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(x) for x in tokens) + "\n\n")
     trace = load_trace(str(path), block_tokens=16, vocab_size=256)
-    assert [(r.output_tokens, r.tenant) for r in trace] == [(3, "acme"), (16, None), (2, None), (1, None)]
-    assert trace[0].prompt == "hi" and trace[1].prompt == [1, 2, 3]
-    a, b = trace[2].prompt, trace[3].prompt
+    assert [(r.output_tokens, r.tenant) for r in trace] == [(3, "acme"), (16, "bob")]
+    assert trace[0].prompt == list(b"hi") and trace[1].prompt == [1, 2, 3]
+    path.write_text("\n".join(json.dumps(x) for x in mooncake) + "\n")
+    trace = load_trace(str(path), block_tokens=16, vocab_size=256)
+    assert [(r.output_tokens, r.tenant) for r in trace] == [(2, None), (1, None)]
+    a, b = trace[0].prompt, trace[1].prompt
     assert isinstance(a, list) and isinstance(b, list)
     assert len(a) == 20 and len(b) == 12 and a[:12] == b  # equal hash ids, equal blocks
     assert all(1 <= t < 256 for t in a)
@@ -36,8 +39,10 @@ def test_synthetic_trace_is_the_multi_tenant_chat_workload() -> None:
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("not json", ":1: not JSON"), ('{"prompt": ""}', "'prompt'"), ('{"prompt": "x", "output_tokens": 0}',
-     "'output_tokens'=0"), ('{"input_length": 99, "output_length": 1, "hash_ids": [1]}', "input_length=99")],
+    [("not json", ":1: not valid JSON"), ('{"timestamp": 0, "tenant": "a", "text": "", "output_length": 1}',
+     "'text' is empty"), ('{"timestamp": 0, "tenant": "a", "text": "x", "output_length": 0}',
+     "'output_length'=0"), ('{"timestamp": 0, "input_length": 99, "output_length": 1, "hash_ids": [1]}',
+     "input_length=99")],
 )  # fmt: skip
 def test_bad_traces_name_the_line(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "bad.jsonl"

@@ -1,8 +1,9 @@
 """Load a running server with a trace and report what ``vllm bench serve`` reports, plus cache hits.
 
-A trace is a JSON-lines file, one request per line, in either form:
+A trace is a JSON-lines file in either format of ``kvcache.router.trace`` (the replay's):
 
-- token level: ``{"prompt": "text" | [token ids], "output_tokens": 32, "tenant": "acme"}``;
+- token level: ``{"timestamp": ms, "tenant": "acme", "tokens": [ids] | "text": "...",
+  "output_length": 32}``; tenants map to API keys through ``--config``;
 - Mooncake: ``{"timestamp": ms, "input_length": n, "output_length": m, "hash_ids": [...]}``; each
   hash id becomes ``block_tokens`` token ids drawn from a generator seeded by it, so equal ids give
   equal blocks (shared prefixes) and the prompt is cut to ``input_length``;
@@ -22,12 +23,13 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvcache.errors import TraceError
+from kvcache.router.trace import TraceRequest as RouterTraceRequest
+from kvcache.router.trace import read_trace
 from kvcache.workloads import multi_turn_chat
 
 
@@ -64,53 +66,24 @@ def _synthetic(spec: str, vocab_size: int) -> list[TraceRequest]:
     return [TraceRequest(r.tokens, r.output_tokens, r.tenant) for r in reqs]
 
 
-def _mooncake(line: dict[str, Any], where: str, block_tokens: int, vocab_size: int) -> TraceRequest:
-    try:
-        n, m, ids = int(line["input_length"]), int(line["output_length"]), line["hash_ids"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TraceError(f"{where}: Mooncake lines need input_length, output_length, hash_ids") from exc
+def _expand(req: RouterTraceRequest, block_tokens: int, vocab_size: int) -> TraceRequest:
+    """A trace request as prompt token ids; each Mooncake hash id becomes ``block_tokens`` ids drawn
+    from a generator seeded by it, so equal ids give equal blocks (shared prefixes)."""
+    if req.tokens is not None:
+        return TraceRequest(list(req.tokens), req.output_tokens, req.tenant)
+    assert req.block_ids is not None
     tokens: list[int] = []
-    for h in ids:
-        rng = np.random.default_rng(int(h))
-        tokens += rng.integers(1, vocab_size, size=block_tokens).tolist()
-    if n < 1 or len(tokens) < n or m < 1:
-        raise TraceError(f"{where}: input_length={n} needs {n} tokens, hash_ids give {len(tokens)}; "
-                         f"output_length={m} must be >= 1")  # fmt: skip
-    return TraceRequest(tokens[:n], m, line.get("tenant"))
+    for h in req.block_ids:
+        tokens += np.random.default_rng(h).integers(1, vocab_size, size=block_tokens).tolist()
+    return TraceRequest(tokens[: req.num_tokens], req.output_tokens, None)
 
 
 def load_trace(spec: str, *, block_tokens: int = 512, vocab_size: int = 256) -> list[TraceRequest]:
-    """Read a trace file or build a synthetic one (see the module docstring)."""
+    """Read a trace file (either format ``kvcache.router.trace`` reads) or build a synthetic one."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return _synthetic(spec, vocab_size)
-    path = Path(spec)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise TraceError(f"cannot read trace {path}: {exc.strerror}") from exc
-    out: list[TraceRequest] = []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(line, dict):
-            raise TraceError(f"{where}: each line must be a JSON object")
-        if "hash_ids" in line:
-            out.append(_mooncake(line, where, block_tokens, vocab_size))
-            continue
-        prompt, output = line.get("prompt"), line.get("output_tokens", line.get("output_length", 16))
-        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
-            raise TraceError(f"{where}: 'prompt' must be a non-empty string or list of token ids")
-        if not isinstance(output, int) or output < 1:
-            raise TraceError(f"{where}: 'output_tokens'={output!r} must be an integer >= 1")
-        out.append(TraceRequest(prompt, output, line.get("tenant")))
-    if not out:
-        raise TraceError(f"trace {path} holds no requests")
-    return out
+    trace = read_trace(spec, block_tokens)
+    return [_expand(r, block_tokens, vocab_size) for r in trace.requests]
 
 
 async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str]) -> Result:
