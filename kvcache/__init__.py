@@ -6,11 +6,15 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 
 from kvcache.config import CacheConfig, TenantQuota
 from kvcache.errors import (
+    AuthError,
     CapacityError,
     ConfigError,
+    CorruptBlockError,
     InvalidTokensError,
+    KernelError,
     KVCacheError,
     ModelError,
+    ProtocolError,
     QuotaError,
     RequestError,
     ScopeError,
@@ -28,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PUBLIC_SCOPE",
     "Allocation",
+    "AuthError",
     "BlockManager",
     "BlockRemoved",
     "BlockStored",
@@ -36,11 +41,14 @@ __all__ = [
     "CacheStats",
     "CapacityError",
     "ConfigError",
+    "CorruptBlockError",
     "Hasher",
     "InvalidTokensError",
     "KVCacheError",
+    "KernelError",
     "ModelError",
     "Prompt",
+    "ProtocolError",
     "QuotaError",
     "RequestError",
     "Scope",
