@@ -17,8 +17,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--policy",
-        default="affinity",
-        help="ttft (serial workers), or a router policy: affinity, round_robin, ...",
+        default="ttft",
+        help="ttft (default: lowest estimated TTFT on workers that serve one request at a time), or a "
+        "router policy: affinity, round_robin, ...",
     )
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
