@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,6 +48,12 @@ keys = ["sk-small"]
 cap_blocks = 2
 """
 _SHARED: list[Deployment] = []
+
+
+def ids(seed: int, n: int) -> list[int]:
+    """``n`` token ids below the byte tokenizer's 256, distinct for distinct seeds."""
+    rng = random.Random(seed)
+    return [rng.randrange(1, 256) for _ in range(n)]
 
 
 def free_port() -> int:

@@ -7,21 +7,13 @@ are exact (16 tokens per block).
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from serve_harness import Deployment, shared
+from serve_harness import Deployment, ids, shared
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Deployment:
     return shared(tmp_path_factory, pytestconfig)
-
-
-def ids(seed: int, n: int) -> list[int]:
-    """``n`` token ids below the byte tokenizer's 256, distinct for distinct seeds."""
-    rng = random.Random(seed)
-    return [rng.randrange(1, 256) for _ in range(n)]
 
 
 def complete(server: Deployment, key: str, prompt: list[int] | str, max_tokens: int = 4) -> dict[str, object]:

@@ -7,14 +7,13 @@ each test leaves the deployment as the next one expects it, and the last one sto
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from serve_harness import Deployment, shared
+from serve_harness import Deployment, ids, shared
 
 KEY = "sk-acme"
 
@@ -22,11 +21,6 @@ KEY = "sk-acme"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Deployment:
     return shared(tmp_path_factory, pytestconfig)
-
-
-def ids(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 256) for _ in range(n)]
 
 
 def text_of(chunks: list[Any]) -> str:
