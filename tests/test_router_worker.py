@@ -75,6 +75,7 @@ class FakeTier:
     def __init__(self) -> None:
         self.evicted: list[bytes] = []
         self.asked: list[int] = []
+        self.prestaged: list[tuple[int, int, float]] = []  # (worker, keys, now_ms)
 
     def on_evict(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
         self.evicted += keys
@@ -85,6 +86,9 @@ class FakeTier:
         while held < len(keys) and keys[held] in self.evicted:
             held += 1
         return held, 0.5 * held
+
+    def prestage(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
+        self.prestaged.append((worker_id, len(keys), now_ms))
 
 
 def test_spill_hook_offloads_and_loads() -> None:
@@ -97,7 +101,9 @@ def test_spill_hook_offloads_and_loads() -> None:
         w.prefill_done(job, t)
         w.finish(job, t)
     assert tier.evicted == [a.prompt.keys[1], a.prompt.keys[0]]  # tail first
-    w.submit(c)
+    w.submit(c, 20.0)
+    # c's blocks 1, 2 are no longer on the device: all 3 of its blocks are offered for prestaging.
+    assert tier.prestaged[-1] == (0, 3, 20.0)
     started = w.try_start(20.0)
     assert started is not None
     assert (c.cached_tokens, c.loaded_tokens, c.prefill_tokens) == (0, 8, 4)

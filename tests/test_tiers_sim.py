@@ -60,3 +60,37 @@ def test_cost_rule_declines_slow_loads() -> None:
     sim.on_evict(0, [k(0), k(1)], 0.0)
     assert sim.fetch(0, [k(0), k(1)], 0.0) == (0, 0.0)
     assert sim.blocks_declined == 2
+
+
+def test_prestaging_moves_shared_blocks_ahead_of_need() -> None:
+    nbytes = 512 * 1024
+    sim = SimTiers(num_workers=2, sizes=TierSizes(icms=100), block_tokens=512, kv_bytes_per_token=1024)
+    sim.on_evict(0, [k(0), k(1), k(2)], 0.0)
+    staging_ms = ICMS_TRANSFER.transfer_ms(2, 2 * nbytes)
+    host_ms = G2_TRANSFER.transfer_ms(2, 2 * nbytes)
+    assert staging_ms > host_ms
+
+    sim.prestage(1, [k(0), k(1), k(9)], 10.0)  # routed at 10 ms: k(0), k(1) start moving
+    # Started after the staging finished: a host-memory load.
+    assert sim.fetch(1, [k(0), k(1)], 10.0 + staging_ms + 5.0) == (2, pytest.approx(host_ms))
+    assert sim.stats["icms"].prestaged == 2 and sim.stats["icms"].blocks_hit == 2
+    assert sim.stats["icms"].cross_worker_hits == 2
+
+    sim.prestage(1, [k(2)], 100.0)
+    one = ICMS_TRANSFER.transfer_ms(1, nbytes)
+    # Started before it finished: the rest of the staging, then the host-memory load.
+    n, ms = sim.fetch(1, [k(2)], 100.0 + one / 4)
+    assert (n, ms) == (1, pytest.approx(one * 3 / 4 + G2_TRANSFER.transfer_ms(1, nbytes)))
+    # Staged copies are used once; a later fetch pays the shared tier again.
+    assert sim.fetch(1, [k(2)], 200.0) == (1, pytest.approx(one))
+
+
+def test_prestaging_off_changes_nothing() -> None:
+    sim = SimTiers(num_workers=2, sizes=TierSizes(icms=100), block_tokens=16, prestaging=False)
+    sim.on_evict(0, [k(0)], 0.0)
+    sim.prestage(1, [k(0)], 0.0)
+    assert sim.fetch(1, [k(0)], 1e6) == (
+        1,
+        pytest.approx(ICMS_TRANSFER.transfer_ms(1, 16 * sim.kv_bytes_per_token)),
+    )
+    assert sim.stats["icms"].prestaged == 0

@@ -72,6 +72,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "in blocks or as a multiple of the per-worker capacity (4x); g2/g3 per worker, icms shared",
     )
     parser.add_argument(
+        "--no-prestage",
+        action="store_true",
+        help="with --tiers: do not move a routed request's G3/ICMS blocks towards its worker ahead of need",
+    )
+    parser.add_argument(
         "--kv-bytes-per-token",
         type=int,
         default=None,
@@ -109,6 +114,7 @@ def _replay_with_tiers(
         block_size,
         kv_bytes_per_token=args.kv_bytes_per_token or KV_BYTES_PER_TOKEN,
         prefill=PrefillCost(lat.prefill_ms_per_token, lat.prefill_ms_per_token_per_ctx_token),
+        prestaging=not args.no_prestage,
     )
     result = replay(trace, config, block_size=block_size, prompts=prompts, spill=sim, progress=not args.quiet)
     row = report.metrics(result)

@@ -135,7 +135,7 @@ class _Replay:
     def route(self, job: Job) -> None:
         req = RouteRequest(job.request_id, job.prompt.keys, job.request.num_tokens, job.prompt.scope)
         w = self.router.route(req)
-        self.workers[w].submit(job)
+        self.workers[w].submit(job, self.now)
         self.kick(w)
 
     def kick(self, w: int) -> None:

@@ -37,6 +37,10 @@ class SpillHook(Protocol):
         """Of ``keys`` (the prompt's blocks after the device hit), how many leading ones lower
         tiers hold, and the milliseconds to load them."""
 
+    def prestage(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
+        """A request needing ``keys`` (its blocks after the device's current hit) was just placed
+        on the worker: start moving those the slow tiers hold towards it, ahead of ``fetch``."""
+
 
 @dataclass(slots=True)
 class Job:
@@ -92,10 +96,14 @@ class Worker:
     def num_blocks(self) -> int:
         return self.manager.pool.num_blocks
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, now_ms: float = 0.0) -> None:
         job.worker_id = self.worker_id
         job.attempts += 1
         self.queue.append(job)
+        if self.spill is not None:
+            hit = self.manager.lookup(job.prompt) // self.manager.block_size
+            if hit < len(job.prompt.keys):
+                self.spill.prestage(self.worker_id, list(job.prompt.keys[hit:]), now_ms)
 
     def _fit(self, job: Job) -> Prompt:
         """The job's prompt, cut to the pool size when the whole pool could not hold it."""

@@ -10,6 +10,11 @@ Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
 - ``fetch(worker, keys, now)``: the leading keys found in this worker's G2 or G3 or in ICMS
   (fastest first), trimmed by the cost rule when a prefill cost is given, and the milliseconds
   to load them: one batch per tier, so each tier's base latency is paid once.
+- ``prestage(worker, keys, now)`` (when ``prestaging``, the default): the router just placed a
+  request on the worker; the leading keys held in G3 or ICMS start moving into the worker's
+  staging buffer in host memory, one batch per tier, finishing at ``now`` + their transfer
+  time. A later ``fetch`` of a staged key costs a G2 load, plus whatever of the staging is still
+  in flight; a request that waited in the queue longer than that loads at host-memory speed.
 
 Only reads are charged: offload writes are write-behind, off the request's path, and do not
 compete with reads for bandwidth here. Tiers are inclusive: a loaded block stays where it was
@@ -78,6 +83,7 @@ class TierSizes:
 class SimTierStats:
     blocks_hit: int = 0
     cross_worker_hits: int = 0
+    prestaged: int = 0  # blocks served from the staging buffer (moved ahead of need)
     blocks_in: int = 0
     evictions: int = 0
     transfer_ms: float = 0.0
@@ -95,6 +101,7 @@ class SimTiers:
         default_factory=lambda: {"g2": G2_TRANSFER, "g3": G3_TRANSFER, "icms": ICMS_TRANSFER}
     )
     prefill: PrefillCost | None = None
+    prestaging: bool = True
     stats: dict[str, SimTierStats] = field(default_factory=lambda: {n: SimTierStats() for n in TIER_NAMES})
     blocks_declined: int = 0
     fetches: int = 0
@@ -103,6 +110,8 @@ class SimTiers:
         self._g2: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(self.num_workers)]
         self._g3: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(self.num_workers)]
         self._icms: OrderedDict[bytes, int] = OrderedDict()  # key -> worker that wrote it
+        # Per worker: key -> when its prestaged copy is in host memory. Entries leave when fetched.
+        self._staged: list[dict[bytes, float]] = [{} for _ in range(self.num_workers)]
 
     @property
     def block_nbytes(self) -> int:
@@ -138,6 +147,29 @@ class SimTiers:
                     icms.popitem(last=False)
                     self.stats["icms"].evictions += 1
 
+    def _holder(self, worker_id: int, key: bytes) -> str | None:
+        if key in self._g2[worker_id]:
+            return "g2"
+        if key in self._g3[worker_id]:
+            return "g3"
+        return "icms" if key in self._icms else None
+
+    def prestage(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
+        if not self.prestaging:
+            return
+        staged = self._staged[worker_id]
+        batch: dict[str, list[bytes]] = {"g3": [], "icms": []}
+        for key in keys:
+            name = self._holder(worker_id, key)
+            if name is None:
+                break
+            if name in batch and key not in staged:
+                batch[name].append(key)
+        for name, group in batch.items():
+            if group:
+                ready = now_ms + self.transfer[name].transfer_ms(len(group), len(group) * self.block_nbytes)
+                staged.update(dict.fromkeys(group, ready))
+
     def fetch(self, worker_id: int, keys: list[bytes], now_ms: float) -> tuple[int, float]:
         self.fetches += 1
         g2, g3, icms = self._g2[worker_id], self._g3[worker_id], self._icms
@@ -151,14 +183,23 @@ class SimTiers:
                 where.append("icms")
             else:
                 break
+        staged = self._staged[worker_id]
+        is_staged = [name != "g2" and key in staged for key, name in zip(keys, where, strict=False)]
         if where and self.prefill is not None:
-            sources = [self.transfer[name] for name in where]
+            # A staged block loads at host-memory speed once its staging is done.
+            sources = [self.transfer["g2" if st else name] for name, st in zip(where, is_staged, strict=True)]
             n, _ = best_load_prefix(sources, self.block_nbytes, self.block_tokens, 0, self.prefill)
             self.blocks_declined += len(where) - n
             where = where[:n]
         counts = dict.fromkeys(TIER_NAMES, 0)
-        for key, name in zip(keys, where, strict=False):
-            counts[name] += 1
+        num_staged, staging_left_ms = 0, 0.0
+        for key, name, st in zip(keys, where, is_staged, strict=False):
+            if st:
+                num_staged += 1
+                self.stats[name].prestaged += 1
+                staging_left_ms = max(staging_left_ms, staged.pop(key) - now_ms)
+            else:
+                counts[name] += 1
             if name == "g2":
                 g2.move_to_end(key)
             elif name == "g3":
@@ -173,6 +214,16 @@ class SimTiers:
                 self.stats[name].blocks_hit += n
                 self.stats[name].transfer_ms += ms
                 total_ms += ms
+        if num_staged:
+            # Staged blocks count as hits of the tier they came from; they cost what is left of
+            # their staging plus one host-memory load.
+            for name, st in zip(where, is_staged, strict=False):
+                if st:
+                    self.stats[name].blocks_hit += 1
+            ms = max(0.0, staging_left_ms) + self.transfer["g2"].transfer_ms(
+                num_staged, num_staged * self.block_nbytes
+            )
+            total_ms += ms
         return len(where), total_ms
 
     def occupancy(self) -> dict[str, int]:

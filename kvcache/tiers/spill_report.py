@@ -32,12 +32,14 @@ def tier_metrics(sim: SimTiers, row: dict[str, Any]) -> dict[str, Any]:
             "token_hit_rate": s.blocks_hit * loaded_share,
             "blocks_hit": s.blocks_hit,
             "cross_worker_hits": s.cross_worker_hits,
+            "prestaged": s.prestaged,
             "blocks_in": s.blocks_in,
             "evictions": s.evictions,
             "transfer_ms": s.transfer_ms,
             "occupancy_blocks": occupancy[name],
         }
     out["blocks_declined"] = sim.blocks_declined
+    out["prestaged_blocks"] = sum(sim.stats[n].prestaged for n in TIER_NAMES)
     out["sizes"] = {"g2": sim.sizes.g2, "g3": sim.sizes.g3, "icms": sim.sizes.icms}
     out["kv_bytes_per_token"] = sim.kv_bytes_per_token
     return out
@@ -56,7 +58,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per policy: G1-only vs with tiers, hit rate by tier, p99 TTFT change."""
     head = (
         f"{'policy':<13}{'G1-only hit':>12}{'tiers hit':>10}{'G1':>7}{'G2':>7}{'G3':>7}{'ICMS':>7}"
-        f"{'x-worker':>9}{'p99 G1-only':>12}{'p99 tiers':>10}{'p99 change':>11}{'mean change':>12}"
+        f"{'x-worker':>9}{'staged':>8}{'p99 G1-only':>12}{'p99 tiers':>10}{'p99 change':>11}"
+        f"{'mean change':>12}"
     )
     lines = [head]
     for base, tiered in _pairs(rows):
@@ -66,7 +69,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{base['policy']:<13}{base['token_hit_rate']:>12.1%}{tiered['token_hit_rate']:>10.1%}"
             f"{device:>7.1%}{t['g2']['token_hit_rate']:>7.1%}{t['g3']['token_hit_rate']:>7.1%}"
             f"{t['icms']['token_hit_rate']:>7.1%}{t['icms']['cross_worker_hits']:>9d}"
-            f"{base['p99_ttft_ms']:>12.0f}{tiered['p99_ttft_ms']:>10.0f}"
+            f"{t['prestaged_blocks']:>8d}{base['p99_ttft_ms']:>12.0f}{tiered['p99_ttft_ms']:>10.0f}"
             f"{_change(base['p99_ttft_ms'], tiered['p99_ttft_ms']):>11}"
             f"{_change(base['mean_ttft_ms'], tiered['mean_ttft_ms']):>12}"
         )
@@ -76,8 +79,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| policy | G1-only token hit | with tiers | from G1 | G2 | G3 | ICMS | ICMS cross-worker blocks "
-        "| p99 TTFT G1-only ms | p99 TTFT tiers ms | p99 change | mean TTFT change |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prestaged blocks | p99 TTFT G1-only ms | p99 TTFT tiers ms | p99 change | mean TTFT change |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for base, tiered in _pairs(rows):
         t = tiered["tiers"]
@@ -86,7 +89,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {base['policy']} | {base['token_hit_rate']:.1%} | {tiered['token_hit_rate']:.1%} | "
             f"{device:.1%} | {t['g2']['token_hit_rate']:.1%} | {t['g3']['token_hit_rate']:.1%} | "
             f"{t['icms']['token_hit_rate']:.1%} | {t['icms']['cross_worker_hits']} | "
-            f"{base['p99_ttft_ms']:.0f} | {tiered['p99_ttft_ms']:.0f} | "
+            f"{t['prestaged_blocks']} | {base['p99_ttft_ms']:.0f} | {tiered['p99_ttft_ms']:.0f} | "
             f"{_change(base['p99_ttft_ms'], tiered['p99_ttft_ms'])} | "
             f"{_change(base['mean_ttft_ms'], tiered['mean_ttft_ms'])} |"
         )
