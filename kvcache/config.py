@@ -52,6 +52,8 @@ class CacheConfig:
     - ``quotas``: per-tenant floors and caps; ``default_quota`` applies to tenants not listed.
     - ``cap_hit_to_prompt_minus_one``: never report the whole prompt as cached, so a model always
       computes at least the last position (and gets logits for it).
+    - ``max_events``: ``BlockStored``/``BlockRemoved`` events kept until ``drain_events``; past it
+      the oldest are dropped and counted (``CacheStats.events_dropped``). ``0`` turns events off.
     """
 
     num_blocks: int
@@ -64,6 +66,7 @@ class CacheConfig:
     quotas: dict[str, TenantQuota] = field(default_factory=dict)
     default_quota: TenantQuota = field(default_factory=TenantQuota)
     cap_hit_to_prompt_minus_one: bool = True
+    max_events: int = 65_536
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_blocks, int) or self.num_blocks <= 0:
@@ -76,6 +79,8 @@ class CacheConfig:
             raise ConfigError(f"vocab_size={self.vocab_size!r} must be an integer in 1..2**32")
         if not isinstance(self.k_anonymity, int) or self.k_anonymity < 1:
             raise ConfigError(f"k_anonymity={self.k_anonymity!r} must be an integer >= 1")
+        if not isinstance(self.max_events, int) or self.max_events < 0:
+            raise ConfigError(f"max_events={self.max_events!r} must be an integer >= 0 (0 = no events)")
         if not self.model_id:
             raise ConfigError("model_id must be a non-empty string")
         if self.deployment_key is not None and len(self.deployment_key) > 64:

@@ -79,10 +79,42 @@ def encode_namespace(
     )
 
 
-def tokens_to_bytes(tokens: Sequence[int], vocab_size: int | None = None) -> bytes:
-    """Validate token ids and return them as little-endian uint32 bytes (one conversion per prompt)."""
+_TEXT_TYPES = (bytes, bytearray, memoryview, str)
+
+
+def tokens_to_bytes(tokens: Sequence[int] | np.ndarray, vocab_size: int | None = None) -> bytes:
+    """Validate token ids and return them as little-endian uint32 bytes (one conversion per prompt).
+
+    Accepts a list or tuple of ints, a 1-D integer numpy array, or anything numpy can view as one
+    (a CPU torch tensor). Rejects, with ``InvalidTokensError``: an empty prompt; bytes, str and
+    other text (a prompt must be token ids, not their encoding); bools, floats and anything else
+    that is not an integer; ids outside ``0..vocab_size-1`` (``0..2**32-1`` without a vocabulary).
+    """
+    if isinstance(tokens, _TEXT_TYPES):
+        raise InvalidTokensError(
+            f"tokens is a {type(tokens).__name__}; pass token ids (a list of ints or an integer "
+            "array), not text or its bytes"
+        )
+    limit = vocab_size if vocab_size is not None else 2**32
+    if type(tokens) is list or type(tokens) is tuple:
+        if len(tokens) == 0:
+            raise InvalidTokensError("tokens is empty; a prompt needs at least one token id")
+        if _encode_native is not None:
+            raw = _encode_native(tokens if type(tokens) is list else list(tokens), limit)
+            if raw is not None:
+                return raw  # type: ignore[no-any-return]
+        return _sequence_to_bytes(tokens, vocab_size)
+    if isinstance(tokens, np.ndarray) or hasattr(tokens, "__array__"):
+        return _array_to_bytes(np.asarray(tokens), vocab_size)
     if len(tokens) == 0:
         raise InvalidTokensError("tokens is empty; a prompt needs at least one token id")
+    return _sequence_to_bytes(tokens, vocab_size)
+
+
+def _sequence_to_bytes(tokens: Sequence[int], vocab_size: int | None) -> bytes:
+    """The general path: any sequence of ints (numpy integer scalars included), no bools."""
+    if bool in set(map(type, tokens)):
+        raise InvalidTokensError(_describe_bad_token(tokens, vocab_size))
     try:
         arr = array(_ARRAY_CODE, tokens)
     except (TypeError, OverflowError) as exc:
@@ -95,25 +127,61 @@ def tokens_to_bytes(tokens: Sequence[int], vocab_size: int | None = None) -> byt
     return arr.tobytes()
 
 
+def _array_to_bytes(arr: np.ndarray, vocab_size: int | None) -> bytes:
+    """Integer arrays: a range check on the array, then one cast (none when already ``<u4``)."""
+    if arr.ndim != 1:
+        raise InvalidTokensError(f"tokens must be a flat sequence of ids, got an array of shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise InvalidTokensError(f"tokens have dtype {arr.dtype}; token ids must be integers")
+    if arr.size == 0:
+        raise InvalidTokensError("tokens is empty; a prompt needs at least one token id")
+    limit = vocab_size if vocab_size is not None else 2**32
+    if int(arr.max()) >= limit or (arr.dtype.kind == "i" and int(arr.min()) < 0):
+        bad = int(np.flatnonzero((arr < 0) | (arr >= limit))[0])
+        raise InvalidTokensError(
+            f"tokens[{bad}]={int(arr[bad])} is outside 0..{limit - 1} (vocab_size={vocab_size})"
+        )
+    return arr.astype("<u4", copy=False).tobytes()
+
+
 def _describe_bad_token(tokens: Sequence[int], vocab_size: int | None) -> str:
     limit = vocab_size if vocab_size is not None else 2**32
     for i, tok in enumerate(tokens):
-        if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
+        if isinstance(tok, (bool, np.bool_)) or not isinstance(tok, (int, np.integer)):
             return f"tokens[{i}]={tok!r} is a {type(tok).__name__}; token ids must be integers"
         if not 0 <= int(tok) < limit:
             return f"tokens[{i}]={tok} is outside 0..{limit - 1} (vocab_size={vocab_size})"
     return "tokens could not be converted to uint32"
 
 
-def block_ids_to_bytes(block_ids: Sequence[int]) -> bytes:
-    """Precomputed block ids (e.g. Mooncake ``hash_ids``) as little-endian uint64 bytes."""
-    try:
-        arr = np.asarray(block_ids, dtype="<u8")
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidTokensError(f"block ids must be integers in 0..2**64-1: {exc}") from exc
+def block_ids_to_bytes(block_ids: Sequence[int] | np.ndarray) -> bytes:
+    """Precomputed block ids (e.g. Mooncake ``hash_ids``) as little-endian uint64 bytes.
+
+    The same rule as token ids: integers only (no bools, floats or strings), in 0..2**64-1.
+    """
+    if isinstance(block_ids, _TEXT_TYPES):
+        raise InvalidTokensError(f"block ids is a {type(block_ids).__name__}; pass a sequence of ints")
+    if isinstance(block_ids, np.ndarray):
+        arr = block_ids
+        if arr.dtype.kind not in "iu":
+            raise InvalidTokensError(f"block ids have dtype {arr.dtype}; they must be integers")
+    else:
+        for i, v in enumerate(block_ids):
+            exact = type(v) is int
+            if not exact and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+                raise InvalidTokensError(
+                    f"block_ids[{i}]={v!r} is a {type(v).__name__}; block ids must be integers"
+                )
+        try:
+            arr = np.asarray([int(v) for v in block_ids], dtype=object)
+        except (TypeError, ValueError) as exc:  # pragma: no cover - guarded by the loop above
+            raise InvalidTokensError(f"block ids must be integers: {exc}") from exc
     if arr.ndim != 1:
         raise InvalidTokensError(f"block ids must be a flat sequence, got shape {arr.shape}")
-    return arr.tobytes()
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 2**64):
+        bad = next(i for i, v in enumerate(arr.tolist()) if not 0 <= v < 2**64)
+        raise InvalidTokensError(f"block_ids[{bad}]={arr[bad]} is outside 0..2**64-1")
+    return np.asarray(arr, dtype="<u8").tobytes()
 
 
 def chain_python(parent: bytes, content: bytes, width: int) -> list[bytes]:
@@ -132,10 +200,14 @@ def chain_python(parent: bytes, content: bytes, width: int) -> list[bytes]:
     return keys
 
 
-try:  # the same loop in C over the system xxHash library, when it could be built
+try:  # the same loops in C over the system xxHash library, when it could be built
     from kvcache._hashchain import chain as _chain_native
+    from kvcache._hashchain import chain_blocks as _chain_blocks_native
+    from kvcache._hashchain import encode_tokens as _encode_native
 except ImportError:  # pragma: no cover - depends on the machine
     _chain_native = None
+    _chain_blocks_native = None
+    _encode_native = None
 
 HAS_NATIVE_CHAIN = _chain_native is not None
 
@@ -148,6 +220,14 @@ def chain(parent: bytes, content: bytes, width: int) -> list[bytes]:
     if _chain_native is not None:
         return _chain_native(parent, content, width)  # type: ignore[no-any-return]
     return chain_python(parent, content, width)
+
+
+def chain_blocks(parent: bytes, content: bytes, width: int) -> tuple[list[bytes], list[bytes]]:
+    """``chain``'s keys and each whole block's own bytes (what a cached block keeps to confirm hits)."""
+    if _chain_blocks_native is not None and _chain_native is not None:
+        return _chain_blocks_native(parent, content, width)  # type: ignore[no-any-return]
+    n = len(content) - len(content) % width
+    return chain(parent, content, width), [content[i : i + width] for i in range(0, n, width)]
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

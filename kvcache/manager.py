@@ -16,8 +16,12 @@ requests on workers (``router``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+import heapq
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
 
 from kvcache import hashing
 from kvcache.block_pool import Block, BlockPool
@@ -28,37 +32,57 @@ from kvcache.hashing import KIND_BLOCK_IDS, KIND_TOKENS, TOKEN_BYTES, Hasher
 from kvcache.stats import CacheStats, TenantStats
 from kvcache.tenancy import PUBLIC_SCOPE, Scope, as_scope
 
+Tokens = Sequence[int] | np.ndarray  # token ids: a list/tuple of ints or a 1-D integer array
+
 
 @dataclass(slots=True)
 class Prompt:
     """A prompt's block keys in one scope: computed once, usable for lookup and allocate.
 
-    ``keys[i]`` is the key of full block ``i``; blocks ``< num_public_blocks`` are keyed in the
-    public scope, the rest in ``scope.chain_scope``. Valid until the next ``publish`` (a stale
-    prompt is re-hashed by the manager).
+    ``keys[i]`` is the key of full block ``i`` and ``contents[i]`` its encoded tokens (or id);
+    blocks ``< num_public_blocks`` are keyed in the public scope, the rest in
+    ``scope.chain_scope``. It holds its own copy of the tokens, never the caller's list, so a
+    list changed after hashing changes nothing. Valid until the next ``publish`` (a stale prompt
+    is re-hashed by the manager from that copy).
     """
 
     scope: Scope
     kind: str
     num_tokens: int
     keys: list[bytes]
+    contents: list[bytes]
     raw: bytes  # encoded content of the full blocks, ``width`` bytes each
     width: int
     root: bytes  # parent of block 0
     private_parent: bytes  # parent of block ``num_public_blocks``
     num_public_blocks: int
-    tail_tokens: list[int]  # the partial last block (token prompts only)
+    tail_raw: bytes  # the partial last block, encoded (token prompts only)
     epoch: int
-    tokens: Sequence[int] | None = field(default=None, repr=False)
+
+    @property
+    def tail_tokens(self) -> list[int]:
+        return np.frombuffer(self.tail_raw, dtype="<u4").tolist()  # type: ignore[no-any-return]
+
+    @property
+    def tokens(self) -> list[int] | None:
+        """The prompt's token ids (a fresh list), or None for a prompt hashed from block ids."""
+        if self.kind != KIND_TOKENS:
+            return None
+        return np.frombuffer(self.raw + self.tail_raw, dtype="<u4").tolist()  # type: ignore[no-any-return]
 
     def content(self, i: int) -> bytes:
-        """Block ``i``'s encoded tokens (or id): sliced on demand, only for blocks that need it."""
-        return self.raw[i * self.width : (i + 1) * self.width]
+        return self.contents[i]
 
     def parent_of(self, i: int) -> bytes:
         if i == self.num_public_blocks:
             return self.private_parent
         return self.keys[i - 1] if i else self.root
+
+    def parents(self, start: int, stop: int) -> list[bytes]:
+        """``parent_of(i)`` for ``start <= i < stop`` in one list."""
+        if start >= stop:
+            return []
+        return [self.parent_of(start), *self.keys[start : stop - 1]]
 
     def scope_of(self, i: int) -> str:
         return PUBLIC_SCOPE if i < self.num_public_blocks else self.scope.chain_scope
@@ -85,7 +109,7 @@ class _Request:
     block_ids: list[int]
     num_tokens: int
     next_parent: bytes  # parent key of the next block to fill
-    tail_tokens: list[int]
+    tail_raw: bytes  # encoded tokens of the partial last block
     num_hit_blocks: int = 0  # leading blocks reused from the cache; the rest were taken fresh
 
 
@@ -95,7 +119,8 @@ class BlockManager:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.block_size = config.block_size
-        self.pool = BlockPool(config.num_blocks)
+        self._has_quotas = bool(config.quotas) or config.default_quota != type(config.default_quota)()
+        self.pool = BlockPool(config.num_blocks, max_events=config.max_events, track_owners=self._has_quotas)
         self.hasher = Hasher(
             block_size=config.block_size,
             model_id=config.model_id,
@@ -106,18 +131,24 @@ class BlockManager:
         self._epoch = 0
         self._requests: dict[Hashable, _Request] = {}
         self._tenants: dict[str, TenantStats] = {}
-        self._has_quotas = bool(config.quotas) or config.default_quota != type(config.default_quota)()
 
     # ---- hashing -------------------------------------------------------------------------
 
-    def hash(self, tokens: Sequence[int], scope: Scope | str | None = None) -> Prompt:
-        """Key every full block of ``tokens`` in ``scope``, through any published public prefix."""
+    def hash(self, tokens: Tokens, scope: Scope | str | None = None) -> Prompt:
+        """Key every full block of ``tokens`` in ``scope``, through any published public prefix.
+
+        ``tokens``: a list/tuple of ints or a 1-D integer array (numpy, CPU torch); see
+        ``hashing.tokens_to_bytes`` for what is rejected.
+        """
         scope = as_scope(scope)
-        raw = hashing.tokens_to_bytes(tokens, self.config.vocab_size)
-        bs = self.block_size
-        width = bs * TOKEN_BYTES
-        num_full = len(tokens) // bs
+        return self._hash_encoded(hashing.tokens_to_bytes(tokens, self.config.vocab_size), scope)
+
+    def _hash_encoded(self, raw: bytes, scope: Scope) -> Prompt:
+        width = self.block_size * TOKEN_BYTES
+        num_tokens = len(raw) // TOKEN_BYTES
+        num_full = num_tokens // self.block_size
         keys: list[bytes] = []
+        contents: list[bytes] = []
         private_root = self.hasher.root(scope.chain_scope)
         root = private_root
         if self._published:
@@ -129,32 +160,39 @@ class BlockManager:
                 if self._published.get(child) != (key, content):
                     break
                 keys.append(child)
+                contents.append(content)
                 key = child
         num_public = len(keys)
         private_parent = hashing.switch(private_root, keys[-1]) if num_public else private_root
-        keys += hashing.chain(private_parent, raw[num_public * width : num_full * width], width)
+        more_keys, more_contents = hashing.chain_blocks(
+            private_parent, raw[num_public * width : num_full * width], width
+        )
+        keys += more_keys
+        contents += more_contents
         return Prompt(
             scope=scope,
             kind=KIND_TOKENS,
-            num_tokens=len(tokens),
+            num_tokens=num_tokens,
             keys=keys,
+            contents=contents,
             raw=raw[: num_full * width],
             width=width,
             root=root,
             private_parent=private_parent,
             num_public_blocks=num_public,
-            tail_tokens=list(tokens[num_full * bs :]),
+            tail_raw=raw[num_full * width :],
             epoch=self._epoch,
-            tokens=tokens,
         )
 
     def hash_block_ids(
-        self, block_ids: Sequence[int], num_tokens: int, scope: Scope | str | None = None
+        self, block_ids: Sequence[int] | np.ndarray, num_tokens: int, scope: Scope | str | None = None
     ) -> Prompt:
         """Key a prompt given as precomputed per-block ids (one id per ``block_size`` tokens, the
         last block possibly partial), as in Mooncake traces' ``hash_ids``."""
         scope = as_scope(scope)
         bs = self.block_size
+        if type(num_tokens) is not int:
+            raise InvalidTokensError(f"num_tokens={num_tokens!r} must be an int")
         expected = -(-num_tokens // bs)
         if num_tokens <= 0 or len(block_ids) != expected:
             raise InvalidTokensError(
@@ -166,10 +204,12 @@ class BlockManager:
         root = self.hasher.root(scope.chain_scope, KIND_BLOCK_IDS)
         width = hashing.BLOCK_ID_BYTES
         raw = raw[: num_full * width]
-        keys = hashing.chain(root, raw, width)
-        return Prompt(scope, KIND_BLOCK_IDS, num_tokens, keys, raw, width, root, root, 0, [], self._epoch)
+        keys, contents = hashing.chain_blocks(root, raw, width)
+        return Prompt(
+            scope, KIND_BLOCK_IDS, num_tokens, keys, contents, raw, width, root, root, 0, b"", self._epoch
+        )
 
-    def publish(self, tokens: Sequence[int]) -> int:
+    def publish(self, tokens: Tokens) -> int:
         """Publish a prefix (e.g. a system prompt) to the public scope; returns its full blocks.
 
         Every tenant's chain then runs through these blocks first and continues in its own scope
@@ -185,38 +225,52 @@ class BlockManager:
         self._epoch += 1
         return len(keys)
 
-    def _prompt(self, prompt: Prompt | Sequence[int], scope: Scope | str | None) -> Prompt:
+    def _prompt(self, prompt: Prompt | Tokens, scope: Scope | str | None) -> Prompt:
         if isinstance(prompt, Prompt):
             if scope is not None and as_scope(scope) != prompt.scope:
                 raise InvalidTokensError(
                     f"prompt was hashed for {prompt.scope}, not {as_scope(scope)}; hash it again"
                 )
-            if prompt.epoch != self._epoch and prompt.kind == KIND_TOKENS and prompt.tokens is not None:
-                return self.hash(prompt.tokens, prompt.scope)
+            if prompt.epoch != self._epoch and prompt.kind == KIND_TOKENS:
+                return self._hash_encoded(prompt.raw + prompt.tail_raw, prompt.scope)
             return prompt
         return self.hash(prompt, scope)
 
     # ---- matching ------------------------------------------------------------------------
 
     def _match(self, prompt: Prompt) -> list[Block]:
-        """The cached blocks of the prompt's longest visible prefix, confirmed one by one."""
-        pool = self.pool
-        tenant = prompt.scope.tenant
+        """The cached blocks of the prompt's longest visible prefix, each confirmed against what
+        the block stores (parent key, content bytes, scope): a key collision is a miss, never
+        another prompt's KV."""
+        get = self.pool.index.get
+        blocks = self.pool.blocks
+        keys, contents = prompt.keys, prompt.contents
+        hits: list[Block] = []
+        num_public = prompt.num_public_blocks
+        parent = prompt.root
+        for i in range(num_public):
+            block_id = get(keys[i])
+            if block_id is None:
+                return hits
+            block = blocks[block_id]
+            if block.parent != parent or block.content != contents[i] or block.scope != PUBLIC_SCOPE:
+                return hits
+            hits.append(block)
+            parent = keys[i]
+        if num_public:
+            parent = prompt.private_parent
+        scope = prompt.scope.chain_scope
         k = self.config.k_anonymity
         gated = k > 1 and prompt.scope.is_shared
-        hits: list[Block] = []
-        parent = prompt.root
-        num_public = prompt.num_public_blocks
-        for i, key in enumerate(prompt.keys):
-            block = pool.cached(key)
-            if block is None:
+        tenant = prompt.scope.tenant
+        for key, content in zip(keys[num_public:], contents[num_public:], strict=True):
+            block_id = get(key)
+            if block_id is None:
                 break
-            if i == num_public:
-                parent = prompt.private_parent
-            scope = PUBLIC_SCOPE if i < num_public else prompt.scope.chain_scope
-            if block.parent != parent or block.content != prompt.content(i) or block.scope != scope:
-                break  # a key collision: never serve another prompt's KV
-            if gated and i >= num_public:
+            block = blocks[block_id]
+            if block.parent != parent or block.content != content or block.scope != scope:
+                break
+            if gated:
                 writers = block.writers
                 assert writers is not None
                 if tenant not in writers and len(writers) < k:
@@ -225,7 +279,7 @@ class BlockManager:
             parent = key
         return hits
 
-    def lookup(self, prompt: Prompt | Sequence[int], scope: Scope | str | None = None) -> int:
+    def lookup(self, prompt: Prompt | Tokens, scope: Scope | str | None = None) -> int:
         """Leading tokens of ``prompt`` cached and visible to ``scope``. No side effects."""
         prompt = self._prompt(prompt, scope)
         return len(self._match(prompt)) * self.block_size
@@ -235,59 +289,49 @@ class BlockManager:
     def _plan(self, tenant: str, num_new: int, pinned: set[int]) -> list[int | None]:
         """Choose where ``num_new`` blocks for ``tenant`` come from, without changing anything:
         a cached block id to evict, or None for a never-cached free block. Raises when they
-        cannot all be found. ``pinned``: cached blocks about to be reused, never evicted."""
+        cannot all be found. ``pinned``: cached blocks about to be reused, never evicted.
+
+        Costs O(blocks evicted + pinned blocks) (+ O(owners) with quotas), never a scan of the
+        whole LRU queue."""
         pool = self.pool
+        num_free = len(pool.free)
         if not self._has_quotas:
-            available = len(pool.free) + len(pool.lru) - len(pinned)
+            available = num_free + len(pool.lru) - len(pinned)
             if num_new > available:
                 raise CapacityError(
                     f"need {num_new} free blocks, only {available} of {pool.num_blocks} can be "
                     "freed (the rest are in use by running requests); nothing was allocated"
                 )
-            return [None] * num_new
+            plan: list[int | None] = [None] * min(num_free, num_new)
+            num_evict = num_new - len(plan)
+            if num_evict:
+                oldest: Iterator[int] = iter(pool.lru)
+                if pinned:
+                    oldest = (b for b in pool.lru if b not in pinned)
+                plan += islice(oldest, num_evict)
+            return plan
         config = self.config
-        plan: list[int | None] = []
+        plan = []
         chosen: set[int] = set()
         cap = config.quota_for(tenant).cap_blocks
         owned = pool.owned.get(tenant, 0)
         over_cap = owned + num_new - cap if cap is not None else 0
         if over_cap > 0:
-            for block_id in pool.lru_of(tenant):
-                if len(plan) == over_cap:
-                    break
-                if block_id not in pinned:
-                    plan.append(block_id)
-                    chosen.add(block_id)
+            plan += islice((b for b in pool.lru_of(tenant) if b not in pinned), over_cap)
+            chosen.update(plan)  # type: ignore[arg-type]
             if len(plan) < over_cap:
                 raise QuotaError(
                     f"tenant {tenant!r} owns {owned} blocks and needs {num_new} more, over its "
                     f"cap_blocks={cap}, and only {len(plan)} of its own cached blocks can be "
                     "evicted; nothing was allocated"
                 )
-        evicted: dict[str, int] = {tenant: len(plan)}
-        plan.extend([None] * min(len(pool.free), num_new - len(plan)))
+        plan.extend([None] * min(num_free, num_new - len(plan)))
         if len(plan) < num_new:
-            # Oldest first, skipping owners at or below their floor (the requester included, so
-            # a tenant within its floor is never evicted by its own load while others' blocks
-            # can go instead).
-            for block_id in pool.lru:
-                if block_id in pinned or block_id in chosen:
-                    continue
-                owner = pool.blocks[block_id].owner
-                if pool.owned[owner] - evicted.get(owner, 0) <= config.quota_for(owner).floor_blocks:
-                    continue
-                evicted[owner] = evicted.get(owner, 0) + 1
-                chosen.add(block_id)
-                plan.append(block_id)
-                if len(plan) == num_new:
-                    break
+            plan += self._oldest_above_floor(tenant, num_new - len(plan), len(chosen), pinned | chosen)
         if len(plan) < num_new:
             # Last resort: the requester's own cached blocks, below its own floor.
-            for block_id in pool.lru_of(tenant):
-                if len(plan) == num_new:
-                    break
-                if block_id not in pinned and block_id not in chosen:
-                    plan.append(block_id)
+            skip = pinned | {b for b in plan if b is not None}
+            plan += islice((b for b in pool.lru_of(tenant) if b not in skip), num_new - len(plan))
         if len(plan) < num_new:
             raise CapacityError(
                 f"need {num_new} free blocks for tenant {tenant!r}, only {len(plan)} can be freed "
@@ -295,9 +339,36 @@ class BlockManager:
             )
         return plan
 
-    def _take(self, tenant: str, plan: list[int | None]) -> list[Block]:
-        take = self.pool.take
-        return [take(tenant, victim) for victim in plan]
+    def _oldest_above_floor(
+        self, tenant: str, count: int, num_own_chosen: int, skip: set[int]
+    ) -> list[int]:
+        """Up to ``count`` cached blocks in global LRU order, skipping owners at or below their
+        floor (the requester included, so a tenant within its floor is never evicted by its own
+        load while others' blocks can go instead). A merge of the per-owner queues by LRU tick:
+        the same order as walking the global queue, without visiting protected owners' blocks."""
+        pool, config = self.pool, self.config
+        blocks = pool.blocks
+        evicted: dict[str, int] = {tenant: num_own_chosen}
+        heap: list[tuple[int, int, str, Iterator[int]]] = []
+        for owner, queue in pool.lru_by_owner.items():
+            if pool.owned[owner] - evicted.get(owner, 0) <= config.quota_for(owner).floor_blocks:
+                continue
+            candidates: Iterator[int] = (b for b in queue if b not in skip)
+            first = next(candidates, None)
+            if first is not None:
+                heap.append((blocks[first].lru_tick, first, owner, candidates))
+        heapq.heapify(heap)
+        out: list[int] = []
+        while heap and len(out) < count:
+            _tick, block_id, owner, remaining = heapq.heappop(heap)
+            out.append(block_id)
+            evicted[owner] = evicted.get(owner, 0) + 1
+            if pool.owned[owner] - evicted[owner] <= config.quota_for(owner).floor_blocks:
+                continue
+            nxt = next(remaining, None)
+            if nxt is not None:
+                heapq.heappush(heap, (blocks[nxt].lru_tick, nxt, owner, remaining))
+        return out
 
     def _reusable(self, prompt: Prompt) -> list[Block]:
         """The cached blocks ``allocate`` reuses: the visible prefix, less the last block when it
@@ -308,7 +379,26 @@ class BlockManager:
             hits.pop()
         return hits
 
-    def can_allocate(self, prompt: Prompt | Sequence[int], scope: Scope | str | None = None) -> bool:
+    def _prepare(
+        self, request_id: Hashable, prompt: Prompt | Tokens, scope: Scope | str | None
+    ) -> tuple[Prompt, list[Block], int]:
+        """Validate an allocation: the prompt, its reusable hits and how many new blocks it needs."""
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use; free it first")
+        prompt = self._prompt(prompt, scope)
+        bs = self.block_size
+        num_blocks = -(-prompt.num_tokens // bs)
+        if num_blocks > self.pool.num_blocks:
+            raise CapacityError(
+                f"prompt of {prompt.num_tokens} tokens needs {num_blocks} blocks of {bs}; the "
+                f"whole pool has {self.pool.num_blocks}. Raise num_blocks or shorten the prompt"
+            )
+        hits = self._reusable(prompt)
+        return prompt, hits, num_blocks - len(hits)
+
+    def can_allocate(
+        self, prompt: Prompt | Tokens, scope: Scope | str | None = None
+    ) -> bool:
         prompt = self._prompt(prompt, scope)
         num_blocks = -(-prompt.num_tokens // self.block_size)
         if num_blocks > self.pool.num_blocks:
@@ -322,43 +412,47 @@ class BlockManager:
         return True
 
     def allocate(
-        self, request_id: Hashable, prompt: Prompt | Sequence[int], scope: Scope | str | None = None
+        self, request_id: Hashable, prompt: Prompt | Tokens, scope: Scope | str | None = None
     ) -> Allocation:
         """Reuse the cached prefix of ``prompt`` and allocate blocks for the rest.
 
         Raises ``RequestError`` if ``request_id`` is running, ``CapacityError`` (or its subclass
-        ``QuotaError``) if the blocks cannot be found; in both cases nothing changes.
+        ``QuotaError``) if the blocks cannot be found; in both cases nothing changes. The evict
+        hook runs for every block to be evicted before anything changes; if it raises, the error
+        propagates and nothing changes either.
         """
-        if request_id in self._requests:
-            raise RequestError(f"request id {request_id!r} is already in use; free it first")
-        prompt = self._prompt(prompt, scope)
-        bs = self.block_size
-        num_blocks = -(-prompt.num_tokens // bs)
-        if num_blocks > self.pool.num_blocks:
-            raise CapacityError(
-                f"prompt of {prompt.num_tokens} tokens needs {num_blocks} blocks of {bs}; the "
-                f"whole pool has {self.pool.num_blocks}. Raise num_blocks or shorten the prompt"
-            )
-        hits = self._reusable(prompt)
-        num_new = num_blocks - len(hits)
+        prompt, hits, num_new = self._prepare(request_id, prompt, scope)
         tenant = prompt.scope.tenant
         plan = self._plan(tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
+        return self._commit(request_id, prompt, hits, plan)
 
-        # Validated: from here on nothing raises.
+    def try_allocate(
+        self, request_id: Hashable, prompt: Prompt | Tokens, scope: Scope | str | None = None
+    ) -> Allocation | None:
+        """``allocate``, but None (nothing changed) when the blocks cannot be found now, with the
+        prefix matched once. Still raises for what waiting cannot fix: a running ``request_id``,
+        bad tokens, or a prompt larger than the whole pool."""
+        prompt, hits, num_new = self._prepare(request_id, prompt, scope)
+        try:
+            plan = self._plan(prompt.scope.tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
+        except CapacityError:
+            return None
+        return self._commit(request_id, prompt, hits, plan)
+
+    def _commit(
+        self, request_id: Hashable, prompt: Prompt, hits: list[Block], plan: list[int | None]
+    ) -> Allocation:
         pool = self.pool
-        for block in hits:
-            pool.touch(block)
-        new_blocks = self._take(tenant, plan)
+        tenant = prompt.scope.tenant
+        if pool.evict_hook is not None:
+            pool.notify_evictions([v for v in plan if v is not None])  # may raise: nothing changed yet
+        # Validated: from here on nothing raises.
+        pool.touch(hits)
+        new_blocks = pool.take(tenant, plan)
         num_hit = len(hits)
-        keys = prompt.keys
-        gated = self.config.k_anonymity > 1 and prompt.scope.is_shared
-        for j, block in enumerate(new_blocks[: len(keys) - num_hit]):
-            i = num_hit + j
-            key = keys[i]
-            scope = prompt.scope_of(i)
-            writer = tenant if gated else None
-            if not pool.cache(block, key, prompt.parent_of(i), prompt.content(i), scope, writer) and gated:
-                self._add_writer(key, tenant)
+        num_keys = len(prompt.keys)
+        if num_keys > num_hit:
+            self._cache_blocks(prompt, new_blocks, num_hit, num_keys)
         block_ids = [b.block_id for b in hits]
         block_ids += [b.block_id for b in new_blocks]
         self._requests[request_id] = _Request(
@@ -366,26 +460,58 @@ class BlockManager:
             kind=prompt.kind,
             block_ids=block_ids,
             num_tokens=prompt.num_tokens,
-            next_parent=prompt.parent_of(len(keys)),
-            tail_tokens=list(prompt.tail_tokens),
+            next_parent=prompt.parent_of(num_keys),
+            tail_raw=prompt.tail_raw,
             num_hit_blocks=num_hit,
         )
-        num_cached = num_hit * bs
+        num_cached = num_hit * self.block_size
         stats = self._tenants.get(tenant)
         if stats is None:
             stats = self._tenants[tenant] = TenantStats()
         stats.record(prompt.num_tokens, num_cached)
-        return Allocation(request_id, list(block_ids), num_cached, prompt.num_tokens)
+        return Allocation(request_id, block_ids[:], num_cached, prompt.num_tokens)
+
+    def _cache_blocks(self, prompt: Prompt, new_blocks: list[Block], num_hit: int, num_keys: int) -> None:
+        """Index the prompt's full blocks ``num_hit..num_keys-1``, held by ``new_blocks``."""
+        pool = self.pool
+        tenant = prompt.scope.tenant
+        gated = self.config.k_anonymity > 1 and prompt.scope.is_shared
+        writer = tenant if gated else None
+        keys, contents = prompt.keys, prompt.contents
+        duplicates: list[bytes] = []
+        num_public = prompt.num_public_blocks
+        if num_hit < num_public:
+            duplicates += pool.cache_run(
+                new_blocks[: num_public - num_hit],
+                keys[num_hit:num_public],
+                prompt.parents(num_hit, num_public),
+                contents[num_hit:num_public],
+                PUBLIC_SCOPE,
+                writer,
+            )
+        start = max(num_hit, num_public)
+        duplicates += pool.cache_run(
+            new_blocks[start - num_hit : num_keys - num_hit],
+            keys[start:num_keys],
+            prompt.parents(start, num_keys),
+            contents[start:num_keys],
+            prompt.scope.chain_scope,
+            writer,
+        )
+        if gated:
+            for key in duplicates:
+                self._add_writer(key, tenant)
 
     def _add_writer(self, key: bytes, tenant: str) -> None:
         block = self.pool.cached(key)
         if block is not None and block.writers is not None:
             block.writers.add(tenant)
 
-    def append(self, request_id: Hashable, tokens: Sequence[int]) -> list[int]:
+    def append(self, request_id: Hashable, tokens: Tokens) -> list[int]:
         """Grow a running request by decoded ``tokens``; returns the ids of any new blocks.
 
-        A block becomes shareable (cached under its key) as soon as it fills.
+        A block becomes shareable (cached under its key) as soon as it fills; tokens that do not
+        fill a block are only validated and buffered (hashing happens once per block).
         """
         req = self._requests.get(request_id)
         if req is None:
@@ -396,34 +522,42 @@ class BlockManager:
             )
         raw = hashing.tokens_to_bytes(tokens, self.config.vocab_size)
         bs = self.block_size
-        num_tokens = req.num_tokens + len(tokens)
+        num_tokens = req.num_tokens + len(raw) // TOKEN_BYTES
         num_new = -(-num_tokens // bs) - len(req.block_ids)
-        plan = self._plan(req.scope.tenant, num_new, set())
-
-        new_blocks = self._take(req.scope.tenant, plan)
-        req.block_ids += [b.block_id for b in new_blocks]
         pool = self.pool
-        scope = req.scope.chain_scope
-        gated = self.config.k_anonymity > 1 and req.scope.is_shared
-        writer = req.scope.tenant if gated else None
-        tail = req.tail_tokens
-        tail_raw = hashing.tokens_to_bytes(tail) if tail else b""
-        first_full = req.num_tokens // bs
-        raw = tail_raw + raw
+        tenant = req.scope.tenant
+        new_ids: list[int] = []
+        if num_new > 0:
+            plan = self._plan(tenant, num_new, set())
+            if pool.evict_hook is not None:
+                pool.notify_evictions([v for v in plan if v is not None])  # may raise: nothing changed
+            # Validated: from here on nothing raises.
+            new_ids = [b.block_id for b in pool.take(tenant, plan)]
+            req.block_ids += new_ids
+        tail = req.tail_raw + raw
         width = bs * TOKEN_BYTES
-        keys = hashing.chain(req.next_parent, raw, width)
-        parent = req.next_parent
-        for j, key in enumerate(keys):
-            block = pool.blocks[req.block_ids[first_full + j]]
-            content = raw[j * width : (j + 1) * width]
-            if not pool.cache(block, key, parent, content, scope, writer) and gated:
-                self._add_writer(key, req.scope.tenant)
-            parent = key
-        req.next_parent = parent
-        all_tail = [*tail, *tokens]
-        req.tail_tokens = all_tail[len(keys) * bs :]
+        num_full = len(tail) // width
+        if num_full:
+            keys, contents = hashing.chain_blocks(req.next_parent, tail, width)
+            first_full = req.num_tokens // bs
+            blocks = pool.blocks
+            gated = self.config.k_anonymity > 1 and req.scope.is_shared
+            duplicates = pool.cache_run(
+                [blocks[i] for i in req.block_ids[first_full : first_full + num_full]],
+                keys,
+                [req.next_parent, *keys[:-1]],
+                contents,
+                req.scope.chain_scope,
+                tenant if gated else None,
+            )
+            if gated:
+                for key in duplicates:
+                    self._add_writer(key, tenant)
+            req.next_parent = keys[-1]
+            tail = tail[num_full * width :]
+        req.tail_raw = tail
         req.num_tokens = num_tokens
-        return [b.block_id for b in new_blocks]
+        return new_ids
 
     def free(self, request_id: Hashable) -> None:
         """Release a request's blocks; full ones stay cached (tail first in eviction order)."""
@@ -472,19 +606,22 @@ class BlockManager:
             hit_tokens=sum(s.hit_tokens for s in tenants.values()),
             tenants=tenants,
             owned_blocks={o: n for o, n in pool.owned.items() if n},
+            events_dropped=pool.num_events_dropped,
         )
 
     def set_evict_hook(self, fn: Callable[[int, bytes], None] | None) -> None:
-        """Call ``fn(block_id, key)`` synchronously just before a cached block's slot is reused.
+        """Call ``fn(block_id, key)`` synchronously for each cached block an ``allocate`` or
+        ``append`` is about to evict, after the call is validated and before it changes anything.
 
         The block's KV bytes are still intact when ``fn`` runs, so it can copy them down to a
-        spill tier (write-back). ``fn`` must not raise: it runs inside an allocation that has
-        already been validated. ``None`` removes the hook.
+        spill tier (write-back). If ``fn`` raises, the call raises that error and the manager is
+        left exactly as it was (the blocks stay cached). ``None`` removes the hook.
         """
         self.pool.evict_hook = fn
 
     def drain_events(self) -> list[CacheEvent]:
-        """Blocks stored and removed since the last drain, in order."""
+        """Blocks stored and removed since the last drain, in order (at most ``max_events``; the
+        oldest beyond that were dropped and counted in ``stats().events_dropped``)."""
         return self.pool.drain_events()
 
     def check_invariants(self) -> None:

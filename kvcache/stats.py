@@ -39,6 +39,7 @@ class CacheStats:
     hit_tokens: int
     tenants: dict[str, TenantStats] = field(default_factory=dict)
     owned_blocks: dict[str, int] = field(default_factory=dict)
+    events_dropped: int = 0  # events lost because nobody drained them (``max_events``)
 
     @property
     def hit_rate(self) -> float:

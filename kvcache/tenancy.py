@@ -9,12 +9,15 @@ other's blocks: there is no check to forget at lookup time.
 - share group: ``Scope("acme", group="partners")`` -> ``"group:partners"``, shared by every
   tenant of that group, subject to k-anonymity (``CacheConfig.k_anonymity``);
 - public: prefixes an operator published with ``BlockManager.publish``; every scope's chain
-  runs through them first and continues in its own scope after them.
+  runs through them first and continues in its own scope after them;
+- unscoped: a call without a scope gets ``UNSCOPED`` (tenant ``""``, chain scope ``"unscoped"``),
+  a namespace no tenant or group name can produce, so a real tenant named ``"default"`` never
+  shares blocks, stats or quotas with unscoped calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvcache.errors import ScopeError
 
@@ -25,29 +28,37 @@ PUBLIC_SCOPE = "public"
 class Scope:
     tenant: str
     group: str | None = None
+    # What enters the chain root; computed once, since every hashed prompt reads it.
+    chain_scope: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tenant, str) or not self.tenant:
             raise ScopeError(f"tenant={self.tenant!r} must be a non-empty string")
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ScopeError(f"group={self.group!r} must be None or a non-empty string")
-
-    @property
-    def chain_scope(self) -> str:
-        return f"group:{self.group}" if self.group is not None else f"tenant:{self.tenant}"
+        chain = f"group:{self.group}" if self.group is not None else f"tenant:{self.tenant}"
+        object.__setattr__(self, "chain_scope", chain)
 
     @property
     def is_shared(self) -> bool:
         return self.group is not None
 
 
-DEFAULT_SCOPE = Scope("default")
+def _unscoped() -> Scope:
+    scope = object.__new__(Scope)  # bypasses validation: "" is no tenant a caller can name
+    object.__setattr__(scope, "tenant", "")
+    object.__setattr__(scope, "group", None)
+    object.__setattr__(scope, "chain_scope", "unscoped")
+    return scope
+
+
+UNSCOPED = _unscoped()
 
 
 def as_scope(scope: Scope | str | None) -> Scope:
-    """Accept a ``Scope``, a bare tenant name, or None (the default tenant)."""
+    """Accept a ``Scope``, a bare tenant name, or None (the reserved unscoped namespace)."""
     if scope is None:
-        return DEFAULT_SCOPE
+        return UNSCOPED
     if isinstance(scope, Scope):
         return scope
     if isinstance(scope, str):

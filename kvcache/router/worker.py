@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvcache.config import CacheConfig
-from kvcache.errors import CapacityError
 from kvcache.events import BlockRemoved, CacheEvent
 from kvcache.manager import BlockManager, Prompt
 from kvcache.router.latency import LatencyModel
@@ -123,9 +122,8 @@ class Worker:
             return None
         job = self.queue[0]
         prompt = self._fit(job)
-        try:
-            alloc = self.manager.allocate(job.request_id, prompt)
-        except CapacityError:
+        alloc = self.manager.try_allocate(job.request_id, prompt)
+        if alloc is None:
             return None  # blocks are held by running requests; retried when one finishes
         self.queue.popleft()
         bs = self.manager.block_size
