@@ -1,9 +1,11 @@
-"""Block manager throughput: allocate+free latency, lookup rate, and a multi-tenant replay.
+"""Block manager throughput: allocate+free latency, lookup rate, a multi-tenant replay, quotas.
 
-The replay drives a multi-turn multi-tenant chat workload through hash + lookup + allocate + free
+The replay drives a multi-turn multi-tenant chat workload through hash + try_allocate + free
 with 8 requests in flight at block size 16, and reports prompt tokens per second (the target
 is 5M tokens/s on a 2-core machine). The baseline of each group is the same work without reuse
 (an empty cache, so every block is new), which is what a manager without prefix caching does.
+The quota group allocates while another tenant's floor protects the oldest 16k cached blocks,
+against the same allocation without quotas.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvcache import BlockManager, CacheConfig, Scope
+from kvcache import BlockManager, CacheConfig, Scope, TenantQuota
 from kvcache.workloads import multi_turn_chat
 
 BLOCK_SIZE = 16
@@ -73,8 +75,8 @@ def replay(manager: BlockManager, requests: list[Any], in_flight: int = 8) -> in
         if len(running) == in_flight:
             manager.free(running.popleft())
         prompt = manager.hash(req.tokens, scope)
-        manager.lookup(prompt)
-        manager.allocate(i, prompt)
+        alloc = manager.try_allocate(i, prompt)
+        assert alloc is not None, "the replay's pool holds every request in flight"
         running.append(i)
     while running:
         manager.free(running.popleft())
@@ -108,3 +110,41 @@ def test_replay_kvcache(benchmark: Any, chat: list[Any]) -> None:
     benchmark.extra_info["tokens"] = sum(len(r.tokens) for r in chat)
     hits = benchmark.pedantic(lambda: replay(fresh_manager(16_384), chat), rounds=5, iterations=1)
     assert hits > 0.5 * benchmark.extra_info["tokens"]
+
+
+PROTECTED_BLOCKS = 16_384
+
+
+def quota_manager(with_quotas: bool) -> BlockManager:
+    """A full pool whose oldest 16k cached blocks belong to a tenant at its floor, then 1k of
+    another tenant's cached blocks."""
+    quotas = {"alice": TenantQuota(floor_blocks=PROTECTED_BLOCKS)} if with_quotas else {}
+    manager = BlockManager(
+        CacheConfig(num_blocks=PROTECTED_BLOCKS + 1024, block_size=BLOCK_SIZE, quotas=quotas)
+    )
+    rng = np.random.default_rng(2)
+    manager.allocate("alice", rng.integers(0, VOCAB, PROTECTED_BLOCKS * BLOCK_SIZE).tolist(), "alice")
+    manager.free("alice")
+    manager.allocate("bob", rng.integers(0, VOCAB, 1024 * BLOCK_SIZE).tolist(), "bob")
+    manager.free("bob")
+    return manager
+
+
+def allocate_evicting(manager: BlockManager, prompts: list[list[int]], counter: Any) -> int:
+    """One allocate + free of a 64-block prompt that evicts 64 cached blocks."""
+    rid = next(counter)
+    alloc = manager.allocate(rid, prompts[rid % len(prompts)], "carol")
+    manager.free(rid)
+    return alloc.num_cached_tokens
+
+
+@pytest.mark.parametrize("with_quotas", [False, True], ids=["baseline_no_quotas", "floor_protects_16k"])
+def test_allocate_with_quotas(benchmark: Any, with_quotas: bool) -> None:
+    benchmark.group = "allocate 64 evicting blocks, 16k blocks protected by a floor"
+    manager = quota_manager(with_quotas)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, 64 * BLOCK_SIZE).tolist() for _ in range(64)]
+    benchmark.extra_info["tokens"] = 64 * BLOCK_SIZE
+    benchmark(allocate_evicting, manager, prompts, iter(range(10**9)))
+    owned = manager.stats().owned_blocks.get("alice", 0)
+    assert owned == PROTECTED_BLOCKS if with_quotas else owned < PROTECTED_BLOCKS

@@ -141,6 +141,7 @@ CASES: dict[str, tuple[Callable[[], Work], int]] = {
     "chat-salted30-512": (lambda: chat_work(0.3), 512),
     "chat-salted30-4096": (lambda: chat_work(0.3), 4096),
     "mooncake200-4096": (mooncake_work, 4096),
+    "mooncake200-16384": (mooncake_work, 16384),
 }
 
 

@@ -31,7 +31,7 @@ def test_bools_are_not_token_ids(make_manager: MakeManager, tokens: Any) -> None
     m = make_manager()
     m.allocate("warm", toks(0, 8), "a")
     before = snapshot(m)
-    with pytest.raises(InvalidTokensError, match="must be integers|dtype bool"):
+    with pytest.raises(InvalidTokensError, match=r"must be integers|dtype bool"):
         m.allocate("x", tokens, "a")
     with pytest.raises(InvalidTokensError):
         m.append("warm", tokens)
@@ -110,7 +110,9 @@ def test_a_raising_evict_hook_leaves_the_manager_as_it_was(make_manager: MakeMan
     m.check_invariants()
 
 
-def test_append_hashes_once_per_filled_block(make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_append_hashes_once_per_filled_block(
+    make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     m = make_manager(num_blocks=16)
     m.allocate("r", toks(0, 5), "a")
     calls: list[int] = []
