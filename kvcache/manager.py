@@ -263,7 +263,9 @@ class BlockManager:
         k = self.config.k_anonymity
         gated = k > 1 and prompt.scope.is_shared
         tenant = prompt.scope.tenant
-        for key, content in zip(keys[num_public:], contents[num_public:], strict=True):
+        if num_public:
+            keys, contents = keys[num_public:], contents[num_public:]
+        for key, content in zip(keys, contents, strict=True):
             block_id = get(key)
             if block_id is None:
                 break
