@@ -25,7 +25,7 @@ from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.hashing import Hasher
 from kvcache.manager import Allocation, BlockManager, Prompt
 from kvcache.stats import CacheStats, TenantStats
-from kvcache.tenancy import PUBLIC_SCOPE, Scope
+from kvcache.tenancy import PUBLIC_SCOPE, UNSCOPED, Scope
 
 __version__ = "0.1.0"
 
@@ -57,5 +57,6 @@ __all__ = [
     "TenantStats",
     "TierError",
     "TraceError",
+    "UNSCOPED",
     "__version__",
 ]
