@@ -15,8 +15,9 @@ oldest). The per-owner queues exist only when quotas are configured: they let th
 the oldest evictable block among owners above their floor without scanning the global queue.
 
 Every operation works on a whole request's blocks in one loop (``touch``, ``take``,
-``cache_run``, ``release``); events are buffered as tuples in a bounded deque and become
-``BlockStored``/``BlockRemoved`` records when drained.
+``cache_run``, ``release``). Events are buffered one entry per operation (the lists the operation
+already holds), at most ``max_events`` events in all, and become ``BlockStored``/``BlockRemoved``
+records when drained.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 
@@ -63,9 +65,12 @@ class BlockPool:
         self.index: dict[bytes, int] = {}
         self.owned: dict[str, int] = {}  # blocks charged per owner, referenced or cached
         self.num_evictions = 0
-        self.events: deque[tuple[object, ...]] = deque(maxlen=max_events)
-        self._num_events = 0  # ever buffered; drops = buffered - drained - still buffered
-        self._num_drained = 0
+        # One entry per operation: ("stored", blocks, keys, parents, scope, duplicate keys or None),
+        # ("removed", keys, block ids, scopes) or ("records", [CacheEvent, ...]).
+        self.events: deque[tuple[Any, ...]] = deque()
+        self.max_events = max_events
+        self._num_buffered = 0  # events (not entries) in ``events``
+        self.num_events_dropped = 0
         self._tick = 0
         # Called with (block_id, key) for every block an operation is about to evict, before the
         # operation changes anything, while the bytes are intact (write-back to a spill tier).
@@ -86,10 +91,6 @@ class BlockPool:
     @property
     def num_used_blocks(self) -> int:
         return len(self.blocks) - len(self.free) - len(self.lru)
-
-    @property
-    def num_events_dropped(self) -> int:
-        return self._num_events - self._num_drained - len(self.events)
 
     def cached(self, key: bytes) -> Block | None:
         block_id = self.index.get(key)
@@ -130,32 +131,36 @@ class BlockPool:
         ``notify_evictions`` for its victims."""
         blocks, popleft, lru, index, owned = self.blocks, self.free.popleft, self.lru, self.index, self.owned
         by_owner = self.lru_by_owner if self.track_owners else None
-        events = self.events if self.events.maxlen else None
+        with_events = self.max_events > 0
+        removed_keys: list[bytes] = []
+        removed_ids: list[int] = []
+        removed_scopes: list[str] = []
         out: list[Block] = []
-        num_evicted = 0
         for victim in plan:
             if victim is None:
                 block = blocks[popleft()]
             else:
                 block = blocks[victim]
-                key = block.key
+                key: bytes = block.key  # type: ignore[assignment]  # a victim is cached: keyed
                 del lru[victim]  # KeyError here would mean a victim not in the LRU: a planning bug
                 del index[key]
                 owned[block.owner] -= 1
                 if by_owner is not None:
                     self._leave_owner_queue(by_owner, block)
-                if events is not None:
-                    events.append((key, victim, block.scope))
+                if with_events:
+                    removed_keys.append(key)
+                    removed_ids.append(victim)
+                    removed_scopes.append(block.scope)
                 block.key = None
                 block.writers = None
-                num_evicted += 1
             block.ref_count = 1
             block.owner = owner
             out.append(block)
         owned[owner] = owned.get(owner, 0) + len(plan)
+        num_evicted = len(plan) - plan.count(None)
         self.num_evictions += num_evicted
-        if events is not None:
-            self._num_events += num_evicted
+        if removed_keys:
+            self._buffer(("removed", removed_keys, removed_ids, removed_scopes), len(removed_keys))
         return out
 
     @staticmethod
@@ -177,7 +182,6 @@ class BlockPool:
         """Make full, referenced blocks reusable under their keys. Returns the keys another block
         already held (those blocks stay private to their request)."""
         index = self.index
-        events = self.events if self.events.maxlen else None
         duplicates: list[bytes] = []
         # Callers pass referenced, unkeyed blocks (fresh from ``take``); ``check_invariants``
         # verifies the result in tests, so the loop itself carries no per-block assertion.
@@ -192,10 +196,11 @@ class BlockPool:
             block.scope = scope
             if writer is not None:
                 block.writers = {writer}
-            if events is not None:
-                events.append((key, parent, block.block_id, scope))
-        if events is not None:
-            self._num_events += len(blocks) - len(duplicates)
+        num_stored = len(blocks) - len(duplicates)
+        if num_stored and self.max_events:
+            # The caller's lists are fresh slices it never changes again; block ids are fixed.
+            dups = set(duplicates) if duplicates else None
+            self._buffer(("stored", blocks, keys, parents, scope, dups), num_stored)
         return duplicates
 
     def uncache(self, block: Block) -> None:
@@ -204,9 +209,8 @@ class BlockPool:
         key = block.key
         assert key is not None and block.ref_count > 0 and self.index[key] == block.block_id
         del self.index[key]
-        if self.events.maxlen:
-            self.events.append((key, block.block_id, block.scope))
-            self._num_events += 1
+        if self.max_events:
+            self._buffer(("records", [BlockRemoved(key, block.block_id, block.scope)]), 1)
         block.key = None
         block.writers = None
 
@@ -236,13 +240,26 @@ class BlockPool:
 
     def drain_events(self) -> list[CacheEvent]:
         """Buffered events, oldest first, as records; the buffer is emptied."""
-        out: list[CacheEvent] = [
-            BlockStored(*e) if len(e) == 4 else BlockRemoved(*e)  # type: ignore[arg-type]
-            for e in self.events
-        ]
-        self._num_drained += len(out)
+        out: list[CacheEvent] = []
+        for entry in self.events:
+            out += _records(entry)
         self.events.clear()
+        self._num_buffered = 0
         return out
+
+    def _buffer(self, entry: tuple[Any, ...], num_events: int) -> None:
+        self.events.append(entry)
+        self._num_buffered += num_events
+        excess = self._num_buffered - self.max_events
+        while excess > 0:  # drop the oldest events beyond the bound, and count them
+            oldest = self.events.popleft()
+            size = _size(oldest)
+            if size > excess:
+                self.events.appendleft(_skip(oldest, excess))
+                size = excess
+            self._num_buffered -= size
+            self.num_events_dropped += size
+            excess -= size
 
     # ---- checking ------------------------------------------------------------------------
 
@@ -275,3 +292,37 @@ class BlockPool:
                 assert ticks == sorted(ticks), "a per-owner queue is out of LRU order"
         for owner, count in self.owned.items():
             assert owned.get(owner, 0) == count, f"owner {owner!r} charged {count}"
+
+
+def _size(entry: tuple[Any, ...]) -> int:
+    if entry[0] == "stored":
+        dups = entry[5]
+        return len(entry[2]) - (len(dups) if dups else 0)
+    return len(entry[1])
+
+
+def _skip(entry: tuple[Any, ...], count: int) -> tuple[Any, ...]:
+    """The entry without its ``count`` oldest events."""
+    kind = entry[0]
+    if kind == "stored" and entry[5] is None:
+        _, blocks, keys, parents, scope, _dups = entry
+        return ("stored", blocks[count:], keys[count:], parents[count:], scope, None)
+    if kind == "removed":
+        _, keys, ids, scopes = entry
+        return ("removed", keys[count:], ids[count:], scopes[count:])
+    return ("records", _records(entry)[count:])
+
+
+def _records(entry: tuple[Any, ...]) -> list[CacheEvent]:
+    kind = entry[0]
+    if kind == "stored":
+        _, blocks, keys, parents, scope, dups = entry
+        return [
+            BlockStored(key, parent, block.block_id, scope)
+            for block, key, parent in zip(blocks, keys, parents, strict=True)
+            if dups is None or key not in dups
+        ]
+    if kind == "removed":
+        _, keys, ids, scopes = entry
+        return [BlockRemoved(k, i, s) for k, i, s in zip(keys, ids, scopes, strict=True)]
+    return list(entry[1])

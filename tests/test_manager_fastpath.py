@@ -120,3 +120,24 @@ def test_unscoped_calls_never_share_with_a_tenant_named_default(make_manager: Ma
     assert m.lookup(toks(0, 9), Scope("default")) == 0
     assert m.hash(toks(0, 8)).keys != m.hash(toks(0, 8), "default").keys
     assert set(m.stats().tenants) == {""}
+
+
+@pytest.mark.parametrize("bound", [1, 2, 5, 7, 11])
+def test_bounded_events_are_the_newest_of_the_unbounded_stream(make_manager: MakeManager, bound: int) -> None:
+    def run(m: BlockManager) -> None:
+        m.allocate("a", toks(0, 16), Scope("x", group="g"))
+        m.allocate("b", toks(0, 16), Scope("y", group="g"))  # duplicates of a's blocks: not stored
+        m.free("a")
+        m.free("b")
+        m.allocate("c", toks(100, 12), "t")  # evicts
+        m.append("c", toks(200, 8))
+        m.abort("c")
+
+    full = make_manager(num_blocks=8, k_anonymity=2)
+    run(full)
+    everything = full.drain_events()
+    bounded = make_manager(num_blocks=8, k_anonymity=2, max_events=bound)
+    run(bounded)
+    assert bounded.drain_events() == everything[-bound:]
+    assert bounded.stats().events_dropped == len(everything) - bound
+    assert full.stats().events_dropped == 0
