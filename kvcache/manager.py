@@ -191,8 +191,9 @@ class BlockManager:
         last block possibly partial), as in Mooncake traces' ``hash_ids``."""
         scope = as_scope(scope)
         bs = self.block_size
-        if type(num_tokens) is not int:
+        if isinstance(num_tokens, (bool, np.bool_)) or not isinstance(num_tokens, (int, np.integer)):
             raise InvalidTokensError(f"num_tokens={num_tokens!r} must be an int")
+        num_tokens = int(num_tokens)
         expected = -(-num_tokens // bs)
         if num_tokens <= 0 or len(block_ids) != expected:
             raise InvalidTokensError(
