@@ -12,7 +12,7 @@ same usable capacity on both sides (vLLM's null block is added on top). Isolatio
 requests carry ``cache_salt=tenant`` on the vLLM side and ``Scope(tenant)`` on kvcache's, so
 neither shares across tenants; the salted cases give 30% of requests a salt of their own.
 
-Workloads: the multi-turn chat of ``bench_manager`` (384 requests of 8 tenants, 1.3-4.5k tokens)
+Workloads: the multi-turn chat of ``bench_manager`` (384 requests of 8 tenants, 1.3-3.2k tokens)
 and the first 200 requests of the shared Mooncake trace (``../shared/traces``), each 512-token
 ``hash_id`` expanded into 512 deterministic token ids (so equal ids give equal 16-token blocks).
 
