@@ -11,7 +11,7 @@ import torch
 from conftest import toks
 from test_manager import snapshot
 
-from kvcache import BlockManager, BlockRemoved, BlockStored, InvalidTokensError, Scope, hashing
+from kvcache import BlockManager, BlockRemoved, BlockStored, CacheConfig, InvalidTokensError, Scope, hashing
 
 MakeManager = Callable[..., BlockManager]
 
@@ -141,3 +141,23 @@ def test_bounded_events_are_the_newest_of_the_unbounded_stream(make_manager: Mak
     assert bounded.drain_events() == everything[-bound:]
     assert bounded.stats().events_dropped == len(everything) - bound
     assert full.stats().events_dropped == 0
+
+
+def test_python_fallbacks_give_the_same_keys_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = toks(5, 37)
+    m = BlockManager(hashing_config())
+    native = m.hash(tokens, "t")
+    monkeypatch.setattr(hashing, "_encode_native", None)
+    monkeypatch.setattr(hashing, "_chain_native", None)
+    monkeypatch.setattr(hashing, "_chain_blocks_native", None)
+    fallback = m.hash(tokens, "t")
+    assert fallback.keys == native.keys
+    assert (fallback.contents, fallback.tail_raw) == (native.contents, native.tail_raw)
+    with pytest.raises(InvalidTokensError, match="bool"):
+        m.hash([1, True, 3], "t")
+    with pytest.raises(InvalidTokensError, match="outside"):
+        m.hash([1, 5000], "t")
+
+
+def hashing_config() -> CacheConfig:
+    return CacheConfig(num_blocks=8, block_size=4, vocab_size=1000)
