@@ -105,7 +105,18 @@ def tokens_to_bytes(tokens: Sequence[int] | np.ndarray, vocab_size: int | None =
                 return raw  # type: ignore[no-any-return]
         return _sequence_to_bytes(tokens, vocab_size)
     if isinstance(tokens, np.ndarray) or hasattr(tokens, "__array__"):
-        return _array_to_bytes(np.asarray(tokens), vocab_size)
+        try:
+            arr = np.asarray(tokens)
+        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor on a GPU
+            raise InvalidTokensError(
+                f"tokens ({type(tokens).__name__}) cannot be read as a host array: {exc}; pass a "
+                "list or a CPU array"
+            ) from exc
+        return _array_to_bytes(arr, vocab_size)
+    if not isinstance(tokens, Sequence):
+        raise InvalidTokensError(
+            f"tokens is a {type(tokens).__name__}; pass a list/tuple of ints or a 1-D integer array"
+        )
     if len(tokens) == 0:
         raise InvalidTokensError("tokens is empty; a prompt needs at least one token id")
     return _sequence_to_bytes(tokens, vocab_size)

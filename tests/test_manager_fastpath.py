@@ -67,6 +67,9 @@ def test_arrays_and_tensors_key_like_lists(make_manager: MakeManager, convert: C
         (np.array([[1, 2], [3, 4]]), "shape"),
         (np.array([], dtype=np.int64), "empty"),
         (torch.tensor([1.5]), "dtype float32"),
+        (iter([1, 2, 3]), "list_iterator"),
+        (7, "pass a list"),
+        (torch.tensor([1, 2], device="meta"), "cannot be read as a host array"),
     ],
 )
 def test_bad_arrays_are_typed_errors(make_manager: MakeManager, tokens: object, match: str) -> None:
