@@ -21,6 +21,12 @@ When a prompt continues privately after a published public prefix, the private c
 from ``switch = xxh3_128(private_root || last_public_key, seed=1)``; the seed keeps switch
 links and block links in separate domains.
 
+Token ids are validated and encoded once per prompt (``tokens_to_bytes``): a list through the
+native encoder (exact ints only, range-checked), an integer array through one range check and one
+cast; bools, floats, text and bytes are refused. ``chain_blocks`` returns each block's bytes with
+its key, which the manager stores to confirm later hits. The native extension (``_hashchain.c``)
+and the pure-Python loops give identical bytes and keys.
+
 This module hashes; it does not decide what is cached or visible (see ``manager``).
 """
 
