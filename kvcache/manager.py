@@ -16,17 +16,15 @@ requests on workers (``router``).
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 
-from kvcache import hashing
+from kvcache import eviction, hashing
 from kvcache.block_pool import Block, BlockPool
 from kvcache.config import CacheConfig
-from kvcache.errors import CapacityError, InvalidTokensError, QuotaError, RequestError
+from kvcache.errors import CapacityError, InvalidTokensError, RequestError
 from kvcache.events import CacheEvent
 from kvcache.hashing import KIND_BLOCK_IDS, KIND_TOKENS, TOKEN_BYTES, Hasher
 from kvcache.stats import CacheStats, TenantStats
@@ -290,88 +288,10 @@ class BlockManager:
     # ---- allocation ----------------------------------------------------------------------
 
     def _plan(self, tenant: str, num_new: int, pinned: set[int]) -> list[int | None]:
-        """Choose where ``num_new`` blocks for ``tenant`` come from, without changing anything:
-        a cached block id to evict, or None for a never-cached free block. Raises when they
-        cannot all be found. ``pinned``: cached blocks about to be reused, never evicted.
-
-        Costs O(blocks evicted + pinned blocks) (+ O(owners) with quotas), never a scan of the
-        whole LRU queue."""
-        pool = self.pool
-        num_free = len(pool.free)
-        if not self._has_quotas:
-            available = num_free + len(pool.lru) - len(pinned)
-            if num_new > available:
-                raise CapacityError(
-                    f"need {num_new} free blocks, only {available} of {pool.num_blocks} can be "
-                    "freed (the rest are in use by running requests); nothing was allocated"
-                )
-            plan: list[int | None] = [None] * min(num_free, num_new)
-            num_evict = num_new - len(plan)
-            if num_evict:
-                oldest: Iterator[int] = iter(pool.lru)
-                if pinned:
-                    oldest = (b for b in pool.lru if b not in pinned)
-                plan += islice(oldest, num_evict)
-            return plan
-        config = self.config
-        plan = []
-        chosen: set[int] = set()
-        cap = config.quota_for(tenant).cap_blocks
-        owned = pool.owned.get(tenant, 0)
-        over_cap = owned + num_new - cap if cap is not None else 0
-        if over_cap > 0:
-            plan += islice((b for b in pool.lru_of(tenant) if b not in pinned), over_cap)
-            chosen.update(plan)  # type: ignore[arg-type]
-            if len(plan) < over_cap:
-                raise QuotaError(
-                    f"tenant {tenant!r} owns {owned} blocks and needs {num_new} more, over its "
-                    f"cap_blocks={cap}, and only {len(plan)} of its own cached blocks can be "
-                    "evicted; nothing was allocated"
-                )
-        plan.extend([None] * min(num_free, num_new - len(plan)))
-        if len(plan) < num_new:
-            plan += self._oldest_above_floor(tenant, num_new - len(plan), len(chosen), pinned | chosen)
-        if len(plan) < num_new:
-            # Last resort: the requester's own cached blocks, below its own floor.
-            skip = pinned | {b for b in plan if b is not None}
-            plan += islice((b for b in pool.lru_of(tenant) if b not in skip), num_new - len(plan))
-        if len(plan) < num_new:
-            raise CapacityError(
-                f"need {num_new} free blocks for tenant {tenant!r}, only {len(plan)} can be freed "
-                "(the rest are in use or protected by other tenants' floors); nothing was allocated"
-            )
-        return plan
-
-    def _oldest_above_floor(
-        self, tenant: str, count: int, num_own_chosen: int, skip: set[int]
-    ) -> list[int]:
-        """Up to ``count`` cached blocks in global LRU order, skipping owners at or below their
-        floor (the requester included, so a tenant within its floor is never evicted by its own
-        load while others' blocks can go instead). A merge of the per-owner queues by LRU tick:
-        the same order as walking the global queue, without visiting protected owners' blocks."""
-        pool, config = self.pool, self.config
-        blocks = pool.blocks
-        evicted: dict[str, int] = {tenant: num_own_chosen}
-        heap: list[tuple[int, int, str, Iterator[int]]] = []
-        for owner, queue in pool.lru_by_owner.items():
-            if pool.owned[owner] - evicted.get(owner, 0) <= config.quota_for(owner).floor_blocks:
-                continue
-            candidates: Iterator[int] = (b for b in queue if b not in skip)
-            first = next(candidates, None)
-            if first is not None:
-                heap.append((blocks[first].lru_tick, first, owner, candidates))
-        heapq.heapify(heap)
-        out: list[int] = []
-        while heap and len(out) < count:
-            _tick, block_id, owner, remaining = heapq.heappop(heap)
-            out.append(block_id)
-            evicted[owner] = evicted.get(owner, 0) + 1
-            if pool.owned[owner] - evicted[owner] <= config.quota_for(owner).floor_blocks:
-                continue
-            nxt = next(remaining, None)
-            if nxt is not None:
-                heapq.heappush(heap, (blocks[nxt].lru_tick, nxt, owner, remaining))
-        return out
+        """Where ``num_new`` blocks come from (see ``eviction``); raises, changing nothing."""
+        if self._has_quotas:
+            return eviction.plan_with_quotas(self.pool, self.config, tenant, num_new, pinned)
+        return eviction.plan(self.pool, num_new, pinned)
 
     def _reusable(self, prompt: Prompt) -> list[Block]:
         """The cached blocks ``allocate`` reuses: the visible prefix, less the last block when it
