@@ -9,28 +9,39 @@
 - G1<->G2 on a GPU (skipped without CUDA): ``HostTier.store``/``load`` of 64 device blocks vs one
   large pinned host<->device copy of the same bytes, the best ``torch`` achieves.
 
-``g3-load`` also shows the floor of any verified read (plain read, then the checksum).
+``g3-load`` also shows the floor of any verified read (plain read, then the checksum) and G3 with
+a tier secret (every block checked by a keyed BLAKE3 MAC instead of the checksum).
+- ICMS decode: a value fetched from the pod tier's backend, verified and copied into the block
+  tensor (checksum, keyed BLAKE3), vs a plain copy of its payload.
+- MACs over one block's bytes, the choice behind ``kvcache.tiers.seal``: xxh3_64 (the checksum;
+  the baseline), keyed BLAKE3 (one thread, as the tiers run it, and on all cores), keyed BLAKE2b,
+  HMAC-SHA256.
 Blocks of 1 MiB and 16 MiB (bf16 KV blocks of 8B-class shapes). Run: ``make bench`` or
 ``pytest benches/bench_tiers.py --benchmark-only``; the summary prints GB/s and ratios.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 
 from kvcache import hashing
-from kvcache.tiers import DiskTier, HostTier, LayoutFingerprint, TierKey
+from kvcache.tiers import DiskTier, HostTier, LayoutFingerprint, TierKey, codec
+from kvcache.tiers.seal import Seal
 
 LAYOUTS = {
     "1MiB": LayoutFingerprint("bench", "bfloat16", num_layers=8, kv_heads=4, head_dim=128, block_size=64),
     "16MiB": LayoutFingerprint("bench", "bfloat16", num_layers=32, kv_heads=8, head_dim=128, block_size=128),
 }
 ROUNDS = 40
+SECRET = b"benchmark secret, 32 bytes long."
 
 
 def _block(layout: LayoutFingerprint, device: str = "cpu") -> torch.Tensor:
@@ -154,9 +165,11 @@ def test_g3_load_read_plus_checksum(benchmark, layout: LayoutFingerprint, workdi
     _run(benchmark, read, layout.block_nbytes)
 
 
-def test_g3_load_ours(benchmark, layout: LayoutFingerprint, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("sealed", ["checksum", "keyed"])
+def test_g3_load_ours(benchmark, layout: LayoutFingerprint, workdir: Path, sealed: str) -> None:  # type: ignore[no-untyped-def]
     benchmark.group = f"g3-load-{layout.block_nbytes >> 20}MiB"
-    tier, key = DiskTier(workdir, 8), _key(1, layout)
+    seal = Seal.keyed(SECRET) if sealed == "keyed" else Seal.checksum()
+    tier, key = DiskTier(workdir, 8, seal=seal), _key(1, layout)
     tier.store(key, _block(layout))
     out = torch.empty(layout.block_shape, dtype=layout.torch_dtype)
 
@@ -164,6 +177,54 @@ def test_g3_load_ours(benchmark, layout: LayoutFingerprint, workdir: Path) -> No
         assert tier.load(key, out) is out
 
     _run(benchmark, load, layout.block_nbytes)
+
+
+# ---- ICMS: verifying a fetched value ------------------------------------------------------------
+
+
+def test_icms_decode_baseline_copy(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"icms-decode-{layout.block_nbytes >> 20}MiB"
+    value = codec.encode(_key(1, layout), _block(layout))
+    out = torch.empty(layout.block_shape, dtype=layout.torch_dtype)
+
+    def copy() -> None:
+        codec.tensor_bytes(out)[:] = memoryview(value)[codec.HEADER_BYTES :]
+
+    _run(benchmark, copy, layout.block_nbytes)
+
+
+@pytest.mark.parametrize("sealed", ["checksum", "keyed"])
+def test_icms_decode_ours(benchmark, layout: LayoutFingerprint, sealed: str) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"icms-decode-{layout.block_nbytes >> 20}MiB"
+    seal = Seal.keyed(SECRET) if sealed == "keyed" else Seal.checksum()
+    value = codec.encode(_key(1, layout), _block(layout), seal)
+    out = torch.empty(layout.block_shape, dtype=layout.torch_dtype)
+    _run(benchmark, lambda: codec.decode(value, _key(1, layout), out, seal), layout.block_nbytes)
+
+
+# ---- MACs over one block -----------------------------------------------------------------------
+
+MACS = {
+    "keyed_blake3": lambda data: blake3.blake3(data, key=SECRET).digest(),
+    "keyed_blake3_all_cores": lambda data: blake3.blake3(
+        data, key=SECRET, max_threads=blake3.blake3.AUTO
+    ).digest(),
+    "keyed_blake2b": lambda data: hashlib.blake2b(data, key=SECRET).digest(),
+    "hmac_sha256": lambda data: hmac.digest(SECRET, data, "sha256"),
+}
+
+
+def test_mac_baseline_xxh3_checksum(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"mac-{layout.block_nbytes >> 20}MiB"
+    data = codec.tensor_bytes(_block(layout))
+    _run(benchmark, lambda: hashing.checksum(data), layout.block_nbytes)
+
+
+@pytest.mark.parametrize("mac", list(MACS))
+def test_mac(benchmark, layout: LayoutFingerprint, mac: str) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"mac-{layout.block_nbytes >> 20}MiB"
+    data, fn = codec.tensor_bytes(_block(layout)), MACS[mac]
+    _run(benchmark, lambda: fn(data), layout.block_nbytes)
 
 
 # ---- G1 <-> G2 on a GPU ------------------------------------------------------------------------

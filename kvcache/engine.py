@@ -143,7 +143,7 @@ class Engine:
             torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         )
         self._request_ids = itertools.count()
-        self.layout = LayoutFingerprint.of_pool(self.model_id, self.pool)
+        self.layout = LayoutFingerprint.of_pool(self.model_id, self.pool, loaded.weights_digest)
         tiers = config.tiers
         self.tiers: Hierarchy | None = (
             tiers if isinstance(tiers, Hierarchy) or tiers is None else tiers(self.layout)

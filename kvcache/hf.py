@@ -9,6 +9,9 @@
   transformers 4.5x legacy helpers (``DynamicCache.from_legacy_cache``, ``key_cache``) and the 5.x
   Cache API (``cache.layers[i].keys``). A transformers upgrade is this file's problem only.
 - :func:`forward` runs the model on new tokens at explicit positions after whatever the cache holds.
+- :func:`weights_digest` names the exact weights a model holds (computed once in :func:`load_model`,
+  kept in ``LoadedModel.weights_digest``), so spill tiers never mix KV of two checkpoints that
+  share a name and a shape.
 
 Not here: which blocks are cached or where they live (``manager``, ``engine``), block copies
 (``kvcache.kernels``).
@@ -22,6 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
 import torch
 import transformers
 from huggingface_hub import try_to_load_from_cache
@@ -62,6 +66,23 @@ class LoadedModel:
     model_id: str
     device: torch.device
     dtype: torch.dtype
+    weights_digest: bytes = b""  # ``weights_digest(model)``, filled in by ``load_model``
+
+
+def weights_digest(model: Any) -> bytes:
+    """16 bytes naming a model's weights: BLAKE3 over every state-dict entry in name order (its
+    name, dtype, shape and bytes, as loaded: after any dtype conversion). Reads every weight once,
+    about 1 s per 5 GB on one CPU core plus the device-to-host copy for a model on a GPU; buffers
+    derived from the config (rotary tables) are included, which only makes the name stricter."""
+    digest = blake3.blake3(b"kvcache weights v1")
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        header = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode()
+        digest.update(len(header).to_bytes(4, "little") + header)
+        data = t.to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.digest(16)
 
 
 def tiny_model_names() -> list[str]:
@@ -142,7 +163,8 @@ def load_model(
         tokenizer = load_tokenizer(name_or_path)
         model_id = name_or_path
     model.eval()
-    return LoadedModel(model, tokenizer, _probe_shape(model, dev), model_id, dev, dt)
+    shape = _probe_shape(model, dev)
+    return LoadedModel(model, tokenizer, shape, model_id, dev, dt, weights_digest(model))
 
 
 def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Any:

@@ -12,6 +12,7 @@ from kvcache.tiers.hierarchy import Hierarchy, HierarchyStats
 from kvcache.tiers.host import HostTier
 from kvcache.tiers.icms import IcmsLink, IcmsTier
 from kvcache.tiers.policy import PrefillCost, TierPolicy, best_load_prefix
+from kvcache.tiers.seal import Seal
 
 __all__ = [
     "BackendUnavailable",
@@ -26,6 +27,7 @@ __all__ = [
     "LayoutFingerprint",
     "PrefillCost",
     "RedisBackend",
+    "Seal",
     "Tier",
     "TierKey",
     "TierPolicy",

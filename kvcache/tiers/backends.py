@@ -28,6 +28,7 @@ class BackendUnavailable(KVCacheError):
 
 class Backend(Protocol):
     capacity_blocks: int
+    shared: bool  # reachable by other processes (and whoever can write there): needs a tier secret
 
     def get_many(self, names: Sequence[bytes]) -> list[bytes | None]: ...
 
@@ -44,6 +45,8 @@ class Backend(Protocol):
 
 
 class InProcessBackend:
+    shared = False
+
     def __init__(self, capacity_blocks: int) -> None:
         if not isinstance(capacity_blocks, int) or capacity_blocks <= 0:
             raise TierError(f"ICMS capacity_blocks={capacity_blocks!r} must be a positive integer")
@@ -91,6 +94,8 @@ class InProcessBackend:
 
 class RedisBackend:
     """Values under ``prefix + name``. Short socket timeouts: a dead server costs a miss, not a stall."""
+
+    shared = True
 
     def __init__(
         self, url: str, capacity_blocks: int, prefix: bytes = b"kvcache:icms:", timeout_s: float = 0.5

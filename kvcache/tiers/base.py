@@ -47,7 +47,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LayoutFingerprint:
-    """Everything that changes a block's bytes besides its tokens."""
+    """Everything that changes a block's bytes besides its tokens.
+
+    ``weights`` names the exact weights (``hf.weights_digest``, computed once when the model is
+    loaded): two checkpoints of one ``model_id`` and shape never share a tier entry. An engine
+    always sets it; it is empty only for tiers used on their own (tests, benchmarks)."""
 
     model_id: str
     dtype: str  # torch attribute name: "bfloat16", "float32", ...
@@ -55,6 +59,7 @@ class LayoutFingerprint:
     kv_heads: int
     head_dim: int
     block_size: int
+    weights: bytes = b""
     # Derived once (every store and load needs them): not part of equality or hashing.
     torch_dtype: torch.dtype = field(init=False, repr=False, compare=False)
     block_shape: tuple[int, int, int, int, int] = field(init=False, repr=False, compare=False)
@@ -70,6 +75,8 @@ class LayoutFingerprint:
                 raise TierError(f"{name}={value!r} must be a positive integer")
         if not self.model_id:
             raise TierError("model_id must be a non-empty string")
+        if not isinstance(self.weights, bytes) or len(self.weights) > 64:
+            raise TierError(f"weights={self.weights!r} must be a digest of at most 64 bytes")
         dtype = getattr(torch, self.dtype)
         # ``block_shape``: [num_layers, 2, block_size, kv_heads, head_dim], one block, contiguous.
         shape = (self.num_layers, 2, self.block_size, self.kv_heads, self.head_dim)
@@ -82,20 +89,23 @@ class LayoutFingerprint:
         setattr_(self, "digest", hashing.link(b"kvcache-tier-layout", self.encode()))
 
     @classmethod
-    def of_pool(cls, model_id: str, pool: torch.Tensor) -> LayoutFingerprint:
-        """The fingerprint of a paged pool ``[L, 2, num_blocks, block_size, kv_heads, head_dim]``."""
+    def of_pool(cls, model_id: str, pool: torch.Tensor, weights: bytes = b"") -> LayoutFingerprint:
+        """The fingerprint of a paged pool ``[L, 2, num_blocks, block_size, kv_heads, head_dim]``
+        holding KV of the weights named ``weights``."""
         if pool.dim() != 6 or pool.shape[1] != 2:
             raise TierError(
                 f"pool shape {tuple(pool.shape)} is not [L, 2, num_blocks, bs, kv_heads, head_dim]"
             )
         num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
-        return cls(model_id, dtype_name(pool.dtype), num_layers, kv_heads, head_dim, block_size)
+        return cls(model_id, dtype_name(pool.dtype), num_layers, kv_heads, head_dim, block_size, weights)
 
     def encode(self) -> bytes:
-        """Canonical bytes: length-prefixed model id, then the numbers as little-endian uint32."""
+        """Canonical bytes: length-prefixed model id, the numbers as little-endian uint32, then the
+        length-prefixed weights digest."""
         model = self.model_id.encode("utf-8")
         dims = (DTYPE_CODES[self.dtype], self.num_layers, self.kv_heads, self.head_dim, self.block_size)
-        return struct.pack("<I", len(model)) + model + struct.pack("<5I", *dims)
+        weights = struct.pack("<I", len(self.weights)) + self.weights
+        return struct.pack("<I", len(model)) + model + struct.pack("<5I", *dims) + weights
 
     def check_block(self, block: torch.Tensor) -> None:
         """Raise ``TierError`` unless ``block`` is one block of this layout."""
@@ -134,6 +144,7 @@ class TierStats:
     evictions: int = 0
     corrupt: int = 0  # blocks found damaged on read: counted as misses, removed, never served
     errors: int = 0  # backend failures (Redis unreachable): counted as misses
+    dropped_stores: int = 0  # stores that failed (disk full, file size limit): the block is not kept
     cross_worker_hits: int = 0  # shared tier: hits on blocks another worker stored
     prestaged_loads: int = 0
     sync_loads: int = 0
@@ -176,7 +187,10 @@ class Tier(ABC):
 
     @abstractmethod
     def store(self, key: TierKey, block: torch.Tensor) -> None:
-        """Keep a copy of ``block`` under ``key``, evicting the least recently used when full."""
+        """Keep a copy of ``block`` under ``key``, evicting the least recently used when full.
+
+        A copy the medium cannot take (disk full) is a counted drop (``dropped_stores``), never an
+        exception: a tier is a cache, and the block is recomputed when next needed."""
 
     @abstractmethod
     def remove(self, key: TierKey) -> bool:

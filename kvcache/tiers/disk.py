@@ -2,13 +2,21 @@
 
     <root>/<layout digest hex>/<block key hex>.kvb        (``codec`` header + raw tensor bytes)
 
-- Writes are atomic: a temporary file in the same directory, then ``os.replace``; a reader sees
-  a whole old file, a whole new file, or none. ``fsync=True`` adds durability against power loss.
-- Every read checks the header (magic, version, layout, key, size) and the payload's xxh3_64
-  checksum. A corrupt, truncated or foreign file is a counted miss: it is removed, a warning is
-  logged, and the caller recomputes. It is never served.
+- Writes are atomic: a private temporary file (``O_EXCL|O_NOFOLLOW``, mode 0600) in the same
+  directory, then ``os.replace``; a reader sees a whole old file, a whole new file, or none.
+  ``fsync=True`` adds durability against power loss. A write that fails (disk full, ``EFBIG``
+  under a file size limit, quota, I/O error) is a counted drop (``stats.dropped_stores``, a
+  warning): the block is recomputed when next needed, and the caller never sees an error.
+- Every read opens with ``O_NOFOLLOW|O_NONBLOCK``, requires a regular file of exactly the block's
+  size, then checks the header (magic, version, seal kind, layout, key, size) and the tag: an
+  xxh3_64 checksum, or with a tier secret a keyed BLAKE3 MAC (``seal``). A corrupt, truncated,
+  forged or foreign file, a directory, FIFO or symlink under a block's name is a counted miss: it is
+  dropped (a non-file is left in place but never indexed), a warning is logged, and the caller
+  recomputes. It is never served, and no read can block.
+- A folder other users can write needs a tier secret: without one the tier refuses to start,
+  since a checksum proves nothing against someone who can write the files.
 - Reads go straight into the destination tensor (one ``preadv`` into the header buffer and the
-  tensor's own bytes), and the checksum runs over that memory: no intermediate copy.
+  tensor's own bytes), and the tag runs over that memory: no intermediate copy.
 - Persistent: a new process (or another process sharing the directory) finds what earlier ones
   stored, by scanning the directory at start and by checking the file system on an index miss.
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +39,7 @@ import torch
 from kvcache.errors import CorruptBlockError, TierError
 from kvcache.tiers import codec
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey
+from kvcache.tiers.seal import SECRET_FILE_ENV, Seal
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +60,30 @@ def _pid_alive(pid: int) -> bool:
 class DiskTier(Tier):
     name = "G3"
 
-    def __init__(self, root: str | os.PathLike[str], capacity_blocks: int, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity_blocks: int,
+        fsync: bool = False,
+        seal: Seal | None = None,
+    ) -> None:
         super().__init__(capacity_blocks)
         self.root = Path(root)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mode = os.stat(self.root).st_mode
         except OSError as exc:
             raise TierError(
                 f"G3 directory {self.root} cannot be created: {exc}; pick a writable path"
             ) from exc
+        # ``None``: the deployment secret when one is provisioned, else a checksum.
+        self.seal = seal or Seal.from_environment() or codec.CHECKSUM_SEAL
+        if not self.seal.authenticated and mode & 0o022:
+            raise TierError(
+                f"G3 directory {self.root} is writable by other users (mode {stat.filemode(mode)}), so "
+                f"anyone could plant blocks that pass a checksum; provision a tier secret "
+                f"({SECRET_FILE_ENV}, docs/tiers.md) so blocks carry a MAC, or chmod go-w {self.root}"
+            )
         self.fsync = fsync
         self.lru: OrderedDict[_Index, None] = OrderedDict()
         self.layouts: dict[bytes, LayoutFingerprint] = {}
@@ -80,29 +105,34 @@ class DiskTier(Tier):
         return os.path.join(folder, key.hex() + SUFFIX)
 
     def _scan(self) -> None:
-        """Index the files earlier processes left, oldest first; drop their dead temp files."""
+        """Index the files earlier processes left, oldest first; drop their dead temp files.
+
+        Only regular files count: a directory, FIFO, socket or symlink under a block's name (which
+        this tier never writes) is skipped, and a symlinked layout folder is not followed."""
         found: list[tuple[float, _Index]] = []
-        for sub in self.root.iterdir():
-            if not sub.is_dir():
-                continue
+        with os.scandir(self.root) as subs:
+            folders = [sub for sub in subs if sub.is_dir(follow_symlinks=False)]
+        for sub in folders:
             try:
                 digest = bytes.fromhex(sub.name)
             except ValueError:
                 continue
-            for entry in os.scandir(sub):
+            for entry in os.scandir(sub.path):
                 name = entry.name
                 if name.startswith("."):
                     pid = name.rsplit(".", 3)[-3] if name.count(".") >= 3 else ""
                     if name.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
-                        os.unlink(entry.path)
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
                     continue
-                if not name.endswith(SUFFIX):
+                if not name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
                     continue
                 try:
                     key = bytes.fromhex(name[: -len(SUFFIX)])
-                except ValueError:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except (ValueError, OSError):
                     continue
-                found.append((entry.stat().st_mtime, (digest, key)))
+                found.append((mtime, (digest, key)))
         for _, index in sorted(found):
             self.lru[index] = None
         while len(self.lru) > self.capacity_blocks:
@@ -110,7 +140,11 @@ class DiskTier(Tier):
 
     def _adopt(self, key: TierKey) -> bool:
         """Index a file another process stored since we scanned."""
-        if not os.path.isfile(self._file(key.layout.digest, key.key)):
+        try:
+            mode = os.lstat(self._file(key.layout.digest, key.key)).st_mode
+        except OSError:
+            return False
+        if not stat.S_ISREG(mode):  # a planted directory, FIFO or symlink is never a block
             return False
         self._make_room()
         self.lru[(key.layout.digest, key.key)] = None
@@ -154,27 +188,39 @@ class DiskTier(Tier):
         index = (layout.digest, key.key)
         path = self._file(*index)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # O_NOFOLLOW: a symlink is refused (ELOOP); O_NONBLOCK: a FIFO planted under the name
+            # opens at once instead of waiting for a writer, and fstat below rejects it.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:  # removed by another process since we indexed it
             del self.lru[index]
             return None
+        except OSError as exc:
+            self._reject(index, path, f"cannot be opened as a block file: {exc}")
+            return None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
             expected = codec.HEADER_BYTES + layout.block_nbytes
-            if size != expected:
-                raise CorruptBlockError(f"file is {size} bytes, expected {expected} (truncated or foreign)")
+            if not stat.S_ISREG(info.st_mode):
+                raise CorruptBlockError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+            if info.st_size != expected:
+                raise CorruptBlockError(
+                    f"file is {info.st_size} bytes, expected {expected} (truncated or foreign)"
+                )
             got = os.preadv(fd, [self._header, payload], 0)
             if got != expected:
                 raise CorruptBlockError(f"read {got} of {expected} bytes")
-            codec.verify_payload(codec.decode_header(self._header, key), payload)
-        except CorruptBlockError as exc:
-            log.warning("G3: dropped corrupt block file %s: %s", path, exc)
-            self._stats.corrupt += 1
-            self._drop(index, evicted=False)
+            codec.verify(self._header, payload, key, self.seal)
+        except (CorruptBlockError, OSError) as exc:
+            self._reject(index, path, str(exc))
             return None
         finally:
             os.close(fd)
         return out
+
+    def _reject(self, index: _Index, path: str, reason: str) -> None:
+        log.warning("G3: dropped corrupt block file %s: %s", path, reason)
+        self._stats.corrupt += 1
+        self._drop(index, evicted=False)
 
     def store(self, key: TierKey, block: torch.Tensor) -> None:
         layout = key.layout
@@ -186,29 +232,51 @@ class DiskTier(Tier):
             return
         self._make_room()
         payload = codec.tensor_bytes(block.cpu().contiguous())
-        header = codec.encode_header(key, payload)
+        header = codec.encode_header(key, payload, self.seal)
         path = self._file(*index)
-        if layout.digest not in self._made:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._made.add(layout.digest)
-        self._tmp_counter += 1
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{self._tmp_counter}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, [memoryview(header), payload])
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
+            self._write(layout.digest, path, header, payload)
+        except OSError as exc:  # disk full, file size limit, quota, I/O error: a dropped copy
+            s = self._stats
+            s.dropped_stores += 1
+            if s.dropped_stores & (s.dropped_stores - 1) == 0:  # the 1st, 2nd, 4th, 8th ... failure
+                log.warning(
+                    "G3: could not write block file %s (%s); %d blocks dropped so far, they will be "
+                    "recomputed when needed",
+                    path,
+                    exc,
+                    s.dropped_stores,
+                )
+            return
         self.lru[index] = None
         s = self._stats
         s.blocks_in += 1
         s.bytes_in += layout.block_nbytes
+
+    def _write(self, digest: bytes, path: str, header: bytes, payload: memoryview) -> None:
+        """Write a block file atomically: a private temporary file, then ``os.replace``."""
+        if digest not in self._made:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            self._made.add(digest)
+        self._tmp_counter += 1
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{self._tmp_counter}.tmp")
+        # O_EXCL|O_NOFOLLOW: never write through a file or link someone placed under the name.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            _write_all(fd, [memoryview(header), payload])
+            if self.fsync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def remove(self, key: TierKey) -> bool:
         index = (key.layout.digest, key.key)
@@ -234,7 +302,7 @@ class DiskTier(Tier):
 
     def _drop(self, index: _Index, evicted: bool) -> None:
         self.lru.pop(index, None)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or a planted directory (left alone)
             os.unlink(self._file(*index))
         if evicted:
             self._stats.evictions += 1

@@ -212,7 +212,7 @@ class Hierarchy:
     def evict_hook(self, pool: torch.Tensor) -> Callable[[int, bytes], None]:
         """A ``BlockManager.set_evict_hook`` callback that writes evicted blocks of ``pool``
         ``[L, 2, num_blocks, block_size, kv_heads, head_dim]`` down before their slot is reused."""
-        layout = LayoutFingerprint.of_pool(self.layout.model_id, pool)
+        layout = LayoutFingerprint.of_pool(self.layout.model_id, pool, self.layout.weights)
         if layout != self.layout:
             raise TierError(f"pool layout {layout} differs from the hierarchy's {self.layout}")
         stats = self._stats

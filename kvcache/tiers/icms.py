@@ -12,6 +12,10 @@ block one worker evicts is a hit for another. What it emulates:
   ``load`` finds them staged and waits for nothing;
 - no durability: a lost or damaged value, or an unreachable backend, is a counted miss (the
   block is recomputed), with a warning; never a failed request.
+- authentication: with a tier secret (``seal``) every value carries a keyed BLAKE3 MAC over its
+  key, layout and payload, checked on every load, so whoever can write the backend (Redis) can
+  delete blocks but not plant them. Without one, a backend other processes share is announced at
+  start as unauthenticated (a warning), and values carry only a checksum.
 
 Defaults, from public figures (NVIDIA, BlueField-4 announcement, GTC 2025 and the Inference
 Context Memory Storage platform, CES 2026): 800 Gb/s of network per BlueField-4, shared by about
@@ -38,6 +42,7 @@ from kvcache.errors import CorruptBlockError, TierError
 from kvcache.tiers import codec
 from kvcache.tiers.backends import Backend, BackendUnavailable
 from kvcache.tiers.base import Tier, TierKey, TierStats, TransferModel
+from kvcache.tiers.seal import SECRET_ENV, SECRET_FILE_ENV, Seal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +95,7 @@ class IcmsTier(Tier):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.perf_counter,
         retry_after_s: float = 1.0,
+        seal: Seal | None = None,
     ) -> None:
         super().__init__(backend.capacity_blocks)
         if write_behind_blocks < 1 or staging_blocks < 0:
@@ -104,6 +110,17 @@ class IcmsTier(Tier):
         self._sleep, self._clock = sleep, clock
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
+        # ``None``: the deployment secret when one is provisioned, else a checksum, which on a
+        # backend other processes can write is announced as unauthenticated.
+        self.seal = seal or Seal.from_environment() or codec.CHECKSUM_SEAL
+        if backend.shared and not self.seal.authenticated:
+            log.warning(
+                "ICMS: blocks in the shared backend are checksummed, not authenticated: anyone who "
+                "can write it can plant KV that this worker will serve. Provision a tier secret "
+                "(%s or %s, docs/tiers.md) on every worker.",
+                SECRET_FILE_ENV,
+                SECRET_ENV,
+            )
         self.pending: OrderedDict[bytes, bytes] = OrderedDict()  # written behind, not yet flushed
         self.staged: OrderedDict[bytes, bytes] = OrderedDict()  # prestaged values, consumed by load
 
@@ -194,7 +211,7 @@ class IcmsTier(Tier):
             if len(value) < _WRITER.size:
                 raise CorruptBlockError(f"value of {len(value)} bytes has no writer id")
             (writer,) = _WRITER.unpack_from(value)
-            block = codec.decode(memoryview(value)[_WRITER.size :], key, out)
+            block = codec.decode(memoryview(value)[_WRITER.size :], key, out, self.seal)
         except CorruptBlockError as exc:
             log.warning("ICMS: dropped corrupt block %s: %s", key.key.hex(), exc)
             s.corrupt += 1
@@ -209,7 +226,7 @@ class IcmsTier(Tier):
         return block
 
     def store(self, key: TierKey, block: torch.Tensor) -> None:
-        value = _WRITER.pack(self.worker_id) + codec.encode(key, block.cpu())
+        value = _WRITER.pack(self.worker_id) + codec.encode(key, block.cpu(), self.seal)
         self.pending[_name(key)] = value
         self._stats.blocks_in += 1
         self._stats.bytes_in += key.layout.block_nbytes
