@@ -265,3 +265,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def random_weight_names() -> list[str]:
+    """The configs ``kvcache.hf`` builds with random weights (no download, no conversion)."""
+    from kvcache import hf
+
+    return hf.tiny_model_names()
