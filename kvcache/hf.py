@@ -176,11 +176,18 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
     """transformers' own progress bars on or off for the block, restored afterwards."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_mod: Any = gguf_utils
+    # The GGUF reader calls tqdm directly, not through transformers' switch: swap it for the block.
+    gguf_tqdm = gguf_mod.tqdm
     was_enabled = _hf_logging.is_progress_bar_enabled()
     (_hf_logging.enable_progress_bar if enabled else _hf_logging.disable_progress_bar)()
+    gguf_mod.tqdm = gguf_tqdm if enabled else functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
+        gguf_mod.tqdm = gguf_tqdm
         (_hf_logging.enable_progress_bar if was_enabled else _hf_logging.disable_progress_bar)()
 
 
@@ -200,8 +207,9 @@ def convert_gguf(gguf_path: str, out_dir: str, *, show_progress: bool) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with _progress_bars(show_progress):
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
