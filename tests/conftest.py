@@ -39,3 +39,17 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """The real default model (SmolLM2-135M-Instruct), float32 on CPU, loaded once per test session.
+
+    Converted on first use into the model cache (``$KVCACHE_HOME`` or ``~/.cache/kvcache/models``),
+    so a run after ``make demo`` or a previous run reuses the converted checkpoint. Fails loudly
+    (ModelError naming the install command) when the weights package is missing."""
+    import torch
+
+    from kvcache import models
+
+    return models.load("smollm2-135m", device="cpu", dtype=torch.float32, show_progress=False)

@@ -131,7 +131,7 @@ class Deployment:
     def start_worker(self, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "kvcache.cli", "worker", "--connect", self.redis.url, "--worker-id",
-               worker_id, "--num-blocks", "256", *args]  # fmt: skip
+               worker_id, "--model", "tiny", "--num-blocks", "256", *args]  # fmt: skip
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -160,7 +160,7 @@ def deploy(
     redis = start_redis()
     port = free_port()
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--redis", redis.url, "--workers", str(workers),
-           "--port", str(port), "--num-blocks", "256", *args]  # fmt: skip
+           "--port", str(port), "--model", "tiny", "--num-blocks", "256", *args]  # fmt: skip
     path = None
     if config is not None:
         path = tmp / "serve.toml"

@@ -8,7 +8,8 @@ from kvcache.cli import main
 
 
 def test_generate_reports_hits_per_tenant(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["generate", "--tenants", "2", "--sessions", "2", "--turns", "2", "--system-prompt-tokens", "32"]
+    argv = ["generate", "--model", "tiny", "--tenants", "2", "--sessions", "2", "--turns", "2"]
+    argv += ["--system-prompt-tokens", "32"]
     assert main([*argv, "--user-tokens", "16", "--output-tokens", "4", "--num-blocks", "64"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line}
     # turn 0: tenant0 computes the 2 public blocks; tenant1 hits them (32 of 48 tokens).

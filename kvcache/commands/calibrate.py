@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from kvcache.models import DEFAULT_MODEL
+
 HELP = "measure a model's prefill and decode speed through the engine; write the router's latency JSON"
 
 
@@ -17,7 +19,9 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="tiny, tiny-<family>, a model name or a local path")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), tiny, tiny-<family>, a local path"
+    )
     parser.add_argument("--out", default="latency.json", help="where to write the JSON")
     parser.add_argument(
         "--new-tokens", type=_ints, default=[32, 128, 512], help="prefill lengths, comma-separated"

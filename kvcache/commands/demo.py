@@ -5,10 +5,13 @@
    ``--in-flight`` at a time (allocate, decode ``output_tokens`` with ``append``, free).
 2. router: a seeded synthetic trace (chat, agent loops, Zipf documents) replayed over simulated
    workers under every routing policy (``kvcache trace`` + ``kvcache replay --policy all``).
-3. model: chat sessions on a tiny random-weight model, TTFT with and without KV reuse
-   (``kvcache generate``).
+3. model: a real conversation on SmolLM2-135M-Instruct (converted from its package on first use):
+   two tenants share a public system prompt and ask follow-ups; the real answers, cached tokens
+   per turn and TTFT with and without KV reuse (``kvcache generate``; ``--model tiny`` for random
+   weights).
 
-``--parts`` picks a subset; the whole tour takes about a minute on two CPU cores.
+``--parts`` picks a subset; the whole tour takes one to two minutes on two CPU cores (plus about
+half a minute the first time, to convert the model).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from tqdm import tqdm
 
 from kvcache.config import CacheConfig
 from kvcache.manager import BlockManager
+from kvcache.models import DEFAULT_MODEL
 from kvcache.tenancy import Scope
 from kvcache.workloads import multi_turn_chat, system_prompt
 
-HELP = "a tour on embedded defaults: block manager hit rates, routing policies, a tiny model's TTFT"
+HELP = "a tour on embedded defaults: block manager hit rates, routing policies, a real model's chat and TTFT"
 PARTS = ("manager", "router", "model")
 
 
@@ -38,6 +42,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model of part 3 (tiny: random weights)")
     parser.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
     )
@@ -57,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
         _banner("2. router: a synthetic trace over 8 simulated workers, every policy")
         _router(args.seed)
     if "model" in parts:
-        _banner("3. model: chat sessions on a tiny random-weight Llama, with and without KV reuse")
+        _banner(f"3. model: {args.model} chatting with two tenants, with and without KV reuse")
         from kvcache import cli
 
-        cli.main(["generate", "--sessions", "8", "--turns", "2", "--seed", str(args.seed)])
+        argv = ["--model", args.model, "--sessions", "8", "--turns", "2", "--seed", str(args.seed)]
+        cli.main(["generate", *argv])
     return 0
 
 

@@ -1,7 +1,11 @@
-"""``kvcache generate``: multi-tenant chat sessions on a real model, TTFT with and without reuse.
+"""``kvcache generate``: multi-tenant chat sessions on a model, TTFT with and without reuse.
 
-The default runs a tiny random-weight Llama on the CPU in well under a minute. Every turn is also
-prefilled by the bare model without a cache, so both TTFTs come from the same run.
+The default model, SmolLM2-135M-Instruct (``smollm2-135m``, converted on first use), holds real
+conversations (``kvcache.chat``): two tenants share a public system prompt and ask follow-up
+questions; each turn prints the question, the model's answer, its cached tokens and both TTFTs.
+A model without a tokenizer (``--model tiny``: random weights, well under a minute on a CPU) runs
+random-token sessions instead (``kvcache.sessions``). Every turn is also prefilled by the bare model
+without a cache, so both TTFTs come from the same run.
 """
 
 from __future__ import annotations
@@ -9,18 +13,26 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from kvcache.models import DEFAULT_MODEL
 
 HELP = "run multi-tenant chat sessions on a model; print TTFT with and without KV reuse and hit rates"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="tiny, tiny-<family>, a model name or a local path")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), tiny, tiny-<family>, a local path"
+    )
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--sessions", type=int, default=32, help="chat sessions in total")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--system-prompt-tokens", type=int, default=512)
     parser.add_argument("--user-tokens", type=int, default=64)
-    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument(
+        "--output-tokens", type=int, default=None, help="per reply (default: 48 for text chats, else 16)"
+    )
     parser.add_argument("--private-system-prompts", action="store_true", help="one per tenant, not shared")
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=16)
@@ -39,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     from kvcache.engine import Engine, EngineConfig
     from kvcache.errors import ConfigError
-    from kvcache.sessions import ChatConfig, run_chat
 
     if args.tenants < 1 or args.sessions < 1 or args.turns < 1:
         raise ConfigError("--tenants, --sessions and --turns must each be >= 1")
@@ -52,25 +63,69 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     engine = Engine.load(args.model, config)
+    # A model with a tokenizer holds a real conversation; random weights get random tokens.
+    rows = _text_chat(engine, args) if engine.tokenizer is not None else _token_sessions(engine, args)
+    _print_table(engine, rows)
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    tenant: str
+    ttft_s: float
+    uncached_ttft_s: float | None
+
+
+def _header(engine: Any, what: str) -> None:
+    import torch
+
+    print(
+        f"model {engine.model_id} on {engine.device} {str(engine.dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}; {what}"
+    )
+
+
+def _text_chat(engine: Any, args: argparse.Namespace) -> list[_Row]:
+    from kvcache import chat
+
+    tokenizer = chat.tokenizer_of(engine)
+    system = tokenizer.encode_chat([("system", chat.SYSTEM_PROMPT)], add_generation_prompt=False)
+    _header(engine, f"{len(chat.SCRIPT)} tenants share a {len(system)}-token public system prompt")
+    turns = chat.run_script(engine, tokenizer, max_new_tokens=args.output_tokens or 48)
+    for t in turns:
+        r = t.reply
+        bare = f"{1000 * r.uncached_ttft_s:.0f}" if r.uncached_ttft_s is not None else "-"
+        print(f"[{t.tenant} turn {t.turn + 1}] {t.question}")
+        print(f"    {r.text.strip()}")
+        print(
+            f"    prompt {r.prompt_tokens} tokens, {r.cached_tokens} cached "
+            f"({r.cached_tokens / r.prompt_tokens:.0%}); TTFT {1000 * r.ttft_s:.0f} ms with reuse, "
+            f"{bare} ms without"
+        )
+    return [_Row(t.tenant, t.reply.ttft_s, t.reply.uncached_ttft_s) for t in turns]
+
+
+def _token_sessions(engine: Any, args: argparse.Namespace) -> list[_Row]:
+    from kvcache.sessions import ChatConfig, run_chat
+
     chat = ChatConfig(
         num_tenants=args.tenants,
         num_sessions=args.sessions,
         turns=args.turns,
         system_prompt_tokens=args.system_prompt_tokens,
         user_tokens=args.user_tokens,
-        output_tokens=args.output_tokens,
+        output_tokens=args.output_tokens or 16,
         shared_system_prompt=not args.private_system_prompts,
         seed=args.seed,
     )
     results = run_chat(engine, chat)
+    kind = "private" if args.private_system_prompts else "shared"
+    _header(engine, f"{len(results)} requests, {args.system_prompt_tokens}-token {kind} system prompt")
+    return [_Row(r.tenant, r.ttft_s, r.uncached_ttft_s) for r in results]
 
+
+def _print_table(engine: Any, results: list[_Row]) -> None:
     stats = engine.manager.stats()
-    print(
-        f"model {engine.model_id} on {engine.device} {str(engine.dtype).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}; "
-        f"{len(results)} requests, {args.system_prompt_tokens}-token "
-        f"{'private' if args.private_system_prompts else 'shared'} system prompt"
-    )
     header = f"{'tenant':<10}{'requests':>9}{'prompt tok':>12}{'hit tok':>10}{'hit rate':>10}"
     print(header + f"{'TTFT reuse ms':>15}{'TTFT no reuse ms':>18}{'speedup':>9}")
     rows = [*sorted({r.tenant for r in results}), "all"]
@@ -84,4 +139,3 @@ def run(args: argparse.Namespace) -> int:
             f"{reuse:>15.2f}{bare:>18.2f}{bare / reuse:>8.2f}x"
         )
     print("TTFT figures are medians per request; speedup = no reuse / reuse.")
-    return 0

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from kvcache.models import DEFAULT_MODEL
+
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="HF name or path, or tiny, tiny-llama, ...")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), a local path, tiny, tiny-llama..."
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redis", help="use this Redis (redis://host:port/db) instead of starting one")
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
@@ -37,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} must be >= 1")
     config = ServeConfig.load(args.config)
+    # The tokenizer first: a registry model is converted once here, not by every worker at once.
+    tokenizer = tokenize.load(args.model)
     redis = None if args.redis else start_redis()
     redis_url = args.redis or redis.url  # type: ignore[union-attr]
     worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks, block_size=args.block_size,
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                                     pod_tier=not args.no_pod_tier)  # fmt: skip
     workers = launch.spawn_workers(worker_args, redis_url, args.workers)
     try:
-        front = launch.make_front(config=config, model=args.model, tokenizer=tokenize.load(args.model),
+        front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer,
                                   redis_url=redis_url, policy=args.policy, mode=args.mode,
                                   block_size=args.block_size)  # fmt: skip
         asyncio.run(launch.run_front(front, args.host or config.host, args.port))

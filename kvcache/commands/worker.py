@@ -7,12 +7,14 @@ import asyncio
 import os
 import socket
 
+from kvcache.models import DEFAULT_MODEL
+
 HELP = "run one engine worker that registers in Redis and serves the front over HTTP"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect", required=True, help="the deployment's Redis, redis://host:port/db")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--worker-id", help="stable name (default host-pid); reuse it to rejoin")
     parser.add_argument("--host", default="127.0.0.1", help="bind address")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")

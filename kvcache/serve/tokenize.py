@@ -1,4 +1,10 @@
-"""Text <-> token ids for the server: the model's HF tokenizer, or a byte-level fallback.
+"""Text <-> token ids for the server and the chat demo: the model's HF tokenizer, or a byte-level
+fallback.
+
+Registry models (``smollm2-135m``) and local folders use their own tokenizer and chat template
+(``apply_chat_template``), so each chat turn's tokens extend the previous turn's conversation
+token for token and hit its cached blocks. ``stop_ids`` are the ids that end a reply (the HF
+tokenizer's end-of-sequence token; none for bytes).
 
 Random-weight models (``tiny``...) have no tokenizer; ``ByteTokenizer`` then maps each UTF-8
 byte to its own id (``id = byte``, needs ``vocab_size >= 256``) and decodes any id as the byte
@@ -19,22 +25,27 @@ from typing import Any, Protocol
 
 class Tokenizer(Protocol):
     name: str
+    stop_ids: frozenset[int]
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]: ...
+    def encode_chat(
+        self, messages: list[tuple[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]: ...
 
 
-def plain_chat_text(messages: list[tuple[str, str]]) -> str:
-    return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
+def plain_chat_text(messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+    text = "".join(f"<|{role}|>\n{content}\n" for role, content in messages)
+    return text + "<|assistant|>\n" if add_generation_prompt else text
 
 
 class ByteTokenizer:
     """One id per UTF-8 byte; deterministic, no files, any model with ``vocab_size >= 256``."""
 
     name = "bytes"
+    stop_ids: frozenset[int] = frozenset()
 
     def __init__(self, vocab_size: int = 256) -> None:
         if vocab_size < 256:
@@ -47,8 +58,8 @@ class ByteTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t % 256 for t in token_ids).decode("utf-8", errors="replace")
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        return self.encode(plain_chat_text(messages))
+    def encode_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(plain_chat_text(messages, add_generation_prompt))
 
 
 class HFTokenizer:
@@ -57,6 +68,8 @@ class HFTokenizer:
     def __init__(self, tokenizer: Any, name: str) -> None:
         self.tokenizer = tokenizer
         self.name = name
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.stop_ids = frozenset([eos] if isinstance(eos, int) else [])
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
@@ -64,14 +77,18 @@ class HFTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation as the model's chat template renders it; without the generation prompt
+        it is the prefix every later turn starts with (e.g. a system prompt to publish)."""
         if getattr(self.tokenizer, "chat_template", None):
             conversation = [{"role": role, "content": content} for role, content in messages]
-            ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+            ids = self.tokenizer.apply_chat_template(
+                conversation, tokenize=True, add_generation_prompt=add_generation_prompt
+            )
             if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
-        return self.encode(plain_chat_text(messages))
+        return self.encode(plain_chat_text(messages, add_generation_prompt))
 
 
 class IncrementalDecoder:
@@ -109,10 +126,11 @@ class IncrementalDecoder:
 
 
 def load(model: str, vocab_size: int = 256) -> Tokenizer:
-    """The HF tokenizer of ``model`` when it has one, else ``ByteTokenizer(vocab_size)``."""
+    """The HF tokenizer of ``model`` (a registry name, converted on first use, or a local folder)
+    when it has one, else ``ByteTokenizer(vocab_size)``."""
     if model.startswith("tiny") and not Path(model).exists():
         return ByteTokenizer(vocab_size)  # random-weight models: no need to import transformers
-    from kvcache.hf import load_tokenizer
+    from kvcache.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     if tokenizer is None:

@@ -81,6 +81,9 @@ class Worker:
         self.worker_id = worker_id
         self.redis_url = redis_url
         self.tier_names = tier_names
+        # A reply ends at the model's end-of-sequence token (sent, then the stream ends).
+        eos = getattr(getattr(engine, "tokenizer", None), "eos_token_id", None)
+        self.stop_ids = frozenset([eos] if isinstance(eos, int) else [])
         self.instance = uuid.uuid4().hex[:12]
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.events: asyncio.Queue[list[CacheEvent]] = asyncio.Queue()
@@ -107,7 +110,7 @@ class Worker:
                                 tier_errors=int(getattr(self.engine, "last_tier_errors", 0)))  # fmt: skip
                     self._publish(self.engine.drain_events())  # the router learns the prefix early
                 yield line
-                if cancel.is_set():
+                if cancel.is_set() or step.token_id in self.stop_ids:
                     break
         finally:
             stream.close()  # frees the request's blocks even when the caller went away

@@ -1,0 +1,83 @@
+"""How long a registry model takes to become usable: first use (conversion) and later loads.
+
+    .venv/bin/python benches/model_load.py                 # later loads only, median of 5
+    .venv/bin/python benches/model_load.py --convert       # also a first use into a fresh folder
+
+Each measurement runs in a fresh Python process, as a user's command would. It prints per run the
+seconds of ``kvcache.models.load`` (manifest and digest check, weights, tokenizer; the first call
+in a process also pays transformers' lazy imports of its model-loading code), of a second call in
+the same process (the checkpoint alone), and of the whole process, their medians, and the
+machine's load average. The target for a later load is <= 3 s of ``models.load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+from kvcache import models
+t1 = time.perf_counter()
+loaded = models.load(sys.argv[1], device="cpu", dtype=torch.float32, show_progress=False)
+t2 = time.perf_counter()
+again = models.load(sys.argv[1], device="cpu", dtype=torch.float32, show_progress=False)
+t3 = time.perf_counter()
+print(json.dumps({"imports_s": t1 - t0, "load_s": t2 - t1, "reload_s": t3 - t2}))
+"""
+
+
+def run_once(name: str, env: dict[str, str]) -> dict[str, float]:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, name], env=env, capture_output=True, text=True, check=True
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--convert", action="store_true", help="first time a first use in a fresh folder")
+    args = parser.parse_args()
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="kvcache-load-") as tmp:
+        if args.convert:
+            env["KVCACHE_HOME"] = tmp
+            first = run_once(args.model, env)
+            print(
+                f"first use (conversion): models.load {first['load_s']:.2f} s, "
+                f"process {first['process_s']:.2f} s"
+            )
+        else:
+            run_once(args.model, env)  # make sure it is converted; not counted
+        runs = [run_once(args.model, env) for _ in range(args.runs)]
+    for i, r in enumerate(runs):
+        print(
+            f"run {i}: models.load {r['load_s']:.2f} s, again {r['reload_s']:.2f} s, "
+            f"imports {r['imports_s']:.2f} s, "
+            f"process {r['process_s']:.2f} s"
+        )
+    load = os.getloadavg()
+    print(
+        f"{args.model} later load: models.load median {statistics.median(r['load_s'] for r in runs):.2f} s, "
+        f"again in-process {statistics.median(r['reload_s'] for r in runs):.2f} s, "
+        f"whole process median {statistics.median(r['process_s'] for r in runs):.2f} s "
+        f"(median of {args.runs}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; target <= 3 s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

