@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from kvcache.kernels import checks
 from kvcache.kernels.dispatch import Backend, select_backend
 
@@ -113,7 +113,9 @@ class PagedMetadata:
         return self.query_start_loc[-1]
 
 
-def write_kv(pool: torch.Tensor, layer: int, metadata: PagedMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv(
+    pool: torch.Tensor, layer: int, metadata: PagedMetadata, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """Store new tokens' ``k``/``v`` ``[N, kv_heads, head_dim]`` in their slots of ``pool[layer]``."""
     _, _, _, _, kv_heads, head_dim = pool.shape
     if k.shape != (metadata.num_tokens, kv_heads, head_dim) or v.shape != k.shape:
@@ -126,7 +128,9 @@ def write_kv(pool: torch.Tensor, layer: int, metadata: PagedMetadata, k: torch.T
     pool[layer, 1].view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(pool.dtype))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """``q`` ``[B, H, n, D]``, ``k``/``v`` ``[B, H_kv, L, D]``, ``mask`` broadcastable to ``[B, H, n, L]``."""
     group = q.shape[1] // k.shape[1]
     if group > 1:

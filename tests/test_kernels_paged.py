@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from kernels_support import DEVICE, triton_module
 from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
 
@@ -53,8 +53,10 @@ def dense_reference(
     return torch.cat(out).to(q.dtype)
 
 
-def setup(shape: tuple[int, int, int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata,
-                                                                list[torch.Tensor], list[torch.Tensor], list[int]]:  # fmt: skip
+Setup = tuple[torch.Tensor, torch.Tensor, PagedMetadata, list[torch.Tensor], list[torch.Tensor], list[int]]
+
+
+def setup(shape: tuple[int, int, int, int], seed: int) -> Setup:
     block_size, kv_heads, num_heads, head_dim = shape
     tables, seq_lens, query_lens = batch(block_size, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -76,7 +78,9 @@ def setup(shape: tuple[int, int, int, int], seed: int) -> tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_reference_equals_dense_attention_per_sequence(shape: tuple[int, int, int, int], window: int | None) -> None:
+def test_reference_equals_dense_attention_per_sequence(
+    shape: tuple[int, int, int, int], window: int | None
+) -> None:
     q, pool, md, ks, vs, query_lens = setup(shape, seed=1)
     ours = paged_attention(q, pool, 1, md, sliding_window=window, backend="reference")
     expected = dense_reference(q.cpu(), ks, vs, query_lens, window)
