@@ -85,6 +85,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._load_prefix = load_prefix
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -122,6 +123,7 @@ class Scheduler:
         self._release(seq)
         seq.status, seq.num_computed_tokens, seq.prompt = Status.WAITING, 0, None
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq.request_id)
 
