@@ -129,3 +129,34 @@ def test_abort_from_any_state_frees_blocks_at_once() -> None:
     assert engine.manager.num_running == 0 and not engine.has_unfinished()
     assert engine.manager.lookup(toks(11, 40), "a") == 32  # its written prompt blocks stay cached
     engine.manager.check_invariants()
+
+
+def test_async_streams_run_concurrently_and_a_cancelled_one_is_aborted() -> None:
+    import asyncio
+
+    from kvcache.engine import AsyncEngine
+
+    loaded = _loaded("tiny-qwen2")
+    solo = Engine(loaded, EngineConfig(num_blocks=64, block_size=BS))
+    expected = [solo.generate(toks(20 + i, 30), max_new_tokens=6) for i in range(2)]
+    engine = Engine(loaded, EngineConfig(num_blocks=64, block_size=BS))
+
+    async def main() -> list[list[int]]:
+        front = AsyncEngine(engine)
+
+        async def collect(i: int) -> list[int]:
+            stream = front.stream(toks(20 + i, 30), f"t{i}", SamplingParams(max_tokens=6))
+            return [s.token_id async for s in stream]
+
+        async def give_up() -> None:
+            async for _ in front.stream(toks(30, 30), "t9", SamplingParams(max_tokens=500)):
+                break  # the consumer goes away after the first token
+
+        results = await asyncio.gather(collect(0), collect(1), give_up())
+        await front.close()
+        return [results[0], results[1]]
+
+    assert asyncio.run(main()) == [g.output_tokens for g in expected]
+    assert not engine.has_unfinished() and engine.manager.num_running == 0
+    assert max(r.num_decode_seqs for r in engine.step_records) >= 2  # the streams shared steps
+    engine.manager.check_invariants()
