@@ -153,7 +153,7 @@ class StepRecord:
     num_context_tokens: int
     attention_work: float
     seconds: float  # the whole step: schedule, metadata, forward, sampling
-    model_seconds: float  # the forward alone
+    model_seconds: float  # the model forward alone (the rest is the engine's overhead)
 
 
 class Engine:
@@ -339,8 +339,7 @@ class Engine:
                 if not s.seq.is_finished:
                     self.scheduler.fail(s.seq, exc)
             raise
-        t_model = clock()
-        model_s = t_model - t_sched
+        model_s = clock() - t_sched
         for s in out.scheduled:
             seq = s.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -362,7 +361,7 @@ class Engine:
                 batch.num_context_tokens,
                 batch.attention_work,
                 clock() - t0,
-                model_s,
+                batch.forward_s,
             )
         )
         return outputs

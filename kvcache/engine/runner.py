@@ -10,6 +10,7 @@ Not here: which tokens run (``scheduler``), which token is chosen (``sampling``)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class StepBatch:
     num_decode_seqs: int
     num_context_tokens: int
     attention_work: float  # sum over prefill chunks of n * (context before + n / 2)
+    forward_s: float  # the model forward alone (metadata and inputs built before it)
 
 
 class ModelRunner:
@@ -69,11 +71,11 @@ class ModelRunner:
         dev = self.device
         metadata = PagedMetadata.build(tables, lens, qlens, self.block_size, dev)
         step = hf.PagedStep(self.pool, metadata, self.backend)
-        logits = hf.paged_forward(
-            self.model,
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            step,
-            torch.tensor(logits_at, dtype=torch.long, device=dev),
-        )
-        return StepBatch(logits, rows, prefill, decode, context, work)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        position_ids = torch.tensor(positions, dtype=torch.long, device=dev)
+        logits_indices = torch.tensor(logits_at, dtype=torch.long, device=dev)
+        t0 = time.perf_counter()
+        logits = hf.paged_forward(self.model, input_ids, position_ids, step, logits_indices)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return StepBatch(logits, rows, prefill, decode, context, work, time.perf_counter() - t0)
