@@ -132,11 +132,10 @@ def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """``q`` ``[B, H, n, D]``, ``k``/``v`` ``[B, H_kv, L, D]``, ``mask`` broadcastable to ``[B, H, n, L]``."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # enable_gqa: query head h reads KV head h // group without materialising repeated K/V
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def _decode_reference(
