@@ -112,3 +112,15 @@ def test_bad_metadata_and_shapes_raise_typed_errors() -> None:
         paged_attention(torch.zeros(2, 4, 8), pool, 1, md)
     with pytest.raises(KernelError, match="multiple of 2 heads"):
         paged_attention(torch.zeros(2, 3, 8), pool, 0, md)
+
+
+def test_triton_in_bfloat16_stays_within_rounding_of_the_reference() -> None:
+    pytest.importorskip("triton")
+    triton_module("triton_attention")
+    tp = triton_module("triton_paged")
+    q, pool, md, _, _, _ = setup((16, 2, 4, 16), seed=3)
+    q, pool = q.to(torch.bfloat16), pool.to(torch.bfloat16)
+    expected = paged_attention(q.float(), pool.float(), 1, md, backend="reference")
+    ours = tp.paged_attention(q, pool, 1, md, 0.25, None)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), expected, atol=2e-2, rtol=2e-2)
