@@ -129,7 +129,6 @@ class Generation:
     ttft_s: float
     total_s: float
     timings: PrefillTimings | None = None
-    finish_reason: str = "length"
 
 
 @dataclass(frozen=True, slots=True)
