@@ -175,3 +175,19 @@ def test_preempted_sequences_are_recomputed_to_the_same_tokens() -> None:
     assert engine.scheduler.num_preemptions >= 1
     assert [g.output_tokens for g in gens] == [solo_greedy(tuple(p), 6) for p in prompts]
     engine.manager.check_invariants()
+
+
+def test_manager_abort_keeps_the_blocks_whose_kv_was_written() -> None:
+    from kvcache.errors import RequestError
+
+    manager = BlockManager(CacheConfig(num_blocks=8, block_size=4, vocab_size=1000))
+    tokens = list(range(1, 15))  # 3 full blocks + 2 tokens
+    manager.allocate("r", tokens)
+    with pytest.raises(RequestError, match="num_computed_tokens=15"):
+        manager.abort("r", 15)
+    with pytest.raises(RequestError, match="num_computed_tokens=True"):
+        manager.abort("r", True)
+    assert manager.num_running == 1  # the failed calls changed nothing
+    manager.abort("r", 9)  # blocks 0 and 1 were written, block 2 only partly
+    assert manager.lookup([*tokens, 99]) == 8
+    manager.check_invariants()
