@@ -1,35 +1,30 @@
-"""Measure an engine's prefill and decode speed and fit the router's latency model to it.
+"""Fit the router's latency model to the engine's real batched steps.
 
-Prefill is timed through the engine itself (``Engine.score``: hashing, block gather, model), for
-``num_new`` new tokens after ``ctx`` cached tokens, and fitted by least squares to
+The engine records every step (``StepRecord``: prompt tokens computed, decoding sequences,
+attention work, seconds). :func:`measure` drives prefills over a grid of new and cached lengths and
+concurrent decode batches through the engine; :func:`fit` solves, by least squares over all
+recorded steps,
 
-    prefill_ms = prefill_base_ms + prefill_ms_per_token * num_new
-                 + prefill_ms_per_token_per_ctx_token * num_new * (ctx + num_new / 2)
+    step_ms = (prefill_base_ms if the step computes prompt tokens else decode_base_ms)
+              + prefill_ms_per_token * prompt_tokens
+              + prefill_ms_per_token_per_ctx_token * sum(n * (ctx + n / 2))  (per prefill chunk)
+              + decode_ms_per_token_per_seq * decoding_sequences
 
-(the last term: attention of each new token over the cached context and the new tokens before it).
-Decode is timed as one forward of ``batch`` single-token sequences over a ``ctx``-token cache:
-
-    decode_step_ms = decode_base_ms + decode_ms_per_token_per_seq * batch
-
-The formulas match ``LatencyModel.prefill_ms``/``decode_step_ms`` for one request, and the fitted fields are
-those of ``kvcache.router.latency.LatencyModel``: the JSON written by :func:`write_latency_json`
-has exactly its keys. Not here: how the router uses them.
+which is ``LatencyModel.prefill_ms`` / ``decode_step_ms`` per step. The fitted fields are those of
+``kvcache.router.latency.LatencyModel``: the JSON written by :func:`write_latency_json` has exactly
+its keys. Not here: how the router uses them.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from kvcache import hf
-from kvcache.engine import Engine
+from kvcache.engine import Engine, SamplingParams, StepRecord
 from kvcache.router.latency import LatencyModel
 
 
@@ -46,23 +41,6 @@ class LatencyFit:
     max_batched_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    kind: str  # "prefill" or "decode"
-    num_new: int  # new tokens (prefill) or sequences in the batch (decode)
-    ctx: int
-    ms: float
-
-
-def _median_ms(fn: Callable[[int], None], repeats: int) -> float:
-    times = []
-    for r in range(repeats):
-        start = time.perf_counter()
-        fn(r)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def measure(
     engine: Engine,
     *,
@@ -72,11 +50,13 @@ def measure(
     decode_ctx: int = 512,
     repeats: int = 3,
     seed: int = 0,
-) -> list[Sample]:
-    """Time prefill over ``new_tokens`` x ``contexts`` and decode over ``batches``."""
+) -> list[StepRecord]:
+    """Real engine steps: prefills of ``new_tokens`` after ``contexts`` cached tokens (``repeats``
+    each, one request per step), then ``batches`` of concurrent requests with ``decode_ctx``-token
+    prompts decoding ``repeats + 1`` tokens (their prefill and mixed steps are kept too)."""
     rng = np.random.default_rng(seed)
     bs = engine.block_size
-    samples: list[Sample] = []
+    records: list[StepRecord] = []
     grid = [(n, c) for c in contexts for n in new_tokens]
     for i, (num_new, ctx) in enumerate(tqdm(grid, desc="prefill", leave=False)):
         ctx = ctx // bs * bs
@@ -87,45 +67,57 @@ def measure(
             engine.publish(tokens[:ctx])
             engine.score(tokens[: ctx + 1], f"calibrate-{i}-fill")
         engine.score(tokens, f"calibrate-{i}-warm")
-
-        def run(r: int, tokens: list[int] = tokens, ctx: int = ctx, i: int = i) -> None:
+        for r in range(repeats):
+            before = len(engine.step_records)
             _, cached = engine.score(tokens, f"calibrate-{i}-{r}")
             assert cached == ctx, (cached, ctx)
-
-        samples.append(Sample("prefill", num_new, ctx, _median_ms(run, repeats)))
-    shape = engine.shape
-    with torch.inference_mode():
-        kv = torch.randn(
-            (shape.num_layers, 2, shape.kv_heads, decode_ctx, shape.head_dim),
-            dtype=engine.dtype,
-            device=engine.device,
-        )
-        for batch in tqdm(batches, desc="decode", leave=False):
-            ids = torch.ones((batch, 1), dtype=torch.long, device=engine.device)
-            times = []
-            for _ in range(repeats + 1):  # the first run warms up
-                cache = hf.batch_cache(kv, batch)  # forward grows it: a fresh one per step
-                start = time.perf_counter()
-                int(hf.forward(engine.model, ids, cache, decode_ctx)[0].argmax())
-                times.append((time.perf_counter() - start) * 1000)
-            samples.append(Sample("decode", batch, decode_ctx, statistics.median(times[1:])))
-    return samples
+            records += list(engine.step_records)[before:]
+    for j, batch in enumerate(tqdm(batches, desc="decode", leave=False)):
+        prompts = [(rng.integers(1, engine.vocab_size, size=decode_ctx).tolist(), f"calibrate-d{j}-{k}")
+                   for k in range(batch)]  # fmt: skip
+        before = len(engine.step_records)
+        engine.generate_many(prompts, SamplingParams(max_tokens=repeats + 1))
+        records += list(engine.step_records)[before:]
+    return records
 
 
-def fit(samples: Sequence[Sample], *, max_num_seqs: int, max_batched_tokens: int) -> LatencyFit:
-    """Least-squares fit of both formulas; coefficients are clamped at 0 (time never shrinks)."""
-    pre = [s for s in samples if s.kind == "prefill"]
-    a = np.array([[1.0, s.num_new, s.num_new * (s.ctx + s.num_new / 2)] for s in pre])
-    p = np.clip(np.linalg.lstsq(a, np.array([s.ms for s in pre]), rcond=None)[0], 0.0, None)
-    dec = [s for s in samples if s.kind == "decode"]
-    b = np.array([[1.0, s.num_new] for s in dec])
-    d = np.clip(np.linalg.lstsq(b, np.array([s.ms for s in dec]), rcond=None)[0], 0.0, None)
+def step_features(record: StepRecord) -> list[float]:
+    """The latency model's terms for one step: which base cost applies, then the linear terms."""
+    prefill = record.num_prefill_tokens > 0
+    return [
+        1.0 if prefill else 0.0,  # prefill_base_ms
+        float(record.num_prefill_tokens),  # prefill_ms_per_token
+        record.attention_work,  # prefill_ms_per_token_per_ctx_token
+        0.0 if prefill else 1.0,  # decode_base_ms
+        float(record.num_decode_seqs),  # decode_ms_per_token_per_seq
+    ]
+
+
+def predict_ms(latency: LatencyFit, record: StepRecord) -> float:
+    coef = [
+        latency.prefill_base_ms,
+        latency.prefill_ms_per_token,
+        latency.prefill_ms_per_token_per_ctx_token,
+        latency.decode_base_ms,
+        latency.decode_ms_per_token_per_seq,
+    ]
+    return sum(c * x for c, x in zip(coef, step_features(record), strict=True))
+
+
+def fit(records: Sequence[StepRecord], *, max_num_seqs: int, max_batched_tokens: int) -> LatencyFit:
+    """Least-squares fit of every step's seconds to the latency model's terms (clamped at 0: time
+    never shrinks). A step's base is ``prefill_base_ms`` when it computes any prompt token, else
+    ``decode_base_ms``; each decoding sequence adds ``decode_ms_per_token_per_seq`` in both, as
+    ``LatencyModel.prefill_ms`` charges running sequences to a prefill's steps."""
+    a = np.array([step_features(r) for r in records])
+    y = np.array([r.seconds * 1000 for r in records])
+    c = np.clip(np.linalg.lstsq(a, y, rcond=None)[0], 0.0, None)
     return LatencyFit(
-        prefill_base_ms=float(p[0]),
-        prefill_ms_per_token=float(p[1]),
-        prefill_ms_per_token_per_ctx_token=float(p[2]),
-        decode_base_ms=float(d[0]),
-        decode_ms_per_token_per_seq=float(d[1]),
+        prefill_base_ms=float(c[0]),
+        prefill_ms_per_token=float(c[1]),
+        prefill_ms_per_token_per_ctx_token=float(c[2]),
+        decode_base_ms=float(c[3]),
+        decode_ms_per_token_per_seq=float(c[4]),
         max_num_seqs=max_num_seqs,
         max_batched_tokens=max_batched_tokens,
     )

@@ -15,6 +15,9 @@
 - :func:`weights_digest` names the exact weights a model holds (computed once in :func:`load_model`,
   kept in ``LoadedModel.weights_digest``), so spill tiers never mix KV of two checkpoints that
   share a name and a shape.
+- :func:`paged_forward` runs one ragged batch (many sequences' tokens, flattened) with attention
+  registered through transformers' ``AttentionInterface`` that reads and writes KV straight in the
+  engine's paged pool (``kvcache.kernels.paged``); :func:`paged_support` says whether a model can.
 
 Not here: which blocks are cached or where they live (``manager``, ``engine``), block copies
 (``kvcache.kernels``).
@@ -38,6 +41,8 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache
 from transformers.utils import logging as _transformers_logging
 
 from kvcache.errors import ModelError
+from kvcache.kernels import Backend
+from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.
 _AutoModel: Any = transformers.AutoModelForCausalLM
@@ -353,3 +358,111 @@ def batch_cache(kv: torch.Tensor, batch: int) -> Any:
     """A cache holding the same ``kv`` ``[L, 2, H, seq, D]`` for ``batch`` sequences (calibration)."""
     expanded = kv.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1).contiguous()  # [L, 2, B, H, seq, D]
     return _cache_from_pairs([(expanded[layer, 0], expanded[layer, 1]) for layer in range(kv.shape[0])])
+
+
+# ---- paged attention over the engine's pool -------------------------------------------------
+
+PAGED_ATTENTION = "kvcache_paged"
+_STEP_KWARG = "kvcache_step"
+
+
+@dataclass(frozen=True, slots=True)
+class PagedStep:
+    """What every attention layer of one batched forward reads: the pool and the step's metadata.
+    Passed to the model as a forward keyword, so two engines in one process never share it."""
+
+    pool: torch.Tensor  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+    metadata: PagedMetadata
+    backend: Backend = "auto"
+
+
+def _paged_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: ``query`` ``[1, H, N, D]``, ``key``/``value`` ``[1, H_kv, N,
+    D]`` for the step's flattened tokens. Writes K/V into the pool, then attends over the blocks."""
+    step = kwargs.get(_STEP_KWARG)
+    if not isinstance(step, PagedStep):
+        raise ModelError(
+            f"attention {PAGED_ATTENTION!r} runs only inside kvcache.hf.paged_forward (no step given)"
+        )
+    layer = module.layer_idx
+    write_kv(step.pool, layer, step.metadata, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    out = paged_attention(
+        query[0].transpose(0, 1), step.pool, layer, step.metadata,
+        scale=scaling, sliding_window=sliding_window, backend=step.backend,
+    )  # fmt: skip
+    return out.unsqueeze(0), None  # [1, N, H, D], as transformers' attention functions return
+
+
+@functools.cache
+def _register_paged_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PAGED_ATTENTION, _paged_attention_forward)
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Switch ``model``'s attention for the duration of one forward, and always switch it back."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def paged_forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    step: PagedStep,
+    logits_indices: torch.Tensor,
+) -> torch.Tensor:
+    """ONE forward of a ragged batch: ``input_ids``/``positions`` ``[N]`` are every scheduled token of
+    every sequence, flattened; attention reads and writes KV in ``step.pool`` (no cache object, no
+    mask: the paged attention applies causality per sequence). Returns float32 logits ``[len(
+    logits_indices), vocab]`` at the flat positions ``logits_indices``."""
+    _register_paged_attention()
+    with _attention_implementation(model, PAGED_ATTENTION):
+        out = model(
+            input_ids=input_ids[None],
+            position_ids=positions[None],
+            use_cache=False,
+            logits_to_keep=logits_indices,
+            **{_STEP_KWARG: step},
+        )
+    return out.logits[0].float()  # type: ignore[no-any-return]
+
+
+def paged_support(model: Any) -> str | None:
+    """Why ``model`` cannot run :func:`paged_forward`, or None when it can: every layer must reach
+    transformers' attention interface with a ``layer_idx`` and ``logits_to_keep`` must exist."""
+    if not _forward_args(model.__class__).logits_to_keep:
+        return f"{type(model).__name__}.forward has no logits_to_keep"
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    missing = [type(m).__name__ for m in layers if not isinstance(getattr(m, "layer_idx", None), int)]
+    if not layers or missing:
+        return f"attention modules without a layer index: {missing or 'none found'}"
+    return None
+
+
+def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """End-of-sequence ids from the model's generation config; none for random-weight models (their
+    configs name an EOS id, but random weights give it no meaning, so generation runs to max_tokens)."""
+    if loaded.model_id in tiny_model_names() or loaded.tokenizer is None:
+        return ()
+    eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))

@@ -489,15 +489,27 @@ class BlockManager:
             raise RequestError(f"request id {request_id!r} is not running (unknown or already freed)")
         self.pool.release(reversed(req.block_ids))
 
-    def abort(self, request_id: Hashable) -> None:
+    def abort(self, request_id: Hashable, num_computed_tokens: int = 0) -> None:
         """Release a request whose KV was not (fully) computed: every block it cached itself
         (not the prefix it reused) is un-indexed before release, so no later request can hit a
-        block whose contents were never written."""
-        req = self._requests.pop(request_id, None)
+        block whose contents were never written. Blocks wholly within the first
+        ``num_computed_tokens`` tokens (whose KV the caller did write) stay cached."""
+        req = self._requests.get(request_id)
         if req is None:
             raise RequestError(f"request id {request_id!r} is not running (unknown or already freed)")
+        if (
+            isinstance(num_computed_tokens, bool)
+            or not isinstance(num_computed_tokens, int)
+            or not (0 <= num_computed_tokens <= req.num_tokens)
+        ):
+            raise RequestError(
+                f"num_computed_tokens={num_computed_tokens!r} must be an int in [0, {req.num_tokens}] "
+                f"(the tokens request {request_id!r} holds blocks for)"
+            )
+        del self._requests[request_id]
         pool = self.pool
-        for block_id in req.block_ids[req.num_hit_blocks :]:
+        keep = max(req.num_hit_blocks, num_computed_tokens // self.block_size)
+        for block_id in req.block_ids[keep:]:
             block = pool.blocks[block_id]
             if block.key is not None:
                 pool.uncache(block)

@@ -2,8 +2,10 @@
 
 Each tenant's sessions start with a system prompt (one published prompt for all tenants when
 ``shared_system_prompt``, else one private prompt per tenant); each turn appends a user message,
-generates a reply with the engine, and the reply (the tokens the model really produced) becomes
-part of the next turn's prompt, so the blocks filled during decode are hit by the next turn.
+generates a reply with the engine (``concurrency`` sessions at a time in one continuous batch, so
+with more than one a TTFT includes steps shared with the others), and the reply (the tokens the
+model really produced) becomes part of the next turn's prompt, so the blocks filled during
+decode are hit by the next turn.
 
 With ``baseline=True`` every turn is also prefilled by the bare model without any cache, right
 before the engine runs it, so TTFT with and without reuse are measured side by side under the same
@@ -21,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from kvcache import hf
-from kvcache.engine import Engine
+from kvcache.engine import Engine, SamplingParams
 from kvcache.tenancy import Scope
 
 
@@ -35,6 +37,7 @@ class ChatConfig:
     output_tokens: int = 16
     shared_system_prompt: bool = True
     seed: int = 0
+    concurrency: int = 1  # sessions whose turns run together in one continuous batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +47,7 @@ class TurnResult:
     turn: int
     prompt_tokens: int
     cached_tokens: int
-    ttft_s: float  # through the engine, reusing cached blocks
+    ttft_s: float  # through the engine, reusing cached blocks, batched with up to ``concurrency`` others
     uncached_ttft_s: float | None  # the bare model prefilling the whole prompt; None without baseline
 
 
@@ -58,7 +61,7 @@ def uncached_ttft(engine: Engine, tokens: Sequence[int]) -> float:
 
 
 def run_chat(engine: Engine, config: ChatConfig, *, baseline: bool = True) -> list[TurnResult]:
-    """Run every session's turns, interleaved across sessions turn by turn."""
+    """Run every session's turns, turn by turn, ``concurrency`` sessions at a time."""
     rng = np.random.default_rng(config.seed)
     vocab = engine.vocab_size
 
@@ -78,12 +81,20 @@ def run_chat(engine: Engine, config: ChatConfig, *, baseline: bool = True) -> li
     total = config.turns * len(sessions)
     with tqdm(total=total, desc="turns", unit="req", leave=False) as bar:
         for turn in range(config.turns):
-            for tenant, s in sessions:
-                history = histories[s]
-                history.extend(draw(config.user_tokens))
-                base = uncached_ttft(engine, history) if baseline else None
-                gen = engine.generate(history, Scope(tenant), max_new_tokens=config.output_tokens)
-                results.append(TurnResult(tenant, s, turn, len(history), gen.cached_tokens, gen.ttft_s, base))
-                history.extend(gen.output_tokens)
-                bar.update()
+            for w in range(0, len(sessions), config.concurrency):
+                wave = sessions[w : w + config.concurrency]
+                for _, s in wave:
+                    histories[s].extend(draw(config.user_tokens))
+                base = {s: uncached_ttft(engine, histories[s]) if baseline else None for _, s in wave}
+                gens = engine.generate_many(
+                    [(histories[s], Scope(tenant)) for tenant, s in wave],
+                    SamplingParams(max_tokens=config.output_tokens),
+                )
+                for (tenant, s), gen in zip(wave, gens, strict=True):
+                    history = histories[s]
+                    results.append(
+                        TurnResult(tenant, s, turn, len(history), gen.cached_tokens, gen.ttft_s, base[s])
+                    )
+                    history.extend(gen.output_tokens)
+                bar.update(len(wave))
     return results

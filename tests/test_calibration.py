@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvcache import hf
-from kvcache.calibration import LatencyFit, Sample, fit, measure, write_latency_json
-from kvcache.engine import Engine, EngineConfig
+from kvcache.calibration import LatencyFit, fit, measure, predict_ms, write_latency_json
+from kvcache.engine import Engine, EngineConfig, StepRecord
 from kvcache.router.latency import LatencyModel
 
 KEYS = [
@@ -26,20 +26,30 @@ KEYS = [
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def test_fit_recovers_exact_linear_costs() -> None:
-    samples = [
-        Sample("prefill", n, c, 2.0 + 0.5 * n + 0.001 * n * (c + n / 2))
-        for n in (10, 50, 90)
-        for c in (0, 100, 400)
-    ]
-    samples += [Sample("decode", b, 64, 3.0 + 0.25 * b) for b in (1, 2, 8)]
-    got = fit(samples, max_num_seqs=8, max_batched_tokens=2048)
+def step(prefill: int, decode: int, work: float, ms: float) -> StepRecord:
+    return StepRecord(prefill, decode, prefill + decode, work, ms / 1000, ms / 1000)
+
+
+def test_fit_recovers_exact_linear_costs_from_mixed_steps() -> None:
+    records = []
+    for n in (10, 50, 90):
+        for c in (0, 100, 400):
+            for d in (0, 3):  # prefill alone, and chunked prefill next to 3 decoding sequences
+                work = n * (c + n / 2)
+                records.append(step(n, d, work, 2.0 + 0.5 * n + 0.001 * work + 0.25 * d))
+    records += [step(0, b, 0.0, 3.0 + 0.25 * b) for b in (1, 2, 8)]
+    got = fit(records, max_num_seqs=8, max_batched_tokens=2048)
     assert got.prefill_base_ms == pytest.approx(2.0, abs=1e-9)
     assert got.prefill_ms_per_token == pytest.approx(0.5, abs=1e-9)
     assert got.prefill_ms_per_token_per_ctx_token == pytest.approx(0.001, abs=1e-12)
     assert got.decode_base_ms == pytest.approx(3.0, abs=1e-9)
     assert got.decode_ms_per_token_per_seq == pytest.approx(0.25, abs=1e-9)
     assert (got.max_num_seqs, got.max_batched_tokens) == (8, 2048)
+    # the fitted model prices a chunked-prefill step exactly as the router's LatencyModel does
+    model = LatencyModel(**{k: getattr(got, k) for k in KEYS})
+    mixed = step(50, 3, 50 * (100 + 25), 0.0)
+    assert predict_ms(got, mixed) == pytest.approx(model.prefill_ms(50, 100, num_running=3), abs=1e-9)
+    assert predict_ms(got, step(0, 8, 0.0, 0.0)) == pytest.approx(model.decode_step_ms(8), abs=1e-9)
 
 
 def test_json_has_exactly_the_latency_model_fields(tmp_path: Path) -> None:
@@ -56,16 +66,22 @@ def test_json_has_exactly_the_latency_model_fields(tmp_path: Path) -> None:
     )
 
 
-def test_measure_times_every_grid_point_with_the_right_cached_context() -> None:
+def test_measure_records_real_prefill_and_batched_decode_steps() -> None:
     engine = Engine(hf.load_model("tiny-qwen2", device="cpu"), EngineConfig(num_blocks=128))
-    samples = measure(engine, new_tokens=(8, 24), contexts=(0, 32), batches=(1, 3), decode_ctx=16, repeats=2)
-    assert [(s.kind, s.num_new, s.ctx) for s in samples] == [
-        ("prefill", 8, 0),
-        ("prefill", 24, 0),
-        ("prefill", 8, 32),
-        ("prefill", 24, 32),
-        ("decode", 1, 16),
-        ("decode", 3, 16),
-    ]
-    assert all(s.ms > 0 for s in samples)
+    records = measure(engine, new_tokens=(8, 24), contexts=(0, 32), batches=(1, 3), decode_ctx=16, repeats=2)
+    prefill = [(r.num_prefill_tokens, r.num_context_tokens) for r in records if not r.num_decode_seqs]
+    # every grid point twice: new tokens after the cached context, one request per step
+    assert prefill[:8] == [(8, 8), (8, 8), (24, 24), (24, 24), (8, 40), (8, 40), (24, 56), (24, 56)]
+    decode_batches = {r.num_decode_seqs for r in records if r.num_decode_seqs and not r.num_prefill_tokens}
+    assert decode_batches == {1, 3}
+    assert all(r.seconds >= r.model_seconds > 0 for r in records)
     assert engine.manager.num_running == 0
+
+
+def test_the_tier_cost_rule_reads_the_fitted_latency_model(tmp_path: Path) -> None:
+    from kvcache.tiers import PrefillCost
+
+    path = tmp_path / "latency.json"
+    write_latency_json(LatencyFit(1.0, 0.1, 0.001, 2.0, 0.2, 16, 4096), path)
+    cost = PrefillCost.from_latency(LatencyModel.from_json(path))
+    assert (cost.ms_per_token, cost.ms_per_token_per_ctx_token) == (0.1, 0.001)

@@ -53,20 +53,24 @@ def test_blocks_filled_during_decode_become_shareable(engine: Engine) -> None:
     assert engine.manager.num_running == 0
 
 
-def test_one_batched_gather_per_request(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = engine_module.gather_kv
+def test_a_cached_prefix_is_read_in_place_not_recomputed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens_per_forward: list[int] = []
+    real = hf.paged_forward
 
-    def counting(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        calls.append(block_ids.numel())
-        return real(pool, block_ids)
+    def counting(model: Any, input_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        tokens_per_forward.append(input_ids.numel())
+        return real(model, input_ids, *args)
 
-    monkeypatch.setattr(engine_module, "gather_kv", counting)
+    monkeypatch.setattr(hf, "paged_forward", counting)
     p = toks(3, 100)
     engine.generate(p, max_new_tokens=3)
-    assert calls == []  # nothing cached: nothing gathered
+    assert tokens_per_forward == [100, 1, 1]  # the whole prompt, then one token per decode step
+    tokens_per_forward.clear()
     engine.generate(p, max_new_tokens=3)
-    assert calls == [6]  # all 6 full blocks in one call
+    assert tokens_per_forward == [4, 1, 1]  # 6 full blocks (96 tokens) hit: only the tail runs
+    assert not hasattr(engine_module, "gather_kv")  # no copy of the prefix into a cache object
 
 
 def test_failed_request_leaves_no_unwritten_block_indexed(
@@ -75,12 +79,12 @@ def test_failed_request_leaves_no_unwritten_block_indexed(
     p = toks(4, 50)
     engine.generate(p[:20], "a", max_new_tokens=1)  # block 0 cached and written
     engine.drain_events()
-    real = hf.forward
+    real = hf.paged_forward
 
     def failing(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(hf, "forward", failing)
+    monkeypatch.setattr(hf, "paged_forward", failing)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.generate(p, "a", max_new_tokens=4)
     removed = [e for e in engine.drain_events() if isinstance(e, BlockRemoved)]
@@ -88,7 +92,7 @@ def test_failed_request_leaves_no_unwritten_block_indexed(
     assert engine.manager.lookup(p, "a") == 16  # the earlier, written block is still a hit
     assert engine.manager.num_running == 0
     engine.manager.check_invariants()
-    monkeypatch.setattr(hf, "forward", real)
+    monkeypatch.setattr(hf, "paged_forward", real)
     assert engine.generate(p, "a", max_new_tokens=1).cached_tokens == 16
 
 

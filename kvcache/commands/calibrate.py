@@ -1,4 +1,4 @@
-"""``kvcache calibrate``: time the engine's prefill and decode, write the router's latency JSON.
+"""``kvcache calibrate``: fit the router's latency JSON to the engine's real batched steps.
 
 The JSON has exactly the fields of ``kvcache.router.latency.LatencyModel``; ``kvcache replay
 --latency FILE`` reads it, so simulated workers run at this model's measured speed.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 from kvcache.models import DEFAULT_MODEL
 
@@ -42,15 +43,21 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kvcache.calibration import fit, measure, write_latency_json
+    from kvcache.calibration import fit, measure, predict_ms, write_latency_json
     from kvcache.engine import Engine, EngineConfig
 
     torch.set_num_threads(args.threads)
     longest = max(args.contexts) + max(args.new_tokens)
     num_blocks = 2 * (len(args.contexts) * len(args.new_tokens) * (args.repeats + 2)) * (longest // 16 + 1)
-    engine = Engine.load(
-        args.model, EngineConfig(num_blocks=num_blocks, device=args.device, dtype=args.dtype)
+    num_blocks += max(args.batches) * (args.decode_ctx + args.repeats + 16) // 16
+    config = EngineConfig(
+        num_blocks=num_blocks,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_batched_tokens=max(max(args.new_tokens), args.decode_ctx),
+        max_num_seqs=max(args.batches),
     )
+    engine = Engine.load(args.model, config)
     samples = measure(
         engine,
         new_tokens=args.new_tokens,
@@ -64,16 +71,20 @@ def run(args: argparse.Namespace) -> int:
         f"model {engine.model_id} on {engine.device} {str(engine.dtype).removeprefix('torch.')}, "
         f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'kind':<9}{'new/batch':>10}{'ctx':>7}{'measured ms':>13}{'fitted ms':>11}")
-    for s in samples:
-        if s.kind == "prefill":
-            model = latency.prefill_base_ms + s.num_new * (
-                latency.prefill_ms_per_token
-                + latency.prefill_ms_per_token_per_ctx_token * (s.ctx + s.num_new / 2)
-            )
-        else:
-            model = latency.decode_base_ms + latency.decode_ms_per_token_per_seq * s.num_new
-        print(f"{s.kind:<9}{s.num_new:>10}{s.ctx:>7}{s.ms:>13.2f}{model:>11.2f}")
+    print(f"{len(samples)} steps; by shape (median measured vs fitted ms):")
+    head = f"{'prompt tok':>11}{'decode seqs':>12}{'context tok':>12}{'steps':>7}"
+    print(head + f"{'measured ms':>13}{'fitted ms':>11}")
+    groups: dict[tuple[int, int, int], list[float]] = {}
+    for r in samples:
+        groups.setdefault((r.num_prefill_tokens, r.num_decode_seqs, r.num_context_tokens), []).append(
+            r.seconds
+        )
+    for (p, d, c), secs in sorted(groups.items()):
+        rec = next(
+            r for r in samples if (r.num_prefill_tokens, r.num_decode_seqs, r.num_context_tokens) == (p, d, c)
+        )
+        measured = 1000 * statistics.median(secs)
+        print(f"{p:>11}{d:>12}{c:>12}{len(secs):>7}{measured:>13.2f}{predict_ms(latency, rec):>11.2f}")
     write_latency_json(latency, args.out)
     print(f"wrote {args.out}: {latency}")
     return 0

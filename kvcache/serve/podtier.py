@@ -14,7 +14,7 @@ after its pool's hit, and writes evicted blocks down; for a pod of workers this 
 Keys are the block manager's (scope-rooted, so tenants never share tier entries). When Redis is
 unreachable the tier answers misses and counts errors; requests never fail because of it.
 ``last_tier_errors`` is how many backend errors the last request met (the engine is
-single-threaded).
+single-threaded). Write-through covers every prompt whose prefill finished since the last call.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from kvcache.engine import Engine, PrefillTimings
+from kvcache.engine import Engine
+from kvcache.engine.sequence import Sequence
 from kvcache.kernels import pack_blocks
-from kvcache.manager import Allocation, Prompt
+from kvcache.manager import Allocation
 from kvcache.tiers import Hierarchy, IcmsTier, LayoutFingerprint, RedisBackend
 
 POD = "pod"
@@ -33,7 +34,7 @@ POD = "pod"
 
 class PodTieredEngine(Engine):
     last_tier_errors = 0
-    _pending: tuple[list[bytes], torch.Tensor] | None = None
+    _pending: list[tuple[list[bytes], torch.Tensor]] | None = None
 
     @staticmethod
     def pod_tier(redis_url: str, capacity_blocks: int, worker_index: int = 0) -> Any:
@@ -49,29 +50,34 @@ class PodTieredEngine(Engine):
     def _errors(self) -> int:
         return sum(s.errors for s in self.tiers.stats().tiers.values()) if self.tiers is not None else 0
 
-    def _prefill(
-        self, prompt: Prompt, alloc: Allocation, hash_s: float, lookup_s: float
-    ) -> tuple[torch.Tensor, Any, PrefillTimings]:
+    def _load_prefix(self, seq: Sequence, alloc: Allocation) -> int:
         errors_before = self._errors()
-        logits, cache, timings = super()._prefill(prompt, alloc, hash_s, lookup_s)
+        loaded = super()._load_prefix(seq, alloc)
         self.last_tier_errors = self._errors() - errors_before
-        if self.tiers is None or self.tiers_gated(prompt):
-            return logits, cache, timings
+        return loaded
+
+    def _prefill_done(self, seq: Sequence) -> None:
+        prompt = seq.prompt
+        if self.tiers is None or prompt is None or self.tiers_gated(prompt) or seq.num_preemptions:
+            return
         bs = self.block_size
-        start = alloc.num_cached_tokens // bs + timings.tier_tokens // bs
+        start = max(seq.num_cached_tokens, 0) // bs
         end = len(prompt.keys)  # full prompt blocks, all written to the pool by now
         if end > start:
-            ids = torch.tensor(alloc.block_ids[start:end], dtype=torch.long, device=self.device)
-            self._pending = (list(prompt.keys[start:end]), pack_blocks(self.pool, ids))
-        return logits, cache, timings
+            ids = torch.tensor(seq.block_ids[start:end], dtype=torch.long, device=self.device)
+            if self._pending is None:
+                self._pending = []
+            self._pending.append((list(prompt.keys[start:end]), pack_blocks(self.pool, ids)))
 
     def write_through(self) -> None:
-        """Store the last request's newly computed prompt blocks in the pod tier and flush, so
-        other workers find them. Called after the request, off its time to first token."""
+        """Store the newly computed prompt blocks of the requests prefilled since the last call in
+        the pod tier and flush, so other workers find them. Called after the request, off its time
+        to first token."""
         pending, self._pending = self._pending, None
         if pending is None or self.tiers is None:
             return
         errors_before = self._errors()
-        self.tiers.store(*pending)
+        for keys, packed in pending:
+            self.tiers.store(keys, packed)
         self.tiers.flush()
         self.last_tier_errors += self._errors() - errors_before

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvcache.errors import TierError
+from kvcache.router.latency import LatencyModel
 from kvcache.tiers.base import TransferModel
 
 
@@ -33,6 +34,12 @@ class PrefillCost:
     def __post_init__(self) -> None:
         if self.ms_per_token < 0 or self.ms_per_token_per_ctx_token < 0:
             raise TierError(f"prefill costs must be >= 0, got {self}")
+
+    @classmethod
+    def from_latency(cls, latency: LatencyModel) -> PrefillCost:
+        """The per-token terms of the router's latency model (what ``kvcache calibrate`` fits from
+        the engine's real steps), so tiers and router price recomputation alike."""
+        return cls(latency.prefill_ms_per_token, latency.prefill_ms_per_token_per_ctx_token)
 
     def recompute_ms(self, num_tokens: int, context_tokens: int) -> float:
         n, c = num_tokens, context_tokens

@@ -1,0 +1,211 @@
+"""The batched engine against plain transformers, in one run: throughput, step overhead, cached TTFT.
+
+    .venv/bin/python benches/bench_engine.py            # prints the table (medians of ROUNDS runs)
+    .venv/bin/pytest benches/bench_engine.py --benchmark-only   # the same, under pytest-benchmark
+
+Output tokens/s for N concurrent greedy requests (N in ``BENCH_ENGINE_SEQS``, default 1,8,32) of
+``PROMPT`` random tokens plus ``NEW`` new tokens each, for:
+
+- ``sequential``: ``model.generate`` one request after another (baseline a);
+- ``static``: ``model.generate`` on one batch of all N prompts (baseline b; equal lengths, no pad);
+- ``cb``: transformers' own continuous batching, ``model.generate_batch`` with ``paged|sdpa``
+  (baseline c; slow to start on CPU, so only with ``BENCH_ENGINE_CB=1``, one round);
+- ``engine``: ``Engine.generate_many`` (continuous batching over the paged pool).
+
+Twice: distinct prompts, and prompts sharing a ``SHARED``-token system prompt. Then the engine's
+per-step overhead at the largest N (step time outside the model forward, from ``StepRecord``), and
+the TTFT of a ``TTFT_LEN``-token prompt 90% cached against transformers running the same suffix
+over a prefix ``DynamicCache`` already in memory (the ideal: nothing to load). Threads fixed by
+``BENCH_ENGINE_THREADS`` (1); the machine load is printed with the table.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvcache import hf
+from kvcache.engine import Engine, EngineConfig, SamplingParams
+
+MODEL = os.environ.get("BENCH_ENGINE_MODEL", "small-qwen2")
+SEQS = [int(x) for x in os.environ.get("BENCH_ENGINE_SEQS", "1,8,32").split(",")]
+PROMPT = int(os.environ.get("BENCH_ENGINE_PROMPT", "128"))
+NEW = int(os.environ.get("BENCH_ENGINE_NEW", "32"))
+SHARED = int(os.environ.get("BENCH_ENGINE_SHARED", "1024"))
+TTFT_LEN = int(os.environ.get("BENCH_ENGINE_TTFT_LEN", "4096"))
+ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "5"))
+THREADS = int(os.environ.get("BENCH_ENGINE_THREADS", "1"))
+DEVICE = os.environ.get("BENCH_ENGINE_DEVICE") or None
+DTYPE = os.environ.get("BENCH_ENGINE_DTYPE") or None
+CB = os.environ.get("BENCH_ENGINE_CB", "0") == "1"
+BS = 16
+
+
+def median_s(fn: Callable[[], Any], rounds: int = ROUNDS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prompts(n: int, shared: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(1, 1000, (shared,), generator=g).tolist()
+    return [system + torch.randint(1, 1000, (PROMPT,), generator=g).tolist() for _ in range(n)]
+
+
+class Bench:
+    def __init__(self) -> None:
+        torch.set_num_threads(THREADS)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(DTYPE or "")
+        self.loaded = hf.load_model(MODEL, device=DEVICE, dtype=dtype)
+        self.model = self.loaded.model
+        self.device = self.loaded.device
+        longest = max(SEQS) * (SHARED + PROMPT + NEW) + 2 * TTFT_LEN
+        self.config = EngineConfig(num_blocks=longest // BS + 64, block_size=BS, device=DEVICE, dtype=DTYPE,
+                                   max_num_seqs=max(max(SEQS), 1), max_num_batched_tokens=2048)  # fmt: skip
+        self.rounds = 0
+        self.shared_engine = self.engine()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def engine(self) -> Engine:
+        return Engine(self.loaded, self.config)
+
+    @torch.inference_mode()
+    def sequential(self, batch: list[list[int]]) -> None:
+        for p in batch:
+            ids = torch.tensor([p], device=self.device)
+            self.model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        self.sync()
+
+    @torch.inference_mode()
+    def static(self, batch: list[list[int]]) -> None:
+        ids = torch.tensor(batch, device=self.device)
+        self.model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        self.sync()
+
+    def cb(self, batch: list[list[int]]) -> None:
+        from transformers import GenerationConfig
+
+        self.model.set_attn_implementation("paged|sdpa")
+        try:
+            config = GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=-1, pad_token_id=0)
+            self.model.generate_batch(inputs=batch, generation_config=config)
+        finally:
+            self.model.set_attn_implementation("sdpa")
+
+    def ours(self, batch: list[list[int]]) -> None:
+        # One engine for all runs, a fresh tenant each run: nothing cached by an earlier run is
+        # visible, so the only reuse is within the run (the shared system prompt), as for the
+        # baselines, and no run pays for allocating a pool.
+        self.rounds += 1
+        tenant = f"run{self.rounds}"
+        self.shared_engine.generate_many([(p, tenant) for p in batch], SamplingParams(max_tokens=NEW))
+        self.sync()
+
+    def throughput(self) -> list[str]:
+        lines = [f"{'case':<10}{'seqs':>5}{'sequential':>12}{'static':>9}{'cb':>9}{'engine':>9}"
+                 f"{'x seq':>8}{'x best(b,c)':>13}   (output tokens/s)"]  # fmt: skip
+        for shared in (0, SHARED):
+            for n in SEQS:
+                batch = prompts(n, shared, seed=n)
+                tokens = n * NEW
+                seq = tokens / median_s(lambda b=batch: self.sequential(b))
+                static = tokens / median_s(lambda b=batch: self.static(b))
+                cb = tokens / median_s(lambda b=batch: self.cb(b), rounds=1) if CB else float("nan")
+                ours = tokens / median_s(lambda b=batch: self.ours(b))
+                best = max(static, cb) if CB else static
+                case = "distinct" if not shared else f"shared{shared}"
+                lines.append(f"{case:<10}{n:>5}{seq:>12.1f}{static:>9.1f}{cb:>9.1f}{ours:>9.1f}"
+                             f"{ours / seq:>7.2f}x{ours / best:>12.2f}x")  # fmt: skip
+        return lines
+
+    def overhead(self) -> str:
+        n = max(SEQS)
+        engine = self.engine()
+        engine.generate_many([(p, "t") for p in prompts(n, 0, seed=99)], SamplingParams(max_tokens=NEW))
+        decode = [r for r in engine.step_records if r.num_decode_seqs == n and not r.num_prefill_tokens]
+        share = statistics.median((r.seconds - r.model_seconds) / r.seconds for r in decode)
+        step_ms = 1000 * statistics.median(r.seconds for r in decode)
+        return (f"step overhead at {n} seqs: {100 * share:.1f}% of a {step_ms:.1f} ms decode step "
+                f"(median of {len(decode)})")  # fmt: skip
+
+    def ttft(self) -> str:
+        g = torch.Generator().manual_seed(7)
+        full = torch.randint(1, 1000, (TTFT_LEN,), generator=g).tolist()
+        cached = int(0.9 * TTFT_LEN) // BS * BS
+        engine = self.engine()
+        engine.generate([*full[:cached], 1], "t", max_new_tokens=1)  # caches the prefix blocks
+        counter = iter(range(10**9))
+
+        def ours() -> None:
+            suffix = torch.randint(1, 1000, (TTFT_LEN - cached,), generator=g).tolist()
+            gen = engine.generate(full[:cached] + suffix, "t", max_new_tokens=1, request_id=next(counter))
+            assert gen.cached_tokens == cached
+
+        with torch.inference_mode():
+            prefix = hf.new_cache(None)
+            hf.forward(self.model, torch.tensor([full[:cached]], device=self.device), prefix, 0)
+            kv = hf.read_cache(prefix, 0, cached)  # [L, 2, H, cached, D]
+        times = []
+        for i in range(ROUNDS + 1):
+            with torch.inference_mode():
+                cache = hf.new_cache(kv.clone())  # a fresh prefix cache in memory, built off the clock
+                suffix = torch.tensor([full[cached:]], device=self.device)
+                self.sync()
+                start = time.perf_counter()
+                int(hf.forward(self.model, suffix, cache, cached)[0].argmax())
+                self.sync()
+                if i:
+                    times.append(time.perf_counter() - start)
+        plain = statistics.median(times)
+        mine = median_s(ours)
+        return (f"TTFT {TTFT_LEN}-token prompt, {cached} cached: engine {1000 * mine:.1f} ms, "
+                f"transformers suffix over an in-memory DynamicCache {1000 * plain:.1f} ms, "
+                f"ratio {mine / plain:.2f}x")  # fmt: skip
+
+
+def header(bench: Bench) -> str:
+    name = torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu"
+    load = os.getloadavg()
+    return (f"model {bench.loaded.model_id} on {name} {str(bench.loaded.dtype).removeprefix('torch.')}, "
+            f"torch threads {torch.get_num_threads()}, "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+            f"prompt {PROMPT} + {NEW} new tokens, medians of {ROUNDS} runs")  # fmt: skip
+
+
+def main() -> None:
+    bench = Bench()
+    print(header(bench))
+    for line in bench.throughput():
+        print(line)
+    print(bench.overhead())
+    print(bench.ttft())
+    print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def test_engine_benchmark(benchmark: Any) -> None:
+    """Under pytest-benchmark: the engine at the largest concurrency, plus the full table printed."""
+    bench = Bench()
+    batch = prompts(max(SEQS), 0, seed=1)
+    benchmark.extra_info["tokens"] = len(batch) * NEW
+    benchmark.pedantic(lambda: bench.ours(batch), rounds=ROUNDS, warmup_rounds=1)
+    print("\n" + header(bench))
+    print("\n".join(bench.throughput()))
+    print(bench.overhead())
+    print(bench.ttft())
+
+
+if __name__ == "__main__":
+    main()

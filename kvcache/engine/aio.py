@@ -1,0 +1,107 @@
+"""An asyncio front for the engine: many coroutines stream tokens while one thread runs the steps.
+
+Every engine call (add, step, abort) runs on one dedicated worker thread, so the engine stays
+single-threaded and the event loop never blocks on the model. A background task steps the engine
+while any request is unfinished and hands each step's outputs to the waiting streams. A stream
+that is closed or cancelled before it finished aborts its request (within one step).
+
+Not here: HTTP (``kvcache.serve``), scheduling (``scheduler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from kvcache.engine.engine import Engine, GenerationStep, RequestOutput
+from kvcache.engine.sampling import SamplingParams
+from kvcache.tenancy import Scope
+
+_End = tuple[str, BaseException | None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-engine")
+        self._queues: dict[Hashable, asyncio.Queue[GenerationStep | _End]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def stream(
+        self,
+        tokens: Sequence[int],
+        scope: Scope | str | None = None,
+        params: SamplingParams | None = None,
+        request_id: Hashable | None = None,
+    ) -> AsyncIterator[GenerationStep]:
+        loop = asyncio.get_running_loop()
+        add = functools.partial(self.engine.add_request, tokens, scope, params, request_id)
+        rid = await loop.run_in_executor(self._executor, add)
+        queue: asyncio.Queue[GenerationStep | _End] = asyncio.Queue()
+        self._queues[rid] = queue
+        self._start(loop)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, tuple):
+                    finished = True
+                    if item[1] is not None:
+                        raise item[1]
+                    return
+                yield item
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                await loop.run_in_executor(self._executor, self._abort, rid)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def _abort(self, rid: Hashable) -> None:
+        seq = self.engine._seqs.get(rid)
+        if seq is not None and not seq.is_finished:
+            self.engine.abort(rid)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+
+    def _step(self) -> tuple[list[RequestOutput], BaseException | None, list[Hashable]]:
+        """On the engine thread: one step; an error ends every request it failed."""
+        try:
+            return self.engine.step(), None, []
+        except Exception as exc:  # the model failed: its sequences are already failed
+            failed = [rid for rid, seq in self.engine._seqs.items() if seq.error is exc]
+            return [], exc, failed
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            outputs, error, failed = await loop.run_in_executor(self._executor, self._step)
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is None:
+                    continue
+                if out.step is not None:
+                    queue.put_nowait(out.step)
+                if out.finished:
+                    queue.put_nowait((out.finish_reason or "", out.error))
+            for rid in failed:
+                queue = self._queues.get(rid)
+                if queue is not None:
+                    queue.put_nowait(("error", error))

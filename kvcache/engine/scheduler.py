@@ -1,0 +1,232 @@
+"""The scheduler: which sequences run in the next step, and how many tokens each (policy).
+
+FCFS over a waiting queue and a running list, with a per-step token budget
+(``max_num_batched_tokens``) and a cap on running sequences (``max_num_seqs``):
+
+1. running sequences first, oldest first: a decoding sequence gets one token (its last sampled
+   token gets a slot through ``BlockManager.append``), a sequence still in prefill gets the next
+   chunk of its prompt that fits the budget (chunked prefill: long prompts are spread over steps
+   while the others keep decoding);
+2. then waiting sequences in arrival order, while budget and seats last: admitted through the
+   ``BlockManager`` (prefix hit first, then allocation of the rest; tenant scopes, k-anonymity
+   and quotas are the manager's), plus blocks the engine loads from spill tiers (``load_prefix``).
+
+When a decoding sequence needs a block and the pool has none, the newest running sequence is
+preempted: its blocks are released through ``BlockManager.abort`` with its computed token count, so
+blocks whose KV was written stay cached and indexed, and it goes back to the front of the waiting
+queue to be recomputed (mostly from that cache). A request that cannot fit even alone, or meets
+its tenant's quota, fails with the manager's typed error; nothing else is ever dropped.
+
+A block is a hit only once its KV is written: a waiting sequence whose prefix hit includes a block
+that a running sequence will not have written by the end of this step waits (in the same step is
+fine: every layer writes the step's KV before it attends).
+
+Decisions come back as a :class:`SchedulerOutput`, so tests assert them without a model. Not here:
+running the model, sampling, streaming (``engine``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from kvcache.engine.sequence import Sequence, Status
+from kvcache.errors import CapacityError, ConfigError, QuotaError
+from kvcache.manager import Allocation, BlockManager
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    seq: Sequence
+    num_new_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's decisions. ``scheduled`` is in running order (oldest first)."""
+
+    scheduled: list[Scheduled] = field(default_factory=list)
+    admitted: list[Hashable] = field(default_factory=list)
+    preempted: list[Hashable] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # finished with an error this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def plan(self) -> list[tuple[Hashable, int]]:
+        return [(s.seq.request_id, s.num_new_tokens) for s in self.scheduled]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        manager: BlockManager,
+        config: SchedulerConfig,
+        load_prefix: Callable[[Sequence, Allocation], int] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.config = config
+        self.block_size = manager.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._load_prefix = load_prefix
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- releasing ---------------------------------------------------------------------------
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """A running sequence is done: every token it holds blocks for has its KV written."""
+        self.running.remove(seq)
+        self.manager.free(seq.request_id)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def fail(self, seq: Sequence, error: BaseException) -> None:
+        """End a waiting or running sequence with ``error``; its written blocks stay cached."""
+        self._release(seq)
+        seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", error
+
+    def abort(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status, seq.finish_reason = Status.ABORTED, "abort"
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.manager.abort(seq.request_id, min(seq.num_computed_tokens, seq.num_allocated_tokens))
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.block_ids, seq.num_allocated_tokens = [], 0
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._release(seq)
+        seq.status, seq.num_computed_tokens, seq.prompt = Status.WAITING, 0, None
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq.request_id)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        ends: dict[int, int] = {}  # id(seq) -> computed tokens at the end of this step
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.num_allocated_tokens < seq.num_tokens and not self._grow(seq, out):
+                continue  # it left the running list (preempted or failed)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            out.scheduled.append(Scheduled(seq, n))
+            ends[id(seq)] = seq.num_computed_tokens + n
+            budget -= n
+            i += 1
+        max_seqs = self.config.max_num_seqs
+        while self.waiting and budget > 0 and len(self.running) < max_seqs and not out.preempted:
+            seq = self.waiting[0]
+            admitted = self._admit(seq, ends, out)
+            if admitted is None:
+                continue  # it failed; look at the next one
+            if not admitted:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            out.scheduled.append(Scheduled(seq, n))
+            ends[id(seq)] = seq.num_computed_tokens + n
+            budget -= n
+        return out
+
+    def _grow(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Give a decoding sequence's last sampled token a slot; preempt the newest on a full pool."""
+        new = seq.tokens[seq.num_allocated_tokens :]
+        while True:
+            try:
+                seq.block_ids += self.manager.append(seq.request_id, new)
+                seq.num_allocated_tokens = seq.num_tokens
+                return True
+            except QuotaError as exc:
+                self.fail(seq, exc)
+                out.failed.append(seq)
+                return False
+            except CapacityError as exc:
+                victim = self.running[-1]
+                if victim is seq and len(self.running) == 1:
+                    self.fail(seq, exc)  # alone and still no room: it can never finish
+                    out.failed.append(seq)
+                    return False
+                self._preempt(victim, out)
+                if victim is seq:
+                    return False
+
+    def _admit(self, seq: Sequence, ends: dict[int, int], out: SchedulerOutput) -> bool | None:
+        """True: admitted. False: must wait. None: failed (removed from the queue)."""
+        manager, bs = self.manager, self.block_size
+        if seq.prompt is None:
+            seq.prompt = manager.hash(seq.tokens, seq.scope)
+        prompt = seq.prompt
+        hit_blocks = manager.lookup(prompt) // bs
+        if hit_blocks and self._pending(ends).intersection(prompt.keys[:hit_blocks]):
+            return False
+        start = time.perf_counter()
+        try:
+            alloc = manager.allocate(seq.request_id, prompt)
+        except CapacityError as exc:
+            too_big = -(-seq.num_tokens // bs) > manager.pool.num_blocks
+            if not too_big and self.running:
+                return False  # blocks come back as running sequences finish
+            self.waiting.popleft()
+            seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", exc
+            out.failed.append(seq)
+            return None
+        seq.timings.setdefault("lookup_s", time.perf_counter() - start)
+        loaded = 0
+        if self._load_prefix is not None:
+            try:
+                loaded = self._load_prefix(seq, alloc)
+            except Exception as exc:  # the load wrote nothing usable: keep only the pool's hit
+                manager.abort(seq.request_id, alloc.num_cached_tokens)
+                self.waiting.popleft()
+                seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", exc
+                out.failed.append(seq)
+                return None
+        seq.status = Status.RUNNING
+        seq.block_ids = list(alloc.block_ids)
+        seq.num_allocated_tokens = seq.num_tokens
+        seq.num_computed_tokens = alloc.num_cached_tokens + loaded
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        out.admitted.append(seq.request_id)
+        return True
+
+    def _pending(self, ends: dict[int, int]) -> set[bytes]:
+        """Keys of prompt blocks whose KV will not be written by the end of this step."""
+        pending: set[bytes] = set()
+        for seq in self.running:
+            if seq.prompt is None:
+                continue
+            end = ends.get(id(seq), seq.num_computed_tokens)
+            pending.update(seq.prompt.keys[end // self.block_size :])
+        return pending

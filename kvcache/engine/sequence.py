@@ -1,0 +1,79 @@
+"""One request's state inside the batched engine: its tokens, blocks, progress and outputs.
+
+``tokens`` is the prompt followed by the outputs so far. KV exists (in the pool) for the first
+``num_computed_tokens`` of them; the scheduler moves that mark forward, the engine appends
+sampled tokens. The block manager's request of the same id holds blocks for every token whose
+KV is being or has been computed (``num_allocated_tokens``).
+
+Not here: who runs when (``scheduler``), the model (``runner``), token choice (``sampling``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvcache.engine.sampling import SamplingParams
+from kvcache.manager import Prompt
+from kvcache.tenancy import Scope
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(slots=True)
+class Sequence:
+    request_id: Hashable
+    tokens: list[int]
+    num_prompt_tokens: int
+    scope: Scope
+    params: SamplingParams
+    generator: torch.Generator
+    arrival_s: float
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0
+    num_allocated_tokens: int = 0  # tokens the manager holds blocks for (0 while waiting)
+    num_cached_tokens: int = -1  # prompt tokens not recomputed at first admission; -1 before it
+    block_ids: list[int] = field(default_factory=list)
+    prompt: Prompt | None = None  # the tokens' keys, hashed at admission
+    finish_reason: str | None = None  # "length", "eos", "stop", "abort", "error"
+    error: BaseException | None = None
+    num_preemptions: int = 0
+    keep_logits: bool = False
+    logits: list[torch.Tensor] = field(default_factory=list)
+    outbox: deque[Any] = field(default_factory=deque)  # GenerationStep records not yet consumed
+    token_times_s: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # admission and prefill costs
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (Status.FINISHED, Status.ABORTED)
+
+    def check_stop(self, token: int, eos_ids: tuple[int, ...]) -> str | None:
+        """Why generation ends after ``token`` (already appended), or None."""
+        if not self.params.ignore_eos and token in eos_ids:
+            return "eos"
+        outputs = self.num_tokens - self.num_prompt_tokens
+        for stop in self.params.stop:
+            if outputs >= len(stop) and tuple(self.tokens[-len(stop) :]) == stop:
+                return "stop"
+        if outputs >= self.params.max_tokens:
+            return "length"
+        return None
