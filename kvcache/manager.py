@@ -256,8 +256,7 @@ class BlockManager:
                 return hits
             hits.append(block)
             parent = keys[i]
-        if num_public:
-            parent = prompt.private_parent
+        parent = prompt.private_parent  # the private chain's parent, with or without a public prefix
         scope = prompt.scope.chain_scope
         k = self.config.k_anonymity
         gated = k > 1 and prompt.scope.is_shared

@@ -45,6 +45,17 @@ def test_public_prefix_is_shared_and_the_rest_stays_private(make_manager: MakeMa
     m.check_invariants()
 
 
+def test_private_prompt_outside_a_published_prefix_still_hits(make_manager: MakeManager) -> None:
+    m = make_manager(num_blocks=16)
+    m.publish(toks(900, 8))  # a public prefix exists, but this prompt does not start with it
+    m.allocate("a", toks(0, 9), "alice")
+    m.free("a")
+    assert m.lookup(toks(0, 9), "alice") == 8
+    assert m.allocate("a2", toks(0, 9) + toks(50, 3), "alice").num_cached_tokens == 8
+    assert m.lookup(toks(0, 9), "bob") == 0
+    m.check_invariants()
+
+
 def test_publish_after_hashing_rehashes_stale_prompts(make_manager: MakeManager) -> None:
     m = make_manager(num_blocks=16)
     prompt = m.hash(toks(900, 8) + toks(0, 4), "alice")
