@@ -60,6 +60,7 @@ class EngineConfig:
     tiers: Hierarchy | Callable[[LayoutFingerprint], Hierarchy] | None = None
     k_anonymity: int = 1
     quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
+    deployment_key: bytes | None = None  # keys block hashes (``CacheConfig.deployment_key``)
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -129,6 +130,7 @@ class Engine:
                 model_id=self.model_id,
                 k_anonymity=config.k_anonymity,
                 quotas=dict(config.quotas),
+                deployment_key=config.deployment_key,
             )
         )
         s = loaded.shape

@@ -91,8 +91,10 @@ def load_secret(environ: Mapping[str, str]) -> bytes | None:
         with os.fdopen(fd) as f:
             mode = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(mode) or mode & 0o077:
-                raise ConfigError(f"{SECRET_FILE_ENV}={path} has mode {stat.filemode(mode)}; the secret "
-                                  "file must be a regular file only its owner can read: chmod 600 it")  # fmt: skip
+                raise ConfigError(
+                    f"{SECRET_FILE_ENV}={path} has mode {stat.filemode(mode)}; the secret file must be "
+                    "a regular file only its owner can read: chmod 600 it"
+                )
             return _parse_secret(f.read(), f"{SECRET_FILE_ENV}={path}")
     text = environ.get(SECRET_ENV)
     return _parse_secret(text, SECRET_ENV) if text else None
