@@ -107,13 +107,14 @@ def run_config(args: argparse.Namespace, policy: str, pod: bool, trace: list[ben
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
-           "--workers", str(args.workers), "--redis", redis.url, "--port", str(port), "--policy", policy,
+           "--workers", str(args.workers), "--port", str(port), "--policy", policy,
            "--threads", str(args.threads),
            "--num-blocks", str(args.num_blocks), "--config", str(config_path)]  # fmt: skip
     if not pod:
         cmd.append("--no-pod-tier")
     log = open(Path(args.logs) / f"serve-{policy}-{'pod' if pod else 'nopod'}.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "KVCACHE_REDIS_URL": redis.url}  # a password: never argv
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         results, wall_s = asyncio.run(bench.run_load(url, trace, rate=args.rate, duration_s=args.duration,
                                                      max_concurrency=args.max_concurrency, keys=keys,

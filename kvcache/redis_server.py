@@ -4,6 +4,12 @@ The pod tier (ICMS emulation) and the HTTP server share blocks and events throug
 here assumes one is running: :func:`start_redis` finds the ``redis-server`` binary (installing
 Debian's package with ``apt-get`` when it is missing and we may), starts it bound to 127.0.0.1 on a
 free port with persistence off, waits until it answers ``PING``, and returns a handle that stops it.
+
+Access is by password, as the Redis documentation advises for any server more than one user can
+reach: the default user is disabled and one ACL user, ``kvcache``, gets a generated password and
+every command except administration (``CONFIG``, ``SHUTDOWN``, ``ACL``, ``FLUSHALL``, ``KEYS``,
+...). The password is written to a config file only the owner can read (never on the command
+line, where ``ps`` shows it); ``url`` carries it, so treat the URL as a secret.
 Failure to start raises :class:`RedisUnavailable` with the reason; callers that need Redis must let
 it propagate (tests fail loudly rather than skip).
 """
@@ -11,6 +17,8 @@ it propagate (tests fail loudly rather than skip).
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -69,13 +77,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _ping(port: int, timeout: float = 0.2) -> bool:
+USER = "kvcache"
+
+
+def _resp(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _ping(port: int, password: str, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall(_resp("AUTH", USER, password) + _resp("PING"))
+            reply = b""
+            while len(reply) < 12 and not reply.startswith(b"-"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply.startswith(b"+OK\r\n+PONG")
     except OSError:
         return False
+
+
+def _write_config(path: Path, lines: list[str]) -> None:
+    """Created 0600 before anything is written: the password is never readable by others."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 @dataclass
@@ -85,13 +117,19 @@ class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
     workdir: tempfile.TemporaryDirectory[str] = field(repr=False)
+    password: str = field(default="", repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://kvcache:PASSWORD@127.0.0.1:PORT/0``: a secret; pass it in the environment."""
+        return f"redis://{USER}:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self.workdir.name, "redis.conf")
 
     def alive(self) -> bool:
-        return self.process.poll() is None and _ping(self.port)
+        return self.process.poll() is None and _ping(self.port, self.password)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -119,27 +157,34 @@ def start_redis(
 
     ``maxmemory`` (e.g. ``"256mb"``) caps it with LRU eviction of keys, as a capacity-bounded tier wants.
     """
+    if maxmemory is not None and not re.fullmatch(r"[0-9]+(b|kb|mb|gb)?", maxmemory.lower()):
+        raise RedisUnavailable(f"maxmemory={maxmemory!r} must be a size such as '256mb'")
     binary = find_redis_server(install=install)
     if port is not None and _port_in_use(port):
         raise RedisUnavailable(f"port {port} on 127.0.0.1 is in use; pick another or leave it unset")
     port = port or _free_port()
     workdir = tempfile.TemporaryDirectory(prefix="kvcache-redis-")
-    args = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-        "--dir", workdir.name, "--protected-mode", "yes", "--loglevel", "warning",
+    password = secrets.token_hex(24)
+    lines = [
+        "bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no", f'dir "{workdir.name}"',
+        "protected-mode yes", "loglevel warning", "user default off",
+        f"user {USER} on >{password} ~* &* +@all -@admin -@dangerous +info +dbsize",
     ]  # fmt: skip
     if maxmemory:
-        args += ["--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        lines += [f"maxmemory {maxmemory}", "maxmemory-policy allkeys-lru"]
+    config = Path(workdir.name, "redis.conf")
+    _write_config(config, lines)
     with Path(workdir.name, "redis.log").open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             text = Path(workdir.name, "redis.log").read_text(errors="replace")[-400:]
             workdir.cleanup()
             raise RedisUnavailable(f"redis-server exited with code {process.returncode}: {text}")
-        if _ping(port):
-            return RedisServer(port=port, process=process, workdir=workdir)
+        if _ping(port, password):
+            return RedisServer(port=port, process=process, workdir=workdir, password=password)
         time.sleep(0.02)
     process.kill()
     process.wait()

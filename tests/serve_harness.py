@@ -4,6 +4,9 @@
 stopped at its end), because starting worker processes dominates the suite's time. Its config
 has API keys: ``acme`` and ``globex`` are private tenants, ``initech``, ``hooli`` and ``piper``
 share the group ``partners`` under k-anonymity k=2, and ``small`` has a 2-block quota.
+
+The deployment secret is generated here and, like the Redis URL with its password, passed in
+the environment (as an operator would), so tests can compute what the deployment computes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import pytest
 
 from kvcache.redis_server import RedisServer, start_redis
+from kvcache.serve import auth
 
 STARTUP_S = 120.0
 CONFIG = """
@@ -71,6 +75,8 @@ class Deployment:
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     worker_pids: list[int] = field(default_factory=list)
     config_path: Path | None = None
+    secret: bytes = b""
+
 
     def request(self, path: str, body: Any = None, key: str | None = None,
                 raw: bytes | None = None) -> tuple[int, Any]:  # fmt: skip
@@ -130,11 +136,12 @@ class Deployment:
 
     def start_worker(self, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "kvcache.cli", "worker", "--connect", self.redis.url, "--worker-id",
-               worker_id, "--model", "tiny", "--num-blocks", "256", *args]  # fmt: skip
+        cmd = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id, "--model", "tiny", "--num-blocks", "256",
+               *args]  # fmt: skip
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        env = deployment_env(self.redis, self.secret)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.extra.append(process)
         return process
 
@@ -156,10 +163,10 @@ class Deployment:
 def deploy(
     tmp: Path, *, workers: int = 2, config: str | None = None, args: tuple[str, ...] = ()
 ) -> Deployment:
-    """Redis, then ``kvcache serve --redis URL --workers N``; returns once every worker has joined."""
+    """Redis, then ``kvcache serve --workers N`` on it; returns once every worker has joined."""
     redis = start_redis()
     port = free_port()
-    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--redis", redis.url, "--workers", str(workers),
+    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--workers", str(workers),
            "--port", str(port), "--model", "tiny", "--num-blocks", "256", *args]  # fmt: skip
     path = None
     if config is not None:
@@ -167,8 +174,10 @@ def deploy(
         path.write_text(config)
         cmd += ["--config", str(path)]
     log_path = tmp / "serve.log"
-    process = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    dep = Deployment(f"http://127.0.0.1:{port}", redis, process, log_path, config_path=path)
+    secret = auth.new_secret()
+    process = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                               env=deployment_env(redis, secret))  # fmt: skip
+    dep = Deployment(f"http://127.0.0.1:{port}", redis, process, log_path, config_path=path, secret=secret)
     try:
         dep.wait_for("the front", lambda: _answers(dep.url), STARTUP_S)
         dep.wait_for(f"{workers} workers", lambda: len(dep.workers()) == workers, STARTUP_S)
@@ -177,6 +186,11 @@ def deploy(
         raise
     dep.worker_pids = [w["pid"] for w in dep.workers().values()]
     return dep
+
+
+def deployment_env(redis: RedisServer, secret: bytes) -> dict[str, str]:
+    """What ``kvcache serve`` and its workers get: the Redis URL and the secret, never argv."""
+    return {**os.environ, auth.REDIS_URL_ENV: redis.url, auth.SECRET_ENV: secret.hex()}
 
 
 def _answers(url: str) -> bool:

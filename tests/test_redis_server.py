@@ -3,25 +3,57 @@
 from __future__ import annotations
 
 import socket
+import stat
+from pathlib import Path
 
 import pytest
 
-from kvcache.redis_server import RedisUnavailable, start_redis
+from kvcache.redis_server import RedisUnavailable, _resp, start_redis
+
+
+def _exchange(port: int, payload: bytes, replies: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(payload)
+        reply = b""
+        while reply.count(b"\r\n") < replies:
+            reply += sock.recv(256)
+    return reply
 
 
 def test_starts_on_loopback_answers_and_stops() -> None:
     with start_redis(maxmemory="16mb") as server:
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.url == f"redis://kvcache:{server.password}@127.0.0.1:{server.port}/0"
         assert server.alive()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
-            sock.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
-            reply = b""
-            while not reply.endswith(b"v\r\n"):
-                reply += sock.recv(64)
-        assert reply == b"+OK\r\n$1\r\nv\r\n"
+        auth = _resp("AUTH", "kvcache", server.password)
+        reply = _exchange(server.port, auth + _resp("SET", "k", "v") + _resp("GET", "k"), 4)
+        assert reply == b"+OK\r\n+OK\r\n$1\r\nv\r\n"
         process = server.process
     assert process.poll() is not None
     assert not server.alive()
+
+
+def test_a_password_is_required_and_never_on_the_command_line() -> None:
+    with start_redis() as server:
+        assert len(server.password) >= 32
+        assert _exchange(server.port, b"PING\r\n", 1).startswith(b"-NOAUTH")
+        wrong = _exchange(server.port, _resp("AUTH", "kvcache", "guess") + _resp("PING"), 2)
+        assert wrong.startswith(b"-WRONGPASS")
+        default_user = _exchange(server.port, _resp("AUTH", "default", "") + _resp("PING"), 2)
+        assert default_user.startswith(b"-WRONGPASS")
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        assert server.password.encode() not in cmdline
+        assert stat.S_IMODE(server.config_path.stat().st_mode) == 0o600
+        assert server.password not in Path(server.workdir.name, "redis.log").read_text()
+        # Administration is not the deployment user's: it cannot reconfigure (protected-mode,
+        # requirepass), wipe or stop the server.
+        auth = _resp("AUTH", "kvcache", server.password)
+        for command in (("CONFIG", "SET", "protected-mode", "no"), ("FLUSHALL",), ("SHUTDOWN",)):
+            assert b"-NOPERM" in _exchange(server.port, auth + _resp(*command), 2)
+
+
+def test_config_injection_through_maxmemory_is_refused() -> None:
+    with pytest.raises(RedisUnavailable, match="maxmemory"):
+        start_redis(maxmemory="1mb\nuser default on nopass")
 
 
 def test_busy_port_is_a_clear_error() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from kvcache.models import DEFAULT_MODEL
 
@@ -15,7 +16,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), a local path, tiny, tiny-llama..."
     )
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--redis", help="use this Redis (redis://host:port/db) instead of starting one")
+    parser.add_argument(
+        "--redis",
+        help="use this Redis (redis://host:port/db, no password: give a URL with "
+        "credentials in KVCACHE_REDIS_URL) instead of starting one",
+    )
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
@@ -35,7 +40,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.redis_server import start_redis
-    from kvcache.serve import launch, tokenize
+    from kvcache.serve import auth, launch, tokenize
     from kvcache.serve.config import ServeConfig
 
     if args.workers < 1:
@@ -43,16 +48,21 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig.load(args.config)
     # The tokenizer first: a registry model is converted once here, not by every worker at once.
     tokenizer = tokenize.load(args.model)
-    redis = None if args.redis else start_redis()
-    redis_url = args.redis or redis.url  # type: ignore[union-attr]
+    secret = auth.load_secret(os.environ) or auth.new_secret()  # KVCACHE_SECRET(_FILE), else a new one
+    keys = auth.DeploymentKeys.from_secret(secret)
+    given = auth.redis_url(args.redis, os.environ)
+    if given is not None:
+        auth.refuse_open_redis(given)
+    redis = None if given else start_redis()
+    redis_url = given or redis.url  # type: ignore[union-attr]
     worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks, block_size=args.block_size,
                                     threads=args.threads, config_path=args.config,
                                     pod_tier=not args.no_pod_tier)  # fmt: skip
-    workers = launch.spawn_workers(worker_args, redis_url, args.workers)
+    workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
     try:
         front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer,
                                   redis_url=redis_url, policy=args.policy, mode=args.mode,
-                                  block_size=args.block_size)  # fmt: skip
+                                  block_size=args.block_size, keys=keys)  # fmt: skip
         asyncio.run(launch.run_front(front, args.host or config.host, args.port))
     finally:
         launch.stop_processes(workers)

@@ -1,4 +1,8 @@
-"""``kvcache worker --connect REDIS_URL``: one engine process that joins a deployment through Redis."""
+"""``kvcache worker``: one engine process that joins a deployment through Redis.
+
+It needs the deployment's secret (``KVCACHE_SECRET`` as hex, or ``KVCACHE_SECRET_FILE`` naming an
+owner-only file) and its Redis (``--connect`` without credentials, or ``KVCACHE_REDIS_URL``).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ HELP = "run one engine worker that registers in Redis and serves the front over 
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connect", required=True, help="the deployment's Redis, redis://host:port/db")
+    parser.add_argument(
+        "--connect",
+        help="the deployment's Redis, redis://host:port/db (no password: a URL "
+        "with credentials goes in KVCACHE_REDIS_URL, the default)",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--worker-id", help="stable name (default host-pid); reuse it to rejoin")
     parser.add_argument("--host", default="127.0.0.1", help="bind address")
@@ -28,16 +36,28 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvcache.serve import engine_setup
+    from kvcache.errors import ConfigError
+    from kvcache.serve import auth, engine_setup
     from kvcache.serve.config import ServeConfig
     from kvcache.serve.worker import Worker, serve_forever
 
+    secret = auth.load_secret(os.environ)
+    if secret is None:
+        raise ConfigError(
+            f"a worker needs its deployment's secret: set {auth.SECRET_ENV} (hex) or "
+            f"{auth.SECRET_FILE_ENV} (a file only you can read), as `kvcache serve` does"
+        )
+    redis_url = auth.redis_url(args.connect, os.environ)
+    if redis_url is None:
+        raise ConfigError(f"a worker needs its deployment's Redis: --connect URL or {auth.REDIS_URL_ENV}")
+    auth.refuse_open_redis(redis_url)
+    keys = auth.DeploymentKeys.from_secret(secret)
     config = ServeConfig.load(args.config)
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine, tier_names = engine_setup.load_engine(
         args.model, config, num_blocks=args.num_blocks, block_size=args.block_size, threads=args.threads,
-        seed=args.seed, redis_url=None if args.no_pod_tier else args.connect,
-        worker_id=worker_id)  # fmt: skip
-    worker = Worker(engine, worker_id, args.connect, tier_names)
+        seed=args.seed, redis_url=None if args.no_pod_tier else redis_url,
+        worker_id=worker_id, deployment_key=keys.block_key)  # fmt: skip
+    worker = Worker(engine, worker_id, redis_url, keys, tier_names)
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
     return 0

@@ -75,6 +75,7 @@ class EngineConfig:
     tiers: Hierarchy | Callable[[LayoutFingerprint], Hierarchy] | None = None
     k_anonymity: int = 1
     quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
+    deployment_key: bytes | None = None  # keys block hashes (``CacheConfig.deployment_key``)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     kernel_backend: Backend = "auto"
@@ -186,6 +187,7 @@ class Engine:
                 model_id=self.model_id,
                 k_anonymity=config.k_anonymity,
                 quotas=dict(config.quotas),
+                deployment_key=config.deployment_key,
             )
         )
         s = loaded.shape

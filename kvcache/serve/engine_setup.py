@@ -1,6 +1,7 @@
 """Build a worker's engine: the HF engine with the deployment's tenancy rules and the pod tier.
 
-The server config's k-anonymity and per-tenant quotas apply to every worker's block manager
+Block hashes are keyed with the deployment's ``block_key`` (``auth``). The server config's
+k-anonymity and per-tenant quotas apply to every worker's block manager
 (through ``EngineConfig``). With a Redis URL the engine also gets the pod tier
 (blocks shared by every worker through Redis); ``tier_names`` lists the engine's tiers below the
 device pool, in lookup order, for the per-tier metrics.
@@ -16,7 +17,8 @@ from kvcache.serve.config import ServeConfig
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
                 seed: int, redis_url: str | None, worker_id: str = "",
-                pod_capacity_blocks: int = 1 << 20) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
+                pod_capacity_blocks: int = 1 << 20,
+                deployment_key: bytes | None = None) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
     import torch
 
     from kvcache.engine import EngineConfig
@@ -28,6 +30,7 @@ def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size:
         index = zlib.crc32(worker_id.encode()) & 0xFFFF
         tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index)
     engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers,
-                                 k_anonymity=config.k_anonymity, quotas=config.quotas())  # fmt: skip
+                                 k_anonymity=config.k_anonymity, quotas=config.quotas(),
+                                 deployment_key=deployment_key)  # fmt: skip
     engine = PodTieredEngine.load(model, engine_config)
     return engine, (POD,) if redis_url is not None else ()

@@ -5,7 +5,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` o
 (worker addresses and pids, for loopback clients only).
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
-block size and chain scope as their block managers), and the router picks the worker. The
+adapter, block size, chain scope and deployment key as their block managers: ``auth.hasher``,
+checked against each worker's registration); every call to a worker carries the deployment's
+worker token. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
@@ -34,6 +36,7 @@ from aiohttp import web
 from kvcache.errors import AuthError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
 from kvcache.serve import protocol
+from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
@@ -78,14 +81,15 @@ class Outcome:
 
 class Front:
     def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
-                 redis_url: str | None, route_request: Any,
+                 redis_url: str | None, route_request: Any, keys: DeploymentKeys,
                  estimate: ServiceEstimate | None = None) -> None:  # fmt: skip
         self.config = config
         self.router = router
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = ServeMetrics()
-        self.pool = WorkerPool(router, self.metrics, redis_url)
+        self.keys = keys
+        self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
         self.route_request = route_request  # kvcache.router.RouteRequest
         self.estimate = estimate  # fed from workers' reports when the policy uses it
         self._ids = itertools.count()
@@ -98,12 +102,12 @@ class Front:
         reg = self.pool.first
         if reg is None:
             return []
-        if self._hasher is None or (self._hasher.model_id, self._hasher.block_size) != (
-            reg.model_id,
-            reg.block_size,
-        ):
-            self._hasher = Hasher(block_size=reg.block_size, model_id=reg.model_id)
-        return self._hasher.token_keys(token_ids, tenant.scope.chain_scope)
+        h = self._hasher
+        if h is None or (h.model_id, h.adapter_id, h.block_size) != (
+            reg.model_id, reg.adapter_id, reg.block_size):  # fmt: skip
+            self._hasher = h = self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
+                                                adapter_id=reg.adapter_id)  # fmt: skip
+        return h.token_keys(token_ids, tenant.scope.chain_scope)
 
     async def _wait_for_worker(self) -> None:
         deadline = time.monotonic() + WAIT_FOR_WORKER_S
@@ -131,7 +135,8 @@ class Front:
                 worker_id, state = next(iter(self.pool.workers.items()))
             reg = state.reg
             try:
-                async with self.session.post(f"{reg.url}/generate", json=body) as resp:
+                post = self.session.post(f"{reg.url}/generate", json=body, headers=self.keys.auth_header())
+                async with post as resp:
                     if resp.status != 200:
                         # The worker is alive and refused this request: answer, never retry.
                         detail = (await resp.json(content_type=None)).get("error", "worker error")

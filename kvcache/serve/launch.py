@@ -1,14 +1,17 @@
 """Start a whole deployment on one machine: Redis (unless given), N worker processes, the front.
 
 ``kvcache serve`` is this module behind argparse. Workers are separate processes running
-``kvcache worker --connect REDIS_URL``, exactly what an operator starts on another machine; the
-front finds them through Redis like any remote worker. On SIGINT/SIGTERM the front stops, then
+``kvcache worker``, exactly what an operator starts on another machine; the front finds them
+through Redis like any remote worker. The Redis URL (with its password) and the deployment
+secret reach workers in their environment (``KVCACHE_REDIS_URL``, ``KVCACHE_SECRET``), never in
+argv, where any local user could read them. On SIGINT/SIGTERM the front stops, then
 the workers, then the Redis it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kvcache.serve import auth
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
 from kvcache.serve.routing import ServiceEstimate, make_ttft_policy
@@ -34,9 +38,9 @@ class WorkerArgs:
     config_path: str | None = None
     pod_tier: bool = True
 
-    def argv(self, redis_url: str, worker_id: str) -> list[str]:
-        argv = [sys.executable, "-m", "kvcache.cli", "worker", "--connect", redis_url,
-                "--worker-id", worker_id, "--model", self.model, "--num-blocks", str(self.num_blocks),
+    def argv(self, worker_id: str) -> list[str]:
+        argv = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
+                "--model", self.model, "--num-blocks", str(self.num_blocks),
                 "--block-size", str(self.block_size), "--threads", str(self.threads)]  # fmt: skip
         if self.config_path:
             argv += ["--config", self.config_path]
@@ -45,8 +49,15 @@ class WorkerArgs:
         return argv
 
 
-def spawn_workers(args: WorkerArgs, redis_url: str, num_workers: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen(args.argv(redis_url, f"w{i}")) for i in range(num_workers)]
+def worker_env(redis_url: str, secret: bytes) -> dict[str, str]:
+    """The environment a worker starts with: ours plus the deployment's Redis URL and secret."""
+    return {**os.environ, auth.REDIS_URL_ENV: redis_url, auth.SECRET_ENV: secret.hex()}
+
+
+def spawn_workers(args: WorkerArgs, redis_url: str, secret: bytes,
+                  num_workers: int) -> list[subprocess.Popen[bytes]]:  # fmt: skip
+    env = worker_env(redis_url, secret)
+    return [subprocess.Popen(args.argv(f"w{i}"), env=env) for i in range(num_workers)]
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:
@@ -76,7 +87,7 @@ async def run_front(front: Front, host: str, port: int) -> None:
 
 
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
-               mode: str, block_size: int) -> Front:  # fmt: skip
+               mode: str, block_size: int, keys: auth.DeploymentKeys) -> Front:  # fmt: skip
     """The front with its router; ``policy="ttft"`` is ``routing.make_ttft_policy``, any other name
     one of the router's policies."""
     from kvcache.router import Router, RouteRequest
@@ -88,4 +99,4 @@ def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_u
         chosen = make_ttft_policy(estimate)
     router: Any = Router(policy=chosen, mode=mode, block_size=block_size)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=model, redis_url=redis_url,
-                 route_request=RouteRequest, estimate=estimate)  # fmt: skip
+                 route_request=RouteRequest, keys=keys, estimate=estimate)  # fmt: skip

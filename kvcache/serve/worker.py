@@ -15,6 +15,10 @@ front's router learns what this worker caches. A heartbeat keeps the registratio
 Redis is unreachable the worker keeps serving and drops events (counted), and re-registers once
 Redis answers again.
 
+Every call must carry the deployment's worker token (``auth``): without it the answer is 401,
+with a wrong one 403, before the body is read. Registrations are signed on every heartbeat and
+event batches carry a sequence number and a MAC; events name scopes by pseudonym.
+
 Not here: routing and the OpenAI protocol (``front``), tokenizing (the front sends token ids).
 """
 
@@ -29,7 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +41,7 @@ from aiohttp import web
 from kvcache.errors import CapacityError, InvalidTokensError, KVCacheError, QuotaError
 from kvcache.events import CacheEvent
 from kvcache.serve import wire
+from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.tenancy import Scope
 
 log = logging.getLogger("kvcache.worker")
@@ -53,6 +58,9 @@ class Registration:
     model_id: str
     block_size: int
     vocab_size: int
+    adapter_id: str | None  # with model_id, block_size and the deployment key: how blocks are keyed
+    num_blocks: int  # pool capacity: the front never indexes more blocks than this for the worker
+    key_check: str  # ``auth.key_check`` of the worker's hasher: the front's must be equal
 
     def to_json(self) -> str:
         return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__})
@@ -76,8 +84,10 @@ def _status_of(exc: Exception) -> int:
 class Worker:
     """Serves one engine (``kvcache.engine.Engine``) over HTTP; see the module docstring."""
 
-    def __init__(self, engine: Any, worker_id: str, redis_url: str | None, tier_names: tuple[str, ...] = ()):
+    def __init__(self, engine: Any, worker_id: str, redis_url: str | None, keys: DeploymentKeys,
+                 tier_names: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.engine = engine
+        self.keys = keys
         self.worker_id = worker_id
         self.redis_url = redis_url
         self.tier_names = tier_names
@@ -88,6 +98,7 @@ class Worker:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.events: asyncio.Queue[list[CacheEvent]] = asyncio.Queue()
         self.num_dropped_event_batches = 0
+        self._event_seq = 0  # per instance; the front drops a batch whose number it has seen
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis_task: asyncio.Task[None] | None = None
@@ -201,6 +212,16 @@ class Worker:
             cancel.set()
             await asyncio.shield(future)
 
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Only the front (holder of the worker token) gets past here; the body is never read."""
+        status = self.keys.check_worker_call(request.headers.get("Authorization"))
+        if status is not None:
+            message = "missing worker token" if status == 401 else "wrong worker token"
+            return web.json_response({"error": message}, status=status)
+        response: web.StreamResponse = await handler(request)
+        return response
+
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"worker_id": self.worker_id, "instance": self.instance,
                                   "dropped_event_batches": self.num_dropped_event_batches})  # fmt: skip
@@ -210,7 +231,16 @@ class Worker:
     def registration(self) -> Registration:
         manager = self.engine.manager
         return Registration(self.worker_id, self.url, self.instance, os.getpid(), manager.config.model_id,
-                            manager.block_size, int(self.engine.vocab_size))  # fmt: skip
+                            manager.block_size, int(self.engine.vocab_size), manager.config.adapter_id,
+                            manager.pool.num_blocks, key_check(manager.hasher))  # fmt: skip
+
+    def _signed_events(self, batch: list[CacheEvent]) -> dict[str, str | bytes]:
+        data = wire.encode_events([replace(e, scope=self.keys.pseudonym(e.scope)) for e in batch])
+        seq = self._event_seq
+        self._event_seq += 1
+        mac = self.keys.sign_events(self.worker_id, self.instance, seq, data)
+        return {"worker": self.worker_id, "instance": self.instance, "seq": str(seq), "events": data,
+                "mac": mac}  # fmt: skip
 
     async def _redis_loop(self) -> None:
         """Heartbeat and event publishing; survives Redis going away and coming back."""
@@ -223,15 +253,15 @@ class Worker:
         while True:
             try:
                 if time.monotonic() >= next_beat:
-                    await client.hset(wire.WORKERS_KEY, self.worker_id, reg)
+                    await client.hset(wire.WORKERS_KEY, self.worker_id,
+                                      self.keys.sign_registration(reg, time.time()))  # fmt: skip
                     await client.set(wire.alive_key(self.worker_id), self.instance, ex=wire.ALIVE_TTL_S)
                     next_beat = time.monotonic() + wire.HEARTBEAT_S
                 try:
                     batch = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
                 except asyncio.TimeoutError:
                     continue
-                fields = {"worker": self.worker_id, "instance": self.instance,
-                          "events": wire.encode_events(batch)}  # fmt: skip
+                fields = self._signed_events(batch)
                 try:
                     await client.xadd(wire.EVENTS_STREAM, fields, maxlen=wire.EVENTS_MAXLEN, approximate=True)
                 except Exception:
@@ -262,7 +292,7 @@ class Worker:
 
     async def start(self, host: str, port: int, advertise: str | None = None) -> web.AppRunner:
         self._loop = asyncio.get_running_loop()
-        app = web.Application(client_max_size=64 * 2**20)
+        app = web.Application(client_max_size=64 * 2**20, middlewares=[self._authenticate])
         app.router.add_post("/generate", self.generate)
         app.router.add_get("/health", self.health)
         runner = web.AppRunner(app, access_log=None)

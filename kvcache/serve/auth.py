@@ -1,0 +1,218 @@
+"""Trust between the front, the workers and Redis: one deployment secret, keys derived from it.
+
+A deployment has one secret (32 random bytes that ``kvcache serve`` generates, or that an operator
+gives in ``KVCACHE_SECRET`` as hex, or in a file named by ``KVCACHE_SECRET_FILE`` that only its
+owner may read). Every key is derived from it for one purpose, so no key serves two roles:
+
+    key(purpose) = BLAKE2b-256(key=secret, person="kvcache-kdf-v1", msg=purpose)
+
+- ``worker_token``: the bearer token the front presents on every call to a worker; workers
+  compare it in constant time and refuse anything else (401 without it, 403 when wrong);
+- ``block_key``: the hasher's ``deployment_key``, so block keys in Redis, events and tiers cannot
+  be computed (or a guessed prompt tested) without the secret;
+- ``registration``/``events``: MACs over what a worker writes to Redis (its registration with
+  the time it was signed; each event batch with a per-instance sequence number), which the front
+  checks before anything reaches the router;
+- ``pseudonym``: events name a chain scope by a keyed pseudonym, never a tenant in clear.
+
+MACs are keyed BLAKE2b from ``hashlib``. The secret and the Redis password travel in the
+environment (``KVCACHE_SECRET``, ``KVCACHE_REDIS_URL``), never in argv, logs or Redis.
+
+Not here: API keys of tenants (``config``), the Redis process (``kvcache.redis_server``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import stat
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from kvcache.errors import AuthError, ConfigError
+from kvcache.hashing import Hasher
+
+SECRET_ENV = "KVCACHE_SECRET"
+SECRET_FILE_ENV = "KVCACHE_SECRET_FILE"
+REDIS_URL_ENV = "KVCACHE_REDIS_URL"
+SECRET_BYTES = 32
+MIN_SECRET_BYTES = 16
+MAC_BYTES = 16
+REGISTRATION_MAX_AGE_S = 30.0  # a worker re-signs on every heartbeat (1 s); allows clock skew
+_PERSON = b"kvcache-kdf-v1"
+_KEY_CHECK_SCOPE = "kvcache:key-check"  # never a chain scope: those are tenant:/group:/public
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def derive(secret: bytes, purpose: str) -> bytes:
+    """The 32-byte key for ``purpose``; distinct purposes give independent keys."""
+    return hashlib.blake2b(purpose.encode(), key=secret, digest_size=32, person=_PERSON).digest()
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    """Keyed BLAKE2b over length-prefixed parts, so no two part lists give the same message."""
+    h = hashlib.blake2b(key=key, digest_size=MAC_BYTES)
+    for part in parts:
+        h.update(struct.pack("<Q", len(part)))
+        h.update(part)
+    return h.digest()
+
+
+def _parse_secret(text: str, source: str) -> bytes:
+    try:
+        secret = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ConfigError(f"{source} must be hex (e.g. from `python -c 'import secrets; "
+                          f"print(secrets.token_hex(32))'`)") from None  # fmt: skip
+    if not MIN_SECRET_BYTES <= len(secret) <= 64:
+        raise ConfigError(f"{source} holds {len(secret)} bytes; a deployment secret is "
+                          f"{MIN_SECRET_BYTES}..64 bytes (32 recommended)")  # fmt: skip
+    return secret
+
+
+def load_secret(environ: Mapping[str, str]) -> bytes | None:
+    """The secret from ``KVCACHE_SECRET_FILE`` (owner-only file) or ``KVCACHE_SECRET``; else None."""
+    path = environ.get(SECRET_FILE_ENV)
+    if path:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ConfigError(f"{SECRET_FILE_ENV}={path}: cannot open ({exc.strerror})") from exc
+        with os.fdopen(fd) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode) or mode & 0o077:
+                raise ConfigError(
+                    f"{SECRET_FILE_ENV}={path} has mode {stat.filemode(mode)}; the secret file must be "
+                    "a regular file only its owner can read: chmod 600 it"
+                )
+            return _parse_secret(f.read(), f"{SECRET_FILE_ENV}={path}")
+    text = environ.get(SECRET_ENV)
+    return _parse_secret(text, SECRET_ENV) if text else None
+
+
+def write_secret_file(path: str | Path, secret: bytes) -> None:
+    """Write ``secret`` (hex) to a new file created 0600 (never readable by others, not even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+
+
+def redis_url(arg: str | None, environ: Mapping[str, str]) -> str | None:
+    """The Redis URL from a command-line flag (credentials refused) or ``KVCACHE_REDIS_URL``."""
+    if arg:
+        if urlsplit(arg).password is not None:
+            raise ConfigError(f"the Redis URL on the command line holds a password, which any local user "
+                              f"can read in `ps`; pass it in the environment as {REDIS_URL_ENV}")  # fmt: skip
+        return arg
+    return environ.get(REDIS_URL_ENV) or None
+
+
+def refuse_open_redis(url: str, timeout_s: float = 1.0) -> None:
+    """Raise ``ConfigError`` when the Redis at ``url`` runs commands for an unauthenticated client
+    (no ACL user or ``requirepass``, or ``protected-mode no``). An unreachable Redis passes: the
+    caller's loops wait for it."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        return  # rediss:// (TLS) and unix sockets: the transport itself is access-controlled
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError:
+        return
+    if reply.startswith(b"+PONG"):
+        raise ConfigError(f"Redis at {host}:{port} answers commands without a password: anyone who reaches "
+                          "it could read block keys and forge workers. Give it an ACL user with a password "
+                          f"(as `kvcache serve` does) and pass the URL in {REDIS_URL_ENV}")  # fmt: skip
+
+
+def key_check(hasher: Hasher) -> str:
+    """A short fingerprint of how ``hasher`` keys blocks (model, adapter, block size, deployment key):
+    equal fingerprints mean the front's router keys match a worker's block keys."""
+    return hasher.root(_KEY_CHECK_SCOPE)[:8].hex()
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DeploymentKeys:
+    """Every key of one deployment, derived from its secret; see the module docstring."""
+
+    worker_token: str
+    block_key: bytes
+    registration_key: bytes
+    events_key: bytes
+    pseudonym_key: bytes
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> DeploymentKeys:
+        return cls(derive(secret, "worker-token").hex(), derive(secret, "block-keys"),
+                   derive(secret, "registration"), derive(secret, "events"),
+                   derive(secret, "scope-pseudonym"))  # fmt: skip
+
+    def __repr__(self) -> str:
+        return "DeploymentKeys(<redacted>)"
+
+    # ---- front -> worker -----------------------------------------------------------------
+
+    def auth_header(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.worker_token}"}
+
+    def check_worker_call(self, authorization: str | None) -> int | None:
+        """None when ``authorization`` carries this deployment's worker token, else 401/403."""
+        if not authorization:
+            return 401
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return 401
+        ok = hmac.compare_digest(token.strip().encode(), self.worker_token.encode())
+        return None if ok else 403
+
+    # ---- hashing -------------------------------------------------------------------------
+
+    def hasher(self, *, block_size: int, model_id: str, adapter_id: str | None) -> Hasher:
+        """The hasher every worker's block manager uses for this model: the front routes with it."""
+        return Hasher(block_size=block_size, model_id=model_id, adapter_id=adapter_id,
+                      deployment_key=self.block_key)  # fmt: skip
+
+    def pseudonym(self, scope: str) -> str:
+        """A chain scope as events name it: stable within the deployment, meaningless outside it."""
+        return "p:" + hashlib.blake2b(scope.encode(), key=self.pseudonym_key, digest_size=8).hexdigest()
+
+    # ---- worker -> Redis -> front --------------------------------------------------------
+
+    def sign_registration(self, registration: str, signed_at: float) -> str:
+        mac = _mac(self.registration_key, registration.encode(), repr(signed_at).encode())
+        return json.dumps({"registration": registration, "signed_at": signed_at, "mac": mac.hex()})
+
+    def open_registration(self, raw: str | bytes, now: float) -> str:
+        """The registration JSON inside a signed envelope; ``AuthError`` if forged, altered or stale."""
+        try:
+            env = json.loads(raw)
+            registration, signed_at, mac = env["registration"], env["signed_at"], bytes.fromhex(env["mac"])
+            if not isinstance(registration, str) or not isinstance(signed_at, float):
+                raise TypeError("registration must be a string and signed_at a float")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"registration is not a signed envelope ({type(exc).__name__})") from None
+        expected = _mac(self.registration_key, registration.encode(), repr(signed_at).encode())
+        if not hmac.compare_digest(mac, expected):
+            raise AuthError("registration MAC does not verify (another deployment, or forged)")
+        if not -REGISTRATION_MAX_AGE_S <= now - signed_at <= REGISTRATION_MAX_AGE_S:
+            raise AuthError(f"registration was signed {now - signed_at:.0f} s ago; fresher than "
+                            f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
+        return registration
+
+    def sign_events(self, worker_id: str, instance: str, seq: int, data: bytes) -> bytes:
+        return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data)
+
+    def check_events(self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes) -> bool:
+        return hmac.compare_digest(mac, self.sign_events(worker_id, instance, seq, data))

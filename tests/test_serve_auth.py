@@ -1,0 +1,223 @@
+"""The deployment secret and what it protects, without processes: keys, MACs, the pool's checks.
+
+End-to-end attacks on a running deployment are in ``test_serve_attacks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvcache import BlockManager, CacheConfig
+from kvcache.errors import AuthError, ConfigError
+from kvcache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.router import Router
+from kvcache.serve import auth, launch, wire
+from kvcache.serve.metrics import ServeMetrics
+from kvcache.serve.pool import WorkerPool
+from kvcache.serve.worker import Registration
+from kvcache.tenancy import Scope
+
+SECRET = bytes(range(32))
+KEYS = auth.DeploymentKeys.from_secret(SECRET)
+OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
+
+
+def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
+    parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.events_key,
+             KEYS.pseudonym_key]  # fmt: skip
+    assert len(set(parts)) == 5 and all(len(p) == 32 for p in parts)
+    assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
+    assert KEYS.block_key != OTHER.block_key
+    assert repr(KEYS) == "DeploymentKeys(<redacted>)"
+
+
+def test_worker_token_check() -> None:
+    assert KEYS.check_worker_call(f"Bearer {KEYS.worker_token}") is None
+    assert KEYS.check_worker_call(None) == 401
+    assert KEYS.check_worker_call(f"Basic {KEYS.worker_token}") == 401
+    assert KEYS.check_worker_call(f"Bearer {OTHER.worker_token}") == 403
+    assert KEYS.check_worker_call("Bearer ") == 403
+
+
+def test_secret_from_env_or_an_owner_only_file(tmp_path: Path) -> None:
+    assert auth.load_secret({}) is None
+    assert auth.load_secret({auth.SECRET_ENV: SECRET.hex()}) == SECRET
+    with pytest.raises(ConfigError, match="must be hex"):
+        auth.load_secret({auth.SECRET_ENV: "not hex"})
+    with pytest.raises(ConfigError, match="holds 4 bytes"):
+        auth.load_secret({auth.SECRET_ENV: "00112233"})
+    path = tmp_path / "secret"
+    auth.write_secret_file(path, SECRET)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert auth.load_secret({auth.SECRET_FILE_ENV: str(path)}) == SECRET
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"-rw-r--r--.*chmod 600"):
+        auth.load_secret({auth.SECRET_FILE_ENV: str(path)})
+
+
+def test_a_redis_password_on_the_command_line_is_refused() -> None:
+    with pytest.raises(ConfigError, match="KVCACHE_REDIS_URL"):
+        auth.redis_url("redis://kvcache:hunter2@10.0.0.5:6379/0", {})
+    assert auth.redis_url("redis://10.0.0.5:6379/0", {}) == "redis://10.0.0.5:6379/0"
+    assert auth.redis_url(None, {auth.REDIS_URL_ENV: "redis://u:p@h:1/0"}) == "redis://u:p@h:1/0"
+
+
+def test_a_redis_that_answers_without_a_password_is_refused() -> None:
+    """What ``protected-mode no`` (or no ACL password) looks like from a client: PING answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"+PONG\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} answers commands without a password"):
+            auth.refuse_open_redis(f"redis://127.0.0.1:{port}/0")
+        thread.join()
+
+
+def test_a_worker_without_the_secret_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcache.commands import worker
+
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+    monkeypatch.delenv(auth.SECRET_FILE_ENV, raising=False)
+    with pytest.raises(ConfigError, match="needs its deployment's secret"):
+        worker.run(argparse.Namespace(connect="redis://127.0.0.1:1/0"))
+
+
+def test_workers_get_the_secret_and_redis_url_in_their_environment_never_argv() -> None:
+    url = "redis://kvcache:pw-123@127.0.0.1:7000/0"
+    argv = launch.WorkerArgs().argv("w0")
+    assert not any("pw-123" in a or SECRET.hex() in a or "redis://" in a for a in argv)
+    env = launch.worker_env(url, SECRET)
+    assert env[auth.REDIS_URL_ENV] == url and env[auth.SECRET_ENV] == SECRET.hex()
+
+
+def registration(
+    worker_id: str = "w0", keys: auth.DeploymentKeys = KEYS, num_blocks: int = 64
+) -> Registration:
+    check = auth.key_check(keys.hasher(block_size=16, model_id="tiny", adapter_id=None))
+    return Registration(worker_id, "http://127.0.0.1:1", f"inst-{worker_id}", 1, "tiny", 16, 256, None,
+                        num_blocks, check)  # fmt: skip
+
+
+def test_registrations_verify_only_when_signed_fresh_and_unaltered() -> None:
+    reg = registration().to_json()
+    now = time.time()
+    signed = KEYS.sign_registration(reg, now)
+    assert KEYS.open_registration(signed, now + 1) == reg
+    with pytest.raises(AuthError, match="MAC"):
+        OTHER.open_registration(signed, now)
+    tampered = json.loads(signed)
+    tampered["registration"] = reg.replace("127.0.0.1:1", "10.6.6.6:80")
+    with pytest.raises(AuthError, match="MAC"):
+        KEYS.open_registration(json.dumps(tampered), now)
+    with pytest.raises(AuthError, match="fresher than 30 s"):
+        KEYS.open_registration(signed, now + 120)
+    with pytest.raises(AuthError, match="not a signed envelope"):
+        KEYS.open_registration(reg, now)  # an unsigned registration, as a forger writes it
+
+
+def test_the_front_keys_blocks_exactly_as_a_worker_block_manager_does() -> None:
+    from kvcache.router import RouteRequest
+    from kvcache.serve.config import ServeConfig, TenantSpec
+    from kvcache.serve.front import Front
+    from kvcache.serve.tokenize import ByteTokenizer
+
+    front = Front(config=ServeConfig(), router=Router(), tokenizer=ByteTokenizer(), model_name="tiny",
+                  redis_url=None, route_request=RouteRequest, keys=KEYS)  # fmt: skip
+    reg = registration()
+    front.pool.add(reg)
+    tokens = list(range(1, 81))
+    worker = BlockManager(
+        CacheConfig(num_blocks=8, block_size=16, model_id="tiny", deployment_key=KEYS.block_key)
+    )
+    expected = worker.hash(tokens, Scope("acme")).keys
+    assert front._keys(tokens, TenantSpec("acme")) == expected and len(expected) == 5
+    unkeyed = BlockManager(CacheConfig(num_blocks=8, block_size=16, model_id="tiny"))
+    assert set(unkeyed.hash(tokens, Scope("acme")).keys).isdisjoint(expected)
+    assert auth.key_check(worker.hasher) == reg.key_check
+
+
+def make_pool() -> tuple[WorkerPool, Router]:
+    router = Router(policy="round_robin")
+    return WorkerPool(router, ServeMetrics(), None, keys=KEYS), router
+
+
+def entry(reg: Registration, seq: int, events: list[CacheEvent], keys: auth.DeploymentKeys = KEYS,
+          ) -> dict[bytes, bytes]:  # fmt: skip
+    data = wire.encode_events(events)
+    mac = keys.sign_events(reg.worker_id, reg.instance, seq, data)
+    return {b"worker": reg.worker_id.encode(), b"instance": reg.instance.encode(), b"seq": str(seq).encode(),
+            b"events": data, b"mac": mac}  # fmt: skip
+
+
+def stored(i: int) -> BlockStored:
+    return BlockStored(i.to_bytes(16, "little"), bytes(16), i, "p:0")
+
+
+def test_a_worker_hashing_with_another_secret_never_joins() -> None:
+    async def scenario() -> None:
+        pool, router = make_pool()
+        pool.add(registration("w9", keys=OTHER))
+        assert pool.workers == {} and router.workers == []
+        pool.add(registration("w0"))
+        assert router.workers == ["w0"]
+
+    asyncio.run(scenario())
+
+
+def test_forged_and_replayed_event_batches_are_dropped() -> None:
+    async def scenario() -> None:
+        pool, router = make_pool()
+        reg = registration()
+        pool.add(reg)
+        pool.apply_events(entry(reg, 0, [stored(i) for i in range(5000)], keys=OTHER))
+        unsigned = entry(reg, 0, [stored(1)])
+        del unsigned[b"mac"]
+        pool.apply_events(unsigned)
+        assert router.index.num_keys("w0") == 0
+        pool.apply_events(entry(reg, 0, [stored(1), stored(2)]))
+        pool.apply_events(entry(reg, 1, [BlockRemoved(stored(1).key, 1, "p:0")]))
+        assert router.index.num_keys("w0") == 1
+        pool.apply_events(entry(reg, 0, [stored(1), stored(2)]))  # a replay of batch 0
+        assert router.index.num_keys("w0") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_workers_index_never_exceeds_its_capacity_and_drops_the_oldest() -> None:
+    async def scenario() -> None:
+        pool, router = make_pool()
+        reg = registration(num_blocks=64)
+        pool.add(reg)
+        pool.apply_events(entry(reg, 0, [stored(i) for i in range(5000)]))
+        assert router.index.num_keys("w0") == 64
+        assert list(pool.workers["w0"].indexed_blocks) == [stored(i).key for i in range(4936, 5000)]
+        assert router.index.holders.keys() == {stored(i).key for i in range(4936, 5000)}
+        pool.apply_events(entry(reg, 1, [stored(4936)]))  # stored again: now the newest
+        pool.apply_events(entry(reg, 2, [stored(7000)]))
+        assert next(iter(pool.workers["w0"].indexed_blocks)) == stored(4938).key
+        assert router.index.num_keys("w0") == 64
+
+    asyncio.run(scenario())
+
+
+def test_pseudonyms_are_stable_per_deployment_and_hide_the_tenant() -> None:
+    name = KEYS.pseudonym("tenant:acme")
+    assert name == KEYS.pseudonym("tenant:acme") and name.startswith("p:") and "acme" not in name
+    assert name != KEYS.pseudonym("tenant:globex") and name != OTHER.pseudonym("tenant:acme")
