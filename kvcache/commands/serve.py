@@ -10,6 +10,8 @@ HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="HF name or path, or tiny, tiny-llama, ...")
+    parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                        help="names clients send as 'model' (the first is reported; default: --model)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redis", help="use this Redis (redis://host:port/db) instead of starting one")
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
@@ -24,6 +26,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        help="longest prompt accepted (default: a worker's pool, num-blocks x block-size)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
 
@@ -36,20 +43,29 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} must be >= 1")
+    max_prompt_tokens = args.max_prompt_tokens or args.num_blocks * args.block_size
+    if max_prompt_tokens < 1:
+        raise ConfigError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
     config = ServeConfig.load(args.config)
+    tokenizer = tokenize.load(args.model)  # a model without a tokenizer fails here, before any worker
+    if args.redis:
+        launch.check_redis(args.redis)
     redis = None if args.redis else start_redis()
     redis_url = args.redis or redis.url  # type: ignore[union-attr]
-    worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks, block_size=args.block_size,
-                                    threads=args.threads, config_path=args.config,
-                                    pod_tier=not args.no_pod_tier)  # fmt: skip
-    workers = launch.spawn_workers(worker_args, redis_url, args.workers)
+    workers: list[launch.WorkerProcess] = []
     try:
-        front = launch.make_front(config=config, model=args.model, tokenizer=tokenize.load(args.model),
-                                  redis_url=redis_url, policy=args.policy, mode=args.mode,
-                                  block_size=args.block_size)  # fmt: skip
-        asyncio.run(launch.run_front(front, args.host or config.host, args.port))
+        front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer, redis_url=redis_url,
+                                  policy=args.policy, mode=args.mode, block_size=args.block_size,
+                                  served_names=tuple(args.served_model_name or ()),
+                                  max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+        worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
+                                        block_size=args.block_size, threads=args.threads,
+                                        config_path=args.config, pod_tier=not args.no_pod_tier,
+                                        dtype=args.dtype, device=args.device)  # fmt: skip
+        workers = launch.spawn_workers(worker_args, redis_url, args.workers)
+        asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))
     finally:
-        launch.stop_processes(workers)
+        launch.stop_processes([w.process for w in workers])
         if redis is not None:
             redis.stop()
     return 0

@@ -15,8 +15,9 @@ from kvcache.serve.config import ServeConfig
 
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
-                seed: int, redis_url: str | None, worker_id: str = "",
-                pod_capacity_blocks: int = 1 << 20) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
+                seed: int, redis_url: str | None, worker_id: str = "", pod_capacity_blocks: int = 1 << 20,
+                dtype: str | None = None,
+                device: str | None = None) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
     import torch
 
     from kvcache.engine import EngineConfig
@@ -28,6 +29,7 @@ def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size:
         index = zlib.crc32(worker_id.encode()) & 0xFFFF
         tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index)
     engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers,
+                                 dtype=dtype, device=device,
                                  k_anonymity=config.k_anonymity, quotas=config.quotas())  # fmt: skip
     engine = PodTieredEngine.load(model, engine_config)
     return engine, (POD,) if redis_url is not None else ()

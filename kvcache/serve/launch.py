@@ -3,20 +3,26 @@
 ``kvcache serve`` is this module behind argparse. Workers are separate processes running
 ``kvcache worker --connect REDIS_URL``, exactly what an operator starts on another machine; the
 front finds them through Redis like any remote worker. On SIGINT/SIGTERM the front stops, then
-the workers, then the Redis it started.
+the workers, then the Redis it started. A worker that exits before it ever joined (a model that
+does not load, a bad flag, a refusal by the front) stops the whole deployment with a
+``ConfigError`` carrying the worker's last error lines, as ``vllm serve`` exits when its engine
+cannot start; a worker that dies after joining is a fault the front routes around.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any
+import threading
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 from aiohttp import web
 
+from kvcache.errors import ConfigError
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
 from kvcache.serve.routing import ServiceEstimate, make_ttft_policy
@@ -33,6 +39,8 @@ class WorkerArgs:
     threads: int = 1
     config_path: str | None = None
     pod_tier: bool = True
+    dtype: str | None = None
+    device: str | None = None
 
     def argv(self, redis_url: str, worker_id: str) -> list[str]:
         argv = [sys.executable, "-m", "kvcache.cli", "worker", "--connect", redis_url,
@@ -42,11 +50,55 @@ class WorkerArgs:
             argv += ["--config", self.config_path]
         if not self.pod_tier:
             argv += ["--no-pod-tier"]
+        for flag, value in (("--dtype", self.dtype), ("--device", self.device)):
+            if value is not None:
+                argv += [flag, value]
         return argv
 
 
-def spawn_workers(args: WorkerArgs, redis_url: str, num_workers: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen(args.argv(redis_url, f"w{i}")) for i in range(num_workers)]
+@dataclass
+class WorkerProcess:
+    """A spawned worker; its stderr is relayed to ours and its last lines kept for error messages."""
+
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=8))
+
+    def relay(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            self.tail.append(line.rstrip())
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def failure(self) -> str:
+        lines = [line for line in self.tail if line.strip()]
+        said = lines[-1] if lines else "(no output)"
+        return f"worker {self.worker_id} exited with code {self.process.returncode} before joining: {said}"
+
+
+def spawn_workers(args: WorkerArgs, redis_url: str, num_workers: int) -> list[WorkerProcess]:
+    workers = []
+    for i in range(num_workers):
+        process = subprocess.Popen(args.argv(redis_url, f"w{i}"), stderr=subprocess.PIPE)
+        worker = WorkerProcess(f"w{i}", process)
+        assert process.stderr is not None
+        threading.Thread(target=worker.relay, args=(process.stderr,), daemon=True).start()
+        workers.append(worker)
+    return workers
+
+
+def check_redis(url: str, timeout_s: float = 3.0) -> None:
+    """``ConfigError`` unless the Redis at ``url`` answers PING within ``timeout_s``."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach Redis at {url}: {exc}; start it or fix --redis/--connect") from exc
+    finally:
+        client.close()
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:
@@ -61,31 +113,60 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 
             process.wait()
 
 
-async def run_front(front: Front, host: str, port: int) -> None:
-    """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM."""
-    runner = web.AppRunner(front.app(), access_log=None)
+async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event) -> str | None:
+    """Until ``stop``: the failure of a worker that exited before it joined, if one does."""
+    joined: set[str] = set()
+    while not stop.is_set():
+        joined |= set(front.pool.workers)
+        for worker in workers:
+            if worker.worker_id not in joined and worker.process.poll() is not None:
+                await asyncio.sleep(0.2)  # let the relay thread take its last lines
+                return worker.failure()
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def run_front(front: Front, host: str, port: int, workers: list[WorkerProcess] | None = None) -> None:
+    """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM, or until one of ``workers`` exits
+    before joining (then ``ConfigError`` with its error)."""
+    # handler_cancellation: a client that disconnects cancels its handler, which stops its generation.
+    runner = web.AppRunner(front.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    print(f"kvcache serving {front.model_name} on http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"kvcache serving {front.model_name} on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watch = asyncio.create_task(_watch(front, workers or [], stop))
+        await asyncio.wait([watch, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        failure = await watch
+        if failure is not None:
+            raise ConfigError(failure)
+    finally:
+        await runner.cleanup()
 
 
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
-               mode: str, block_size: int) -> Front:  # fmt: skip
+               mode: str, block_size: int, served_names: tuple[str, ...] = (),
+               max_prompt_tokens: int | None = None) -> Front:  # fmt: skip
     """The front with its router; ``policy="ttft"`` is ``routing.make_ttft_policy``, any other name
-    one of the router's policies."""
+    one of the router's policies. ``served_names``: the names clients use (the first is reported;
+    default ``model``)."""
     from kvcache.router import Router, RouteRequest
+    from kvcache.router.policies import POLICIES
 
+    if policy != "ttft" and policy not in POLICIES:
+        raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(['ttft', *POLICIES])}")
     estimate = None
     chosen: Any = policy
     if policy == "ttft":
         estimate = ServiceEstimate()
         chosen = make_ttft_policy(estimate)
     router: Any = Router(policy=chosen, mode=mode, block_size=block_size)
-    return Front(config=config, router=router, tokenizer=tokenizer, model_name=model, redis_url=redis_url,
-                 route_request=RouteRequest, estimate=estimate)  # fmt: skip
+    names = served_names or (model,)
+    return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
+                 route_request=RouteRequest, estimate=estimate, served_names=names[1:],
+                 max_prompt_tokens=max_prompt_tokens)  # fmt: skip
