@@ -377,6 +377,11 @@ class Front:
         app.cleanup_ctx.append(self._background)
         return app
 
+    def runner(self) -> web.AppRunner:
+        """The app's runner. A client that disconnects cancels its handler (``handler_cancellation``),
+        which closes its generation, streamed or not."""
+        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))

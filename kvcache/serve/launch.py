@@ -129,8 +129,7 @@ async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event
 async def run_front(front: Front, host: str, port: int, workers: list[WorkerProcess] | None = None) -> None:
     """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM, or until one of ``workers`` exits
     before joining (then ``ConfigError`` with its error)."""
-    # handler_cancellation: a client that disconnects cancels its handler, which stops its generation.
-    runner = web.AppRunner(front.app(), access_log=None, handler_cancellation=True)
+    runner = front.runner()
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -3,7 +3,8 @@
 - ``kvcache:prefix_cache_queries`` / ``kvcache:prefix_cache_hits`` (counters, tokens) by ``tier``
   and ``worker`` (and ``tenant``, in the per-tenant rendering only): a tier is queried for the
   prompt tokens the tiers above it missed, and hits the tokens it supplies (``device`` first,
-  then lower tiers), so per-tier hit rates read as in vLLM and the sum of hits over tiers is the request's ``cached_tokens``;
+  then lower tiers), so per-tier hit rates read as in vLLM and the sum of hits over tiers is the
+  request's ``cached_tokens``;
 - ``kvcache:time_to_first_token_seconds``, ``kvcache:request_queue_time_seconds``,
   ``kvcache:e2e_request_latency_seconds`` (histograms, by worker);
 - ``kvcache:requests`` (counter by status code), ``kvcache:request_retries`` (re-sent to another

@@ -155,10 +155,11 @@ class WorkerPool:
                 self.mark_down(worker_id, state.reg.instance)
 
     async def run(self) -> None:
-        """Follow registrations and events until cancelled."""
+        """Follow registrations and events until cancelled; without Redis the caller adds workers."""
         import redis.asyncio as aioredis
 
-        assert self.redis_url is not None
+        if self.redis_url is None:
+            return
         client: Any = aioredis.Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
         last_id = "$"
         next_poll = 0.0
