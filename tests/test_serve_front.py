@@ -12,11 +12,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hf_tokenizers import wordpiece
 
 from kvcache.router import Router, RouteRequest
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
-from kvcache.serve.tokenize import ByteTokenizer, Tokenizer
+from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 from kvcache.serve.worker import Registration
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,9 +27,11 @@ class ScriptedWorker:
     """A worker whose ``/generate`` runs ``handler``; ``streamed`` counts token lines it wrote and
     ``gone`` is set when a write fails because the front dropped the connection."""
 
-    def __init__(self, handler: Handler | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, handler: Handler | None = None, delay_s: float = 0.0,
+                 token_ids: list[int] | None = None) -> None:  # fmt: skip
         self.handler = handler or self.tokens
         self.delay_s = delay_s
+        self.token_ids = token_ids or [97 + i for i in range(26)]  # answers cycle through these
         self.streamed = 0
         self.gone = asyncio.Event()
         self.bodies: list[dict[str, Any]] = []
@@ -40,7 +43,8 @@ class ScriptedWorker:
         await response.prepare(request)
         try:
             for index in range(body["max_tokens"]):
-                line: dict[str, Any] = {"token_id": 97 + index % 26, "index": index}
+                token_id = self.token_ids[index % len(self.token_ids)]
+                line: dict[str, Any] = {"token_id": token_id, "index": index}
                 if index == 0:
                     line.update(prompt_tokens=len(body["token_ids"]), cached_tokens=0,
                                 tier_hits={"device": 0}, queue_s=0.0)  # fmt: skip
@@ -257,3 +261,22 @@ def test_served_model_names() -> None:
         check_error(await post(url + "/v1/completions", {"prompt": "a", "model": "gpt-9"}), 404, "'gpt-9'")
 
     run_front(ScriptedWorker(), scenario, served_names=("alias",))
+
+
+def test_streamed_and_unstreamed_answers_are_the_same_text_with_a_real_tokenizer() -> None:
+    tok = HFTokenizer(wordpiece(), "wordpiece")
+    answer = tok.encode("it's fine. don't worry")  # decode() would clean "it ' s" up to "it's"
+
+    async def scenario(front: Front, url: str) -> None:
+        body = {"prompt": "q", "max_tokens": len(answer)}
+        status, whole = await post(url + "/v1/completions", body)
+        assert status == 200
+        text = whole["choices"][0]["text"]
+        streamed, completions = {**body, "stream": True}, url + "/v1/completions"
+        async with aiohttp.ClientSession() as session, session.post(completions, json=streamed) as resp:
+            events = [json.loads(line[6:]) for line in (await resp.read()).splitlines()
+                      if line.startswith(b"data: {")]  # fmt: skip
+        assert "".join(e["choices"][0]["text"] for e in events) == text
+        assert text.replace(" ", "") == "it'sfine.don'tworry"
+
+    run_front(ScriptedWorker(token_ids=answer), scenario, tokenizer=tok)

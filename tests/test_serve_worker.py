@@ -46,8 +46,8 @@ class FakeEngine:
             for index in range(max_new_tokens):
                 time.sleep(self.step_s)
                 self.produced[request_id] += 1
-                yield SimpleNamespace(token_id=7, index=index, prompt_tokens=n, cached_tokens=0, elapsed_s=0.0,
-                                      timings=None)  # fmt: skip
+                yield SimpleNamespace(token_id=7, index=index, prompt_tokens=n, cached_tokens=0,
+                                      elapsed_s=0.0, timings=None)  # fmt: skip
         finally:
             self.closed[request_id].set()
 
@@ -77,11 +77,11 @@ def test_a_dropped_connection_stops_decoding_after_the_step_in_progress() -> Non
     engine = FakeEngine()
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(url + "/generate", json=body("r1", 8, 4096)) as resp:
-                assert resp.status == 200
-                first = json.loads(await resp.content.readline())
-                assert first["index"] == 0 and first["prompt_tokens"] == 8
+        long = body("r1", 8, 4096)
+        async with aiohttp.ClientSession() as session, session.post(url + "/generate", json=long) as resp:
+            assert resp.status == 200
+            first = json.loads(await resp.content.readline())
+            assert first["index"] == 0 and first["prompt_tokens"] == 8
         await wait_event(engine.closed["r1"])
         assert engine.produced["r1"] < 4096
 
