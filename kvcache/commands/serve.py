@@ -41,11 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.serve import launch, tokenize
     from kvcache.serve.config import ServeConfig
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers={args.workers} must be >= 1")
+    for flag, value in (("--workers", args.workers), ("--num-blocks", args.num_blocks),
+                        ("--block-size", args.block_size), ("--threads", args.threads)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{flag}={value} must be >= 1")
     max_prompt_tokens = args.max_prompt_tokens or args.num_blocks * args.block_size
     if max_prompt_tokens < 1:
         raise ConfigError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
+    launch.check_policy(args.policy)
     config = ServeConfig.load(args.config)
     tokenizer = tokenize.load(args.model)  # a model without a tokenizer fails here, before any worker
     if args.redis:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from kvcache.errors import ConfigError
 from kvcache.serve.config import ServeConfig
 
 
@@ -23,6 +24,13 @@ def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size:
     from kvcache.engine import EngineConfig
     from kvcache.serve.podtier import POD, PodTieredEngine
 
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {device!r} is not a torch device: {exc}") from exc
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device!r}, but torch sees no CUDA device here; use --device cpu")
     torch.set_num_threads(threads)
     tiers = None
     if redis_url is not None:

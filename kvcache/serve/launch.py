@@ -113,6 +113,14 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 
             process.wait()
 
 
+def check_policy(policy: str) -> None:
+    """``ConfigError`` listing every policy ``serve`` takes unless ``policy`` is one of them."""
+    from kvcache.router.policies import POLICIES
+
+    if policy != "ttft" and policy not in POLICIES:
+        raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(['ttft', *POLICIES])}")
+
+
 async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event) -> str | None:
     """Until ``stop``: the failure of a worker that exited before it joined, if one does."""
     joined: set[str] = set()
@@ -155,10 +163,8 @@ def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_u
     one of the router's policies. ``served_names``: the names clients use (the first is reported;
     default ``model``)."""
     from kvcache.router import Router, RouteRequest
-    from kvcache.router.policies import POLICIES
 
-    if policy != "ttft" and policy not in POLICIES:
-        raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(['ttft', *POLICIES])}")
+    check_policy(policy)
     estimate = None
     chosen: Any = policy
     if policy == "ttft":
