@@ -201,18 +201,23 @@ class Front:
                     if not done:
                         raise aiohttp.ClientPayloadError("worker stream ended early")
                     return
-            except asyncio.TimeoutError as exc:  # slow is not dead: the worker stays in the pool
+            except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
+                self._failed(worker_id, reg.instance, request_id, exc)
+            except asyncio.TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
                 raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
                                   "retry later", "timeout") from exc  # fmt: skip
             except _RETRYABLE as exc:
-                log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
-                            type(exc).__name__)  # fmt: skip
-                self.pool.mark_down(worker_id, reg.instance, failed=True)
-                self.metrics.retries.inc()
+                self._failed(worker_id, reg.instance, request_id, exc)
             finally:
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
                     self.router.on_finished(request_id)
         raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers", "service_unavailable")
+
+    def _failed(self, worker_id: str, instance: str, request_id: str, exc: BaseException) -> None:
+        log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
+                    type(exc).__name__)  # fmt: skip
+        self.pool.mark_down(worker_id, instance, failed=True)
+        self.metrics.retries.inc()
 
     # ---- HTTP ----------------------------------------------------------------------------
 
