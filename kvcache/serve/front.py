@@ -53,7 +53,7 @@ log = logging.getLogger("kvcache.front")
 MAX_ATTEMPTS = 4
 WAIT_FOR_WORKER_S = 10.0
 READ_TIMEOUT_S = 60.0
-INLINE_BYTES = 16 * 1024  # bodies (and prompts of as many tokens) above this are handled off the loop
+INLINE_BYTES = 4096  # bodies (and prompts of as many tokens) above this are handled off the loop
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
 _KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
