@@ -78,3 +78,11 @@ def test_redis_script_stops_its_server_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_worker_flags_carry_dtype_and_device() -> None:
+    from kvcache.serve.launch import WorkerArgs
+
+    argv = WorkerArgs(dtype="bfloat16", device="cpu").argv("redis://127.0.0.1:1/0", "w3")
+    assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--device") + 1] == "cpu"
+    assert "--dtype" not in WorkerArgs().argv("redis://127.0.0.1:1/0", "w3")
