@@ -318,8 +318,7 @@ class Front:
                 return response
             except ConnectionResetError:  # the client went away mid-stream
                 log.info("client of %s went away after %d tokens; generation stopped", request_id, num_out)
-                assert response is not None
-                return response
+                return response if response is not None else web.Response(status=499)  # nobody reads it
         tail = decoder.flush()
         usage = protocol.usage(outcome.prompt_tokens, num_out, outcome.cached_tokens)
         self._record(tenant, outcome, received)
