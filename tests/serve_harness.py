@@ -3,7 +3,8 @@
 ``shared`` gives every end-to-end module one deployment (started once per test session,
 stopped at its end), because starting worker processes dominates the suite's time. Its config
 has API keys: ``acme`` and ``globex`` are private tenants, ``initech``, ``hooli`` and ``piper``
-share the group ``partners`` under k-anonymity k=2, and ``small`` has a 2-block quota.
+share the group ``partners`` under k-anonymity k=2, and ``small`` has a 2-block quota;
+``ADMIN_KEY`` reads the per-tenant metrics.
 
 The deployment secret is generated here and, like the Redis URL with its password, passed in
 the environment (as an operator would), so tests can compute what the deployment computes.
@@ -32,8 +33,10 @@ from kvcache.redis_server import RedisServer, start_redis
 from kvcache.serve import auth
 
 STARTUP_S = 120.0
-CONFIG = """
+ADMIN_KEY = "sk-admin"
+CONFIG = f"""
 k_anonymity = 2
+admin_keys = ["{ADMIN_KEY}"]
 [tenants.acme]
 keys = ["sk-acme"]
 [tenants.globex]
@@ -112,8 +115,10 @@ class Deployment:
         return self.request("/debug/workers")[1]  # type: ignore[no-any-return]
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples whose labels include ``labels``."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+        """Sum of a metric's samples whose labels include ``labels`` (read with the admin key, so
+        per-tenant series are there)."""
+        req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
             text = resp.read().decode()
         total = 0.0
         for line in text.splitlines():
@@ -136,8 +141,8 @@ class Deployment:
 
     def start_worker(self, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id, "--model", "tiny", "--num-blocks", "256",
-               *args]  # fmt: skip
+        cmd = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id, "--model", "tiny",
+               "--num-blocks", "256", *args]  # fmt: skip
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         env = deployment_env(self.redis, self.secret)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from kvcache.errors import TraceError
 from kvcache.serve.bench import Result, load_trace, summarize, table
@@ -67,3 +70,97 @@ def test_summary_uses_vllm_key_names() -> None:
     assert s["mean_tpot_ms"] == pytest.approx(10.0) and s["mean_itl_ms"] == pytest.approx(10.0)
     assert s["cache_hit_rate"] == 0.32 and s["errors"] == ["HTTP 429"]
     assert "Mean TTFT (ms)" in table(s)
+
+
+class ScriptedServer:
+    """An OpenAI server in a background thread: answers requests carrying ``key`` with one streamed
+    token, refuses the others (and every prompt longer than 3 tokens) with an OpenAI error body."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.url = ""
+        self._started = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return web.json_response({"error": {"message": "unknown API key", "code": 401}}, status=401)
+        if len(body["prompt"]) > 3:
+            return web.json_response({"error": {"message": "prompt too long for this test", "code": 400}},
+                                     status=400)  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 1, "prompt_tokens_details":
+                 {"cached_tokens": 0}}  # fmt: skip
+        last = json.dumps({"choices": [], "usage": usage})
+        await response.write(f"data: {last}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    def __enter__(self) -> ScriptedServer:
+        self._thread.start()
+        assert self._started.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+
+def test_bench_serve_reports_failures_with_the_server_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcache.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    lines = [{"timestamp": 0, "tenant": "acme", "tokens": [1, 2], "output_length": 1},
+             {"timestamp": 1, "tenant": "acme", "tokens": [1, 2, 3, 4, 5], "output_length": 1}]  # fmt: skip
+    trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    monkeypatch.setenv("KVCACHE_API_KEY", "sk-env")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    argv = ["bench-serve", "", "--trace", str(trace), "--duration", "0.3", "--rate", "20",
+            "--max-concurrency", "1"]  # fmt: skip
+    with ScriptedServer("sk-env") as server:
+        argv[1] = server.url
+        assert main(argv) == 1  # some requests failed
+        out = capsys.readouterr()
+        summary = json.loads(out.out[out.out.index("{"):])
+        assert summary["completed"] >= 1 and summary["failed"] >= 1
+        assert summary["errors"] == ["HTTP 400: prompt too long for this test"]
+        assert "failed x" in out.out and "requests failed" in out.err
+        assert main([*argv, "--allow-failures"]) == 0
+        monkeypatch.delenv("KVCACHE_API_KEY")
+        assert main([*argv, "--allow-failures"]) == 1  # nothing completed at all
+        assert "HTTP 401: unknown API key" in capsys.readouterr().out  # no key: the server's message
+
+
+def test_bench_serve_against_a_dead_url_fails_within_the_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from kvcache.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    assert main(["bench-serve", f"http://127.0.0.1:{port}", "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "did not answer 200 within 1 s" in err and "Traceback" not in err

@@ -7,6 +7,8 @@ are exact (16 tokens per block).
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 from serve_harness import Deployment, ids, shared
 
@@ -111,6 +113,10 @@ def test_share_group_hits_only_after_k_tenants_wrote_a_block(server: Deployment)
         ("/v1/completions", b'{"prompt": "x", "model": "gpt-9"}', "sk-acme", 404, "'gpt-9'"),
         ("/v1/completions", b'{"prompt": "' + b"y" * 200 + b'", "max_tokens": 4000}', "sk-acme", 400,
          "need 263 blocks; a worker's pool holds 256"),
+        ("/v1/completions", b'{"prompt": "abc\\ud800"}', "sk-acme", 400, "lone surrogate"),
+        ("/v1/completions", b"[" * 100_000, "sk-acme", 400, "nests 100000 levels deep"),
+        ("/v1/completions", b'{"prompt": [' + b"7, " * 4096 + b'7]}', "sk-acme", 400,
+         "the prompt has 4097 tokens; this server accepts at most 4096"),
     ],
 )
 def test_client_errors(server: Deployment, path: str, raw: bytes, key: str | None, status: int,
@@ -136,6 +142,9 @@ def test_over_quota_is_429_and_the_worker_lives_on(server: Deployment) -> None:
 
 def test_metrics_per_tenant_and_latency_histograms(server: Deployment) -> None:
     assert server.metric("kvcache:prefix_cache_queries_total", tenant="acme", tier="device") > 0
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:  # no admin key
+        public = resp.read().decode()
+    assert "kvcache:prefix_cache_queries_total{" in public and "tenant=" not in public
     assert server.metric("kvcache:time_to_first_token_seconds_count") >= 10
     assert server.metric("kvcache:request_queue_time_seconds_count") >= 10
     assert server.metric("kvcache:requests_total", status="401") == 2

@@ -16,8 +16,12 @@ def test_tiers_are_queried_for_what_the_tiers_above_missed() -> None:
     assert (m.value(q, dev), m.value(h, dev)) == (150.0, 32.0)
     assert (m.value(q, pod), m.value(h, pod)) == (118.0, 48.0)
     assert m.value(q, {**dev, "tenant": "other"}) == 0.0
-    text = m.render().decode()
+    text = m.render(per_tenant=True).decode()
     assert 'kvcache:prefix_cache_hits_total{tenant="acme",tier="pod",worker="w0"} 48.0' in text
+    public = m.render().decode()  # what any caller of /metrics gets: aggregates, no tenant names
+    assert 'kvcache:prefix_cache_hits_total{tier="pod",worker="w0"} 48.0' in public
+    assert 'kvcache:prefix_cache_queries_total{tier="device",worker="w0"} 150.0' in public
+    assert "tenant=" not in public and "acme" not in public
 
 
 def test_each_instance_has_its_own_registry() -> None:

@@ -96,3 +96,36 @@ def test_sse_framing_and_error_body() -> None:
     assert protocol.error_body("bad", status=400, type_="invalid_request_error", param="prompt") == {
         "error": {"message": "bad", "type": "invalid_request_error", "param": "prompt", "code": 400}
     }
+
+
+def test_no_op_fields_are_accepted_and_others_name_the_field() -> None:
+    completion = {"prompt": "x", "logit_bias": {}, "suffix": "", "best_of": 1, "user": "u", "metadata": {}}
+    assert protocol.parse_completion(completion).text == "x"
+    chat = {"messages": [{"role": "user", "content": "x"}], "tools": [], "tool_choice": "none",
+            "response_format": {"type": "text"}, "parallel_tool_calls": False,
+            "logit_bias": None}  # fmt: skip
+    assert protocol.parse_chat(chat).messages == [("user", "x")]
+    refused = [
+        (protocol.parse_completion, {"prompt": "x", "logit_bias": {"50256": -100}}, "'logit_bias'="),
+        (protocol.parse_completion, {"prompt": "x", "suffix": "end"}, "'suffix'='end' is not supported"),
+        (protocol.parse_completion, {"prompt": "x", "best_of": True}, "'best_of'=True"),
+        (protocol.parse_chat, {**chat, "tools": [{"type": "function"}]}, "'tools'="),
+        (protocol.parse_chat, {**chat, "response_format": {"type": "json_object"}}, "'response_format'="),
+        (protocol.parse_chat, {**chat, "tool_choice": "auto"}, "send null or \"none\""),
+        (protocol.parse_completion, {"prompt": "x", "max_token": 3}, "unsupported fields ['max_token']"),
+    ]
+    for parse, body, needle in refused:
+        with pytest.raises(ProtocolError) as info:
+            parse(body)
+        assert needle in str(info.value)
+
+
+def test_json_depth_is_bounded_before_parsing() -> None:
+    assert protocol.json_depth(b'{"a": [1, {"b": "[[[[\\"]]"}]}') == 3  # brackets in strings do not count
+    assert protocol.loads(b"[" * 32 + b"]" * 32) is not None
+    with pytest.raises(ProtocolError, match="nests 33 levels deep; at most 32"):
+        protocol.loads(b"[" * 33 + b"]" * 33)
+    with pytest.raises(ProtocolError, match="nests 100000 levels"):
+        protocol.loads(b"{" * 100_000)
+    with pytest.raises(ProtocolError, match="lone surrogate"):
+        protocol.parse_completion(protocol.loads(b'{"prompt": "a\\udc00b"}'))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 
 HELP = "replay a trace against a running server; TTFT/ITL/throughput/cache hits as a table and JSON"
@@ -21,6 +23,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="server config: tenant names in the trace use their first key")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result-file", help="write the JSON summary here too")
+    parser.add_argument("--api-key", help="key for requests whose tenant --config does not map (default: "
+                        "$KVCACHE_API_KEY, else $OPENAI_API_KEY; prefer the variable, argv is visible to "
+                        "other users)")  # fmt: skip
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit 0 even when some requests failed (default: exit 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,14 +41,19 @@ def run(args: argparse.Namespace) -> int:
     keys: dict[str, str] = {}
     for key, tenant in sorted(config.keys.items()):
         keys.setdefault(tenant, key)
+    api_key = args.api_key or os.environ.get("KVCACHE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     with tqdm(desc="requests", unit="req", leave=False) as progress:
         results, wall_s = asyncio.run(bench.run_load(
             args.url, trace, rate=args.rate, duration_s=args.duration, max_concurrency=args.max_concurrency,
-            keys=keys, seed=args.seed, progress=progress))  # fmt: skip
+            keys=keys, seed=args.seed, progress=progress, api_key=api_key))  # fmt: skip
     summary = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency)
     print(bench.table(summary))
     text = json.dumps(summary, indent=2)
     print(text)
     if args.result_file:
         Path(args.result_file).write_text(text + "\n")
+    if summary["failed"] and not args.allow_failures:
+        print(f"kvcache bench-serve: {summary['failed']} of {len(results)} requests failed (see above); "
+              "--allow-failures to exit 0 anyway", file=sys.stderr)  # fmt: skip
+        return 1
     return 0 if summary["completed"] else 1

@@ -6,8 +6,8 @@ questions; each turn prints the question, the model's answer, its cached tokens 
 A model without a tokenizer (``--model tiny``: random weights, well under a minute on a CPU) runs
 random-token sessions instead (``kvcache.sessions``) on the batched engine: ``--concurrency``
 sessions per turn run as one continuous batch (default 1, so both TTFT columns time a request
-alone; with more, a reuse TTFT includes steps shared with the others). Every turn is also prefilled by the bare model
-without a cache, so both TTFTs come from the same run.
+alone; with more, a reuse TTFT includes steps shared with the others). Every turn is also
+prefilled by the bare model without a cache, so both TTFTs come from the same run.
 """
 
 from __future__ import annotations

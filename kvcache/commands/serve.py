@@ -15,6 +15,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), a local path, tiny, tiny-llama..."
     )
+    parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                        help="names clients send as 'model' (the first is reported; default: --model)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
         "--redis",
@@ -33,6 +35,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        help="longest prompt accepted (default: a worker's pool, num-blocks x block-size)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
 
@@ -43,29 +50,40 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.serve import auth, launch, tokenize
     from kvcache.serve.config import ServeConfig
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers={args.workers} must be >= 1")
+    for flag, value in (("--workers", args.workers), ("--num-blocks", args.num_blocks),
+                        ("--block-size", args.block_size), ("--threads", args.threads)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{flag}={value} must be >= 1")
+    max_prompt_tokens = args.max_prompt_tokens or args.num_blocks * args.block_size
+    if max_prompt_tokens < 1:
+        raise ConfigError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
+    launch.check_policy(args.policy)
     config = ServeConfig.load(args.config)
-    # The tokenizer first: a registry model is converted once here, not by every worker at once.
+    # The tokenizer first: a registry model is converted once here, not by every worker at once;
+    # a model without a tokenizer fails here, before any worker starts.
     tokenizer = tokenize.load(args.model)
     secret = auth.load_secret(os.environ) or auth.new_secret()  # KVCACHE_SECRET(_FILE), else a new one
     keys = auth.DeploymentKeys.from_secret(secret)
     given = auth.redis_url(args.redis, os.environ)
     if given is not None:
         auth.refuse_open_redis(given)
+        launch.check_redis(given)
     redis = None if given else start_redis()
     redis_url = given or redis.url  # type: ignore[union-attr]
-    worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks, block_size=args.block_size,
-                                    threads=args.threads, config_path=args.config,
-                                    pod_tier=not args.no_pod_tier)  # fmt: skip
-    workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
+    workers: list[launch.WorkerProcess] = []
     try:
-        front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer,
-                                  redis_url=redis_url, policy=args.policy, mode=args.mode,
-                                  block_size=args.block_size, keys=keys)  # fmt: skip
-        asyncio.run(launch.run_front(front, args.host or config.host, args.port))
+        front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer, redis_url=redis_url,
+                                  policy=args.policy, mode=args.mode, block_size=args.block_size, keys=keys,
+                                  served_names=tuple(args.served_model_name or ()),
+                                  max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+        worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
+                                        block_size=args.block_size, threads=args.threads,
+                                        config_path=args.config, pod_tier=not args.no_pod_tier,
+                                        dtype=args.dtype, device=args.device)  # fmt: skip
+        workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
+        asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))
     finally:
-        launch.stop_processes(workers)
+        launch.stop_processes([w.process for w in workers])
         if redis is not None:
             redis.stop()
     return 0

@@ -31,6 +31,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", help="torch device, e.g. cpu, cuda (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=0, help="weights of random models (same on every worker)")
     parser.add_argument("--no-pod-tier", action="store_true", help="do not share blocks through Redis")
 
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.serve import auth, engine_setup
     from kvcache.serve.config import ServeConfig
+    from kvcache.serve.launch import check_redis
     from kvcache.serve.worker import Worker, serve_forever
 
     secret = auth.load_secret(os.environ)
@@ -53,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
     auth.refuse_open_redis(redis_url)
     keys = auth.DeploymentKeys.from_secret(secret)
     config = ServeConfig.load(args.config)
+    check_redis(redis_url)  # a worker that cannot reach its deployment exits, it does not wait
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine, tier_names = engine_setup.load_engine(
         args.model, config, num_blocks=args.num_blocks, block_size=args.block_size, threads=args.threads,
         seed=args.seed, redis_url=None if args.no_pod_tier else redis_url,
-        worker_id=worker_id, deployment_key=keys.block_key)  # fmt: skip
+        worker_id=worker_id, deployment_key=keys.block_key, dtype=args.dtype, device=args.device)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names)
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
+    if worker.refused is not None:
+        raise ConfigError(f"the front refused worker {worker_id}: {worker.refused}")
     return 0

@@ -152,12 +152,13 @@ class DeploymentKeys:
     registration_key: bytes
     events_key: bytes
     pseudonym_key: bytes
+    notice_key: bytes
 
     @classmethod
     def from_secret(cls, secret: bytes) -> DeploymentKeys:
         return cls(derive(secret, "worker-token").hex(), derive(secret, "block-keys"),
                    derive(secret, "registration"), derive(secret, "events"),
-                   derive(secret, "scope-pseudonym"))  # fmt: skip
+                   derive(secret, "scope-pseudonym"), derive(secret, "front-notice"))  # fmt: skip
 
     def __repr__(self) -> str:
         return "DeploymentKeys(<redacted>)"
@@ -210,6 +211,24 @@ class DeploymentKeys:
             raise AuthError(f"registration was signed {now - signed_at:.0f} s ago; fresher than "
                             f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
         return registration
+
+    # ---- front -> Redis -> worker --------------------------------------------------------
+
+    def sign_notice(self, notice: str) -> str:
+        """A message from the front to a worker (a refusal), signed so Redis cannot forge one."""
+        return json.dumps({"notice": notice, "mac": _mac(self.notice_key, notice.encode()).hex()})
+
+    def open_notice(self, raw: str | bytes) -> str | None:
+        """The notice inside a signed envelope, or None if it is malformed, forged or altered."""
+        try:
+            env = json.loads(raw)
+            notice, mac = env["notice"], bytes.fromhex(env["mac"])
+            if not isinstance(notice, str):
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None
+        ok = hmac.compare_digest(mac, _mac(self.notice_key, notice.encode()))
+        return notice if ok else None
 
     def sign_events(self, worker_id: str, instance: str, seq: int, data: bytes) -> bytes:
         return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data)

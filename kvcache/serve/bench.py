@@ -14,7 +14,10 @@ sessions, turns, system, user, output, seed, shared).
 Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second,
 at most ``max_concurrency`` in flight, until ``duration_s`` has passed; then the loop waits for the
 requests in flight. Each request streams, so TTFT and inter-token latencies are measured at the
-client; ``cached_tokens`` comes from the final usage chunk.
+client; ``cached_tokens`` comes from the final usage chunk. A failed request keeps the server's
+error message (``HTTP 400: 'max_tokens'=...``); the summary counts failures by message. The wait
+for the server to be ready is bounded by the run's duration: a dead URL is a ``ConfigError``
+after ``duration_s``, not a hang.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kvcache.errors import TraceError
+from kvcache.errors import ConfigError, TraceError
 from kvcache.router.trace import TraceRequest as RouterTraceRequest
 from kvcache.router.trace import read_trace
 from kvcache.workloads import multi_turn_chat
@@ -95,7 +98,7 @@ async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str
     try:
         async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
             if resp.status != 200:
-                result.error = f"HTTP {resp.status}"
+                result.error = f"HTTP {resp.status}: {_message(await resp.text(errors='replace'))}"
                 return result
             async for raw in resp.content:
                 line = raw.strip()
@@ -121,29 +124,50 @@ async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str
         result.e2e_s = time.perf_counter() - start
         result.ok = result.output_tokens > 0
     except Exception as exc:  # a failed request is reported, never fatal to the run
-        result.error = type(exc).__name__
+        result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return result
 
 
+def _message(text: str) -> str:
+    """The message of an OpenAI error body, else the text itself (shortened)."""
+    try:
+        error = json.loads(text).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return str(message) if message else text.strip()[:200]
+
+
 async def wait_ready(session: Any, url: str, timeout_s: float = 120.0) -> None:
-    """Wait until the server's ``/health`` answers 200 (it has workers), so timing starts warm."""
+    """Wait until the server's ``/health`` answers 200 (it has workers), so timing starts warm;
+    ``ConfigError`` naming the last answer after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
+    last = "no answer"
     while True:
         try:
-            async with session.get(f"{url}/health") as resp:
+            async with session.get(f"{url}/health", timeout=aiohttp_timeout(2.0)) as resp:
                 if resp.status == 200:
                     return
-        except OSError:
-            pass
+                last = f"HTTP {resp.status}"
+        except (OSError, asyncio.TimeoutError) as exc:
+            last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
+            raise ConfigError(f"{url}/health did not answer 200 within {timeout_s:g} s ({last}); is the "
+                              "server up at that URL?")  # fmt: skip
         await asyncio.sleep(0.2)
 
 
+def aiohttp_timeout(total_s: float) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=total_s)
+
+
 async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration_s: float,
-                   max_concurrency: int, keys: dict[str, str], seed: int = 0,
-                   progress: Any = None) -> tuple[list[Result], float]:  # fmt: skip
-    """Send the trace; returns the results and the wall time from first send to last answer."""
+                   max_concurrency: int, keys: dict[str, str], seed: int = 0, progress: Any = None,
+                   api_key: str | None = None) -> tuple[list[Result], float]:  # fmt: skip
+    """Send the trace; returns the results and the wall time from first send to last answer.
+    A request of a tenant in ``keys`` uses that key, any other ``api_key`` when given."""
     import aiohttp
 
     rng = np.random.default_rng(seed)
@@ -153,7 +177,8 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
 
     async def bounded(req: TraceRequest) -> Result:
         async with limit:
-            headers = {"Authorization": f"Bearer {keys[req.tenant]}"} if req.tenant in keys else {}
+            key = keys.get(req.tenant, api_key) if req.tenant is not None else api_key
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
             result = await _one(session, url, req, headers)
         if progress is not None:
             progress.update(1)
@@ -161,7 +186,7 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
 
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        await wait_ready(session, url)
+        await wait_ready(session, url, timeout_s=duration_s)
         start = time.perf_counter()
         i = 0
         while time.perf_counter() - start < duration_s:
@@ -209,7 +234,12 @@ def summarize(
     out["cached_tokens"] = sum(r.cached_tokens for r in ok)
     total_in = out["total_input_tokens"]
     out["cache_hit_rate"] = out["cached_tokens"] / total_in if total_in else 0.0
-    out["errors"] = sorted({r.error for r in results if not r.ok})
+    counts: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            counts[r.error or "no tokens"] = counts.get(r.error or "no tokens", 0) + 1
+    out["errors"] = sorted(counts)
+    out["error_counts"] = counts
     return out
 
 
@@ -231,4 +261,9 @@ def table(summary: dict[str, Any]) -> str:
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         lines.append(f"{label:<38}{text:>12}")
     lines.append("=" * 50)
+    ranked = sorted(summary.get("error_counts", {}).items(), key=lambda kv: -kv[1])
+    for message, count in ranked[:5]:
+        lines.append(f"failed x{count}: {message}")
+    if len(ranked) > 5:
+        lines.append(f"... and {len(ranked) - 5} other errors (see the JSON)")
     return "\n".join(lines)

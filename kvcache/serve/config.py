@@ -14,6 +14,9 @@ optional share group and optional block floor/cap. ``k_anonymity`` applies to ev
     [tenants.globex]
     keys = ["sk-globex"]
 
+``admin_keys = ["..."]`` (top level) lists the keys that may read the per-tenant series of
+``/metrics``; other callers see aggregates only.
+
 Without a file the server binds to loopback and serves one tenant, ``default``, without keys.
 This module only parses and answers "which scope does this key belong to"; it does not serve.
 """
@@ -33,7 +36,7 @@ from kvcache.tenancy import Scope
 DEFAULT_TENANT = "default"
 LOOPBACK = "127.0.0.1"
 
-_TOP_KEYS = {"host", "k_anonymity", "tenants"}
+_TOP_KEYS = {"host", "k_anonymity", "tenants", "admin_keys"}
 _TENANT_KEYS = {"keys", "group", "cap_blocks", "floor_blocks"}
 
 
@@ -60,6 +63,7 @@ class ServeConfig:
         default_factory=lambda: {DEFAULT_TENANT: TenantSpec(DEFAULT_TENANT)}
     )
     keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant name
+    admin_keys: frozenset[str] = frozenset()  # may read per-tenant metrics
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_anonymity, int) or self.k_anonymity < 1:
@@ -67,6 +71,8 @@ class ServeConfig:
         for key, tenant in self.keys.items():
             if tenant not in self.tenants:
                 raise ConfigError(f"API key ...{key[-4:]} names tenant {tenant!r}, which is not defined")
+        if self.admin_keys & set(self.keys):
+            raise ConfigError("an admin key is also a tenant's API key; give admins keys of their own")
         if not self.keys and DEFAULT_TENANT not in self.tenants:
             raise ConfigError("a config without API keys must define the tenant 'default'")
 
@@ -87,6 +93,11 @@ class ServeConfig:
         if tenant is None:
             raise AuthError("unknown API key")  # never echo the key back
         return self.tenants[tenant]
+
+    def is_admin(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header carries one of ``admin_keys``."""
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and key.strip() in self.admin_keys
 
     def quotas(self) -> dict[str, TenantQuota]:
         """Quotas for ``CacheConfig.quotas``: only tenants that set one."""
@@ -129,7 +140,11 @@ class ServeConfig:
             tenants[name] = TenantSpec(name, group, TenantQuota(floor_blocks=floor, cap_blocks=cap))
         if not keys:
             raise ConfigError(f"{source}: no tenant has API keys; give each tenant a 'keys' list")
-        return cls(host=host, k_anonymity=data.get("k_anonymity", 1), tenants=tenants, keys=keys)
+        admin = data.get("admin_keys", [])
+        if not isinstance(admin, list) or not all(isinstance(k, str) and k for k in admin):
+            raise ConfigError(f"{source}: admin_keys must be a list of non-empty strings")
+        return cls(host=host, k_anonymity=data.get("k_anonymity", 1), tenants=tenants, keys=keys,
+                   admin_keys=frozenset(admin))  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path | None) -> ServeConfig:

@@ -12,25 +12,33 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from kvcache.errors import ConfigError
 from kvcache.serve.config import ServeConfig
 
 
 def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
-                seed: int, redis_url: str | None, worker_id: str = "",
-                pod_capacity_blocks: int = 1 << 20,
-                deployment_key: bytes | None = None) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
+                seed: int, redis_url: str | None, worker_id: str = "", pod_capacity_blocks: int = 1 << 20,
+                deployment_key: bytes | None = None, dtype: str | None = None,
+                device: str | None = None) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
     import torch
 
     from kvcache.engine import EngineConfig
     from kvcache.serve.podtier import POD, PodTieredEngine
 
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {device!r} is not a torch device: {exc}") from exc
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device!r}, but torch sees no CUDA device here; use --device cpu")
     torch.set_num_threads(threads)
     tiers = None
     if redis_url is not None:
         index = zlib.crc32(worker_id.encode()) & 0xFFFF
         tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index)
     engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers,
-                                 k_anonymity=config.k_anonymity, quotas=config.quotas(),
-                                 deployment_key=deployment_key)  # fmt: skip
+                                 dtype=dtype, device=device, k_anonymity=config.k_anonymity,
+                                 quotas=config.quotas(), deployment_key=deployment_key)  # fmt: skip
     engine = PodTieredEngine.load(model, engine_config)
     return engine, (POD,) if redis_url is not None else ()

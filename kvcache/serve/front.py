@@ -12,7 +12,16 @@ front streams the worker's tokens to the client. If the worker fails before it f
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
 answer per request (decoding is greedy and every worker loads the same weights, so the retried
-stream continues the same text). Errors the caller caused (400/401/404/429) are never retried.
+stream continues the same text). Errors the caller caused (400/401/404/429) are never retried,
+and a worker's error answer keeps its status whatever its body (JSON or plain text).
+
+A worker that is slow is not a failed worker: liveness comes from heartbeats (``pool``), so a
+read that times out answers 504 and leaves the worker in the pool; only a refused or cut
+connection removes it, until its next heartbeat. Request bodies are bounded (size, JSON nesting
+depth, ``max_prompt_tokens``) and parsed, tokenized, hashed and serialized off the event loop
+when they are large, so one tenant's huge prompt never stalls another's stream. A client that
+goes away closes its generation: the front drops the worker's stream, and the worker stops
+decoding within a step (or never starts a request still queued).
 
 Not here: the engine (``worker``), the Redis bookkeeping (``pool``), the wire format (``protocol``).
 """
@@ -26,14 +35,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from kvcache.errors import AuthError, ProtocolError, RequestError
+from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
 from kvcache.serve import protocol
 from kvcache.serve.auth import DeploymentKeys
@@ -41,14 +50,17 @@ from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
 from kvcache.serve.routing import ServiceEstimate
-from kvcache.serve.tokenize import IncrementalDecoder, Tokenizer
+from kvcache.serve.tokenize import IncrementalDecoder, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
 MAX_ATTEMPTS = 4
 WAIT_FOR_WORKER_S = 10.0
-_RETRYABLE = (
-    aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError,
-)  # fmt: skip
+READ_TIMEOUT_S = 60.0
+INLINE_BYTES = 4096  # bodies (and prompts of as many tokens) above this are handled off the loop
+_RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
+_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
+          504: "timeout"}  # fmt: skip
 
 
 class HTTPFailure(Exception):
@@ -79,14 +91,33 @@ class Outcome:
     tier_errors: int = 0
 
 
+def _worker_error(status: int, text: str) -> HTTPFailure:
+    """A worker's non-200 answer as the client's error, whether its body is JSON or not."""
+    try:
+        detail = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        detail = None
+    if not isinstance(detail, str) or not detail:
+        detail = text.strip()[:300] or f"worker answered HTTP {status}"
+    kind = _KINDS.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return HTTPFailure(status, detail, kind)
+
+
 class Front:
     def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
                  redis_url: str | None, route_request: Any, keys: DeploymentKeys,
-                 estimate: ServiceEstimate | None = None) -> None:  # fmt: skip
+                 estimate: ServiceEstimate | None = None, max_prompt_tokens: int | None = None,
+                 served_names: tuple[str, ...] = (),
+                 read_timeout_s: float = READ_TIMEOUT_S) -> None:  # fmt: skip
         self.config = config
         self.router = router
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.served_names = {model_name, *served_names}
+        self.max_prompt_tokens = max_prompt_tokens
+        # A prompt of max_prompt_tokens fits in the body however it is sent (ids or text).
+        self.max_body_bytes = max(2**20, 32 * (max_prompt_tokens or 2**19))
+        self.read_timeout_s = read_timeout_s
         self.metrics = ServeMetrics()
         self.keys = keys
         self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
@@ -119,13 +150,18 @@ class Front:
                 await asyncio.wait_for(self.pool.changed.wait(), timeout=min(left, 0.25))
 
     async def generate(self, request_id: str, token_ids: list[int], tenant: TenantSpec, max_tokens: int,
-                       outcome: Outcome) -> AsyncIterator[Step]:  # fmt: skip
+                       outcome: Outcome) -> AsyncGenerator[Step, None]:  # fmt: skip
         """Tokens from whichever worker serves the request, each index once, retried on failure."""
         assert self.session is not None
         sent = 0
         body = {"request_id": request_id, "token_ids": token_ids, "tenant": tenant.name,
                 "group": tenant.group, "max_tokens": max_tokens}  # fmt: skip
-        keys = self._keys(token_ids, tenant)
+        if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
+            keys = await asyncio.to_thread(self._keys, token_ids, tenant)
+            payload = await asyncio.to_thread(json.dumps, body)
+        else:
+            keys, payload = self._keys(token_ids, tenant), json.dumps(body)
+        headers = {"Content-Type": "application/json", **self.keys.auth_header()}
         for _attempt in range(MAX_ATTEMPTS):
             await self._wait_for_worker()
             route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope)
@@ -135,17 +171,16 @@ class Front:
                 worker_id, state = next(iter(self.pool.workers.items()))
             reg = state.reg
             try:
-                post = self.session.post(f"{reg.url}/generate", json=body, headers=self.keys.auth_header())
-                async with post as resp:
+                async with self.session.post(f"{reg.url}/generate", data=payload, headers=headers) as resp:
                     if resp.status != 200:
                         # The worker is alive and refused this request: answer, never retry.
-                        detail = (await resp.json(content_type=None)).get("error", "worker error")
-                        kind = {429: "rate_limit_exceeded", 503: "service_unavailable"}.get(
-                            resp.status, "invalid_request_error" if resp.status < 500 else "server_error")
-                        raise HTTPFailure(resp.status, detail, kind)
+                        raise _worker_error(resp.status, await resp.text(errors="replace"))
                     done = False
                     async for raw in resp.content:
-                        line = json.loads(raw)
+                        try:
+                            line = json.loads(raw)
+                        except ValueError as exc:
+                            raise aiohttp.ClientPayloadError(f"worker sent a malformed line: {exc}") from exc
                         if "error" in line:  # the worker refused to go on (e.g. quota reached while decoding)
                             kind = "rate_limit_exceeded" if line["status"] == 429 else "server_error"
                             raise HTTPFailure(line["status"], line["error"], kind)
@@ -171,15 +206,23 @@ class Front:
                     if not done:
                         raise aiohttp.ClientPayloadError("worker stream ended early")
                     return
+            except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
+                self._failed(worker_id, reg.instance, request_id, exc)
+            except asyncio.TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
+                raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
+                                  "retry later", "timeout") from exc  # fmt: skip
             except _RETRYABLE as exc:
-                log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
-                            type(exc).__name__)  # fmt: skip
-                self.pool.mark_down(worker_id, reg.instance, failed=True)
-                self.metrics.retries.inc()
+                self._failed(worker_id, reg.instance, request_id, exc)
             finally:
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
                     self.router.on_finished(request_id)
         raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers", "service_unavailable")
+
+    def _failed(self, worker_id: str, instance: str, request_id: str, exc: BaseException) -> None:
+        log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
+                    type(exc).__name__)  # fmt: skip
+        self.pool.mark_down(worker_id, instance, failed=True)
+        self.metrics.retries.inc()
 
     # ---- HTTP ----------------------------------------------------------------------------
 
@@ -193,6 +236,46 @@ class Front:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
+    def _parse(self, raw: bytes, chat: bool, vocab_size: int | None) -> tuple[protocol.GenerateRequest,
+                                                                               list[int]]:  # fmt: skip
+        """Body bytes to a request and its prompt ids; every input error is an ``HTTPFailure(400)``."""
+        try:
+            body = protocol.loads(raw)
+            if chat:
+                req = protocol.parse_chat(body)
+            else:
+                req = protocol.parse_completion(body, self.max_prompt_tokens)
+            if req.messages is not None:
+                token_ids = self.tokenizer.encode_chat(req.messages)
+                protocol.check_prompt_tokens(len(token_ids), self.max_prompt_tokens)
+            elif req.text is not None:
+                token_ids = encode_limited(self.tokenizer, req.text, self.max_prompt_tokens)
+            else:
+                assert req.token_ids is not None
+                token_ids = req.token_ids
+        except ProtocolError as exc:
+            raise HTTPFailure(400, str(exc)) from exc
+        except (KVCacheError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
+            raise HTTPFailure(400, f"the prompt cannot be tokenized: {exc}") from exc
+        if not token_ids:
+            raise HTTPFailure(400, "the prompt encodes to no tokens; send some text")
+        top = max(token_ids)
+        if vocab_size is not None and top >= vocab_size:
+            raise HTTPFailure(400, f"token id {top} is not below the model's vocab_size {vocab_size}")
+        return req, token_ids
+
+    async def _read(self, request: web.Request, chat: bool) -> tuple[protocol.GenerateRequest, list[int]]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise HTTPFailure(413, f"the body is larger than {self.max_body_bytes} bytes; shorten the "
+                              "prompt") from exc  # fmt: skip
+        reg = self.pool.first
+        vocab_size = reg.vocab_size if reg is not None else None
+        if len(raw) > INLINE_BYTES:
+            return await asyncio.to_thread(self._parse, raw, chat, vocab_size)
+        return self._parse(raw, chat, vocab_size)
+
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         received = time.monotonic()
         try:
@@ -200,25 +283,10 @@ class Front:
         except AuthError as exc:
             return self._error(401, str(exc), "authentication_error")
         try:
-            try:
-                raw = await request.json()
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ProtocolError(f"body is not valid JSON: {exc}") from exc
-            req = protocol.parse_chat(raw) if chat else protocol.parse_completion(raw)
-            if req.messages is not None:
-                token_ids = self.tokenizer.encode_chat(req.messages)
-            elif req.text is not None:
-                token_ids = self.tokenizer.encode(req.text)
-            else:
-                assert req.token_ids is not None
-                token_ids = req.token_ids
-            reg = self.pool.first
-            if reg is not None and max(token_ids) >= reg.vocab_size:
-                raise ProtocolError(f"token id {max(token_ids)} is not below the model's vocab_size "
-                                    f"{reg.vocab_size}")  # fmt: skip
-        except ProtocolError as exc:
-            return self._error(400, str(exc), "invalid_request_error")
-        if req.model is not None and req.model != self.model_name:
+            req, token_ids = await self._read(request, chat)
+        except HTTPFailure as exc:
+            return self._error(exc.status, exc.message, exc.type_)
+        if req.model is not None and req.model not in self.served_names:
             return self._error(404, f"model {req.model!r} is not served here; use {self.model_name!r}",
                                "model_not_found")  # fmt: skip
         prefix = "chatcmpl" if chat else "cmpl"
@@ -226,30 +294,36 @@ class Front:
         created = int(time.time())
         outcome = Outcome()
         decoder = IncrementalDecoder(self.tokenizer)
-        steps = self.generate(request_id, token_ids, tenant, req.max_tokens, outcome)
         response: web.StreamResponse | None = None
         num_out = 0
-        try:
-            async for step in steps:
-                if num_out == 0:
-                    self.metrics.ttft.labels(step.worker_id).observe(time.monotonic() - received)
-                    if req.stream:
-                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                               "Cache-Control": "no-cache"})  # fmt: skip
-                        await response.prepare(request)
-                num_out += 1
-                delta = decoder.push(step.token_id)
-                if response is not None:
-                    chunk = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
-                                           text=delta, first=num_out == 1)  # fmt: skip
-                    await response.write(protocol.sse(chunk))
-        except HTTPFailure as exc:
-            if response is None:
-                return self._error(exc.status, exc.message, exc.type_)
-            await response.write(protocol.sse(protocol.error_body(exc.message, status=exc.status,
-                                                                  type_=exc.type_)))  # fmt: skip
-            await response.write_eof()
-            return response
+        # Closing the generator on every way out (a client gone, a cancelled handler) drops the
+        # worker's stream, which is what stops the generation there.
+        async with contextlib.aclosing(self.generate(request_id, token_ids, tenant, req.max_tokens,
+                                                     outcome)) as steps:  # fmt: skip
+            try:
+                async for step in steps:
+                    if num_out == 0:
+                        self.metrics.ttft.labels(step.worker_id).observe(time.monotonic() - received)
+                        if req.stream:
+                            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                                   "Cache-Control": "no-cache"})  # fmt: skip
+                            await response.prepare(request)
+                    num_out += 1
+                    delta = decoder.push(step.token_id)
+                    if response is not None:
+                        chunk = protocol.chunk(req, request_id=request_id, model=self.model_name,
+                                               created=created, text=delta, first=num_out == 1)  # fmt: skip
+                        await response.write(protocol.sse(chunk))
+            except HTTPFailure as exc:
+                if response is None:
+                    return self._error(exc.status, exc.message, exc.type_)
+                await response.write(protocol.sse(protocol.error_body(exc.message, status=exc.status,
+                                                                      type_=exc.type_)))  # fmt: skip
+                await response.write_eof()
+                return response
+            except ConnectionResetError:  # the client went away mid-stream
+                log.info("client of %s went away after %d tokens; generation stopped", request_id, num_out)
+                return response if response is not None else web.Response(status=499)  # nobody reads it
         tail = decoder.flush()
         usage = protocol.usage(outcome.prompt_tokens, num_out, outcome.cached_tokens)
         self._record(tenant, outcome, received)
@@ -287,7 +361,10 @@ class Front:
         return web.json_response(body, status=status)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        """Aggregate series for anyone; per-tenant series only with an admin key (``admin_keys``)."""
+        admin = self.config.is_admin(request.headers.get("Authorization"))
+        body = self.metrics.render(per_tenant=admin)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def debug_workers(self, request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):  # internal addresses: operators on the host only
@@ -299,7 +376,7 @@ class Front:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 2**20)
+        app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -309,8 +386,13 @@ class Front:
         app.cleanup_ctx.append(self._background)
         return app
 
+    def runner(self) -> web.AppRunner:
+        """The app's runner. A client that disconnects cancels its handler (``handler_cancellation``),
+        which closes its generation, streamed or not."""
+        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=60.0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         task = asyncio.create_task(self.pool.run())
         yield

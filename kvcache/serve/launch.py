@@ -5,21 +5,28 @@
 through Redis like any remote worker. The Redis URL (with its password) and the deployment
 secret reach workers in their environment (``KVCACHE_REDIS_URL``, ``KVCACHE_SECRET``), never in
 argv, where any local user could read them. On SIGINT/SIGTERM the front stops, then
-the workers, then the Redis it started.
+the workers, then the Redis it started. A worker that exits before it ever joined (a model that
+does not load, a bad flag, a refusal by the front) stops the whole deployment with a
+``ConfigError`` carrying the worker's last error lines, as ``vllm serve`` exits when its engine
+cannot start; a worker that dies after joining is a fault the front routes around.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any
+import threading
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kvcache.errors import ConfigError
 from kvcache.serve import auth
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
@@ -37,6 +44,8 @@ class WorkerArgs:
     threads: int = 1
     config_path: str | None = None
     pod_tier: bool = True
+    dtype: str | None = None
+    device: str | None = None
 
     def argv(self, worker_id: str) -> list[str]:
         argv = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
@@ -46,6 +55,9 @@ class WorkerArgs:
             argv += ["--config", self.config_path]
         if not self.pod_tier:
             argv += ["--no-pod-tier"]
+        for flag, value in (("--dtype", self.dtype), ("--device", self.device)):
+            if value is not None:
+                argv += [flag, value]
         return argv
 
 
@@ -54,10 +66,53 @@ def worker_env(redis_url: str, secret: bytes) -> dict[str, str]:
     return {**os.environ, auth.REDIS_URL_ENV: redis_url, auth.SECRET_ENV: secret.hex()}
 
 
-def spawn_workers(args: WorkerArgs, redis_url: str, secret: bytes,
-                  num_workers: int) -> list[subprocess.Popen[bytes]]:  # fmt: skip
+@dataclass
+class WorkerProcess:
+    """A spawned worker; its stderr is relayed to ours and its last lines kept for error messages."""
+
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=8))
+
+    def relay(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            self.tail.append(line.rstrip())
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def failure(self) -> str:
+        lines = [line for line in self.tail if line.strip()]
+        said = lines[-1] if lines else "(no output)"
+        return f"worker {self.worker_id} exited with code {self.process.returncode} before joining: {said}"
+
+
+def spawn_workers(args: WorkerArgs, redis_url: str, secret: bytes, num_workers: int) -> list[WorkerProcess]:
     env = worker_env(redis_url, secret)
-    return [subprocess.Popen(args.argv(f"w{i}"), env=env) for i in range(num_workers)]
+    workers = []
+    for i in range(num_workers):
+        process = subprocess.Popen(args.argv(f"w{i}"), env=env, stderr=subprocess.PIPE)
+        worker = WorkerProcess(f"w{i}", process)
+        assert process.stderr is not None
+        threading.Thread(target=worker.relay, args=(process.stderr,), daemon=True).start()
+        workers.append(worker)
+    return workers
+
+
+def check_redis(url: str, timeout_s: float = 3.0) -> None:
+    """``ConfigError`` unless the Redis at ``url`` answers PING within ``timeout_s``."""
+    import redis
+
+    parts = urlsplit(url)
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        where = f"{parts.hostname}:{parts.port}"  # never the password
+        raise ConfigError(f"cannot reach Redis at {where}: {exc}; start it or fix --redis/--connect "
+                          f"({auth.REDIS_URL_ENV})") from None
+    finally:
+        client.close()
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 5.0) -> None:
@@ -72,31 +127,65 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 
             process.wait()
 
 
-async def run_front(front: Front, host: str, port: int) -> None:
-    """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM."""
-    runner = web.AppRunner(front.app(), access_log=None)
+def check_policy(policy: str) -> None:
+    """``ConfigError`` listing every policy ``serve`` takes unless ``policy`` is one of them."""
+    from kvcache.router.policies import POLICIES
+
+    if policy != "ttft" and policy not in POLICIES:
+        raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(['ttft', *POLICIES])}")
+
+
+async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event) -> str | None:
+    """Until ``stop``: the failure of a worker that exited before it joined, if one does."""
+    joined: set[str] = set()
+    while not stop.is_set():
+        joined |= set(front.pool.workers)
+        for worker in workers:
+            if worker.worker_id not in joined and worker.process.poll() is not None:
+                await asyncio.sleep(0.2)  # let the relay thread take its last lines
+                return worker.failure()
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def run_front(front: Front, host: str, port: int, workers: list[WorkerProcess] | None = None) -> None:
+    """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM, or until one of ``workers`` exits
+    before joining (then ``ConfigError`` with its error)."""
+    runner = front.runner()
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    print(f"kvcache serving {front.model_name} on http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"kvcache serving {front.model_name} on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watch = asyncio.create_task(_watch(front, workers or [], stop))
+        await asyncio.wait([watch, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        failure = await watch
+        if failure is not None:
+            raise ConfigError(failure)
+    finally:
+        await runner.cleanup()
 
 
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
-               mode: str, block_size: int, keys: auth.DeploymentKeys) -> Front:  # fmt: skip
+               mode: str, block_size: int, keys: auth.DeploymentKeys, served_names: tuple[str, ...] = (),
+               max_prompt_tokens: int | None = None) -> Front:  # fmt: skip
     """The front with its router; ``policy="ttft"`` is ``routing.make_ttft_policy``, any other name
-    one of the router's policies."""
+    one of the router's policies. ``served_names``: the names clients use (the first is reported;
+    default ``model``)."""
     from kvcache.router import Router, RouteRequest
 
+    check_policy(policy)
     estimate = None
     chosen: Any = policy
     if policy == "ttft":
         estimate = ServiceEstimate()
         chosen = make_ttft_policy(estimate)
     router: Any = Router(policy=chosen, mode=mode, block_size=block_size)
-    return Front(config=config, router=router, tokenizer=tokenizer, model_name=model, redis_url=redis_url,
-                 route_request=RouteRequest, keys=keys, estimate=estimate)  # fmt: skip
+    names = served_names or (model,)
+    return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
+                 route_request=RouteRequest, keys=keys, estimate=estimate, served_names=names[1:],
+                 max_prompt_tokens=max_prompt_tokens)  # fmt: skip

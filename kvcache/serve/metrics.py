@@ -1,9 +1,10 @@
 """Prometheus metrics of the server, named like vLLM's where vLLM has one.
 
-- ``kvcache:prefix_cache_queries`` / ``kvcache:prefix_cache_hits`` (counters, tokens) by ``tier``,
-  ``worker`` and ``tenant``: a tier is queried for the prompt tokens the tiers above it missed,
-  and hits the tokens it supplies (``device`` first, then lower tiers), so per-tier hit rates
-  read as in vLLM and the sum of hits over tiers is the request's ``cached_tokens``;
+- ``kvcache:prefix_cache_queries`` / ``kvcache:prefix_cache_hits`` (counters, tokens) by ``tier``
+  and ``worker`` (and ``tenant``, in the per-tenant rendering only): a tier is queried for the
+  prompt tokens the tiers above it missed, and hits the tokens it supplies (``device`` first,
+  then lower tiers), so per-tier hit rates read as in vLLM and the sum of hits over tiers is the
+  request's ``cached_tokens``;
 - ``kvcache:time_to_first_token_seconds``, ``kvcache:request_queue_time_seconds``,
   ``kvcache:e2e_request_latency_seconds`` (histograms, by worker);
 - ``kvcache:requests`` (counter by status code), ``kvcache:request_retries`` (re-sent to another
@@ -12,7 +13,10 @@
   ``kvcache:router_indexed_blocks`` (gauge by worker: blocks the router believes a worker
   caches, from its events).
 
-Every metric lives in the ``ServeMetrics`` object's own registry, never in the process-global one.
+Every metric lives in the ``ServeMetrics`` object's own registries, never in the process-global
+one. ``render()`` gives the public page: no tenant names, since a tenant's counters rise by exactly
+its prompt lengths. ``render(per_tenant=True)`` (for admin keys) gives the same families with the
+cache counters split by tenant.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        labels = ["tier", "worker", "tenant"]
-        self.queries = Counter("kvcache:prefix_cache_queries", "Prompt tokens looked up in a cache tier",
-                               labels, registry=r)  # fmt: skip
-        self.hits = Counter("kvcache:prefix_cache_hits", "Prompt tokens served from a cache tier",
-                            labels, registry=r)  # fmt: skip
+        self._cache = CollectorRegistry()  # cache counters by tier and worker: public
+        self._tenant_cache = CollectorRegistry()  # the same by tenant too: admin keys only
+        self.queries, self.hits = self._cache_counters(["tier", "worker"], self._cache)
+        self.tenant_queries, self.tenant_hits = self._cache_counters(["tier", "worker", "tenant"],
+                                                                     self._tenant_cache)  # fmt: skip
         self.ttft = Histogram("kvcache:time_to_first_token_seconds", "Time to first token at the front",
                               ["worker"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
         self.queue = Histogram("kvcache:request_queue_time_seconds", "Time waiting for a worker's engine",
@@ -50,18 +54,35 @@ class ServeMetrics:
         self.indexed = Gauge("kvcache:router_indexed_blocks", "Blocks the router believes a worker caches",
                              ["worker"], registry=r)  # fmt: skip
 
+    @staticmethod
+    def _cache_counters(labels: list[str], registry: CollectorRegistry) -> tuple[Counter, Counter]:
+        queries = Counter("kvcache:prefix_cache_queries", "Prompt tokens looked up in a cache tier",
+                          labels, registry=registry)  # fmt: skip
+        hits = Counter("kvcache:prefix_cache_hits", "Prompt tokens served from a cache tier",
+                       labels, registry=registry)  # fmt: skip
+        return queries, hits
+
     def record_cache(self, worker: str, tenant: str, prompt_tokens: int, tier_hits: dict[str, int]) -> None:
         """Count one request's lookups: ``tier_hits`` in lookup order, device first."""
         remaining = prompt_tokens
         for tier, hit_tokens in tier_hits.items():
             assert 0 <= hit_tokens <= remaining, (tier, hit_tokens, remaining)
-            self.queries.labels(tier, worker, tenant).inc(remaining)
-            self.hits.labels(tier, worker, tenant).inc(hit_tokens)
+            self.queries.labels(tier, worker).inc(remaining)
+            self.hits.labels(tier, worker).inc(hit_tokens)
+            self.tenant_queries.labels(tier, worker, tenant).inc(remaining)
+            self.tenant_hits.labels(tier, worker, tenant).inc(hit_tokens)
             remaining -= hit_tokens
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0.0 when absent): for tests and the benchmark report."""
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
+        labels = labels or {}
+        registries = (self._tenant_cache,) if "tenant" in labels else (self._cache, self.registry)
+        for registry in registries:
+            value = registry.get_sample_value(name, labels)
+            if value is not None:
+                return value
+        return 0.0
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, per_tenant: bool = False) -> bytes:
+        cache = self._tenant_cache if per_tenant else self._cache
+        return generate_latest(self.registry) + generate_latest(cache)

@@ -5,8 +5,13 @@ Two background loops keep the router current:
 - registrations: every ``POLL_S`` the pool reads ``kvcache:workers`` and the heartbeat keys; a
   new worker (or a new *instance* of a known id, i.e. a restart) is added to the router, purging
   whatever the router believed about the earlier instance; a worker whose heartbeat expired is
-  removed. A worker that fails a request is removed at once by the front (``mark_down``) and
-  that instance is never re-added, even while its last heartbeat has not expired yet.
+  removed. A worker whose connection fails is removed at once by the front (``mark_down``) and
+  re-added only once it heartbeats *after* that (the heartbeat key's TTL was renewed), so a
+  crashed worker's last heartbeat cannot bring it back while a live one returns within a beat.
+  Liveness is heartbeats only: a slow answer never removes a worker.
+- a worker that serves another model or block size than the first one is refused once: one
+  error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
+  which the worker logs the reason and stops.
 - events: the pool follows the ``kvcache:events`` stream from the point it started and hands
   each batch to ``router.on_events``. Batches from an instance that is not the current one are
   dropped, so a dead worker's late events cannot resurrect blocks it no longer has.
@@ -25,6 +30,7 @@ serving continues with the router's last view.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -62,28 +68,34 @@ class WorkerPool:
         self.workers: dict[str, WorkerState] = {}
         self.on_change = on_change
         self.redis_up = False
-        self.dead_instances: set[str] = set()  # failed a request: never re-added from a stale heartbeat
+        # Instances whose connection failed -> when (monotonic s): back only on a later heartbeat.
+        self.dead_instances: dict[str, float] = {}
+        self.refused: dict[str, str] = {}  # instance -> why it was refused (logged once)
         self.changed = asyncio.Event()
-        self._refused: dict[str, bytes] = {}  # worker id -> the registration value last refused
-
-    @property
-    def first(self) -> Registration | None:
-        return next(iter(self.workers.values())).reg if self.workers else None
+        self._bad_registrations: dict[str, bytes] = {}  # worker id -> the value last refused
+        self.first: Registration | None = None  # a plain attribute: read from other threads too
 
     def add(self, reg: Registration) -> None:
         known = self.workers.get(reg.worker_id)
         if (known is not None and known.reg.instance == reg.instance) or reg.instance in self.dead_instances:
             return
+        if reg.instance in self.refused:
+            return
         first = self.first
         if first is not None and (first.model_id, first.block_size) != (reg.model_id, reg.block_size):
-            log.error("worker %s serves %s/block %d; this front serves %s/block %d: ignored", reg.worker_id,
-                      reg.model_id, reg.block_size, first.model_id, first.block_size)  # fmt: skip
+            reason = (f"worker {reg.worker_id} serves {reg.model_id} with block size {reg.block_size}; "
+                      f"this deployment serves {first.model_id} with block size {first.block_size}: "
+                      "refused")  # fmt: skip
+            self.refused[reg.instance] = reason
+            log.error("%s", reason)
             return
         mine = key_check(self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
                                           adapter_id=reg.adapter_id))  # fmt: skip
         if reg.key_check != mine:
-            log.error("worker %s keys blocks differently from this front (another deployment secret, "
-                      "model or adapter): ignored", reg.worker_id)  # fmt: skip
+            reason = (f"worker {reg.worker_id} keys blocks differently from this front (another deployment "
+                      "secret, model or adapter): refused")  # fmt: skip
+            self.refused[reg.instance] = reason
+            log.error("%s", reason)
             return
         if known is not None:
             self.router.remove_worker(reg.worker_id)  # a restart: forget the old instance's blocks
@@ -98,7 +110,7 @@ class WorkerPool:
         if state is None or (instance is not None and state.reg.instance != instance):
             return
         if failed:
-            self.dead_instances.add(state.reg.instance)
+            self.dead_instances[state.reg.instance] = time.monotonic()
         del self.workers[worker_id]
         self.router.remove_worker(worker_id)
         self.metrics.indexed.labels(worker_id).set(0)
@@ -106,6 +118,7 @@ class WorkerPool:
         log.warning("worker %s removed", worker_id)
 
     def _changed(self) -> None:
+        self.first = next(iter(self.workers.values())).reg if self.workers else None
         self.metrics.workers.set(len(self.workers))
         self.changed.set()
         self.changed = asyncio.Event()
@@ -157,7 +170,7 @@ class WorkerPool:
 
     async def _sync_registrations(self, client: Any) -> None:
         regs = await client.hgetall(wire.WORKERS_KEY)
-        refused, now_refused = self._refused, {}
+        bad, now_bad = self._bad_registrations, {}
         alive = {}
         for raw_id, raw in regs.items():
             worker_id = raw_id.decode()
@@ -168,22 +181,38 @@ class WorkerPool:
                 if reg.worker_id != worker_id:
                     raise AuthError(f"registration of {reg.worker_id!r} stored under {worker_id!r}")
             except (ValueError, KeyError, TypeError, AuthError) as exc:
-                if refused.get(worker_id) != raw:  # each refused value is logged once, not every poll
+                if bad.get(worker_id) != raw:  # each refused value is logged once, not every poll
                     log.error("registration for %r refused: %s", worker_id, exc)
-                now_refused[worker_id] = raw
+                now_bad[worker_id] = raw
                 continue
-            if alive[worker_id] == reg.instance:
-                self.add(reg)
-        self._refused = now_refused
+            if alive[worker_id] != reg.instance:
+                continue
+            marked = self.dead_instances.get(reg.instance)
+            if marked is not None:
+                # The key's TTL restarts at every heartbeat: the last one was ttl_left - TTL ago.
+                ttl_ms = await client.pttl(wire.alive_key(worker_id))
+                beat_at = time.monotonic() - (wire.ALIVE_TTL_S * 1000 - ttl_ms) / 1000
+                if ttl_ms < 0 or beat_at <= marked:
+                    continue
+                del self.dead_instances[reg.instance]
+                log.info("worker %s heartbeats again after a failed connection: back in the pool", worker_id)
+            refused = reg.instance in self.refused
+            self.add(reg)
+            if not refused and reg.instance in self.refused:
+                notice = json.dumps({"instance": reg.instance, "reason": self.refused[reg.instance]})
+                signed = self.keys.sign_notice(notice)
+                await client.set(wire.refused_key(worker_id), signed, ex=wire.REFUSED_TTL_S)
+        self._bad_registrations = now_bad
         for worker_id, state in list(self.workers.items()):
             if alive.get(worker_id) != state.reg.instance:
                 self.mark_down(worker_id, state.reg.instance)
 
     async def run(self) -> None:
-        """Follow registrations and events until cancelled."""
+        """Follow registrations and events until cancelled; without Redis the caller adds workers."""
         import redis.asyncio as aioredis
 
-        assert self.redis_url is not None
+        if self.redis_url is None:
+            return
         client: Any = aioredis.Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
         last_id = "$"
         next_poll = 0.0

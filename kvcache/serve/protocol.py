@@ -7,21 +7,50 @@ server-sent events) with ``usage.prompt_tokens_details.cached_tokens``.
 
 Decoding is greedy and runs ``max_tokens`` steps: ``temperature``/``top_p``/``seed`` are accepted
 and ignored, ``n`` must be 1, ``stop``/``logprobs``/``echo`` are refused rather than ignored.
+OpenAI fields that can ask for something greedy decoding does not do (``logit_bias``, ``suffix``,
+``tools``, ``response_format``, ...) are accepted at their no-op value (``{}``, ``""``, ``[]``,
+``{"type": "text"}``) and refused with a 400 naming the field otherwise; a field the OpenAI API
+does not have is refused, so a typo never silently changes a request.
+
+``loads`` is the only way a body becomes JSON here: it bounds the nesting depth on the raw bytes
+before parsing (a body of 100,000 ``[`` must be a 400, not a ``RecursionError``), and every string
+a request carries must be encodable as UTF-8 (JSON allows a lone surrogate such as ``"\ud800"``).
 Not here: tokenizing (``tokenize``), authentication (``config``), HTTP (``front``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from kvcache.errors import ProtocolError
 
 MAX_TOKENS_DEFAULT = 16
 MAX_TOKENS_LIMIT = 4096
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-_IGNORED = {"temperature", "top_p", "seed", "user", "presence_penalty", "frequency_penalty"}
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4-6 deep; json.loads recurses once per level
+_IGNORED = {"temperature", "top_p", "seed", "user", "presence_penalty", "frequency_penalty", "metadata",
+            "store", "service_tier"}  # fmt: skip
+# Fields that are accepted at a value that changes nothing and refused at any other value.
+_NOOPS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "top_logprobs": (None, 0),
+}
+_COMPLETION_NOOPS = {"logit_bias", "suffix", "best_of"}
+_CHAT_NOOPS = {"logit_bias", "tools", "tool_choice", "parallel_tool_calls", "response_format", "top_logprobs"}
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_DEPTH_STEP = np.zeros(256, np.int32)  # +1 per opening bracket, -1 per closing one, by byte value
+_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +65,33 @@ class GenerateRequest:
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[tuple[str, str]] | None = None
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``raw`` (strings skipped), without parsing it."""
+    skeleton = np.frombuffer(_STRING.sub(b'""', raw), np.uint8)
+    brackets = skeleton[(skeleton == 0x5B) | (skeleton == 0x5D) | (skeleton == 0x7B) | (skeleton == 0x7D)]
+    return int(np.cumsum(_DEPTH_STEP[brackets]).max(initial=0))
+
+
+def loads(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A request body as JSON; ``ProtocolError`` when it is not UTF-8 JSON or nests too deep."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ProtocolError(f"body nests {depth} levels deep; at most {max_depth} are accepted")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+
+
+def _utf8(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f"{where} holds {text[exc.start:exc.end]!a} at character {exc.start}, which is "
+                            "not valid Unicode (a lone surrogate); send UTF-8 text") from exc  # fmt: skip
+    return text
 
 
 def _require_object(body: Any) -> dict[str, Any]:
@@ -54,9 +110,15 @@ def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) 
 
 
 def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, Any]:
-    unknown = set(body) - allowed - _IGNORED
+    noops = _CHAT_NOOPS if chat else _COMPLETION_NOOPS
+    unknown = set(body) - allowed - _IGNORED - noops
     if unknown:
         raise ProtocolError(f"unsupported fields {sorted(unknown)}; remove them")
+    for name in sorted(noops & set(body)):
+        if not any(body[name] == ok and type(body[name]) is type(ok) for ok in _NOOPS[name]):
+            shown = " or ".join("null" if ok is None else json.dumps(ok) for ok in _NOOPS[name])
+            raise ProtocolError(f"'{name}'={body[name]!r} is not supported (greedy decoding, no tools); "
+                                f"send {shown} or leave it out")  # fmt: skip
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError(f"'model'={model!r} must be a string")
@@ -83,8 +145,15 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
             "include_usage": include_usage}  # fmt: skip
 
 
-def parse_completion(body: Any) -> GenerateRequest:
-    """``/v1/completions``: ``prompt`` is a string, a list of token ids, or a one-element list of either."""
+def check_prompt_tokens(num_tokens: int, limit: int | None) -> None:
+    if limit is not None and num_tokens > limit:
+        raise ProtocolError(f"the prompt has {num_tokens} tokens; this server accepts at most {limit} "
+                            "(--max-prompt-tokens): shorten it")  # fmt: skip
+
+
+def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> GenerateRequest:
+    """``/v1/completions``: ``prompt`` is a string, a list of token ids, or a one-element list of either.
+    A token-id prompt longer than ``max_prompt_tokens`` is refused before its ids are checked."""
     body = _require_object(body)
     common = _common(body, {"model", "prompt", "max_tokens", "stream", "stream_options", "n",
                             "logprobs", "echo", "stop"}, chat=False)  # fmt: skip
@@ -94,8 +163,10 @@ def parse_completion(body: Any) -> GenerateRequest:
     if isinstance(prompt, str):
         if not prompt:
             raise ProtocolError("'prompt' is empty; send at least one character")
-        return GenerateRequest(text=prompt, **common)
+        return GenerateRequest(text=_utf8(prompt, "'prompt'"), **common)
     if isinstance(prompt, list) and prompt:
+        if not isinstance(prompt[0], (str, list)):
+            check_prompt_tokens(len(prompt), max_prompt_tokens)
         if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
             return GenerateRequest(token_ids=list(prompt), **common)
         if all(isinstance(t, (str, list)) for t in prompt):
@@ -105,14 +176,14 @@ def parse_completion(body: Any) -> GenerateRequest:
 
 def _content_text(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _utf8(content, f"{where}.content")
     if isinstance(content, list):
         parts = []
         for i, part in enumerate(content):
             text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
             if not isinstance(text, str):
                 raise ProtocolError(f'{where}.content[{i}] must be {{"type": "text", "text": "..."}}')
-            parts.append(text)
+            parts.append(_utf8(text, f"{where}.content[{i}]"))
         return "".join(parts)
     raise ProtocolError(f"{where}.content must be a string or a list of text parts")
 

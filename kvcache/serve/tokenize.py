@@ -13,7 +13,17 @@ Chat messages without a chat template are joined as ``<|role|>\\ncontent\\n`` an
 ``<|assistant|>\\n``.
 
 ``IncrementalDecoder`` turns a stream of ids into text deltas without splitting a multi-byte
-character. Not here: loading models (``kvcache.hf``), request validation (``protocol``).
+character, the way vLLM detokenizes: it keeps a prefix offset and a read offset into the ids,
+decodes only the few ids from the prefix offset on (``decode_piece``: no clean-up of spaces,
+which would rewrite text already sent), and emits what that adds past the already-read part.
+Each token costs a window of a few ids, never a re-decode of the whole output, and the answer of
+a non-streamed request is the same deltas joined, so streamed and non-streamed text are equal
+for every tokenizer. ``encode_limited`` refuses a text with more than a limit of tokens after
+tokenizing a bounded head of it, not the whole text.
+
+A model that is not a random-weight one must come with its tokenizer: ``load`` raises
+``ModelError`` rather than serve a real model through the byte tokenizer.
+Not here: loading models (``kvcache.hf``), request validation (``protocol``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 from typing import Any, Protocol
+
+from kvcache.errors import ModelError, ProtocolError
 
 
 class Tokenizer(Protocol):
@@ -30,6 +42,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
+
+    def decode_piece(self, token_ids: list[int]) -> str: ...
 
     def encode_chat(
         self, messages: list[tuple[str, str]], add_generation_prompt: bool = True
@@ -58,6 +72,8 @@ class ByteTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t % 256 for t in token_ids).decode("utf-8", errors="replace")
 
+    decode_piece = decode
+
     def encode_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(plain_chat_text(messages, add_generation_prompt))
 
@@ -77,6 +93,10 @@ class HFTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    def decode_piece(self, token_ids: list[int]) -> str:
+        tokens = self.tokenizer.convert_ids_to_tokens(token_ids, skip_special_tokens=True)
+        return str(self.tokenizer.convert_tokens_to_string(tokens)) if tokens else ""
+
     def encode_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The conversation as the model's chat template renders it; without the generation prompt
         it is the prefix every later turn starts with (e.g. a system prompt to publish)."""
@@ -92,12 +112,14 @@ class HFTokenizer:
 
 
 class IncrementalDecoder:
-    """Text deltas for a growing list of ids, never splitting a character across deltas."""
+    """Text deltas for a growing list of ids; ``text`` is every delta so far, joined."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # ids[_prefix:_read] decode to text already sent; they give the context
+        self._read = 0
         self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(
             tokenizer, ByteTokenizer
         ) else None  # fmt: skip
@@ -106,33 +128,58 @@ class IncrementalDecoder:
         self.ids.append(token_id)
         if self._bytes is not None:
             delta = self._bytes.decode(bytes([token_id % 256]))
-            self.text += delta
-            return delta
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for the next id
-        delta, self.text = text[len(self.text) :], text
+        else:
+            delta = self._advance(final=False)
+        self.text += delta
         return delta
+
+    def _advance(self, final: bool) -> str:
+        piece = self.tokenizer.decode_piece
+        sent = piece(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        text = piece(self.ids[self._prefix :])
+        if not final and (len(text) <= len(sent) or text.endswith("\ufffd")):
+            return ""  # an incomplete character, or a token that adds no text yet: wait
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(sent) :]
 
     def flush(self) -> str:
         if self._bytes is not None:
             delta = self._bytes.decode(b"", final=True)
         else:
-            text = self.tokenizer.decode(self.ids)
-            delta, self.text = text[len(self.text) :], text
-            return delta
+            delta = self._advance(final=True) if self._read < len(self.ids) else ""
         self.text += delta
         return delta
 
 
+def encode_limited(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """``tokenizer.encode(text)``; ``ProtocolError`` past ``max_tokens``. A long text's head is
+    tokenized first, so a huge prompt is refused for the cost of a bounded part of it."""
+    if max_tokens is not None:
+        head_chars = 16 * (max_tokens + 1)
+        if len(text) > head_chars and len(tokenizer.encode(text[:head_chars])) > max_tokens + 2:
+            raise ProtocolError(f"the prompt has more than {max_tokens} tokens; this server accepts at "
+                                f"most {max_tokens} (--max-prompt-tokens): shorten it")  # fmt: skip
+    token_ids = tokenizer.encode(text)
+    if max_tokens is not None and len(token_ids) > max_tokens:
+        raise ProtocolError(f"the prompt has {len(token_ids)} tokens; this server accepts at most "
+                            f"{max_tokens} (--max-prompt-tokens): shorten it")  # fmt: skip
+    return token_ids
+
+
 def load(model: str, vocab_size: int = 256) -> Tokenizer:
-    """The HF tokenizer of ``model`` (a registry name, converted on first use, or a local folder)
-    when it has one, else ``ByteTokenizer(vocab_size)``."""
+    """``ByteTokenizer(vocab_size)`` for a random-weight model, else the model's HF tokenizer (a
+    registry name's is converted on first use); ``ModelError`` for a model without one."""
     if model.startswith("tiny") and not Path(model).exists():
         return ByteTokenizer(vocab_size)  # random-weight models: no need to import transformers
+    from kvcache.hf import tiny_model_names
     from kvcache.models import load_tokenizer
 
+    if model in tiny_model_names():
+        return ByteTokenizer(vocab_size)
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
-        return ByteTokenizer(vocab_size)
+        raise ModelError(f"model {model!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                         "tokenizer.model or vocab.json) in its folder or the Hugging Face cache (is the "
+                         "name right?); save the tokenizer with the checkpoint, or serve a random-weight "
+                         "model (tiny, ...)")
     return HFTokenizer(tokenizer, model)

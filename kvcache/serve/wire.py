@@ -14,6 +14,8 @@ No pickle: the format is the same for every language and version of Python.
 Redis layout (one deployment per Redis database):
 - ``kvcache:workers`` hash: worker id -> JSON registration (url, instance, pid, model, ...);
 - ``kvcache:alive:<worker id>``: set with a TTL by the worker's heartbeat;
+- ``kvcache:refused:<worker id>``: JSON ``{instance, reason}`` set by the front when it refuses a
+  worker (another model or block size); the worker logs the reason and stops;
 - ``kvcache:events`` stream: entries ``{worker, instance, events}``, ``events`` encoded as above.
 """
 
@@ -34,8 +36,15 @@ HEARTBEAT_S = 1.0
 ALIVE_TTL_S = 4
 
 
+REFUSED_TTL_S = 60
+
+
 def alive_key(worker_id: str) -> str:
     return f"kvcache:alive:{worker_id}"
+
+
+def refused_key(worker_id: str) -> str:
+    return f"kvcache:refused:{worker_id}"
 
 
 _STORED, _REMOVED = 1, 2

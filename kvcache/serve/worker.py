@@ -9,11 +9,16 @@ Errors the caller caused come back before the first line as a JSON error with it
 tokens were sent, as a last line ``{"error", "status"}``; they never stop the worker.
 
 The engine is single-threaded: every request runs on one engine thread, one at a time, in
-arrival order; ``queue_s`` is how long a request waited for it. After each prefill and each
+arrival order; ``queue_s`` is how long a request waited for it. When the front drops the
+connection (its client went away), the request stops after the step in progress, and a request
+still waiting for the engine thread never starts. A request is admitted when its prompt plus
+``max_tokens`` fits the pool: ``ceil((prompt + max_tokens - 1) / block_size)`` blocks, since the
+last token is returned without its KV being written. After each prefill and each
 request the worker drains the engine's cache events and appends them to the Redis stream, so the
 front's router learns what this worker caches. A heartbeat keeps the registration alive; when
 Redis is unreachable the worker keeps serving and drops events (counted), and re-registers once
-Redis answers again.
+Redis answers again. If the front refuses this worker (another model or block size than the
+deployment's), the worker logs the front's reason once and stops (``refused``).
 
 Every call must carry the deployment's worker token (``auth``): without it the answer is 401,
 with a wrong one 403, before the body is read. Registrations are signed on every heartbeat and
@@ -100,6 +105,8 @@ class Worker:
         self.num_dropped_event_batches = 0
         self._event_seq = 0  # per instance; the front drops a batch whose number it has seen
         self.url = ""
+        self.refused: str | None = None  # the front's reason, when it refused this worker
+        self.stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis_task: asyncio.Task[None] | None = None
 
@@ -155,7 +162,8 @@ class Worker:
                 if not isinstance(body.get(name), kind):
                     raise InvalidTokensError(f"'{name}' must be a {kind.__name__}")
             manager = self.engine.manager
-            needed = -(-(len(body["token_ids"]) + body["max_tokens"]) // manager.block_size)
+            # The last generated token is returned, never fed back: its KV is not stored.
+            needed = -(-(len(body["token_ids"]) + body["max_tokens"] - 1) // manager.block_size)
             if needed > manager.pool.num_blocks:
                 raise InvalidTokensError(
                     f"{len(body['token_ids'])} prompt tokens + max_tokens={body['max_tokens']} need "
@@ -171,6 +179,9 @@ class Worker:
 
         def run() -> None:
             started = time.monotonic()
+            if cancel.is_set():  # the front gave up while this request waited for the engine
+                loop.call_soon_threadsafe(lines.put_nowait, None)
+                return
             try:
                 for line in self._steps(body, cancel):
                     if line["index"] == 0:
@@ -253,6 +264,8 @@ class Worker:
         while True:
             try:
                 if time.monotonic() >= next_beat:
+                    if await self._was_refused(client):
+                        return
                     await client.hset(wire.WORKERS_KEY, self.worker_id,
                                       self.keys.sign_registration(reg, time.time()))  # fmt: skip
                     await client.set(wire.alive_key(self.worker_id), self.instance, ex=wire.ALIVE_TTL_S)
@@ -277,6 +290,23 @@ class Worker:
                 await asyncio.sleep(0.5)
                 next_beat = 0.0
 
+    async def _was_refused(self, client: Any) -> bool:
+        """Whether the front refused this instance; if so, log why (once) and ask to stop."""
+        raw = await client.get(wire.refused_key(self.worker_id))
+        notice = self.keys.open_notice(raw) if raw is not None else None
+        if notice is None:
+            return False  # none, or not signed by this deployment's front: Redis cannot stop a worker
+        try:
+            data = json.loads(notice)
+        except ValueError:
+            return False
+        if not isinstance(data, dict) or data.get("instance") != self.instance:
+            return False  # an earlier instance was refused, not this one
+        self.refused = str(data.get("reason", "refused by the front"))
+        log.error("the front refused this worker: %s; stopping", self.refused)
+        self.stop.set()
+        return True
+
     async def deregister(self) -> None:
         import redis.asyncio as aioredis
 
@@ -295,7 +325,8 @@ class Worker:
         app = web.Application(client_max_size=64 * 2**20, middlewares=[self._authenticate])
         app.router.add_post("/generate", self.generate)
         app.router.add_get("/health", self.health)
-        runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a dropped connection cancels its handler, which cancels the request.
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -312,11 +343,10 @@ async def serve_forever(worker: Worker, host: str, port: int, advertise: str | N
 
     runner = await worker.start(host, port, advertise)
     print(f"worker {worker.worker_id} serving at {worker.url}", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, worker.stop.set)
+    await worker.stop.wait()
     if worker._redis_task is not None:
         worker._redis_task.cancel()
         await asyncio.gather(worker._redis_task, return_exceptions=True)

@@ -1,0 +1,93 @@
+"""``kvcache serve`` refuses to start what cannot serve: one error line naming the cause, exit 2."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvcache.cli import main
+from kvcache.errors import ModelError
+from kvcache.redis_server import _ping, start_redis
+from kvcache.serve import tokenize
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run ``kvcache serve ARGS`` in-process; it must fail with exit 2; returns its stderr."""
+    assert main(["serve", "--port", str(free_port()), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
+    with start_redis() as redis:
+        cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--redis", redis.url, "--port", str(free_port()),
+               "--device", "nosuchdevice", "--workers", "1"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a worker's start: seconds
+    err = done.stderr
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert "worker w0 exited with code 2 before joining" in err
+    assert "--device 'nosuchdevice' is not a torch device" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--num-blocks", "-1"), "--num-blocks=-1 must be >= 1"),
+        (("--policy", "bogus"), "ttft, round_robin, random, least_loaded, lpm, dynamo, sglang, affinity"),
+        (("--redis", "redis://127.0.0.1:{port}/0"), "cannot reach Redis at redis://127.0.0.1:"),
+        (("--model", "nosuch-model"), "model 'nosuch-model' has no tokenizer files"),
+    ],
+)
+def test_bad_settings_fail_before_any_worker_starts(capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
+                                                    needle: str) -> None:  # fmt: skip
+    args = tuple(a.format(port=free_port()) for a in args)
+    assert needle in serve(capsys, *args)
+
+
+def test_a_checkpoint_without_tokenizer_files_is_an_error(tmp_path: Path) -> None:
+    from kvcache.hf import tiny_config
+
+    tiny_config("tiny").save_pretrained(tmp_path)  # config.json only, no tokenizer files
+    with pytest.raises(ModelError, match="has no tokenizer files"):
+        tokenize.load(str(tmp_path))
+
+
+def test_redis_script_stops_its_server_on_sigterm() -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "redis.sh"
+    process = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().decode().strip()  # printed once redis-server answers
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert _ping(port)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _ping(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _ping(port)  # no orphaned redis-server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_worker_flags_carry_dtype_and_device() -> None:
+    from kvcache.serve.launch import WorkerArgs
+
+    argv = WorkerArgs(dtype="bfloat16", device="cpu").argv("redis://127.0.0.1:1/0", "w3")
+    assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--device") + 1] == "cpu"
+    assert "--dtype" not in WorkerArgs().argv("redis://127.0.0.1:1/0", "w3")

@@ -1,0 +1,96 @@
+"""The front's worker pool against a scripted Redis: liveness from heartbeats, refusals said once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from kvcache.router import Router
+from kvcache.serve import wire
+from kvcache.serve.metrics import ServeMetrics
+from kvcache.serve.pool import WorkerPool
+from kvcache.serve.worker import Registration, Worker
+
+
+class ScriptedRedis:
+    """``hgetall``/``get``/``pttl``/``set`` over dicts; ``beat`` renews a heartbeat key's TTL."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[bytes, bytes]] = {wire.WORKERS_KEY: {}}
+        self.values: dict[str, bytes] = {}
+        self.ttl_ms: dict[str, int] = {}
+
+    def register(self, reg: Registration) -> None:
+        self.hashes[wire.WORKERS_KEY][reg.worker_id.encode()] = reg.to_json().encode()
+        self.beat(reg)
+
+    def beat(self, reg: Registration) -> None:
+        self.values[wire.alive_key(reg.worker_id)] = reg.instance.encode()
+        self.ttl_ms[wire.alive_key(reg.worker_id)] = wire.ALIVE_TTL_S * 1000
+
+    async def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return dict(self.hashes.get(key, {}))
+
+    async def get(self, key: str) -> bytes | None:
+        return self.values.get(key)
+
+    async def pttl(self, key: str) -> int:
+        return self.ttl_ms.get(key, -2)
+
+    async def set(self, key: str, value: str, ex: int | None = None) -> None:
+        self.values[key] = value.encode()
+
+
+def reg(worker_id: str, instance: str, model_id: str = "tiny-llama") -> Registration:
+    return Registration(worker_id, f"http://127.0.0.1:1/{worker_id}", instance, 1, model_id, 16, 1024)
+
+
+def test_a_worker_marked_down_comes_back_on_its_next_heartbeat() -> None:
+    async def main() -> None:
+        redis = ScriptedRedis()
+        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None)
+        w0 = reg("w0", "a")
+        redis.register(w0)
+        await pool._sync_registrations(redis)
+        assert list(pool.workers) == ["w0"]
+        pool.mark_down("w0", "a", failed=True)  # a connection to it failed
+        redis.ttl_ms[wire.alive_key("w0")] = 1000  # its last heartbeat was 3 s ago, before the failure
+        await pool._sync_registrations(redis)
+        assert pool.workers == {}  # its last heartbeat predates the failure: stays out
+        redis.beat(w0)  # it is alive after all
+        await pool._sync_registrations(redis)
+        assert list(pool.workers) == ["w0"] and pool.dead_instances == {}
+        assert pool.router.workers == ["w0"]
+
+    asyncio.run(main())
+
+
+def test_a_worker_with_another_model_is_refused_once_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        redis = ScriptedRedis()
+        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None)
+        redis.register(reg("w0", "a"))
+        redis.register(reg("w1", "b", model_id="other-model"))
+        with caplog.at_level(logging.ERROR, logger="kvcache.front"):
+            for _ in range(12):  # three seconds of polling
+                await pool._sync_registrations(redis)
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1 and "w1 serves other-model" in refusals[0].getMessage()
+        assert list(pool.workers) == ["w0"]
+        notice = json.loads(redis.values[wire.refused_key("w1")])
+        assert notice["instance"] == "b" and "other-model" in notice["reason"]
+
+        engine: Any = None
+        worker = Worker(engine, "w1", None)
+        worker.instance = "b"
+        with caplog.at_level(logging.ERROR, logger="kvcache.worker"):
+            assert await worker._was_refused(redis)
+        assert worker.stop.is_set() and worker.refused is not None and "other-model" in worker.refused
+        other = Worker(engine, "w1", None)  # a later instance under the same id is not refused
+        assert not await other._was_refused(redis)
+
+    asyncio.run(main())
