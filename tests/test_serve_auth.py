@@ -32,8 +32,8 @@ OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
 
 def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
     parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.events_key,
-             KEYS.pseudonym_key]  # fmt: skip
-    assert len(set(parts)) == 5 and all(len(p) == 32 for p in parts)
+             KEYS.pseudonym_key, KEYS.notice_key]  # fmt: skip
+    assert len(set(parts)) == 6 and all(len(p) == 32 for p in parts)
     assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
     assert KEYS.block_key != OTHER.block_key
     assert repr(KEYS) == "DeploymentKeys(<redacted>)"
@@ -130,6 +130,20 @@ def test_registrations_verify_only_when_signed_fresh_and_unaltered() -> None:
         KEYS.open_registration(signed, now + 120)
     with pytest.raises(AuthError, match="not a signed envelope"):
         KEYS.open_registration(reg, now)  # an unsigned registration, as a forger writes it
+
+
+def test_front_notices_open_only_when_signed_by_the_deployment() -> None:
+    notice = json.dumps({"instance": "i0", "reason": "another model"})
+    signed = KEYS.sign_notice(notice)
+    assert KEYS.open_notice(signed) == notice
+    assert OTHER.open_notice(signed) is None  # another deployment's front
+    forged = json.loads(signed)
+    forged["notice"] = json.dumps({"instance": "i1", "reason": "another model"})
+    assert KEYS.open_notice(json.dumps(forged)) is None
+    assert KEYS.open_notice(notice) is None  # unsigned, as anyone who can write Redis would put it
+    assert KEYS.open_notice(b"\xff not json") is None
+    # a registration envelope is not a notice: the purposes have separate keys
+    assert KEYS.open_notice(KEYS.sign_registration(notice, time.time())) is None
 
 
 def test_the_front_keys_blocks_exactly_as_a_worker_block_manager_does() -> None:

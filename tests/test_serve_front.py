@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from deployment import KEYS, registration
 from hf_tokenizers import wordpiece
 
 from kvcache.router import Router, RouteRequest
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
 from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
-from kvcache.serve.worker import Registration
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,6 +58,8 @@ class ScriptedWorker:
         return response
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        # The front must present the deployment's worker token, as a real worker requires.
+        assert KEYS.check_worker_call(request.headers.get("Authorization")) is None
         return await self.handler(request)
 
     def app(self) -> web.Application:
@@ -75,9 +77,9 @@ def run_front(worker: ScriptedWorker, scenario: Callable[[Front, str], Awaitable
         async with TestServer(worker.app()) as wserver:
             front = Front(config=config or ServeConfig(), router=Router("round_robin", block_size=16),
                           tokenizer=tokenizer or ByteTokenizer(1024), model_name="tiny", redis_url=None,
-                          route_request=RouteRequest, **front_args)  # fmt: skip
+                          route_request=RouteRequest, keys=KEYS, **front_args)  # fmt: skip
             url = str(wserver.make_url("")).rstrip("/")
-            front.pool.add(Registration("w0", url, "i0", 1, "tiny-llama", 16, 1024))
+            front.pool.add(registration("w0", url, "i0", model_id="tiny-llama"))
             runner = front.runner()  # as ``kvcache serve`` runs it (TestServer would cancel handlers itself)
             await runner.setup()
             try:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from kvcache.cli import main
 from kvcache.errors import ModelError
 from kvcache.redis_server import _ping, start_redis
-from kvcache.serve import tokenize
+from kvcache.serve import auth, tokenize
 
 
 def free_port() -> int:
@@ -33,9 +35,10 @@ def serve(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
     with start_redis() as redis:
-        cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--redis", redis.url, "--port", str(free_port()),
-               "--device", "nosuchdevice", "--workers", "1"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a worker's start: seconds
+        cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", str(free_port()),
+               "--device", "nosuchdevice", "--workers", "1", "--model", "tiny"]  # fmt: skip
+        env = {**os.environ, auth.REDIS_URL_ENV: redis.url}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # start: seconds
     err = done.stderr
     assert done.returncode == 2 and "Traceback" not in err, err
     assert "worker w0 exited with code 2 before joining" in err
@@ -47,7 +50,7 @@ def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
     [
         (("--num-blocks", "-1"), "--num-blocks=-1 must be >= 1"),
         (("--policy", "bogus"), "ttft, round_robin, random, least_loaded, lpm, dynamo, sglang, affinity"),
-        (("--redis", "redis://127.0.0.1:{port}/0"), "cannot reach Redis at redis://127.0.0.1:"),
+        (("--redis", "redis://127.0.0.1:{port}/0"), "cannot reach Redis at 127.0.0.1:"),
         (("--model", "nosuch-model"), "model 'nosuch-model' has no tokenizer files"),
     ],
 )
@@ -65,20 +68,25 @@ def test_a_checkpoint_without_tokenizer_files_is_an_error(tmp_path: Path) -> Non
         tokenize.load(str(tmp_path))
 
 
-def test_redis_script_stops_its_server_on_sigterm() -> None:
+def test_redis_script_stops_its_server_on_sigterm(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "redis.sh"
-    process = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url_file = tmp_path / "redis-url"
+    env = {**os.environ, "KVCACHE_REDIS_URL_FILE": str(url_file)}
+    process = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         assert process.stdout is not None
-        url = process.stdout.readline().decode().strip()  # printed once redis-server answers
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-        assert _ping(port)
+        shown, path = process.stdout.readline().decode().split()  # printed once redis-server answers
+        assert Path(path) == url_file and url_file.stat().st_mode & 0o077 == 0  # only the owner reads it
+        url = urlsplit(url_file.read_text().strip())
+        assert url.password and url.password not in shown and "***" in shown  # never printed
+        port, password = int(url.port or 0), url.password
+        assert _ping(port, password)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _ping(port) and time.monotonic() < deadline:
+        while _ping(port, password) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _ping(port)  # no orphaned redis-server
+        assert not _ping(port, password)  # no orphaned redis-server
     finally:
         if process.poll() is None:
             process.kill()
@@ -88,6 +96,6 @@ def test_redis_script_stops_its_server_on_sigterm() -> None:
 def test_worker_flags_carry_dtype_and_device() -> None:
     from kvcache.serve.launch import WorkerArgs
 
-    argv = WorkerArgs(dtype="bfloat16", device="cpu").argv("redis://127.0.0.1:1/0", "w3")
+    argv = WorkerArgs(dtype="bfloat16", device="cpu").argv("w3")
     assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--device") + 1] == "cpu"
-    assert "--dtype" not in WorkerArgs().argv("redis://127.0.0.1:1/0", "w3")
+    assert "--dtype" not in WorkerArgs().argv("w3")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
+from deployment import KEYS, registration
 
 from kvcache.router import Router
 from kvcache.serve import wire
@@ -25,7 +27,8 @@ class ScriptedRedis:
         self.ttl_ms: dict[str, int] = {}
 
     def register(self, reg: Registration) -> None:
-        self.hashes[wire.WORKERS_KEY][reg.worker_id.encode()] = reg.to_json().encode()
+        signed = KEYS.sign_registration(reg.to_json(), time.time())
+        self.hashes[wire.WORKERS_KEY][reg.worker_id.encode()] = signed.encode()
         self.beat(reg)
 
     def beat(self, reg: Registration) -> None:
@@ -46,13 +49,13 @@ class ScriptedRedis:
 
 
 def reg(worker_id: str, instance: str, model_id: str = "tiny-llama") -> Registration:
-    return Registration(worker_id, f"http://127.0.0.1:1/{worker_id}", instance, 1, model_id, 16, 1024)
+    return registration(worker_id, f"http://127.0.0.1:1/{worker_id}", instance, model_id=model_id)
 
 
 def test_a_worker_marked_down_comes_back_on_its_next_heartbeat() -> None:
     async def main() -> None:
         redis = ScriptedRedis()
-        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None)
+        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None, keys=KEYS)
         w0 = reg("w0", "a")
         redis.register(w0)
         await pool._sync_registrations(redis)
@@ -72,7 +75,7 @@ def test_a_worker_marked_down_comes_back_on_its_next_heartbeat() -> None:
 def test_a_worker_with_another_model_is_refused_once_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         redis = ScriptedRedis()
-        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None)
+        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None, keys=KEYS)
         redis.register(reg("w0", "a"))
         redis.register(reg("w1", "b", model_id="other-model"))
         with caplog.at_level(logging.ERROR, logger="kvcache.front"):
@@ -81,16 +84,23 @@ def test_a_worker_with_another_model_is_refused_once_on_both_sides(caplog: pytes
         refusals = [r for r in caplog.records if "refused" in r.getMessage()]
         assert len(refusals) == 1 and "w1 serves other-model" in refusals[0].getMessage()
         assert list(pool.workers) == ["w0"]
-        notice = json.loads(redis.values[wire.refused_key("w1")])
+        opened = KEYS.open_notice(redis.values[wire.refused_key("w1")])
+        assert opened is not None  # signed by the front
+        notice = json.loads(opened)
         assert notice["instance"] == "b" and "other-model" in notice["reason"]
 
         engine: Any = None
-        worker = Worker(engine, "w1", None)
+        worker = Worker(engine, "w1", None, KEYS)
         worker.instance = "b"
         with caplog.at_level(logging.ERROR, logger="kvcache.worker"):
             assert await worker._was_refused(redis)
         assert worker.stop.is_set() and worker.refused is not None and "other-model" in worker.refused
-        other = Worker(engine, "w1", None)  # a later instance under the same id is not refused
+        other = Worker(engine, "w1", None, KEYS)  # a later instance under the same id is not refused
         assert not await other._was_refused(redis)
+        # Whoever can write Redis cannot stop a worker: an unsigned notice naming it is ignored.
+        await redis.set(wire.refused_key("w0"), json.dumps({"instance": "a", "reason": "forged"}))
+        healthy = Worker(engine, "w0", None, KEYS)
+        healthy.instance = "a"
+        assert not await healthy._was_refused(redis) and not healthy.stop.is_set()
 
     asyncio.run(main())

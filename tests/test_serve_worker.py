@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+from deployment import KEYS
 
 from kvcache.serve.worker import Worker
 
@@ -54,7 +55,7 @@ class FakeEngine:
 
 def run_worker(engine: Any, scenario: Callable[[str], Awaitable[None]]) -> None:
     async def main() -> None:
-        worker = Worker(engine, "w0", None)
+        worker = Worker(engine, "w0", None, KEYS)
         runner = await worker.start("127.0.0.1", 0)
         try:
             await asyncio.wait_for(scenario(worker.url), 120)
@@ -78,7 +79,8 @@ def test_a_dropped_connection_stops_decoding_after_the_step_in_progress() -> Non
 
     async def scenario(url: str) -> None:
         long = body("r1", 8, 4096)
-        async with aiohttp.ClientSession() as session, session.post(url + "/generate", json=long) as resp:
+        session = aiohttp.ClientSession(headers=KEYS.auth_header())
+        async with session, session.post(url + "/generate", json=long) as resp:
             assert resp.status == 200
             first = json.loads(await resp.content.readline())
             assert first["index"] == 0 and first["prompt_tokens"] == 8
@@ -93,7 +95,7 @@ def test_a_request_dropped_while_queued_never_starts() -> None:
     engine.gates["busy"] = threading.Event()
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
             busy = asyncio.create_task(session.post(url + "/generate", json=body("busy", 8, 2)))
             while "busy" not in engine.started:  # the engine thread is now held by "busy"
                 await asyncio.sleep(0.01)
@@ -121,7 +123,7 @@ def test_admission_counts_the_blocks_the_engine_needs() -> None:
     engine = Engine.load("tiny", EngineConfig(num_blocks=4, block_size=16, device="cpu"))
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
             # 60 prompt tokens + 5 new ones: the last one is never fed back, so 64 positions, 4 blocks.
             async with session.post(url + "/generate", json=body("fits", 60, 5)) as resp:
                 assert resp.status == 200
