@@ -139,6 +139,29 @@ def make_sglang(
     return sglang
 
 
+def make_lpm_balanced(balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> Policy:
+    """Longest prefix match behind SGLang's load guard.
+
+    The guard is the one SGLang's gateway applies before its cache-aware choice
+    (sgl-project/sglang, sgl-model-gateway ``src/policies/cache_aware.rs``): when the request
+    counts are imbalanced, ``max - min > balance_abs_threshold`` and ``max > min x
+    balance_rel_threshold``, the least loaded worker wins. Otherwise the longest precise
+    prefix match wins (no match-ratio threshold; equal matches go to the less loaded worker).
+    32 is ``CacheAwareConfig::default()``'s absolute threshold (``src/policies/mod.rs``; the
+    gateway's command line defaults to 64), 1.5 the command line's relative one (the library
+    default is 1.1).
+    """
+
+    def lpm_balanced(inp: RoutingInput) -> int:
+        loads = [v.active_requests for v in inp.workers]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
+            return argmin(inp, lambda v: v.active_requests)
+        return argmin(inp, lambda v: (-v.overlap_blocks, v.active_requests))
+
+    return lpm_balanced
+
+
 def make_affinity(recompute_weight: float = 1.5) -> Policy:
     """kvcache's policy: the lowest modelled cost of serving the request on each worker.
 
@@ -180,6 +203,7 @@ POLICIES: dict[str, Policy] = {
     "lpm": lpm,
     "dynamo": make_dynamo(),
     "sglang": make_sglang(),
+    "lpm_balanced": make_lpm_balanced(),
     "affinity": make_affinity(),
 }
-BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang")
+BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang", "lpm_balanced")
