@@ -1,0 +1,296 @@
+"""vLLM's KV event stream: the wire schema, a publisher and a subscriber over ZMQ.
+
+vLLM (``vllm/distributed/kv_events.py``, ``--kv-events-config``) publishes msgpack-encoded
+``KVEventBatch(ts, events, data_parallel_rank)`` on a ZMQ PUB socket as three frames
+``[topic, seq (8 bytes, big-endian), payload]``; events are tagged arrays
+``BlockStored(block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+lora_name)``, ``BlockRemoved(block_hashes, medium)`` and ``AllBlocksCleared()``. A ROUTER
+replay socket answers ``[start_seq (8 bytes)]`` with every buffered ``[seq, payload]`` from
+that sequence on, then ``[-1 (8 bytes, signed), b""]``. Fields a later vLLM appends are
+ignored on decode; fields an earlier one lacks default to None.
+
+``EventPublisher`` lets a kvcache worker speak this protocol (keys from ``vllm_keys``);
+``EventSubscriber`` feeds a router index (``EngineIndex``): it applies batches in sequence,
+asks the replay socket for a gap, and when the gap cannot be filled (the publisher's buffer
+moved on) clears that engine's entries, as it does on ``AllBlocksCleared``: the index then
+under-reports until new events arrive, never over-reports. Routing is ``router``'s job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvcache.errors import ConfigError, KVCacheError
+from kvcache.router.vllm_keys import external_key
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+DEFAULT_TOPIC = "kv-events"
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """A tagged event (the tag is the class name, as vLLM sends it)."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[int | bytes]
+    medium: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+class KVEventBatch(EventBatch):
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+
+
+class EventStreamError(KVCacheError):
+    """A KV event message that does not follow vLLM's schema."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+
+
+def encode_batch(batch: KVEventBatch) -> bytes:
+    return _encoder.encode(batch)
+
+
+def decode_batch(payload: bytes) -> KVEventBatch:
+    """One payload as a batch; a payload off the schema raises ``EventStreamError``."""
+    try:
+        return _decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise EventStreamError(
+            f"KV event payload of {len(payload)} bytes is not a KVEventBatch: {exc}"
+        ) from exc
+
+
+class EngineIndex:
+    """Which vLLM block keys each engine holds, at most ``capacity_blocks`` per engine.
+
+    Keys are the 64-bit ints of ``vllm_keys.external_key``. An engine over its bound (events
+    lost, or forged) forgets its least recently stored keys first, so the index never holds
+    more than an engine's pool could.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 1:
+            raise ConfigError(f"capacity_blocks={capacity_blocks} must be >= 1 (the engines' KV blocks)")
+        self.capacity_blocks = capacity_blocks
+        self.keys_of: dict[str, OrderedDict[int, None]] = {}
+        self.holders: dict[int, set[str]] = {}
+
+    def _drop(self, engine: str, key: int) -> None:
+        held = self.holders.get(key)
+        if held is not None:
+            held.discard(engine)
+            if not held:
+                del self.holders[key]
+
+    def apply(self, engine: str, batch: KVEventBatch) -> None:
+        keys = self.keys_of.setdefault(engine, OrderedDict())
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                for raw in event.block_hashes:
+                    key = external_key(raw)
+                    keys[key] = None
+                    keys.move_to_end(key)
+                    self.holders.setdefault(key, set()).add(engine)
+                while len(keys) > self.capacity_blocks:
+                    self._drop(engine, keys.popitem(last=False)[0])
+            elif isinstance(event, BlockRemoved):
+                for raw in event.block_hashes:
+                    key = external_key(raw)
+                    if keys.pop(key, 0) is None:
+                        self._drop(engine, key)
+            else:
+                self.clear(engine)
+
+    def clear(self, engine: str) -> None:
+        for key in self.keys_of.pop(engine, OrderedDict()):
+            self._drop(engine, key)
+
+    def overlap(self, engine: str, keys: Iterable[int]) -> int:
+        """Leading ``keys`` the engine holds."""
+        mine: dict[int, None] = self.keys_of.get(engine, {})
+        n = 0
+        for key in keys:
+            if key not in mine:
+                break
+            n += 1
+        return n
+
+    def num_keys(self, engine: str) -> int:
+        return len(self.keys_of.get(engine, ()))
+
+
+class EventPublisher:
+    """A worker's side: PUB batches with sequence numbers, serve replays from a bounded buffer."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = DEFAULT_TOPIC,
+        buffer_steps: int = 10_000,
+    ) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.bind(endpoint)
+        self.replay = None
+        if replay_endpoint:
+            self.replay = self.ctx.socket(zmq.ROUTER)
+            self.replay.bind(replay_endpoint)
+        self.topic = topic.encode()
+        self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
+        self.seq = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if self.replay is not None:
+            self.thread = threading.Thread(target=self._serve_replay, daemon=True, name="kv-events-replay")
+            self.thread.start()
+
+    def publish(
+        self, events: list[BlockStored | BlockRemoved | AllBlocksCleared], *, send: bool = True
+    ) -> int:
+        """Number, buffer and (unless ``send`` is False: a test's lost message) send one batch."""
+        payload = encode_batch(KVEventBatch(ts=time.time(), events=events))
+        with self.lock:
+            seq = self.seq
+            self.seq += 1
+            self.buffer.append((seq, payload))
+            if send:
+                self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    def _serve_replay(self) -> None:
+        assert self.replay is not None
+        poller = zmq.Poller()
+        poller.register(self.replay, zmq.POLLIN)
+        while not self.stop.is_set():
+            if not poller.poll(50):
+                continue
+            frames = self.replay.recv_multipart()
+            if len(frames) != 3 or len(frames[2]) != 8:
+                continue  # not a replay request
+            client, _, start = frames
+            first = int.from_bytes(start, "big")
+            with self.lock:
+                wanted = [(s, p) for s, p in self.buffer if s >= first]
+            for seq, payload in wanted:
+                self.replay.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
+            self.replay.send_multipart([client, b"", END_SEQ, b""])
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.pub.close(linger=0)
+        if self.replay is not None:
+            self.replay.close(linger=0)
+
+
+class EventSubscriber:
+    """The router's side for one engine: apply its batches in order, fill gaps by replay."""
+
+    def __init__(
+        self,
+        engine: str,
+        index: EngineIndex,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = DEFAULT_TOPIC,
+        replay_timeout_ms: int = 500,
+    ) -> None:
+        self.engine = engine
+        self.index = index
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.connect(endpoint)
+        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.replay_endpoint = replay_endpoint
+        self.replay_timeout_ms = replay_timeout_ms
+        self.next_seq: int | None = None
+        self.num_gaps = self.num_resyncs = self.num_bad = 0
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Apply every message waiting (waiting up to ``timeout_ms`` for the first); returns
+        how many batches were applied."""
+        applied = 0
+        while self.sub.poll(timeout_ms if applied == 0 else 0):
+            frames = self.sub.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                self.num_bad += 1
+                continue
+            applied += self._on_message(int.from_bytes(frames[1], "big"), frames[2])
+        return applied
+
+    def _on_message(self, seq: int, payload: bytes) -> int:
+        applied = 0
+        if self.next_seq is not None and seq < self.next_seq:
+            return 0  # already applied (a replayed duplicate)
+        if self.next_seq is not None and seq > self.next_seq:
+            self.num_gaps += 1
+            applied += self._fill(self.next_seq, seq)
+        try:
+            batch = decode_batch(payload)
+        except EventStreamError:
+            self.num_bad += 1
+            self.next_seq = seq + 1
+            return applied
+        self.index.apply(self.engine, batch)
+        self.next_seq = seq + 1
+        return applied + 1
+
+    def _fill(self, first: int, upto: int) -> int:
+        """Replay ``[first, upto)``; without it, forget this engine (it resyncs from new events)."""
+        got: dict[int, bytes] = {}
+        if self.replay_endpoint:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.replay_endpoint)
+            sock.send_multipart([b"", first.to_bytes(8, "big")])
+            while sock.poll(self.replay_timeout_ms):
+                frames = sock.recv_multipart()
+                if len(frames) != 3 or frames[1] == END_SEQ:
+                    break
+                got[int.from_bytes(frames[1], "big")] = frames[2]
+            sock.close()
+        if any(s not in got for s in range(first, upto)):
+            self.num_resyncs += 1
+            self.index.clear(self.engine)
+            return 0
+        for s in range(first, upto):
+            try:
+                self.index.apply(self.engine, decode_batch(got[s]))
+            except EventStreamError:
+                self.num_bad += 1
+        return upto - first
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
