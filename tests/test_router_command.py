@@ -96,7 +96,8 @@ def test_shape_trace_and_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert len(trace.read_text().splitlines()) == 50
     assert cli.main(["trace", str(trace), "--workload", "rag", "--format", "tokens"]) == 2
     out_json, out_png = tmp_path / "m.json", tmp_path / "m.png"
-    argv = ["matrix", "--shapes", "rag", "--workers", "2", "--fractions", "0.1", "--policy", "lpm_balanced,affinity"]
+    argv = ["matrix", "--shapes", "rag", "--workers", "2", "--fractions", "0.1"]
+    argv += ["--policy", "lpm_balanced,affinity"]
     assert cli.main([*argv, "--jobs", "1", "--json", str(out_json), "--plot", str(out_png)]) == 0
     payload = json.loads(out_json.read_text())
     assert [c["shape"] for c in payload["cells"]] == ["rag"]
