@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -111,28 +111,42 @@ class EngineIndex:
             if not held:
                 del self.holders[key]
 
-    def apply(self, engine: str, batch: KVEventBatch) -> None:
+    def apply(self, engine: str, batch: KVEventBatch) -> tuple[list[int], list[int]]:
+        """Apply one batch; returns the keys the engine gained and lost in this index."""
         keys = self.keys_of.setdefault(engine, OrderedDict())
+        stored: list[int] = []
+        removed: list[int] = []
         for event in batch.events:
             if isinstance(event, BlockStored):
                 for raw in event.block_hashes:
                     key = external_key(raw)
+                    if key not in keys:
+                        stored.append(key)
                     keys[key] = None
                     keys.move_to_end(key)
                     self.holders.setdefault(key, set()).add(engine)
                 while len(keys) > self.capacity_blocks:
-                    self._drop(engine, keys.popitem(last=False)[0])
+                    old = keys.popitem(last=False)[0]
+                    self._drop(engine, old)
+                    removed.append(old)
             elif isinstance(event, BlockRemoved):
                 for raw in event.block_hashes:
                     key = external_key(raw)
-                    if keys.pop(key, 0) is None:
+                    if key in keys:
+                        del keys[key]
                         self._drop(engine, key)
+                        removed.append(key)
             else:
-                self.clear(engine)
+                removed += self.clear(engine)
+                keys = self.keys_of.setdefault(engine, OrderedDict())
+        return stored, removed
 
-    def clear(self, engine: str) -> None:
-        for key in self.keys_of.pop(engine, OrderedDict()):
+    def clear(self, engine: str) -> list[int]:
+        """Forget everything the engine holds; returns the keys forgotten."""
+        gone = list(self.keys_of.pop(engine, OrderedDict()))
+        for key in gone:
             self._drop(engine, key)
+        return gone
 
     def overlap(self, engine: str, keys: Iterable[int]) -> int:
         """Leading ``keys`` the engine holds."""
@@ -226,9 +240,11 @@ class EventSubscriber:
         replay_endpoint: str | None = None,
         topic: str = DEFAULT_TOPIC,
         replay_timeout_ms: int = 500,
+        on_change: Callable[[str, list[int], list[int]], None] | None = None,
     ) -> None:
         self.engine = engine
         self.index = index
+        self.on_change = on_change  # (engine, keys gained, keys lost), after each change
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.connect(endpoint)
@@ -263,9 +279,19 @@ class EventSubscriber:
             self.num_bad += 1
             self.next_seq = seq + 1
             return applied
-        self.index.apply(self.engine, batch)
+        self._apply(batch)
         self.next_seq = seq + 1
         return applied + 1
+
+    def _apply(self, batch: KVEventBatch) -> None:
+        stored, removed = self.index.apply(self.engine, batch)
+        if self.on_change is not None and (stored or removed):
+            self.on_change(self.engine, stored, removed)
+
+    def _clear(self) -> None:
+        removed = self.index.clear(self.engine)
+        if self.on_change is not None and removed:
+            self.on_change(self.engine, [], removed)
 
     def _fill(self, first: int, upto: int) -> int:
         """Replay ``[first, upto)``; without it, forget this engine (it resyncs from new events)."""
@@ -283,11 +309,11 @@ class EventSubscriber:
             sock.close()
         if any(s not in got for s in range(first, upto)):
             self.num_resyncs += 1
-            self.index.clear(self.engine)
+            self._clear()
             return 0
         for s in range(first, upto):
             try:
-                self.index.apply(self.engine, decode_batch(got[s]))
+                self._apply(decode_batch(got[s]))
             except EventStreamError:
                 self.num_bad += 1
         return upto - first
