@@ -133,3 +133,81 @@ def test_engine_spec() -> None:
     assert Engine.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
     with pytest.raises(ConfigError, match="URL,EVENTS"):
         Engine.parse("h:8000")
+
+
+async def _workers_scenario() -> dict[str, Any]:
+    from kvcache.engine import EngineConfig
+    from kvcache.router.vllm_events import EngineEventBridge
+    from kvcache.serve.podtier import PodTieredEngine
+    from kvcache.serve.worker import Worker
+
+    keyer = VllmKeyer(BLOCK, "xxhash_cbor", "7")
+    workers, runners, publishers, engines = [], [], [], []
+    for name in ("w0", "w1"):
+        engine = PodTieredEngine.load("tiny", EngineConfig(num_blocks=64, block_size=BLOCK, seed=0))
+        worker = Worker(engine, name, None)
+        events, replay = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+        publisher = EventPublisher(events, replay)
+        worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager)  # the opt-in hook
+        runners.append(await worker.start("127.0.0.1", 0))
+        workers.append(worker)
+        publishers.append(publisher)
+        engines.append(Engine(worker.url, events, replay))
+    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache")
+    client = TestClient(TestServer(proxy.app()))
+    await client.start_server()
+    out: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 10
+        while any(sub.next_seq is None for sub in proxy.subscribers):
+            for p in publishers:
+                p.publish([])
+            await asyncio.sleep(0.05)
+            proxy.poll_events()
+            assert time.monotonic() < deadline
+
+        async def ask(prompt: list[int], salt: str | None = None) -> tuple[str, int]:
+            body: dict[str, Any] = {"model": "tiny", "prompt": prompt, "max_tokens": 2}
+            if salt:
+                body["cache_salt"] = salt
+            resp = await client.post("/v1/completions", json=body)
+            data = await resp.json()
+            assert resp.status == 200, data
+            assert len(data["choices"][0]["token_ids"]) == 2
+            return resp.headers["x-kvcache-engine"], data["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        prompt = [(7 * i) % 250 + 3 for i in range(64)]  # four full blocks
+        first, cached0 = await ask(prompt)
+        deadline = time.monotonic() + 10
+        while proxy.index.overlap(first, keyer.keys(prompt)) < 4:  # the worker's events arrived
+            await asyncio.sleep(0.02)
+            assert time.monotonic() < deadline
+        followups = []
+        for k in (1, 2, 3):  # each turn 100 ms apart, past the router's modelled prefill
+            await asyncio.sleep(0.1)
+            followups.append(await ask([*prompt, *range(300, 300 + 8 * k)]))
+        out.update(first=first, followups=followups, cached0=cached0)
+        # the same tokens under a salt (another tenant on the worker) share no key
+        out["salted_overlap"] = proxy.index.overlap(first, keyer.keys(prompt, cache_salt="acme"))
+        _, out["salted_cached"] = await ask(prompt, salt="acme")
+        bad = await client.post("/v1/completions", json={"model": "tiny", "prompt": "text", "max_tokens": 2})
+        out["text_status"] = bad.status
+    finally:
+        await client.close()
+        for runner in runners:
+            await runner.cleanup()
+        for worker in workers:
+            worker.executor.shutdown(wait=True)
+        for p in publishers:
+            p.close()
+    return out
+
+
+def test_route_proxy_in_front_of_kvcache_workers(torch_one_thread: None) -> None:
+    out = asyncio.run(_workers_scenario())
+    assert out["cached0"] == 0
+    # routed by the worker's vLLM-format events (by chance alone: 1 in 8), and the worker reused
+    # the four blocks, then also the fifth the second follow-up filled (tokens 300-315)
+    assert out["followups"] == [(out["first"], 64), (out["first"], 64), (out["first"], 80)]
+    assert out["salted_overlap"] == 0 and out["salted_cached"] == 0
+    assert out["text_status"] == 400

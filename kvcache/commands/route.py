@@ -25,6 +25,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity-blocks", type=int, required=True, help="KV blocks per engine")
     parser.add_argument("--policy", default="affinity")
     parser.add_argument("--lora", action="append", default=[], help="a model name that is a LoRA adapter")
+    parser.add_argument(
+        "--engine-api",
+        choices=("openai", "kvcache"),
+        default="openai",
+        help="openai: vLLM engines; kvcache: kvcache workers started with --vllm-events",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     engines = [Engine.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
-    proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora))
+    proxy = RouteProxy(
+        engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora), args.engine_api
+    )
     web.run_app(proxy.app(), host=args.host, port=args.port)
     return 0

@@ -11,8 +11,10 @@ need token ids: a completion whose ``prompt`` is a list of token ids is keyed (w
 and chat messages are placed by load alone (no tokenizer here). The router's load accounting
 counts a request from forwarding to the end of its response.
 
-Not here: tokenizing, authentication, retries on another engine (``kvcache serve``'s front does
-those for kvcache's own workers).
+With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
+completion with token ids becomes their ``POST /generate`` and the answer an OpenAI
+``text_completion`` carrying token ids. Not here: tokenizing, authentication, retries on another
+engine (``kvcache serve``'s front does those for kvcache's own workers).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from kvcache.router.vllm_events import EngineIndex, EventSubscriber
 from kvcache.router.vllm_keys import VllmKeyer
 
 _SCOPE = "vllm"
+APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcache worker's /generate
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,10 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "code": status}}, status=status)
 
 
+def _token_ids(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(type(t) is int and t >= 0 for t in prompt)
+
+
 def _key_bytes(key: int) -> bytes:
     return key.to_bytes(8, "big")
 
@@ -71,9 +78,13 @@ class RouteProxy:
         capacity_blocks: int,
         policy: str = "affinity",
         lora_models: frozenset[str] = frozenset(),
+        api: str = "openai",
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
+        if api not in APIS:
+            raise ConfigError(f"api={api!r} is unknown; choose one of {APIS}")
+        self.api = api
         self.engines = list(engines)
         self.keyer = keyer
         self.lora_models = lora_models
@@ -131,10 +142,14 @@ class RouteProxy:
             return web.json_response(
                 {"error": {"message": "the body must be a JSON object", "code": 400}}, status=400
             )
+        if self.api == "kvcache" and not _token_ids(body.get("prompt")):
+            return _error(400, "kvcache workers take token ids: send 'prompt' as a list of token ids")
         self.poll_events()
         request_id, w = self.place(body)
         assert self.session is not None
         try:
+            if self.api == "kvcache":
+                return await self._generate(request_id, w, body)
             async with self.session.post(self.engines[w].url + request.path, json=body) as upstream:
                 response = web.StreamResponse(status=upstream.status)
                 response.content_type = upstream.content_type
@@ -148,6 +163,44 @@ class RouteProxy:
             return _error(502, f"engine {w} ({self.engines[w].url}): {exc}")
         finally:
             self.router.on_finished(request_id)
+
+    async def _generate(self, request_id: str, w: int, body: dict[str, Any]) -> web.Response:
+        """One completion on a kvcache worker (``POST /generate``, NDJSON), answered as OpenAI's
+        ``text_completion`` with the token ids and vLLM's ``prompt_tokens_details.cached_tokens``."""
+        assert self.session is not None
+        salt = body.get("cache_salt")
+        request = {
+            "request_id": request_id,
+            "token_ids": body["prompt"],
+            "tenant": salt if isinstance(salt, str) and salt else "default",
+            "max_tokens": body.get("max_tokens", 16),
+        }
+        async with self.session.post(self.engines[w].url + "/generate", json=request) as upstream:
+            if upstream.status != 200:
+                return _error(upstream.status, str((await upstream.json()).get("error", "engine error")))
+            tokens: list[int] = []
+            first: dict[str, Any] = {}
+            async for raw in upstream.content:
+                line = json.loads(raw)
+                if "error" in line:
+                    return _error(int(line.get("status", 500)), str(line["error"]))
+                if "token_id" in line:
+                    first = first or line
+                    tokens.append(int(line["token_id"]))
+        prompt_tokens = int(first.get("prompt_tokens", len(body["prompt"])))
+        answer = {
+            "id": request_id,
+            "object": "text_completion",
+            "model": body.get("model"),
+            "choices": [{"index": 0, "text": "", "token_ids": tokens, "finish_reason": "length"}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens),
+                "total_tokens": prompt_tokens + len(tokens),
+                "prompt_tokens_details": {"cached_tokens": int(first.get("cached_tokens", 0))},
+            },
+        }
+        return web.json_response(answer, headers={"x-kvcache-engine": str(w)})
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))

@@ -320,3 +320,62 @@ class EventSubscriber:
 
     def close(self) -> None:
         self.sub.close(linger=0)
+
+
+class EngineEventBridge:
+    """Lets a kvcache engine speak vLLM's stream: its block events become vLLM events keyed as
+    vLLM would key the same tokens.
+
+    For each request the worker passes the prompt's token ids, its scope and the engine events
+    the request produced. The i-th full block of the prompt has kvcache key ``k_i`` (the
+    engine's manager, the tenant's scope) and vLLM key ``v_i`` (``keyer``, with the tenant as
+    ``cache_salt`` unless it is ``default_tenant``); a stored ``k_i`` is published as a stored
+    ``v_i`` and remembered, so its later removal is published too. Blocks of generated tokens
+    are not published (a router keys prompts only).
+    """
+
+    def __init__(
+        self, publisher: EventPublisher, keyer: Any, manager: Any, default_tenant: str = "default"
+    ) -> None:
+        self.publisher = publisher
+        self.keyer = keyer
+        self.manager = manager
+        self.default_tenant = default_tenant
+        self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
+
+    def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
+        """``scope``: the request's ``kvcache.tenancy.Scope`` (its tenant becomes the salt)."""
+        from kvcache.events import BlockStored as KVStored
+
+        events = list(events)
+        if not events:
+            return
+        salt = None if scope.tenant == self.default_tenant else scope.tenant
+        kv_keys = self.manager.hash(token_ids, scope).keys
+        v_keys = self.keyer.keys(token_ids, cache_salt=salt)
+        prompt = {k: (i, v) for i, (k, v) in enumerate(zip(kv_keys, v_keys, strict=False))}
+        first = len(v_keys)
+        stored: list[int | bytes] = []
+        removed: list[int | bytes] = []
+        for event in events:
+            if isinstance(event, KVStored):
+                hit = prompt.get(event.key)
+                if hit is not None:
+                    self.vllm_of[event.key] = hit[1]
+                    stored.append(hit[1])
+                    first = min(first, hit[0])
+            else:
+                v = self.vllm_of.pop(event.key, None)
+                if v is not None:
+                    removed.append(v)
+        out: list[BlockStored | BlockRemoved | AllBlocksCleared] = []
+        if removed:
+            out.append(BlockRemoved(removed, "GPU"))
+        if stored:
+            # the newly stored blocks run from ``first`` on (the blocks before were cached)
+            bs = self.keyer.block_size
+            parent = v_keys[first - 1] if first > 0 else None
+            tokens = token_ids[first * bs : (first + len(stored)) * bs]
+            out.append(BlockStored(stored, parent, tokens, bs, None, "GPU"))
+        if out:
+            self.publisher.publish(out)
