@@ -9,7 +9,8 @@ replay socket answers ``[start_seq (8 bytes)]`` with every buffered ``[seq, payl
 that sequence on, then ``[-1 (8 bytes, signed), b""]``. Fields a later vLLM appends are
 ignored on decode; fields an earlier one lacks default to None.
 
-``EventPublisher`` lets a kvcache worker speak this protocol (keys from ``vllm_keys``);
+``EventPublisher`` speaks this protocol, and ``EngineEventBridge`` feeds it a kvcache engine's
+block events re-keyed as vLLM keys (``vllm_keys``), so a kvcache worker looks like a vLLM engine;
 ``EventSubscriber`` feeds a router index (``EngineIndex``): it applies batches in sequence,
 asks the replay socket for a gap, and when the gap cannot be filled (the publisher's buffer
 moved on) clears that engine's entries, as it does on ``AllBlocksCleared``: the index then
