@@ -36,16 +36,17 @@ def test_trace_then_replay_all(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "20 blocks per worker" in out and "40 blocks per worker" in out and "upper bounds" in out
     payload = json.loads(out_json.read_text())
     rows = payload["results"]
-    assert [r["policy"] for r in rows[:7]] == [
+    assert [r["policy"] for r in rows[:8]] == [
         "round_robin",
         "random",
         "least_loaded",
         "lpm",
         "dynamo",
         "sglang",
+        "lpm_balanced",
         "affinity",
     ]
-    assert len(rows) == 14 and all(r["lost"] == 0 and r["completed"] == 80 for r in rows)
+    assert len(rows) == 16 and all(r["lost"] == 0 and r["completed"] == 80 for r in rows)
     for key in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput", "token_hit_rate"):
         assert key in rows[0]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
@@ -86,3 +87,22 @@ def test_replay_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "--policy 'nope' is unknown" in capsys.readouterr().err
     assert cli.main(["replay", str(trace), "--fail", "x", "--quiet"]) == 2
     assert "must be WORKER@SECONDS" in capsys.readouterr().err
+
+
+def test_shape_trace_and_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "rag.jsonl"
+    argv = ["trace", str(trace), "--workload", "rag", "--requests", "50", "--load", "0.5", "--workers", "2"]
+    assert cli.main(argv) == 0
+    assert len(trace.read_text().splitlines()) == 50
+    assert cli.main(["trace", str(trace), "--workload", "rag", "--format", "tokens"]) == 2
+    out_json, out_png = tmp_path / "m.json", tmp_path / "m.png"
+    argv = ["matrix", "--shapes", "rag", "--workers", "2", "--fractions", "0.1"]
+    argv += ["--policy", "lpm_balanced,affinity"]
+    assert cli.main([*argv, "--jobs", "1", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    payload = json.loads(out_json.read_text())
+    assert [c["shape"] for c in payload["cells"]] == ["rag"]
+    assert {"pareto", "hit_bar", "p99_bar", "ok"} <= set(payload["cells"][0])
+    assert [r["policy"] for r in payload["results"]] == ["lpm_balanced", "affinity"]
+    assert "affinity meets all three checks in" in capsys.readouterr().out
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main([*argv[:-1], "nope"]) == 2

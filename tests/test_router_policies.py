@@ -66,3 +66,15 @@ def test_affinity_prices_queue_against_reuse() -> None:
     assert affinity(inp([view(0, overlap=1, queued=5_000.0), view(1)], num_tokens=long)) == 1
     # The same match behind a short queue still wins over recomputing everything.
     assert affinity(inp([view(0, overlap=399, queued=50.0), view(1)], num_tokens=long)) == 0
+
+
+def test_lpm_balanced_rules() -> None:
+    policy = POLICIES["lpm_balanced"]
+    # balanced: any match wins, even a one-block match of a long prompt (no ratio threshold)
+    assert policy(inp([view(0, overlap=1, active=30), view(1, active=1)], num_tokens=16 * 40)) == 0
+    # equal matches go to the less loaded worker
+    assert policy(inp([view(0, overlap=2, active=9), view(1, overlap=2, active=3)])) == 1
+    # 40 - 1 > 32 and 40 > 1.5: least loaded despite the match
+    assert policy(inp([view(0, overlap=4, active=40), view(1, active=1)])) == 1
+    # spread 33 > 32 but 103 < 1.5 x 70: still the match
+    assert policy(inp([view(0, overlap=4, active=103), view(1, active=70)])) == 0

@@ -29,7 +29,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default="affinity",
         help="a policy name, a comma list, or 'all' (round_robin, random, least_loaded, lpm, "
-        "dynamo, sglang, affinity)",
+        "dynamo, sglang, lpm_balanced, affinity)",
     )
     parser.add_argument(
         "--mode",

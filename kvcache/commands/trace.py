@@ -4,37 +4,64 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "generate a seeded synthetic request trace (chat, agent loops, Zipf documents, shared prefix)"
+HELP = "generate a seeded synthetic request trace (chat, agents, documents, RAG, bursts, shared prefix)"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    from kvcache.router.shapes import SHAPES
     from kvcache.router.synth import WORKLOADS
 
     parser.add_argument("output", help="JSONL file to write")
-    parser.add_argument("--workload", choices=WORKLOADS, default="mix")
+    parser.add_argument(
+        "--workload",
+        choices=(*WORKLOADS, *SHAPES),
+        default="mix",
+        help="token-level workloads (mix, chat, agent, docs, shared_prefix) or the benchmark shapes "
+        "(rag, bursty, long_agent, fleet; Mooncake format only); see docs/router.md",
+    )
     parser.add_argument("--format", choices=("mooncake", "tokens"), default="mooncake")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument("--tenants", type=int, default=None, help="tenants (default 4; rag: 40)")
     parser.add_argument("--session-rate", type=float, default=1.0, help="new sessions per second")
     parser.add_argument("--block-tokens", type=int, default=512, help="tokens per hash id (Mooncake format)")
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=None,
+        help="benchmark shapes: rescale the clock so the trace offers this prefill load to --workers",
+    )
+    parser.add_argument("--workers", type=int, default=16, help="workers the --load refers to")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvcache.errors import ConfigError
+    from kvcache.router.shapes import SHAPES, ShapeConfig, generate, scale_to_load
     from kvcache.router.synth import SynthConfig, synthesize
     from kvcache.router.trace import to_block_ids, write_trace
 
-    requests = synthesize(
-        SynthConfig(
-            workload=args.workload,
-            num_requests=args.requests,
-            num_tenants=args.tenants,
-            session_rate_per_s=args.session_rate,
-            seed=args.seed,
+    if args.workload in SHAPES:
+        if args.format != "mooncake":
+            raise ConfigError(f"--workload {args.workload} is written in Mooncake format only; drop --format")
+        requests = generate(
+            ShapeConfig(args.workload, args.requests, args.block_tokens, args.tenants or 40, seed=args.seed)
         )
-    )
-    if args.format == "mooncake":
-        requests = to_block_ids(requests, args.block_tokens)
+        if args.load is not None:
+            requests = scale_to_load(requests, args.workers, args.load)
+    else:
+        if args.load is not None:
+            raise ConfigError("--load applies to the benchmark shapes (rag, bursty, long_agent, fleet)")
+        requests = synthesize(
+            SynthConfig(
+                workload=args.workload,
+                num_requests=args.requests,
+                num_tenants=args.tenants or 4,
+                session_rate_per_s=args.session_rate,
+                seed=args.seed,
+            )
+        )
+        if args.format == "mooncake":
+            requests = to_block_ids(requests, args.block_tokens)
     n = write_trace(args.output, requests)
     tokens = sum(r.num_tokens for r in requests)
     print(

@@ -36,6 +36,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=0, help="weights of random models (same on every worker)")
     parser.add_argument("--no-pod-tier", action="store_true", help="do not share blocks through Redis")
+    parser.add_argument(
+        "--vllm-events",
+        metavar="PUB[,REPLAY]",
+        help="also publish vLLM's KV event stream (ZMQ, e.g. tcp://*:5557,tcp://*:5558), keys as vLLM's "
+        "sha256_cbor with PYTHONHASHSEED 0",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, redis_url=None if args.no_pod_tier else redis_url,
         worker_id=worker_id, deployment_key=keys.block_key, dtype=args.dtype, device=args.device)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names)
+    if args.vllm_events:
+        from kvcache.router.vllm_events import EngineEventBridge, EventPublisher
+        from kvcache.router.vllm_keys import VllmKeyer
+
+        pub, _, replay = args.vllm_events.partition(",")
+        keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
+        worker.vllm_events = EngineEventBridge(EventPublisher(pub, replay or None), keyer, engine.manager)
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
     if worker.refused is not None:
         raise ConfigError(f"the front refused worker {worker_id}: {worker.refused}")

@@ -10,6 +10,7 @@ load. Nothing here keeps state; the router owns the index and the load accountin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ class WorkerView:
     active_blocks: int  # blocks those requests hold
     pending_prefill_tokens: int  # prompt tokens routed there whose prefill has not finished
     queued_prefill_ms: float  # modelled prefill work ahead of a new request
+    held_blocks: int = 0  # distinct full blocks those requests use (shared prefixes counted once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class RoutingInput:
     latency: LatencyModel
     turn: int  # requests routed before this one
     rng: random.Random
+    capacity_blocks: int | None = None  # each worker's pool, when the router knows it
+    mean_service_ms: float = 0.0  # observed mean time from routing to finishing (0: none yet)
 
     def new_tokens(self, view: WorkerView) -> int:
         """Prompt tokens the worker would compute, given its overlap (at least one, as engines do)."""
@@ -139,25 +143,70 @@ def make_sglang(
     return sglang
 
 
-def make_affinity(recompute_weight: float = 1.5) -> Policy:
-    """kvcache's policy: the lowest modelled cost of serving the request on each worker.
+def make_lpm_balanced(balance_abs_threshold: int = 32, balance_rel_threshold: float = 1.5) -> Policy:
+    """Longest prefix match behind SGLang's load guard.
 
-    ``cost = queued_prefill_ms + (1 + recompute_weight) x prefill_ms(new, cached, active)``:
-    the request's own TTFT on that worker (the prefill work queued ahead of it, then its own
-    prefill of the tokens the worker lacks, slowed by the decode batch it shares steps with)
-    plus ``recompute_weight`` times the compute it takes from the system, since tokens
-    recomputed on a cold worker delay everyone queued after them. A shared first block saves
-    one block of prefill, never enough to outweigh a queue, so a common system prompt cannot
-    pile traffic onto one worker. In the spirit of Mooncake's Conductor (lowest estimated
-    TTFT = queue + prefill; Qin et al., FAST'25) and Preble's cost-aware E2 scheduling. The
-    default weight 1.5 came from a sweep over 0-4 on the Mooncake trace at 137, 274 and 548
-    blocks per worker: the smallest tried that kept the hit rate within about 1% of the best
-    baseline's at all three without giving up p99 TTFT.
+    The guard is the one SGLang's gateway applies before its cache-aware choice
+    (sgl-project/sglang, sgl-model-gateway ``src/policies/cache_aware.rs``): when the request
+    counts are imbalanced, ``max - min > balance_abs_threshold`` and ``max > min x
+    balance_rel_threshold``, the least loaded worker wins. Otherwise the longest precise
+    prefix match wins (no match-ratio threshold; equal matches go to the less loaded worker).
+    32 is ``CacheAwareConfig::default()``'s absolute threshold (``src/policies/mod.rs``; the
+    gateway's command line defaults to 64), 1.5 the command line's relative one (the library
+    default is 1.1).
+    """
+
+    def lpm_balanced(inp: RoutingInput) -> int:
+        loads = [v.active_requests for v in inp.workers]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
+            return argmin(inp, lambda v: v.active_requests)
+        return argmin(inp, lambda v: (-v.overlap_blocks, v.active_requests))
+
+    return lpm_balanced
+
+
+def make_affinity(
+    recompute_weight: float = 0.0, memory_weight: float = 8.0, locality_slack: float = 0.5
+) -> Policy:
+    """kvcache's policy: the lowest modelled TTFT, then the longest prefix among near-ties.
+
+    ``cost = queued_prefill_ms + memory_wait_ms + (1 + recompute_weight) x prefill_ms(new,
+    cached, active)``, three terms the router can estimate for each worker:
+
+    - ``queued_prefill_ms``: prefill work already routed there and not done (plus a decode
+      step per request over the sequence slots);
+    - ``memory_wait_ms`` (when the router knows the pool size): the routed, unfinished
+      requests use ``held_blocks`` distinct blocks; if those plus the blocks this request
+      lacks exceed the pool, it waits for blocks to be freed: ``memory_weight x
+      mean_service_ms x excess / capacity_blocks``, where ``mean_service_ms`` is the
+      routed-to-finished time the router observes online. Queues of long prompts in small
+      pools wait for memory, not for compute, and a prefill estimate alone misses it;
+    - ``prefill_ms(new, cached, active)``: this request's own prefill of the tokens the worker
+      lacks, slowed by the decode batch it shares steps with; ``recompute_weight`` > 0 would
+      also charge the delay recomputation imposes on later requests (0 by default: in the
+      benchmark matrix any positive weight bought hits in long-context cells with a
+      collapsed tail).
+
+    Then locality: among the workers whose cost is within ``locality_slack`` x the request's
+    full (uncached) prefill time of the lowest, the one holding the longest prefix wins
+    (lowest cost among equals, seeded random among exact ties). Cost estimates differ by more
+    than this noise only when the queues really differ; inside it, keeping a prefix's
+    traffic together keeps it cached (tenant system prompts, documents, sessions) instead of
+    copying it into every pool. A shared first block never outweighs a real queue, so a
+    common system prompt cannot pile traffic onto one worker.
+
+    In the spirit of Mooncake's Conductor (lowest estimated TTFT = queue + prefill; Qin et al.,
+    FAST'25) and Preble's E2 (exploit a long match unless load says explore). The defaults
+    were chosen on the benchmark matrix's shapes (docs/router.md) and are the same for
+    every trace.
     """
 
     def affinity(inp: RoutingInput) -> int:
         lat = inp.latency
         slots = lat.max_num_seqs
+        cap = inp.capacity_blocks if memory_weight > 0 else None
+        service = inp.mean_service_ms
 
         def cost(v: WorkerView) -> float:
             new = inp.new_tokens(v)
@@ -166,9 +215,20 @@ def make_affinity(recompute_weight: float = 1.5) -> Policy:
             wait = v.queued_prefill_ms
             if v.active_requests >= slots:  # no free sequence slot: at least a step per request over
                 wait += lat.decode_step_ms(slots) * (v.active_requests - slots + 1)
+            if cap and service:
+                excess = v.held_blocks + inp.num_blocks - v.overlap_blocks - cap
+                if excess > 0:
+                    wait += memory_weight * service * excess / cap
             return wait + (1.0 + recompute_weight) * prefill
 
-        return argmin(inp, cost)
+        if locality_slack <= 0:
+            return argmin(inp, cost)
+        costs = {v.worker_id: cost(v) for v in inp.workers}
+        bound = min(costs.values()) + locality_slack * lat.prefill_ms(inp.num_tokens, 0, 0)
+        near = [v for v in inp.workers if costs[v.worker_id] <= bound]
+        longest = max(v.overlap_blocks for v in near)
+        near = [v for v in near if v.overlap_blocks == longest]
+        return argmin(dataclasses.replace(inp, workers=near), lambda v: costs[v.worker_id])
 
     return affinity
 
@@ -180,6 +240,7 @@ POLICIES: dict[str, Policy] = {
     "lpm": lpm,
     "dynamo": make_dynamo(),
     "sglang": make_sglang(),
+    "lpm_balanced": make_lpm_balanced(),
     "affinity": make_affinity(),
 }
-BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang")
+BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang", "lpm_balanced")

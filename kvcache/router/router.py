@@ -52,6 +52,8 @@ class _Load:
     prefill_free_ms: float = 0.0  # when the modelled prefill queue empties
     pending: deque[tuple[float, int]] = field(default_factory=deque)  # (est. prefill end, tokens)
     pending_tokens: int = 0
+    held: dict[bytes, int] = field(default_factory=dict)  # block key -> active requests using it
+    keys_of: dict[Hashable, Sequence[bytes]] = field(default_factory=dict)
 
 
 def _monotonic_ms() -> float:
@@ -95,6 +97,9 @@ class Router:
         self.rng = random.Random(seed)
         self.loads: dict[int, _Load] = {}
         self.where: dict[Hashable, int] = {}  # active request -> worker
+        self.routed_at: dict[Hashable, float] = {}
+        self.capacity_blocks = capacity_blocks
+        self.mean_service_ms = 0.0  # EWMA of routed -> finished, the time a request holds its blocks
         self.num_routed = 0
 
     @property
@@ -114,6 +119,7 @@ class Router:
         self.index.remove_worker(worker_id)
         for request_id in load.active:
             del self.where[request_id]
+            del self.routed_at[request_id]
         return list(load.active)
 
     def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
@@ -131,6 +137,7 @@ class Router:
                     active_blocks=load.active_blocks,
                     pending_prefill_tokens=load.pending_tokens,
                     queued_prefill_ms=max(0.0, load.prefill_free_ms - now),
+                    held_blocks=len(load.held),
                 )
             )
         return views
@@ -149,7 +156,14 @@ class Router:
         now = self.clock()
         views = self._views(request, now)
         inp = RoutingInput(
-            request.num_tokens, self.block_size, views, self.latency, self.num_routed, self.rng
+            request.num_tokens,
+            self.block_size,
+            views,
+            self.latency,
+            self.num_routed,
+            self.rng,
+            self.capacity_blocks,
+            self.mean_service_ms,
         )
         worker_id = self.policy(inp)
         view = next(v for v in views if v.worker_id == worker_id)
@@ -171,7 +185,12 @@ class Router:
         blocks = inp.num_blocks
         load.active[request.request_id] = blocks
         load.active_blocks += blocks
+        load.keys_of[request.request_id] = request.block_keys
+        held = load.held
+        for key in request.block_keys:
+            held[key] = held.get(key, 0) + 1
         self.where[request.request_id] = worker_id
+        self.routed_at[request.request_id] = now
 
     def on_events(self, worker_id: int, events: Sequence[CacheEvent]) -> None:
         """A worker's block stored/removed events (precise mode; ignored in approx mode)."""
@@ -187,3 +206,14 @@ class Router:
             raise RequestError(f"request id {request_id!r} is not routed (unknown or already finished)")
         load = self.loads[worker_id]
         load.active_blocks -= load.active.pop(request_id)
+        held = load.held
+        for key in load.keys_of.pop(request_id):
+            if held[key] == 1:
+                del held[key]
+            else:
+                held[key] -= 1
+        held_ms = self.clock() - self.routed_at.pop(request_id)
+        # A slow EWMA: the policy needs the typical time blocks stay held, not the last one.
+        self.mean_service_ms = (
+            held_ms if not self.mean_service_ms else 0.98 * self.mean_service_ms + 0.02 * held_ms
+        )

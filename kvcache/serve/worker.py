@@ -109,6 +109,7 @@ class Worker:
         self.stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis_task: asyncio.Task[None] | None = None
+        self.vllm_events: Any = None  # a vllm_events.EngineEventBridge, set by --vllm-events
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class Worker:
                     line.update(prompt_tokens=step.prompt_tokens, cached_tokens=sum(hits.values()),
                                 tier_hits=hits, prefill_s=step.elapsed_s,
                                 tier_errors=int(getattr(self.engine, "last_tier_errors", 0)))  # fmt: skip
-                    self._publish(self.engine.drain_events())  # the router learns the prefix early
+                    self._publish(self.engine.drain_events(), body)  # the router learns the prefix early
                 yield line
                 if cancel.is_set() or step.token_id in self.stop_ids:
                     break
@@ -135,7 +136,7 @@ class Worker:
             write_through = getattr(self.engine, "write_through", None)
             if write_through is not None:
                 write_through()
-            self._publish(self.engine.drain_events())
+            self._publish(self.engine.drain_events(), body)
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
         """Prompt tokens each tier supplied, device first (the engine reports the device's)."""
@@ -145,7 +146,10 @@ class Worker:
             hits[name] = tier_tokens
         return hits
 
-    def _publish(self, events: list[CacheEvent]) -> None:
+    def _publish(self, events: list[CacheEvent], body: dict[str, Any]) -> None:
+        if events and self.vllm_events is not None:  # opt-in: vLLM's KV event stream too
+            scope = Scope(body["tenant"], group=body.get("group"))
+            self.vllm_events.publish_engine_events(body["token_ids"], scope, events)
         if events:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self.events.put_nowait, events)

@@ -1,0 +1,229 @@
+"""The routing benchmark matrix: workload shapes x worker counts x cache capacities x policies,
+each cell replayed under every policy, and the verdict on ``affinity`` in each cell.
+
+A cell's trace comes from ``shapes.generate`` (seeded), scaled with ``shapes.scale_to_load`` so
+every worker count sees the same offered prefill load. Its size grows with the worker count so
+that a worker's pool at the smallest capacity still holds a few requests (``requests_for``),
+and a pool never holds fewer than ``MIN_POOL_REQUESTS`` mean-sized requests (the effective
+fraction is recorded next to the asked one). A Mooncake trace file can join the matrix as
+one more shape (its own timestamps, not rescaled).
+
+The verdict (``verdict``) checks three things for ``affinity`` against the others in a cell:
+no baseline has both a higher token hit rate and a lower p99 TTFT (``pareto``); its hit rate
+is at least 95% of the best among the policies whose p99 TTFT is within 1.5x of the best p99
+(``hit_bar``); its p99 TTFT is at most 1.05x the best baseline's (``p99_bar``). Replays are
+deterministic simulations: the same command prints the same numbers on every machine.
+This module runs and judges; ``report`` computes each replay's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvcache.router import report
+from kvcache.router.latency import LatencyModel
+from kvcache.router.policies import BASELINES, POLICIES
+from kvcache.router.replay import ReplayConfig, prepare, replay
+from kvcache.router.shapes import SHAPES, ShapeConfig, generate, scale_to_load
+from kvcache.router.trace import FORMAT_MOONCAKE, Trace, read_trace
+
+OURS = "affinity"
+MIN_POOL_REQUESTS = 2
+HIT_SHARE, TAIL_BAND, P99_SLACK = 0.95, 1.5, 1.05
+_KEEP = (
+    "policy", "num_workers", "capacity_blocks", "token_hit_rate", "block_hit_rate",
+    "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "request_throughput",
+    "load_imbalance", "load_imbalance_60s_max", "lost",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class MatrixConfig:
+    shapes: tuple[str, ...] = SHAPES
+    workers: tuple[int, ...] = (4, 16, 64)
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.3)
+    policies: tuple[str, ...] = tuple(POLICIES)
+    load: float = 0.5
+    min_requests: int = 1000
+    max_requests: int = 2500
+    seed: int = 0
+    trace_path: str | None = None  # a Mooncake trace replayed as one more shape
+
+
+def requests_for(shape: str, num_workers: int, cfg: MatrixConfig) -> int:
+    """Enough requests that a pool at the smallest fraction holds MIN_POOL_REQUESTS requests."""
+    pilot = generate(ShapeConfig(shape, cfg.min_requests, seed=cfg.seed))
+    unique_per_request = Trace(pilot, FORMAT_MOONCAKE, 512).unique_blocks() / len(pilot)
+    mean_blocks = sum(len(r.block_ids or ()) for r in pilot) / len(pilot)
+    need = MIN_POOL_REQUESTS * mean_blocks * num_workers / (min(cfg.fractions) * unique_per_request)
+    return max(cfg.min_requests, min(cfg.max_requests, math.ceil(need)))
+
+
+def cell_trace(shape: str, num_workers: int, cfg: MatrixConfig) -> Trace:
+    if shape == "trace":
+        assert cfg.trace_path is not None
+        return read_trace(cfg.trace_path)
+    reqs = generate(ShapeConfig(shape, requests_for(shape, num_workers, cfg), seed=cfg.seed))
+    return Trace(scale_to_load(reqs, num_workers, cfg.load), FORMAT_MOONCAKE, 512)
+
+
+def run_cell(args: tuple[str, int, MatrixConfig]) -> list[dict[str, Any]]:
+    """Every fraction x policy on one (shape, workers) trace; rows carry their cell's keys."""
+    shape, num_workers, cfg = args
+    trace = cell_trace(shape, num_workers, cfg)
+    assert trace.block_tokens is not None
+    bs = trace.block_tokens
+    prompts = prepare(trace, bs)
+    unique = trace.unique_blocks()
+    mean_blocks = sum(len(p.keys) for p in prompts) / len(prompts)
+    rows = []
+    for fraction in cfg.fractions:
+        capacity = max(int(fraction * unique / num_workers), math.ceil(MIN_POOL_REQUESTS * mean_blocks))
+        for policy in cfg.policies:
+            result = replay(
+                trace, ReplayConfig(num_workers, capacity, policy, seed=cfg.seed), prompts=prompts
+            )
+            m = report.metrics(result)
+            row = {k: m[k] for k in _KEEP}
+            row.update(
+                shape=shape,
+                fraction=fraction,
+                effective_fraction=capacity * num_workers / unique,
+                num_requests=len(trace.requests),
+                wall_s=result.wall_s,
+            )
+            rows.append(row)
+    return rows
+
+
+def verdict(rows: Sequence[dict[str, Any]], ours: str = OURS) -> dict[str, Any]:
+    """The three checks for ``ours`` among one cell's rows (one row per policy)."""
+    by = {r["policy"]: r for r in rows}
+    me = by[ours]
+    base = [r for r in rows if r["policy"] in BASELINES]
+    best_p99 = min(r["p99_ttft_ms"] for r in rows)
+    band = [r for r in rows if r["p99_ttft_ms"] <= TAIL_BAND * best_p99]
+    bar_row = max(band, key=lambda r: r["token_hit_rate"])
+    best_base_p99 = min(base, key=lambda r: r["p99_ttft_ms"])
+    dominators = [
+        r["policy"]
+        for r in base
+        if r["token_hit_rate"] > me["token_hit_rate"] and r["p99_ttft_ms"] < me["p99_ttft_ms"]
+    ]
+    hit_ratio = me["token_hit_rate"] / bar_row["token_hit_rate"] if bar_row["token_hit_rate"] else 1.0
+    p99_ratio = me["p99_ttft_ms"] / best_base_p99["p99_ttft_ms"]
+    return {
+        "pareto": not dominators,
+        "dominated_by": dominators,
+        "hit_bar": hit_ratio >= HIT_SHARE,
+        "hit_ratio": hit_ratio,
+        "hit_bar_policy": bar_row["policy"],
+        "p99_bar": p99_ratio <= P99_SLACK,
+        "p99_ratio": p99_ratio,
+        "best_baseline_p99_policy": best_base_p99["policy"],
+        "ok": not dominators and hit_ratio >= HIT_SHARE and p99_ratio <= P99_SLACK,
+    }
+
+
+def run_matrix(cfg: MatrixConfig, jobs: int = 1) -> dict[str, Any]:
+    """Every cell; ``jobs`` > 1 replays (shape, workers) traces in that many processes."""
+    shapes = [*cfg.shapes, *(["trace"] if cfg.trace_path else [])]
+    tasks = [(s, w, cfg) for s in shapes for w in cfg.workers]
+    tasks.sort(key=lambda t: -t[1])  # the biggest first, so the pool ends together
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            results = pool.map(run_cell, tasks, chunksize=1)
+    else:
+        results = [run_cell(t) for t in tasks]
+    rows = sorted((r for cell in results for r in cell), key=_cell_key)
+    cells = []
+    for key in dict.fromkeys(_cell_key(r)[:3] for r in rows):
+        at = [r for r in rows if _cell_key(r)[:3] == key]
+        cell = {k: at[0][k] for k in ("shape", "num_workers", "fraction", "num_requests", "capacity_blocks")}
+        cells.append({**cell, **(verdict(at) if OURS in cfg.policies else {})})
+    return {
+        "config": {
+            "shapes": shapes,
+            "workers": list(cfg.workers),
+            "fractions": list(cfg.fractions),
+            "policies": list(cfg.policies),
+            "load": cfg.load,
+            "seed": cfg.seed,
+            "trace": cfg.trace_path,
+            "latency": dataclasses.asdict(LatencyModel()),
+        },
+        "cells": cells,
+        "results": rows,
+    }
+
+
+def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    order = [*SHAPES, "trace"]
+    return (
+        order.index(row["shape"]),
+        row["num_workers"],
+        row["fraction"],
+        list(POLICIES).index(row["policy"]),
+    )
+
+
+def summary(payload: dict[str, Any]) -> str:
+    """One line per cell: the verdict and the ratios behind it."""
+    lines = [f"{'shape':<11}{'workers':>8}{'cap':>6}  pareto  hit/bar (bar policy)       p99/best baseline"]
+    for c in payload["cells"]:
+        if "ok" not in c:
+            continue
+        lines.append(
+            f"{c['shape']:<11}{c['num_workers']:>8}{c['fraction']:>6.0%}  "
+            f"{'yes' if c['pareto'] else 'NO ' + ','.join(c['dominated_by']):<7} "
+            f"{c['hit_ratio']:>6.3f} ({c['hit_bar_policy']}){'' if c['hit_bar'] else ' MISS':<5}"
+            f"{'':>6}{c['p99_ratio']:>6.3f} ({c['best_baseline_p99_policy']})"
+            f"{'' if c['p99_bar'] else ' MISS'}"
+        )
+    ok = sum(1 for c in payload["cells"] if c.get("ok"))
+    lines.append(f"affinity meets all three checks in {ok} of {len(payload['cells'])} cells")
+    return "\n".join(lines)
+
+
+def plot(payload: dict[str, Any], path: str | Path) -> None:
+    """Hit rate vs p99 TTFT per policy, one panel per shape; both relative to the cell's best,
+    so cells of different scale share a panel (up and left is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    shapes = payload["config"]["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 4.2), squeeze=False)
+    markers = "osD^v<>ph*"
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        cells = {(r["num_workers"], r["fraction"]) for r in rows if r["shape"] == shape}
+        for i, policy in enumerate(payload["config"]["policies"]):
+            xs, ys = [], []
+            for cell in cells:
+                at = [r for r in rows if r["shape"] == shape and (r["num_workers"], r["fraction"]) == cell]
+                me = next(r for r in at if r["policy"] == policy)
+                xs.append(me["p99_ttft_ms"] / min(r["p99_ttft_ms"] for r in at))
+                ys.append(me["token_hit_rate"] / max(max(r["token_hit_rate"] for r in at), 1e-9))
+            ours = policy == OURS
+            ax.scatter(
+                xs, ys, label=policy, marker="*" if ours else markers[i % len(markers)],
+                s=140 if ours else 28, color="tab:red" if ours else None,
+                zorder=3 if ours else 2, alpha=1.0 if ours else 0.7,
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(f"{shape} ({len(cells)} cells)")
+        ax.set_xlabel("p99 TTFT / best p99 in cell (log)")
+        ax.set_ylabel("token hit / best hit in cell")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,382 @@
+"""vLLM's KV event stream: the wire schema, a publisher and a subscriber over ZMQ.
+
+vLLM (``vllm/distributed/kv_events.py``, ``--kv-events-config``) publishes msgpack-encoded
+``KVEventBatch(ts, events, data_parallel_rank)`` on a ZMQ PUB socket as three frames
+``[topic, seq (8 bytes, big-endian), payload]``; events are tagged arrays
+``BlockStored(block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+lora_name)``, ``BlockRemoved(block_hashes, medium)`` and ``AllBlocksCleared()``. A ROUTER
+replay socket answers ``[start_seq (8 bytes)]`` with every buffered ``[seq, payload]`` from
+that sequence on, then ``[-1 (8 bytes, signed), b""]``. Fields a later vLLM appends are
+ignored on decode; fields an earlier one lacks default to None.
+
+``EventPublisher`` speaks this protocol, and ``EngineEventBridge`` feeds it a kvcache engine's
+block events re-keyed as vLLM keys (``vllm_keys``), so a kvcache worker looks like a vLLM engine;
+``EventSubscriber`` feeds a router index (``EngineIndex``): it applies batches in sequence,
+asks the replay socket for a gap, and when the gap cannot be filled (the publisher's buffer
+moved on) clears that engine's entries, as it does on ``AllBlocksCleared``: the index then
+under-reports until new events arrive, never over-reports. Routing is ``router``'s job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvcache.errors import ConfigError, KVCacheError
+from kvcache.router.vllm_keys import external_key
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+DEFAULT_TOPIC = "kv-events"
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """A tagged event (the tag is the class name, as vLLM sends it)."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[int | bytes]
+    medium: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+class KVEventBatch(EventBatch):
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+
+
+class EventStreamError(KVCacheError):
+    """A KV event message that does not follow vLLM's schema."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+
+
+def encode_batch(batch: KVEventBatch) -> bytes:
+    return _encoder.encode(batch)
+
+
+def decode_batch(payload: bytes) -> KVEventBatch:
+    """One payload as a batch; a payload off the schema raises ``EventStreamError``."""
+    try:
+        return _decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise EventStreamError(
+            f"KV event payload of {len(payload)} bytes is not a KVEventBatch: {exc}"
+        ) from exc
+
+
+class EngineIndex:
+    """Which vLLM block keys each engine holds, at most ``capacity_blocks`` per engine.
+
+    Keys are the 64-bit ints of ``vllm_keys.external_key``. An engine over its bound (events
+    lost, or forged) forgets its least recently stored keys first, so the index never holds
+    more than an engine's pool could.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 1:
+            raise ConfigError(f"capacity_blocks={capacity_blocks} must be >= 1 (the engines' KV blocks)")
+        self.capacity_blocks = capacity_blocks
+        self.keys_of: dict[str, OrderedDict[int, None]] = {}
+        self.holders: dict[int, set[str]] = {}
+
+    def _drop(self, engine: str, key: int) -> None:
+        held = self.holders.get(key)
+        if held is not None:
+            held.discard(engine)
+            if not held:
+                del self.holders[key]
+
+    def apply(self, engine: str, batch: KVEventBatch) -> tuple[list[int], list[int]]:
+        """Apply one batch; returns the keys the engine gained and lost in this index."""
+        keys = self.keys_of.setdefault(engine, OrderedDict())
+        stored: list[int] = []
+        removed: list[int] = []
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                for raw in event.block_hashes:
+                    key = external_key(raw)
+                    if key not in keys:
+                        stored.append(key)
+                    keys[key] = None
+                    keys.move_to_end(key)
+                    self.holders.setdefault(key, set()).add(engine)
+                while len(keys) > self.capacity_blocks:
+                    old = keys.popitem(last=False)[0]
+                    self._drop(engine, old)
+                    removed.append(old)
+            elif isinstance(event, BlockRemoved):
+                for raw in event.block_hashes:
+                    key = external_key(raw)
+                    if key in keys:
+                        del keys[key]
+                        self._drop(engine, key)
+                        removed.append(key)
+            else:
+                removed += self.clear(engine)
+                keys = self.keys_of.setdefault(engine, OrderedDict())
+        return stored, removed
+
+    def clear(self, engine: str) -> list[int]:
+        """Forget everything the engine holds; returns the keys forgotten."""
+        gone = list(self.keys_of.pop(engine, OrderedDict()))
+        for key in gone:
+            self._drop(engine, key)
+        return gone
+
+    def overlap(self, engine: str, keys: Iterable[int]) -> int:
+        """Leading ``keys`` the engine holds."""
+        mine: dict[int, None] = self.keys_of.get(engine, {})
+        n = 0
+        for key in keys:
+            if key not in mine:
+                break
+            n += 1
+        return n
+
+    def num_keys(self, engine: str) -> int:
+        return len(self.keys_of.get(engine, ()))
+
+
+class EventPublisher:
+    """A worker's side: PUB batches with sequence numbers, serve replays from a bounded buffer."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = DEFAULT_TOPIC,
+        buffer_steps: int = 10_000,
+    ) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.bind(endpoint)
+        self.replay = None
+        if replay_endpoint:
+            self.replay = self.ctx.socket(zmq.ROUTER)
+            self.replay.bind(replay_endpoint)
+        self.topic = topic.encode()
+        self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
+        self.seq = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if self.replay is not None:
+            self.thread = threading.Thread(target=self._serve_replay, daemon=True, name="kv-events-replay")
+            self.thread.start()
+
+    def publish(
+        self, events: list[BlockStored | BlockRemoved | AllBlocksCleared], *, send: bool = True
+    ) -> int:
+        """Number, buffer and (unless ``send`` is False: a test's lost message) send one batch."""
+        payload = encode_batch(KVEventBatch(ts=time.time(), events=events))
+        with self.lock:
+            seq = self.seq
+            self.seq += 1
+            self.buffer.append((seq, payload))
+            if send:
+                self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    def _serve_replay(self) -> None:
+        assert self.replay is not None
+        poller = zmq.Poller()
+        poller.register(self.replay, zmq.POLLIN)
+        while not self.stop.is_set():
+            if not poller.poll(50):
+                continue
+            frames = self.replay.recv_multipart()
+            if len(frames) != 3 or len(frames[2]) != 8:
+                continue  # not a replay request
+            client, _, start = frames
+            first = int.from_bytes(start, "big")
+            with self.lock:
+                wanted = [(s, p) for s, p in self.buffer if s >= first]
+            for seq, payload in wanted:
+                self.replay.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
+            self.replay.send_multipart([client, b"", END_SEQ, b""])
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.pub.close(linger=0)
+        if self.replay is not None:
+            self.replay.close(linger=0)
+
+
+class EventSubscriber:
+    """The router's side for one engine: apply its batches in order, fill gaps by replay."""
+
+    def __init__(
+        self,
+        engine: str,
+        index: EngineIndex,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = DEFAULT_TOPIC,
+        replay_timeout_ms: int = 500,
+        on_change: Callable[[str, list[int], list[int]], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.index = index
+        self.on_change = on_change  # (engine, keys gained, keys lost), after each change
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.connect(endpoint)
+        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.replay_endpoint = replay_endpoint
+        self.replay_timeout_ms = replay_timeout_ms
+        self.next_seq: int | None = None
+        self.num_gaps = self.num_resyncs = self.num_bad = 0
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Apply every message waiting (waiting up to ``timeout_ms`` for the first); returns
+        how many batches were applied."""
+        applied = 0
+        while self.sub.poll(timeout_ms if applied == 0 else 0):
+            frames = self.sub.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                self.num_bad += 1
+                continue
+            applied += self._on_message(int.from_bytes(frames[1], "big"), frames[2])
+        return applied
+
+    def _on_message(self, seq: int, payload: bytes) -> int:
+        applied = 0
+        if self.next_seq is not None and seq < self.next_seq:
+            return 0  # already applied (a replayed duplicate)
+        if self.next_seq is not None and seq > self.next_seq:
+            self.num_gaps += 1
+            applied += self._fill(self.next_seq, seq)
+        try:
+            batch = decode_batch(payload)
+        except EventStreamError:
+            self.num_bad += 1
+            self.next_seq = seq + 1
+            return applied
+        self._apply(batch)
+        self.next_seq = seq + 1
+        return applied + 1
+
+    def _apply(self, batch: KVEventBatch) -> None:
+        stored, removed = self.index.apply(self.engine, batch)
+        if self.on_change is not None and (stored or removed):
+            self.on_change(self.engine, stored, removed)
+
+    def _clear(self) -> None:
+        removed = self.index.clear(self.engine)
+        if self.on_change is not None and removed:
+            self.on_change(self.engine, [], removed)
+
+    def _fill(self, first: int, upto: int) -> int:
+        """Replay ``[first, upto)``; without it, forget this engine (it resyncs from new events)."""
+        got: dict[int, bytes] = {}
+        if self.replay_endpoint:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.replay_endpoint)
+            sock.send_multipart([b"", first.to_bytes(8, "big")])
+            while sock.poll(self.replay_timeout_ms):
+                frames = sock.recv_multipart()
+                if len(frames) != 3 or frames[1] == END_SEQ:
+                    break
+                got[int.from_bytes(frames[1], "big")] = frames[2]
+            sock.close()
+        if any(s not in got for s in range(first, upto)):
+            self.num_resyncs += 1
+            self._clear()
+            return 0
+        for s in range(first, upto):
+            try:
+                self._apply(decode_batch(got[s]))
+            except EventStreamError:
+                self.num_bad += 1
+        return upto - first
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
+
+
+class EngineEventBridge:
+    """Lets a kvcache engine speak vLLM's stream: its block events become vLLM events keyed as
+    vLLM would key the same tokens.
+
+    For each request the worker passes the prompt's token ids, its scope and the engine events
+    the request produced. The i-th full block of the prompt has kvcache key ``k_i`` (the
+    engine's manager, the tenant's scope) and vLLM key ``v_i`` (``keyer``, with the tenant as
+    ``cache_salt`` unless it is ``default_tenant``); a stored ``k_i`` is published as a stored
+    ``v_i`` and remembered, so its later removal is published too. Blocks of generated tokens
+    are not published (a router keys prompts only).
+    """
+
+    def __init__(
+        self, publisher: EventPublisher, keyer: Any, manager: Any, default_tenant: str = "default"
+    ) -> None:
+        self.publisher = publisher
+        self.keyer = keyer
+        self.manager = manager
+        self.default_tenant = default_tenant
+        self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
+
+    def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
+        """``scope``: the request's ``kvcache.tenancy.Scope`` (its tenant becomes the salt)."""
+        from kvcache.events import BlockStored as KVStored
+
+        events = list(events)
+        if not events:
+            return
+        salt = None if scope.tenant == self.default_tenant else scope.tenant
+        kv_keys = self.manager.hash(token_ids, scope).keys
+        v_keys = self.keyer.keys(token_ids, cache_salt=salt)
+        prompt = {k: (i, v) for i, (k, v) in enumerate(zip(kv_keys, v_keys, strict=False))}
+        first = len(v_keys)
+        stored: list[int | bytes] = []
+        removed: list[int | bytes] = []
+        for event in events:
+            if isinstance(event, KVStored):
+                hit = prompt.get(event.key)
+                if hit is not None:
+                    self.vllm_of[event.key] = hit[1]
+                    stored.append(hit[1])
+                    first = min(first, hit[0])
+            else:
+                v = self.vllm_of.pop(event.key, None)
+                if v is not None:
+                    removed.append(v)
+        out: list[BlockStored | BlockRemoved | AllBlocksCleared] = []
+        if removed:
+            out.append(BlockRemoved(removed, "GPU"))
+        if stored:
+            # the newly stored blocks run from ``first`` on (the blocks before were cached)
+            bs = self.keyer.block_size
+            parent = v_keys[first - 1] if first > 0 else None
+            tokens = token_ids[first * bs : (first + len(stored)) * bs]
+            out.append(BlockStored(stored, parent, tokens, bs, None, "GPU"))
+        if out:
+            self.publisher.publish(out)
