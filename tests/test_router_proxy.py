@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from deployment import KEYS
 
 from kvcache import ConfigError
 from kvcache.router.proxy import Engine, RouteProxy
@@ -145,7 +146,7 @@ async def _workers_scenario() -> dict[str, Any]:
     workers, runners, publishers, engines = [], [], [], []
     for name in ("w0", "w1"):
         engine = PodTieredEngine.load("tiny", EngineConfig(num_blocks=64, block_size=BLOCK, seed=0))
-        worker = Worker(engine, name, None)
+        worker = Worker(engine, name, None, KEYS)
         events, replay = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
         publisher = EventPublisher(events, replay)
         worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager)  # the opt-in hook
@@ -153,7 +154,7 @@ async def _workers_scenario() -> dict[str, Any]:
         workers.append(worker)
         publishers.append(publisher)
         engines.append(Engine(worker.url, events, replay))
-    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache")
+    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", upstream_headers=KEYS.auth_header())
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
     out: dict[str, Any] = {}

@@ -39,10 +39,22 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.router.proxy import Engine, RouteProxy
     from kvcache.router.vllm_keys import VllmKeyer
 
+    headers: dict[str, str] = {}
+    if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
+        import os
+
+        from kvcache.errors import ConfigError
+        from kvcache.serve import auth
+
+        secret = auth.load_secret(os.environ)
+        if secret is None:
+            raise ConfigError(f"--engine-api kvcache needs the workers' deployment secret in "
+                              f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}")  # fmt: skip
+        headers = auth.DeploymentKeys.from_secret(secret).auth_header()
     engines = [Engine.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
     proxy = RouteProxy(
-        engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora), args.engine_api
+        engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora), args.engine_api, headers
     )
     web.run_app(proxy.app(), host=args.host, port=args.port)
     return 0

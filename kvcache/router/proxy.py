@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,11 +79,14 @@ class RouteProxy:
         policy: str = "affinity",
         lora_models: frozenset[str] = frozenset(),
         api: str = "openai",
+        upstream_headers: Mapping[str, str] | None = None,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
         if api not in APIS:
             raise ConfigError(f"api={api!r} is unknown; choose one of {APIS}")
+        # Sent with every request to an engine: a kvcache worker's bearer token (``serve.auth``).
+        self.upstream_headers = dict(upstream_headers or {})
         self.api = api
         self.engines = list(engines)
         self.keyer = keyer
@@ -150,7 +153,9 @@ class RouteProxy:
         try:
             if self.api == "kvcache":
                 return await self._generate(request_id, w, body)
-            async with self.session.post(self.engines[w].url + request.path, json=body) as upstream:
+            url = self.engines[w].url + request.path
+            post = self.session.post(url, json=body, headers=self.upstream_headers)
+            async with post as upstream:
                 response = web.StreamResponse(status=upstream.status)
                 response.content_type = upstream.content_type
                 response.headers["x-kvcache-engine"] = str(w)
@@ -175,7 +180,8 @@ class RouteProxy:
             "tenant": salt if isinstance(salt, str) and salt else "default",
             "max_tokens": body.get("max_tokens", 16),
         }
-        async with self.session.post(self.engines[w].url + "/generate", json=request) as upstream:
+        async with self.session.post(self.engines[w].url + "/generate", json=request,
+                                     headers=self.upstream_headers) as upstream:
             if upstream.status != 200:
                 return _error(upstream.status, str((await upstream.json()).get("error", "engine error")))
             tokens: list[int] = []
