@@ -78,7 +78,7 @@ def measure(
     bs = engine.block_size
     samples: list[Sample] = []
     grid = [(n, c) for c in contexts for n in new_tokens]
-    for i, (num_new, ctx) in enumerate(tqdm(grid, desc="prefill", leave=False)):
+    for i, (num_new, ctx) in enumerate(tqdm(grid, desc="prefill", leave=False, disable=None)):
         ctx = ctx // bs * bs
         tokens = rng.integers(1, engine.vocab_size, size=ctx + num_new).tolist()
         if ctx:
@@ -100,7 +100,7 @@ def measure(
             dtype=engine.dtype,
             device=engine.device,
         )
-        for batch in tqdm(batches, desc="decode", leave=False):
+        for batch in tqdm(batches, desc="decode", leave=False, disable=None):
             ids = torch.ones((batch, 1), dtype=torch.long, device=engine.device)
             times = []
             for _ in range(repeats + 1):  # the first run warms up

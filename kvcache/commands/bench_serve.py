@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     keys: dict[str, str] = {}
     for key, tenant in sorted(config.keys.items()):
         keys.setdefault(tenant, key)
-    with tqdm(desc="requests", unit="req", leave=False) as progress:
+    with tqdm(desc="requests", unit="req", leave=False, disable=None) as progress:
         results, wall_s = asyncio.run(bench.run_load(
             args.url, trace, rate=args.rate, duration_s=args.duration, max_concurrency=args.max_concurrency,
             keys=keys, seed=args.seed, progress=progress))  # fmt: skip

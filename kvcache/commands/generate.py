@@ -10,23 +10,25 @@ import argparse
 import os
 import statistics
 
+from kvcache import argtypes
+
 HELP = "run multi-tenant chat sessions on a model; print TTFT with and without KV reuse and hit rates"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="tiny, tiny-<family>, a model name or a local path")
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--sessions", type=int, default=32, help="chat sessions in total")
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--system-prompt-tokens", type=int, default=512)
-    parser.add_argument("--user-tokens", type=int, default=64)
-    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--tenants", type=argtypes.positive_int, default=4)
+    parser.add_argument("--sessions", type=argtypes.positive_int, default=32, help="chat sessions in total")
+    parser.add_argument("--turns", type=argtypes.positive_int, default=3)
+    parser.add_argument("--system-prompt-tokens", type=argtypes.non_negative_int, default=512)
+    parser.add_argument("--user-tokens", type=argtypes.positive_int, default=64)
+    parser.add_argument("--output-tokens", type=argtypes.positive_int, default=16)
     parser.add_argument("--private-system-prompts", action="store_true", help="one per tenant, not shared")
-    parser.add_argument("--num-blocks", type=int, default=4096)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=argtypes.positive_int, default=4096)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=argtypes.positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from kvcache import argtypes
+
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
 
 
@@ -14,7 +16,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", help="use this Redis (redis://host:port/db) instead of starting one")
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=argtypes.port, default=8000)
     parser.add_argument(
         "--policy",
         default="ttft",
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} must be >= 1")
     config = ServeConfig.load(args.config)
+    argtypes.check_port_free(args.host or config.host, args.port)
     redis = None if args.redis else start_redis()
     redis_url = args.redis or redis.url  # type: ignore[union-attr]
     worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks, block_size=args.block_size,

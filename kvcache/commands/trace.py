@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from kvcache import argtypes
+
 HELP = "generate a seeded synthetic request trace (chat, agent loops, Zipf documents, shared prefix)"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     from kvcache.router.synth import WORKLOADS
 
-    parser.add_argument("output", help="JSONL file to write")
+    parser.add_argument("output", type=argtypes.output_path, help="JSONL file to write")
     parser.add_argument("--workload", choices=WORKLOADS, default="mix")
     parser.add_argument("--format", choices=("mooncake", "tokens"), default="mooncake")
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--session-rate", type=float, default=1.0, help="new sessions per second")
-    parser.add_argument("--block-tokens", type=int, default=512, help="tokens per hash id (Mooncake format)")
+    parser.add_argument("--requests", type=argtypes.positive_int, default=1000)
+    parser.add_argument("--tenants", type=argtypes.positive_int, default=4)
+    parser.add_argument(
+        "--session-rate", type=argtypes.positive_float, default=1.0, help="new sessions per second"
+    )
+    parser.add_argument(
+        "--block-tokens", type=argtypes.positive_int, default=512, help="tokens per hash id (Mooncake format)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
