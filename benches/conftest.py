@@ -77,7 +77,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         base = benches[0] if "baseline" in benches[0].name else None
         write(f"  [{group}]")
         for b in benches:
-            ratio = f"  x{base.stats.median / b.stats.median:.2f} vs baseline" if base and b is not base else ""
+            ratio = (
+                f"  x{base.stats.median / b.stats.median:.2f} vs baseline" if base and b is not base else ""
+            )
             write(f"    {b.name:<60} median {b.stats.median * 1e3:9.3f} ms  {_rate(b):>18}{ratio}")
     write("")
     for line in markdown_table(session):

@@ -18,6 +18,7 @@ import pytest
 
 from kvcache import __version__, cli
 
+
 def kvcache(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # "no GPU" even on a GPU machine
     return subprocess.run(
