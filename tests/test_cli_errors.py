@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kvcache import __version__, cli
+from kvcache import __version__, argtypes, cli
 
 
 def kvcache(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,3 +133,22 @@ def test_no_progress_bars_in_a_redirected_log(trace: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "round_robin" in proc.stdout and "\r" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("kind", "accepted", "refused"),
+    [
+        (argtypes.positive_int, {"1": 1, "16": 16}, ["0", "-3", "1.5", "x"]),
+        (argtypes.non_negative_int, {"0": 0, "7": 7}, ["-1", "x"]),
+        (argtypes.positive_float, {"0.5": 0.5, "inf": float("inf")}, ["0", "-1", "nan", "x"]),
+        (argtypes.non_negative_float, {"0": 0.0, "2.5": 2.5}, ["-0.1", "inf", "nan"]),
+        (argtypes.fraction, {"1": 1.0, "0.1": 0.1}, ["0", "-0.1", "1.01", "nan"]),
+        (argtypes.port, {"0": 0, "8000": 8000, "65535": 65535}, ["-1", "65536", "99999", "http"]),
+    ],
+)
+def test_argument_types(kind: Any, accepted: dict[str, float], refused: list[str]) -> None:
+    for text, value in accepted.items():
+        assert kind(text) == value
+    for text in refused:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
+            kind(text)

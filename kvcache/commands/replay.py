@@ -147,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.router.replay import ReplayConfig, prepare, replay
     from kvcache.router.trace import read_trace
 
+    if args.plot:  # before the replay, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install matplotlib (or kvcache[dev])") from None
     block_size = args.block_size
     trace = read_trace(args.trace, block_size or 512)
     if trace.block_tokens is not None:
