@@ -29,8 +29,13 @@ test: $(VENV)/.installed
 	$(BIN)/mypy
 	$(BIN)/pytest -q tests
 
+# make bench: the README's performance table (hashing, block manager; ~25 s on 2 cores).
+# make bench QUICK=1: the same with 5 rounds per benchmark and no calibration search (~10 s).
+# make bench BENCHES=benches: every benchmark (router, tiers, kernels, HF model; many minutes).
+BENCHES ?= benches/bench_hashing.py benches/bench_manager.py
+QUICK_OPTS := $(if $(QUICK),--benchmark-min-rounds=5 --benchmark-max-time=0 --benchmark-warmup=off)
 bench: $(VENV)/.installed
-	$(BIN)/pytest benches --benchmark-only --benchmark-columns=min,median,ops -q
+	$(BIN)/pytest $(BENCHES) --benchmark-only --benchmark-columns=min,median,ops -q $(QUICK_OPTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -2,7 +2,8 @@
 
 Every group holds a baseline (a test whose name contains ``baseline``) and ours; the summary
 prints each one's median, its ratio to the baseline, and a rate from ``extra_info``
-(``tokens`` or ``requests`` per call).
+(``tokens``, ``requests`` or ``bytes`` per call), then the same as the Markdown table the README's
+performance section shows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,46 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(NUM_THREADS)
 
 
+def _rate(bench: Any) -> str:
+    for unit in ("tokens", "requests", "bytes"):
+        if unit in bench.extra_info:
+            per_s = bench.extra_info[unit] / bench.stats.median
+            return f"{per_s / 1e9:.2f} GB/s" if unit == "bytes" else f"{per_s / 1e6:.3g} M {unit}/s"
+    return ""
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _groups(session: Any) -> dict[str, list[Any]]:
+    """Group name -> its benchmarks, groups in the order they ran, the baseline first."""
+    groups: dict[str, list[Any]] = {}
+    for bench in session.benchmarks:
+        groups.setdefault(bench.group or "", []).append(bench)
+    return {g: sorted(b, key=lambda x: "baseline" not in x.name) for g, b in groups.items()}
+
+
+def markdown_table(session: Any) -> list[str]:
+    """The README's performance table: per group, the baseline's median and rate, ours, the ratio.
+
+    A group with several of ours (allocate+free at 50% and 100% cached) joins them with " / ".
+    """
+    lines = ["| benchmark | baseline | kvcache | ratio |", "|---|---|---|---|"]
+    for group, benches in _groups(session).items():
+        base = benches[0] if "baseline" in benches[0].name else None
+        ours = [b for b in benches if b is not base]
+        base_cell = f"{_ms(base.stats.median)} ms, {_rate(base)}".rstrip(", ") if base else ""
+        ours_cell = " / ".join(_ms(b.stats.median) for b in ours) + " ms"
+        if len(ours) == 1 and _rate(ours[0]):
+            ours_cell += f", {_rate(ours[0])}"
+        ratio = " / ".join(f"{base.stats.median / b.stats.median:.2f}x" for b in ours) if base else ""
+        lines.append(f"| {group} | {base_cell} | {ours_cell} | {ratio} |")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
@@ -32,22 +73,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"kvcache benchmark summary (torch threads {NUM_THREADS}, "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cpus)"
     )
-    groups: dict[str, list[Any]] = {}
-    for bench in session.benchmarks:
-        groups.setdefault(bench.group or "", []).append(bench)
-    for group, benches in sorted(groups.items()):
-        base = next((b for b in benches if "baseline" in b.name), None)
+    for group, benches in _groups(session).items():
+        base = benches[0] if "baseline" in benches[0].name else None
         write(f"  [{group}]")
         for b in benches:
-            median = b.stats.median
-            rate = ""
-            for unit in ("tokens", "requests", "bytes"):
-                if unit in b.extra_info:
-                    per_s = b.extra_info[unit] / median
-                    rate = f"{per_s / 1e9:.2f} GB/s" if unit == "bytes" else f"{per_s / 1e6:.2f} M{unit}/s"
             ratio = (
-                f"  x{base.stats.median / median:.2f} vs baseline"
-                if base is not None and b is not base
-                else ""
+                f"  x{base.stats.median / b.stats.median:.2f} vs baseline" if base and b is not base else ""
             )
-            write(f"    {b.name:<60} median {median * 1e3:9.3f} ms  {rate:>16}{ratio}")
+            write(f"    {b.name:<60} median {b.stats.median * 1e3:9.3f} ms  {_rate(b):>18}{ratio}")
+    write("")
+    for line in markdown_table(session):
+        write(line)

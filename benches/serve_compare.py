@@ -225,21 +225,43 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    """Mean TTFT, output throughput and hit rate per configuration, as horizontal bars; kvcache's
+    policies (``affinity``, and ``ttft``, serve's default) are coloured apart from ``round_robin``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    colors = {"affinity": "tab:red", "ttft": "tab:orange", "round_robin": "tab:blue"}
     names = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    labels = [n.replace(":nopod", ", pod tier off").replace(":pod", ", pod tier on") for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 1.2 + 0.4 * len(names)), sharey=True, layout="constrained")
     keys = ("mean_ttft_ms", "output_throughput", "cache_hit_rate")
-    labels = ("mean TTFT (ms)", "output tokens/s", "prefix cache hit rate")
-    for ax, key, label in zip(axes, keys, labels, strict=True):
-        ax.bar(range(len(names)), [results[n][key] for n in names], color="#4c72b0")
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-        ax.set_title(label)
-    fig.tight_layout()
+    titles = ("mean TTFT (lower is better)", "output throughput", "prefix cache hit rate")
+    units = ("mean TTFT (ms)", "output tokens/s", "hit rate (%)")
+    for ax, key, title, unit in zip(axes, keys, titles, units, strict=True):
+        scale = 100.0 if key == "cache_hit_rate" else 1.0
+        ax.barh(
+            range(len(names)),
+            [scale * results[n][key] for n in names],
+            color=[colors.get(n.split(":")[0], "0.5") for n in names],
+            hatch=["//" if n.endswith(":nopod") else "" for n in names],
+            edgecolor="white",
+        )
+        ax.set_title(title)
+        ax.set_xlabel(unit)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), labels)
+    axes[0].set_ylabel("routing policy, pod tier")
+    axes[0].invert_yaxis()
+    handles = [Patch(color=colors["affinity"], label="affinity (kvcache)"),
+               Patch(color=colors["ttft"], label="ttft (kvcache, serve's default)"),
+               Patch(color=colors["round_robin"], label="round_robin (baseline)"),
+               Patch(facecolor="white", edgecolor="0.3", hatch="//", label="pod tier off")]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def measure(
     bs = engine.block_size
     records: list[StepRecord] = []
     grid = [(n, c) for c in contexts for n in new_tokens]
-    for i, (num_new, ctx) in enumerate(tqdm(grid, desc="prefill", leave=False)):
+    for i, (num_new, ctx) in enumerate(tqdm(grid, desc="prefill", leave=False, disable=None)):
         ctx = ctx // bs * bs
         tokens = rng.integers(1, engine.vocab_size, size=ctx + num_new).tolist()
         if ctx:
@@ -72,7 +72,7 @@ def measure(
             _, cached = engine.score(tokens, f"calibrate-{i}-{r}")
             assert cached == ctx, (cached, ctx)
             records += list(engine.step_records)[before:]
-    for j, batch in enumerate(tqdm(batches, desc="decode", leave=False)):
+    for j, batch in enumerate(tqdm(batches, desc="decode", leave=False, disable=None)):
         prompts = [(rng.integers(1, engine.vocab_size, size=decode_ctx).tolist(), f"calibrate-d{j}-{k}")
                    for k in range(batch)]  # fmt: skip
         before = len(engine.step_records)

@@ -40,7 +40,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 from transformers.utils import logging as _transformers_logging
 
-from kvcache.errors import ModelError
+from kvcache.errors import ConfigError, ModelError
 from kvcache.kernels import Backend
 from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
 
@@ -153,6 +153,24 @@ def _from_config(config: Any, dtype: torch.dtype) -> Any:
     return _AutoModel.from_config(config, attn_implementation="sdpa", **{dtype_kw: dtype})
 
 
+def _device(device: torch.device | str | None) -> torch.device:
+    """``device``, or CUDA when present else CPU; a device this machine lacks is a ``ConfigError``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {str(device)!r} is not a torch device; use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(device)!r}: no CUDA device is available (torch {torch.__version__}); "
+            "use 'cpu', or leave the device unset to pick CUDA only when present"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -164,7 +182,7 @@ def load_model(
     """A model in eval mode on ``device`` (CUDA when present, else CPU) in ``dtype`` (bf16 on CUDA,
     float32 on CPU by default). Random-weight names are seeded by ``seed``. ``model_id`` names the
     model in cache keys (default: ``name_or_path``), so a checkpoint keeps one name wherever it lies."""
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     dt = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = None
     if name_or_path in tiny_model_names():

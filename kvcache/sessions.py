@@ -79,7 +79,7 @@ def run_chat(engine: Engine, config: ChatConfig, *, baseline: bool = True) -> li
     histories = {s: list(systems[tenant]) for tenant, s in sessions}
     results: list[TurnResult] = []
     total = config.turns * len(sessions)
-    with tqdm(total=total, desc="turns", unit="req", leave=False) as bar:
+    with tqdm(total=total, desc="turns", unit="req", leave=False, disable=None) as bar:
         for turn in range(config.turns):
             for w in range(0, len(sessions), config.concurrency):
                 wave = sessions[w : w + config.concurrency]

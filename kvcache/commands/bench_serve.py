@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     for key, tenant in sorted(config.keys.items()):
         keys.setdefault(tenant, key)
     api_key = args.api_key or os.environ.get("KVCACHE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    with tqdm(desc="requests", unit="req", leave=False) as progress:
+    with tqdm(desc="requests", unit="req", leave=False, disable=None) as progress:
         results, wall_s = asyncio.run(bench.run_load(
             args.url, trace, rate=args.rate, duration_s=args.duration, max_concurrency=args.max_concurrency,
             keys=keys, seed=args.seed, progress=progress, api_key=api_key))  # fmt: skip

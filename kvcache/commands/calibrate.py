@@ -10,6 +10,7 @@ import argparse
 import os
 import statistics
 
+from kvcache import argtypes
 from kvcache.models import DEFAULT_MODEL
 
 HELP = "measure a model's prefill and decode speed through the engine; write the router's latency JSON"
@@ -23,21 +24,31 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), tiny, tiny-<family>, a local path"
     )
-    parser.add_argument("--out", default="latency.json", help="where to write the JSON")
+    parser.add_argument(
+        "--out", type=argtypes.output_path, default="latency.json", help="where to write the JSON"
+    )
     parser.add_argument(
         "--new-tokens", type=_ints, default=[32, 128, 512], help="prefill lengths, comma-separated"
     )
     parser.add_argument("--contexts", type=_ints, default=[0, 512, 2048], help="cached context lengths")
     parser.add_argument("--batches", type=_ints, default=[1, 4, 16], help="decode batch sizes")
-    parser.add_argument("--decode-ctx", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-num-seqs", type=int, default=128, help="written as-is: the worker's batch cap")
+    parser.add_argument("--decode-ctx", type=argtypes.positive_int, default=512)
+    parser.add_argument("--repeats", type=argtypes.positive_int, default=3)
     parser.add_argument(
-        "--max-batched-tokens", type=int, default=8192, help="written as-is: tokens per step cap"
+        "--max-num-seqs",
+        type=argtypes.positive_int,
+        default=128,
+        help="written as-is: the worker's batch cap",
+    )
+    parser.add_argument(
+        "--max-batched-tokens",
+        type=argtypes.positive_int,
+        default=8192,
+        help="written as-is: tokens per step cap",
     )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=argtypes.positive_int, default=1, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:

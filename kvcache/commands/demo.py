@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kvcache import argtypes
 from kvcache.config import CacheConfig
 from kvcache.manager import BlockManager
 from kvcache.models import DEFAULT_MODEL
@@ -34,13 +35,13 @@ PARTS = ("manager", "router", "model")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--sessions", type=int, default=8, help="sessions per tenant")
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--system-prompt-tokens", type=int, default=512)
-    parser.add_argument("--num-blocks", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--tenants", type=argtypes.positive_int, default=4)
+    parser.add_argument("--sessions", type=argtypes.positive_int, default=8, help="sessions per tenant")
+    parser.add_argument("--turns", type=argtypes.positive_int, default=4)
+    parser.add_argument("--system-prompt-tokens", type=argtypes.non_negative_int, default=512)
+    parser.add_argument("--num-blocks", type=argtypes.positive_int, default=2048)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
+    parser.add_argument("--in-flight", type=argtypes.positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the model of part 3 (tiny: random weights)")
     parser.add_argument(
@@ -103,7 +104,7 @@ def _manager(args: argparse.Namespace) -> None:
     # tenant0 and tenant1 trust each other: their non-public blocks live in one share group.
     scopes = {f"tenant{t}": Scope(f"tenant{t}", group="team" if t < 2 else None) for t in range(args.tenants)}
     running: deque[int] = deque()
-    for i, req in enumerate(tqdm(requests, desc="requests", unit="req", leave=False)):
+    for i, req in enumerate(tqdm(requests, desc="requests", unit="req", leave=False, disable=None)):
         if len(running) >= args.in_flight:
             manager.free(running.popleft())
         manager.allocate(i, req.tokens, scopes[req.tenant])

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvcache import argtypes
 from kvcache.models import DEFAULT_MODEL
 
 HELP = "run multi-tenant chat sessions on a model; print TTFT with and without KV reuse and hit rates"
@@ -28,24 +29,25 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), tiny, tiny-<family>, a local path"
     )
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--sessions", type=int, default=32, help="chat sessions in total")
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--system-prompt-tokens", type=int, default=512)
-    parser.add_argument("--user-tokens", type=int, default=64)
+    parser.add_argument("--tenants", type=argtypes.positive_int, default=4)
+    parser.add_argument("--sessions", type=argtypes.positive_int, default=32, help="chat sessions in total")
+    parser.add_argument("--turns", type=argtypes.positive_int, default=3)
+    parser.add_argument("--system-prompt-tokens", type=argtypes.non_negative_int, default=512)
+    parser.add_argument("--user-tokens", type=argtypes.positive_int, default=64)
     parser.add_argument(
-        "--output-tokens", type=int, default=None, help="per reply (default: 48 for text chats, else 16)"
+        "--output-tokens", type=argtypes.positive_int, default=None,
+        help="per reply (default: 48 for text chats, else 16)",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=1,
+        "--concurrency", type=argtypes.positive_int, default=1,
         help="random-token sessions batched together per turn (1: TTFT columns time one request alone)",
     )  # fmt: skip
     parser.add_argument("--private-system-prompts", action="store_true", help="one per tenant, not shared")
-    parser.add_argument("--num-blocks", type=int, default=4096)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=argtypes.positive_int, default=4096)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=argtypes.positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
 
 

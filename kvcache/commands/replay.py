@@ -7,12 +7,14 @@ import dataclasses
 import json
 from typing import Any
 
+from kvcache import argtypes
+
 HELP = "replay a request trace over simulated GPU workers and compare routing policies"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", help="JSONL trace: Mooncake (hash_ids) or token-level (tokens/text)")
-    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--workers", type=argtypes.positive_int, default=16)
     cap = parser.add_mutually_exclusive_group()
     cap.add_argument(
         "--capacity-blocks",
@@ -21,7 +23,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     cap.add_argument(
         "--capacity-fraction",
-        type=float,
+        type=argtypes.fraction,
         default=0.1,
         help="total capacity as a fraction of the trace's unique blocks, split evenly (default 0.1)",
     )
@@ -37,11 +39,18 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default="precise",
         help="router learns from worker events (precise) or its own decisions (approx)",
     )
-    parser.add_argument("--event-delay-ms", type=float, default=0.0, help="delay of worker events (precise)")
-    parser.add_argument("--ttl-s", type=float, default=120.0, help="approximate index entry lifetime")
+    parser.add_argument(
+        "--event-delay-ms",
+        type=argtypes.non_negative_float,
+        default=0.0,
+        help="delay of worker events (precise)",
+    )
+    parser.add_argument(
+        "--ttl-s", type=argtypes.positive_float, default=120.0, help="approximate index entry lifetime"
+    )
     parser.add_argument(
         "--block-size",
-        type=int,
+        type=argtypes.positive_int,
         default=None,
         help="tokens per block for token traces (default 16); Mooncake traces use 512",
     )
@@ -54,8 +63,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="remove a worker mid-replay (repeatable)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write every metric to this file")
-    parser.add_argument("--plot", default=None, help="write a PNG of hit rate and p99 TTFT per policy")
+    parser.add_argument(
+        "--json", type=argtypes.output_path, default=None, help="write every metric to this file"
+    )
+    parser.add_argument(
+        "--plot",
+        type=argtypes.output_path,
+        default=None,
+        help="write a PNG of hit rate and p99 TTFT per policy",
+    )
     parser.add_argument(
         "--no-bounds", action="store_true", help="skip the shared/infinite cache upper bounds"
     )
@@ -78,7 +94,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv-bytes-per-token",
-        type=int,
+        type=argtypes.positive_int,
         default=None,
         help="KV bytes per token for tier transfer times (default: 8B Llama-3 shape, bf16, 128 KiB)",
     )
@@ -131,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.router.replay import ReplayConfig, prepare, replay
     from kvcache.router.trace import read_trace
 
+    if args.plot:  # before the replay, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install matplotlib (or kvcache[dev])") from None
     block_size = args.block_size
     trace = read_trace(args.trace, block_size or 512)
     if trace.block_tokens is not None:
@@ -143,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity_blocks:
         try:
             capacities = [int(c) for c in args.capacity_blocks.split(",")]
+            if min(capacities) < 1:
+                raise ValueError
         except ValueError:
             raise ConfigError(
-                f"--capacity-blocks {args.capacity_blocks!r} must be integers, comma separated"
+                f"--capacity-blocks {args.capacity_blocks!r} must be integers >= 1, comma separated"
             ) from None
     else:
         unique = trace.unique_blocks(block_size)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 
+from kvcache import argtypes
 from kvcache.models import DEFAULT_MODEL
 
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
@@ -25,7 +26,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=argtypes.port, default=8000)
     parser.add_argument(
         "--policy",
         default="ttft",
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig.load(args.config)
     # The tokenizer first: a registry model is converted once here, not by every worker at once;
     # a model without a tokenizer fails here, before any worker starts.
+    argtypes.check_port_free(args.host or config.host, args.port)
     tokenizer = tokenize.load(args.model)
     secret = auth.load_secret(os.environ) or auth.new_secret()  # KVCACHE_SECRET(_FILE), else a new one
     keys = auth.DeploymentKeys.from_secret(secret)

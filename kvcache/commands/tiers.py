@@ -15,21 +15,27 @@ import tempfile
 import time
 from typing import Any
 
+from kvcache import argtypes
+
 HELP = "demo and measure the spill tiers (G1 device, G2 host, G3 disk, shared ICMS) on this machine"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="G3 directory (default: a temporary one)")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-blocks", type=int, default=16, help="full blocks per prompt")
-    parser.add_argument("--g1-blocks", type=int, default=32, help="device pool blocks per worker")
-    parser.add_argument("--g2-blocks", type=int, default=128)
-    parser.add_argument("--g3-blocks", type=int, default=256)
-    parser.add_argument("--icms-blocks", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prompts", type=argtypes.positive_int, default=8)
+    parser.add_argument(
+        "--prompt-blocks", type=argtypes.positive_int, default=16, help="full blocks per prompt"
+    )
+    parser.add_argument(
+        "--g1-blocks", type=argtypes.positive_int, default=32, help="device pool blocks per worker"
+    )
+    parser.add_argument("--g2-blocks", type=argtypes.positive_int, default=128)
+    parser.add_argument("--g3-blocks", type=argtypes.positive_int, default=256)
+    parser.add_argument("--icms-blocks", type=argtypes.positive_int, default=512)
+    parser.add_argument("--layers", type=argtypes.positive_int, default=24)
+    parser.add_argument("--kv-heads", type=argtypes.positive_int, default=2)
+    parser.add_argument("--head-dim", type=argtypes.positive_int, default=64)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--redis", action="store_true", help="back ICMS with a private redis-server")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         device = loaded = 0
         load_s = 0.0
-        for i, tokens in enumerate(tqdm(prompts, desc=label, leave=False)):
+        for i, tokens in enumerate(tqdm(prompts, desc=label, leave=False, disable=None)):
             d, n, secs = serve(w, tokens, f"{label}-{i}")
             device, loaded, load_s = device + d, loaded + n, load_s + secs
         rows.append((label, device, loaded, load_s))

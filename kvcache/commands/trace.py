@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kvcache import argtypes
+
 HELP = "generate a seeded synthetic request trace (chat, agents, documents, RAG, bursts, shared prefix)"
 
 
@@ -11,7 +13,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     from kvcache.router.shapes import SHAPES
     from kvcache.router.synth import WORKLOADS
 
-    parser.add_argument("output", help="JSONL file to write")
+    parser.add_argument("output", type=argtypes.output_path, help="JSONL file to write")
     parser.add_argument(
         "--workload",
         choices=(*WORKLOADS, *SHAPES),
@@ -20,17 +22,25 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "(rag, bursty, long_agent, fleet; Mooncake format only); see docs/router.md",
     )
     parser.add_argument("--format", choices=("mooncake", "tokens"), default="mooncake")
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--tenants", type=int, default=None, help="tenants (default 4; rag: 40)")
-    parser.add_argument("--session-rate", type=float, default=1.0, help="new sessions per second")
-    parser.add_argument("--block-tokens", type=int, default=512, help="tokens per hash id (Mooncake format)")
+    parser.add_argument("--requests", type=argtypes.positive_int, default=1000)
+    parser.add_argument(
+        "--tenants", type=argtypes.positive_int, default=None, help="tenants (default 4; rag: 40)"
+    )
+    parser.add_argument(
+        "--session-rate", type=argtypes.positive_float, default=1.0, help="new sessions per second"
+    )
+    parser.add_argument(
+        "--block-tokens", type=argtypes.positive_int, default=512, help="tokens per hash id (Mooncake format)"
+    )
     parser.add_argument(
         "--load",
-        type=float,
+        type=argtypes.positive_float,
         default=None,
         help="benchmark shapes: rescale the clock so the trace offers this prefill load to --workers",
     )
-    parser.add_argument("--workers", type=int, default=16, help="workers the --load refers to")
+    parser.add_argument(
+        "--workers", type=argtypes.positive_int, default=16, help="workers the --load refers to"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

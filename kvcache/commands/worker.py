@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 
+from kvcache import argtypes
 from kvcache.models import DEFAULT_MODEL
 
 HELP = "run one engine worker that registers in Redis and serves the front over HTTP"
@@ -25,7 +26,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--worker-id", help="stable name (default host-pid); reuse it to rejoin")
     parser.add_argument("--host", default="127.0.0.1", help="bind address")
-    parser.add_argument("--port", type=int, default=0, help="0 = any free port")
+    parser.add_argument("--port", type=argtypes.port, default=0, help="0 = any free port")
     parser.add_argument("--advertise", help="host the front should connect to (default: --host)")
     parser.add_argument("--config", help="the server config, for tenant quotas and k-anonymity")
     parser.add_argument("--num-blocks", type=int, default=1024)

@@ -152,8 +152,13 @@ class _Replay:
             self.push(job.arrival_ms, _ARRIVE, job)
         for w, seconds in self.config.failures:
             self.push(seconds * 1000.0, _FAIL, w)
+        # disable=None: no bar when stderr is not a terminal (a redirected log)
         bar = tqdm(
-            total=len(self.jobs), desc=self.config.policy, unit="req", leave=False, disable=not progress
+            total=len(self.jobs),
+            desc=self.config.policy,
+            unit="req",
+            leave=False,
+            disable=None if progress else True,
         )
         heap = self.heap
         while heap:

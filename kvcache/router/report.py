@@ -186,9 +186,33 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+OWN_POLICY = "affinity"  # kvcache's policy: marked in every plot, the rest are baselines
+OWN_COLOR, BASELINE_COLOR = "tab:red", "tab:blue"
+BASELINE_LINE_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:gray"]
+
+
+def policy_colors(names: Sequence[str]) -> list[str]:
+    """Bar colours: kvcache's own policy (with or without tiers) stands out from the baselines."""
+    return [OWN_COLOR if n.split("+")[0] == OWN_POLICY else BASELINE_COLOR for n in names]
+
+
+def own_policy_handles(tiers: bool = False) -> list[Any]:
+    """Legend entries naming which colour is kvcache's policy (and which hatch means spill tiers)."""
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(color=OWN_COLOR, label=f"{OWN_POLICY} (kvcache)"),
+        Patch(color=BASELINE_COLOR, label="baselines"),
+    ]
+    if tiers:
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="//", label="with spill tiers"))
+    return handles
+
+
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Token hit rate and p99 TTFT per policy at each capacity; hit rate vs capacity when
-    several capacities were replayed."""
+    """Token hit rate and p99 TTFT per policy at one capacity (the middle one of a sweep), as
+    horizontal bars so any number of policies stays readable; with several capacities, a third
+    panel of hit rate against capacity, ticked at the capacities replayed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,25 +221,54 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     capacities = sorted({r["capacity_blocks"] for r in rows})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     sweep = len(capacities) > 1
-    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(15 if sweep else 10, 4.2))
     at = [r for r in rows if r["capacity_blocks"] == capacities[len(capacities) // 2]]
     names = [r["policy"] for r in at]
-    colors = ["tab:red" if n == "affinity" else "tab:blue" for n in names]
-    axes[0].bar(names, [100 * r["token_hit_rate"] for r in at], color=colors)
-    axes[0].set_ylabel("token hit rate (%)")
-    axes[1].bar(names, [r["p99_ttft_ms"] / 1000 for r in at], color=colors)
-    axes[1].set_ylabel("p99 TTFT (s, modelled)")
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=45)
-        ax.set_title(f"{at[0]['num_workers']} workers x {at[0]['capacity_blocks']} blocks")
+    height = max(3.6, 0.3 * len(names) + 1.6)
+    fig, axes = plt.subplots(
+        1, 3 if sweep else 2, figsize=(15 if sweep else 11, height), layout="constrained"
+    )
+    tiers = any(n.endswith("+tiers") for n in names)
+    hatches = ["//" if n.endswith("+tiers") else "" for n in names]
+    y = list(range(len(names)))
+    for ax, values, label in (
+        (axes[0], [100 * r["token_hit_rate"] for r in at], "token hit rate (%)"),
+        (axes[1], [r["p99_ttft_ms"] / 1000 for r in at], "p99 TTFT (s, modelled)"),
+    ):
+        ax.barh(y, values, color=policy_colors(names), hatch=hatches, edgecolor="white")
+        ax.set_yticks(y, names if ax is axes[0] else [""] * len(names))
+        ax.invert_yaxis()  # first policy on top, in the order the table prints
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_title("token hit rate (higher is better)")
+    axes[1].set_title("p99 TTFT (lower is better)")
+    handles = own_policy_handles(tiers)
+    fig.suptitle(
+        f"{at[0]['num_workers']} workers x {at[0]['capacity_blocks']} blocks per worker"
+        + (" (middle of the sweep)" if sweep else "")
+    )
     if sweep:
+        ax = axes[2]
+        others = iter(BASELINE_LINE_COLORS * 3)
         for name in policies:
             pts = sorted((r["capacity_blocks"], r["token_hit_rate"]) for r in rows if r["policy"] == name)
-            axes[2].plot([c for c, _ in pts], [100 * h for _, h in pts], marker="o", label=name)
-        axes[2].set_xscale("log", base=2)
-        axes[2].set_xlabel("capacity per worker (blocks)")
-        axes[2].set_ylabel("token hit rate (%)")
-        axes[2].legend(fontsize=8)
-    fig.tight_layout()
+            own = name.split("+")[0] == OWN_POLICY
+            ax.plot(
+                [c for c, _ in pts],
+                [100 * h for _, h in pts],
+                marker="o",
+                label=f"{name} (kvcache)" if own else name,
+                color=OWN_COLOR if own else next(others),
+                linewidth=2.5 if own else 1.2,
+                zorder=3 if own else 2,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(capacities, [str(c) for c in capacities])
+        ax.minorticks_off()
+        ax.set_xlabel("capacity per worker (blocks)")
+        ax.set_ylabel("token hit rate (%)")
+        ax.set_title("token hit rate vs capacity")
+        handles += ax.get_legend_handles_labels()[0]
+    # below the panels, outside them: a legend inside would cover bars or lines
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 9), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -101,43 +101,69 @@ def _change(before: float, after: float) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Token hit rate by tier (stacked, G1-only beside it) and p99 TTFT, per policy."""
+    """Token hit rate by tier (stacked, G1-only beside it) and p99 TTFT, per policy, as horizontal
+    bars (readable for any number of policies); kvcache's own policy is named in its tick label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kvcache.router.report import OWN_POLICY
+
     pairs = _pairs(rows)
-    names = [base["policy"] for base, _ in pairs]
-    x = range(len(pairs))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    ax1.bar(
-        [i - 0.2 for i in x], [100 * b["token_hit_rate"] for b, _ in pairs], 0.4, label="G1-only", color="0.6"
+    names = [f"{b['policy']} (kvcache)" if b["policy"] == OWN_POLICY else b["policy"] for b, _ in pairs]
+    y = range(len(pairs))
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(12, max(3.6, 0.45 * len(pairs) + 1.8)), sharey=True, layout="constrained"
     )
-    bottom = [0.0] * len(pairs)
+    ax1.barh(
+        [i - 0.2 for i in y], [100 * b["token_hit_rate"] for b, _ in pairs], 0.4, label="G1-only", color="0.6"
+    )
+    left = [0.0] * len(pairs)
     for label in ("G1", *TIER_NAMES):
         values = [
             100
             * (t["tiers"]["device_token_hit_rate"] if label == "G1" else t["tiers"][label]["token_hit_rate"])
             for _, t in pairs
         ]
-        ax1.bar([i + 0.2 for i in x], values, 0.4, bottom=bottom, label=f"tiers: {label.upper()}")
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax1.set_ylabel("token hit rate (%)")
-    ax1.legend(fontsize=8)
-    ax2.bar(
-        [i - 0.2 for i in x], [b["p99_ttft_ms"] / 1000 for b, _ in pairs], 0.4, label="G1-only", color="0.6"
+        ax1.barh([i + 0.2 for i in y], values, 0.4, left=left, label=f"tiers: {label.upper()}")
+        left = [b + v for b, v in zip(left, values, strict=True)]
+    ax1.set_xlabel("token hit rate (%)")
+    ax1.set_title("token hit rate by tier (higher is better)")
+    ax2.barh(
+        [i - 0.2 for i in y], [b["p99_ttft_ms"] / 1000 for b, _ in pairs], 0.4, label="G1-only", color="0.6"
     )
-    ax2.bar([i + 0.2 for i in x], [t["p99_ttft_ms"] / 1000 for _, t in pairs], 0.4, label="with tiers")
-    ax2.set_ylabel("p99 TTFT (s, modelled)")
-    ax2.legend(fontsize=8)
+    ax2.barh(
+        [i + 0.2 for i in y],
+        [t["p99_ttft_ms"] / 1000 for _, t in pairs],
+        0.4,
+        label="with tiers (p99 TTFT)",
+        color="0.2",
+    )
+    ax2.set_xlabel("p99 TTFT (s, modelled)")
+    ax2.set_title("p99 TTFT (lower is better)")
+    ax1.set_yticks(list(y), names)
+    ax1.invert_yaxis()  # first policy on top, in the order the table prints
     for ax in (ax1, ax2):
-        ax.set_xticks(list(x), names, rotation=30)
+        ax.grid(axis="x", alpha=0.3)
     first = pairs[0][1] if pairs else {}
     fig.suptitle(
         f"{first.get('num_workers', '?')} workers x {first.get('capacity_blocks', '?')} device blocks; "
-        f"tiers {first.get('tiers', {}).get('sizes', {})}"
+        + _sizes_text(first.get("tiers", {}).get("sizes", {}))
     )
-    fig.tight_layout()
+    handles, labels = ax1.get_legend_handles_labels()
+    ttft_handles, ttft_labels = ax2.get_legend_handles_labels()
+    # below the panels, outside them: a legend inside would cover bars
+    fig.legend(
+        handles + ttft_handles[1:], labels + ttft_labels[1:], loc="outside lower center", ncol=6, fontsize=8
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _sizes_text(sizes: dict[str, int]) -> str:
+    """``{'g2': 1100, 'g3': 4400, 'icms': 4400}`` -> ``G2 1,100 + G3 4,400 blocks per worker, ICMS
+    4,400 shared``: how a reader says it, not how Python prints a dict."""
+    own = [f"{name.upper()} {sizes[name]:,}" for name in ("g2", "g3") if sizes.get(name)]
+    text = (" + ".join(own) + " blocks per worker") if own else "no per-worker tiers"
+    return text + (f", ICMS {sizes['icms']:,} shared" if sizes.get("icms") else "")
