@@ -32,6 +32,9 @@ SKIP = {
     r"^serve\b": "starts a server that runs until stopped (tests/test_serve_e2e.py runs one)",
     r"^worker\b": "joins a deployment through Redis and serves until stopped",
     r"^bench-serve\b": "loads a running server",
+    r"^matrix\b": "45 shape x load x policy replays, about a minute (tests/test_router_command.py runs a "
+    "small matrix)",
+    r"^route\b": "a proxy that runs until stopped (tests/test_router_proxy.py runs one)",
     r"--model (PATH|/)": "needs a model checkpoint on disk; the tests use random-weight models",
     r"--device cuda": "needs a GPU",
     r"^generate$": "chat sessions on a tiny model, ~30 s on two cores (tests/test_generate_command.py "
@@ -42,6 +45,9 @@ SKIP = {
 
 # what stands for a trace in the docs -> replaced by a small generated Mooncake trace
 TRACE_PLACEHOLDERS = re.compile(r"^(TRACE|(\.\./)?shared/traces/\S+\.jsonl)$")
+
+
+COMMAND_LINE = re.compile(r"^(\$\s+)?(\S*/)?kvcache(\s|$)")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ def doc_commands() -> list[DocCommand]:
             line, start = lines[i].strip(), i
             if line.startswith("```"):
                 fenced = not fenced
-            elif fenced:
+            elif fenced and COMMAND_LINE.match(line):  # not example output, which need not be shell
                 while line.endswith("\\") and i + 1 < len(lines):
                     i += 1
                     line = line[:-1] + " " + lines[i].strip()
