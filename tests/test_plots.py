@@ -26,7 +26,7 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from kvcache import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ["round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang", "affinity"]
+POLICIES = ["round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang", "lpm_balanced", "affinity"]
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_replay_every_policy_with_tiers(trace: Path, tmp_path: Path, saved: dict
 
     replay = check_figure(saved["replay.png"])
     hit, ttft = replay["axes"]
-    assert hit["y"] == [n for p in POLICIES for n in (p, f"{p}+tiers")]  # all 14, top to bottom
+    assert hit["y"] == [n for p in POLICIES for n in (p, f"{p}+tiers")]  # all 16, top to bottom
     assert (hit["xlabel"], ttft["xlabel"]) == ("token hit rate (%)", "p99 TTFT (s, modelled)")
     assert replay["legend"] == ["affinity (kvcache)", "baselines", "with spill tiers"]
     assert replay["suptitle"].startswith("4 workers x ")

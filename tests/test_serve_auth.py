@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -32,8 +33,8 @@ OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
 
 def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
     parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.events_key,
-             KEYS.pseudonym_key, KEYS.notice_key]  # fmt: skip
-    assert len(set(parts)) == 6 and all(len(p) == 32 for p in parts)
+             KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
+    assert len(set(parts)) == 7 and all(len(p) == 32 for p in parts)
     assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
     assert KEYS.block_key != OTHER.block_key
     assert repr(KEYS) == "DeploymentKeys(<redacted>)"
@@ -235,3 +236,22 @@ def test_pseudonyms_are_stable_per_deployment_and_hide_the_tenant() -> None:
     name = KEYS.pseudonym("tenant:acme")
     assert name == KEYS.pseudonym("tenant:acme") and name.startswith("p:") and "acme" not in name
     assert name != KEYS.pseudonym("tenant:globex") and name != OTHER.pseudonym("tenant:acme")
+
+
+def test_a_served_pod_tier_authenticates_blocks_with_the_deployment_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kvcache.serve import engine_setup
+    from kvcache.serve.config import ServeConfig
+    from kvcache.tiers import IcmsTier, Seal
+
+    with caplog.at_level(logging.WARNING, logger="kvcache.tiers.icms"):
+        engine, names = engine_setup.load_engine(
+            "tiny", ServeConfig(), num_blocks=16, block_size=16, threads=1, seed=0,
+            redis_url="redis://127.0.0.1:1/0", worker_id="w0", deployment_key=KEYS.block_key,
+            tier_secret=KEYS.tier_key,
+        )  # fmt: skip
+    tier = engine.tiers.tiers[0]
+    assert isinstance(tier, IcmsTier) and names == ("pod",)
+    assert tier.seal.authenticated and tier.seal == Seal.keyed(KEYS.tier_key)
+    assert "not authenticated" not in caplog.text

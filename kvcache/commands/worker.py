@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     engine, tier_names = engine_setup.load_engine(
         args.model, config, num_blocks=args.num_blocks, block_size=args.block_size, threads=args.threads,
         seed=args.seed, redis_url=None if args.no_pod_tier else redis_url,
-        worker_id=worker_id, deployment_key=keys.block_key, dtype=args.dtype, device=args.device)  # fmt: skip
+        worker_id=worker_id, deployment_key=keys.block_key, tier_secret=keys.tier_key, dtype=args.dtype,
+        device=args.device)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names)
     if args.vllm_events:
         from kvcache.router.vllm_events import EngineEventBridge, EventPublisher

@@ -13,7 +13,10 @@ owner may read). Every key is derived from it for one purpose, so no key serves 
 - ``registration``/``events``: MACs over what a worker writes to Redis (its registration with
   the time it was signed; each event batch with a per-instance sequence number), which the front
   checks before anything reaches the router;
-- ``pseudonym``: events name a chain scope by a keyed pseudonym, never a tenant in clear.
+- ``pseudonym``: events name a chain scope by a keyed pseudonym, never a tenant in clear;
+- ``notice``: the MAC of what the front tells a worker through Redis (a refusal), so writing
+  Redis is not enough to stop a worker;
+- ``tier``: the pod tier's block MAC key (``tiers.seal``), so a block planted in Redis is refused.
 
 MACs are keyed BLAKE2b from ``hashlib``. The secret and the Redis password travel in the
 environment (``KVCACHE_SECRET``, ``KVCACHE_REDIS_URL``), never in argv, logs or Redis.
@@ -153,12 +156,14 @@ class DeploymentKeys:
     events_key: bytes
     pseudonym_key: bytes
     notice_key: bytes
+    tier_key: bytes
 
     @classmethod
     def from_secret(cls, secret: bytes) -> DeploymentKeys:
         return cls(derive(secret, "worker-token").hex(), derive(secret, "block-keys"),
                    derive(secret, "registration"), derive(secret, "events"),
-                   derive(secret, "scope-pseudonym"), derive(secret, "front-notice"))  # fmt: skip
+                   derive(secret, "scope-pseudonym"), derive(secret, "front-notice"),
+                   derive(secret, "pod-tier"))  # fmt: skip
 
     def __repr__(self) -> str:
         return "DeploymentKeys(<redacted>)"

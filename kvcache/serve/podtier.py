@@ -27,7 +27,7 @@ from kvcache.engine import Engine
 from kvcache.engine.sequence import Sequence
 from kvcache.kernels import pack_blocks
 from kvcache.manager import Allocation
-from kvcache.tiers import Hierarchy, IcmsTier, LayoutFingerprint, RedisBackend
+from kvcache.tiers import Hierarchy, IcmsTier, LayoutFingerprint, RedisBackend, Seal
 
 POD = "pod"
 
@@ -37,12 +37,15 @@ class PodTieredEngine(Engine):
     _pending: list[tuple[list[bytes], torch.Tensor]] | None = None
 
     @staticmethod
-    def pod_tier(redis_url: str, capacity_blocks: int, worker_index: int = 0) -> Any:
-        """``EngineConfig.tiers``: builds the hierarchy once the engine knows its block layout."""
+    def pod_tier(redis_url: str, capacity_blocks: int, worker_index: int = 0,
+                 tier_secret: bytes | None = None) -> Any:  # fmt: skip
+        """``EngineConfig.tiers``: builds the hierarchy once the engine knows its block layout.
+        ``tier_secret`` keys the blocks' MAC (``tiers.seal``): Redis cannot plant a block."""
 
         def build(layout: LayoutFingerprint) -> Hierarchy:
+            seal = Seal.keyed(tier_secret) if tier_secret is not None else None
             tier = IcmsTier(RedisBackend(redis_url, capacity_blocks), worker_id=worker_index,
-                            write_behind_blocks=64)  # fmt: skip
+                            write_behind_blocks=64, seal=seal)  # fmt: skip
             return Hierarchy(layout, [tier])
 
         return build
