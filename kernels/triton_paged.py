@@ -26,14 +26,9 @@ __all__ = ["interpreted", "paged_attention"]
 BLOCK_M = 16
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
+# The combine functions of ``tl.reduce``, shared with the decode kernel.
+_add = triton_attention._add
+_maximum = triton_attention._maximum
 
 
 @triton.jit

@@ -13,6 +13,7 @@ import functools
 
 import pytest
 import torch
+from reference import full_greedy, full_logits
 
 from kvcache import Scope, hf
 from kvcache.engine import Engine, EngineConfig
@@ -38,21 +39,6 @@ def fresh(name: str) -> Engine:
 def prompt(seed: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 1024, (n,), generator=g).tolist()  # type: ignore[no-any-return]
-
-
-@torch.inference_mode()
-def full_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
-    ids = torch.tensor([tokens])
-    return engine.model(input_ids=ids, use_cache=False).logits[0, -1].float()  # type: ignore[no-any-return]
-
-
-def full_greedy(engine: Engine, tokens: list[int], n: int) -> list[int]:
-    seq, out = list(tokens), []
-    for _ in range(n):
-        token = int(full_logits(engine, seq).argmax())
-        out.append(token)
-        seq.append(token)
-    return out
 
 
 def assert_same(engine: Engine, tokens: list[int], scope: Scope | str, expect_cached: int) -> None:

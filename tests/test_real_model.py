@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
+from reference import full_greedy, full_logits
 
 from kvcache import Scope, chat
 from kvcache.cli import main
@@ -34,21 +34,6 @@ def fresh(loaded: Any) -> tuple[Engine, HFTokenizer]:
     tokenizer = chat.tokenizer_of(engine)
     assert isinstance(tokenizer, HFTokenizer)
     return engine, tokenizer
-
-
-@torch.inference_mode()
-def full_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
-    ids = torch.tensor([tokens])
-    return engine.model(input_ids=ids, use_cache=False).logits[0, -1].float()  # type: ignore[no-any-return]
-
-
-def full_greedy(engine: Engine, tokens: list[int], n: int) -> list[int]:
-    seq, out = list(tokens), []
-    for _ in range(n):
-        token = int(full_logits(engine, seq).argmax())
-        out.append(token)
-        seq.append(token)
-    return out
 
 
 def test_logits_and_greedy_text_equal_across_hits_and_tenants(smollm2: Any) -> None:
