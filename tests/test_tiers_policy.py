@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvcache.errors import ConfigError, TierError
@@ -29,7 +31,7 @@ def test_recompute_cost_includes_attention_over_context() -> None:
     assert p.prefill_ms(16, 100) == pytest.approx(p.prefill_base_ms + p.compute_ms(16, 100))
 
 
-def test_the_rule_reads_the_calibrated_latency_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_rule_reads_the_calibrated_latency_model(tmp_path: Path) -> None:
     # The same JSON the replay and the server read drives the tier decision.
     path = tmp_path / "latency.json"
     cost(1 / 16).to_json(path)
