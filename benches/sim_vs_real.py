@@ -14,8 +14,8 @@
 4. The same requests through ``kvcache replay``'s simulator with N workers of the same pool size,
    arriving when they were really sent, decoding as many tokens as they really did, on the
    calibrated latency model with the served workers' concurrency (``launch.worker_latency``).
-5. A table per policy, measured vs modelled: token hit rate, mean / p50 / p90 TTFT, output
-   throughput, with ratios; the policy ranking by mean TTFT on each side; TTFT CDFs per policy
+5. A table per policy, measured vs modelled: token hit rate, mean / p50 / p90 TTFT, mean
+   end-to-end latency, output throughput, with ratios; the policy ranking by mean TTFT on each side; TTFT CDFs per policy
    in one figure (``--plot``) and everything in JSON (``--out``).
 
 Goals: hit rates within 2 points, p50 and p90 TTFT within 25%, the same ranking. What the
@@ -132,8 +132,9 @@ def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, n
     return replay(Trace(timed, FORMAT_TOKENS, None), config, block_size=BLOCK_SIZE)
 
 
-def _stats(ttft_ms: np.ndarray, hit: float, output_tokens: int, duration_s: float) -> dict[str, Any]:
-    return {"token_hit_rate": hit, "mean_ttft_ms": float(ttft_ms.mean()),
+def _stats(ttft_ms: np.ndarray, e2e_ms: np.ndarray, hit: float, output_tokens: int,
+           duration_s: float) -> dict[str, Any]:  # fmt: skip
+    return {"token_hit_rate": hit, "mean_e2e_ms": float(e2e_ms.mean()), "mean_ttft_ms": float(ttft_ms.mean()),
             "p50_ttft_ms": float(np.percentile(ttft_ms, 50)),
             "p90_ttft_ms": float(np.percentile(ttft_ms, 90)),
             "output_tok_s": output_tokens / duration_s, "ttft_ms": ttft_ms.tolist()}  # fmt: skip
@@ -143,7 +144,8 @@ def measured_stats(results: list[bench.Result], wall_s: float) -> dict[str, Any]
     ok = [r for r in results if r.ok]
     prompt = sum(r.prompt_tokens for r in ok)
     hit = sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0
-    out = _stats(np.array([1000.0 * r.ttft_s for r in ok]), hit, sum(r.output_tokens for r in ok), wall_s)
+    ttft, e2e = np.array([1000.0 * r.ttft_s for r in ok]), np.array([1000.0 * r.e2e_s for r in ok])
+    out = _stats(ttft, e2e, hit, sum(r.output_tokens for r in ok), wall_s)
     out["failed"] = len(results) - len(ok)
     return out
 
@@ -155,7 +157,8 @@ def modelled_stats(result: ReplayResult) -> dict[str, Any]:
     start = min(j.arrival_ms for j in jobs)
     duration_s = (max(j.finish_ms for j in jobs) - start) / 1000.0
     ttft = np.array([j.first_token_ms - j.arrival_ms for j in jobs])
-    return _stats(ttft, hit, sum(j.request.output_tokens for j in jobs), duration_s)
+    e2e = np.array([j.finish_ms - j.arrival_ms for j in jobs])
+    return _stats(ttft, e2e, hit, sum(j.request.output_tokens for j in jobs), duration_s)
 
 
 def ranking(rows: dict[str, dict[str, dict[str, Any]]], side: str) -> list[str]:
@@ -165,7 +168,7 @@ def ranking(rows: dict[str, dict[str, dict[str, Any]]], side: str) -> list[str]:
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One line per policy: measured, modelled and modelled/measured per metric."""
     keys = [("mean_ttft_ms", "mean TTFT ms"), ("p50_ttft_ms", "p50 TTFT ms"), ("p90_ttft_ms", "p90 TTFT ms"),
-            ("output_tok_s", "output tok/s")]  # fmt: skip
+            ("mean_e2e_ms", "mean E2E ms"), ("output_tok_s", "output tok/s")]  # fmt: skip
     head = f"{'policy':<13}{'hit% real':>10}{'model':>7}{'diff':>6}"
     for _, label in keys:
         head += f" | {label:>13}{'model':>8}{'ratio':>6}"
