@@ -15,8 +15,8 @@
    arriving when they were really sent, decoding as many tokens as they really did, on the
    calibrated latency model with the served workers' concurrency (``launch.worker_latency``).
 5. A table per policy, measured vs modelled: token hit rate, mean / p50 / p90 TTFT, mean
-   end-to-end latency, output throughput, with ratios; the policy ranking by mean TTFT on each side; TTFT CDFs per policy
-   in one figure (``--plot``) and everything in JSON (``--out``).
+   end-to-end latency, output throughput, with ratios; the policy ranking by mean TTFT on each
+   side; TTFT CDFs per policy in one figure (``--plot``) and everything in JSON (``--out``).
 
 Goals: hit rates within 2 points, p50 and p90 TTFT within 25%, the same ranking. What the
 model leaves out shows in the ratios: HTTP, front and streaming overheads per request and per
