@@ -1,4 +1,5 @@
-"""Side by side on one server binary: routing ``affinity``/``ttft`` vs ``round_robin``, pod tier on vs off.
+"""Side by side on one server binary: routing ``affinity`` vs ``round_robin`` and ``least_loaded``,
+pod tier on vs off.
 
     .venv/bin/python benches/serve_compare.py --workers 2 --duration 20 --rate 4
 
@@ -34,10 +35,10 @@ DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,outpu
 CONFIGS = [
     ("affinity", True),
     ("round_robin", True),
-    ("ttft", True),
+    ("least_loaded", True),
     ("affinity", False),
     ("round_robin", False),
-    ("ttft", False),
+    ("least_loaded", False),
 ]
 
 
@@ -193,10 +194,10 @@ def main() -> int:
 def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     pairs = [("affinity_over_round_robin", "affinity:{p}", "round_robin:{p}"),
-             ("ttft_over_round_robin", "ttft:{p}", "round_robin:{p}"),
+             ("least_loaded_over_round_robin", "least_loaded:{p}", "round_robin:{p}"),
              ("pod_on_over_off", "{r}:pod", "{r}:nopod")]  # fmt: skip
     for label, num, den in pairs:
-        for fill in (("pod", "nopod") if "{p}" in num else ("affinity", "round_robin", "ttft")):
+        for fill in (("pod", "nopod") if "{p}" in num else ("affinity", "round_robin", "least_loaded")):
             key = {"p": fill, "r": fill}
             a, b = results.get(num.format(**key)), results.get(den.format(**key))
             if a is None or b is None:
@@ -226,14 +227,14 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 
 def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
     """Mean TTFT, output throughput and hit rate per configuration, as horizontal bars; kvcache's
-    policies (``affinity``, and ``ttft``, serve's default) are coloured apart from ``round_robin``."""
+    policy (``affinity``, serve's default) is coloured apart from the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    colors = {"affinity": "tab:red", "ttft": "tab:orange", "round_robin": "tab:blue"}
+    colors = {"affinity": "tab:red", "least_loaded": "tab:green", "round_robin": "tab:blue"}
     names = list(results)
     labels = [n.replace(":nopod", ", pod tier off").replace(":pod", ", pod tier on") for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 1.2 + 0.4 * len(names)), sharey=True, layout="constrained")
@@ -255,8 +256,8 @@ def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
     axes[0].set_yticks(range(len(names)), labels)
     axes[0].set_ylabel("routing policy, pod tier")
     axes[0].invert_yaxis()
-    handles = [Patch(color=colors["affinity"], label="affinity (kvcache)"),
-               Patch(color=colors["ttft"], label="ttft (kvcache, serve's default)"),
+    handles = [Patch(color=colors["affinity"], label="affinity (kvcache, serve's default)"),
+               Patch(color=colors["least_loaded"], label="least_loaded (baseline)"),
                Patch(color=colors["round_robin"], label="round_robin (baseline)"),
                Patch(facecolor="white", edgecolor="0.3", hatch="//", label="pod tier off")]  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)

@@ -79,9 +79,14 @@ def test_measure_records_real_prefill_and_batched_decode_steps() -> None:
 
 
 def test_the_tier_cost_rule_reads_the_fitted_latency_model(tmp_path: Path) -> None:
-    from kvcache.tiers import PrefillCost
+    from kvcache.tiers import TransferModel, best_load_prefix
 
     path = tmp_path / "latency.json"
     write_latency_json(LatencyFit(1.0, 0.1, 0.001, 2.0, 0.2, 16, 4096), path)
-    cost = PrefillCost.from_latency(LatencyModel.from_json(path))
-    assert (cost.ms_per_token, cost.ms_per_token_per_ctx_token) == (0.1, 0.001)
+    latency = LatencyModel.from_json(path)
+    # Recomputing 16 tokens after 32 cached: 16 x 0.1 + 16 x (32 + 8) x 0.001 = 2.24 ms.
+    assert latency.compute_ms(16, 32) == pytest.approx(2.24)
+    # A 2.0 ms load of that block saves 0.24 ms, so the rule loads it; a 2.5 ms load it declines.
+    for load_ms, expected in ((2.0, 1), (2.5, 0)):
+        link = TransferModel(bandwidth_bytes_per_s=1e12, base_latency_ms=load_ms)
+        assert best_load_prefix([link], 0, 16, 32, latency)[0] == expected

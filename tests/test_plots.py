@@ -162,7 +162,7 @@ def _load_bench(name: str) -> ModuleType:
 
 def test_serve_compare_plot(tmp_path: Path, saved: dict[str, Figure]) -> None:
     serve_compare = _load_bench("serve_compare")
-    names = [f"{p}:{pod}" for pod in ("pod", "nopod") for p in ("affinity", "round_robin", "ttft")]
+    names = [f"{p}:{pod}" for pod in ("pod", "nopod") for p in ("affinity", "round_robin", "least_loaded")]
     results = {
         n: {"mean_ttft_ms": 20.0 + i, "output_throughput": 100.0 + i, "cache_hit_rate": 0.5 + i / 20}
         for i, n in enumerate(names)
@@ -171,7 +171,8 @@ def test_serve_compare_plot(tmp_path: Path, saved: dict[str, Figure]) -> None:
     fig = check_figure(saved["serve_compare.png"])
     assert [a["xlabel"] for a in fig["axes"]] == ["mean TTFT (ms)", "output tokens/s", "hit rate (%)"]
     assert fig["axes"][0]["y"][:2] == ["affinity, pod tier on", "round_robin, pod tier on"]
-    assert fig["legend"][0] == "affinity (kvcache)" and "round_robin (baseline)" in fig["legend"]
+    assert fig["legend"][0] == "affinity (kvcache, serve's default)"
+    assert "round_robin (baseline)" in fig["legend"]
 
 
 def test_hf_ttft_plot(tmp_path: Path, saved: dict[str, Figure], monkeypatch: pytest.MonkeyPatch) -> None:

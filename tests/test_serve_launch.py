@@ -49,8 +49,9 @@ def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
     ("args", "needle"),
     [
         (("--num-blocks", "-1"), "--num-blocks=-1 must be >= 1"),
-        (("--policy", "bogus"), "ttft, round_robin, random, least_loaded, lpm, dynamo, sglang, lpm_balanced, "
-         "affinity"),
+        (("--policy", "bogus"),
+         "round_robin, random, least_loaded, lpm, dynamo, sglang, lpm_balanced, affinity"),
+        (("--latency", "/nonexistent/lat.json"), "cannot read a latency model from /nonexistent/lat.json"),
         (("--redis", "redis://127.0.0.1:{port}/0"), "cannot reach Redis at 127.0.0.1:"),
         (("--model", "nosuch-model"), "model 'nosuch-model' has no tokenizer files"),
     ],

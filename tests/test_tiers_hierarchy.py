@@ -15,13 +15,13 @@ from tiers_helpers import LAYOUT, block, key, same_bits
 
 from kvcache import BlockManager, CacheConfig, CapacityError
 from kvcache.errors import TierError
+from kvcache.router.latency import LatencyModel
 from kvcache.tiers import (
     DiskTier,
     Hierarchy,
     HostTier,
     IcmsTier,
     InProcessBackend,
-    PrefillCost,
     TierPolicy,
     TransferModel,
 )
@@ -78,14 +78,13 @@ def test_a_damaged_block_falls_back_to_another_copy_or_truncates_the_load(tmp_pa
 
 def test_cost_rule_declines_loads_slower_than_recompute() -> None:
     slow = TransferModel(bandwidth_bytes_per_s=1e3, base_latency_ms=1.0)  # 512 bytes = 512 ms
-    h = Hierarchy(
-        LAYOUT, [HostTier(LAYOUT, 4)], TierPolicy(prefill=PrefillCost(ms_per_token=1.0)), transfer=[slow]
-    )
+    dear = TierPolicy(prefill=LatencyModel(prefill_ms_per_token=1.0))  # 1 ms per token recomputed
+    h = Hierarchy(LAYOUT, [HostTier(LAYOUT, 4)], dear, transfer=[slow])
     h.store(keys(0, 1), torch.stack([block(0), block(1)]))
     assert h.load(keys(0, 1)).shape[0] == 0
     assert h.stats().blocks_declined == 2
     with pytest.raises(TierError, match="needs one TransferModel per tier"):
-        Hierarchy(LAYOUT, [HostTier(LAYOUT, 4)], TierPolicy(prefill=PrefillCost(1.0)))
+        Hierarchy(LAYOUT, [HostTier(LAYOUT, 4)], TierPolicy(prefill=LatencyModel(prefill_ms_per_token=1.0)))
 
 
 def test_prefetch_stages_shared_blocks_and_promotes_disk_blocks(tmp_path: Path) -> None:

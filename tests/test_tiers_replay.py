@@ -9,10 +9,10 @@ import pytest
 
 from kvcache import cli
 from kvcache.router import report
+from kvcache.router.latency import LatencyModel
 from kvcache.router.replay import ReplayConfig, prepare, replay
 from kvcache.router.synth import SynthConfig, synthesize
 from kvcache.router.trace import FORMAT_MOONCAKE, Trace, to_block_ids
-from kvcache.tiers import PrefillCost
 from kvcache.tiers.sim import SimTiers, TierSizes
 
 
@@ -26,7 +26,7 @@ def test_tiers_turn_recomputation_into_loads_on_the_same_gpu_capacity() -> None:
     prompts = prepare(trace, 512)
     config = ReplayConfig(4, 20, "round_robin")
     base = report.metrics(replay(trace, config, prompts=prompts))
-    sim = SimTiers(4, TierSizes(g2=40, g3=160, icms=400), 512, prefill=PrefillCost(0.08, 1.5e-6))
+    sim = SimTiers(4, TierSizes(g2=40, g3=160, icms=400), 512, prefill=LatencyModel())
     tiered_result = replay(trace, config, prompts=prompts, spill=sim)
     tiered = report.metrics(tiered_result)
     loaded = sum(j.loaded_tokens for j in tiered_result.jobs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvcache.errors import ConfigError
-from kvcache.tiers import PrefillCost
+from kvcache.router.latency import LatencyModel
 from kvcache.tiers.sim import G2_TRANSFER, G3_TRANSFER, ICMS_TRANSFER, SimTiers, TierSizes
 
 
@@ -55,7 +55,8 @@ def test_shared_tier_capacity_is_lru() -> None:
 
 
 def test_cost_rule_declines_slow_loads() -> None:
-    cheap = PrefillCost(ms_per_token=1e-6)  # recompute nearly free: never load
+    # recompute nearly free: never load
+    cheap = LatencyModel(prefill_ms_per_token=1e-6, prefill_ms_per_token_per_ctx_token=0.0)
     sim = SimTiers(num_workers=1, sizes=TierSizes(g2=4), block_tokens=16, prefill=cheap)
     sim.on_evict(0, [k(0), k(1)], 0.0)
     assert sim.fetch(0, [k(0), k(1)], 0.0) == (0, 0.0)

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from kvcache import argtypes
+
 HELP = "replay a trace against a running server; TTFT/ITL/throughput/cache hits as a table and JSON"
 
 
@@ -17,6 +19,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default="synthetic", help="JSONL file, or synthetic[:tenants=4,...]")
     parser.add_argument("--rate", type=float, default=float("inf"), help="requests per second (Poisson)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds to keep sending")
+    parser.add_argument("--num-prompts", type=argtypes.positive_int,
+                        help="stop sending after this many requests (default: keep sending until --duration)")
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--block-tokens", type=int, default=512, help="tokens per Mooncake hash id")
     parser.add_argument("--vocab-size", type=int, default=256, help="token ids are drawn below this")
@@ -45,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(desc="requests", unit="req", leave=False, disable=None) as progress:
         results, wall_s = asyncio.run(bench.run_load(
             args.url, trace, rate=args.rate, duration_s=args.duration, max_concurrency=args.max_concurrency,
-            keys=keys, seed=args.seed, progress=progress, api_key=api_key))  # fmt: skip
+            keys=keys, seed=args.seed, progress=progress, api_key=api_key,
+            num_prompts=args.num_prompts))  # fmt: skip
     summary = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency)
     print(bench.table(summary))
     text = json.dumps(summary, indent=2)

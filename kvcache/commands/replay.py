@@ -120,16 +120,15 @@ def _replay_with_tiers(
 ) -> dict[str, Any]:
     from kvcache.router import report
     from kvcache.router.replay import replay
-    from kvcache.tiers import PrefillCost, spill_report
+    from kvcache.tiers import spill_report
     from kvcache.tiers.sim import KV_BYTES_PER_TOKEN, SimTiers, TierSizes
 
-    lat = config.latency
     sim = SimTiers(
         config.num_workers,
         TierSizes.parse(args.tiers, config.capacity_blocks),
         block_size,
         kv_bytes_per_token=args.kv_bytes_per_token or KV_BYTES_PER_TOKEN,
-        prefill=PrefillCost(lat.prefill_ms_per_token, lat.prefill_ms_per_token_per_ctx_token),
+        prefill=config.latency,
         prestaging=not args.no_prestage,
     )
     result = replay(trace, config, block_size=block_size, prompts=prompts, spill=sim, progress=not args.quiet)

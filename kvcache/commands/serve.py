@@ -29,9 +29,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=argtypes.port, default=8000)
     parser.add_argument(
         "--policy",
-        default="ttft",
-        help="ttft (default: lowest estimated TTFT on workers that serve one request at a time), or a "
-        "router policy: affinity, round_robin, ...",
+        default="affinity",
+        help="router policy: affinity (default: lowest modelled TTFT, then the longest prefix), "
+        "round_robin, least_loaded, sglang, ...",
+    )
+    parser.add_argument(
+        "--latency",
+        metavar="FILE",
+        help="the workers' latency model (JSON from `kvcache calibrate` for this model and machine) that "
+        "affinity prices workers with; default: LatencyModel's built-in figures",
     )
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
@@ -48,6 +54,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.redis_server import start_redis
+    from kvcache.router.latency import LatencyModel
     from kvcache.serve import auth, launch, tokenize
     from kvcache.serve.config import ServeConfig
 
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if max_prompt_tokens < 1:
         raise ConfigError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
     launch.check_policy(args.policy)
+    latency = LatencyModel.from_json(args.latency) if args.latency else None
     config = ServeConfig.load(args.config)
     # The tokenizer first: a registry model is converted once here, not by every worker at once;
     # a model without a tokenizer fails here, before any worker starts.
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer, redis_url=redis_url,
                                   policy=args.policy, mode=args.mode, block_size=args.block_size, keys=keys,
                                   served_names=tuple(args.served_model_name or ()),
-                                  max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+                                  max_prompt_tokens=max_prompt_tokens, latency=latency)  # fmt: skip
         worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
                                         block_size=args.block_size, threads=args.threads,
                                         config_path=args.config, pod_tier=not args.no_pod_tier,

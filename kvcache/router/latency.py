@@ -1,18 +1,23 @@
-"""How long a simulated worker takes: prefill as a function of new and cached tokens, decode
-per output token as a function of the batch, and the batching limits.
+"""The project's one step-cost model: how long a worker takes to prefill and decode, and its
+batching limits. Everything that prices time reads it: the simulated workers of the replay, the
+router's ``affinity`` policy (in the replay and in ``kvcache serve``), and the tier rule that
+decides between loading a block and recomputing it (``tiers.policy``).
 
+    compute_ms(new, cached) =
+        new x prefill_ms_per_token                                          (linear layers)
+      + new x (cached + new / 2) x prefill_ms_per_token_per_ctx_token        (attention over the context)
     prefill_ms(new, cached, running) =
         steps x (prefill_base_ms + decode_ms_per_token_per_seq x running)   (per forward step)
-      + new x prefill_ms_per_token                                          (linear layers)
-      + new x (cached + new / 2) x prefill_ms_per_token_per_ctx_token        (attention over the context)
+      + compute_ms(new, cached)
     steps = ceil(new / max_batched_tokens)
     decode_step_ms(seqs) = decode_base_ms + decode_ms_per_token_per_seq x seqs
 
 Each prefill chunk shares its step with the ``running`` decoding sequences (chunked prefill, as
-vLLM schedules it), which is how decode pressure slows a prefill down. The defaults are the
-rough shape of an 8B-parameter model in bf16 on one H100-class GPU; ``kvcache calibrate``
-(HF engine) measures real ones and writes them with ``to_json``. This module only computes
-times; queueing is the worker's job.
+vLLM schedules it), which is how decode pressure slows a prefill down. ``max_num_seqs`` is the
+worker's concurrency: 1 describes a worker that serves one request at a time. The defaults are
+the rough shape of an 8B-parameter model in bf16 on one H100-class GPU; ``kvcache calibrate``
+fits real ones from the engine's recorded steps and writes them with ``to_json``. This module
+only computes times; queueing is the worker's job (simulated) and the router's estimate.
 """
 
 from __future__ import annotations
@@ -67,12 +72,20 @@ class LatencyModel:
         if num_new_tokens <= 0:
             return 0.0
         steps = -(-num_new_tokens // self.max_batched_tokens)
+        return steps * (
+            self.prefill_base_ms + self.decode_ms_per_token_per_seq * num_running
+        ) + self.compute_ms(num_new_tokens, num_cached_tokens)
+
+    def compute_ms(self, num_new_tokens: int, num_cached_tokens: int = 0) -> float:
+        """The per-token part of a prefill: the time computing ``num_new_tokens`` after
+        ``num_cached_tokens`` adds to the steps it runs in. It is what a cached block saves, so
+        the tier rule weighs it against a block's transfer time."""
+        if num_new_tokens <= 0:
+            return 0.0
+        n = num_new_tokens
         return (
-            steps * (self.prefill_base_ms + self.decode_ms_per_token_per_seq * num_running)
-            + num_new_tokens * self.prefill_ms_per_token
-            + num_new_tokens
-            * (num_cached_tokens + num_new_tokens / 2)
-            * self.prefill_ms_per_token_per_ctx_token
+            n * self.prefill_ms_per_token
+            + n * (num_cached_tokens + n / 2) * self.prefill_ms_per_token_per_ctx_token
         )
 
     def decode_step_ms(self, num_seqs: int) -> float:

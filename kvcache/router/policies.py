@@ -28,7 +28,7 @@ class WorkerView:
     active_requests: int  # routed there, not finished
     active_blocks: int  # blocks those requests hold
     pending_prefill_tokens: int  # prompt tokens routed there whose prefill has not finished
-    queued_prefill_ms: float  # modelled prefill work ahead of a new request
+    queued_prefill_ms: float  # modelled wait before a new request's prefill starts (queue, slots)
     held_blocks: int = 0  # distinct full blocks those requests use (shared prefixes counted once)
 
 
@@ -174,8 +174,11 @@ def make_affinity(
     ``cost = queued_prefill_ms + memory_wait_ms + (1 + recompute_weight) x prefill_ms(new,
     cached, active)``, three terms the router can estimate for each worker:
 
-    - ``queued_prefill_ms``: prefill work already routed there and not done (plus a decode
-      step per request over the sequence slots);
+    - ``queued_prefill_ms``: the router's modelled wait before this request's prefill could
+      start there: prefill work already routed there and not done and, when the worker's
+      ``max_num_seqs`` slots are all taken, the modelled finish (prefill plus decode steps) of
+      the request whose slot it would take; a worker that serves one request at a time
+      (``max_num_seqs=1``) thus charges the whole service time of every request ahead;
     - ``memory_wait_ms`` (when the router knows the pool size): the routed, unfinished
       requests use ``held_blocks`` distinct blocks; if those plus the blocks this request
       lacks exceed the pool, it waits for blocks to be freed: ``memory_weight x
@@ -213,8 +216,6 @@ def make_affinity(
             cached = inp.num_tokens - new
             prefill = lat.prefill_ms(new, cached, min(v.active_requests, slots - 1))
             wait = v.queued_prefill_ms
-            if v.active_requests >= slots:  # no free sequence slot: at least a step per request over
-                wait += lat.decode_step_ms(slots) * (v.active_requests - slots + 1)
             if cap and service:
                 excess = v.held_blocks + inp.num_blocks - v.overlap_blocks - cap
                 if excess > 0:

@@ -133,7 +133,8 @@ class _Replay:
             self.router.on_events(worker_id, events)
 
     def route(self, job: Job) -> None:
-        req = RouteRequest(job.request_id, job.prompt.keys, job.request.num_tokens, job.prompt.scope)
+        r = job.request
+        req = RouteRequest(job.request_id, job.prompt.keys, r.num_tokens, job.prompt.scope, r.output_tokens)
         w = self.router.route(req)
         self.workers[w].submit(job, self.now)
         self.kick(w)

@@ -9,8 +9,10 @@
 
 It keeps two things: an index of which worker holds which block key (``index``) and its own
 load accounting (requests and blocks routed to each worker and not finished, and a modelled
-prefill schedule per worker built from the latency model: each request's estimated prefill
-starts when the previous estimate ends). It never reads a worker's internals. Choosing is the
+schedule per worker built from the latency model: a request's estimated prefill starts when the
+previous estimate ends and, on a worker whose ``max_num_seqs`` sequence slots are all taken,
+when the earliest modelled finish frees one; a request is modelled to finish ``output_tokens - 1``
+decode steps after its prefill). It never reads a worker's internals. Choosing is the
 policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
 ``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
 must have evicted.
@@ -18,6 +20,7 @@ must have evicted.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from collections import deque
@@ -43,6 +46,7 @@ class RouteRequest:
     block_keys: Sequence[bytes]
     num_tokens: int
     scope: Scope | str | None = None
+    output_tokens: int = 1  # tokens it will decode (max_tokens); 1 = unknown, priced as prefill only
 
 
 @dataclass(slots=True)
@@ -54,6 +58,16 @@ class _Load:
     pending_tokens: int = 0
     held: dict[bytes, int] = field(default_factory=dict)  # block key -> active requests using it
     keys_of: dict[Hashable, Sequence[bytes]] = field(default_factory=dict)
+    finish_ms: dict[Hashable, float] = field(default_factory=dict)  # request -> modelled finish
+
+    def start_ms(self, now: float, slots: int) -> float:
+        """When a request routed now could start its prefill: after the modelled prefills ahead
+        of it and, with every sequence slot taken, after the finish that frees one."""
+        start = max(now, self.prefill_free_ms)
+        over = len(self.finish_ms) - slots
+        if over >= 0:
+            start = max(start, heapq.nsmallest(over + 1, self.finish_ms.values())[-1])
+        return start
 
 
 def _monotonic_ms() -> float:
@@ -136,7 +150,7 @@ class Router:
                     active_requests=len(load.active),
                     active_blocks=load.active_blocks,
                     pending_prefill_tokens=load.pending_tokens,
-                    queued_prefill_ms=max(0.0, load.prefill_free_ms - now),
+                    queued_prefill_ms=load.start_ms(now, self.latency.max_num_seqs) - now,
                     held_blocks=len(load.held),
                 )
             )
@@ -148,6 +162,11 @@ class Router:
             raise ConfigError("the router has no workers; call add_worker(worker_id) first")
         if request.request_id in self.where:
             raise RequestError(f"request id {request.request_id!r} is already routed; finish it first")
+        if not isinstance(request.output_tokens, int) or request.output_tokens < 1:
+            raise RequestError(
+                f"request {request.request_id!r}: output_tokens={request.output_tokens!r} must be an "
+                "integer >= 1 (the tokens it decodes)"
+            )
         if request.num_tokens < 1 or len(request.block_keys) > -(-request.num_tokens // self.block_size):
             raise RequestError(
                 f"request {request.request_id!r}: num_tokens={request.num_tokens} with "
@@ -178,8 +197,13 @@ class Router:
     ) -> None:
         load = self.loads[worker_id]
         new = inp.new_tokens(view)
-        prefill = self.latency.prefill_ms(new, request.num_tokens - new, view.active_requests)
-        load.prefill_free_ms = max(now, load.prefill_free_ms) + prefill
+        lat = self.latency
+        running = min(view.active_requests, lat.max_num_seqs - 1)
+        prefill = lat.prefill_ms(new, request.num_tokens - new, running)
+        load.prefill_free_ms = load.start_ms(now, lat.max_num_seqs) + prefill
+        load.finish_ms[request.request_id] = load.prefill_free_ms + (
+            request.output_tokens - 1
+        ) * lat.decode_step_ms(running + 1)
         load.pending.append((load.prefill_free_ms, new))
         load.pending_tokens += new
         blocks = inp.num_blocks
@@ -206,6 +230,7 @@ class Router:
             raise RequestError(f"request id {request_id!r} is not routed (unknown or already finished)")
         load = self.loads[worker_id]
         load.active_blocks -= load.active.pop(request_id)
+        del load.finish_ms[request_id]
         held = load.held
         for key in load.keys_of.pop(request_id):
             if held[key] == 1:

@@ -12,10 +12,12 @@ or ``synthetic[:key=value,...]`` for ``kvcache.workloads.multi_turn_chat`` (keys
 sessions, turns, system, user, output, seed, shared).
 
 Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second,
-at most ``max_concurrency`` in flight, until ``duration_s`` has passed; then the loop waits for the
-requests in flight. Each request streams, so TTFT and inter-token latencies are measured at the
-client; ``cached_tokens`` comes from the final usage chunk. A failed request keeps the server's
-error message (``HTTP 400: 'max_tokens'=...``); the summary counts failures by message. The wait
+at most ``max_concurrency`` in flight, until ``duration_s`` has passed or ``num_prompts`` were
+sent; then the loop waits for the requests in flight. Each result keeps when it was sent
+(``sent_s`` after the first send), so a simulation can replay the same arrivals. Each request
+streams, so TTFT and inter-token latencies are measured at the client; ``cached_tokens`` comes
+from the final usage chunk. A failed request keeps the server's error message (``HTTP 400:
+'max_tokens'=...``); the summary counts failures by message. The wait
 for the server to be ready is bounded by the run's duration: a dead URL is a ``ConfigError``
 after ``duration_s``, not a hang.
 """
@@ -53,6 +55,7 @@ class Result:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    sent_s: float = 0.0  # seconds after the run's first send
 
 
 def _synthetic(spec: str, vocab_size: int) -> list[TraceRequest]:
@@ -165,7 +168,8 @@ def aiohttp_timeout(total_s: float) -> Any:
 
 async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration_s: float,
                    max_concurrency: int, keys: dict[str, str], seed: int = 0, progress: Any = None,
-                   api_key: str | None = None) -> tuple[list[Result], float]:  # fmt: skip
+                   api_key: str | None = None, num_prompts: int | None = None,
+                   ) -> tuple[list[Result], float]:  # fmt: skip
     """Send the trace; returns the results and the wall time from first send to last answer.
     A request of a tenant in ``keys`` uses that key, any other ``api_key`` when given."""
     import aiohttp
@@ -179,7 +183,9 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
         async with limit:
             key = keys.get(req.tenant, api_key) if req.tenant is not None else api_key
             headers = {"Authorization": f"Bearer {key}"} if key else {}
+            sent_s = time.perf_counter() - start
             result = await _one(session, url, req, headers)
+            result.sent_s = sent_s
         if progress is not None:
             progress.update(1)
         return result
@@ -189,7 +195,7 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
         await wait_ready(session, url, timeout_s=duration_s)
         start = time.perf_counter()
         i = 0
-        while time.perf_counter() - start < duration_s:
+        while time.perf_counter() - start < duration_s and (num_prompts is None or i < num_prompts):
             await limit.acquire()  # bounded loop: never more than max_concurrency queued or running
             limit.release()
             tasks.append(asyncio.create_task(bounded(trace[i % len(trace)])))

@@ -49,7 +49,6 @@ from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.routing import ServiceEstimate
 from kvcache.serve.tokenize import IncrementalDecoder, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
@@ -106,7 +105,7 @@ def _worker_error(status: int, text: str) -> HTTPFailure:
 class Front:
     def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
                  redis_url: str | None, route_request: Any, keys: DeploymentKeys,
-                 estimate: ServiceEstimate | None = None, max_prompt_tokens: int | None = None,
+                 max_prompt_tokens: int | None = None,
                  served_names: tuple[str, ...] = (),
                  read_timeout_s: float = READ_TIMEOUT_S) -> None:  # fmt: skip
         self.config = config
@@ -122,7 +121,6 @@ class Front:
         self.keys = keys
         self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
         self.route_request = route_request  # kvcache.router.RouteRequest
-        self.estimate = estimate  # fed from workers' reports when the policy uses it
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -164,7 +162,7 @@ class Front:
         headers = {"Content-Type": "application/json", **self.keys.auth_header()}
         for _attempt in range(MAX_ATTEMPTS):
             await self._wait_for_worker()
-            route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope)
+            route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope, max_tokens)
             worker_id = self.router.route(route)
             state = self.pool.workers.get(worker_id)
             if state is None:  # the router and the pool disagree for a moment: take any live worker
@@ -186,10 +184,6 @@ class Front:
                             raise HTTPFailure(line["status"], line["error"], kind)
                         if line.get("done"):
                             done = True
-                            if self.estimate is not None and "engine_s" in line:
-                                computed = outcome.prompt_tokens - outcome.cached_tokens
-                                engine_ms, prefill_ms = 1e3 * line["engine_s"], 1e3 * outcome.prefill_s
-                                self.estimate.observe(engine_ms, prefill_ms, computed)
                             break
                         if line["index"] == 0:
                             outcome.prompt_tokens = line["prompt_tokens"]

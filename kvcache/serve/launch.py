@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from kvcache.errors import ConfigError
+from kvcache.router.latency import LatencyModel
 from kvcache.serve import auth
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
-from kvcache.serve.routing import ServiceEstimate, make_ttft_policy
 from kvcache.serve.tokenize import Tokenizer
 
 
@@ -127,12 +128,25 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 
             process.wait()
 
 
+# Requests a served worker runs at once: today's worker serves one request at a time
+# (serve/worker.py). The front's latency model must describe the workers, so its max_num_seqs is
+# this, whatever the calibrated file says.
+WORKER_MAX_NUM_SEQS = 1
+
+
 def check_policy(policy: str) -> None:
     """``ConfigError`` listing every policy ``serve`` takes unless ``policy`` is one of them."""
     from kvcache.router.policies import POLICIES
 
-    if policy != "ttft" and policy not in POLICIES:
-        raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(['ttft', *POLICIES])}")
+    if policy not in POLICIES:
+        raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
+
+
+def worker_latency(latency: LatencyModel | None = None) -> LatencyModel:
+    """The step-cost model the front prices workers with: ``latency`` (what ``kvcache calibrate``
+    fitted for the workers' model on their machine; default ``LatencyModel()``'s figures) with the
+    workers' concurrency as ``max_num_seqs``."""
+    return dataclasses.replace(latency or LatencyModel(), max_num_seqs=WORKER_MAX_NUM_SEQS)
 
 
 async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event) -> str | None:
@@ -172,20 +186,16 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
 
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
                mode: str, block_size: int, keys: auth.DeploymentKeys, served_names: tuple[str, ...] = (),
-               max_prompt_tokens: int | None = None) -> Front:  # fmt: skip
-    """The front with its router; ``policy="ttft"`` is ``routing.make_ttft_policy``, any other name
-    one of the router's policies. ``served_names``: the names clients use (the first is reported;
-    default ``model``)."""
+               max_prompt_tokens: int | None = None,
+               latency: LatencyModel | None = None) -> Front:  # fmt: skip
+    """The front with its router running one of the router's policies; ``affinity`` prices workers
+    with ``worker_latency(latency)``. ``served_names``: the names clients use (the first is
+    reported; default ``model``)."""
     from kvcache.router import Router, RouteRequest
 
     check_policy(policy)
-    estimate = None
-    chosen: Any = policy
-    if policy == "ttft":
-        estimate = ServiceEstimate()
-        chosen = make_ttft_policy(estimate)
-    router: Any = Router(policy=chosen, mode=mode, block_size=block_size)
+    router = Router(policy=policy, mode=mode, block_size=block_size, latency=worker_latency(latency))
     names = served_names or (model,)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
-                 route_request=RouteRequest, keys=keys, estimate=estimate, served_names=names[1:],
+                 route_request=RouteRequest, keys=keys, served_names=names[1:],
                  max_prompt_tokens=max_prompt_tokens)  # fmt: skip

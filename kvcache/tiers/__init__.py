@@ -11,7 +11,7 @@ from kvcache.tiers.disk import DiskTier
 from kvcache.tiers.hierarchy import Hierarchy, HierarchyStats
 from kvcache.tiers.host import HostTier
 from kvcache.tiers.icms import IcmsLink, IcmsTier
-from kvcache.tiers.policy import PrefillCost, TierPolicy, best_load_prefix
+from kvcache.tiers.policy import TierPolicy, best_load_prefix
 from kvcache.tiers.seal import Seal
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "IcmsTier",
     "InProcessBackend",
     "LayoutFingerprint",
-    "PrefillCost",
     "RedisBackend",
     "Seal",
     "Tier",

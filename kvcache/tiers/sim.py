@@ -8,7 +8,7 @@ Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
   dropped. Every evicted block is also written behind to the pod-shared ICMS tier, so another
   worker can load it instead of recomputing.
 - ``fetch(worker, keys, now)``: the leading keys found in this worker's G2 or G3 or in ICMS
-  (fastest first), trimmed by the cost rule when a prefill cost is given, and the milliseconds
+  (fastest first), trimmed by the cost rule when a latency model (``prefill``) is given, and the milliseconds
   to load them: one batch per tier, so each tier's base latency is paid once.
 - ``prestage(worker, keys, now)`` (when ``prestaging``, the default): the router just placed a
   request on the worker; the leading keys held in G3 or ICMS start moving into the worker's
@@ -34,9 +34,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvcache.errors import ConfigError
+from kvcache.router.latency import LatencyModel
 from kvcache.tiers.base import TransferModel
 from kvcache.tiers.icms import IcmsLink
-from kvcache.tiers.policy import PrefillCost, best_load_prefix
+from kvcache.tiers.policy import best_load_prefix
 
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 G2_TRANSFER = TransferModel(bandwidth_bytes_per_s=50e9, base_latency_ms=0.01)
@@ -100,7 +101,7 @@ class SimTiers:
     transfer: dict[str, TransferModel] = field(
         default_factory=lambda: {"g2": G2_TRANSFER, "g3": G3_TRANSFER, "icms": ICMS_TRANSFER}
     )
-    prefill: PrefillCost | None = None
+    prefill: LatencyModel | None = None
     prestaging: bool = True
     stats: dict[str, SimTierStats] = field(default_factory=lambda: {n: SimTierStats() for n in TIER_NAMES})
     blocks_declined: int = 0

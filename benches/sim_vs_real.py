@@ -1,0 +1,280 @@
+"""Does the replay predict the real server? One trace, served for real and simulated, per policy.
+
+    .venv/bin/python benches/sim_vs_real.py                       # tiny model, 2 workers, minutes
+    .venv/bin/python benches/sim_vs_real.py --model smollm2-135m --requests 96 --load 0.5
+
+1. A multi-turn chat trace with one shared system prompt (``router.synth``, the generator behind
+   ``kvcache trace --workload chat --format tokens``), token ids below ``--vocab-size`` so the real
+   server takes them as they are.
+2. ``kvcache calibrate`` on this machine and model (unless ``--latency FILE``): the latency model.
+3. Per policy: a fresh ``kvcache serve --workers N --latency FILE --no-pod-tier`` (the pod tier is
+   off because the replay here simulates device pools only), a few warm-up requests, then the
+   trace through ``bench-serve``'s loop (Poisson arrivals at ``--rate``, every request in flight
+   at once if need be, exactly one pass over the trace). Each request's send time is kept.
+4. The same requests through ``kvcache replay``'s simulator with N workers of the same pool size,
+   arriving when they were really sent, decoding as many tokens as they really did, on the
+   calibrated latency model with the served workers' concurrency (``launch.worker_latency``).
+5. A table per policy, measured vs modelled: token hit rate, mean / p50 / p90 TTFT, mean
+   end-to-end latency, output throughput, with ratios; the policy ranking by mean TTFT on each
+   side; TTFT CDFs per policy in one figure (``--plot``) and everything in JSON (``--out``).
+
+Goals: hit rates within 2 points, p50 and p90 TTFT within 25%, the same ranking. What the
+model leaves out shows in the ratios: HTTP, front and streaming overheads per request and per
+token, CPU contention between the front, the workers and the load generator on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvcache.router.latency import LatencyModel
+from kvcache.router.replay import ReplayConfig, ReplayResult, replay
+from kvcache.router.synth import SynthConfig, synthesize
+from kvcache.router.trace import FORMAT_TOKENS, Trace, TraceRequest
+from kvcache.serve import bench, launch
+
+POLICIES = ("round_robin", "least_loaded", "sglang", "affinity")
+BLOCK_SIZE = 16
+
+
+def make_trace(num_requests: int, *, vocab_size: int = 256, system_tokens: int = 512, user_tokens: int = 64,
+               output_tokens: int = 16, turns: int = 4, seed: int = 0) -> list[TraceRequest]:  # fmt: skip
+    """A chat trace: sessions of ``turns`` turns opening with one system prompt shared by all; one
+    tenant (the keyless server serves every request in one scope)."""
+    cfg = SynthConfig(workload="chat", num_requests=num_requests, num_tenants=1, num_system_prompts=1,
+                      system_prompt_tokens=system_tokens, user_tokens=user_tokens,
+                      output_tokens=output_tokens, turns=turns, vocab_size=vocab_size, seed=seed)  # fmt: skip
+    return [dataclasses.replace(r, tenant="default") for r in synthesize(cfg)]
+
+
+def offered_rate(trace: list[TraceRequest], latency: LatencyModel, num_workers: int, load: float) -> float:
+    """Requests per second that keep ``num_workers`` served workers busy ``load`` of the time,
+    by the latency model, with no cache hits (an upper bound on the work)."""
+    lat = launch.worker_latency(latency)
+    service_ms = [lat.prefill_ms(r.num_tokens) + (r.output_tokens - 1) * lat.decode_step_ms(1) for r in trace]
+    return load * num_workers * 1000.0 / float(np.mean(service_ms))
+
+
+def calibrate(model: str, threads: int, out: Path) -> LatencyModel:
+    cmd = [sys.executable, "-m", "kvcache.cli", "calibrate", "--model", model, "--out", str(out),
+           "--threads", str(threads), "--max-num-seqs", str(launch.WORKER_MAX_NUM_SEQS)]  # fmt: skip
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return LatencyModel.from_json(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _warm_up(url: str, num_workers: int, vocab_size: int) -> None:
+    """Two requests per worker at once, on prompts no trace request shares: every worker runs a
+    forward pass before timing starts."""
+    import aiohttp
+
+    rng = np.random.default_rng(12345)
+    async with aiohttp.ClientSession() as session:
+        await bench.wait_ready(session, url, timeout_s=300)
+        prompts = [rng.integers(1, vocab_size, size=48).tolist() for _ in range(2 * num_workers)]
+        reqs = [bench.TraceRequest(p, 2) for p in prompts]
+        await asyncio.gather(*(bench._one(session, url, r, {}) for r in reqs))
+
+
+def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], latency_path: Path,
+            log_dir: Path) -> tuple[list[bench.Result], float]:  # fmt: skip
+    """Serve ``trace`` for real under ``policy``: a fresh deployment, warm-up, one pass."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
+           "--workers", str(args.workers), "--port", str(port), "--policy", policy,
+           "--latency", str(latency_path), "--no-pod-tier", "--threads", str(args.threads),
+           "--num-blocks", str(args.num_blocks), "--block-size", str(BLOCK_SIZE)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KVCACHE_REDIS_URL"}  # serve starts its own Redis
+    with (log_dir / f"serve-{policy}.log").open("wb") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            asyncio.run(_warm_up(url, args.workers, args.vocab_size))
+            requests = [bench.TraceRequest(list(r.tokens or ()), r.output_tokens) for r in trace]
+            return asyncio.run(bench.run_load(url, requests, rate=args.rate, duration_s=1e9,
+                                              max_concurrency=len(requests), keys={}, seed=args.seed,
+                                              num_prompts=len(requests)))  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, num_workers: int,
+          num_blocks: int, latency: LatencyModel) -> ReplayResult:  # fmt: skip
+    """The same requests in the simulator: arriving when they were sent, decoding as many tokens
+    as the server returned (the requested number for a request that failed)."""
+    timed = [
+        dataclasses.replace(r, timestamp_ms=1000.0 * res.sent_s,
+                            output_tokens=res.output_tokens if res.ok else r.output_tokens)
+        for r, res in zip(trace, results, strict=True)
+    ]  # fmt: skip
+    timed.sort(key=lambda r: r.timestamp_ms)
+    config = ReplayConfig(num_workers, num_blocks, policy, latency=launch.worker_latency(latency))
+    return replay(Trace(timed, FORMAT_TOKENS, None), config, block_size=BLOCK_SIZE)
+
+
+def _stats(ttft_ms: np.ndarray, e2e_ms: np.ndarray, hit: float, output_tokens: int,
+           duration_s: float) -> dict[str, Any]:  # fmt: skip
+    return {"token_hit_rate": hit, "mean_e2e_ms": float(e2e_ms.mean()), "mean_ttft_ms": float(ttft_ms.mean()),
+            "p50_ttft_ms": float(np.percentile(ttft_ms, 50)),
+            "p90_ttft_ms": float(np.percentile(ttft_ms, 90)),
+            "output_tok_s": output_tokens / duration_s, "ttft_ms": ttft_ms.tolist()}  # fmt: skip
+
+
+def measured_stats(results: list[bench.Result], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    prompt = sum(r.prompt_tokens for r in ok)
+    hit = sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0
+    ttft, e2e = np.array([1000.0 * r.ttft_s for r in ok]), np.array([1000.0 * r.e2e_s for r in ok])
+    out = _stats(ttft, e2e, hit, sum(r.output_tokens for r in ok), wall_s)
+    out["failed"] = len(results) - len(ok)
+    return out
+
+
+def modelled_stats(result: ReplayResult) -> dict[str, Any]:
+    jobs = result.jobs
+    prompt = sum(j.request.num_tokens for j in jobs)
+    hit = sum(j.cached_tokens for j in jobs) / prompt if prompt else 0.0
+    start = min(j.arrival_ms for j in jobs)
+    duration_s = (max(j.finish_ms for j in jobs) - start) / 1000.0
+    ttft = np.array([j.first_token_ms - j.arrival_ms for j in jobs])
+    e2e = np.array([j.finish_ms - j.arrival_ms for j in jobs])
+    return _stats(ttft, e2e, hit, sum(j.request.output_tokens for j in jobs), duration_s)
+
+
+def ranking(rows: dict[str, dict[str, dict[str, Any]]], side: str) -> list[str]:
+    return sorted(rows, key=lambda p: rows[p][side]["mean_ttft_ms"])
+
+
+def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One line per policy: measured, modelled and modelled/measured per metric."""
+    keys = [("mean_ttft_ms", "mean TTFT ms"), ("p50_ttft_ms", "p50 TTFT ms"), ("p90_ttft_ms", "p90 TTFT ms"),
+            ("mean_e2e_ms", "mean E2E ms"), ("output_tok_s", "output tok/s")]  # fmt: skip
+    head = f"{'policy':<13}{'hit% real':>10}{'model':>7}{'diff':>6}"
+    for _, label in keys:
+        head += f" | {label:>13}{'model':>8}{'ratio':>6}"
+    lines = [head]
+    for policy, row in rows.items():
+        real, sim = row["measured"], row["modelled"]
+        hit_r, hit_m = 100 * real["token_hit_rate"], 100 * sim["token_hit_rate"]
+        line = f"{policy:<13}{hit_r:>10.1f}{hit_m:>7.1f}{hit_m - hit_r:>+6.1f}"
+        for key, _ in keys:
+            ratio = sim[key] / real[key] if real[key] else float("nan")
+            line += f" | {real[key]:>13.1f}{sim[key]:>8.1f}{ratio:>6.2f}"
+        lines.append(line)
+    lines.append("ranking by mean TTFT, measured: " + " < ".join(ranking(rows, "measured")))
+    lines.append("ranking by mean TTFT, modelled: " + " < ".join(ranking(rows, "modelled")))
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict[str, dict[str, Any]]], path: str, title: str) -> None:
+    """Measured (solid) and modelled (dashed) TTFT CDFs, one panel per policy, shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 2 if len(rows) > 1 else 1
+    nrows = -(-len(rows) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.4 * nrows), sharex=True, sharey=True,
+                             squeeze=False, layout="constrained")  # fmt: skip
+    for ax, (policy, row) in zip(axes.flat, rows.items(), strict=False):
+        for side, style, color in (("measured", "-", "tab:blue"), ("modelled", "--", "tab:red")):
+            ttft = np.sort(np.asarray(row[side]["ttft_ms"]))
+            ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), style, color=color, where="post",
+                    label=f"{side} (p50 {np.percentile(ttft, 50):.0f} ms)")  # fmt: skip
+        ax.set_title(policy)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("TTFT (ms, log scale)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("fraction of requests")
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", default="tiny", help="tiny (default) or smollm2-135m, any serve model")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker and for calibrate")
+    parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
+    parser.add_argument("--requests", type=int, default=96, help="trace length")
+    parser.add_argument("--system-tokens", type=int, default=512)
+    parser.add_argument("--user-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=16, help="mean output tokens per request")
+    parser.add_argument("--vocab-size", type=int, default=256, help="token ids are drawn below this")
+    parser.add_argument("--load", type=float, default=0.5,
+                        help="offered load per worker, by the latency model, no hits (sets --rate)")
+    parser.add_argument("--rate", type=float, help="requests per second (overrides --load)")
+    parser.add_argument("--latency", help="latency JSON to use instead of running kvcache calibrate")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="sim_vs_real.json")
+    parser.add_argument("--plot", default="sim_vs_real.png")
+    parser.add_argument("--logs", default=None, help="server logs folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    log_dir = Path(args.logs or tempfile.mkdtemp(prefix="sim_vs_real-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    trace = make_trace(args.requests, vocab_size=args.vocab_size, system_tokens=args.system_tokens,
+                       user_tokens=args.user_tokens, output_tokens=args.output_tokens,
+                       seed=args.seed)  # fmt: skip
+    latency_path = Path(args.latency) if args.latency else log_dir / "latency.json"
+    if args.latency:
+        latency = LatencyModel.from_json(latency_path)
+    else:
+        latency = calibrate(args.model, args.threads, latency_path)
+    if args.rate is None:
+        args.rate = offered_rate(trace, latency, args.workers, args.load)
+    print(f"{len(trace)} requests, mean prompt {np.mean([r.num_tokens for r in trace]):.0f} tokens, "
+          f"{args.workers} workers, rate {args.rate:.2f} req/s; latency {latency}", flush=True)  # fmt: skip
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for policy in args.policies.split(","):
+        started = time.monotonic()
+        results, wall_s = measure(args, policy, trace, latency_path, log_dir)
+        sim = model(trace, results, policy, args.workers, args.num_blocks, latency)
+        rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
+        failed = rows[policy]["measured"]["failed"]
+        took = time.monotonic() - started
+        print(f"{policy}: {took:.0f} s, {failed} failed, load {os.getloadavg()[0]:.2f}", flush=True)
+    load_after = os.getloadavg()
+    print(table(rows))
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; logs in {log_dir}")
+    title = (f"{args.model}, {args.workers} workers, {len(trace)} chat requests at {args.rate:.1f} req/s; "
+             f"measured (serve + bench-serve) vs modelled (replay, calibrated)")  # fmt: skip
+    plot(rows, args.plot, title)
+    report = {"args": vars(args), "latency": dataclasses.asdict(launch.worker_latency(latency)),
+              "load_avg_before": load_before, "load_avg_after": load_after, "rows": rows}  # fmt: skip
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
