@@ -38,7 +38,7 @@ import torch
 
 from kvcache import hf, models
 from kvcache.config import CacheConfig, TenantQuota
-from kvcache.engine.prefetch import Prefetcher, PrefetchStats
+from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
@@ -560,9 +560,9 @@ class Engine:
 
     def _settle_prefetch(
         self, request_id: Hashable, keys: Sequence[bytes]
-    ) -> contextlib.AbstractContextManager[int]:
+    ) -> contextlib.AbstractContextManager[Settled]:
         if request_id not in self._prefetching:
-            return contextlib.nullcontext(0)
+            return contextlib.nullcontext(Settled())
         self._prefetching.discard(request_id)
         assert self.prefetcher is not None
         return self.prefetcher.settle(request_id, keys)
@@ -586,11 +586,11 @@ class Engine:
         last = min(len(prompt.keys), (prompt.num_tokens - 1) // bs)
         keys = prompt.keys[first:last]
         # A prefetch job stops here; its hits are counted under the tier lock the load runs in.
-        with self._settle_prefetch(seq.request_id, keys) as hits:
+        with self._settle_prefetch(seq.request_id, keys) as settled:
             if last <= first or not self.tiers.lookup_prefix(keys[:1]):
                 return 0
             packed = self.tiers.load(keys, context_tokens=first * bs)  # [n, L, 2, bs, H, D]
-        n = packed.shape[0]
+            n = settled.num_loaded = packed.shape[0]
         if n:
             ids = torch.tensor(alloc.block_ids[first : first + n], dtype=torch.long, device=self.device)
             unpack_blocks(self.pool, ids, packed.to(self.device))
@@ -598,7 +598,7 @@ class Engine:
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now
             t["tier_tokens"] = n * bs
-            t["prefetch_hits"] = hits
+            t["prefetch_hits"] = settled.hits
         return n * bs
 
 

@@ -3,8 +3,8 @@ on a background thread while they queue, so their load at admission runs at G2 s
 
     prefetcher = Prefetcher(hierarchy, max_blocks=512)
     prefetcher.submit(request_id, keys)           # engine thread, when a request is queued
-    with prefetcher.settle(request_id, keys) as hits:   # engine thread, at admission
-        packed = hierarchy.load(keys)             # under the same lock as the hit count
+    with prefetcher.settle(request_id, keys) as settled:   # engine thread, at admission
+        settled.num_loaded = hierarchy.load(keys).shape[0]  # under the lock of the hit count
     prefetcher.cancel(request_id)                 # aborted or failed before admission
 
 - Mechanism: one worker thread calls ``Hierarchy.promote`` on ``chunk_blocks`` keys at a time,
@@ -58,6 +58,14 @@ class PrefetchStats:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class Settled:
+    """One admission's view of its prefetch: ``num_loaded`` set by the loader, ``hits`` after."""
+
+    num_loaded: int = 0
+    hits: int = 0
 
 
 @dataclass(slots=True)
@@ -129,22 +137,30 @@ class Prefetcher:
                 self._idle.notify_all()
 
     @contextmanager
-    def settle(self, request_id: Hashable, keys: Sequence[bytes]) -> Iterator[int]:
-        """At admission: stop the request's job and yield how many of its moved blocks among
-        ``keys`` (the blocks about to load) the first tier holds, with the lock held, so the
-        caller's load inside the block sees exactly those. Yields 0 without a job."""
+    def settle(self, request_id: Hashable, keys: Sequence[bytes]) -> Iterator[Settled]:
+        """At admission: stop the request's job and note which of its moved blocks among ``keys``
+        (the blocks about to load) the first tier holds, with the lock held, so the caller's load
+        inside the block sees exactly those; the caller sets ``num_loaded``, and the hits are the
+        noted blocks among the first ``num_loaded`` keys."""
         with self.lock:
             job = self._jobs.pop(request_id, None)
+            done = Settled()
             if job is None:
-                yield 0
+                yield done
                 return
             self._end(job)
             wanted = set(keys)
-            hits = self.hierarchy.count_first([k for k in job.moved if k in wanted])
-            s = self._stats
-            s.hits += hits
-            s.wasted += len(job.moved) - hits
-            yield hits
+            candidates = [k for k in job.moved if k in wanted]
+            present = self.hierarchy.first_holds(candidates)
+            try:
+                yield done
+            finally:
+                loaded = set(keys[: done.num_loaded])
+                done.hits = sum(
+                    1 for k, held in zip(candidates, present, strict=True) if held and k in loaded
+                )
+                self._stats.hits += done.hits
+                self._stats.wasted += len(job.moved) - done.hits
 
     def cancel(self, request_id: Hashable) -> bool:
         """Drop a request's job (aborted, failed); blocks it already moved stay in the first tier

@@ -293,11 +293,10 @@ class Hierarchy:
         self._stats.blocks_prefetched += len(moved)
         return sorted(moved), len(where), failed
 
-    def count_first(self, keys: Sequence[bytes]) -> int:
-        """How many of ``keys`` the first tier holds now."""
+    def first_holds(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether the first tier holds each of ``keys`` now."""
         with self.lock:
-            first = self.tiers[0]
-            return sum(first.contains(k) for k in self._keys(keys))
+            return self.tiers[0].contains_many(self._keys(keys))
 
     def flush(self) -> None:
         """Finish write-behind (the shared tier's buffered stores)."""
