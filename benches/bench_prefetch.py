@@ -2,6 +2,7 @@
 that arrive while the engine is busy, prefetch on against off, in one run.
 
     .venv/bin/python benches/bench_prefetch.py          # prints the table (medians of ROUNDS rounds)
+    .venv/bin/pytest benches/bench_prefetch.py --benchmark-only   # the same table, under pytest
 
 Each round, for each tier (``disk``: G3, ``pod``: ICMS over a private ``redis-server``) and each
 setting (prefetch off / on, the order alternating between rounds), on the same loaded model:
@@ -32,6 +33,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from kvcache.kernels import pack_blocks
@@ -192,6 +194,11 @@ def main() -> None:
             engine.close()
     finally:
         bench.close()
+
+
+def test_prefetch_benchmark(benchmark: Any) -> None:
+    """Under pytest-benchmark: the whole interleaved run once (it prints the table)."""
+    benchmark.pedantic(main, rounds=1, warmup_rounds=0)
 
 
 if __name__ == "__main__":
