@@ -10,6 +10,7 @@ from kvcache.engine.engine import (
     RequestOutput,
     StepRecord,
 )
+from kvcache.engine.prefetch import PrefetchStats
 from kvcache.engine.sampling import SamplingParams
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -19,6 +20,7 @@ __all__ = [
     "EngineConfig",
     "Generation",
     "GenerationStep",
+    "PrefetchStats",
     "PrefillTimings",
     "RequestOutput",
     "SamplingParams",

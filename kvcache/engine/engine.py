@@ -14,17 +14,21 @@ runs them as ONE forward whose attention reads and writes KV straight in the poo
 ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`` (``runner``), samples
 (``sampling``), and finishes or streams. A cached prefix costs nothing to load: it is read in place.
 Prefix blocks that spill tiers hold after the pool's hit are loaded into the sequence's own blocks
-at admission. Every step's cost is recorded (:class:`StepRecord`), which ``kvcache calibrate`` fits.
+at admission; while a request waits, the ones in G3 or the pod tier are prefetched into host
+memory on a background thread (``prefetch``), so that load runs at host-memory speed.
+Every step's cost is recorded (:class:`StepRecord`), which ``kvcache calibrate`` fits.
 
 Models must route attention through transformers' ``AttentionInterface`` (Llama, Qwen2, Mistral
 with its sliding window, GPT-2, Phi and most decoder-only families do); others are refused at load
-with :class:`ModelError`. Single-threaded: a server drives it from one thread (``AsyncEngine``).
+with :class:`ModelError`. Single-threaded: a server drives it from one thread (``AsyncEngine``);
+only the tier prefetch runs on its own thread, touching the tiers alone, under their lock.
 Not here: transformers (``hf``), block bookkeeping (``manager``).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -34,6 +38,7 @@ import torch
 
 from kvcache import hf, models
 from kvcache.config import CacheConfig, TenantQuota
+from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
@@ -43,7 +48,7 @@ from kvcache.events import CacheEvent
 from kvcache.kernels import Backend, unpack_blocks
 from kvcache.manager import Allocation, BlockManager, Prompt
 from kvcache.tenancy import Scope, as_scope
-from kvcache.tiers import Hierarchy, LayoutFingerprint
+from kvcache.tiers import Hierarchy, HostTier, LayoutFingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,6 +70,12 @@ class EngineConfig:
     ``max_num_batched_tokens`` / ``max_num_seqs``: the scheduler's per-step token budget and
     running-sequence cap. ``kernel_backend``: paged attention implementation (``kvcache.kernels``).
     ``max_step_records``: the newest step costs kept for calibration (older ones are dropped).
+
+    ``prefetch``: while a request waits, move its prefix blocks held in the hierarchy's lower
+    tiers (G3, pod tier) into its first tier, host memory, on a background thread. None = on
+    when the first tier is a ``HostTier`` with tiers below it. ``prefetch_max_blocks``: cap on
+    blocks reserved by waiting requests (None = half the host tier), so prefetch cannot flush
+    the host tier.
     """
 
     num_blocks: int = 1024
@@ -80,6 +91,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     kernel_backend: Backend = "auto"
     max_step_records: int = 100_000
+    prefetch: bool | None = None
+    prefetch_max_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -87,6 +100,11 @@ class EngineConfig:
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs)  # validates both
         if not isinstance(self.max_step_records, int) or self.max_step_records < 0:
             raise ConfigError(f"max_step_records={self.max_step_records!r} must be an integer >= 0")
+        if self.prefetch is not None and not isinstance(self.prefetch, bool):
+            raise ConfigError(f"prefetch={self.prefetch!r} must be True, False or None (automatic)")
+        cap = self.prefetch_max_blocks
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"prefetch_max_blocks={cap!r} must be an integer >= 1 or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +242,22 @@ class Engine:
                     f"{self.layout}; build it with engine.layout (pass a function as tiers=)"
                 )
             self.manager.set_evict_hook(self.tiers.evict_hook(self.pool))
+        self.prefetcher = self._make_prefetcher(config)
+        self._prefetching: set[Hashable] = set()  # requests with a prefetch job (engine thread)
+
+    def _make_prefetcher(self, config: EngineConfig) -> Prefetcher | None:
+        h = self.tiers
+        able = h is not None and len(h.tiers) > 1 and isinstance(h.tiers[0], HostTier)
+        if config.prefetch is False or (config.prefetch is None and not able):
+            return None
+        if h is None or not able:
+            tiers = "no hierarchy" if h is None else f"tiers {[t.name for t in h.tiers]}"
+            raise ConfigError(
+                f"prefetch=True needs a hierarchy whose first tier is a HostTier with tiers below it, "
+                f"got {tiers}; add one, or leave prefetch=None"
+            )
+        cap = config.prefetch_max_blocks or max(1, h.tiers[0].capacity_blocks // 2)
+        return Prefetcher(h, cap)
 
     @classmethod
     def load(cls, model: str = "tiny", config: EngineConfig | None = None) -> Engine:
@@ -295,6 +329,7 @@ class Engine:
         seq.timings["hash_s"] = self._clock() - start
         self._seqs[rid] = seq
         self.scheduler.add(seq)
+        self._start_prefetch(seq)
         return rid
 
     def abort(self, request_id: Hashable) -> bool:
@@ -306,7 +341,20 @@ class Engine:
         if seq.is_finished:
             return False
         self.scheduler.abort(seq)
+        self._cancel_prefetch(request_id)
         return True
+
+    def prefetch_stats(self) -> PrefetchStats:
+        """Tier prefetch counters (all zero when prefetch is off)."""
+        return self.prefetcher.stats() if self.prefetcher is not None else PrefetchStats()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (pending jobs are cancelled). The engine stays usable, without
+        prefetch."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+            self._prefetching.clear()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -326,6 +374,8 @@ class Engine:
 
     def _step(self) -> list[RequestOutput]:
         self._collect()
+        for rid in [r for r in self._prefetching if r not in self._seqs or self._seqs[r].is_finished]:
+            self._cancel_prefetch(rid)  # ended before admission by any path (abort, stream closed)
         clock = self._clock
         t0 = clock()
         out = self.scheduler.schedule()
@@ -492,6 +542,31 @@ class Engine:
             queue_s=t.get("queue_s", 0.0),
         )
 
+    def _start_prefetch(self, seq: Seq) -> None:
+        """Queue the blocks this request would load from lower tiers after its pool hit."""
+        prompt = seq.prompt
+        if self.prefetcher is None or prompt is None or self.tiers_gated(prompt):
+            return
+        first = self.manager.lookup(prompt) // self.block_size
+        last = min(len(prompt.keys), (prompt.num_tokens - 1) // self.block_size)
+        if last > first and self.prefetcher.submit(seq.request_id, prompt.keys[first:last]):
+            self._prefetching.add(seq.request_id)
+
+    def _cancel_prefetch(self, request_id: Hashable) -> None:
+        if request_id in self._prefetching:
+            self._prefetching.discard(request_id)
+            assert self.prefetcher is not None
+            self.prefetcher.cancel(request_id)
+
+    def _settle_prefetch(
+        self, request_id: Hashable, keys: Sequence[bytes]
+    ) -> contextlib.AbstractContextManager[Settled]:
+        if request_id not in self._prefetching:
+            return contextlib.nullcontext(Settled())
+        self._prefetching.discard(request_id)
+        assert self.prefetcher is not None
+        return self.prefetcher.settle(request_id, keys)
+
     def _prefill_done(self, seq: Seq) -> None:
         """Called once a sequence's prompt KV is all in the pool (subclasses write it through)."""
 
@@ -509,10 +584,13 @@ class Engine:
         first = alloc.num_cached_tokens // bs
         # Leave at least one token to compute: the model must produce the last logits.
         last = min(len(prompt.keys), (prompt.num_tokens - 1) // bs)
-        if last <= first or not self.tiers.lookup_prefix(prompt.keys[first : first + 1]):
-            return 0
-        packed = self.tiers.load(prompt.keys[first:last], context_tokens=first * bs)  # [n, L, 2, bs, H, D]
-        n = packed.shape[0]
+        keys = prompt.keys[first:last]
+        # A prefetch job stops here; its hits are counted under the tier lock the load runs in.
+        with self._settle_prefetch(seq.request_id, keys) as settled:
+            if last <= first or not self.tiers.lookup_prefix(keys[:1]):
+                return 0
+            packed = self.tiers.load(keys, context_tokens=first * bs)  # [n, L, 2, bs, H, D]
+            n = settled.num_loaded = packed.shape[0]
         if n:
             ids = torch.tensor(alloc.block_ids[first : first + n], dtype=torch.long, device=self.device)
             unpack_blocks(self.pool, ids, packed.to(self.device))
@@ -520,6 +598,7 @@ class Engine:
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now
             t["tier_tokens"] = n * bs
+            t["prefetch_hits"] = settled.hits
         return n * bs
 
 

@@ -12,7 +12,12 @@
   another worker of the pod can load it instead of recomputing.
 - Promote on hit: a block loaded from a slower tier is copied into the first tier.
 - Prefetch on a routing decision: ``prefetch(keys)`` prestages blocks of the shared tier and
-  promotes disk blocks into host memory before the request's prefill needs them.
+  promotes disk blocks into host memory before the request's prefill needs them; ``promote(keys)``
+  brings blocks of every lower tier, the shared one included, into the first tier (the engine's
+  waiting requests, ``kvcache.engine.prefetch``), so their load at admission runs at its speed.
+- Threads: every method holds ``lock`` (re-entrant) while it touches a tier, so an engine's step
+  thread and a prefetch thread can share one hierarchy. Tiers have no locks of their own: touch
+  them through the hierarchy, or hold ``lock``.
 - Cost rule: with ``TierPolicy.prefill`` set, ``load`` brings only the leading blocks whose
   transfer beats recomputing them (``policy.best_load_prefix``).
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +63,16 @@ class HierarchyStats:
     prefill_tokens_saved: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Promoted:
+    """What ``promote`` did: ``held`` leading keys some tier holds, ``moved`` the keys among them
+    copied into the first tier (the others were there already, or failed to load: ``failed``)."""
+
+    held: int
+    moved: list[bytes]
+    failed: int
+
+
 class Hierarchy:
     def __init__(
         self,
@@ -82,6 +98,8 @@ class Hierarchy:
         self.transfer = list(transfer) if transfer is not None else None
         self._clock = clock
         self._stats = HierarchyStats(tiers={})
+        # Guards every tier and the counters: held by each public method for its whole run.
+        self.lock = threading.RLock()
         # Private tiers form a chain: a full one demotes its oldest block to the next. Shared
         # tiers (ICMS) get every offloaded block written behind, so other workers can load it.
         private = [t for t in self.tiers if not isinstance(t, IcmsTier)]
@@ -120,11 +138,16 @@ class Hierarchy:
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some tier holds."""
-        return len(self._locate(self._keys(keys)))
+        with self.lock:
+            return len(self._locate(self._keys(keys)))
 
     def load(self, keys: Sequence[bytes], context_tokens: int = 0) -> torch.Tensor:
         """The leading blocks of ``keys`` the tiers hold (and the cost rule accepts), block-major
         ``[m, L, 2, block_size, kv_heads, head_dim]``, ``m <= len(keys)``."""
+        with self.lock:
+            return self._load(keys, context_tokens)
+
+    def _load(self, keys: Sequence[bytes], context_tokens: int) -> torch.Tensor:
         started = self._clock()
         tkeys = self._keys(keys)
         where = self._locate(tkeys)
@@ -178,10 +201,11 @@ class Hierarchy:
         blocks after its device hit); returns how many blocks were restored."""
         if len(block_ids) != len(keys):
             raise TierError(f"{len(block_ids)} block ids for {len(keys)} keys; pass one id per key")
-        n = self.lookup_prefix(keys)
-        if n == 0:
-            return 0
-        packed = self.load(keys[:n], context_tokens)  # [m, L, 2, block_size, kv_heads, head_dim]
+        with self.lock:
+            n = self.lookup_prefix(keys)
+            if n == 0:
+                return 0
+            packed = self.load(keys[:n], context_tokens)  # [m, L, 2, block_size, kv_heads, head_dim]
         m = packed.shape[0]
         if m:
             ids = torch.tensor(list(block_ids[:m]), dtype=torch.long, device=pool.device)
@@ -194,9 +218,10 @@ class Hierarchy:
             raise TierError(
                 f"packed {tuple(packed.shape)} must be [{len(keys)}, *{list(self.layout.block_shape)}]"
             )
-        for key, block in zip(self._keys(keys), packed, strict=True):
-            self._offload(key, block)
-        self._stats.blocks_offloaded += len(keys)
+        with self.lock:
+            for key, block in zip(self._keys(keys), packed, strict=True):
+                self._offload(key, block)
+            self._stats.blocks_offloaded += len(keys)
 
     def _offload(self, key: TierKey, block: torch.Tensor) -> None:
         self.tiers[0].store(key, block)
@@ -207,7 +232,8 @@ class Hierarchy:
     def remove(self, keys: Sequence[bytes]) -> int:
         """Drop ``keys`` from every tier (e.g. invalidated KV); returns how many copies went."""
         tkeys = self._keys(keys)
-        return sum(tier.remove_many(tkeys) for tier in self.tiers)
+        with self.lock:
+            return sum(tier.remove_many(tkeys) for tier in self.tiers)
 
     def evict_hook(self, pool: torch.Tensor) -> Callable[[int, bytes], None]:
         """A ``BlockManager.set_evict_hook`` callback that writes evicted blocks of ``pool``
@@ -221,8 +247,9 @@ class Hierarchy:
             if not self.policy.offload_on_evict:
                 return
             try:
-                self._offload(TierKey(key, layout), pool[:, :, block_id])
-                stats.blocks_offloaded += 1
+                with self.lock:
+                    self._offload(TierKey(key, layout), pool[:, :, block_id])
+                    stats.blocks_offloaded += 1
             except Exception:  # a hook must not raise inside an allocation; the block is only lost
                 stats.offload_errors += 1
                 log.exception("offload of evicted block %d failed; it will be recomputed", block_id)
@@ -233,30 +260,56 @@ class Hierarchy:
         """Move the leading held ``keys`` towards the first tier ahead of need; returns how many."""
         if not self.policy.prefetch_on_route:
             return 0
-        tkeys = self._keys(keys)
+        with self.lock:
+            return len(self._move_up(self._keys(keys), stage_shared=True)[0])
+
+    def promote(self, keys: Sequence[bytes]) -> Promoted:
+        """Copy the leading held ``keys`` that only lower tiers hold into the first tier, shared
+        tier included (its blocks are verified on the way, not merely staged). A block that fails
+        to load (damaged, lost, backend down) is counted in its tier and left where it was."""
+        with self.lock:
+            tkeys = self._keys(keys)
+            moved, held, failed = self._move_up(tkeys, stage_shared=False)
+            return Promoted(held, [tkeys[i].key for i in moved], failed)
+
+    def _move_up(self, tkeys: list[TierKey], stage_shared: bool) -> tuple[list[int], int, int]:
+        """(indices moved, leading keys held, blocks that failed to load); the caller holds the lock."""
         where = self._locate(tkeys)
-        moved = 0
+        moved: list[int] = []
+        failed = 0
         for t, tier in enumerate(self.tiers):
             idx = [i for i, w in enumerate(where) if w == t]
             if t == 0 or not idx:
                 continue
-            if isinstance(tier, IcmsTier):
-                moved += tier.prestage([tkeys[i] for i in idx])
+            if stage_shared and isinstance(tier, IcmsTier):
+                moved += idx[: tier.prestage([tkeys[i] for i in idx])]
                 continue
             for i, block in zip(idx, tier.load_many([tkeys[i] for i in idx]), strict=True):
                 if block is not None:
                     self.tiers[0].store(tkeys[i], block)
-                    moved += 1
-        self._stats.blocks_prefetched += moved
-        return moved
+                    moved.append(i)
+                else:
+                    failed += 1
+        self._stats.blocks_prefetched += len(moved)
+        return sorted(moved), len(where), failed
+
+    def first_holds(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether the first tier holds each of ``keys`` now."""
+        with self.lock:
+            return self.tiers[0].contains_many(self._keys(keys))
 
     def flush(self) -> None:
         """Finish write-behind (the shared tier's buffered stores)."""
-        for tier in self.tiers:
-            if isinstance(tier, IcmsTier):
-                tier.flush()
+        with self.lock:
+            for tier in self.tiers:
+                if isinstance(tier, IcmsTier):
+                    tier.flush()
 
     def stats(self) -> HierarchyStats:
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> HierarchyStats:
         s = self._stats
         return HierarchyStats(
             tiers={t.name: t.stats for t in self.tiers},
