@@ -43,6 +43,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
+    parser.add_argument("--max-waiting", type=argtypes.non_negative_int, default=64,
+                        help="per worker: requests waiting for their first token before it answers 503")
+    parser.add_argument("--max-running", type=argtypes.positive_int, default=64,
+                        help="per worker: sequences in one batch (the engine's max_num_seqs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
                                         block_size=args.block_size, threads=args.threads,
                                         config_path=args.config, pod_tier=not args.no_pod_tier,
-                                        dtype=args.dtype, device=args.device)  # fmt: skip
+                                        dtype=args.dtype, device=args.device, max_waiting=args.max_waiting,
+                                        max_running=args.max_running)  # fmt: skip
         workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
         asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))
     finally:

@@ -46,11 +46,14 @@ class WorkerArgs:
     pod_tier: bool = True
     dtype: str | None = None
     device: str | None = None
+    max_waiting: int = 64
+    max_running: int = 64
 
     def argv(self, worker_id: str) -> list[str]:
         argv = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
                 "--model", self.model, "--num-blocks", str(self.num_blocks),
-                "--block-size", str(self.block_size), "--threads", str(self.threads)]  # fmt: skip
+                "--block-size", str(self.block_size), "--threads", str(self.threads),
+                "--max-waiting", str(self.max_waiting), "--max-running", str(self.max_running)]  # fmt: skip
         if self.config_path:
             argv += ["--config", self.config_path]
         if not self.pod_tier:
