@@ -7,8 +7,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from collections import deque
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,8 +24,8 @@ class FakeEngine:
     ``step_s``, runs up to ``max_running`` requests, and waits for a running request's gate."""
 
     def __init__(self, step_s: float = 0.005, max_running: int = 64) -> None:
-        self.manager = SimpleNamespace(block_size=16, pool=SimpleNamespace(num_blocks=1024, num_used_blocks=0),
-                                       config=SimpleNamespace(model_id="fake"))  # fmt: skip
+        pool = SimpleNamespace(num_blocks=1024, num_used_blocks=0)
+        self.manager = SimpleNamespace(block_size=16, pool=pool, config=SimpleNamespace(model_id="fake"))
         self.scheduler = SimpleNamespace(running=[], waiting=deque())
         self.vocab_size = 256
         self.step_s = step_s
@@ -210,8 +210,9 @@ def test_sampling_fields_are_checked_before_the_engine_sees_them() -> None:
 
     async def scenario(url: str) -> None:
         async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
-            for extra, needle in (({"temperature": -1}, "temperature=-1"), ({"top_p": 0}, "top_p=0"),
-                                  ({"top_k": 1.5}, "'top_k'=1.5"), ({"seed": "x"}, "'seed'='x'")):  # fmt: skip
+            bad = (({"temperature": -1}, "temperature=-1"), ({"top_p": 0}, "top_p=0"),
+                   ({"top_k": 1.5}, "'top_k'=1.5"), ({"seed": "x"}, "'seed'='x'"))  # fmt: skip
+            for extra, needle in bad:
                 async with session.post(url + "/generate", json={**body("r", 8, 2), **extra}) as resp:
                     assert resp.status == 400 and needle in (await resp.json())["error"]
         assert engine.started == []
