@@ -301,8 +301,8 @@ def test_a_busy_worker_sends_the_request_elsewhere_and_all_busy_is_503_with_retr
                 assert status == 200 and body["choices"][0]["text"] == "abc"
             assert len(worker.bodies) == 4 and front.metrics.value("kvcache:worker_busy_answers_total") == 3
             worker.handler = busy
-            ask = {"prompt": "x"}
-            async with aiohttp.ClientSession() as session, session.post(url + "/v1/completions", json=ask) as resp:
+            ask, path = {"prompt": "x"}, url + "/v1/completions"
+            async with aiohttp.ClientSession() as session, session.post(path, json=ask) as resp:
                 assert resp.status == 503 and resp.headers["Retry-After"] == "2"
                 error = (await resp.json())["error"]
             assert error["type"] == "service_unavailable" and "all 2 workers have full waiting queues" in (
