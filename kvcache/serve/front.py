@@ -11,9 +11,14 @@ worker token. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
-answer per request (decoding is greedy and every worker loads the same weights, so the retried
-stream continues the same text). Errors the caller caused (400/401/404/429) are never retried,
-and a worker's error answer keeps its status whatever its body (JSON or plain text).
+answer per request (decoding is greedy or seeded, the front choosing a seed for a sampled
+request without one, and every worker loads the same weights, so the retried stream continues
+the same text). A worker whose waiting queue is full answers 503 with ``Retry-After``: the
+request goes to another worker, and when every worker did so the client gets 503 with
+``Retry-After``. Errors the caller caused (400/401/404/429) are never retried, and a worker's
+other error answers keep their status whatever their body (JSON or plain text). ``stop`` strings
+are applied here, on the decoded text: the answer ends before the first one (``finish_reason``
+``"stop"``) and the worker's stream is dropped, which aborts the request there.
 
 A worker that is slow is not a failed worker: liveness comes from heartbeats (``pool``), so a
 read that times out answers 504 and leaves the worker in the pool; only a refused or cut
