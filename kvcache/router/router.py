@@ -8,8 +8,8 @@
     router.on_finished("req-1")                           # releases the worker's load
 
 It keeps two things: an index of which worker holds which block key (``index``) and its own
-load accounting (requests and blocks routed to each worker and not finished, or as many as the
-worker reports it runs and queues when that is more (``observe_load``), and a modelled
+load accounting (requests and blocks routed to each worker and not finished, plus the requests
+the worker reports beyond those, e.g. other fronts' (``observe_load``), and a modelled
 prefill schedule per worker built from the latency model: each request's estimated prefill
 starts when the previous estimate ends). It never reads a worker's internals. Choosing is the
 policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
@@ -55,7 +55,7 @@ class _Load:
     pending_tokens: int = 0
     held: dict[bytes, int] = field(default_factory=dict)  # block key -> active requests using it
     keys_of: dict[Hashable, Sequence[bytes]] = field(default_factory=dict)
-    reported_requests: int = 0  # running + waiting, as the worker itself last reported
+    others: int = 0  # requests the worker last reported beyond those routed here (other fronts')
 
 
 def _monotonic_ms() -> float:
@@ -125,11 +125,13 @@ class Router:
         return list(load.active)
 
     def observe_load(self, worker_id: int, num_requests: int) -> None:
-        """What the worker reports it runs and queues (from every front, not only this router's);
-        a worker's ``active_requests`` is the larger of this and the requests routed here."""
+        """The requests a worker reports it runs and queues (from every front, not only this
+        router's). What exceeds the requests routed here and unfinished *now* is counted on top of
+        them until the next report: a report lags, so the router's own count stays exact for its
+        own requests and the report adds only what it cannot see."""
         load = self.loads.get(worker_id)
         if load is not None:
-            load.reported_requests = num_requests
+            load.others = max(0, num_requests - len(load.active))
 
     def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
         overlap = self.index.overlaps(request.block_keys, self.loads, now)
@@ -142,7 +144,7 @@ class Router:
                 WorkerView(
                     worker_id=w,
                     overlap_blocks=overlap[w],
-                    active_requests=max(len(load.active), load.reported_requests),
+                    active_requests=len(load.active) + load.others,
                     active_blocks=load.active_blocks,
                     pending_prefill_tokens=load.pending_tokens,
                     queued_prefill_ms=max(0.0, load.prefill_free_ms - now),
