@@ -8,10 +8,10 @@
     router.on_finished("req-1")                           # releases the worker's load
 
 It keeps two things: an index of which worker holds which block key (``index``) and its own
-load accounting (requests and blocks routed to each worker and not finished, plus the requests
-the worker reports beyond those, e.g. other fronts' (``observe_load``), and a modelled
+load accounting (requests and blocks routed to each worker and not finished, and a modelled
 prefill schedule per worker built from the latency model: each request's estimated prefill
-starts when the previous estimate ends). It never reads a worker's internals. Choosing is the
+starts when the previous estimate ends). It never reads a worker's internals; what a worker
+reports of its own load (``observe_load``) is passed to policies beside the router's count. Choosing is the
 policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
 ``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
 must have evicted.
@@ -55,7 +55,7 @@ class _Load:
     pending_tokens: int = 0
     held: dict[bytes, int] = field(default_factory=dict)  # block key -> active requests using it
     keys_of: dict[Hashable, Sequence[bytes]] = field(default_factory=dict)
-    others: int = 0  # requests the worker last reported beyond those routed here (other fronts')
+    reported: int = 0  # running + waiting, as the worker last reported (``observe_load``)
 
 
 def _monotonic_ms() -> float:
@@ -126,12 +126,12 @@ class Router:
 
     def observe_load(self, worker_id: int, num_requests: int) -> None:
         """The requests a worker reports it runs and queues (from every front, not only this
-        router's). What exceeds the requests routed here and unfinished *now* is counted on top of
-        them until the next report: a report lags, so the router's own count stays exact for its
-        own requests and the report adds only what it cannot see."""
+        router's), shown to policies as ``WorkerView.reported_requests``. It is not added to
+        ``active_requests``: a report lags the worker by a Redis round trip, and a request this
+        router already saw finish would be counted again until the next report."""
         load = self.loads.get(worker_id)
         if load is not None:
-            load.others = max(0, num_requests - len(load.active))
+            load.reported = num_requests
 
     def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
         overlap = self.index.overlaps(request.block_keys, self.loads, now)
@@ -144,11 +144,12 @@ class Router:
                 WorkerView(
                     worker_id=w,
                     overlap_blocks=overlap[w],
-                    active_requests=len(load.active) + load.others,
+                    active_requests=len(load.active),
                     active_blocks=load.active_blocks,
                     pending_prefill_tokens=load.pending_tokens,
                     queued_prefill_ms=max(0.0, load.prefill_free_ms - now),
                     held_blocks=len(load.held),
+                    reported_requests=load.reported,
                 )
             )
         return views
