@@ -13,7 +13,8 @@
    at once if need be, exactly one pass over the trace). Each request's send time is kept.
 4. The same requests through ``kvcache replay``'s simulator with N workers of the same pool size,
    arriving when they were really sent, decoding as many tokens as they really did, on the
-   calibrated latency model with the served workers' concurrency (``launch.worker_latency``).
+   calibrated latency model with the served workers' concurrency (``--max-running``,
+   ``launch.worker_latency``).
 5. A table per policy, measured vs modelled: token hit rate, mean / p50 / p90 TTFT, mean
    end-to-end latency, output throughput, with ratios; the policy ranking by mean TTFT on each
    side; TTFT CDFs per policy in one figure (``--plot``) and everything in JSON (``--out``).
@@ -62,15 +63,15 @@ def make_trace(num_requests: int, *, vocab_size: int = 256, system_tokens: int =
 
 def offered_rate(trace: list[TraceRequest], latency: LatencyModel, num_workers: int, load: float) -> float:
     """Requests per second that keep ``num_workers`` served workers busy ``load`` of the time,
-    by the latency model, with no cache hits (an upper bound on the work)."""
-    lat = launch.worker_latency(latency)
+    by the latency model, one request at a time with no cache hits (an upper bound on the work)."""
+    lat = launch.worker_latency(latency, 1)
     service_ms = [lat.prefill_ms(r.num_tokens) + (r.output_tokens - 1) * lat.decode_step_ms(1) for r in trace]
     return load * num_workers * 1000.0 / float(np.mean(service_ms))
 
 
-def calibrate(model: str, threads: int, out: Path) -> LatencyModel:
+def calibrate(model: str, threads: int, out: Path, max_running: int) -> LatencyModel:
     cmd = [sys.executable, "-m", "kvcache.cli", "calibrate", "--model", model, "--out", str(out),
-           "--threads", str(threads), "--max-num-seqs", str(launch.WORKER_MAX_NUM_SEQS)]  # fmt: skip
+           "--threads", str(threads), "--max-num-seqs", str(max_running)]  # fmt: skip
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
     return LatencyModel.from_json(out)
@@ -103,7 +104,8 @@ def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], la
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
            "--workers", str(args.workers), "--port", str(port), "--policy", policy,
            "--latency", str(latency_path), "--no-pod-tier", "--threads", str(args.threads),
-           "--num-blocks", str(args.num_blocks), "--block-size", str(BLOCK_SIZE)]  # fmt: skip
+           "--num-blocks", str(args.num_blocks), "--block-size", str(BLOCK_SIZE),
+           "--max-running", str(args.max_running)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "KVCACHE_REDIS_URL"}  # serve starts its own Redis
     with (log_dir / f"serve-{policy}.log").open("wb") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -119,7 +121,7 @@ def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], la
 
 
 def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, num_workers: int,
-          num_blocks: int, latency: LatencyModel) -> ReplayResult:  # fmt: skip
+          num_blocks: int, latency: LatencyModel, max_running: int) -> ReplayResult:  # fmt: skip
     """The same requests in the simulator: arriving when they were sent, decoding as many tokens
     as the server returned (the requested number for a request that failed)."""
     timed = [
@@ -128,7 +130,7 @@ def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, n
         for r, res in zip(trace, results, strict=True)
     ]  # fmt: skip
     timed.sort(key=lambda r: r.timestamp_ms)
-    config = ReplayConfig(num_workers, num_blocks, policy, latency=launch.worker_latency(latency))
+    config = ReplayConfig(num_workers, num_blocks, policy, latency=launch.worker_latency(latency, max_running))
     return replay(Trace(timed, FORMAT_TOKENS, None), config, block_size=BLOCK_SIZE)
 
 
@@ -223,6 +225,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker and for calibrate")
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
+    parser.add_argument("--max-running", type=int, default=64,
+                        help="sequences each served worker batches (serve --max-running); 1 = one at a time")
     parser.add_argument("--requests", type=int, default=96, help="trace length")
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--user-tokens", type=int, default=64)
@@ -249,7 +253,7 @@ def main() -> int:
     if args.latency:
         latency = LatencyModel.from_json(latency_path)
     else:
-        latency = calibrate(args.model, args.threads, latency_path)
+        latency = calibrate(args.model, args.threads, latency_path, args.max_running)
     if args.rate is None:
         args.rate = offered_rate(trace, latency, args.workers, args.load)
     print(f"{len(trace)} requests, mean prompt {np.mean([r.num_tokens for r in trace]):.0f} tokens, "
@@ -258,7 +262,7 @@ def main() -> int:
     for policy in args.policies.split(","):
         started = time.monotonic()
         results, wall_s = measure(args, policy, trace, latency_path, log_dir)
-        sim = model(trace, results, policy, args.workers, args.num_blocks, latency)
+        sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_running)
         rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
         failed = rows[policy]["measured"]["failed"]
         took = time.monotonic() - started
@@ -269,7 +273,7 @@ def main() -> int:
     title = (f"{args.model}, {args.workers} workers, {len(trace)} chat requests at {args.rate:.1f} req/s; "
              f"measured (serve + bench-serve) vs modelled (replay, calibrated)")  # fmt: skip
     plot(rows, args.plot, title)
-    report = {"args": vars(args), "latency": dataclasses.asdict(launch.worker_latency(latency)),
+    report = {"args": vars(args), "latency": dataclasses.asdict(launch.worker_latency(latency, args.max_running)),
               "load_avg_before": load_before, "load_avg_after": load_after, "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out} and {args.plot}")

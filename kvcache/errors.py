@@ -78,7 +78,12 @@ class AuthError(KVCacheError, PermissionError):
 
 
 class ProtocolError(KVCacheError, ValueError):
-    """A request body or a wire message is malformed; the message names the field and the fix."""
+    """A request body or a wire message is malformed; the message names the field and the fix
+    (``param``: the field, when one is to blame)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelError(KVCacheError, ValueError):

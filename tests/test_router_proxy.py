@@ -198,7 +198,7 @@ async def _workers_scenario() -> dict[str, Any]:
         for runner in runners:
             await runner.cleanup()
         for worker in workers:
-            worker.executor.shutdown(wait=True)
+            await worker.aengine.close()
         for p in publishers:
             p.close()
     return out

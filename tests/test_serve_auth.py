@@ -19,11 +19,11 @@ import pytest
 from kvcache import BlockManager, CacheConfig
 from kvcache.errors import AuthError, ConfigError
 from kvcache.events import BlockRemoved, BlockStored, CacheEvent
-from kvcache.router import Router
+from kvcache.router import Router, RouteRequest
 from kvcache.serve import auth, launch, wire
 from kvcache.serve.metrics import ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.worker import Registration
+from kvcache.serve.worker import Registration, WorkerLoad
 from kvcache.tenancy import Scope
 
 SECRET = bytes(range(32))
@@ -174,11 +174,15 @@ def make_pool() -> tuple[WorkerPool, Router]:
 
 
 def entry(reg: Registration, seq: int, events: list[CacheEvent], keys: auth.DeploymentKeys = KEYS,
-          ) -> dict[bytes, bytes]:  # fmt: skip
+          load: WorkerLoad | None = None) -> dict[bytes, bytes]:  # fmt: skip
     data = wire.encode_events(events)
-    mac = keys.sign_events(reg.worker_id, reg.instance, seq, data)
-    return {b"worker": reg.worker_id.encode(), b"instance": reg.instance.encode(), b"seq": str(seq).encode(),
-            b"events": data, b"mac": mac}  # fmt: skip
+    raw_load = load.encode() if load is not None else b""
+    mac = keys.sign_events(reg.worker_id, reg.instance, seq, data, raw_load)
+    out = {b"worker": reg.worker_id.encode(), b"instance": reg.instance.encode(), b"seq": str(seq).encode(),
+           b"events": data, b"mac": mac}  # fmt: skip
+    if load is not None:
+        out[b"load"] = raw_load
+    return out
 
 
 def stored(i: int) -> BlockStored:
@@ -211,6 +215,35 @@ def test_forged_and_replayed_event_batches_are_dropped() -> None:
         assert router.index.num_keys("w0") == 1
         pool.apply_events(entry(reg, 0, [stored(1), stored(2)]))  # a replay of batch 0
         assert router.index.num_keys("w0") == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_load_a_batch_carries_is_signed_recorded_and_feeds_the_router() -> None:
+    async def scenario() -> None:
+        pool, router = make_pool()
+        reg = registration()
+        pool.add(reg)
+        pool.apply_events(entry(reg, 0, [], load=WorkerLoad(3, 2, 0.25)))
+        assert pool.workers["w0"].load == WorkerLoad(3, 2, 0.25)
+        assert pool.metrics.value("kvcache:num_requests_running", {"worker": "w0"}) == 3
+        assert pool.metrics.value("kvcache:num_requests_waiting", {"worker": "w0"}) == 2
+        assert pool.metrics.value("kvcache:kv_cache_usage_perc", {"worker": "w0"}) == 0.25
+        # Policies see the report beside the router's own count, which a lagging report never inflates.
+        router.route(RouteRequest("a", [], 16))
+        (view,) = router._views(RouteRequest("r", [], 16), 0.0)
+        assert (view.active_requests, view.reported_requests) == (1, 5)
+        router.on_finished("a")
+        (view,) = router._views(RouteRequest("r", [], 16), 0.0)
+        assert (view.active_requests, view.reported_requests) == (0, 5)
+        forged = entry(reg, 1, [], load=WorkerLoad(0, 0, 0.0))
+        forged[b"load"] = WorkerLoad(99, 0, 0.0).encode()  # Redis rewrites the load: the MAC fails
+        pool.apply_events(forged)
+        assert pool.workers["w0"].load == WorkerLoad(3, 2, 0.25)
+        with pytest.raises(ValueError, match="not a worker load"):
+            WorkerLoad.decode(b"[1, -2, 0.5]")
+        pool.mark_down("w0")
+        assert pool.metrics.value("kvcache:num_requests_running", {"worker": "w0"}) == 0
 
     asyncio.run(scenario())
 

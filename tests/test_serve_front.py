@@ -282,3 +282,54 @@ def test_streamed_and_unstreamed_answers_are_the_same_text_with_a_real_tokenizer
         assert text.replace(" ", "") == "it'sfine.don'tworry"
 
     run_front(ScriptedWorker(token_ids=answer), scenario, tokenizer=tok)
+
+
+def test_a_busy_worker_sends_the_request_elsewhere_and_all_busy_is_503_with_retry_after() -> None:
+    async def busy(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": "w1 has 1 waiting request(s)"}, status=503,
+                                 headers={"Retry-After": "2"})  # fmt: skip
+
+    worker = ScriptedWorker()
+
+    async def scenario(front: Front, url: str) -> None:
+        async with TestServer(ScriptedWorker(busy).app()) as other:
+            other_url = str(other.make_url("")).rstrip("/")
+            front.pool.add(registration("w1", other_url, "i1", model_id="tiny-llama"))
+            # Round robin turns at every pick, the retries' too: requests 2, 3 and 4 try w1 first.
+            for _ in range(4):
+                status, body = await post(url + "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+                assert status == 200 and body["choices"][0]["text"] == "abc"
+            assert len(worker.bodies) == 4 and front.metrics.value("kvcache:worker_busy_answers_total") == 3
+            worker.handler = busy
+            ask, path = {"prompt": "x"}, url + "/v1/completions"
+            async with aiohttp.ClientSession() as session, session.post(path, json=ask) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+                error = (await resp.json())["error"]
+            assert error["type"] == "service_unavailable" and "all 2 workers have full waiting queues" in (
+                error["message"])  # fmt: skip
+
+    run_front(worker, scenario)
+
+
+def test_a_stop_string_cuts_the_text_and_ends_the_workers_stream() -> None:
+    worker = ScriptedWorker(delay_s=0.01)  # answers "abcdefgh..."
+
+    async def scenario(front: Front, url: str) -> None:
+        request = {"prompt": "hi", "max_tokens": 20, "stop": ["xyz", "de"]}
+        status, body = await post(url + "/v1/completions", request)
+        assert status == 200 and body["choices"][0]["text"] == "abc"
+        assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 5
+        await asyncio.wait_for(worker.gone.wait(), 10)  # the front dropped the worker's stream
+        assert worker.bodies[0]["max_tokens"] == 20 and "temperature" not in worker.bodies[0]
+        chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True, "stop": "cd",
+                "temperature": 0.5}  # fmt: skip
+        async with aiohttp.ClientSession() as session, session.post(url + "/v1/chat/completions",
+                                                                    json=chat) as resp:  # fmt: skip
+            lines = [line for line in (await resp.read()).split(b"\n\n") if line.startswith(b"data: {")]
+        chunks = [json.loads(line[6:]) for line in lines]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "ab"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        sampled = worker.bodies[1]
+        assert sampled["temperature"] == 0.5 and isinstance(sampled["seed"], int)  # the front picks a seed
+
+    run_front(worker, scenario)

@@ -19,6 +19,20 @@ def test_completion_text_and_token_prompts() -> None:
     assert (req.token_ids, req.max_tokens, req.stream, req.include_usage) == ([5, 6, 7], 16, True, True)
 
 
+def test_sampling_fields_map_to_the_worker_and_name_the_field_when_bad() -> None:
+    req = protocol.parse_completion({"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": -1,
+                                     "seed": -1, "stop": "\n\n"})  # fmt: skip
+    assert (req.temperature, req.top_p, req.top_k, req.seed, req.stop) == (0.7, 0.9, 0, 2**63 - 1, ("\n\n",))
+    assert req.sampling() == {"temperature": 0.7, "top_p": 0.9, "seed": 2**63 - 1}
+    greedy = protocol.parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "bc"],
+                                  "seed": 0, "n": 1})  # fmt: skip
+    assert greedy.stop == ("a", "bc") and greedy.sampling() == {"seed": 0}
+    assert protocol.parse_completion({"prompt": "x", "stop": None, "top_k": 5}).sampling() == {"top_k": 5}
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_completion({"prompt": "x", "top_p": 1.5})
+    assert info.value.param == "top_p"
+
+
 def test_chat_messages_and_text_parts() -> None:
     req = protocol.parse_chat({"messages": [{"role": "system", "content": "be brief"},
                                             {"role": "user", "content": [{"type": "text", "text": "a"},
@@ -43,7 +57,17 @@ def test_chat_messages_and_text_parts() -> None:
         ({"prompt": "x", "n": 2}, "n=1"),
         ({"prompt": "x", "stream": "yes"}, "'stream'"),
         ({"prompt": "x", "logprobs": 3}, "'logprobs'"),
-        ({"prompt": "x", "stop": ["\n"]}, "'stop' is not supported"),
+        ({"prompt": "x", "stop": ["a", ""]}, "'stop'=['a', '']"),
+        ({"prompt": "x", "stop": 3}, "'stop'=3 must be a string or a list"),
+        ({"prompt": "x", "stop": list("abcde")}, "at most 4 non-empty strings"),
+        ({"prompt": "x", "temperature": -0.1}, "'temperature'=-0.1 must be a number in [0, 2]"),
+        ({"prompt": "x", "temperature": "hot"}, "'temperature'='hot'"),
+        ({"prompt": "x", "top_p": 0}, "'top_p'=0 must be a number in (0, 1]"),
+        ({"prompt": "x", "top_p": True}, "'top_p'=True"),
+        ({"prompt": "x", "top_k": -2}, "'top_k'=-2 must be an integer in -1..2147483647"),
+        ({"prompt": "x", "top_k": 2.0}, "'top_k'=2.0"),
+        ({"prompt": "x", "seed": 1.5}, "'seed'=1.5 must be an integer"),
+        ({"prompt": "x", "n": True}, "n=1"),
         ({"prompt": "x", "model": 3}, "'model'"),
         ({"prompt": "x", "tools": []}, "unsupported fields ['tools']"),
         ({"prompt": "x", "stream_options": {"x": 1}}, "stream_options"),

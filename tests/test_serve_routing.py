@@ -58,7 +58,7 @@ def test_a_finished_request_frees_its_slot() -> None:
 def test_the_front_prices_workers_with_their_concurrency(tmp_path: Path) -> None:
     path = tmp_path / "latency.json"
     LATENCY.to_json(path)  # as `kvcache calibrate` writes it (max_num_seqs=128 here)
-    priced = launch.worker_latency(LatencyModel.from_json(path))
-    assert priced.max_num_seqs == launch.WORKER_MAX_NUM_SEQS
+    priced = launch.worker_latency(LatencyModel.from_json(path), 8)
+    assert priced.max_num_seqs == 8  # the workers' --max-running, not the file's 128
     assert (priced.prefill_ms_per_token, priced.decode_base_ms) == (0.05, 10.0)
-    assert launch.worker_latency().prefill_ms_per_token == LatencyModel().prefill_ms_per_token
+    assert launch.worker_latency(None, 64).prefill_ms_per_token == LatencyModel().prefill_ms_per_token

@@ -49,8 +49,8 @@ def test_the_trace_is_multi_turn_chat_over_one_system_prompt(svr: ModuleType) ->
 
 def test_the_simulated_worker_serves_one_request_at_a_time(svr: ModuleType) -> None:
     trace = svr.make_trace(2, vocab_size=256, system_tokens=64, user_tokens=16, output_tokens=4)
-    result = svr.model(trace, served(trace, [0.0, 0.001]), "round_robin", 1, 64, LATENCY)
-    lat = launch.worker_latency(LATENCY)
+    result = svr.model(trace, served(trace, [0.0, 0.001]), "round_robin", 1, 64, LATENCY, 1)
+    lat = launch.worker_latency(LATENCY, 1)
     first, second = sorted(result.jobs, key=lambda j: j.arrival_ms)
     assert first.first_token_ms - first.arrival_ms == pytest.approx(lat.prefill_ms(first.request.num_tokens))
     # The second waits for the whole first request: its prefill and its decode steps.

@@ -49,6 +49,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
+    parser.add_argument("--max-waiting", type=argtypes.non_negative_int, default=64,
+                        help="per worker: requests waiting for their first token before it answers 503")
+    parser.add_argument("--max-running", type=argtypes.positive_int, default=64,
+                        help="per worker: sequences in one batch (the engine's max_num_seqs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
         front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer, redis_url=redis_url,
                                   policy=args.policy, mode=args.mode, block_size=args.block_size, keys=keys,
                                   served_names=tuple(args.served_model_name or ()),
-                                  max_prompt_tokens=max_prompt_tokens, latency=latency)  # fmt: skip
+                                  max_prompt_tokens=max_prompt_tokens, latency=latency,
+                                  max_running=args.max_running)  # fmt: skip
         worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
                                         block_size=args.block_size, threads=args.threads,
                                         config_path=args.config, pod_tier=not args.no_pod_tier,
-                                        dtype=args.dtype, device=args.device)  # fmt: skip
+                                        dtype=args.dtype, device=args.device, max_waiting=args.max_waiting,
+                                        max_running=args.max_running)  # fmt: skip
         workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
         asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))
     finally:

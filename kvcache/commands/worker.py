@@ -37,6 +37,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=0, help="weights of random models (same on every worker)")
     parser.add_argument("--no-pod-tier", action="store_true", help="do not share blocks through Redis")
+    parser.add_argument("--max-waiting", type=argtypes.non_negative_int, default=64,
+                        help="requests waiting for their first token before new ones get 503 + Retry-After")
+    parser.add_argument("--max-running", type=argtypes.positive_int, default=64,
+                        help="sequences in one batch (the engine's max_num_seqs)")
     parser.add_argument(
         "--vllm-events",
         metavar="PUB[,REPLAY]",
@@ -70,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, config, num_blocks=args.num_blocks, block_size=args.block_size, threads=args.threads,
         seed=args.seed, redis_url=None if args.no_pod_tier else redis_url,
         worker_id=worker_id, deployment_key=keys.block_key, tier_secret=keys.tier_key, dtype=args.dtype,
-        device=args.device)  # fmt: skip
-    worker = Worker(engine, worker_id, redis_url, keys, tier_names)
+        device=args.device, max_num_seqs=args.max_running)  # fmt: skip
+    worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
     if args.vllm_events:
         from kvcache.router.vllm_events import EngineEventBridge, EventPublisher
         from kvcache.router.vllm_keys import VllmKeyer

@@ -3,7 +3,10 @@
 Every engine call (add, step, abort) runs on one dedicated worker thread, so the engine stays
 single-threaded and the event loop never blocks on the model. A background task steps the engine
 while any request is unfinished and hands each step's outputs to the waiting streams. A stream
-that is closed or cancelled before it finished aborts its request (within one step).
+that is closed or cancelled before it finished aborts its request (within one step), also
+when it is cancelled while its request is being added. ``after_step`` (optional) runs on the
+engine thread after every step with that step's outputs (and after an abort, with none): the
+place for a server to read the engine's state (events, load) without a second thread touching it.
 
 Not here: HTTP (``kvcache.serve``), scheduling (``scheduler``).
 """
@@ -11,8 +14,8 @@ Not here: HTTP (``kvcache.serve``), scheduling (``scheduler``).
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Hashable, Sequence
+import threading
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvcache.engine.engine import Engine, GenerationStep, RequestOutput
@@ -23,8 +26,11 @@ _End = tuple[str, BaseException | None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, after_step: Callable[[list[RequestOutput]], None] | None = None
+    ) -> None:
         self.engine = engine
+        self.after_step = after_step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-engine")
         self._queues: dict[Hashable, asyncio.Queue[GenerationStep | _End]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -36,10 +42,23 @@ class AsyncEngine:
         scope: Scope | str | None = None,
         params: SamplingParams | None = None,
         request_id: Hashable | None = None,
-    ) -> AsyncIterator[GenerationStep]:
+    ) -> AsyncGenerator[GenerationStep, None]:
         loop = asyncio.get_running_loop()
-        add = functools.partial(self.engine.add_request, tokens, scope, params, request_id)
-        rid = await loop.run_in_executor(self._executor, add)
+        cancelled = threading.Event()
+
+        def add() -> Hashable:
+            rid = self.engine.add_request(tokens, scope, params, request_id)
+            if cancelled.is_set():  # the stream was cancelled while this waited for the engine thread
+                self._abort(rid)
+            return rid
+
+        added = loop.run_in_executor(self._executor, add)
+        try:
+            rid = await asyncio.shield(added)
+        except asyncio.CancelledError:
+            cancelled.set()
+            added.add_done_callback(self._abort_added)  # the add still runs: undo it once it has
+            raise
         queue: asyncio.Queue[GenerationStep | _End] = asyncio.Queue()
         self._queues[rid] = queue
         self._start(loop)
@@ -58,16 +77,26 @@ class AsyncEngine:
             if not finished:
                 await loop.run_in_executor(self._executor, self._abort, rid)
 
+    async def call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the engine thread, between steps (e.g. a server's bookkeeping)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    def _abort_added(self, added: asyncio.Future[Hashable]) -> None:
+        if not added.cancelled() and added.exception() is None:
+            self._executor.submit(self._abort, added.result())
+
     def _abort(self, rid: Hashable) -> None:
         seq = self.engine._seqs.get(rid)
         if seq is not None and not seq.is_finished:
             self.engine.abort(rid)
+            if self.after_step is not None:
+                self.after_step([])
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._wake is None:
@@ -78,11 +107,17 @@ class AsyncEngine:
 
     def _step(self) -> tuple[list[RequestOutput], BaseException | None, list[Hashable]]:
         """On the engine thread: one step; an error ends every request it failed."""
+        outputs: list[RequestOutput] = []
+        error: BaseException | None = None
+        failed: list[Hashable] = []
         try:
-            return self.engine.step(), None, []
+            outputs = self.engine.step()
         except Exception as exc:  # the model failed: its sequences are already failed
+            error = exc
             failed = [rid for rid, seq in self.engine._seqs.items() if seq.error is exc]
-            return [], exc, failed
+        if self.after_step is not None:
+            self.after_step(outputs)
+        return outputs, error, failed
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ class WorkerView:
     pending_prefill_tokens: int  # prompt tokens routed there whose prefill has not finished
     queued_prefill_ms: float  # modelled wait before a new request's prefill starts (queue, slots)
     held_blocks: int = 0  # distinct full blocks those requests use (shared prefixes counted once)
+    reported_requests: int = 0  # running + waiting as the worker last reported (lags; all fronts')
 
 
 @dataclass(frozen=True, slots=True)

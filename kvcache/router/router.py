@@ -12,7 +12,8 @@ load accounting (requests and blocks routed to each worker and not finished, and
 schedule per worker built from the latency model: a request's estimated prefill starts when the
 previous estimate ends and, on a worker whose ``max_num_seqs`` sequence slots are all taken,
 when the earliest modelled finish frees one; a request is modelled to finish ``output_tokens - 1``
-decode steps after its prefill). It never reads a worker's internals. Choosing is the
+decode steps after its prefill). It never reads a worker's internals; what a worker reports of
+its own load (``observe_load``) is passed to policies beside the router's count. Choosing is the
 policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
 ``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
 must have evicted.
@@ -68,6 +69,7 @@ class _Load:
         if over >= 0:
             start = max(start, heapq.nsmallest(over + 1, self.finish_ms.values())[-1])
         return start
+    reported: int = 0  # running + waiting, as the worker last reported (``observe_load``)
 
 
 def _monotonic_ms() -> float:
@@ -136,6 +138,15 @@ class Router:
             del self.routed_at[request_id]
         return list(load.active)
 
+    def observe_load(self, worker_id: int, num_requests: int) -> None:
+        """The requests a worker reports it runs and queues (from every front, not only this
+        router's), shown to policies as ``WorkerView.reported_requests``. It is not added to
+        ``active_requests``: a report lags the worker by a Redis round trip, and a request this
+        router already saw finish would be counted again until the next report."""
+        load = self.loads.get(worker_id)
+        if load is not None:
+            load.reported = num_requests
+
     def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
         overlap = self.index.overlaps(request.block_keys, self.loads, now)
         views = []
@@ -152,6 +163,7 @@ class Router:
                     pending_prefill_tokens=load.pending_tokens,
                     queued_prefill_ms=load.start_ms(now, self.latency.max_num_seqs) - now,
                     held_blocks=len(load.held),
+                    reported_requests=load.reported,
                 )
             )
         return views

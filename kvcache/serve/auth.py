@@ -235,8 +235,10 @@ class DeploymentKeys:
         ok = hmac.compare_digest(mac, _mac(self.notice_key, notice.encode()))
         return notice if ok else None
 
-    def sign_events(self, worker_id: str, instance: str, seq: int, data: bytes) -> bytes:
-        return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data)
+    def sign_events(self, worker_id: str, instance: str, seq: int, data: bytes, load: bytes = b"") -> bytes:
+        """The MAC of an event batch and the load it carries (``worker.WorkerLoad``)."""
+        return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data, load)
 
-    def check_events(self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes) -> bool:
-        return hmac.compare_digest(mac, self.sign_events(worker_id, instance, seq, data))
+    def check_events(self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes,
+                     load: bytes = b"") -> bool:  # fmt: skip
+        return hmac.compare_digest(mac, self.sign_events(worker_id, instance, seq, data, load))

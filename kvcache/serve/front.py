@@ -11,9 +11,14 @@ worker token. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
-answer per request (decoding is greedy and every worker loads the same weights, so the retried
-stream continues the same text). Errors the caller caused (400/401/404/429) are never retried,
-and a worker's error answer keeps its status whatever its body (JSON or plain text).
+answer per request (decoding is greedy or seeded, the front choosing a seed for a sampled
+request without one, and every worker loads the same weights, so the retried stream continues
+the same text). A worker whose waiting queue is full answers 503 with ``Retry-After``: the
+request goes to another worker, and when every worker did so the client gets 503 with
+``Retry-After``. Errors the caller caused (400/401/404/429) are never retried, and a worker's
+other error answers keep their status whatever their body (JSON or plain text). ``stop`` strings
+are applied here, on the decoded text: the answer ends before the first one (``finish_reason``
+``"stop"``) and the worker's stream is dropped, which aborts the request there.
 
 A worker that is slow is not a failed worker: liveness comes from heartbeats (``pool``), so a
 read that times out answers 504 and leaves the worker in the pool; only a refused or cut
@@ -33,6 +38,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -49,7 +55,7 @@ from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.tokenize import IncrementalDecoder, Tokenizer, encode_limited
+from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
 MAX_ATTEMPTS = 4
@@ -63,11 +69,14 @@ _KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 
 
 class HTTPFailure(Exception):
-    """An error to answer with ``status`` and an OpenAI error body."""
+    """An error to answer with ``status`` and an OpenAI error body (``param``: the field to blame;
+    ``retry_after_s``: sent as ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error") -> None:
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *,
+                 param: str | None = None, retry_after_s: str | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.type_ = status, message, type_
+        self.param, self.retry_after_s = param, retry_after_s
 
 
 @dataclass(slots=True)
@@ -88,6 +97,7 @@ class Outcome:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     tier_errors: int = 0
+    finish_reason: str = "length"
 
 
 def _worker_error(status: int, text: str) -> HTTPFailure:
@@ -147,29 +157,46 @@ class Front:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.pool.changed.wait(), timeout=min(left, 0.25))
 
-    async def generate(self, request_id: str, token_ids: list[int], tenant: TenantSpec, max_tokens: int,
+    async def generate(self, request_id: str, token_ids: list[int], tenant: TenantSpec,
+                       req: protocol.GenerateRequest,
                        outcome: Outcome) -> AsyncGenerator[Step, None]:  # fmt: skip
-        """Tokens from whichever worker serves the request, each index once, retried on failure."""
+        """Tokens from whichever worker serves the request, each index once, retried on failure.
+        A worker that answers 503 with ``Retry-After`` (its waiting queue is full) is skipped for
+        this request; when every worker did, the request is answered 503 with ``Retry-After``."""
         assert self.session is not None
         sent = 0
+        sampling = req.sampling()
+        if sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
+            # A seed of the front's choosing: a stream retried on another worker continues the same text.
+            sampling["seed"] = secrets.randbits(63)
         body = {"request_id": request_id, "token_ids": token_ids, "tenant": tenant.name,
-                "group": tenant.group, "max_tokens": max_tokens}  # fmt: skip
+                "group": tenant.group, "max_tokens": req.max_tokens, **sampling}  # fmt: skip
         if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
             keys = await asyncio.to_thread(self._keys, token_ids, tenant)
             payload = await asyncio.to_thread(json.dumps, body)
         else:
             keys, payload = self._keys(token_ids, tenant), json.dumps(body)
         headers = {"Content-Type": "application/json", **self.keys.auth_header()}
-        for _attempt in range(MAX_ATTEMPTS):
+        busy: dict[str, str] = {}  # workers that answered 503 + Retry-After -> its value
+        failures = 0
+        while failures < MAX_ATTEMPTS:
             await self._wait_for_worker()
+            free = [w for w in self.pool.workers if w not in busy]
+            if not free:
+                retry = max(busy.values(), key=lambda v: float(v) if v.replace(".", "", 1).isdigit() else 0.0)
+                raise HTTPFailure(503, f"all {len(busy)} workers have full waiting queues; retry after "
+                                  f"{retry} s", "service_unavailable", retry_after_s=retry)  # fmt: skip
             route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope, max_tokens)
             worker_id = self.router.route(route)
-            state = self.pool.workers.get(worker_id)
-            if state is None:  # the router and the pool disagree for a moment: take any live worker
-                worker_id, state = next(iter(self.pool.workers.items()))
-            reg = state.reg
+            if worker_id not in free:  # the router and the pool disagree for a moment, or it is full
+                worker_id = min(free, key=self._reported_load)
+            reg = self.pool.workers[worker_id].reg
             try:
                 async with self.session.post(f"{reg.url}/generate", data=payload, headers=headers) as resp:
+                    if resp.status == 503 and "Retry-After" in resp.headers:
+                        busy[worker_id] = resp.headers["Retry-After"][:16]
+                        self.metrics.busy.inc()
+                        continue
                     if resp.status != 200:
                         # The worker is alive and refused this request: answer, never retry.
                         raise _worker_error(resp.status, await resp.text(errors="replace"))
@@ -184,6 +211,7 @@ class Front:
                             raise HTTPFailure(line["status"], line["error"], kind)
                         if line.get("done"):
                             done = True
+                            outcome.finish_reason = line.get("finish_reason", "length")
                             break
                         if line["index"] == 0:
                             outcome.prompt_tokens = line["prompt_tokens"]
@@ -201,16 +229,25 @@ class Front:
                         raise aiohttp.ClientPayloadError("worker stream ended early")
                     return
             except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
+                failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
             except asyncio.TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
                 raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
                                   "retry later", "timeout") from exc  # fmt: skip
             except _RETRYABLE as exc:
+                failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
             finally:
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
                     self.router.on_finished(request_id)
-        raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers", "service_unavailable")
+        raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers; retry later",
+                          "service_unavailable", retry_after_s="1")  # fmt: skip
+
+    def _reported_load(self, worker_id: str) -> tuple[int, int]:
+        """A worker's waiting and running requests as it last reported them (0 when unknown)."""
+        state = self.pool.workers.get(worker_id)
+        load = state.load if state is not None else None
+        return (load.num_waiting, load.num_running) if load is not None else (0, 0)
 
     def _failed(self, worker_id: str, instance: str, request_id: str, exc: BaseException) -> None:
         log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
@@ -220,9 +257,15 @@ class Front:
 
     # ---- HTTP ----------------------------------------------------------------------------
 
-    def _error(self, status: int, message: str, type_: str) -> web.Response:
+    def _error(self, status: int, message: str, type_: str, param: str | None = None,
+               retry_after_s: str | None = None) -> web.Response:  # fmt: skip
         self.metrics.requests.labels(str(status)).inc()
-        return web.json_response(protocol.error_body(message, status=status, type_=type_), status=status)
+        headers = {"Retry-After": retry_after_s} if retry_after_s is not None else None
+        return web.json_response(protocol.error_body(message, status=status, type_=type_, param=param),
+                                 status=status, headers=headers)  # fmt: skip
+
+    def _fail(self, exc: HTTPFailure) -> web.Response:
+        return self._error(exc.status, exc.message, exc.type_, exc.param, exc.retry_after_s)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -248,7 +291,7 @@ class Front:
                 assert req.token_ids is not None
                 token_ids = req.token_ids
         except ProtocolError as exc:
-            raise HTTPFailure(400, str(exc)) from exc
+            raise HTTPFailure(400, str(exc), param=exc.param) from exc
         except (KVCacheError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
             raise HTTPFailure(400, f"the prompt cannot be tokenized: {exc}") from exc
         if not token_ids:
@@ -279,7 +322,7 @@ class Front:
         try:
             req, token_ids = await self._read(request, chat)
         except HTTPFailure as exc:
-            return self._error(exc.status, exc.message, exc.type_)
+            return self._fail(exc)
         if req.model is not None and req.model not in self.served_names:
             return self._error(404, f"model {req.model!r} is not served here; use {self.model_name!r}",
                                "model_not_found")  # fmt: skip
@@ -288,29 +331,40 @@ class Front:
         created = int(time.time())
         outcome = Outcome()
         decoder = IncrementalDecoder(self.tokenizer)
+        stops = StopText(req.stop)
         response: web.StreamResponse | None = None
+        text_parts: list[str] = []
         num_out = 0
-        # Closing the generator on every way out (a client gone, a cancelled handler) drops the
-        # worker's stream, which is what stops the generation there.
-        async with contextlib.aclosing(self.generate(request_id, token_ids, tenant, req.max_tokens,
-                                                     outcome)) as steps:  # fmt: skip
+        last = received
+        # Closing the generator on every way out (a client gone, a cancelled handler, a stop string)
+        # drops the worker's stream, which is what stops the generation there.
+        async with contextlib.aclosing(self.generate(request_id, token_ids, tenant, req, outcome)) as steps:
             try:
                 async for step in steps:
+                    now = time.monotonic()
                     if num_out == 0:
-                        self.metrics.ttft.labels(step.worker_id).observe(time.monotonic() - received)
+                        self.metrics.ttft.labels(step.worker_id).observe(now - received)
                         if req.stream:
                             response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                    "Cache-Control": "no-cache"})  # fmt: skip
                             await response.prepare(request)
+                    else:
+                        self.metrics.itl.labels(step.worker_id).observe(now - last)
+                    last = now
                     num_out += 1
-                    delta = decoder.push(step.token_id)
+                    delta = stops.push(decoder.push(step.token_id))
                     if response is not None:
                         chunk = protocol.chunk(req, request_id=request_id, model=self.model_name,
                                                created=created, text=delta, first=num_out == 1)  # fmt: skip
                         await response.write(protocol.sse(chunk))
+                    else:
+                        text_parts.append(delta)
+                    if stops.stopped:
+                        outcome.finish_reason = "stop"
+                        break
             except HTTPFailure as exc:
                 if response is None:
-                    return self._error(exc.status, exc.message, exc.type_)
+                    return self._fail(exc)
                 await response.write(protocol.sse(protocol.error_body(exc.message, status=exc.status,
                                                                       type_=exc.type_)))  # fmt: skip
                 await response.write_eof()
@@ -318,15 +372,19 @@ class Front:
             except ConnectionResetError:  # the client went away mid-stream
                 log.info("client of %s went away after %d tokens; generation stopped", request_id, num_out)
                 return response if response is not None else web.Response(status=499)  # nobody reads it
-        tail = decoder.flush()
+        tail = "" if stops.stopped else stops.push(decoder.flush())
+        tail += "" if stops.stopped else stops.flush()
+        if stops.stopped:
+            outcome.finish_reason = "stop"
         usage = protocol.usage(outcome.prompt_tokens, num_out, outcome.cached_tokens)
         self._record(tenant, outcome, received)
         if response is None:
             body = protocol.response(req, request_id=request_id, model=self.model_name, created=created,
-                                     text=decoder.text, finish_reason="length", usage_=usage)  # fmt: skip
+                                     text="".join(text_parts) + tail, finish_reason=outcome.finish_reason,
+                                     usage_=usage)  # fmt: skip
             return web.json_response(body)
         final = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
-                               text=tail, finish_reason="length",
+                               text=tail, finish_reason=outcome.finish_reason,
                                usage_=usage)  # fmt: skip
         if not req.include_usage:
             final.pop("usage")

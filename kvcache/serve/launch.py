@@ -47,11 +47,14 @@ class WorkerArgs:
     pod_tier: bool = True
     dtype: str | None = None
     device: str | None = None
+    max_waiting: int = 64
+    max_running: int = 64
 
     def argv(self, worker_id: str) -> list[str]:
         argv = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
                 "--model", self.model, "--num-blocks", str(self.num_blocks),
-                "--block-size", str(self.block_size), "--threads", str(self.threads)]  # fmt: skip
+                "--block-size", str(self.block_size), "--threads", str(self.threads),
+                "--max-waiting", str(self.max_waiting), "--max-running", str(self.max_running)]  # fmt: skip
         if self.config_path:
             argv += ["--config", self.config_path]
         if not self.pod_tier:
@@ -128,12 +131,6 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 
             process.wait()
 
 
-# Requests a served worker runs at once: today's worker serves one request at a time
-# (serve/worker.py). The front's latency model must describe the workers, so its max_num_seqs is
-# this, whatever the calibrated file says.
-WORKER_MAX_NUM_SEQS = 1
-
-
 def check_policy(policy: str) -> None:
     """``ConfigError`` listing every policy ``serve`` takes unless ``policy`` is one of them."""
     from kvcache.router.policies import POLICIES
@@ -142,11 +139,12 @@ def check_policy(policy: str) -> None:
         raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
 
 
-def worker_latency(latency: LatencyModel | None = None) -> LatencyModel:
+def worker_latency(latency: LatencyModel | None, max_running: int) -> LatencyModel:
     """The step-cost model the front prices workers with: ``latency`` (what ``kvcache calibrate``
     fitted for the workers' model on their machine; default ``LatencyModel()``'s figures) with the
-    workers' concurrency as ``max_num_seqs``."""
-    return dataclasses.replace(latency or LatencyModel(), max_num_seqs=WORKER_MAX_NUM_SEQS)
+    workers' concurrency (``--max-running``, the sequences a worker's engine runs at once) as
+    ``max_num_seqs``, whatever the calibrated file says: the model must describe the workers."""
+    return dataclasses.replace(latency or LatencyModel(), max_num_seqs=max_running)
 
 
 async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event) -> str | None:
@@ -186,15 +184,15 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
 
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
                mode: str, block_size: int, keys: auth.DeploymentKeys, served_names: tuple[str, ...] = (),
-               max_prompt_tokens: int | None = None,
-               latency: LatencyModel | None = None) -> Front:  # fmt: skip
+               max_prompt_tokens: int | None = None, latency: LatencyModel | None = None,
+               max_running: int = WorkerArgs.max_running) -> Front:  # fmt: skip
     """The front with its router running one of the router's policies; ``affinity`` prices workers
-    with ``worker_latency(latency)``. ``served_names``: the names clients use (the first is
+    with ``worker_latency(latency, max_running)``. ``served_names``: the names clients use (the first is
     reported; default ``model``)."""
     from kvcache.router import Router, RouteRequest
 
     check_policy(policy)
-    router = Router(policy=policy, mode=mode, block_size=block_size, latency=worker_latency(latency))
+    router = Router(policy=policy, mode=mode, block_size=block_size, latency=worker_latency(latency, max_running))
     names = served_names or (model,)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
                  route_request=RouteRequest, keys=keys, served_names=names[1:],

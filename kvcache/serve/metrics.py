@@ -5,13 +5,22 @@
   prompt tokens the tiers above it missed, and hits the tokens it supplies (``device`` first,
   then lower tiers), so per-tier hit rates read as in vLLM and the sum of hits over tiers is the
   request's ``cached_tokens``;
-- ``kvcache:time_to_first_token_seconds``, ``kvcache:request_queue_time_seconds``,
-  ``kvcache:e2e_request_latency_seconds`` (histograms, by worker);
+- ``kvcache:time_to_first_token_seconds``, ``kvcache:inter_token_latency_seconds``,
+  ``kvcache:request_queue_time_seconds``, ``kvcache:e2e_request_latency_seconds`` (histograms, by
+  worker, measured at the front);
+- ``kvcache:num_requests_running``, ``kvcache:num_requests_waiting``, ``kvcache:kv_cache_usage_perc``
+  (gauges by worker: the load each worker last reported with its event batches);
 - ``kvcache:requests`` (counter by status code), ``kvcache:request_retries`` (re-sent to another
-  worker after one failed), ``kvcache:tier_errors`` (lower-tier accesses that failed, by worker:
+  worker after one failed), ``kvcache:worker_busy_answers`` (a worker's waiting queue was full),
+  ``kvcache:tier_errors`` (lower-tier accesses that failed, by worker:
   Redis unreachable; each is a miss, never a failed request), ``kvcache:workers`` (gauge),
   ``kvcache:router_indexed_blocks`` (gauge by worker: blocks the router believes a worker
   caches, from its events).
+
+``WorkerMetrics`` is a worker's own page (``GET /metrics`` on the worker): the same three gauges
+read from its engine when scraped, the four histograms measured at the worker (queue time is
+the engine's wait for admission), and ``kvcache:requests_rejected`` (503s for a full waiting
+queue).
 
 Every metric lives in the ``ServeMetrics`` object's own registries, never in the process-global
 one. ``render()`` gives the public page: no tenant names, since a tenant's counters rise by exactly
@@ -21,12 +30,52 @@ cache counters split by tenant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0)  # fmt: skip
 QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0)  # fmt: skip
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LOAD_HELP = {"num_requests_running": "Requests in the engine's running batch",
+              "num_requests_waiting": "Requests waiting for the engine to admit them",
+              "kv_cache_usage_perc": "Fraction of the KV block pool in use (0..1)"}  # fmt: skip
+
+
+def _latency(registry: CollectorRegistry, labels: list[str], where: str) -> dict[str, Histogram]:
+    """The four latency histograms as vLLM names them, measured ``where``."""
+    specs = (("ttft", "time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS),
+             ("itl", "inter_token_latency_seconds", "Time between two tokens of a stream", ITL_BUCKETS),
+             ("queue", "request_queue_time_seconds", "Time waiting for a worker's engine", QUEUE_BUCKETS),
+             ("e2e", "e2e_request_latency_seconds", "Request latency", TTFT_BUCKETS))  # fmt: skip
+    return {key: Histogram(f"kvcache:{name}", f"{text} {where}", labels, buckets=buckets, registry=registry)
+            for key, name, text, buckets in specs}  # fmt: skip
+
+
+class WorkerMetrics:
+    """One worker's page; ``load`` returns its ``worker.WorkerLoad`` (read when scraped)."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self.registry = r = CollectorRegistry()
+        hist = _latency(r, [], "at the worker")
+        self.ttft, self.itl, self.queue, self.e2e = hist["ttft"], hist["itl"], hist["queue"], hist["e2e"]
+        self.rejected = Counter("kvcache:requests_rejected", "Requests refused with 503: waiting queue full",
+                                registry=r)  # fmt: skip
+        for name, attr in (("num_requests_running", "num_running"), ("num_requests_waiting", "num_waiting"),
+                           ("kv_cache_usage_perc", "kv_usage")):  # fmt: skip
+            gauge = Gauge(f"kvcache:{name}", _LOAD_HELP[name], registry=r)
+            gauge.set_function(lambda attr=attr: float(getattr(load(), attr)))  # type: ignore[misc]
+
+    def observe_first(self, ttft_s: float, queue_s: float) -> None:
+        self.ttft.observe(ttft_s)
+        self.queue.observe(queue_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class ServeMetrics:
@@ -38,16 +87,17 @@ class ServeMetrics:
         self.queries, self.hits = self._cache_counters(["tier", "worker"], self._cache)
         self.tenant_queries, self.tenant_hits = self._cache_counters(["tier", "worker", "tenant"],
                                                                      self._tenant_cache)  # fmt: skip
-        self.ttft = Histogram("kvcache:time_to_first_token_seconds", "Time to first token at the front",
-                              ["worker"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
-        self.queue = Histogram("kvcache:request_queue_time_seconds", "Time waiting for a worker's engine",
-                               ["worker"], buckets=QUEUE_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram("kvcache:e2e_request_latency_seconds", "Request latency at the front",
-                             ["worker"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        hist = _latency(r, ["worker"], "at the front")
+        self.ttft, self.itl, self.queue, self.e2e = hist["ttft"], hist["itl"], hist["queue"], hist["e2e"]
+        self.running, self.waiting, self.kv_usage = (
+            Gauge(f"kvcache:{name}", f"{text}, as the worker last reported", ["worker"], registry=r)
+            for name, text in _LOAD_HELP.items())  # fmt: skip
         self.requests = Counter("kvcache:requests", "Requests answered, by HTTP status", ["status"],
                                 registry=r)  # fmt: skip
         self.retries = Counter("kvcache:request_retries", "Requests re-sent after a worker failed",
                                registry=r)  # fmt: skip
+        self.busy = Counter("kvcache:worker_busy_answers", "503 + Retry-After answers from workers "
+                            "whose waiting queue was full", registry=r)  # fmt: skip
         self.tier_errors = Counter("kvcache:tier_errors", "Lower-tier lookups that failed (counted misses)",
                                    ["worker"], registry=r)  # fmt: skip
         self.workers = Gauge("kvcache:workers", "Workers the router routes to", registry=r)

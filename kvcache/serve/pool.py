@@ -13,13 +13,16 @@ Two background loops keep the router current:
   error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
   which the worker logs the reason and stops.
 - events: the pool follows the ``kvcache:events`` stream from the point it started and hands
-  each batch to ``router.on_events``. Batches from an instance that is not the current one are
+  each batch to ``router.on_events``; the load a batch carries (``worker.WorkerLoad``: running and
+  waiting requests, KV usage) is kept per worker, exported as gauges and given to the router
+  (``observe_load``). Batches from an instance that is not the current one are
   dropped, so a dead worker's late events cannot resurrect blocks it no longer has.
 
 Redis is not trusted (see docs/serve.md, "Threat model"): a registration joins only with a valid
 MAC from a worker of this deployment, signed within ``auth.REGISTRATION_MAX_AGE_S``, and only if
 its hasher fingerprint equals the front's (so router keys are the worker's keys); an event batch
-counts only with a valid MAC and a sequence number above the last one seen from that instance.
+(events and load) counts only with a valid MAC and a sequence number above the last one seen
+from that instance.
 A worker's indexed keys never exceed the pool capacity it registered: past it the oldest are
 dropped (and removed from the router), whatever a worker or a forger publishes.
 
@@ -43,7 +46,7 @@ from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import ServeMetrics
-from kvcache.serve.worker import Registration
+from kvcache.serve.worker import Registration, WorkerLoad
 
 log = logging.getLogger("kvcache.front")
 POLL_S = 0.25
@@ -54,6 +57,7 @@ class WorkerState:
     reg: Registration
     indexed_blocks: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # oldest first
     last_seq: int = -1
+    load: WorkerLoad | None = None  # as its last event batch reported it
 
 
 class WorkerPool:
@@ -113,7 +117,9 @@ class WorkerPool:
             self.dead_instances[state.reg.instance] = time.monotonic()
         del self.workers[worker_id]
         self.router.remove_worker(worker_id)
-        self.metrics.indexed.labels(worker_id).set(0)
+        m = self.metrics
+        for gauge in (m.indexed, m.running, m.waiting, m.kv_usage):
+            gauge.labels(worker_id).set(0)
         self._changed()
         log.warning("worker %s removed", worker_id)
 
@@ -126,17 +132,18 @@ class WorkerPool:
             self.on_change()
 
     def apply_events(self, fields: dict[bytes, bytes]) -> None:
-        """One stream entry ``{worker, instance, seq, events, mac}``: verified, bounded, applied."""
+        """One stream entry ``{worker, instance, seq, events, load, mac}``: verified, bounded, applied."""
         try:
             worker_id, instance = fields[b"worker"].decode(), fields[b"instance"].decode()
             seq, data, mac = int(fields[b"seq"]), fields[b"events"], fields[b"mac"]
+            raw_load = fields.get(b"load", b"")
         except (KeyError, ValueError) as exc:
             log.error("dropped a malformed event entry (%s)", type(exc).__name__)
             return
         state = self.workers.get(worker_id)
         if state is None or state.reg.instance != instance:
             return
-        if not self.keys.check_events(worker_id, instance, seq, data, mac):
+        if not self.keys.check_events(worker_id, instance, seq, data, mac, raw_load):
             log.error("dropped an event batch for %s whose MAC does not verify", worker_id)
             return
         if seq <= state.last_seq:
@@ -150,6 +157,18 @@ class WorkerPool:
             return
         self.router.on_events(worker_id, self._bounded(state, events))
         self.metrics.indexed.labels(worker_id).set(len(state.indexed_blocks))
+        if raw_load:
+            try:
+                load = WorkerLoad.decode(raw_load)
+            except ValueError as exc:
+                log.error("dropped a malformed load report from %s: %s", worker_id, exc)
+                return
+            state.load = load
+            self.router.observe_load(worker_id, load.num_running + load.num_waiting)
+            m = self.metrics
+            m.running.labels(worker_id).set(load.num_running)
+            m.waiting.labels(worker_id).set(load.num_waiting)
+            m.kv_usage.labels(worker_id).set(load.kv_usage)
 
     @staticmethod
     def _bounded(state: WorkerState, events: list[CacheEvent]) -> list[CacheEvent]:

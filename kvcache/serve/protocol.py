@@ -5,9 +5,12 @@ raise ``ProtocolError`` naming the field; nothing reaches a worker unvalidated. 
 produce ``/v1/completions`` and ``/v1/chat/completions`` bodies (and their ``chunk`` forms for
 server-sent events) with ``usage.prompt_tokens_details.cached_tokens``.
 
-Decoding is greedy and runs ``max_tokens`` steps: ``temperature``/``top_p``/``seed`` are accepted
-and ignored, ``n`` must be 1, ``stop``/``logprobs``/``echo`` are refused rather than ignored.
-OpenAI fields that can ask for something greedy decoding does not do (``logit_bias``, ``suffix``,
+Sampling: ``temperature`` (0..2, 0 = greedy, the default), ``top_p`` (0..1], ``top_k`` (vLLM's
+extra field, -1 or 0 = off), ``seed`` (reproducible draws), ``max_tokens`` and ``stop`` (a string or
+a list of up to 4 non-empty strings: the text ends before the first one the output contains, as
+vLLM does); each is checked for type and range and a bad one is a 400 naming it (``param``).
+``n`` must be 1; ``logprobs``/``echo`` are refused rather than ignored. OpenAI fields that ask
+for something this server does not do (``logit_bias``, ``suffix``,
 ``tools``, ``response_format``, ...) are accepted at their no-op value (``{}``, ``""``, ``[]``,
 ``{"type": "text"}``) and refused with a 400 naming the field otherwise; a field the OpenAI API
 does not have is refused, so a typo never silently changes a request.
@@ -33,7 +36,9 @@ MAX_TOKENS_DEFAULT = 16
 MAX_TOKENS_LIMIT = 4096
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4-6 deep; json.loads recurses once per level
-_IGNORED = {"temperature", "top_p", "seed", "user", "presence_penalty", "frequency_penalty", "metadata",
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+_IGNORED = {"user", "presence_penalty", "frequency_penalty", "metadata",
             "store", "service_tier"}  # fmt: skip
 # Fields that are accepted at a value that changes nothing and refused at any other value.
 _NOOPS: dict[str, tuple[Any, ...]] = {
@@ -46,6 +51,7 @@ _NOOPS: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}),
     "top_logprobs": (None, 0),
 }
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop")
 _COMPLETION_NOOPS = {"logit_bias", "suffix", "best_of"}
 _CHAT_NOOPS = {"logit_bias", "tools", "tool_choice", "parallel_tool_calls", "response_format", "top_logprobs"}
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -65,6 +71,18 @@ class GenerateRequest:
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[tuple[str, str]] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def sampling(self) -> dict[str, Any]:
+        """The fields a worker's ``/generate`` takes (``engine.SamplingParams``), defaults left out."""
+        out: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                               "seed": self.seed}  # fmt: skip
+        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
+        return {k: v for k, v in out.items() if v != defaults[k] or (k == "seed" and v is not None)}
 
 
 def json_depth(raw: bytes) -> int:
@@ -105,7 +123,7 @@ def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) 
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ProtocolError(f"'{name}'={value!r} must be an integer in {lo}..{hi}")
+        raise ProtocolError(f"'{name}'={value!r} must be an integer in {lo}..{hi}", param=name)
     return value
 
 
@@ -123,9 +141,9 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
     if model is not None and not isinstance(model, str):
         raise ProtocolError(f"'model'={model!r} must be a string")
     n = body.get("n", 1)
-    if n != 1:
-        raise ProtocolError(f"'n'={n!r}: only n=1 is supported")
-    for name in ("logprobs", "echo", "stop"):
+    if n is not None and (type(n) is not int or n != 1):
+        raise ProtocolError(f"'n'={n!r}: only n=1 is supported", param="n")
+    for name in ("logprobs", "echo"):
         if body.get(name) not in (None, False, [], ""):
             raise ProtocolError(f"'{name}' is not supported; leave it unset")
     stream = body.get("stream", False)
@@ -142,7 +160,44 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
         limit_name = "max_completion_tokens"
     max_tokens = _int_field(body, limit_name, MAX_TOKENS_DEFAULT, 1, MAX_TOKENS_LIMIT)
     return {"chat": chat, "model": model, "max_tokens": max_tokens, "stream": stream,
-            "include_usage": include_usage}  # fmt: skip
+            "include_usage": include_usage, **_sampling(body)}  # fmt: skip
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float,
+            lo_open: bool = False) -> float:  # fmt: skip
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+        lo < value <= hi if lo_open else lo <= value <= hi)  # fmt: skip
+    if not ok:
+        span = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise ProtocolError(f"'{name}'={value!r} must be a number in {span}", param=name)
+    return float(value)
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields, each type- and range-checked (``ProtocolError`` names the field)."""
+    out: dict[str, Any] = {"temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+                           "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)}  # fmt: skip
+    top_k = _int_field(body, "top_k", 0, -1, 2**31 - 1)
+    out["top_k"] = max(top_k, 0)  # vLLM's -1 and 0 both mean off
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not -(2**63) <= seed < 2**64):  # fmt: skip
+        raise ProtocolError(f"'seed'={seed!r} must be an integer", param="seed")
+    out["seed"] = None if seed is None else seed % 2**63  # the engine seeds torch with a non-negative int
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):  # fmt: skip
+        raise ProtocolError(f"'stop'={stop!r:.80} must be a string or a list of at most {MAX_STOP} non-empty "
+                            f"strings of at most {MAX_STOP_CHARS} characters", param="stop")  # fmt: skip
+    out["stop"] = tuple(_utf8(s, "'stop'") for s in stop)
+    return out
 
 
 def check_prompt_tokens(num_tokens: int, limit: int | None) -> None:
@@ -156,7 +211,7 @@ def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> Generat
     A token-id prompt longer than ``max_prompt_tokens`` is refused before its ids are checked."""
     body = _require_object(body)
     common = _common(body, {"model", "prompt", "max_tokens", "stream", "stream_options", "n",
-                            "logprobs", "echo", "stop"}, chat=False)  # fmt: skip
+                            "logprobs", "echo", *_SAMPLING_FIELDS}, chat=False)  # fmt: skip
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -192,7 +247,7 @@ def parse_chat(body: Any) -> GenerateRequest:
     """``/v1/chat/completions``: ``messages`` is a non-empty list of ``{role, content}`` objects."""
     body = _require_object(body)
     common = _common(body, {"model", "messages", "max_tokens", "max_completion_tokens", "stream",
-                            "stream_options", "n", "logprobs", "stop"}, chat=True)  # fmt: skip
+                            "stream_options", "n", "logprobs", *_SAMPLING_FIELDS}, chat=True)  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError('\'messages\' must be a non-empty list of {"role", "content"} objects')

@@ -151,6 +151,40 @@ class IncrementalDecoder:
         return delta
 
 
+class StopText:
+    """Cuts a stream of text deltas before the first of ``stops`` (OpenAI's ``stop``): ``push``
+    returns the text that is safe to send now, holding back a tail short enough to be the start of
+    a stop string; ``stopped`` turns true once one appeared (the stop string itself is never sent)."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return delta
+        self.pending += delta
+        hits = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        keep = len(self.pending) - self.hold  # a shorter tail may still begin a stop string
+        if keep <= 0:
+            return ""
+        out, self.pending = self.pending[:keep], self.pending[keep:]
+        return out
+
+    def flush(self) -> str:
+        """The held-back tail at the end of the stream (no stop string completed in it)."""
+        out, self.pending = self.pending, ""
+        return out
+
+
 def encode_limited(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> list[int]:
     """``tokenizer.encode(text)``; ``ProtocolError`` past ``max_tokens``. A long text's head is
     tokenized first, so a huge prompt is refused for the cost of a bounded part of it."""

@@ -1,55 +1,96 @@
-"""A worker: one engine behind an internal HTTP endpoint, registered and publishing events in Redis.
+"""A worker: one batched engine behind an internal HTTP endpoint, registered and publishing in Redis.
 
-``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}`` and answers with
-newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the first also
-carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and ``queue_s``), then
-``{"done": true, "engine_s"}`` (the engine time the request took, queueing excluded).
-Errors the caller caused come back before the first line as a JSON error with its HTTP status
-(400 bad tokens or more tokens than the pool holds, 429 over quota, 503 pool full), or, once
-tokens were sent, as a last line ``{"error", "status"}``; they never stop the worker.
+``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}`` and optionally the
+sampling fields ``temperature``, ``top_p``, ``top_k`` and ``seed`` (``engine.SamplingParams``); it
+answers with newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the
+first also carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and
+``queue_s``), then ``{"done": true, "engine_s", "finish_reason"}`` (``engine_s``: the engine time
+the request took, queueing excluded; ``finish_reason``: ``stop`` at the model's end of sequence,
+``length`` at ``max_tokens``). Errors the caller caused come back before the first line as a JSON
+error with its HTTP status (400 bad tokens, bad sampling fields or more tokens than the pool
+holds, 429 over quota, 503 pool full), or, once tokens were sent, as a last line
+``{"error", "status"}``; they never stop the worker.
 
-The engine is single-threaded: every request runs on one engine thread, one at a time, in
-arrival order; ``queue_s`` is how long a request waited for it. When the front drops the
-connection (its client went away), the request stops after the step in progress, and a request
-still waiting for the engine thread never starts. A request is admitted when its prompt plus
-``max_tokens`` fits the pool: ``ceil((prompt + max_tokens - 1) / block_size)`` blocks, since the
-last token is returned without its KV being written. After each prefill and each
-request the worker drains the engine's cache events and appends them to the Redis stream, so the
-front's router learns what this worker caches. A heartbeat keeps the registration alive; when
-Redis is unreachable the worker keeps serving and drops events (counted), and re-registers once
-Redis answers again. If the front refuses this worker (another model or block size than the
-deployment's), the worker logs the front's reason once and stops (``refused``).
+Every request joins the engine's step loop (``engine.AsyncEngine``): the scheduler runs up to
+``max_num_seqs`` sequences per step and each stream gets its token as soon as the step that
+made it ends. Admission is bounded: a request arriving while ``max_waiting`` requests already
+wait for their first token is answered 503 with ``Retry-After`` at once (the front tries another
+worker), so nothing queues without bound. When the front drops the connection (its client went
+away), the request is aborted within one step and its blocks are freed, whether it was running
+or still waiting. A request is admitted when its prompt plus ``max_tokens`` fits the pool:
+``ceil((prompt + max_tokens - 1) / block_size)`` blocks, since the last token is returned without
+its KV being written.
+
+After every step the worker drains the engine's cache events and, with them, its load (running
+and waiting requests, KV usage) into one signed batch on the Redis stream, so the front's router
+learns what this worker caches and how busy it is without asking; a batch goes out whenever
+there are events or the load changed. A heartbeat keeps the registration alive; when Redis is
+unreachable the worker keeps serving and drops batches (counted), and re-registers once Redis
+answers again. If the front refuses this worker (another model or block size than the
+deployment's), the worker logs the front's reason once and stops (``refused``). ``GET /metrics``
+gives the worker's own Prometheus series (``metrics.WorkerMetrics``).
 
 Every call must carry the deployment's worker token (``auth``): without it the answer is 401,
 with a wrong one 403, before the body is read. Registrations are signed on every heartbeat and
-event batches carry a sequence number and a MAC; events name scopes by pseudonym.
+event batches carry a sequence number and a MAC over events and load; events name scopes by
+pseudonym.
 
-Not here: routing and the OpenAI protocol (``front``), tokenizing (the front sends token ids).
+Not here: routing and the OpenAI protocol (``front``), tokenizing and text stop sequences (the
+front sends token ids and cuts text).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
-from kvcache.errors import CapacityError, InvalidTokensError, KVCacheError, QuotaError
+from kvcache.engine.aio import AsyncEngine
+from kvcache.engine.engine import RequestOutput
+from kvcache.engine.sampling import SamplingParams
+from kvcache.errors import CapacityError, ConfigError, InvalidTokensError, KVCacheError, QuotaError
 from kvcache.events import CacheEvent
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
+from kvcache.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from kvcache.tenancy import Scope
 
 log = logging.getLogger("kvcache.worker")
+DEFAULT_MAX_WAITING = 64
+RETRY_AFTER_S = 1
+_SAMPLING = (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int), ("seed", int))
+# The engine's reasons as OpenAI's: the end-of-sequence token and stop sequences are "stop".
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """A worker's load as its event batches carry it: the scheduler's queues and the pool's use."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # blocks in use / pool blocks, 0..1
+
+    def encode(self) -> bytes:
+        return json.dumps([self.num_running, self.num_waiting, round(self.kv_usage, 4)]).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> WorkerLoad:
+        """``ValueError`` unless ``raw`` is what :meth:`encode` writes."""
+        data = json.loads(raw)
+        if (not isinstance(data, list) or len(data) != 3 or any(type(x) is not int or x < 0 for x in data[:2])
+                or type(data[2]) not in (int, float) or not 0 <= data[2] <= 1):  # fmt: skip
+            raise ValueError(f"not a worker load: {raw[:60]!r}")
+        return cls(data[0], data[1], float(data[2]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,20 +131,27 @@ class Worker:
     """Serves one engine (``kvcache.engine.Engine``) over HTTP; see the module docstring."""
 
     def __init__(self, engine: Any, worker_id: str, redis_url: str | None, keys: DeploymentKeys,
-                 tier_names: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 tier_names: tuple[str, ...] = (),
+                 max_waiting: int = DEFAULT_MAX_WAITING) -> None:  # fmt: skip
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ConfigError(f"max_waiting={max_waiting!r} must be an integer >= 0")
         self.engine = engine
+        self.aengine = AsyncEngine(engine, after_step=self._after_step)
         self.keys = keys
         self.worker_id = worker_id
         self.redis_url = redis_url
         self.tier_names = tier_names
-        # A reply ends at the model's end-of-sequence token (sent, then the stream ends).
-        eos = getattr(getattr(engine, "tokenizer", None), "eos_token_id", None)
-        self.stop_ids = frozenset([eos] if isinstance(eos, int) else [])
+        self.max_waiting = max_waiting
+        self.num_waiting = 0  # admitted here, no first token yet (the event loop's count)
+        self.metrics = WorkerMetrics(self.load)
         self.instance = uuid.uuid4().hex[:12]
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self.events: asyncio.Queue[list[CacheEvent]] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[list[CacheEvent], WorkerLoad]] = asyncio.Queue()
         self.num_dropped_event_batches = 0
         self._event_seq = 0  # per instance; the front drops a batch whose number it has seen
+        self._last_load: WorkerLoad | None = None
+        self._finished: dict[Hashable, str] = {}  # request -> engine finish reason (engine thread)
+        self._tier_errors: dict[Hashable, int] = {}
+        self._prompts: dict[Hashable, tuple[list[int], Scope]] = {}  # for the vLLM event bridge
         self.url = ""
         self.refused: str | None = None  # the front's reason, when it refused this worker
         self.stop = asyncio.Event()
@@ -113,30 +161,39 @@ class Worker:
 
     # ---- the engine thread ---------------------------------------------------------------
 
-    def _steps(self, body: dict[str, Any], cancel: threading.Event) -> Iterator[dict[str, Any]]:
-        """Runs on the engine thread: the request's lines, errors as one ``{"error"}`` line."""
-        scope = Scope(body["tenant"], group=body.get("group"))
-        stream = self.engine.stream(
-            body["token_ids"], scope=scope, max_new_tokens=body["max_tokens"], request_id=body["request_id"]
-        )
-        try:
-            for step in stream:
-                line: dict[str, Any] = {"token_id": int(step.token_id), "index": step.index}
-                if step.index == 0:
-                    hits = self._tier_hits(step)
-                    line.update(prompt_tokens=step.prompt_tokens, cached_tokens=sum(hits.values()),
-                                tier_hits=hits, prefill_s=step.elapsed_s,
-                                tier_errors=int(getattr(self.engine, "last_tier_errors", 0)))  # fmt: skip
-                    self._publish(self.engine.drain_events(), body)  # the router learns the prefix early
-                yield line
-                if cancel.is_set() or step.token_id in self.stop_ids:
-                    break
-        finally:
-            stream.close()  # frees the request's blocks even when the caller went away
-            write_through = getattr(self.engine, "write_through", None)
-            if write_through is not None:
-                write_through()
-            self._publish(self.engine.drain_events(), body)
+    def load(self) -> WorkerLoad:
+        """The engine's load now (lengths of its queues: safe to read from any thread)."""
+        scheduler, pool = self.engine.scheduler, self.engine.manager.pool
+        return WorkerLoad(len(scheduler.running), len(scheduler.waiting),
+                          pool.num_used_blocks / max(pool.num_blocks, 1))  # fmt: skip
+
+    def _after_step(self, outputs: list[RequestOutput]) -> None:
+        """On the engine thread after each step (or abort): finish reasons, events, load."""
+        first: list[Hashable] = []
+        for out in outputs:
+            if out.finished and out.finish_reason is not None:
+                self._finished[out.request_id] = out.finish_reason
+            if out.step is not None and out.step.index == 0:
+                first.append(out.request_id)
+                self._tier_errors[out.request_id] = int(getattr(self.engine, "last_tier_errors", 0))
+        events = self.engine.drain_events()
+        if events and self.vllm_events is not None:  # opt-in: vLLM's KV event stream too
+            for rid in first or list(self._prompts)[:1]:
+                prompt = self._prompts.get(rid)
+                if prompt is not None:
+                    self.vllm_events.publish_engine_events(prompt[0], prompt[1], events)
+        load = self.load()
+        if events or load != self._last_load:
+            self._last_load = load
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (events, load))
+
+    def _write_through(self) -> None:
+        """On the engine thread, after a request: pod-tier writes of what prefills computed."""
+        write_through = getattr(self.engine, "write_through", None)
+        if write_through is not None:
+            write_through()
+        self._after_step([])
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
         """Prompt tokens each tier supplied, device first (the engine reports the device's)."""
@@ -146,86 +203,105 @@ class Worker:
             hits[name] = tier_tokens
         return hits
 
-    def _publish(self, events: list[CacheEvent], body: dict[str, Any]) -> None:
-        if events and self.vllm_events is not None:  # opt-in: vLLM's KV event stream too
-            scope = Scope(body["tenant"], group=body.get("group"))
-            self.vllm_events.publish_engine_events(body["token_ids"], scope, events)
-        if events:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self.events.put_nowait, events)
-
     # ---- HTTP ----------------------------------------------------------------------------
+
+    def _parse(self, body: Any) -> SamplingParams:
+        """The request's sampling parameters; ``KVCacheError`` naming the bad field."""
+        if not isinstance(body, dict):
+            raise InvalidTokensError("body must be a JSON object")
+        fields = (("request_id", str), ("token_ids", list), ("tenant", str), ("max_tokens", int))
+        for name, kind in fields:
+            if not isinstance(body.get(name), kind):
+                raise InvalidTokensError(f"'{name}' must be a {kind.__name__}")
+        options: dict[str, Any] = {}
+        for name, kinds in _SAMPLING:
+            value = body.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ConfigError(f"'{name}'={value!r} must be a number")
+            options[name] = value
+        params = SamplingParams(max_tokens=body["max_tokens"], **options)
+        manager = self.engine.manager
+        # The last generated token is returned, never fed back: its KV is not stored.
+        needed = -(-(len(body["token_ids"]) + body["max_tokens"] - 1) // manager.block_size)
+        if needed > manager.pool.num_blocks:
+            raise InvalidTokensError(
+                f"{len(body['token_ids'])} prompt tokens + max_tokens={body['max_tokens']} need "
+                f"{needed} blocks; a worker's pool holds {manager.pool.num_blocks}: shorten the "
+                "prompt or max_tokens"
+            )
+        return params
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
-            if not isinstance(body, dict):
-                raise InvalidTokensError("body must be a JSON object")
-            fields = (("request_id", str), ("token_ids", list), ("tenant", str), ("max_tokens", int))
-            for name, kind in fields:
-                if not isinstance(body.get(name), kind):
-                    raise InvalidTokensError(f"'{name}' must be a {kind.__name__}")
-            manager = self.engine.manager
-            # The last generated token is returned, never fed back: its KV is not stored.
-            needed = -(-(len(body["token_ids"]) + body["max_tokens"] - 1) // manager.block_size)
-            if needed > manager.pool.num_blocks:
-                raise InvalidTokensError(
-                    f"{len(body['token_ids'])} prompt tokens + max_tokens={body['max_tokens']} need "
-                    f"{needed} blocks; a worker's pool holds {manager.pool.num_blocks}: shorten the "
-                    "prompt or max_tokens"
-                )
+            params = self._parse(body)
         except (ValueError, KVCacheError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        if self.num_waiting >= self.max_waiting:
+            self.metrics.rejected.inc()
+            return web.json_response(
+                {"error": f"worker {self.worker_id} has {self.num_waiting} waiting request(s) "
+                          f"(--max-waiting {self.max_waiting}); retry later"},
+                status=503, headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         received = time.monotonic()
-        lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-
-        def run() -> None:
-            started = time.monotonic()
-            if cancel.is_set():  # the front gave up while this request waited for the engine
-                loop.call_soon_threadsafe(lines.put_nowait, None)
-                return
-            try:
-                for line in self._steps(body, cancel):
-                    if line["index"] == 0:
-                        line["queue_s"] = started - received
-                    loop.call_soon_threadsafe(lines.put_nowait, line)
-                    if cancel.is_set():
-                        break
-                done = {"done": True, "engine_s": time.monotonic() - started}
-                loop.call_soon_threadsafe(lines.put_nowait, done)
-            except Exception as exc:  # a request must never take the worker down
-                if not isinstance(exc, KVCacheError):
-                    log.exception("request %s failed", body.get("request_id"))
-                loop.call_soon_threadsafe(lines.put_nowait, {"error": str(exc), "status": _status_of(exc)})
-            loop.call_soon_threadsafe(lines.put_nowait, None)
-
-        future = loop.run_in_executor(self.executor, run)
+        rid = body["request_id"]
+        scope = Scope(body["tenant"], group=body.get("group"))
+        if self.vllm_events is not None:
+            self._prompts[rid] = (body["token_ids"], scope)
+        self.num_waiting += 1
+        waiting = True
         response: web.StreamResponse | None = None
+        queue_s, last = 0.0, received
         try:
-            done: dict[str, Any] = {"done": True}
-            while (line := await lines.get()) is not None:
-                if line.get("done"):
-                    done = line
-                    continue
-                if "error" in line:
+            stream = self.aengine.stream(body["token_ids"], scope, params, rid)
+            async with contextlib.aclosing(stream) as steps:
+                async for step in steps:
+                    now = time.monotonic()
+                    line: dict[str, Any] = {"token_id": int(step.token_id), "index": step.index}
+                    if step.index == 0:
+                        self.num_waiting -= 1
+                        waiting = False
+                        hits = self._tier_hits(step)
+                        queue_s = step.timings.queue_s if step.timings is not None else 0.0
+                        line.update(prompt_tokens=step.prompt_tokens, cached_tokens=sum(hits.values()),
+                                    tier_hits=hits, prefill_s=step.elapsed_s - queue_s, queue_s=queue_s,
+                                    tier_errors=self._tier_errors.pop(rid, 0))  # fmt: skip
+                        self.metrics.observe_first(now - received, queue_s)
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last = now
                     if response is None:
-                        return web.json_response({"error": line["error"]}, status=line["status"])
-                    done = line  # after the first token: the error ends the stream, in-band
-                    continue
-                if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-                    await response.prepare(request)
-                await response.write(json.dumps(line).encode() + b"\n")
+                        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                        await response.prepare(request)
+                    await response.write(json.dumps(line).encode() + b"\n")
+            reason = self._finished.pop(rid, "length")
+        except Exception as exc:  # a request must never take the worker down
+            if not isinstance(exc, KVCacheError):
+                log.exception("request %s failed", rid)
+            status = _status_of(exc)
             if response is None:
-                return web.json_response({"error": "no output"}, status=500)
-            await response.write(json.dumps(done).encode() + b"\n")
+                return web.json_response({"error": str(exc)}, status=status)
+            error = {"error": str(exc), "status": status}
+            await response.write(json.dumps(error).encode() + b"\n")  # in-band, after the first token
             await response.write_eof()
             return response
         finally:
-            cancel.set()
-            await asyncio.shield(future)
+            if waiting:
+                self.num_waiting -= 1
+            self._prompts.pop(rid, None)
+            self._tier_errors.pop(rid, None)
+            self._finished.pop(rid, None)
+        self.metrics.e2e.observe(time.monotonic() - received)
+        if response is None:
+            return web.json_response({"error": "no output"}, status=500)
+        done = {"done": True, "engine_s": time.monotonic() - received - queue_s,
+                "finish_reason": FINISH_REASONS.get(reason, "length")}  # fmt: skip
+        await response.write(json.dumps(done).encode() + b"\n")
+        await response.write_eof()
+        await self.aengine.call(self._write_through)  # off this request's latency, between steps
+        return response
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -236,6 +312,9 @@ class Worker:
             return web.json_response({"error": message}, status=status)
         response: web.StreamResponse = await handler(request)
         return response
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"worker_id": self.worker_id, "instance": self.instance,
@@ -249,13 +328,14 @@ class Worker:
                             manager.block_size, int(self.engine.vocab_size), manager.config.adapter_id,
                             manager.pool.num_blocks, key_check(manager.hasher))  # fmt: skip
 
-    def _signed_events(self, batch: list[CacheEvent]) -> dict[str, str | bytes]:
+    def _signed_events(self, batch: list[CacheEvent], load: WorkerLoad) -> dict[str, str | bytes]:
         data = wire.encode_events([replace(e, scope=self.keys.pseudonym(e.scope)) for e in batch])
         seq = self._event_seq
         self._event_seq += 1
-        mac = self.keys.sign_events(self.worker_id, self.instance, seq, data)
+        raw_load = load.encode()
+        mac = self.keys.sign_events(self.worker_id, self.instance, seq, data, raw_load)
         return {"worker": self.worker_id, "instance": self.instance, "seq": str(seq), "events": data,
-                "mac": mac}  # fmt: skip
+                "load": raw_load, "mac": mac}  # fmt: skip
 
     async def _redis_loop(self) -> None:
         """Heartbeat and event publishing; survives Redis going away and coming back."""
@@ -275,10 +355,13 @@ class Worker:
                     await client.set(wire.alive_key(self.worker_id), self.instance, ex=wire.ALIVE_TTL_S)
                     next_beat = time.monotonic() + wire.HEARTBEAT_S
                 try:
-                    batch = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
+                    batch, load = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
                 except asyncio.TimeoutError:
                     continue
-                fields = self._signed_events(batch)
+                while not self.events.empty():  # a backlog goes out as one batch with the newest load
+                    more, load = self.events.get_nowait()
+                    batch = batch + more
+                fields = self._signed_events(batch, load)
                 try:
                     await client.xadd(wire.EVENTS_STREAM, fields, maxlen=wire.EVENTS_MAXLEN, approximate=True)
                 except Exception:
@@ -329,6 +412,7 @@ class Worker:
         app = web.Application(client_max_size=64 * 2**20, middlewares=[self._authenticate])
         app.router.add_post("/generate", self.generate)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
         # handler_cancellation: a dropped connection cancels its handler, which cancels the request.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
@@ -356,4 +440,4 @@ async def serve_forever(worker: Worker, host: str, port: int, advertise: str | N
         await asyncio.gather(worker._redis_task, return_exceptions=True)
         await worker.deregister()
     await runner.cleanup()
-    worker.executor.shutdown(wait=False, cancel_futures=True)
+    await worker.aengine.close()
