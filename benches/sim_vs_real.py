@@ -130,7 +130,8 @@ def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, n
         for r, res in zip(trace, results, strict=True)
     ]  # fmt: skip
     timed.sort(key=lambda r: r.timestamp_ms)
-    config = ReplayConfig(num_workers, num_blocks, policy, latency=launch.worker_latency(latency, max_running))
+    served = launch.worker_latency(latency, max_running)
+    config = ReplayConfig(num_workers, num_blocks, policy, latency=served)
     return replay(Trace(timed, FORMAT_TOKENS, None), config, block_size=BLOCK_SIZE)
 
 
@@ -273,7 +274,8 @@ def main() -> int:
     title = (f"{args.model}, {args.workers} workers, {len(trace)} chat requests at {args.rate:.1f} req/s; "
              f"measured (serve + bench-serve) vs modelled (replay, calibrated)")  # fmt: skip
     plot(rows, args.plot, title)
-    report = {"args": vars(args), "latency": dataclasses.asdict(launch.worker_latency(latency, args.max_running)),
+    served = launch.worker_latency(latency, args.max_running)
+    report = {"args": vars(args), "latency": dataclasses.asdict(served),
               "load_avg_before": load_before, "load_avg_after": load_after, "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out} and {args.plot}")

@@ -186,7 +186,8 @@ class Front:
                 retry = max(busy.values(), key=lambda v: float(v) if v.replace(".", "", 1).isdigit() else 0.0)
                 raise HTTPFailure(503, f"all {len(busy)} workers have full waiting queues; retry after "
                                   f"{retry} s", "service_unavailable", retry_after_s=retry)  # fmt: skip
-            route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope, max_tokens)
+            route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope,
+                                       req.max_tokens)
             worker_id = self.router.route(route)
             if worker_id not in free:  # the router and the pool disagree for a moment, or it is full
                 worker_id = min(free, key=self._reported_load)

@@ -185,14 +185,15 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
                mode: str, block_size: int, keys: auth.DeploymentKeys, served_names: tuple[str, ...] = (),
                max_prompt_tokens: int | None = None, latency: LatencyModel | None = None,
-               max_running: int = WorkerArgs.max_running) -> Front:  # fmt: skip
+               max_running: int = 64) -> Front:  # fmt: skip
     """The front with its router running one of the router's policies; ``affinity`` prices workers
     with ``worker_latency(latency, max_running)``. ``served_names``: the names clients use (the first is
     reported; default ``model``)."""
     from kvcache.router import Router, RouteRequest
 
     check_policy(policy)
-    router = Router(policy=policy, mode=mode, block_size=block_size, latency=worker_latency(latency, max_running))
+    latency = worker_latency(latency, max_running)
+    router = Router(policy=policy, mode=mode, block_size=block_size, latency=latency)
     names = served_names or (model,)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
                  route_request=RouteRequest, keys=keys, served_names=names[1:],
