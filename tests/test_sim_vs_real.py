@@ -68,7 +68,7 @@ def test_table_ranking_and_figure(svr: ModuleType, tmp_path: Path) -> None:
     rows = {}
     for policy in ("round_robin", "affinity"):
         results = served(trace, sent)
-        sim = svr.model(trace, results, policy, 2, 64, LATENCY)
+        sim = svr.model(trace, results, policy, 2, 64, LATENCY, 64)
         rows[policy] = {"measured": svr.measured_stats(results, 2.0), "modelled": svr.modelled_stats(sim)}
     measured = rows["affinity"]["measured"]
     assert (measured["token_hit_rate"], measured["p50_ttft_ms"], measured["failed"]) == (0.0, 50.0, 0)
