@@ -79,7 +79,8 @@ class Bench:
         self.device = self.loaded.device
         longest = max(SEQS + SHARED_SEQS) * (SHARED + PROMPT + NEW) + 2 * TTFT_LEN
         self.config = EngineConfig(num_blocks=longest // BS + 64, block_size=BS, device=DEVICE, dtype=DTYPE,
-                                   max_num_seqs=max(SEQS + SHARED_SEQS), max_num_batched_tokens=2048)  # fmt: skip
+                                   max_num_seqs=max(SEQS + SHARED_SEQS),
+                                   max_num_batched_tokens=2048)  # fmt: skip
         self.rounds = 0
         self.shared_engine = self.engine()
 
@@ -105,11 +106,18 @@ class Bench:
 
     def cb(self, batch: list[list[int]]) -> None:
         from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.model.set_attn_implementation("paged|sdpa")
         try:
             config = GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=-1, pad_token_id=0)
-            self.model.generate_batch(inputs=batch, generation_config=config)
+            # Its cache is sized to the batch (pages of 256 tokens): left to itself it takes 90% of
+            # free memory, which on a shared CPU machine is memory others need.
+            pages = -(-sum(len(p) + NEW for p in batch) // 256) + 16
+            cb_config = ContinuousBatchingConfig(num_blocks=pages)
+            self.model.generate_batch(
+                inputs=batch, generation_config=config, continuous_batching_config=cb_config
+            )
         finally:
             self.model.set_attn_implementation("sdpa")
 
