@@ -7,7 +7,8 @@ The model is the project's default (``smollm2-135m``, float32 on CPU) unless ``B
 names another. Output tokens/s for N concurrent greedy requests of ``PROMPT`` random tokens plus
 ``NEW`` new tokens each, for:
 
-- ``sequential``: ``model.generate`` one request after another (baseline a);
+- ``sequential``: ``model.generate`` one request after another (baseline a; its rate does not
+  depend on N, so it is timed on the first ``BENCH_ENGINE_SEQUENTIAL_SAMPLE`` (2) prompts);
 - ``static``: ``model.generate`` on one batch of all N prompts (baseline b; equal lengths, no pad);
 - ``cb``: transformers' own continuous batching, ``model.generate_batch`` with ``paged|sdpa``
   (baseline c; slow on CPU, so only with ``BENCH_ENGINE_CB=1``, ``BENCH_ENGINE_CB_ROUNDS`` runs);
@@ -51,6 +52,7 @@ DEVICE = os.environ.get("BENCH_ENGINE_DEVICE") or None
 DTYPE = os.environ.get("BENCH_ENGINE_DTYPE") or None
 CB = os.environ.get("BENCH_ENGINE_CB", "0") == "1"
 CB_ROUNDS = int(os.environ.get("BENCH_ENGINE_CB_ROUNDS", "1"))
+SEQUENTIAL_SAMPLE = int(os.environ.get("BENCH_ENGINE_SEQUENTIAL_SAMPLE", "2"))
 BS = 16
 
 
@@ -144,7 +146,9 @@ class Bench:
         for n in seqs:
             batch = prompts(n, shared, seed=n)
             runs: dict[str, Callable[[], None]] = {
-                "sequential": lambda b=batch: self.sequential(b),
+                # one request after another: its rate does not depend on N, so it is timed on
+                # the first SEQUENTIAL_SAMPLE prompts of the batch
+                "sequential": lambda b=batch[:SEQUENTIAL_SAMPLE]: self.sequential(b),
                 "static": lambda b=batch: self.static(b),
                 "engine": lambda b=batch: self.ours(b),
             }
@@ -158,7 +162,8 @@ class Bench:
                     start = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - start)
-            rate = {name: n * NEW / statistics.median(t) for name, t in times.items()}
+            tokens = {name: n * NEW for name in runs} | {"sequential": min(n, SEQUENTIAL_SAMPLE) * NEW}
+            rate = {name: tokens[name] / statistics.median(t) for name, t in times.items()}
             cb = rate.get("cb", float("nan"))
             best = max(rate["static"], rate.get("cb", 0.0))
             ours = rate["engine"]
