@@ -1,22 +1,28 @@
 """The batched engine against plain transformers, in one run: throughput, step overhead, cached TTFT.
 
-    .venv/bin/python benches/bench_engine.py            # prints the table (medians of ROUNDS runs)
-    .venv/bin/pytest benches/bench_engine.py --benchmark-only   # the same, under pytest-benchmark
+    BENCH_ENGINE_CB=1 .venv/bin/python -u benches/bench_engine.py   # the table (medians of ROUNDS)
+    .venv/bin/pytest benches/bench_engine.py --benchmark-only       # the same, under pytest-benchmark
 
-Output tokens/s for N concurrent greedy requests (N in ``BENCH_ENGINE_SEQS``, default 1,8,32) of
-``PROMPT`` random tokens plus ``NEW`` new tokens each, for:
+The model is the project's default (``smollm2-135m``, float32 on CPU) unless ``BENCH_ENGINE_MODEL``
+names another. Output tokens/s for N concurrent greedy requests of ``PROMPT`` random tokens plus
+``NEW`` new tokens each, for:
 
-- ``sequential``: ``model.generate`` one request after another (baseline a);
+- ``sequential``: ``model.generate`` one request after another (baseline a; its rate does not
+  depend on N, so it is timed on the first ``BENCH_ENGINE_SEQUENTIAL_SAMPLE`` (2) prompts);
 - ``static``: ``model.generate`` on one batch of all N prompts (baseline b; equal lengths, no pad);
 - ``cb``: transformers' own continuous batching, ``model.generate_batch`` with ``paged|sdpa``
-  (baseline c; slow to start on CPU, so only with ``BENCH_ENGINE_CB=1``, one round);
+  (baseline c; slow on CPU, so only with ``BENCH_ENGINE_CB=1``, ``BENCH_ENGINE_CB_ROUNDS`` runs);
 - ``engine``: ``Engine.generate_many`` (continuous batching over the paged pool).
 
-Twice: distinct prompts, and prompts sharing a ``SHARED``-token system prompt. Then the engine's
-per-step overhead at the largest N (step time outside the model forward, from ``StepRecord``), and
-the TTFT of a ``TTFT_LEN``-token prompt 90% cached against transformers running the same suffix
-over a prefix ``DynamicCache`` already in memory (the ideal: nothing to load). Threads fixed by
-``BENCH_ENGINE_THREADS`` (1); the machine load is printed with the table.
+Rounds are interleaved (each round runs every contender once), so a change in machine load hits
+all of them alike; the figure is the median over ``ROUNDS`` rounds after one small warm-up. Distinct
+prompts at N in ``BENCH_ENGINE_SEQS`` (1,8,32), then prompts sharing a ``SHARED``-token system
+prompt at N in ``BENCH_ENGINE_SHARED_SEQS`` (8). Then the engine's per-step overhead at the largest
+N (step time outside the model forward, from ``StepRecord``), and the TTFT of a ``TTFT_LEN``-token
+prompt 90% cached against transformers running the same suffix over a prefix ``DynamicCache``
+already in memory (the ideal: nothing to load). ``BENCH_ENGINE_PARTS`` picks parts (``distinct,
+shared,overhead,ttft``). Threads fixed by ``BENCH_ENGINE_THREADS`` (1); the machine load is printed
+before and after.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from typing import Any
 
 import torch
 
-from kvcache import hf
+from kvcache import hf, models
 from kvcache.engine import Engine, EngineConfig, SamplingParams
 
-MODEL = os.environ.get("BENCH_ENGINE_MODEL", "small-qwen2")
+MODEL = os.environ.get("BENCH_ENGINE_MODEL", models.DEFAULT_MODEL)
 SEQS = [int(x) for x in os.environ.get("BENCH_ENGINE_SEQS", "1,8,32").split(",")]
+SHARED_SEQS = [int(x) for x in os.environ.get("BENCH_ENGINE_SHARED_SEQS", "8").split(",")]
+PARTS = os.environ.get("BENCH_ENGINE_PARTS", "distinct,shared,overhead,ttft").split(",")
 PROMPT = int(os.environ.get("BENCH_ENGINE_PROMPT", "128"))
 NEW = int(os.environ.get("BENCH_ENGINE_NEW", "32"))
 SHARED = int(os.environ.get("BENCH_ENGINE_SHARED", "1024"))
@@ -43,6 +51,8 @@ THREADS = int(os.environ.get("BENCH_ENGINE_THREADS", "1"))
 DEVICE = os.environ.get("BENCH_ENGINE_DEVICE") or None
 DTYPE = os.environ.get("BENCH_ENGINE_DTYPE") or None
 CB = os.environ.get("BENCH_ENGINE_CB", "0") == "1"
+CB_ROUNDS = int(os.environ.get("BENCH_ENGINE_CB_ROUNDS", "1"))
+SEQUENTIAL_SAMPLE = int(os.environ.get("BENCH_ENGINE_SEQUENTIAL_SAMPLE", "2"))
 BS = 16
 
 
@@ -66,12 +76,13 @@ class Bench:
     def __init__(self) -> None:
         torch.set_num_threads(THREADS)
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(DTYPE or "")
-        self.loaded = hf.load_model(MODEL, device=DEVICE, dtype=dtype)
+        self.loaded = models.load(MODEL, device=DEVICE, dtype=dtype)
         self.model = self.loaded.model
         self.device = self.loaded.device
-        longest = max(SEQS) * (SHARED + PROMPT + NEW) + 2 * TTFT_LEN
+        longest = max(SEQS + SHARED_SEQS) * (SHARED + PROMPT + NEW) + 2 * TTFT_LEN
         self.config = EngineConfig(num_blocks=longest // BS + 64, block_size=BS, device=DEVICE, dtype=DTYPE,
-                                   max_num_seqs=max(max(SEQS), 1), max_num_batched_tokens=2048)  # fmt: skip
+                                   max_num_seqs=max(SEQS + SHARED_SEQS),
+                                   max_num_batched_tokens=2048)  # fmt: skip
         self.rounds = 0
         self.shared_engine = self.engine()
 
@@ -97,11 +108,18 @@ class Bench:
 
     def cb(self, batch: list[list[int]]) -> None:
         from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.model.set_attn_implementation("paged|sdpa")
         try:
             config = GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=-1, pad_token_id=0)
-            self.model.generate_batch(inputs=batch, generation_config=config)
+            # Its cache is sized to the batch (pages of 256 tokens): left to itself it takes 90% of
+            # free memory, which on a shared CPU machine is memory others need.
+            pages = -(-sum(len(p) + NEW for p in batch) // 256) + 16
+            cb_config = ContinuousBatchingConfig(num_blocks=pages)
+            self.model.generate_batch(
+                inputs=batch, generation_config=config, continuous_batching_config=cb_config
+            )
         finally:
             self.model.set_attn_implementation("sdpa")
 
@@ -114,21 +132,44 @@ class Bench:
         self.shared_engine.generate_many([(p, tenant) for p in batch], SamplingParams(max_tokens=NEW))
         self.sync()
 
-    def throughput(self) -> list[str]:
-        lines = [f"{'case':<10}{'seqs':>5}{'sequential':>12}{'static':>9}{'cb':>9}{'engine':>9}"
-                 f"{'x seq':>8}{'x best(b,c)':>13}   (output tokens/s)"]  # fmt: skip
-        for shared in (0, SHARED):
-            for n in SEQS:
-                batch = prompts(n, shared, seed=n)
-                tokens = n * NEW
-                seq = tokens / median_s(lambda b=batch: self.sequential(b))
-                static = tokens / median_s(lambda b=batch: self.static(b))
-                cb = tokens / median_s(lambda b=batch: self.cb(b), rounds=1) if CB else float("nan")
-                ours = tokens / median_s(lambda b=batch: self.ours(b))
-                best = max(static, cb) if CB else static
-                case = "distinct" if not shared else f"shared{shared}"
-                lines.append(f"{case:<10}{n:>5}{seq:>12.1f}{static:>9.1f}{cb:>9.1f}{ours:>9.1f}"
-                             f"{ours / seq:>7.2f}x{ours / best:>12.2f}x")  # fmt: skip
+    def warm_up(self) -> None:
+        """Each contender once on two short prompts, off the clock (first-call costs, allocator)."""
+        batch = prompts(2, 0, seed=0)
+        self.sequential(batch[:1])
+        self.static(batch)
+        self.ours(batch)
+        if CB:
+            self.cb(batch)
+
+    def throughput(self, shared: int, seqs: list[int]) -> list[str]:
+        lines = []
+        for n in seqs:
+            batch = prompts(n, shared, seed=n)
+            runs: dict[str, Callable[[], None]] = {
+                # one request after another: its rate does not depend on N, so it is timed on
+                # the first SEQUENTIAL_SAMPLE prompts of the batch
+                "sequential": lambda b=batch[:SEQUENTIAL_SAMPLE]: self.sequential(b),
+                "static": lambda b=batch: self.static(b),
+                "engine": lambda b=batch: self.ours(b),
+            }
+            if CB:
+                runs["cb"] = lambda b=batch: self.cb(b)
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for i in range(ROUNDS):
+                for name, fn in runs.items():
+                    if name == "cb" and i >= CB_ROUNDS:
+                        continue
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            tokens = {name: n * NEW for name in runs} | {"sequential": min(n, SEQUENTIAL_SAMPLE) * NEW}
+            rate = {name: tokens[name] / statistics.median(t) for name, t in times.items()}
+            cb = rate.get("cb", float("nan"))
+            best = max(rate["static"], rate.get("cb", 0.0))
+            ours = rate["engine"]
+            case = "distinct" if not shared else f"shared{shared}"
+            lines.append(f"{case:<11}{n:>5}{rate['sequential']:>12.1f}{rate['static']:>9.1f}{cb:>9.1f}"
+                         f"{ours:>9.1f}{ours / rate['sequential']:>7.2f}x{ours / best:>12.2f}x")  # fmt: skip
         return lines
 
     def overhead(self) -> str:
@@ -185,14 +226,35 @@ def header(bench: Bench) -> str:
             f"prompt {PROMPT} + {NEW} new tokens, medians of {ROUNDS} runs")  # fmt: skip
 
 
+TABLE_HEAD = (f"{'case':<11}{'seqs':>5}{'sequential':>12}{'static':>9}{'cb':>9}{'engine':>9}"
+              f"{'x seq':>8}{'x best(b,c)':>13}   (output tokens/s)")  # fmt: skip
+
+
+def report(bench: Bench) -> list[str]:
+    lines = [header(bench)]
+    print(lines[-1], flush=True)
+    bench.warm_up()
+    if "distinct" in PARTS or "shared" in PARTS:
+        lines.append(TABLE_HEAD)
+        print(lines[-1], flush=True)
+    for part, shared, seqs in (("distinct", 0, SEQS), ("shared", SHARED, SHARED_SEQS)):
+        if part in PARTS:
+            for line in bench.throughput(shared, seqs):
+                lines.append(line)
+                print(line, flush=True)
+    if "overhead" in PARTS:
+        lines.append(bench.overhead())
+        print(lines[-1], flush=True)
+    if "ttft" in PARTS:
+        lines.append(bench.ttft())
+        print(lines[-1], flush=True)
+    lines.append("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
-    bench = Bench()
-    print(header(bench))
-    for line in bench.throughput():
-        print(line)
-    print(bench.overhead())
-    print(bench.ttft())
-    print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    report(Bench())
 
 
 def test_engine_benchmark(benchmark: Any) -> None:
@@ -201,10 +263,8 @@ def test_engine_benchmark(benchmark: Any) -> None:
     batch = prompts(max(SEQS), 0, seed=1)
     benchmark.extra_info["tokens"] = len(batch) * NEW
     benchmark.pedantic(lambda: bench.ours(batch), rounds=ROUNDS, warmup_rounds=1)
-    print("\n" + header(bench))
-    print("\n".join(bench.throughput()))
-    print(bench.overhead())
-    print(bench.ttft())
+    print()
+    report(bench)
 
 
 if __name__ == "__main__":
