@@ -14,14 +14,18 @@
 4. The same requests through ``kvcache replay``'s simulator with N workers of the same pool size,
    arriving when they were really sent, decoding as many tokens as they really did, on the
    calibrated latency model with the served workers' concurrency (``--max-running``,
-   ``launch.worker_latency``).
+   ``launch.worker_latency``) and the serving overhead outside the engine
+   (``request_overhead_ms``), measured once on the first policy's server while it is idle: the
+   median over a few requests sent one at a time of TTFT minus the model's prefill
+   (``probe_overhead``; ``--overhead MS`` gives it instead). Nothing is fitted at load.
 5. A table per policy, measured vs modelled: token hit rate, mean / p50 / p90 TTFT, mean
    end-to-end latency, output throughput, with ratios; the policy ranking by mean TTFT on each
    side; TTFT CDFs per policy in one figure (``--plot``) and everything in JSON (``--out``).
 
 Goals: hit rates within 2 points, p50 and p90 TTFT within 25%, the same ranking. What the
-model leaves out shows in the ratios: HTTP, front and streaming overheads per request and per
-token, CPU contention between the front, the workers and the load generator on a small machine.
+model leaves out shows in the ratios: streaming overheads per output token, how the serving
+overhead grows with load, CPU contention between the front, the workers and the load generator
+on a small machine.
 """
 
 from __future__ import annotations
@@ -97,8 +101,10 @@ async def _warm_up(url: str, num_workers: int, vocab_size: int) -> None:
 
 
 def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], latency_path: Path,
-            log_dir: Path) -> tuple[list[bench.Result], float]:  # fmt: skip
-    """Serve ``trace`` for real under ``policy``: a fresh deployment, warm-up, one pass."""
+            log_dir: Path, probe: LatencyModel | None = None,
+            ) -> tuple[list[bench.Result], float, float | None]:  # fmt: skip
+    """Serve ``trace`` for real under ``policy``: a fresh deployment, warm-up, one pass. With
+    ``probe`` (the calibrated model), first measure the serving overhead (``probe_overhead``)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
@@ -111,13 +117,39 @@ def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], la
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             asyncio.run(_warm_up(url, args.workers, args.vocab_size))
+            mean_tokens = int(np.mean([r.num_tokens for r in trace]))
+            overhead = None if probe is None else asyncio.run(
+                probe_overhead(url, probe, mean_tokens, args.vocab_size))  # fmt: skip
             requests = [bench.TraceRequest(list(r.tokens or ()), r.output_tokens) for r in trace]
-            return asyncio.run(bench.run_load(url, requests, rate=args.rate, duration_s=1e9,
-                                              max_concurrency=len(requests), keys={}, seed=args.seed,
-                                              num_prompts=len(requests)))  # fmt: skip
+            load = bench.run_load(url, requests, rate=args.rate, duration_s=1e9, max_concurrency=len(requests),
+                                  keys={}, seed=args.seed, num_prompts=len(requests))  # fmt: skip
+            results, wall_s = asyncio.run(load)
+            return results, wall_s, overhead
         finally:
             server.terminate()
             server.wait(timeout=60)
+
+
+async def probe_overhead(url: str, latency: LatencyModel, num_tokens: int, vocab_size: int,
+                         num_probes: int = 9) -> float:  # fmt: skip
+    """The served request's time outside the engine (``LatencyModel.request_overhead_ms``): the
+    median, over ``num_probes`` requests sent one at a time to the idle server (fresh prompts of
+    ``num_tokens`` tokens that share nothing with the trace), of measured TTFT minus the model's
+    prefill time for what was not cached."""
+    import aiohttp
+
+    rng = np.random.default_rng(54321)
+    gaps = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(num_probes):
+            req = bench.TraceRequest(rng.integers(1, vocab_size, size=num_tokens).tolist(), 2)
+            res = await bench._one(session, url, req, {})
+            if res.ok:
+                computed = res.prompt_tokens - res.cached_tokens
+                gaps.append(1000.0 * res.ttft_s - latency.prefill_ms(computed, res.cached_tokens))
+    if not gaps:
+        raise RuntimeError("every overhead probe failed; see the server log")
+    return max(0.0, float(np.median(gaps)))
 
 
 def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, num_workers: int,
@@ -238,6 +270,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, help="requests per second (overrides --load)")
     parser.add_argument("--latency", help="latency JSON to use instead of running kvcache calibrate")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--overhead", type=float, default=None,
+                        help="request_overhead_ms of the model (default: measured on the first server, idle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="sim_vs_real.json")
     parser.add_argument("--plot", default="sim_vs_real.png")
@@ -260,9 +294,15 @@ def main() -> int:
     print(f"{len(trace)} requests, mean prompt {np.mean([r.num_tokens for r in trace]):.0f} tokens, "
           f"{args.workers} workers, rate {args.rate:.2f} req/s; latency {latency}", flush=True)  # fmt: skip
     rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for policy in args.policies.split(","):
+    for i, policy in enumerate(args.policies.split(",")):
         started = time.monotonic()
-        results, wall_s = measure(args, policy, trace, latency_path, log_dir)
+        probe = latency if i == 0 and args.overhead is None else None
+        results, wall_s, overhead = measure(args, policy, trace, latency_path, log_dir, probe)
+        if i == 0:
+            args.overhead = overhead if overhead is not None else args.overhead
+            latency = dataclasses.replace(latency, request_overhead_ms=args.overhead)
+            print(f"serving overhead outside the engine: {args.overhead:.2f} ms per request "
+                  f"({'measured on the idle server' if overhead is not None else '--overhead'})", flush=True)
         sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_running)
         rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
         failed = rows[policy]["measured"]["failed"]

@@ -44,3 +44,15 @@ def test_json_round_trip_and_errors(tmp_path: Path) -> None:
         LatencyModel(max_num_seqs=0)
     with pytest.raises(ConfigError, match=r"prefill_ms_per_token=-1 must be >= 0"):
         LatencyModel(prefill_ms_per_token=-1)
+
+
+def test_request_overhead_is_optional_in_json(tmp_path: Path) -> None:
+    m = LatencyModel(request_overhead_ms=6.5)
+    m.to_json(tmp_path / "lat.json")
+    assert LatencyModel.from_json(tmp_path / "lat.json") == m
+    data = json.loads((tmp_path / "lat.json").read_text())
+    del data["request_overhead_ms"]  # a file written before the field existed
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert LatencyModel.from_json(tmp_path / "old.json").request_overhead_ms == 0.0
+    with pytest.raises(ConfigError, match=r"request_overhead_ms=-1 must be >= 0"):
+        LatencyModel(request_overhead_ms=-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvcache import BlockRemoved, BlockStored
@@ -46,6 +48,21 @@ def test_prefix_reuse_and_timing() -> None:
     assert second.prefill_done_ms == 12.0 + 4.0
     w.finish(a, 14.0)
     assert a.finish_ms == 14.0 and list(w.running) == ["r1"]
+
+
+def test_request_overhead_adds_to_first_token_and_finish_but_not_to_the_steps() -> None:
+    w = Worker(0, num_blocks=8, block_size=4, latency=dataclasses.replace(LAT, request_overhead_ms=5.0))
+    a, b = jobs((1, 2, 3), (1, 2, 4))
+    w.submit(a)
+    w.submit(b)
+    started = w.try_start(0.0)
+    assert started is not None and started.prefill_done_ms == 12.0  # the engine's time is unchanged
+    assert w.prefill_done(a, 12.0) == 14.0  # and so is the decode
+    assert a.first_token_ms == 17.0
+    second = w.try_start(12.0)  # the next prefill starts when the engine is free, not 5 ms later
+    assert second is not None and second.job is b
+    w.finish(a, 14.0)
+    assert a.finish_ms == 19.0
 
 
 def test_waits_for_blocks_then_evicts() -> None:

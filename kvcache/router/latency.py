@@ -11,6 +11,8 @@ decides between loading a block and recomputing it (``tiers.policy``).
       + compute_ms(new, cached)
     steps = ceil(new / max_batched_tokens)
     decode_step_ms(seqs) = decode_base_ms + decode_ms_per_token_per_seq x seqs
+    a served request's TTFT and end-to-end time also carry request_overhead_ms
+
 
 Each prefill chunk shares its step with the ``running`` decoding sequences (chunked prefill, as
 vLLM schedules it), which is how decode pressure slows a prefill down. ``max_num_seqs`` is the
@@ -30,6 +32,8 @@ from pathlib import Path
 
 from kvcache.errors import ConfigError
 
+_OPTIONAL = {"request_overhead_ms"}  # keys a file may omit (it then takes the default)
+
 
 @dataclass(frozen=True, slots=True)
 class LatencyModel:
@@ -44,6 +48,10 @@ class LatencyModel:
     - ``decode_ms_per_token_per_seq``: extra step time per sequence in the batch.
     - ``max_num_seqs``: sequences a worker runs at once (prefilling or decoding); more wait.
     - ``max_batched_tokens``: prompt tokens per forward step (the chunked-prefill budget).
+    - ``request_overhead_ms``: time a served request spends outside the engine before its first
+      token (HTTP hops, tokenizing, routing, streaming back); it never occupies a worker's steps.
+      0 describes the engine alone (what ``kvcache calibrate`` measures); ``benches/sim_vs_real.py``
+      measures it on an idle server. Optional in JSON (default 0).
     """
 
     prefill_base_ms: float = 5.0
@@ -53,6 +61,7 @@ class LatencyModel:
     decode_ms_per_token_per_seq: float = 0.15
     max_num_seqs: int = 128
     max_batched_tokens: int = 8192
+    request_overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -106,7 +115,7 @@ class LatencyModel:
             raise ConfigError(f"{path}: a latency model is a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - _OPTIONAL)
         if unknown or missing:
             raise ConfigError(
                 f"{path}: unknown keys {unknown}, missing keys {missing}; expected exactly {sorted(names)}"

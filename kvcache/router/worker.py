@@ -156,7 +156,7 @@ class Worker:
         """The job's first token is out; returns when its last token will be."""
         assert self.prefilling is job
         self.prefilling = None
-        job.first_token_ms = now_ms
+        job.first_token_ms = now_ms + self.latency.request_overhead_ms  # serving time outside the engine
         steps = job.request.output_tokens - 1
         return now_ms + steps * self.latency.decode_step_ms(len(self.running))
 
@@ -164,7 +164,7 @@ class Worker:
         """The job is done: its blocks are released (they stay cached until evicted)."""
         del self.running[job.request_id]
         self.manager.free(job.request_id)
-        job.finish_ms = now_ms
+        job.finish_ms = now_ms + self.latency.request_overhead_ms
         return self.manager.drain_events()
 
     def fail(self) -> list[Job]:
