@@ -121,8 +121,9 @@ def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], la
             overhead = None if probe is None else asyncio.run(
                 probe_overhead(url, probe, mean_tokens, args.vocab_size))  # fmt: skip
             requests = [bench.TraceRequest(list(r.tokens or ()), r.output_tokens) for r in trace]
-            load = bench.run_load(url, requests, rate=args.rate, duration_s=1e9, max_concurrency=len(requests),
-                                  keys={}, seed=args.seed, num_prompts=len(requests))  # fmt: skip
+            load = bench.run_load(url, requests, rate=args.rate, duration_s=1e9,
+                                  max_concurrency=len(requests), keys={}, seed=args.seed,
+                                  num_prompts=len(requests))  # fmt: skip
             results, wall_s = asyncio.run(load)
             return results, wall_s, overhead
         finally:
