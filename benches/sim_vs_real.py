@@ -1,6 +1,7 @@
 """Does the replay predict the real server? One trace, served for real and simulated, per policy.
 
     .venv/bin/python benches/sim_vs_real.py                       # tiny model, 2 workers, minutes
+    .venv/bin/python benches/sim_vs_real.py --runs 5              # medians of 5 runs
     .venv/bin/python benches/sim_vs_real.py --model smollm2-135m --requests 96 --load 0.5
 
 1. A multi-turn chat trace with one shared system prompt (``router.synth``, the generator behind
@@ -201,6 +202,23 @@ def ranking(rows: dict[str, dict[str, dict[str, Any]]], side: str) -> list[str]:
     return sorted(rows, key=lambda p: rows[p][side]["mean_ttft_ms"])
 
 
+def median_rows(runs: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per policy and side, the median of every figure over ``runs``; TTFT samples pooled."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for policy in runs[0]:
+        out[policy] = {}
+        for side in ("measured", "modelled"):
+            sides = [r[policy][side] for r in runs]
+            merged: dict[str, Any] = {}
+            for key, value in sides[0].items():
+                if isinstance(value, list):
+                    merged[key] = [x for s in sides for x in s[key]]
+                else:
+                    merged[key] = float(np.median([s[key] for s in sides]))
+            out[policy][side] = merged
+    return out
+
+
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One line per policy: measured, modelled and modelled/measured per metric."""
     keys = [("mean_ttft_ms", "mean TTFT ms"), ("p50_ttft_ms", "p50 TTFT ms"), ("p90_ttft_ms", "p90 TTFT ms"),
@@ -271,6 +289,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, help="requests per second (overrides --load)")
     parser.add_argument("--latency", help="latency JSON to use instead of running kvcache calibrate")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison; print medians")
     parser.add_argument("--overhead", type=float, default=None,
                         help="request_overhead_ms of the model (default: measured on the first server, idle)")
     parser.add_argument("--seed", type=int, default=0)
@@ -294,30 +313,44 @@ def main() -> int:
         args.rate = offered_rate(trace, latency, args.workers, args.load)
     print(f"{len(trace)} requests, mean prompt {np.mean([r.num_tokens for r in trace]):.0f} tokens, "
           f"{args.workers} workers, rate {args.rate:.2f} req/s; latency {latency}", flush=True)  # fmt: skip
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, policy in enumerate(args.policies.split(",")):
-        started = time.monotonic()
-        probe = latency if i == 0 and args.overhead is None else None
-        results, wall_s, overhead = measure(args, policy, trace, latency_path, log_dir, probe)
-        if i == 0:
-            args.overhead = overhead if overhead is not None else args.overhead
-            latency = dataclasses.replace(latency, request_overhead_ms=args.overhead)
-            print(f"serving overhead outside the engine: {args.overhead:.2f} ms per request "
-                  f"({'measured on the idle server' if overhead is not None else '--overhead'})", flush=True)
-        sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_running)
-        rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
-        failed = rows[policy]["measured"]["failed"]
-        took = time.monotonic() - started
-        print(f"{policy}: {took:.0f} s, {failed} failed, load {os.getloadavg()[0]:.2f}", flush=True)
+    runs: list[dict[str, dict[str, dict[str, Any]]]] = []
+    overheads: list[float] = []
+    base = latency
+    for run in range(args.runs):
+        rows: dict[str, dict[str, dict[str, Any]]] = {}
+        run_logs = log_dir / f"run{run + 1}"
+        run_logs.mkdir(exist_ok=True)
+        for i, policy in enumerate(args.policies.split(",")):
+            started = time.monotonic()
+            probe = base if i == 0 and args.overhead is None else None
+            results, wall_s, overhead = measure(args, policy, trace, latency_path, run_logs, probe)
+            if i == 0:  # each run measures the overhead anew on its first, idle server
+                overheads.append(overhead if overhead is not None else args.overhead)
+                latency = dataclasses.replace(base, request_overhead_ms=overheads[-1])
+                how = "measured on the idle server" if overhead is not None else "--overhead"
+                print(f"run {run + 1}: serving overhead outside the engine {overheads[-1]:.2f} ms per "
+                      f"request ({how})", flush=True)  # fmt: skip
+            sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_running)
+            rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
+            failed = rows[policy]["measured"]["failed"]
+            took = time.monotonic() - started
+            print(f"{policy}: {took:.0f} s, {failed} failed, load {os.getloadavg()[0]:.2f}", flush=True)
+        runs.append(rows)
+        if args.runs > 1:
+            print(table(rows))
+    rows = median_rows(runs)
+    if args.runs > 1:
+        print(f"medians of {args.runs} runs (CDFs: every run's requests pooled):")
     load_after = os.getloadavg()
     print(table(rows))
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; logs in {log_dir}")
     title = (f"{args.model}, {args.workers} workers, {len(trace)} chat requests at {args.rate:.1f} req/s; "
              f"measured (serve + bench-serve) vs modelled (replay, calibrated)")  # fmt: skip
     plot(rows, args.plot, title)
-    served = launch.worker_latency(latency, args.max_running)
-    report = {"args": vars(args), "latency": dataclasses.asdict(served),
-              "load_avg_before": load_before, "load_avg_after": load_after, "rows": rows}  # fmt: skip
+    served = launch.worker_latency(base, args.max_running)
+    report = {"args": vars(args), "latency": dataclasses.asdict(served), "overheads_ms": overheads,
+              "runs": runs, "load_avg_before": load_before, "load_avg_after": load_after,
+              "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out} and {args.plot}")
     return 0

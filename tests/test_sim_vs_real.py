@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -79,3 +80,14 @@ def test_table_ranking_and_figure(svr: ModuleType, tmp_path: Path) -> None:
     assert text.splitlines()[0].startswith("policy") and "ranking by mean TTFT, modelled:" in text
     svr.plot(rows, str(tmp_path / "cdf.png"), "test")
     assert (tmp_path / "cdf.png").stat().st_size > 0
+
+
+def test_medians_over_runs_pool_the_ttft_samples(svr: ModuleType) -> None:
+    def row(hit: float, p50: float, ttft: list[float]) -> dict[str, dict[str, Any]]:
+        side = {"token_hit_rate": hit, "p50_ttft_ms": p50, "ttft_ms": ttft}
+        return {"measured": side, "modelled": dict(side)}
+
+    runs = [{"affinity": row(0.8, 10.0, [1.0])}, {"affinity": row(0.9, 30.0, [2.0])},
+            {"affinity": row(0.7, 20.0, [3.0, 4.0])}]  # fmt: skip
+    got = svr.median_rows(runs)["affinity"]["measured"]
+    assert got == {"token_hit_rate": 0.8, "p50_ttft_ms": 20.0, "ttft_ms": [1.0, 2.0, 3.0, 4.0]}
