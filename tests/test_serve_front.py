@@ -333,3 +333,40 @@ def test_a_stop_string_cuts_the_text_and_ends_the_workers_stream() -> None:
         assert sampled["temperature"] == 0.5 and isinstance(sampled["seed"], int)  # the front picks a seed
 
     run_front(worker, scenario)
+
+
+def test_stopping_the_front_cancels_a_request_still_in_flight_after_the_grace() -> None:
+    """A request that never ends (its worker hangs) does not hold the server's shutdown for
+    aiohttp's 60 s default: after ``wire.SHUTDOWN_GRACE_S`` it is cancelled."""
+    from kvcache.serve import wire
+
+    stuck = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        stuck.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        worker = ScriptedWorker(hang)
+        async with TestServer(worker.app()) as wserver:
+            front = Front(config=ServeConfig(), router=Router("round_robin", block_size=16),
+                          tokenizer=ByteTokenizer(1024), model_name="tiny", redis_url=None,
+                          route_request=RouteRequest, keys=KEYS)  # fmt: skip
+            url = str(wserver.make_url("")).rstrip("/")
+            front.pool.add(registration("w0", url, "i0", model_id="tiny-llama"))
+            runner = front.runner()
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            port = runner.addresses[0][1]
+            client = asyncio.create_task(post(f"http://127.0.0.1:{port}/v1/completions",
+                                              {"prompt": "hi", "max_tokens": 2}))  # fmt: skip
+            await asyncio.wait_for(stuck.wait(), 30)
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(runner.cleanup(), 4 * wire.SHUTDOWN_GRACE_S)  # 60 s without the bound
+            assert asyncio.get_running_loop().time() - started < 4 * wire.SHUTDOWN_GRACE_S
+            client.cancel()
+            await asyncio.gather(client, return_exceptions=True)
+
+    asyncio.run(main())

@@ -50,7 +50,7 @@ from aiohttp import web
 
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
-from kvcache.serve import protocol
+from kvcache.serve import protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -441,8 +441,10 @@ class Front:
 
     def runner(self) -> web.AppRunner:
         """The app's runner. A client that disconnects cancels its handler (``handler_cancellation``),
-        which closes its generation, streamed or not."""
-        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        which closes its generation, streamed or not. On shutdown, requests in flight get
+        ``wire.SHUTDOWN_GRACE_S`` to finish, then are cancelled (aiohttp's default waits 60 s)."""
+        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+                             shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)

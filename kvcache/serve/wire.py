@@ -34,6 +34,7 @@ EVENTS_STREAM = "kvcache:events"
 EVENTS_MAXLEN = 200_000  # the stream is trimmed (approximately) past this many entries
 HEARTBEAT_S = 1.0
 ALIVE_TTL_S = 4
+SHUTDOWN_GRACE_S = 5.0  # on SIGTERM, what a request in flight gets to finish before it is cancelled
 
 
 REFUSED_TTL_S = 60

@@ -414,7 +414,8 @@ class Worker:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         # handler_cancellation: a dropped connection cancels its handler, which cancels the request.
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                               shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
