@@ -173,9 +173,10 @@ def test_a_full_waiting_queue_answers_503_with_retry_after_and_the_page_shows_th
 
     async def scenario(url: str) -> None:
         async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
-            first = asyncio.create_task(session.post(url + "/generate", json=body("a", 8, 300)))
-            while "a" not in engine.started:  # "a" runs for 300 steps
-                await asyncio.sleep(0.01)
+            # The response starts with a's first token, once a no longer counts as waiting; "a" then
+            # runs for 300 steps.
+            first = asyncio.ensure_future(session.post(url + "/generate", json=body("a", 8, 300)))
+            await asyncio.shield(first)
             second = asyncio.create_task(session.post(url + "/generate", json=body("b", 8, 2)))
             while list(engine.scheduler.waiting) != ["b"]:
                 await asyncio.sleep(0.01)
