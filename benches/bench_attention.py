@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from kvcache.kernels import paged_decode_attention
+
+from kvcache.kernels.attention import paged_decode_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16

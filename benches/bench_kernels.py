@@ -33,7 +33,15 @@ from typing import Any
 
 import pytest
 import torch
-from kvcache.kernels import copy_blocks, gather_kv, pack_blocks, scatter_kv, select_backend, unpack_blocks
+
+from kvcache.kernels.dispatch import (
+    copy_blocks,
+    gather_kv,
+    pack_blocks,
+    scatter_kv,
+    select_backend,
+    unpack_blocks,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvcache.kernels import pack_blocks
 
 from kvcache import models
 from kvcache.engine import Engine, EngineConfig, SamplingParams
+from kvcache.kernels.dispatch import pack_blocks
 from kvcache.redis_server import start_redis
 from kvcache.tiers import (
     DiskTier,

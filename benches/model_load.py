@@ -17,9 +17,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+
+from kvcache.child import python_argv
 
 _CHILD = """
 import json, sys, time
@@ -39,7 +40,7 @@ print(json.dumps({"imports_s": t1 - t0, "load_s": t2 - t1, "reload_s": t3 - t2})
 def run_once(name: str, env: dict[str, str]) -> dict[str, float]:
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, name], env=env, capture_output=True, text=True, check=True
+        [*python_argv(), "-c", _CHILD, name], env=env, capture_output=True, text=True, check=True
     )
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - start

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kvcache.child import python_argv
 from kvcache.serve import auth, bench
 
 CONFIGS = {"batched": 64, "serial": 1}
@@ -41,7 +42,7 @@ def _free_port() -> int:
 
 def _start(args: argparse.Namespace, name: str, max_running: int) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
+    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
            "--workers", str(args.workers), "--port", str(port), "--threads", str(args.threads),
            "--num-blocks", str(args.num_blocks),
            "--max-running", str(max_running), "--max-waiting", "256"]  # fmt: skip

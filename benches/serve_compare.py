@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kvcache.child import python_argv
 from kvcache.redis_server import start_redis
 from kvcache.serve import bench
 
@@ -107,7 +108,7 @@ def run_config(args: argparse.Namespace, policy: str, pod: bool, trace: list[ben
     redis = start_redis()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
+    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
            "--workers", str(args.workers), "--port", str(port), "--policy", policy,
            "--threads", str(args.threads),
            "--num-blocks", str(args.num_blocks), "--config", str(config_path)]  # fmt: skip

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from kvcache.child import python_argv
 from kvcache.router.latency import LatencyModel
 from kvcache.router.replay import ReplayConfig, ReplayResult, replay
 from kvcache.router.synth import SynthConfig, synthesize
@@ -75,7 +76,7 @@ def offered_rate(trace: list[TraceRequest], latency: LatencyModel, num_workers: 
 
 
 def calibrate(model: str, threads: int, out: Path, max_running: int) -> LatencyModel:
-    cmd = [sys.executable, "-m", "kvcache.cli", "calibrate", "--model", model, "--out", str(out),
+    cmd = [*python_argv(), "-m", "kvcache.cli", "calibrate", "--model", model, "--out", str(out),
            "--threads", str(threads), "--max-num-seqs", str(max_running)]  # fmt: skip
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -108,7 +109,7 @@ def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], la
     ``probe`` (the calibrated model), first measure the serving overhead (``probe_overhead``)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--model", args.model,
+    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
            "--workers", str(args.workers), "--port", str(port), "--policy", policy,
            "--latency", str(latency_path), "--no-pod-tier", "--threads", str(args.threads),
            "--num-blocks", str(args.num_blocks), "--block-size", str(BLOCK_SIZE),

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-from kvcache.kernels import checks
-from kvcache.kernels.dispatch import Backend, select_backend
 
 from kvcache.errors import KernelError
+from kvcache.kernels import checks
+from kvcache.kernels.dispatch import Backend, select_backend
 
 __all__ = ["check_decode_args", "paged_decode_attention", "paged_decode_attention_reference"]
 

@@ -1,6 +1,13 @@
 """The one place that picks an implementation of the block copies, per call, from the pool's device.
 
-Callers import from here (or from ``kvcache.kernels``), never from a backend module.
+The folder ``kernels/`` installs as ``kvcache.kernels``. It is a namespace package on purpose (no
+``__init__.py``): Hugging Face's ``kernels`` package, which transformers imports, is a regular package,
+and a regular package always wins over a namespace portion found earlier on ``sys.path``, so this folder
+can never shadow it, even when Python starts in the repository root with ``-m`` or ``-c``.
+
+Callers import the block copies (gather, scatter, pack, unpack, copy) from here and
+:func:`~kvcache.kernels.attention.paged_decode_attention` from :mod:`kvcache.kernels.attention`, never
+from a backend module.
 
 The rule, applied on every call (never at import time):
 
@@ -23,9 +30,9 @@ from types import ModuleType
 from typing import Literal
 
 import torch
-from kvcache.kernels import checks, reference
 
 from kvcache.errors import KernelError
+from kvcache.kernels import checks, reference
 
 __all__ = [
     "BACKEND_ENV",

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kvcache.kernels import checks
-from kvcache.kernels.dispatch import Backend, select_backend
 
 from kvcache.errors import KernelError
+from kvcache.kernels import checks
+from kvcache.kernels.dispatch import Backend, select_backend
 
 __all__ = ["PagedMetadata", "paged_attention", "paged_attention_reference", "write_kv"]
 

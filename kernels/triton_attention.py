@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvcache.kernels.attention import check_decode_args
 
 from kvcache.errors import KernelError
+from kvcache.kernels.attention import check_decode_args
 
 __all__ = ["interpreted", "paged_decode_attention"]
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvcache.kernels import checks
 
 from kvcache.errors import KernelError
+from kvcache.kernels import checks
 
 __all__ = ["copy_blocks", "gather_kv", "interpreted", "pack_blocks", "scatter_kv", "unpack_blocks"]
 

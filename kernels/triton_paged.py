@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvcache.kernels import triton_attention
-from kvcache.kernels.paged import PagedMetadata, paged_attention_reference
 
 from kvcache.errors import KernelError
+from kvcache.kernels import triton_attention
+from kvcache.kernels.paged import PagedMetadata, paged_attention_reference
 
 __all__ = ["interpreted", "paged_attention"]
 

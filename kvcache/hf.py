@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache
 from transformers.utils import logging as _transformers_logging
 
 from kvcache.errors import ConfigError, ModelError
-from kvcache.kernels import Backend
+from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import triton
-from kvcache.kernels import triton_attention, triton_kernels
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from kvcache.kernels import triton_attention, triton_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
 

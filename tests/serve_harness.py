@@ -19,7 +19,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from kvcache.child import python_argv
 from kvcache.redis_server import RedisServer, start_redis
 from kvcache.serve import auth
 
@@ -141,7 +141,7 @@ class Deployment:
 
     def start_worker(self, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id, "--model", "tiny",
+        cmd = [*python_argv(), "-m", "kvcache.cli", "worker", "--worker-id", worker_id, "--model", "tiny",
                "--num-blocks", "256", *args]  # fmt: skip
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
@@ -171,7 +171,7 @@ def deploy(
     """Redis, then ``kvcache serve --workers N`` on it; returns once every worker has joined."""
     redis = start_redis()
     port = free_port()
-    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--workers", str(workers),
+    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--workers", str(workers),
            "--port", str(port), "--model", "tiny", "--num-blocks", "256", *args]  # fmt: skip
     path = None
     if config is not None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
+
+from kvcache.child import python_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _collect(*paths: str) -> list[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *paths],
+        [*python_argv(), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *paths],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,19 +12,19 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvcache import __version__, argtypes, cli
+from kvcache.child import python_argv
 
 
 def kvcache(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # "no GPU" even on a GPU machine
     return subprocess.run(
-        [sys.executable, "-m", "kvcache.cli", *argv],
+        [*python_argv(), "-m", "kvcache.cli", *argv],
         capture_output=True,
         text=True,
         timeout=300,

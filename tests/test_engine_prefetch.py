@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvcache.kernels import pack_blocks
 
 from kvcache import ConfigError, hf
 from kvcache.engine import Engine, EngineConfig, RequestOutput, SamplingParams
+from kvcache.kernels.dispatch import pack_blocks
 from kvcache.tiers import (
     BackendUnavailable,
     DiskTier,

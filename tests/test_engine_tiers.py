@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvcache.kernels import pack_blocks
 
 from kvcache import BlockStored, Scope, TierError, hf
 from kvcache.engine import Engine, EngineConfig
+from kvcache.kernels.dispatch import pack_blocks
 from kvcache.tiers import DiskTier, Hierarchy, HostTier, LayoutFingerprint
 
 BS = 16

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ctypes.util
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import xxhash
 
 from kvcache import Hasher, InvalidTokensError
+from kvcache.child import python_argv
 from kvcache.hashing import (
     HAS_NATIVE_CHAIN,
     chain,
@@ -92,7 +92,7 @@ def test_keys_identical_in_a_fresh_process() -> None:
         "h = Hasher(block_size=16, model_id='m', adapter_id='a', deployment_key=b'k');"
         f"print(','.join(k.hex() for k in h.token_keys({TOKENS!r}, 'tenant:x')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([*python_argv(), "-c", code], capture_output=True, text=True, check=True)
     here = Hasher(block_size=16, model_id="m", adapter_id="a", deployment_key=b"k")
     assert out.stdout.strip() == ",".join(k.hex() for k in here.token_keys(TOKENS, "tenant:x"))
 

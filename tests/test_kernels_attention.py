@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernels_support import DEVICE, make_pool, triton_module
-from kvcache.kernels import paged_decode_attention
 
 from kvcache.errors import KernelError
+from kvcache.kernels.attention import paged_decode_attention
 
 # (num_layers, num_blocks, block_size, kv_heads, head_dim, num_heads): plain MHA, GQA of 4, a group
 # of 7 with odd block size and head_dim (every tile masked).

@@ -8,9 +8,16 @@ from typing import Any
 import pytest
 import torch
 from kernels_support import DEVICE, ids_tensor, make_pool, triton_module
-from kvcache.kernels import copy_blocks, gather_kv, pack_blocks, scatter_kv, select_backend, unpack_blocks
 
 from kvcache.errors import KernelError, KVCacheError
+from kvcache.kernels.dispatch import (
+    copy_blocks,
+    gather_kv,
+    pack_blocks,
+    scatter_kv,
+    select_backend,
+    unpack_blocks,
+)
 
 SHAPE = (2, 5, 4, 3, 8)  # num_layers, num_blocks, block_size, kv_heads, head_dim
 META = torch.device("meta")  # a device that is neither the CPU nor the pool's

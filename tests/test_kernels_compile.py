@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from kvcache.child import python_argv
 
 
 def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
@@ -22,7 +23,7 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = Path(__file__).with_name("kernels_compile_check.py")
     result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+        [*python_argv(), str(script)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
     kernels = [line.split()[0] for line in result.stdout.splitlines()]

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernels_support import DEVICE, triton_module
-from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
 
 from kvcache.errors import KernelError
+from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
 
 # (block_size, kv_heads, num_heads, head_dim)
 SHAPES = ((4, 2, 4, 16), (16, 1, 3, 8), (3, 2, 2, 12))

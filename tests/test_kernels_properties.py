@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernels_support import DEVICE, DTYPES, make_pool, naive_gather, naive_pack, triton_module
-from kvcache.kernels import gather_kv, pack_blocks, scatter_kv, unpack_blocks
+
+from kvcache.kernels.dispatch import gather_kv, pack_blocks, scatter_kv, unpack_blocks
 
 
 @st.composite

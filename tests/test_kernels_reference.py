@@ -16,7 +16,15 @@ from kernels_support import (
     naive_scatter,
     naive_unpack,
 )
-from kvcache.kernels import copy_blocks, gather_kv, pack_blocks, scatter_kv, select_backend, unpack_blocks
+
+from kvcache.kernels.dispatch import (
+    copy_blocks,
+    gather_kv,
+    pack_blocks,
+    scatter_kv,
+    select_backend,
+    unpack_blocks,
+)
 
 BACKEND = "reference"
 

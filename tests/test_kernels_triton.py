@@ -12,7 +12,9 @@ from types import ModuleType
 import pytest
 import torch
 from kernels_support import DEVICE, DTYPES, ids_tensor, make_pool, triton_module
-from kvcache.kernels import reference, select_backend
+
+from kvcache.kernels import reference
+from kvcache.kernels.dispatch import select_backend
 
 pytest.importorskip("triton")
 

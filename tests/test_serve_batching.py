@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 from serve_harness import Deployment, deploy, ids
 
+from kvcache.child import python_argv
 from kvcache.serve import auth
 
 KEY = "sk-acme"
@@ -157,8 +158,7 @@ def test_sampling_fields_stop_strings_and_finish_reasons(server: Deployment) -> 
 
 def test_the_worker_flags_are_checked(tmp_path: Path) -> None:
     import subprocess
-    import sys
 
-    out = subprocess.run([sys.executable, "-m", "kvcache.cli", "worker", "--max-running", "0"],
+    out = subprocess.run([*python_argv(), "-m", "kvcache.cli", "worker", "--max-running", "0"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode != 0 and "--max-running" in out.stderr

@@ -6,13 +6,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from kvcache.child import python_argv
 from kvcache.cli import main
 from kvcache.errors import ModelError
 from kvcache.redis_server import _ping, start_redis
@@ -35,7 +35,7 @@ def serve(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
     with start_redis() as redis:
-        cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", str(free_port()),
+        cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--port", str(free_port()),
                "--device", "nosuchdevice", "--workers", "1", "--model", "tiny"]  # fmt: skip
         env = {**os.environ, auth.REDIS_URL_ENV: redis.url}
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # start: seconds

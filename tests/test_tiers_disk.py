@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiers_helpers import LAYOUT, LAYOUT_F32, block, key, same_bits
 
+from kvcache.child import python_argv
 from kvcache.redis_server import start_redis
 from kvcache.tiers import DiskTier, IcmsTier, LayoutFingerprint, RedisBackend, TierKey, codec
 
@@ -67,7 +67,7 @@ def test_a_new_process_finds_what_another_stored(tmp_path: Path) -> None:
     reader = DiskTier(root, 16)  # running before the writer: learns of its files on lookup
     with start_redis() as server:
         code = WRITER.format(tests=str(Path(__file__).parent), root=str(root), url=server.url)
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        subprocess.run([*python_argv(), "-c", code], check=True, timeout=120)
         pod = IcmsTier(RedisBackend(server.url, 100), worker_id=0)
         got = pod.load_many([key(10), key(11), key(12)])
         assert all(same_bits(b, block(10 + i)) for i, b in enumerate(got) if b is not None)

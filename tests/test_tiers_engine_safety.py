@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from kvcache import hf
+from kvcache.child import python_argv
 from kvcache.engine import Engine, EngineConfig
 from kvcache.tiers import DiskTier, Hierarchy, IcmsTier, InProcessBackend, LayoutFingerprint, TierKey, codec
 
@@ -67,7 +67,7 @@ print(json.dumps({"same": got.output_tokens == want, "cached": got.cached_tokens
 def test_disk_full_during_generate_is_a_counted_drop(tmp_path: Path) -> None:
     """Under RLIMIT_FSIZE (EFBIG on every G3 write), in a subprocess so the limit binds nothing else."""
     run = subprocess.run(
-        [sys.executable, "-c", DISK_FULL, str(tmp_path / "g3")],
+        [*python_argv(), "-c", DISK_FULL, str(tmp_path / "g3")],
         capture_output=True,
         text=True,
         timeout=300,

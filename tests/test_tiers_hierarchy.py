@@ -10,11 +10,11 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from kvcache.kernels import pack_blocks, unpack_blocks
 from tiers_helpers import LAYOUT, block, key, same_bits
 
 from kvcache import BlockManager, CacheConfig, CapacityError
 from kvcache.errors import TierError
+from kvcache.kernels.dispatch import pack_blocks, unpack_blocks
 from kvcache.router.latency import LatencyModel
 from kvcache.tiers import (
     DiskTier,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvcache.kernels import pack_blocks
 from tiers_helpers import LAYOUT, LAYOUT_F32, block, key, same_bits
 
 from kvcache.errors import TierError
+from kvcache.kernels.dispatch import pack_blocks
 from kvcache.tiers import DeviceTier, HostTier, Tier, TierKey
 
 TIERS = [lambda n: HostTier(LAYOUT, n), lambda n: DeviceTier(LAYOUT, n, device="cpu")]

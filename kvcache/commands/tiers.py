@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         workers.append((manager, pool, hierarchy))
 
     def serve(w: int, tokens: list[int], rid: str) -> tuple[int, int, float]:
-        from kvcache.kernels import unpack_blocks
+        from kvcache.kernels.dispatch import unpack_blocks
 
         manager, pool, hierarchy = workers[w]
         alloc = manager.allocate(rid, tokens)

@@ -45,7 +45,7 @@ from kvcache.engine.scheduler import Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence as Seq
 from kvcache.errors import ConfigError, InvalidTokensError, ModelError, RequestError, TierError
 from kvcache.events import CacheEvent
-from kvcache.kernels import Backend, unpack_blocks
+from kvcache.kernels.dispatch import Backend, unpack_blocks
 from kvcache.manager import Allocation, BlockManager, Prompt
 from kvcache.tenancy import Scope, as_scope
 from kvcache.tiers import Hierarchy, HostTier, LayoutFingerprint

@@ -17,7 +17,7 @@ import torch
 
 from kvcache import hf
 from kvcache.engine.scheduler import Scheduled
-from kvcache.kernels import Backend
+from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata
 
 

@@ -152,7 +152,7 @@ async def wait_ready(session: Any, url: str, timeout_s: float = 120.0) -> None:
                 if resp.status == 200:
                     return
                 last = f"HTTP {resp.status}"
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if time.monotonic() > deadline:
             raise ConfigError(f"{url}/health did not answer 200 within {timeout_s:g} s ({last}); is the "

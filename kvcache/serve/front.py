@@ -232,7 +232,7 @@ class Front:
             except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
-            except asyncio.TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
+            except TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
                 raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
                                   "retry later", "timeout") from exc  # fmt: skip
             except _RETRYABLE as exc:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kvcache.child import python_argv
 from kvcache.errors import ConfigError
 from kvcache.router.latency import LatencyModel
 from kvcache.serve import auth
@@ -51,7 +52,7 @@ class WorkerArgs:
     max_running: int = 64
 
     def argv(self, worker_id: str) -> list[str]:
-        argv = [sys.executable, "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
+        argv = [*python_argv(), "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
                 "--model", self.model, "--num-blocks", str(self.num_blocks),
                 "--block-size", str(self.block_size), "--threads", str(self.threads),
                 "--max-waiting", str(self.max_waiting), "--max-running", str(self.max_running)]  # fmt: skip

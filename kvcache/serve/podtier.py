@@ -25,7 +25,7 @@ import torch
 
 from kvcache.engine import Engine
 from kvcache.engine.sequence import Sequence
-from kvcache.kernels import pack_blocks
+from kvcache.kernels.dispatch import pack_blocks
 from kvcache.manager import Allocation
 from kvcache.tiers import Hierarchy, IcmsTier, LayoutFingerprint, RedisBackend, Seal
 

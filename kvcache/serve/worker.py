@@ -356,7 +356,7 @@ class Worker:
                     next_beat = time.monotonic() + wire.HEARTBEAT_S
                 try:
                     batch, load = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 while not self.events.empty():  # a backlog goes out as one batch with the newest load
                     more, load = self.events.get_nowait()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from kvcache.errors import TierError
-from kvcache.kernels import pack_blocks, unpack_blocks
+from kvcache.kernels.dispatch import pack_blocks, unpack_blocks
 from kvcache.tiers.base import LayoutFingerprint, TierKey
 from kvcache.tiers.slots import SlabTier
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.errors import TierError
-from kvcache.kernels import unpack_blocks
+from kvcache.kernels.dispatch import unpack_blocks
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey, TierStats, TransferModel
 from kvcache.tiers.icms import IcmsTier
 from kvcache.tiers.policy import TierPolicy, best_load_prefix
