@@ -43,11 +43,12 @@ class Scope:
             raise ScopeError(f"tenant={self.tenant!r} must be a non-empty string")
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ScopeError(f"group={self.group!r} must be None or a non-empty string")
-        if self.salt is not None and (not isinstance(self.salt, str) or not 0 < len(self.salt) <= MAX_SALT_CHARS):
-            raise ScopeError(f"salt={self.salt!r:.80} must be None or a string of 1..{MAX_SALT_CHARS} characters")
+        salt = self.salt
+        if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS):
+            raise ScopeError(f"salt={salt!r:.80} must be None or a string of 1..{MAX_SALT_CHARS} characters")
         chain = f"group:{self.group}" if self.group is not None else f"tenant:{self.tenant}"
-        if self.salt is not None:
-            chain = f"salted:{len(chain)}:{chain}:{self.salt}"
+        if salt is not None:
+            chain = f"salted:{len(chain)}:{chain}:{salt}"
         object.__setattr__(self, "chain_scope", chain)
 
     @property
