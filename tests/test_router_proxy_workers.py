@@ -71,7 +71,7 @@ async def proxied(configs: list[ServeConfig | None], step_s: float = 0.0) -> Asy
             engine_spec = Engine(worker.url, f"tcp://127.0.0.1:{free_port()}")  # nobody publishes there
             proxy = RouteProxy([engine_spec], keyer, capacity_blocks=256, api="kvcache",
                                upstream_headers=KEYS.auth_header(), config=config)  # fmt: skip
-            runner = aiohttp.web.AppRunner(proxy.app())
+            runner = proxy.runner()
             await runner.setup()
             runners.append(runner)
             await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -133,5 +133,25 @@ def test_callers_authenticate_and_a_cache_salt_never_reaches_another_tenant(
             status, data = await ask(session, keyed, "sk-acme", cache_salt=7)
             assert status == 400 and data["error"]["param"] == "cache_salt"
             assert "'cache_salt'=7 must be a string" in data["error"]["message"]
+
+    run(scenario)
+
+
+def test_a_client_that_goes_away_stops_the_generation_on_the_worker(torch_one_thread: None) -> None:
+    async def scenario() -> None:
+        async with proxied([None], step_s=0.01) as setup, aiohttp.ClientSession() as session:
+            engine = setup.worker.engine
+            # 4000 tokens at 10 ms or more a step: the worker would decode for at least 40 s.
+            long = asyncio.create_task(ask(session, setup.proxies[0], None, max_tokens=4000))
+            deadline = time.monotonic() + 30
+            while setup.worker.load().num_running == 0:
+                assert time.monotonic() < deadline and not long.done()
+                await asyncio.sleep(0.01)
+            long.cancel()  # the client goes away: its connection to the proxy closes
+            await asyncio.gather(long, return_exceptions=True)
+            deadline = time.monotonic() + 10  # a hang guard, far below the 40 s left to decode
+            while setup.worker.load().num_running or engine.has_unfinished():
+                assert time.monotonic() < deadline, "the worker is still decoding for a client that left"
+                await asyncio.sleep(0.02)
 
     run(scenario)

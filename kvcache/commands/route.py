@@ -5,6 +5,8 @@ format ``kvcache serve`` reads)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+from typing import Any
 
 from kvcache import argtypes
 
@@ -39,8 +41,6 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from kvcache.router.proxy import Engine, RouteProxy
     from kvcache.router.vllm_keys import VllmKeyer
     from kvcache.serve.config import ServeConfig
@@ -65,5 +65,24 @@ def run(args: argparse.Namespace) -> int:
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
     proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
                        args.engine_api, headers, config)  # fmt: skip
-    web.run_app(proxy.app(), host=host, port=args.port)
+    asyncio.run(_serve(proxy.runner(), host, args.port))
     return 0
+
+
+async def _serve(runner: Any, host: str, port: int) -> None:
+    """Serve ``runner`` (an aiohttp ``AppRunner``) on ``host:port`` until SIGINT or SIGTERM."""
+    import signal
+
+    from aiohttp import web
+
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"kvcache route on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

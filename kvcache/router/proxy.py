@@ -21,6 +21,9 @@ salt. vLLM engines cannot enforce a share group's k-anonymity, so with ``k_anony
 they get each tenant's private scope. The engines' own credential (a kvcache worker's bearer
 token) is added here and never comes from or goes to a caller.
 
+A client that goes away cancels its handler (``runner``), which drops the engine's stream: a
+kvcache worker aborts the request within a step, as it does for ``kvcache serve``'s front.
+
 With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
 completion with token ids becomes their ``POST /generate`` and the answer an OpenAI
 ``text_completion`` carrying token ids. Not here: tokenizing, retries on another engine
@@ -46,6 +49,7 @@ from kvcache.events import BlockStored as KVStored
 from kvcache.router.router import Router, RouteRequest
 from kvcache.router.vllm_events import EngineIndex, EventSubscriber
 from kvcache.router.vllm_keys import VllmKeyer, scope_salt
+from kvcache.serve import wire
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.protocol import error_body
 from kvcache.tenancy import MAX_SALT_CHARS, Scope
@@ -266,3 +270,10 @@ class RouteProxy:
         app.router.add_post("/v1/chat/completions", self.forward)
         app.cleanup_ctx.append(self._background)
         return app
+
+    def runner(self) -> web.AppRunner:
+        """The app's runner, set as ``serve.front.Front.runner``'s: a client that disconnects cancels
+        its handler (``handler_cancellation``), which drops the engine's stream and so stops the
+        generation there; on shutdown, requests in flight get ``wire.SHUTDOWN_GRACE_S``."""
+        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+                             shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
