@@ -155,3 +155,25 @@ def test_a_client_that_goes_away_stops_the_generation_on_the_worker(torch_one_th
                 await asyncio.sleep(0.02)
 
     run(scenario)
+
+
+def test_two_proxies_on_one_worker_never_send_the_same_request_id(torch_one_thread: None) -> None:
+    async def scenario() -> None:
+        async with proxied([None, None], step_s=0.01) as setup, aiohttp.ClientSession() as session:
+            first, second = setup.proxies
+            # The first proxy's first request decodes for a while ...
+            long = asyncio.create_task(ask(session, first, None, max_tokens=1000))
+            deadline = time.monotonic() + 30
+            while setup.worker.load().num_running == 0:
+                assert time.monotonic() < deadline and not long.done()
+                await asyncio.sleep(0.01)
+            # ... while the second proxy's first request reaches the same worker.
+            status, data = await ask(session, second, None, max_tokens=2)
+            assert status == 200, data
+            assert not long.done()  # both were on the worker at once
+            status, data = await long
+            assert status == 200 and len(data["choices"][0]["token_ids"]) == 1000
+            again = (await ask(session, first, None))[1]
+            assert data["id"] != again["id"] and {data["id"][:6], again["id"][:6]} == {"route-"}
+
+    run(scenario)

@@ -23,6 +23,7 @@ token) is added here and never comes from or goes to a caller.
 
 A client that goes away cancels its handler (``runner``), which drops the engine's stream: a
 kvcache worker aborts the request within a step, as it does for ``kvcache serve``'s front.
+Request ids are random (``route-`` and 96 bits), so proxies sharing an engine never collide.
 
 With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
 completion with token ids becomes their ``POST /generate`` and the answer an OpenAI
@@ -34,8 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +120,6 @@ class RouteProxy:
             self.subscribers.append(
                 EventSubscriber(str(w), self.index, engine.events, engine.replay, on_change=self._mirror)
             )
-        self.ids = itertools.count()
         self.session: aiohttp.ClientSession | None = None
 
     def _mirror(self, engine: str, stored: list[int], removed: list[int]) -> None:
@@ -147,7 +147,7 @@ class RouteProxy:
 
     def place(self, body: dict[str, Any], scope: Scope) -> tuple[str, int]:
         """The request id and engine for one OpenAI request body in ``scope``."""
-        request_id = f"route-{next(self.ids)}"
+        request_id = f"route-{uuid.uuid4().hex[:24]}"
         prompt = body.get("prompt")
         keys: list[bytes] = []
         num_tokens = 1
