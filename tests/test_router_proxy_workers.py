@@ -177,3 +177,50 @@ def test_two_proxies_on_one_worker_never_send_the_same_request_id(torch_one_thre
             assert data["id"] != again["id"] and {data["id"][:6], again["id"][:6]} == {"route-"}
 
     run(scenario)
+
+
+def test_the_route_command_reads_serves_config_and_refuses_callers_without_a_key(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from kvcache.child import python_argv
+
+    path = tmp_path / "serve.toml"
+    path.write_text(CONFIG)
+    port = free_port()
+    engine = f"http://127.0.0.1:{free_port()},tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    cmd = [*python_argv(), "-m", "kvcache.cli", "route", "--engine", engine, "--capacity-blocks", "64",
+           "--config", str(path), "--port", str(port)]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def post(key: str | None) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps({"prompt": [1, 2, 3], "cache_salt": "acme"}).encode(),
+        )
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, data = post(None)
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read() if process.stdout else ""
+                assert time.monotonic() < deadline, "kvcache route did not start"
+                time.sleep(0.1)
+        assert status == 401 and data["error"]["type"] == "authentication_error"
+        status, data = post("sk-acme")  # authenticated: on to the engine, which is not there
+        assert status == 502 and data["error"]["type"] == "server_error"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
