@@ -133,6 +133,12 @@ def test_callers_authenticate_and_a_cache_salt_never_reaches_another_tenant(
             status, data = await ask(session, keyed, "sk-acme", cache_salt=7)
             assert status == 400 and data["error"]["param"] == "cache_salt"
             assert "'cache_salt'=7 must be a string" in data["error"]["message"]
+            # The worker checks the scope it is sent as it checks every field: 400, never 500.
+            for bad in ({"salt": 7}, {"salt": ""}, {"group": ""}):
+                body = {"request_id": "bad", "token_ids": PROMPT, "tenant": "acme", "max_tokens": 1, **bad}
+                url = setup.worker.url + "/generate"
+                async with session.post(url, json=body, headers=KEYS.auth_header()) as resp:
+                    assert resp.status == 400, bad
 
     run(scenario)
 
