@@ -262,11 +262,16 @@ def switch(private_root: bytes, public_key: bytes) -> bytes:
     return _xxh3_128(private_root + public_key, seed=1)
 
 
+MAX_CACHED_ROOTS = 4096
+
+
 @dataclass(slots=True)
 class Hasher:
     """Computes and memoizes chain roots for one model/adapter/deployment.
 
-    Roots are cached per (scope, kind); there are few scopes, and a root costs a BLAKE2b call.
+    Roots are cached per (scope, kind), up to ``MAX_CACHED_ROOTS``: tenants and groups are few,
+    but salted scopes (``tenancy.Scope``) are chosen by callers, so past the bound a root is
+    computed again each time (one BLAKE2b call) rather than kept.
     """
 
     block_size: int
@@ -287,7 +292,8 @@ class Hasher:
             scope=scope,
         )
         root = hashlib.blake2b(msg, key=self.deployment_key or b"", digest_size=KEY_BYTES).digest()
-        self._roots[(scope, kind)] = root
+        if len(self._roots) < MAX_CACHED_ROOTS:
+            self._roots[(scope, kind)] = root
         return root
 
     def token_keys(self, tokens: Sequence[int], scope: str) -> list[bytes]:

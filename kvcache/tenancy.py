@@ -8,6 +8,11 @@ other's blocks: there is no check to forget at lookup time.
 - private (default): ``Scope("acme")`` -> chain scope ``"tenant:acme"``;
 - share group: ``Scope("acme", group="partners")`` -> ``"group:partners"``, shared by every
   tenant of that group, subject to k-anonymity (``CacheConfig.k_anonymity``);
+- salted: ``Scope("acme", salt="s")`` narrows the scope it would have without the salt (here
+  ``"tenant:acme"``) to a sub-scope of it: ``"salted:11:tenant:acme:s"`` (the length fixes where
+  the parent ends). A salt is what a caller may choose (vLLM's ``cache_salt``); it can only
+  split its own scope further, never name another, and a salted chain shares nothing with the
+  unsalted one. Quotas and statistics still count the tenant;
 - public: prefixes an operator published with ``BlockManager.publish``; every scope's chain
   runs through them first and continues in its own scope after them;
 - unscoped: a call without a scope gets ``UNSCOPED`` (tenant ``""``, chain scope ``"unscoped"``),
@@ -22,12 +27,14 @@ from dataclasses import dataclass, field
 from kvcache.errors import ScopeError
 
 PUBLIC_SCOPE = "public"
+MAX_SALT_CHARS = 256  # a salt is stored with every block its requests cache
 
 
 @dataclass(frozen=True, slots=True)
 class Scope:
     tenant: str
     group: str | None = None
+    salt: str | None = None
     # What enters the chain root; computed once, since every hashed prompt reads it.
     chain_scope: str = field(init=False, repr=False, compare=False)
 
@@ -36,7 +43,12 @@ class Scope:
             raise ScopeError(f"tenant={self.tenant!r} must be a non-empty string")
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ScopeError(f"group={self.group!r} must be None or a non-empty string")
+        salt = self.salt
+        if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS):
+            raise ScopeError(f"salt={salt!r:.80} must be None or a string of 1..{MAX_SALT_CHARS} characters")
         chain = f"group:{self.group}" if self.group is not None else f"tenant:{self.tenant}"
+        if salt is not None:
+            chain = f"salted:{len(chain)}:{chain}:{salt}"
         object.__setattr__(self, "chain_scope", chain)
 
     @property
@@ -48,6 +60,7 @@ def _unscoped() -> Scope:
     scope = object.__new__(Scope)  # bypasses validation: "" is no tenant a caller can name
     object.__setattr__(scope, "tenant", "")
     object.__setattr__(scope, "group", None)
+    object.__setattr__(scope, "salt", None)
     object.__setattr__(scope, "chain_scope", "unscoped")
     return scope
 

@@ -116,3 +116,14 @@ def test_bad_tokens_are_named(tokens: list[object], message: str) -> None:
 def test_numpy_integers_are_accepted() -> None:
     assert tokens_to_bytes(np.arange(5, dtype=np.int64).tolist()) == tokens_to_bytes(list(range(5)))
     assert tokens_to_bytes([np.int32(3)]) == tokens_to_bytes([3])  # type: ignore[list-item]
+
+
+def test_the_root_memo_is_bounded_and_roots_stay_exact_past_it() -> None:
+    from kvcache.hashing import MAX_CACHED_ROOTS
+
+    h = Hasher(block_size=4)
+    first = [h.root(f"salted:8:tenant:a:{i}") for i in range(MAX_CACHED_ROOTS + 10)]
+    assert len(h._roots) == MAX_CACHED_ROOTS  # callers choose salts: the memo must not grow with them
+    fresh = Hasher(block_size=4)
+    assert h.root(f"salted:8:tenant:a:{MAX_CACHED_ROOTS + 5}") == first[-5]
+    assert fresh.root(f"salted:8:tenant:a:{MAX_CACHED_ROOTS + 5}") == first[-5]

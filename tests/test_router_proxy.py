@@ -17,6 +17,7 @@ from kvcache import ConfigError
 from kvcache.router.proxy import Engine, RouteProxy
 from kvcache.router.vllm_events import BlockStored, EventPublisher
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.serve.config import ServeConfig
 
 BLOCK = 16
 
@@ -35,10 +36,12 @@ class StubEngine:
         self.events, self.replay = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
         self.publisher = EventPublisher(self.events, self.replay)
         self.served: list[list[int]] = []
+        self.salts: list[str | None] = []  # each request's cache_salt as the engine got it
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await request.json()
         prompt = body["prompt"]
+        self.salts.append(body.get("cache_salt"))
         if isinstance(prompt, list):
             self.served.append(prompt)
             keys = self.keyer.keys(prompt, cache_salt=body.get("cache_salt"))
@@ -134,6 +137,46 @@ def test_engine_spec() -> None:
     assert Engine.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
     with pytest.raises(ConfigError, match="URL,EVENTS"):
         Engine.parse("h:8000")
+
+
+async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | None]]:
+    """Each caller's status, and the cache_salt the engine got for each request it was sent."""
+    keyer = VllmKeyer(BLOCK, "sha256_cbor", "0")
+    stub = StubEngine("a", keyer)
+    server = TestServer(stub.app())
+    await server.start_server()
+    engine = Engine(str(server.make_url("")).rstrip("/"), stub.events)
+    proxy = RouteProxy([engine], keyer, capacity_blocks=1000, config=config)
+    client = TestClient(TestServer(proxy.app()))
+    await client.start_server()
+    statuses = []
+    try:
+        for key, salt in ((None, "acme"), ("sk-globex", "acme"), ("sk-acme", None), ("sk-acme", "s"),
+                          ("sk-initech", None), ("sk-initech", "x")):  # fmt: skip
+            body: dict[str, Any] = {"model": "m", "prompt": list(range(40)), "max_tokens": 1}
+            if salt is not None:
+                body["cache_salt"] = salt
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            resp = await client.post("/v1/completions", json=body, headers=headers)
+            statuses.append(resp.status)
+    finally:
+        await client.close()
+        await server.close()
+        stub.publisher.close()
+    return statuses, stub.salts
+
+
+@pytest.mark.parametrize("k_anonymity", [1, 2])
+def test_a_vllm_engine_gets_the_callers_scope_as_cache_salt(k_anonymity: int) -> None:
+    config = ServeConfig.from_dict({"k_anonymity": k_anonymity, "tenants": {
+        "acme": {"keys": ["sk-acme"]}, "globex": {"keys": ["sk-globex"]},
+        "initech": {"keys": ["sk-initech"], "group": "partners"}}})  # fmt: skip
+    statuses, salts = asyncio.run(_salts_scenario(config))
+    assert statuses == [401, 200, 200, 200, 200, 200]  # the caller without a key reaches no engine
+    # vLLM cannot gate a share group by k-anonymity: with k > 1 the group member is kept private
+    group = "group:partners" if k_anonymity == 1 else "tenant:initech"
+    assert salts == ["salted:13:tenant:globex:acme", "tenant:acme", "salted:11:tenant:acme:s", group,
+                     f"salted:{len(group)}:{group}:x"]  # fmt: skip
 
 
 async def _workers_scenario() -> dict[str, Any]:

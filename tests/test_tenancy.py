@@ -139,3 +139,35 @@ def test_scope_validation() -> None:
         Scope("a", group="")
     assert Scope("a").chain_scope == "tenant:a"
     assert Scope("a", group="g").chain_scope == "group:g"
+
+
+def test_a_salt_narrows_its_own_scope_and_never_names_another(make_manager: MakeManager) -> None:
+    m = make_manager(num_blocks=16)
+    m.allocate("a", toks(0, 9), "alice")
+    m.allocate("s", toks(0, 9), Scope("alice", salt="s"))
+    assert m.lookup(toks(0, 9), Scope("alice", salt="s")) == 8  # positive control: its own sub-scope
+    assert m.lookup(toks(0, 9), "alice") == 8
+    # a salt spelling another tenant's name (or a chain scope) is still the caller's sub-scope
+    assert m.lookup(toks(0, 9), Scope("mallory", salt="alice")) == 0
+    assert m.lookup(toks(0, 9), Scope("mallory", salt="tenant:alice")) == 0
+    assert m.lookup(toks(0, 9), Scope("alice", salt="t")) == 0
+    m.check_invariants()
+
+
+def test_a_salted_sub_scope_counts_against_its_tenants_quota(make_manager: MakeManager) -> None:
+    m = make_manager(num_blocks=16, quotas={"alice": TenantQuota(cap_blocks=4)})
+    m.allocate("a", toks(0, 9), "alice")  # 3 blocks, held
+    with pytest.raises(QuotaError, match="cap_blocks=4"):
+        m.allocate("s", toks(0, 9), Scope("alice", salt="s"))
+    m.check_invariants()
+
+
+def test_salted_chain_scopes_are_distinct_from_every_other_scope() -> None:
+    assert Scope("a", salt="s").chain_scope == "salted:8:tenant:a:s"
+    assert Scope("a", group="g", salt="s").chain_scope == "salted:7:group:g:s"  # the group's sub-scope
+    # the length prefix fixes where the tenant ends, so no tenant/salt pair spells another's
+    assert Scope("a:b", salt="c").chain_scope != Scope("a", salt="b:c").chain_scope
+    assert Scope("salted:8:tenant:a:s").chain_scope != Scope("a", salt="s").chain_scope
+    for bad in ("", "x" * 257, 7):
+        with pytest.raises(ScopeError, match="salt="):
+            Scope("a", salt=bad)  # type: ignore[arg-type]

@@ -1,9 +1,14 @@
 """``kvcache route``: an OpenAI-compatible proxy in front of vLLM engines, placing requests by
-the engines' KV event streams."""
+the engines' KV event streams. Callers authenticate with the API keys of ``--config`` (the
+format ``kvcache serve`` reads)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+from typing import Any
+
+from kvcache import argtypes
 
 HELP = "proxy OpenAI requests to vLLM engines, routed by what their KV event streams say they cache"
 
@@ -16,8 +21,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         metavar="URL,EVENTS[,REPLAY]",
         help="an engine's base URL, its KV event endpoint and optional replay endpoint (repeatable)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--config", help="tenants and API keys (.toml or .json, as for `kvcache serve`); "
+                        "none = keyless: every caller is the tenant 'default'")  # fmt: skip
+    parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
+    parser.add_argument("--port", type=argtypes.port, default=8080)
     parser.add_argument("--block-size", type=int, default=16, help="the engines' --block-size")
     parser.add_argument("--hash", choices=("sha256_cbor", "xxhash_cbor"), default="sha256_cbor",
                         help="the engines' --prefix-caching-hash-algo")  # fmt: skip
@@ -34,10 +41,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from kvcache.router.proxy import Engine, RouteProxy
     from kvcache.router.vllm_keys import VllmKeyer
+    from kvcache.serve.config import ServeConfig
+
+    config = ServeConfig.load(args.config)
+    host = args.host or config.host
+    argtypes.check_port_free(host, args.port)
 
     headers: dict[str, str] = {}
     if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
@@ -53,8 +63,26 @@ def run(args: argparse.Namespace) -> int:
         headers = auth.DeploymentKeys.from_secret(secret).auth_header()
     engines = [Engine.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
-    proxy = RouteProxy(
-        engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora), args.engine_api, headers
-    )
-    web.run_app(proxy.app(), host=args.host, port=args.port)
+    proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
+                       args.engine_api, headers, config)  # fmt: skip
+    asyncio.run(_serve(proxy.runner(), host, args.port))
     return 0
+
+
+async def _serve(runner: Any, host: str, port: int) -> None:
+    """Serve ``runner`` (an aiohttp ``AppRunner``) on ``host:port`` until SIGINT or SIGTERM."""
+    import signal
+
+    from aiohttp import web
+
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"kvcache route on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

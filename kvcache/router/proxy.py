@@ -5,24 +5,38 @@ Each engine is an HTTP base URL (``/v1/completions``, ``/v1/chat/completions``) 
 event endpoint and, optionally, its replay endpoint. The proxy subscribes to every stream
 (``vllm_events``), keeps a per-engine index bounded by the engines' pool size, mirrors it into
 a ``Router`` (worker id = engine position), keys each request with ``vllm_keys`` and forwards
-the request body unchanged to the engine the policy picks, streaming its answer back. Keys
-need token ids: a completion whose ``prompt`` is a list of token ids is keyed (with its
-``cache_salt`` and, when ``--lora`` names it, the LoRA adapter of its ``model``); text prompts
-and chat messages are placed by load alone (no tokenizer here). The router's load accounting
-counts a request from forwarding to the end of its response.
+the request body to the engine the policy picks, streaming its answer back. Keys need token
+ids: a completion whose ``prompt`` is a list of token ids is keyed (in the caller's scope and,
+when ``--lora`` names it, with the LoRA adapter of its ``model``); text prompts and chat
+messages are placed by load alone (no tokenizer here). The router's load accounting counts a
+request from forwarding to the end of its response.
+
+Callers authenticate as ``kvcache serve``'s do (``serve.config``: the same file, API keys to
+tenants; without one every caller is the tenant ``default``), before the body is read; a missing
+or unknown key is a 401 in OpenAI's error shape. The scope a request runs in comes from that
+tenant alone: a ``cache_salt`` in the body only narrows it (``tenancy.Scope``'s salt), so no
+body names another tenant. Engines see the scope as ``vllm_keys.scope_salt``: a vLLM engine as
+the ``cache_salt`` the proxy writes over the caller's, a kvcache worker as tenant, group and
+salt. vLLM engines cannot enforce a share group's k-anonymity, so with ``k_anonymity`` above 1
+they get each tenant's private scope. The engines' own credential (a kvcache worker's bearer
+token) is added here and never comes from or goes to a caller.
+
+A client that goes away cancels its handler (``runner``), which drops the engine's stream: a
+kvcache worker aborts the request within a step, as it does for ``kvcache serve``'s front.
+Request ids are random (``route-`` and 96 bits), so proxies sharing an engine never collide.
 
 With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
 completion with token ids becomes their ``POST /generate`` and the answer an OpenAI
-``text_completion`` carrying token ids. Not here: tokenizing, authentication, retries on another
-engine (``kvcache serve``'s front does those for kvcache's own workers).
+``text_completion`` carrying token ids. Not here: tokenizing, retries on another engine
+(``kvcache serve``'s front does those for kvcache's own workers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +44,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvcache.errors import ConfigError
+from kvcache.errors import AuthError, ConfigError
 from kvcache.events import BlockRemoved as KVRemoved
 from kvcache.events import BlockStored as KVStored
 from kvcache.router.router import Router, RouteRequest
 from kvcache.router.vllm_events import EngineIndex, EventSubscriber
-from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.router.vllm_keys import VllmKeyer, scope_salt
+from kvcache.serve import wire
+from kvcache.serve.config import ServeConfig, TenantSpec
+from kvcache.serve.protocol import error_body
+from kvcache.tenancy import MAX_SALT_CHARS, Scope
 
 _SCOPE = "vllm"
 APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcache worker's /generate
@@ -58,8 +76,9 @@ class Engine:
         return cls(parts[0].rstrip("/"), parts[1], parts[2] if len(parts) == 3 else None)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "code": status}}, status=status)
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None
+           ) -> web.Response:  # fmt: skip
+    return web.json_response(error_body(message, status=status, type_=type_, param=param), status=status)
 
 
 def _token_ids(prompt: Any) -> bool:
@@ -80,6 +99,7 @@ class RouteProxy:
         lora_models: frozenset[str] = frozenset(),
         api: str = "openai",
         upstream_headers: Mapping[str, str] | None = None,
+        config: ServeConfig | None = None,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
@@ -87,6 +107,7 @@ class RouteProxy:
             raise ConfigError(f"api={api!r} is unknown; choose one of {APIS}")
         # Sent with every request to an engine: a kvcache worker's bearer token (``serve.auth``).
         self.upstream_headers = dict(upstream_headers or {})
+        self.config = config or ServeConfig()  # callers' API keys -> tenants
         self.api = api
         self.engines = list(engines)
         self.keyer = keyer
@@ -99,7 +120,6 @@ class RouteProxy:
             self.subscribers.append(
                 EventSubscriber(str(w), self.index, engine.events, engine.replay, on_change=self._mirror)
             )
-        self.ids = itertools.count()
         self.session: aiohttp.ClientSession | None = None
 
     def _mirror(self, engine: str, stored: list[int], removed: list[int]) -> None:
@@ -116,9 +136,18 @@ class RouteProxy:
     def poll_events(self) -> int:
         return sum(sub.poll(0) for sub in self.subscribers)
 
-    def place(self, body: dict[str, Any]) -> tuple[str, int]:
-        """The request id and engine for one OpenAI request body."""
-        request_id = f"route-{next(self.ids)}"
+    def scope(self, tenant: TenantSpec, body: dict[str, Any]) -> Scope:
+        """The scope of ``tenant``'s request, narrowed by the body's ``cache_salt`` when it has one;
+        ``ValueError`` naming the field when the salt is not a string of 1..MAX_SALT_CHARS."""
+        salt = body.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS):
+            raise ValueError(f"'cache_salt'={salt!r:.80} must be a string of 1..{MAX_SALT_CHARS} characters")
+        shared = self.api == "kvcache" or self.config.k_anonymity == 1  # vLLM cannot gate a group
+        return Scope(tenant.name, group=tenant.group if shared else None, salt=salt)
+
+    def place(self, body: dict[str, Any], scope: Scope) -> tuple[str, int]:
+        """The request id and engine for one OpenAI request body in ``scope``."""
+        request_id = f"route-{uuid.uuid4().hex[:24]}"
         prompt = body.get("prompt")
         keys: list[bytes] = []
         num_tokens = 1
@@ -129,8 +158,7 @@ class RouteProxy:
         ):
             model = body.get("model")
             lora = model if isinstance(model, str) and model in self.lora_models else None
-            salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
-            keys = [_key_bytes(k) for k in self.keyer.keys(prompt, lora, salt)]
+            keys = [_key_bytes(k) for k in self.keyer.keys(prompt, lora, scope_salt(scope))]
             num_tokens = len(prompt)
         elif isinstance(prompt, str):
             num_tokens = max(1, len(prompt) // 4)  # a length estimate for the load model only
@@ -138,21 +166,31 @@ class RouteProxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         try:
+            tenant = self.config.authenticate(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return _error(401, str(exc), "authentication_error")
+        try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return web.json_response({"error": {"message": "the body is not JSON", "code": 400}}, status=400)
+            return _error(400, "the body is not JSON")
         if not isinstance(body, dict):
-            return web.json_response(
-                {"error": {"message": "the body must be a JSON object", "code": 400}}, status=400
-            )
+            return _error(400, "the body must be a JSON object")
         if self.api == "kvcache" and not _token_ids(body.get("prompt")):
             return _error(400, "kvcache workers take token ids: send 'prompt' as a list of token ids")
+        try:
+            scope = self.scope(tenant, body)
+        except ValueError as exc:
+            return _error(400, str(exc), param="cache_salt")
         self.poll_events()
-        request_id, w = self.place(body)
+        request_id, w = self.place(body, scope)
         assert self.session is not None
         try:
             if self.api == "kvcache":
-                return await self._generate(request_id, w, body)
+                return await self._generate(request_id, w, body, scope)
+            body.pop("cache_salt", None)  # the engine's salt is the caller's scope, never the caller's word
+            salt = scope_salt(scope)
+            if salt is not None:
+                body["cache_salt"] = salt
             url = self.engines[w].url + request.path
             post = self.session.post(url, json=body, headers=self.upstream_headers)
             async with post as upstream:
@@ -165,19 +203,20 @@ class RouteProxy:
                 await response.write_eof()
                 return response
         except aiohttp.ClientError as exc:
-            return _error(502, f"engine {w} ({self.engines[w].url}): {exc}")
+            return _error(502, f"engine {w} ({self.engines[w].url}): {exc}", "server_error")
         finally:
             self.router.on_finished(request_id)
 
-    async def _generate(self, request_id: str, w: int, body: dict[str, Any]) -> web.Response:
-        """One completion on a kvcache worker (``POST /generate``, NDJSON), answered as OpenAI's
-        ``text_completion`` with the token ids and vLLM's ``prompt_tokens_details.cached_tokens``."""
+    async def _generate(self, request_id: str, w: int, body: dict[str, Any], scope: Scope) -> web.Response:
+        """One completion on a kvcache worker (``POST /generate``, NDJSON) in ``scope``, answered as
+        OpenAI's ``text_completion`` with the token ids and vLLM's ``prompt_tokens_details.cached_tokens``."""
         assert self.session is not None
-        salt = body.get("cache_salt")
         request = {
             "request_id": request_id,
             "token_ids": body["prompt"],
-            "tenant": salt if isinstance(salt, str) and salt else "default",
+            "tenant": scope.tenant,
+            "group": scope.group,
+            "salt": scope.salt,
             "max_tokens": body.get("max_tokens", 16),
         }
         async with self.session.post(self.engines[w].url + "/generate", json=request,
@@ -231,3 +270,10 @@ class RouteProxy:
         app.router.add_post("/v1/chat/completions", self.forward)
         app.cleanup_ctx.append(self._background)
         return app
+
+    def runner(self) -> web.AppRunner:
+        """The app's runner, set as ``serve.front.Front.runner``'s: a client that disconnects cancels
+        its handler (``handler_cancellation``), which drops the engine's stream and so stops the
+        generation there; on shutdown, requests in flight get ``wire.SHUTDOWN_GRACE_S``."""
+        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+                             shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip

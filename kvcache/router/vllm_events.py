@@ -29,7 +29,7 @@ import msgspec
 import zmq
 
 from kvcache.errors import ConfigError, KVCacheError
-from kvcache.router.vllm_keys import external_key
+from kvcache.router.vllm_keys import external_key, scope_salt
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"
@@ -329,8 +329,8 @@ class EngineEventBridge:
 
     For each request the worker passes the prompt's token ids, its scope and the engine events
     the request produced. The i-th full block of the prompt has kvcache key ``k_i`` (the
-    engine's manager, the tenant's scope) and vLLM key ``v_i`` (``keyer``, with the tenant as
-    ``cache_salt`` unless it is ``default_tenant``); a stored ``k_i`` is published as a stored
+    engine's manager, the request's scope) and vLLM key ``v_i`` (``keyer``, with the scope's
+    ``vllm_keys.scope_salt`` as ``cache_salt``); a stored ``k_i`` is published as a stored
     ``v_i`` and remembered, so its later removal is published too. Blocks of generated tokens
     are not published (a router keys prompts only).
     """
@@ -345,13 +345,13 @@ class EngineEventBridge:
         self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
 
     def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
-        """``scope``: the request's ``kvcache.tenancy.Scope`` (its tenant becomes the salt)."""
+        """``scope``: the request's ``kvcache.tenancy.Scope`` (``scope_salt`` gives the salt)."""
         from kvcache.events import BlockStored as KVStored
 
         events = list(events)
         if not events:
             return
-        salt = None if scope.tenant == self.default_tenant else scope.tenant
+        salt = scope_salt(scope, self.default_tenant)
         kv_keys = self.manager.hash(token_ids, scope).keys
         v_keys = self.keyer.keys(token_ids, cache_salt=salt)
         prompt = {k: (i, v) for i, (k, v) in enumerate(zip(kv_keys, v_keys, strict=False))}

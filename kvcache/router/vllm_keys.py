@@ -16,8 +16,9 @@ modelled: such requests are keyed as text and simply miss. A partial last block 
 
 Events carry keys either as the digest bytes or, with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``,
 as the digest's low 64 bits (big-endian); ``external_key`` maps both to that integer, and the
-router's index uses it. kvcache's own keys are ``kvcache.hashing``'s; this module only
-reproduces an external engine's key space.
+router's index uses it. ``scope_salt`` is the ``cache_salt`` that stands for a kvcache scope on
+vLLM's side (the proxy sends it, a kvcache worker's event bridge keys with it). kvcache's own
+keys are ``kvcache.hashing``'s; this module only reproduces an external engine's key space.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import cbor2
 import xxhash
 
 from kvcache.errors import ConfigError
+from kvcache.tenancy import Scope
 
 _MASK64 = (1 << 64) - 1
 
@@ -43,6 +45,13 @@ def xxhash_cbor(obj: Any) -> bytes:
 
 
 HASH_FUNCTIONS: dict[str, Callable[[Any], bytes]] = {"sha256_cbor": sha256_cbor, "xxhash_cbor": xxhash_cbor}
+
+
+def scope_salt(scope: Scope, default_tenant: str = "default") -> str | None:
+    """The ``cache_salt`` of ``scope``: none for the plain ``default_tenant`` (a keyless deployment's
+    one tenant, keyed as vLLM keys unsalted prompts), else the scope's chain scope, which no two
+    scopes share (``tenancy``)."""
+    return None if scope.chain_scope == Scope(default_tenant).chain_scope else scope.chain_scope
 
 
 def external_key(key: bytes | int) -> int:

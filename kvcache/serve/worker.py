@@ -1,6 +1,7 @@
 """A worker: one batched engine behind an internal HTTP endpoint, registered and publishing in Redis.
 
-``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}`` and optionally the
+``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}``, optionally a
+``salt`` (the scope is ``tenancy.Scope(tenant, group, salt)``: a salt narrows it) and the
 sampling fields ``temperature``, ``top_p``, ``top_k`` and ``seed`` (``engine.SamplingParams``); it
 answers with newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the
 first also carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and
@@ -237,6 +238,7 @@ class Worker:
         try:
             body = await request.json()
             params = self._parse(body)
+            scope = Scope(body["tenant"], group=body.get("group"), salt=body.get("salt"))
         except (ValueError, KVCacheError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if self.num_waiting >= self.max_waiting:
@@ -247,7 +249,6 @@ class Worker:
                 status=503, headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         received = time.monotonic()
         rid = body["request_id"]
-        scope = Scope(body["tenant"], group=body.get("group"))
         if self.vllm_events is not None:
             self._prompts[rid] = (body["token_ids"], scope)
         self.num_waiting += 1
