@@ -53,6 +53,7 @@ from kvcache.hashing import Hasher
 from kvcache.serve import protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
+from kvcache.serve.limits import ConnectionGuard, ConnectionLimits, GuardedRunner, quiet_repeats
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
 from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
@@ -117,7 +118,8 @@ class Front:
                  redis_url: str | None, route_request: Any, keys: DeploymentKeys,
                  max_prompt_tokens: int | None = None,
                  served_names: tuple[str, ...] = (),
-                 read_timeout_s: float = READ_TIMEOUT_S) -> None:  # fmt: skip
+                 read_timeout_s: float = READ_TIMEOUT_S,
+                 limits: ConnectionLimits | None = None) -> None:  # fmt: skip
         self.config = config
         self.router = router
         self.tokenizer = tokenizer
@@ -127,6 +129,7 @@ class Front:
         # A prompt of max_prompt_tokens fits in the body however it is sent (ids or text).
         self.max_body_bytes = max(2**20, 32 * (max_prompt_tokens or 2**19))
         self.read_timeout_s = read_timeout_s
+        self.guard = ConnectionGuard(limits or ConnectionLimits())
         self.metrics = ServeMetrics()
         self.keys = keys
         self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
@@ -303,8 +306,12 @@ class Front:
         return req, token_ids
 
     async def _read(self, request: web.Request, chat: bool) -> tuple[protocol.GenerateRequest, list[int]]:
+        timeout_s = self.guard.limits.body_timeout_s
         try:
-            raw = await request.read()
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+        except TimeoutError as exc:
+            raise HTTPFailure(408, f"the body did not arrive within {timeout_s:g} s", "timeout") from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise HTTPFailure(413, f"the body is larger than {self.max_body_bytes} bytes; shorten the "
                               "prompt") from exc  # fmt: skip
@@ -429,7 +436,7 @@ class Front:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self.guard.middleware])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -442,15 +449,17 @@ class Front:
     def runner(self) -> web.AppRunner:
         """The app's runner. A client that disconnects cancels its handler (``handler_cancellation``),
         which closes its generation, streamed or not. On shutdown, requests in flight get
-        ``wire.SHUTDOWN_GRACE_S`` to finish, then are cancelled (aiohttp's default waits 60 s)."""
-        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+        ``wire.SHUTDOWN_GRACE_S`` to finish, then are cancelled (aiohttp's default waits 60 s).
+        Its connections are held to ``limits`` (header time, connections in all and per address)."""
+        return GuardedRunner(self.app(), self.guard, access_log=None, handler_cancellation=True,
                              shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         task = asyncio.create_task(self.pool.run())
-        yield
+        with quiet_repeats():  # a flood of failing connections writes a few lines, not one each
+            yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await self.session.close()
