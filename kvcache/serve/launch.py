@@ -199,4 +199,4 @@ def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_u
     names = served_names or (model,)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
                  route_request=RouteRequest, keys=keys, served_names=names[1:],
-                 max_prompt_tokens=max_prompt_tokens, limits=limits)  # fmt: skip
+                 max_prompt_tokens=max_prompt_tokens, limits=limits, max_running=max_running)  # fmt: skip
