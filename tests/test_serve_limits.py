@@ -78,6 +78,9 @@ def test_a_slowloris_flood_leaves_health_requests_and_streams_served(caplog: pyt
     lines = [r for r in caplog.records if r.name.startswith(("kvcache", "aiohttp", "asyncio"))
              and r.levelno >= logging.INFO]  # fmt: skip
     assert len(lines) <= 5, [r.getMessage() for r in lines]
+    summaries = [r.getMessage() for r in lines if r.getMessage().startswith("connection limits")]
+    assert summaries and "(20 in all, 20 per client address): closed 1 idle connection(s)" in summaries[0]
+    assert "most from 127.0.0.1 (1)" in summaries[0]
 
 
 def test_when_every_connection_is_busy_a_new_one_is_closed_and_the_busy_ones_finish() -> None:

@@ -130,7 +130,7 @@ class ConnectionGuard:
         self._idle: OrderedDict[Any, None] = OrderedDict()  # idle handlers, least recently active first
         self._by_peer: dict[str, OrderedDict[Any, None]] = {}  # address -> its handlers, oldest first
         self._shed = _Shed()
-        self._last_summary = clock()
+        self._last_summary = -SUMMARY_S  # the first close is reported at once, then one line per window
         self.num_evicted = 0
         self.num_refused = 0
 
@@ -217,10 +217,10 @@ class ConnectionGuard:
         shed, self._shed = self._shed, _Shed()
         self._last_summary = now
         top = sorted(shed.by_peer.items(), key=lambda kv: -kv[1])[:3]
-        log.warning("connection limits (%d in all, %d per client address): in the last %.0f s closed %d idle "
-                    "connection(s) to make room and refused %d new one(s); most from %s; %d open now",
-                    self.limits.max_connections, self.limits.per_client, SUMMARY_S, shed.evicted,
-                    shed.refused, ", ".join(f"{p} ({n})" for p, n in top), len(self._conns))  # fmt: skip
+        log.warning("connection limits (%d in all, %d per client address): closed %d idle connection(s) to "
+                    "make room and refused %d new one(s) within %.0f s; most from %s; %d open now",
+                    self.limits.max_connections, self.limits.per_client, shed.evicted, shed.refused,
+                    SUMMARY_S, ", ".join(f"{p} ({n})" for p, n in top), len(self._conns))  # fmt: skip
 
 
 @dataclass(slots=True)
