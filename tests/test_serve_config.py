@@ -89,3 +89,18 @@ def test_bad_files(tmp_path: Path) -> None:
         ServeConfig.load(tmp_path / "x.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         ServeConfig.load(tmp_path / "missing.toml")
+
+
+def test_max_share_defaults_to_half_when_tenants_share_the_workers_and_is_checked() -> None:
+    two = {"tenants": {"acme": {"keys": ["a"]}, "globex": {"keys": ["g"], "max_share": 0.25}}}
+    config = ServeConfig.from_dict(two)
+    assert [config.tenants[n].max_share for n in ("acme", "globex")] == [0.5, 0.25]
+    config = ServeConfig.from_dict({**two, "max_share": 0.75})
+    assert [config.tenants[n].max_share for n in ("acme", "globex")] == [0.75, 0.25]
+    alone = ServeConfig.from_dict({"tenants": {"acme": {"keys": ["a"]}}})
+    assert alone.tenants["acme"].max_share == 1.0 and ServeConfig().tenants["default"].max_share == 1.0
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match=r"tenants.acme.max_share=.* must be a fraction in \(0, 1\]"):
+            ServeConfig.from_dict({"tenants": {"acme": {"keys": ["a"], "max_share": bad}}})
+    with pytest.raises(ConfigError, match=r"config: max_share=2 must be a fraction"):
+        ServeConfig.from_dict({**two, "max_share": 2})

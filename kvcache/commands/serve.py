@@ -53,13 +53,24 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="per worker: requests waiting for their first token before it answers 503")
     parser.add_argument("--max-running", type=argtypes.positive_int, default=64,
                         help="per worker: sequences in one batch (the engine's max_num_seqs)")
+    parser.add_argument("--header-timeout", type=argtypes.positive_float, default=10.0, metavar="S",
+                        help="seconds a client has to send a request's line and headers (from connecting, "
+                        "or from the last answer on a kept-alive connection) before it is closed")
+    parser.add_argument("--body-timeout", type=argtypes.positive_float, default=60.0, metavar="S",
+                        help="seconds a client has to send a request's body (408 after)")
+    parser.add_argument("--max-connections", type=argtypes.positive_int, metavar="N",
+                        help="open client connections (default 4096, or what the file-descriptor limit "
+                        "fits); past it the longest-idle connection is closed")
+    parser.add_argument("--max-connections-per-client", type=argtypes.positive_int, metavar="N",
+                        help="open connections from one client address (default: a quarter of "
+                        "--max-connections; behind a proxy, raise it to --max-connections)")
 
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.redis_server import start_redis
     from kvcache.router.latency import LatencyModel
-    from kvcache.serve import auth, launch, tokenize
+    from kvcache.serve import auth, launch, limits, tokenize
     from kvcache.serve.config import ServeConfig
 
     for flag, value in (("--workers", args.workers), ("--num-blocks", args.num_blocks),
@@ -72,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     launch.check_policy(args.policy)
     latency = LatencyModel.from_json(args.latency) if args.latency else None
     config = ServeConfig.load(args.config)
+    connection_limits = limits.ConnectionLimits(
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        max_connections=limits.fd_budget(args.max_connections),
+        max_connections_per_client=args.max_connections_per_client)  # fmt: skip
     # The tokenizer first: a registry model is converted once here, not by every worker at once;
     # a model without a tokenizer fails here, before any worker starts.
     argtypes.check_port_free(args.host or config.host, args.port)
@@ -90,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                                   policy=args.policy, mode=args.mode, block_size=args.block_size, keys=keys,
                                   served_names=tuple(args.served_model_name or ()),
                                   max_prompt_tokens=max_prompt_tokens, latency=latency,
-                                  max_running=args.max_running)  # fmt: skip
+                                  max_running=args.max_running, limits=connection_limits)  # fmt: skip
         worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
                                         block_size=args.block_size, threads=args.threads,
                                         config_path=args.config, pod_tier=not args.no_pod_tier,

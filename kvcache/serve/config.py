@@ -13,7 +13,12 @@ optional share group and optional block floor/cap. ``k_anonymity`` applies to ev
 
     [tenants.globex]
     keys = ["sk-globex"]
+    max_share = 0.25             # at most a quarter of each worker's --max-running seats
 
+``max_share`` (per tenant, or at the top level for every tenant) is the fraction of each
+worker's running seats (``--max-running``) that one tenant's requests may hold at once, waiting
+ones included; the front answers 429 past it (``fairness``); 1 is no cap. Default: 1 when the
+file defines one tenant, 0.5 otherwise, so one tenant never holds every seat while others exist.
 ``admin_keys = ["..."]`` (top level) lists the keys that may read the per-tenant series of
 ``/metrics``; other callers see aggregates only.
 
@@ -36,17 +41,20 @@ from kvcache.tenancy import Scope
 DEFAULT_TENANT = "default"
 LOOPBACK = "127.0.0.1"
 
-_TOP_KEYS = {"host", "k_anonymity", "tenants", "admin_keys"}
-_TENANT_KEYS = {"keys", "group", "cap_blocks", "floor_blocks"}
+_TOP_KEYS = {"host", "k_anonymity", "tenants", "admin_keys", "max_share"}
+_TENANT_KEYS = {"keys", "group", "cap_blocks", "floor_blocks", "max_share"}
+SHARED_MAX_SHARE = 0.5  # each tenant's default when several share the workers
 
 
 @dataclass(frozen=True, slots=True)
 class TenantSpec:
-    """One tenant: its scope (name and share group) and its per-worker block quota."""
+    """One tenant: its scope (name and share group), its per-worker block quota and the fraction
+    of each worker's running seats its requests may hold (``max_share``)."""
 
     name: str
     group: str | None = None
     quota: TenantQuota = field(default_factory=TenantQuota)
+    max_share: float = 1.0
 
     @property
     def scope(self) -> Scope:
@@ -116,6 +124,8 @@ class ServeConfig:
             raise ConfigError(f"{source}: 'tenants' must be a non-empty table of tenant name -> settings")
         tenants: dict[str, TenantSpec] = {}
         keys: dict[str, str] = {}
+        default_share = _share(data.get("max_share", 1.0 if len(raw_tenants) == 1 else SHARED_MAX_SHARE),
+                               f"{source}: max_share")  # fmt: skip
         for name, spec in raw_tenants.items():
             where = f"{source}: tenants.{name}"
             if not isinstance(spec, Mapping):
@@ -137,7 +147,8 @@ class ServeConfig:
             for label, value in (("cap_blocks", cap), ("floor_blocks", floor)):
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                     raise ConfigError(f"{where}.{label}={value!r} must be an integer")
-            tenants[name] = TenantSpec(name, group, TenantQuota(floor_blocks=floor, cap_blocks=cap))
+            share = _share(spec.get("max_share", default_share), f"{where}.max_share")
+            tenants[name] = TenantSpec(name, group, TenantQuota(floor_blocks=floor, cap_blocks=cap), share)
         if not keys:
             raise ConfigError(f"{source}: no tenant has API keys; give each tenant a 'keys' list")
         admin = data.get("admin_keys", [])
@@ -172,3 +183,9 @@ class ServeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"server config {path} must hold a table/object at the top")
         return cls.from_dict(data, source=str(path))
+
+
+def _share(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"{where}={value!r} must be a fraction in (0, 1], e.g. 0.5")
+    return float(value)

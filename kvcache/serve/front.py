@@ -15,7 +15,9 @@ answer per request (decoding is greedy or seeded, the front choosing a seed for 
 request without one, and every worker loads the same weights, so the retried stream continues
 the same text). A worker whose waiting queue is full answers 503 with ``Retry-After``: the
 request goes to another worker, and when every worker did so the client gets 503 with
-``Retry-After``. Errors the caller caused (400/401/404/429) are never retried, and a worker's
+``Retry-After``. A tenant is sent only to workers where it holds fewer requests than its seats
+(``fairness``: its ``max_share`` of ``--max-running``), else answered 429, so one tenant never
+takes every seat. Errors the caller caused (400/401/404/429) are never retried, and a worker's
 other error answers keep their status whatever their body (JSON or plain text). ``stop`` strings
 are applied here, on the decoded text: the answer ends before the first one (``finish_reason``
 ``"stop"``) and the worker's stream is dropped, which aborts the request there.
@@ -53,6 +55,8 @@ from kvcache.hashing import Hasher
 from kvcache.serve import protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
+from kvcache.serve.fairness import TenantSeats
+from kvcache.serve.limits import ConnectionGuard, ConnectionLimits, GuardedRunner, quiet_repeats
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
 from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
@@ -117,7 +121,8 @@ class Front:
                  redis_url: str | None, route_request: Any, keys: DeploymentKeys,
                  max_prompt_tokens: int | None = None,
                  served_names: tuple[str, ...] = (),
-                 read_timeout_s: float = READ_TIMEOUT_S) -> None:  # fmt: skip
+                 read_timeout_s: float = READ_TIMEOUT_S,
+                 limits: ConnectionLimits | None = None, max_running: int = 64) -> None:  # fmt: skip
         self.config = config
         self.router = router
         self.tokenizer = tokenizer
@@ -127,6 +132,8 @@ class Front:
         # A prompt of max_prompt_tokens fits in the body however it is sent (ids or text).
         self.max_body_bytes = max(2**20, 32 * (max_prompt_tokens or 2**19))
         self.read_timeout_s = read_timeout_s
+        self.guard = ConnectionGuard(limits or ConnectionLimits())
+        self.seats = TenantSeats(max_running)  # the workers' --max-running
         self.metrics = ServeMetrics()
         self.keys = keys
         self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
@@ -162,7 +169,9 @@ class Front:
                        outcome: Outcome) -> AsyncGenerator[Step, None]:  # fmt: skip
         """Tokens from whichever worker serves the request, each index once, retried on failure.
         A worker that answers 503 with ``Retry-After`` (its waiting queue is full) is skipped for
-        this request; when every worker did, the request is answered 503 with ``Retry-After``."""
+        this request; when every worker did, the request is answered 503 with ``Retry-After``.
+        Only workers where the tenant holds fewer than its seats are tried (``fairness``); when it
+        holds them on every worker, the request is answered 429 with ``Retry-After``."""
         assert self.session is not None
         sent = 0
         sampling = req.sampling()
@@ -186,12 +195,20 @@ class Front:
                 retry = max(busy.values(), key=lambda v: float(v) if v.replace(".", "", 1).isdigit() else 0.0)
                 raise HTTPFailure(503, f"all {len(busy)} workers have full waiting queues; retry after "
                                   f"{retry} s", "service_unavailable", retry_after_s=retry)  # fmt: skip
+            free = [w for w in free if self.seats.has_room(tenant, w)]
+            if not free:
+                share, seats, of = tenant.max_share, self.seats.seats(tenant), self.seats.max_running
+                raise HTTPFailure(429, f"tenant {tenant.name!r} has {seats} request(s) in flight on each "
+                                  f"worker it may use, its share ({share:g} of {of} seats per worker); "
+                                  "retry when one ends", "rate_limit_exceeded",
+                                  retry_after_s="1")  # fmt: skip
             route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope,
                                        req.max_tokens)
             worker_id = self.router.route(route)
             if worker_id not in free:  # the router and the pool disagree for a moment, or it is full
                 worker_id = min(free, key=self._reported_load)
             reg = self.pool.workers[worker_id].reg
+            self.seats.take(tenant.name, worker_id)
             try:
                 async with self.session.post(f"{reg.url}/generate", data=payload, headers=headers) as resp:
                     if resp.status == 503 and "Retry-After" in resp.headers:
@@ -239,6 +256,7 @@ class Front:
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
             finally:
+                self.seats.give(tenant.name, worker_id)
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
                     self.router.on_finished(request_id)
         raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers; retry later",
@@ -303,8 +321,12 @@ class Front:
         return req, token_ids
 
     async def _read(self, request: web.Request, chat: bool) -> tuple[protocol.GenerateRequest, list[int]]:
+        timeout_s = self.guard.limits.body_timeout_s
         try:
-            raw = await request.read()
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+        except TimeoutError as exc:
+            raise HTTPFailure(408, f"the body did not arrive within {timeout_s:g} s", "timeout") from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise HTTPFailure(413, f"the body is larger than {self.max_body_bytes} bytes; shorten the "
                               "prompt") from exc  # fmt: skip
@@ -429,7 +451,7 @@ class Front:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self.guard.middleware])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -442,15 +464,17 @@ class Front:
     def runner(self) -> web.AppRunner:
         """The app's runner. A client that disconnects cancels its handler (``handler_cancellation``),
         which closes its generation, streamed or not. On shutdown, requests in flight get
-        ``wire.SHUTDOWN_GRACE_S`` to finish, then are cancelled (aiohttp's default waits 60 s)."""
-        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+        ``wire.SHUTDOWN_GRACE_S`` to finish, then are cancelled (aiohttp's default waits 60 s).
+        Its connections are held to ``limits`` (header time, connections in all and per address)."""
+        return GuardedRunner(self.app(), self.guard, access_log=None, handler_cancellation=True,
                              shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         task = asyncio.create_task(self.pool.run())
-        yield
+        with quiet_repeats():  # a flood of failing connections writes a few lines, not one each
+            yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await self.session.close()
