@@ -12,10 +12,13 @@ trace), run through the CLI itself; its ``--json`` output, without wall-clock ti
 format the recorded rows with the project's own report code (``kvcache.router.report``,
 ``kvcache.tiers.spill_report``, ``kvcache.router.matrix``); ``cog -r -I scripts FILE`` rewrites
 them. The router matrix (``kvcache matrix``, ~10 minutes) records itself in
-``docs/router_matrix.json``; this script does not rerun it.
+``docs/router_matrix.json`` and the cost-term ablation (``benches/router_ablation.py --json``) in
+``docs/router_ablation.json``; this script reruns neither. ``kvcache tiers`` takes two seconds:
+its block runs it directly.
 
 ``tests/test_docs_figures.py`` checks that every block matches the record and that the record is
-what the current code produces for the figures cheap enough to replay in the suite.
+what the current code produces (the Mooncake table whole, affinity's rows of every other figure,
+one matrix cell).
 
 Replays are deterministic simulations: the same command gives the same figures on any machine.
 Wall-clock figures (replay speed, benchmarks) are measured, not generated, and are not here.
@@ -186,7 +189,7 @@ def row(name: str, policy: str, capacity: int | None = None) -> dict[str, Any]:
 
 def bounds(name: str, capacity: int | None = None) -> dict[str, float]:
     b = record()[name]["upper_bounds"]
-    return b[str(capacity)] if capacity is not None else next(iter(b.values()))  # type: ignore[no-any-return]
+    return b[str(capacity)] if capacity is not None else next(iter(b.values()))
 
 
 def replay_table(name: str, capacity: int | None = None, policies: Sequence[str] = ()) -> str:
@@ -220,8 +223,11 @@ def lowest_ttft(name: str, capacity: int | None = None, ours: str = "affinity") 
     """', with the lowest mean and median TTFT' (those of the two where ``ours`` is lowest), or ''."""
     at = rows(name, capacity)
     me = next(r for r in at if r["policy"] == ours)
-    won = [label for key, label in (("mean_ttft_ms", "mean"), ("median_ttft_ms", "median"))
-           if all(me[key] <= r[key] for r in at)]  # fmt: skip
+    won = [
+        label
+        for key, label in (("mean_ttft_ms", "mean"), ("median_ttft_ms", "median"))
+        if all(me[key] <= r[key] for r in at)
+    ]
     return f", with the lowest {' and '.join(won)} TTFT" if won else ""
 
 
