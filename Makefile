@@ -19,7 +19,7 @@ LOCK ?= requirements/lock.txt
 CONSTRAIN := $(if $(LOCK),--constraint $(LOCK))
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test test-latest lock bench bench-session clean
+.PHONY: demo test test-latest lock bench bench-session figures clean
 
 # Built from scratch whenever pyproject.toml or the lock changes, so no package of an older set stays.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -64,6 +64,12 @@ bench: $(VENV)/.installed
 
 bench-session: $(VENV)/.installed
 	$(BIN)/pytest $(BENCHES) --benchmark-only --benchmark-columns=min,median,ops -q
+
+# make figures: rerun every replay whose figures the docs quote (a few minutes), record them in
+#   docs/figures.json and rewrite the generated blocks of README.md and docs/*.md; needs the shared
+#   trace at ../shared/traces. tests/test_docs_figures.py checks the docs against the record.
+figures: $(VENV)/.installed
+	$(BIN)/python scripts/doc_figures.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache .benchmarks
