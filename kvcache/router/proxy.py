@@ -3,7 +3,8 @@ their KV event streams say they cache.
 
 Each engine is an HTTP base URL (``/v1/completions``, ``/v1/chat/completions``) with its ZMQ
 event endpoint and, optionally, its replay endpoint. The proxy subscribes to every stream
-(``vllm_events``), keeps a per-engine index bounded by the engines' pool size, mirrors it into
+(``vllm_events``; each received on a thread of its own, applied on the event loop in bounded
+slices between requests), keeps a per-engine index bounded by the engines' pool size, mirrors it into
 a ``Router`` (worker id = engine position), keys each request with ``vllm_keys`` and forwards
 the request body unchanged to the engine the policy picks, streaming its answer back. Keys
 need token ids: a completion whose ``prompt`` is a list of token ids is keyed (with its
@@ -80,6 +81,8 @@ class RouteProxy:
         lora_models: frozenset[str] = frozenset(),
         api: str = "openai",
         upstream_headers: Mapping[str, str] | None = None,
+        *,
+        max_drain_hashes: int = 2048,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
@@ -99,6 +102,9 @@ class RouteProxy:
             self.subscribers.append(
                 EventSubscriber(str(w), self.index, engine.events, engine.replay, on_change=self._mirror)
             )
+        # Events are received on each subscriber's thread and applied here, on the event loop, in
+        # slices of about ``max_drain_hashes`` keys per engine between requests (``_background``).
+        self.max_drain_hashes = max_drain_hashes
         self.ids = itertools.count()
         self.session: aiohttp.ClientSession | None = None
 
@@ -114,7 +120,8 @@ class RouteProxy:
         self.router.on_events(w, events)
 
     def poll_events(self) -> int:
-        return sum(sub.poll(0) for sub in self.subscribers)
+        """Apply what the subscribers received, a bounded slice per engine; returns batches applied."""
+        return sum(sub.drain(self.max_drain_hashes) for sub in self.subscribers)
 
     def place(self, body: dict[str, Any]) -> tuple[str, int]:
         """The request id and engine for one OpenAI request body."""
@@ -147,7 +154,6 @@ class RouteProxy:
             )
         if self.api == "kvcache" and not _token_ids(body.get("prompt")):
             return _error(400, "kvcache workers take token ids: send 'prompt' as a list of token ids")
-        self.poll_events()
         request_id, w = self.place(body)
         assert self.session is not None
         try:
@@ -212,10 +218,15 @@ class RouteProxy:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
 
         async def pump() -> None:
+            loop = asyncio.get_running_loop()
             while True:
-                self.poll_events()
-                await asyncio.sleep(0.02)
+                started = loop.time()
+                busy = self.poll_events() > 0
+                # Events get at most half the loop's time: requests run while this sleeps.
+                await asyncio.sleep(loop.time() - started if busy else 0.02)
 
+        for sub in self.subscribers:
+            sub.start()
         task = asyncio.create_task(pump())
         yield
         task.cancel()
