@@ -31,6 +31,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default="openai",
         help="openai: vLLM engines; kvcache: kvcache workers started with --vllm-events",
     )
+    parser.add_argument(
+        "--events-curve",
+        metavar="CERT,SERVER",
+        help="subscribe with ZeroMQ CURVE: this proxy's secret certificate file (owner-only) and the "
+        "engines' publisher public certificate file",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.router.vllm_keys import VllmKeyer
 
     headers: dict[str, str] = {}
+    cache_salt_of = None
     if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
         import os
 
@@ -50,11 +57,23 @@ def run(args: argparse.Namespace) -> int:
         if secret is None:
             raise ConfigError(f"--engine-api kvcache needs the workers' deployment secret in "
                               f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}")  # fmt: skip
-        headers = auth.DeploymentKeys.from_secret(secret).auth_header()
+        from kvcache.tenancy import Scope
+
+        keys = auth.DeploymentKeys.from_secret(secret)
+        headers = keys.auth_header()
+
+        def cache_salt_of(salt: str | None) -> str:  # the workers' salt: the tenant's pseudonym
+            return keys.pseudonym(Scope(salt or "default").chain_scope)
+
+    curve = None
+    if args.events_curve:
+        from kvcache.router.curve import CurveClient
+
+        cert, _, server = args.events_curve.partition(",")
+        curve = CurveClient.load(cert, server)
     engines = [Engine.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
-    proxy = RouteProxy(
-        engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora), args.engine_api, headers
-    )
+    proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
+                       args.engine_api, headers, events_curve=curve, cache_salt_of=cache_salt_of)  # fmt: skip
     web.run_app(proxy.app(), host=args.host, port=args.port)
     return 0

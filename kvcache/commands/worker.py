@@ -44,9 +44,18 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-events",
         metavar="PUB[,REPLAY]",
-        help="also publish vLLM's KV event stream (ZMQ, e.g. tcp://*:5557,tcp://*:5558), keys as vLLM's "
-        "sha256_cbor with PYTHONHASHSEED 0",
+        help="also publish vLLM's KV event stream on these ZMQ endpoints (a bare port is on 127.0.0.1, "
+        "e.g. 5557,5558), keys as vLLM's sha256_cbor with PYTHONHASHSEED 0 salted by the tenant's "
+        "keyed pseudonym; another host needs --vllm-events-curve",
     )
+    parser.add_argument(
+        "--vllm-events-curve",
+        metavar="CERT,CLIENTS",
+        help="secure the event sockets with ZeroMQ CURVE: this publisher's secret certificate file "
+        "(owner-only) and a folder of the public certificates (NAME.key) of the subscribers allowed",
+    )
+    parser.add_argument("--vllm-events-token-ids", action="store_true",
+                        help="put the prompt's token ids in BlockStored events (default: empty)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,12 +86,20 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, max_num_seqs=args.max_running)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
     if args.vllm_events:
+        from kvcache.router.curve import CurveServer, local_endpoint
         from kvcache.router.vllm_events import EngineEventBridge, EventPublisher
         from kvcache.router.vllm_keys import VllmKeyer
 
         pub, _, replay = args.vllm_events.partition(",")
+        curve = None
+        if args.vllm_events_curve:
+            cert, _, clients = args.vllm_events_curve.partition(",")
+            curve = CurveServer.load(cert, clients)
+        replay_endpoint = local_endpoint(replay) if replay else None
+        publisher = EventPublisher(local_endpoint(pub), replay_endpoint, curve=curve)
         keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
-        worker.vllm_events = EngineEventBridge(EventPublisher(pub, replay or None), keyer, engine.manager)
+        worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager, keys.pseudonym,
+                                               token_ids=args.vllm_events_token_ids)  # fmt: skip
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
     if worker.refused is not None:
         raise ConfigError(f"the front refused worker {worker_id}: {worker.refused}")

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from aiohttp import web
 from kvcache.errors import ConfigError
 from kvcache.events import BlockRemoved as KVRemoved
 from kvcache.events import BlockStored as KVStored
+from kvcache.router.curve import CurveClient
 from kvcache.router.router import Router, RouteRequest
 from kvcache.router.vllm_events import EngineIndex, EventSubscriber
 from kvcache.router.vllm_keys import VllmKeyer
@@ -82,6 +83,8 @@ class RouteProxy:
         api: str = "openai",
         upstream_headers: Mapping[str, str] | None = None,
         *,
+        events_curve: CurveClient | None = None,
+        cache_salt_of: Callable[[str | None], str | None] | None = None,
         max_drain_hashes: int = 2048,
     ) -> None:
         if not engines:
@@ -99,12 +102,16 @@ class RouteProxy:
         self.subscribers = []
         for w, engine in enumerate(self.engines):
             self.router.add_worker(w)
-            self.subscribers.append(
-                EventSubscriber(str(w), self.index, engine.events, engine.replay, on_change=self._mirror)
-            )
+            self.subscribers.append(EventSubscriber(str(w), self.index, engine.events, engine.replay,
+                                                    on_change=self._mirror, curve=events_curve))  # fmt: skip
         # Events are received on each subscriber's thread and applied here, on the event loop, in
         # slices of about ``max_drain_hashes`` keys per engine between requests (``_background``).
         self.max_drain_hashes = max_drain_hashes
+        if cache_salt_of is None and api == "kvcache":
+            raise ConfigError("api='kvcache' needs cache_salt_of: kvcache workers salt their vLLM keys "
+                              "with the deployment's tenant pseudonym")  # fmt: skip
+        # The salt the engines key a request with, from the request's ``cache_salt``.
+        self.cache_salt_of = cache_salt_of or (lambda salt: salt)
         self.ids = itertools.count()
         self.session: aiohttp.ClientSession | None = None
 
@@ -136,7 +143,7 @@ class RouteProxy:
         ):
             model = body.get("model")
             lora = model if isinstance(model, str) and model in self.lora_models else None
-            salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+            salt = self.cache_salt_of(body["cache_salt"] if isinstance(body.get("cache_salt"), str) else None)
             keys = [_key_bytes(k) for k in self.keyer.keys(prompt, lora, salt)]
             num_tokens = len(prompt)
         elif isinstance(prompt, str):

@@ -22,6 +22,7 @@ Routing is ``router``'s job.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -33,7 +34,10 @@ import msgspec
 import zmq
 
 from kvcache.errors import ConfigError, KVCacheError
+from kvcache.router.curve import CurveClient, CurveServer, is_loopback
 from kvcache.router.vllm_keys import external_key
+
+log = logging.getLogger(__name__)
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"
@@ -190,7 +194,13 @@ class EngineIndex:
 
 
 class EventPublisher:
-    """A worker's side: PUB batches with sequence numbers, serve replays from a bounded buffer."""
+    """A worker's side: PUB batches with sequence numbers, serve replays from a bounded buffer.
+
+    Endpoints that leave this host need ``curve`` (a ``CurveServer``): the stream and the replay
+    history are then encrypted and only the subscribers whose keys the server lists connect.
+    Without it such a bind is refused: block keys and event timing of every tenant would be
+    readable by anyone who reaches the port.
+    """
 
     def __init__(
         self,
@@ -198,13 +208,28 @@ class EventPublisher:
         replay_endpoint: str | None = None,
         topic: str = DEFAULT_TOPIC,
         buffer_steps: int = 10_000,
+        *,
+        curve: CurveServer | None = None,
     ) -> None:
+        for url in (endpoint, replay_endpoint):
+            if url and curve is None and not is_loopback(url):
+                raise ConfigError(
+                    f"KV events endpoint {url} is reachable from other hosts, and without CURVE anyone "
+                    "there reads every tenant's block keys: bind tcp://127.0.0.1:PORT, or give the "
+                    "publisher CURVE keys (a server certificate and the subscribers' public keys)"
+                )
+        # A context of its own: ZAP (the CURVE client check) is per context.
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth = curve.authenticator(self.ctx) if curve is not None else None
         self.pub = self.ctx.socket(zmq.PUB)
+        if curve is not None:
+            curve.secure(self.pub)
         self.pub.bind(endpoint)
         self.replay = None
         if replay_endpoint:
             self.replay = self.ctx.socket(zmq.ROUTER)
+            if curve is not None:
+                curve.secure(self.replay)
             self.replay.bind(replay_endpoint)
         self.topic = topic.encode()
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
@@ -254,6 +279,8 @@ class EventPublisher:
         self.pub.close(linger=0)
         if self.replay is not None:
             self.replay.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()  # the ports are free once close returns (an engine restarting binds them again)
 
 
@@ -288,6 +315,7 @@ class EventSubscriber:
         replay_timeout_ms: int = 500,
         on_change: Callable[[str, list[int], list[int]], None] | None = None,
         *,
+        curve: CurveClient | None = None,
         max_batch_hashes: int = DEFAULT_MAX_BATCH_HASHES,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_gap_batches: int = DEFAULT_MAX_GAP_BATCHES,
@@ -299,11 +327,18 @@ class EventSubscriber:
         for name, value in bounds.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name, url in (("events", endpoint), ("replay", replay_endpoint)):
+            if url and curve is None and not is_loopback(url):
+                log.warning("engine %s: %s endpoint %s leaves this host without CURVE: anyone on the "
+                            "path reads and can forge its KV events", engine, name, url)  # fmt: skip
         self.engine = engine
         self.index = index
         self.on_change = on_change  # (engine, keys gained, keys lost), after each change
+        self.curve = curve
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sub = self.ctx.socket(zmq.SUB)
+        if curve is not None:
+            curve.secure(self.sub)
         self.sub.connect(endpoint)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.replay_endpoint = replay_endpoint
@@ -401,6 +436,8 @@ class EventSubscriber:
         if self.replay_endpoint:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.secure(sock)
             sock.connect(self.replay_endpoint)
             deadline = time.monotonic() + self.replay_timeout_ms / 1000
             # the request waits for the connection, within the same deadline
@@ -489,29 +526,41 @@ class EngineEventBridge:
 
     For each request the worker passes the prompt's token ids, its scope and the engine events
     the request produced. The i-th full block of the prompt has kvcache key ``k_i`` (the
-    engine's manager, the tenant's scope) and vLLM key ``v_i`` (``keyer``, with the tenant as
-    ``cache_salt`` unless it is ``default_tenant``); a stored ``k_i`` is published as a stored
+    engine's manager, the request's scope) and vLLM key ``v_i`` (``keyer``, with
+    ``salt_of(scope.chain_scope)`` as ``cache_salt``); a stored ``k_i`` is published as a stored
     ``v_i`` and remembered, so its later removal is published too. Blocks of generated tokens
     are not published (a router keys prompts only).
+
+    ``salt_of`` is the deployment's keyed pseudonym (``serve.auth.DeploymentKeys.pseudonym``):
+    no tenant name reaches the wire, and without the deployment secret nobody can compute the
+    key of a guessed prompt to test it against the stream. ``BlockStored.token_ids`` are sent
+    empty (routers match keys, not tokens) unless ``token_ids`` is set.
     """
 
     def __init__(
-        self, publisher: EventPublisher, keyer: Any, manager: Any, default_tenant: str = "default"
+        self,
+        publisher: EventPublisher,
+        keyer: Any,
+        manager: Any,
+        salt_of: Callable[[str], str],
+        *,
+        token_ids: bool = False,
     ) -> None:
         self.publisher = publisher
         self.keyer = keyer
         self.manager = manager
-        self.default_tenant = default_tenant
+        self.salt_of = salt_of
+        self.token_ids = token_ids
         self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
 
     def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
-        """``scope``: the request's ``kvcache.tenancy.Scope`` (its tenant becomes the salt)."""
+        """``scope``: the request's ``kvcache.tenancy.Scope`` (its pseudonym becomes the salt)."""
         from kvcache.events import BlockStored as KVStored
 
         events = list(events)
         if not events:
             return
-        salt = None if scope.tenant == self.default_tenant else scope.tenant
+        salt = self.salt_of(scope.chain_scope)
         kv_keys = self.manager.hash(token_ids, scope).keys
         v_keys = self.keyer.keys(token_ids, cache_salt=salt)
         prompt = {k: (i, v) for i, (k, v) in enumerate(zip(kv_keys, v_keys, strict=False))}
@@ -536,7 +585,7 @@ class EngineEventBridge:
             # the newly stored blocks run from ``first`` on (the blocks before were cached)
             bs = self.keyer.block_size
             parent = v_keys[first - 1] if first > 0 else None
-            tokens = token_ids[first * bs : (first + len(stored)) * bs]
+            tokens = token_ids[first * bs : (first + len(stored)) * bs] if self.token_ids else []
             out.append(BlockStored(stored, parent, tokens, bs, None, "GPU"))
         if out:
             self.publisher.publish(out)
