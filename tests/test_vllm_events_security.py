@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import zmq.auth
 from deployment import KEYS
 
 from kvcache import ConfigError
+from kvcache.child import python_argv
 from kvcache.config import CacheConfig
 from kvcache.manager import BlockManager
 from kvcache.router.curve import CurveClient, CurveServer, is_loopback, local_endpoint
@@ -172,3 +174,17 @@ def test_curve_keys_come_from_owner_only_files(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="not a regular file"):
         CurveClient.load(fifo, certs["server.public"])
+
+
+def test_the_worker_refuses_a_wide_event_bind_without_curve_before_loading() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens: the Redis check passes, no engine loads
+    env = {**os.environ, "KVCACHE_SECRET": "ab" * 32, "CUDA_VISIBLE_DEVICES": ""}
+    argv = ["worker", "--connect", f"redis://127.0.0.1:{closed}", "--vllm-events", "tcp://*:5557"]
+    proc = subprocess.run([*python_argv(), "-m", "kvcache.cli", *argv], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvcache worker: error: KV events endpoint tcp://*:5557"), last
+    assert "without CURVE" in last

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import socket
+from typing import Any
 
 from kvcache import argtypes
 from kvcache.models import DEFAULT_MODEL
@@ -58,6 +59,21 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="put the prompt's token ids in BlockStored events (default: empty)")  # fmt: skip
 
 
+def _vllm_event_publisher(args: argparse.Namespace) -> Any:
+    """The ``EventPublisher`` of ``--vllm-events``, bound; None without the flag."""
+    if not args.vllm_events:
+        return None
+    from kvcache.router.curve import CurveServer, local_endpoint
+    from kvcache.router.vllm_events import EventPublisher
+
+    pub, _, replay = args.vllm_events.partition(",")
+    curve = None
+    if args.vllm_events_curve:
+        cert, _, clients = args.vllm_events_curve.partition(",")
+        curve = CurveServer.load(cert, clients)
+    return EventPublisher(local_endpoint(pub), local_endpoint(replay) if replay else None, curve=curve)
+
+
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.serve import auth, engine_setup
@@ -77,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     auth.refuse_open_redis(redis_url)
     keys = auth.DeploymentKeys.from_secret(secret)
     config = ServeConfig.load(args.config)
+    publisher = _vllm_event_publisher(args)  # before the engine loads: a bad endpoint or key fails fast
     check_redis(redis_url)  # a worker that cannot reach its deployment exits, it does not wait
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine, tier_names = engine_setup.load_engine(
@@ -85,18 +102,10 @@ def run(args: argparse.Namespace) -> int:
         worker_id=worker_id, deployment_key=keys.block_key, tier_secret=keys.tier_key, dtype=args.dtype,
         device=args.device, max_num_seqs=args.max_running)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
-    if args.vllm_events:
-        from kvcache.router.curve import CurveServer, local_endpoint
-        from kvcache.router.vllm_events import EngineEventBridge, EventPublisher
+    if publisher is not None:
+        from kvcache.router.vllm_events import EngineEventBridge
         from kvcache.router.vllm_keys import VllmKeyer
 
-        pub, _, replay = args.vllm_events.partition(",")
-        curve = None
-        if args.vllm_events_curve:
-            cert, _, clients = args.vllm_events_curve.partition(",")
-            curve = CurveServer.load(cert, clients)
-        replay_endpoint = local_endpoint(replay) if replay else None
-        publisher = EventPublisher(local_endpoint(pub), replay_endpoint, curve=curve)
         keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
         worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager, keys.pseudonym,
                                                token_ids=args.vllm_events_token_ids)  # fmt: skip
