@@ -17,15 +17,16 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from kvcache.router.proxy import Engine, RouteProxy
 from kvcache.router.vllm_events import (
+    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EngineIndex,
     EventPublisher,
-    EventSubscriber,
     KVEventBatch,
     encode_batch,
 )
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.router.vllm_subscriber import EventSubscriber
 
 STALL_S = 1.0  # generous: what any single request may wait for the event stream
 
@@ -137,6 +138,34 @@ def test_an_oversize_batch_is_dropped_counted_and_resets() -> None:
         # what the dropped batches did is unknown: the view restarted after them
         assert index.overlap("e0", [1]) == 0 and index.overlap("e0", [100]) == 0
         assert index.overlap("e0", [7]) == 0 and index.overlap("e0", [2]) == 1
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_clear_is_applied_in_slices_before_what_follows_it() -> None:
+    endpoint = f"tcp://127.0.0.1:{_port()}"
+    index = EngineIndex(capacity_blocks=100)
+    sub = EventSubscriber("e0", index, endpoint)
+    pub = EventPublisher(endpoint)
+    sub.start()  # received on its own thread, applied here with drain
+    try:
+        deadline = time.monotonic() + 10.0
+        while sub.next_seq is None:
+            pub.publish([])
+            time.sleep(0.05)
+            assert time.monotonic() < deadline
+        pub.publish(_stored(*range(1, 11)))
+
+        def stored_all() -> bool:
+            sub.drain(100)
+            return index.num_keys("e0") == 10
+
+        _wait(sub, stored_all, poll=False)
+        pub.publish([AllBlocksCleared(), BlockStored([99], None, [], 16, None, None)])
+        _wait(sub, lambda: sub.pending.qsize() == 2, poll=False)  # the clear, then the batch after it
+        assert [(sub.drain(3), index.num_keys("e0")) for _ in range(4)] == [(0, 7), (0, 4), (0, 1), (2, 1)]
+        assert index.overlap("e0", [99]) == 1 and index.overlap("e0", [10]) == 0
     finally:
         sub.close()
         pub.close()

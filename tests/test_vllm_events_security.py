@@ -25,10 +25,10 @@ from kvcache.router.vllm_events import (
     EngineEventBridge,
     EngineIndex,
     EventPublisher,
-    EventSubscriber,
     decode_batch,
 )
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.router.vllm_subscriber import EventSubscriber
 from kvcache.tenancy import Scope
 
 PROMPT = [911, 912, 913, 914, 915, 916, 917, 918, 919]  # two full blocks of 4

@@ -36,8 +36,9 @@ from kvcache.events import BlockRemoved as KVRemoved
 from kvcache.events import BlockStored as KVStored
 from kvcache.router.curve import CurveClient
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.vllm_events import EngineIndex, EventSubscriber
+from kvcache.router.vllm_events import EngineIndex
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.router.vllm_subscriber import EventSubscriber
 
 _SCOPE = "vllm"
 APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcache worker's /generate
