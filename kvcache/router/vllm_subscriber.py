@@ -51,7 +51,6 @@ def num_hashes(batch: KVEventBatch) -> int:
     return sum(len(e.block_hashes) for e in batch.events if not isinstance(e, AllBlocksCleared))
 
 
-
 class EventSubscriber:
     """The router's side for one engine: receive its batches in order, fill gaps by replay, apply
     them to the index.
