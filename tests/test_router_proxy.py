@@ -18,6 +18,7 @@ from kvcache.router.proxy import Engine, RouteProxy
 from kvcache.router.vllm_events import BlockStored, EventPublisher
 from kvcache.router.vllm_keys import VllmKeyer
 from kvcache.serve.config import ServeConfig
+from kvcache.tenancy import Scope
 
 BLOCK = 16
 
@@ -179,6 +180,12 @@ def test_a_vllm_engine_gets_the_callers_scope_as_cache_salt(k_anonymity: int) ->
                      f"salted:{len(group)}:{group}:x"]  # fmt: skip
 
 
+def _salt_of(scope: Scope) -> str:
+    """The salt kvcache workers key a scope's vLLM keys with: its keyed pseudonym."""
+    return KEYS.pseudonym(scope.chain_scope)
+
+
+
 async def _workers_scenario() -> dict[str, Any]:
     from kvcache.engine import EngineConfig
     from kvcache.router.vllm_events import EngineEventBridge
@@ -192,12 +199,13 @@ async def _workers_scenario() -> dict[str, Any]:
         worker = Worker(engine, name, None, KEYS)
         events, replay = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
         publisher = EventPublisher(events, replay)
-        worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager)  # the opt-in hook
+        worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager, KEYS.pseudonym)  # opt-in
         runners.append(await worker.start("127.0.0.1", 0))
         workers.append(worker)
         publishers.append(publisher)
         engines.append(Engine(worker.url, events, replay))
-    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", upstream_headers=KEYS.auth_header())
+    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", upstream_headers=KEYS.auth_header(),
+                       cache_salt_of=_salt_of)  # fmt: skip
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
     out: dict[str, Any] = {}
@@ -223,7 +231,8 @@ async def _workers_scenario() -> dict[str, Any]:
         prompt = [(7 * i) % 250 + 3 for i in range(64)]  # four full blocks
         first, cached0 = await ask(prompt)
         deadline = time.monotonic() + 10
-        while proxy.index.overlap(first, keyer.keys(prompt)) < 4:  # the worker's events arrived
+        keys = keyer.keys(prompt, cache_salt=_salt_of(Scope("default")))
+        while proxy.index.overlap(first, keys) < 4:  # the worker's events arrived
             await asyncio.sleep(0.02)
             assert time.monotonic() < deadline
         followups = []
@@ -232,7 +241,8 @@ async def _workers_scenario() -> dict[str, Any]:
             followups.append(await ask([*prompt, *range(300, 300 + 8 * k)]))
         out.update(first=first, followups=followups, cached0=cached0)
         # the same tokens under a salt (another tenant on the worker) share no key
-        out["salted_overlap"] = proxy.index.overlap(first, keyer.keys(prompt, cache_salt="acme"))
+        salted = keyer.keys(prompt, cache_salt=_salt_of(Scope("default", salt="acme")))
+        out["salted_overlap"] = proxy.index.overlap(first, salted)
         _, out["salted_cached"] = await ask(prompt, salt="acme")
         bad = await client.post("/v1/completions", json={"model": "tiny", "prompt": "text", "max_tokens": 2})
         out["text_status"] = bad.status

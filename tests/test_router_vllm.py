@@ -20,12 +20,12 @@ from kvcache.router.vllm_events import (
     EngineIndex,
     EventPublisher,
     EventStreamError,
-    EventSubscriber,
     KVEventBatch,
     decode_batch,
     encode_batch,
 )
 from kvcache.router.vllm_keys import VllmKeyer, external_key
+from kvcache.router.vllm_subscriber import EventSubscriber
 
 
 def cbor_block(parent: bytes, tokens: bytes, extra: bytes) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from kvcache import argtypes
@@ -38,6 +39,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default="openai",
         help="openai: vLLM engines; kvcache: kvcache workers started with --vllm-events",
     )
+    parser.add_argument(
+        "--events-curve",
+        metavar="CERT,SERVER",
+        help="subscribe with ZeroMQ CURVE: this proxy's secret certificate file (owner-only) and the "
+        "engines' publisher public certificate file",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     argtypes.check_port_free(host, args.port)
 
     headers: dict[str, str] = {}
+    from kvcache.router.vllm_keys import scope_salt
+    from kvcache.tenancy import Scope
+
+    cache_salt_of: Callable[[Scope], str | None] = scope_salt  # vLLM engines: the scope's salt
     if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
         import os
 
@@ -60,11 +71,23 @@ def run(args: argparse.Namespace) -> int:
         if secret is None:
             raise ConfigError(f"--engine-api kvcache needs the workers' deployment secret in "
                               f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}")  # fmt: skip
-        headers = auth.DeploymentKeys.from_secret(secret).auth_header()
+        keys = auth.DeploymentKeys.from_secret(secret)
+        headers = keys.auth_header()
+
+        def cache_salt_of(scope: Scope) -> str | None:  # kvcache workers: the scope's keyed pseudonym
+            return keys.pseudonym(scope.chain_scope)
+
+    curve = None
+    if args.events_curve:
+        from kvcache.router.curve import CurveClient
+
+        cert, _, server = args.events_curve.partition(",")
+        curve = CurveClient.load(cert, server)
     engines = [Engine.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
     proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
-                       args.engine_api, headers, config)  # fmt: skip
+                       args.engine_api, headers, config, events_curve=curve,
+                       cache_salt_of=cache_salt_of)  # fmt: skip
     asyncio.run(_serve(proxy.runner(), host, args.port))
     return 0
 

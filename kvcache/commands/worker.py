@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import socket
+from typing import Any
 
 from kvcache import argtypes
 from kvcache.models import DEFAULT_MODEL
@@ -44,9 +45,33 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-events",
         metavar="PUB[,REPLAY]",
-        help="also publish vLLM's KV event stream (ZMQ, e.g. tcp://*:5557,tcp://*:5558), keys as vLLM's "
-        "sha256_cbor with PYTHONHASHSEED 0",
+        help="also publish vLLM's KV event stream on these ZMQ endpoints (a bare port is on 127.0.0.1, "
+        "e.g. 5557,5558), keys as vLLM's sha256_cbor with PYTHONHASHSEED 0 salted by the tenant's "
+        "keyed pseudonym; another host needs --vllm-events-curve",
     )
+    parser.add_argument(
+        "--vllm-events-curve",
+        metavar="CERT,CLIENTS",
+        help="secure the event sockets with ZeroMQ CURVE: this publisher's secret certificate file "
+        "(owner-only) and a folder of the public certificates (NAME.key) of the subscribers allowed",
+    )
+    parser.add_argument("--vllm-events-token-ids", action="store_true",
+                        help="put the prompt's token ids in BlockStored events (default: empty)")  # fmt: skip
+
+
+def _vllm_event_publisher(args: argparse.Namespace) -> Any:
+    """The ``EventPublisher`` of ``--vllm-events``, bound; None without the flag."""
+    if not args.vllm_events:
+        return None
+    from kvcache.router.curve import CurveServer, local_endpoint
+    from kvcache.router.vllm_events import EventPublisher
+
+    pub, _, replay = args.vllm_events.partition(",")
+    curve = None
+    if args.vllm_events_curve:
+        cert, _, clients = args.vllm_events_curve.partition(",")
+        curve = CurveServer.load(cert, clients)
+    return EventPublisher(local_endpoint(pub), local_endpoint(replay) if replay else None, curve=curve)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     auth.refuse_open_redis(redis_url)
     keys = auth.DeploymentKeys.from_secret(secret)
     config = ServeConfig.load(args.config)
+    publisher = _vllm_event_publisher(args)  # before the engine loads: a bad endpoint or key fails fast
     check_redis(redis_url)  # a worker that cannot reach its deployment exits, it does not wait
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine, tier_names = engine_setup.load_engine(
@@ -76,13 +102,13 @@ def run(args: argparse.Namespace) -> int:
         worker_id=worker_id, deployment_key=keys.block_key, tier_secret=keys.tier_key, dtype=args.dtype,
         device=args.device, max_num_seqs=args.max_running)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
-    if args.vllm_events:
-        from kvcache.router.vllm_events import EngineEventBridge, EventPublisher
+    if publisher is not None:
+        from kvcache.router.vllm_events import EngineEventBridge
         from kvcache.router.vllm_keys import VllmKeyer
 
-        pub, _, replay = args.vllm_events.partition(",")
         keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
-        worker.vllm_events = EngineEventBridge(EventPublisher(pub, replay or None), keyer, engine.manager)
+        worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager, keys.pseudonym,
+                                               token_ids=args.vllm_events_token_ids)  # fmt: skip
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
     if worker.refused is not None:
         raise ConfigError(f"the front refused worker {worker_id}: {worker.refused}")

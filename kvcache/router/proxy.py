@@ -3,7 +3,8 @@ their KV event streams say they cache.
 
 Each engine is an HTTP base URL (``/v1/completions``, ``/v1/chat/completions``) with its ZMQ
 event endpoint and, optionally, its replay endpoint. The proxy subscribes to every stream
-(``vllm_events``), keeps a per-engine index bounded by the engines' pool size, mirrors it into
+(``vllm_events``; each received on a thread of its own, applied on the event loop in bounded
+slices between requests), keeps a per-engine index bounded by the engines' pool size, mirrors it into
 a ``Router`` (worker id = engine position), keys each request with ``vllm_keys`` and forwards
 the request body to the engine the policy picks, streaming its answer back. Keys need token
 ids: a completion whose ``prompt`` is a list of token ids is keyed (in the caller's scope and,
@@ -12,14 +13,15 @@ messages are placed by load alone (no tokenizer here). The router's load account
 request from forwarding to the end of its response.
 
 Callers authenticate as ``kvcache serve``'s do (``serve.config``: the same file, API keys to
-tenants; without one every caller is the tenant ``default``), before the body is read; a missing
-or unknown key is a 401 in OpenAI's error shape. The scope a request runs in comes from that
-tenant alone: a ``cache_salt`` in the body only narrows it (``tenancy.Scope``'s salt), so no
-body names another tenant. Engines see the scope as ``vllm_keys.scope_salt``: a vLLM engine as
-the ``cache_salt`` the proxy writes over the caller's, a kvcache worker as tenant, group and
-salt. vLLM engines cannot enforce a share group's k-anonymity, so with ``k_anonymity`` above 1
-they get each tenant's private scope. The engines' own credential (a kvcache worker's bearer
-token) is added here and never comes from or goes to a caller.
+tenants; without one every caller is the tenant ``default``), before the body is read; a missing or
+unknown key is a 401 in OpenAI's error shape. The scope a request runs in comes from that tenant
+alone: a ``cache_salt`` in the body only narrows it (``tenancy.Scope``'s salt), so no body names
+another tenant. Engines see the scope as ``vllm_keys.scope_salt``: a vLLM engine as the
+``cache_salt`` the proxy writes over the caller's, a kvcache worker as tenant, group and salt (its
+published keys are salted with the deployment's keyed pseudonym of the scope, which the proxy then
+keys with too: ``cache_salt_of``). vLLM engines cannot enforce a share group's k-anonymity, so with
+``k_anonymity`` above 1 they get each tenant's private scope. The engines' own credential (a kvcache
+worker's bearer token) is added here and never comes from or goes to a caller.
 
 A client that goes away cancels its handler (``runner``), which drops the engine's stream: a
 kvcache worker aborts the request within a step, as it does for ``kvcache serve``'s front.
@@ -37,7 +39,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +49,11 @@ from aiohttp import web
 from kvcache.errors import AuthError, ConfigError
 from kvcache.events import BlockRemoved as KVRemoved
 from kvcache.events import BlockStored as KVStored
+from kvcache.router.curve import CurveClient
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.vllm_events import EngineIndex, EventSubscriber
+from kvcache.router.vllm_events import EngineIndex
 from kvcache.router.vllm_keys import VllmKeyer, scope_salt
+from kvcache.router.vllm_subscriber import EventSubscriber
 from kvcache.serve import wire
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.protocol import error_body
@@ -100,6 +104,10 @@ class RouteProxy:
         api: str = "openai",
         upstream_headers: Mapping[str, str] | None = None,
         config: ServeConfig | None = None,
+        *,
+        events_curve: CurveClient | None = None,
+        cache_salt_of: Callable[[Scope], str | None] = scope_salt,
+        max_drain_hashes: int = 2048,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
@@ -117,9 +125,15 @@ class RouteProxy:
         self.subscribers = []
         for w, engine in enumerate(self.engines):
             self.router.add_worker(w)
-            self.subscribers.append(
-                EventSubscriber(str(w), self.index, engine.events, engine.replay, on_change=self._mirror)
-            )
+            self.subscribers.append(EventSubscriber(str(w), self.index, engine.events, engine.replay,
+                                                    on_change=self._mirror, curve=events_curve))  # fmt: skip
+        # Events are received on each subscriber's thread and applied here, on the event loop, in
+        # slices of about ``max_drain_hashes`` keys per engine between requests (``_background``).
+        self.max_drain_hashes = max_drain_hashes
+        # The salt the engines key a request's scope with: vLLM engines get ``scope_salt`` as their
+        # cache_salt; kvcache workers salt their published keys with the deployment's keyed
+        # pseudonym of the scope, which the caller of the constructor passes here.
+        self.cache_salt_of = cache_salt_of
         self.session: aiohttp.ClientSession | None = None
 
     def _mirror(self, engine: str, stored: list[int], removed: list[int]) -> None:
@@ -134,7 +148,8 @@ class RouteProxy:
         self.router.on_events(w, events)
 
     def poll_events(self) -> int:
-        return sum(sub.poll(0) for sub in self.subscribers)
+        """Apply what the subscribers received, a bounded slice per engine; returns batches applied."""
+        return sum(sub.drain(self.max_drain_hashes) for sub in self.subscribers)
 
     def scope(self, tenant: TenantSpec, body: dict[str, Any]) -> Scope:
         """The scope of ``tenant``'s request, narrowed by the body's ``cache_salt`` when it has one;
@@ -158,7 +173,7 @@ class RouteProxy:
         ):
             model = body.get("model")
             lora = model if isinstance(model, str) and model in self.lora_models else None
-            keys = [_key_bytes(k) for k in self.keyer.keys(prompt, lora, scope_salt(scope))]
+            keys = [_key_bytes(k) for k in self.keyer.keys(prompt, lora, self.cache_salt_of(scope))]
             num_tokens = len(prompt)
         elif isinstance(prompt, str):
             num_tokens = max(1, len(prompt) // 4)  # a length estimate for the load model only
@@ -181,14 +196,13 @@ class RouteProxy:
             scope = self.scope(tenant, body)
         except ValueError as exc:
             return _error(400, str(exc), param="cache_salt")
-        self.poll_events()
         request_id, w = self.place(body, scope)
         assert self.session is not None
         try:
             if self.api == "kvcache":
                 return await self._generate(request_id, w, body, scope)
             body.pop("cache_salt", None)  # the engine's salt is the caller's scope, never the caller's word
-            salt = scope_salt(scope)
+            salt = self.cache_salt_of(scope)
             if salt is not None:
                 body["cache_salt"] = salt
             url = self.engines[w].url + request.path
@@ -251,10 +265,15 @@ class RouteProxy:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
 
         async def pump() -> None:
+            loop = asyncio.get_running_loop()
             while True:
-                self.poll_events()
-                await asyncio.sleep(0.02)
+                started = loop.time()
+                busy = self.poll_events() > 0
+                # Events get at most half the loop's time: requests run while this sleeps.
+                await asyncio.sleep(loop.time() - started if busy else 0.02)
 
+        for sub in self.subscribers:
+            sub.start()
         task = asyncio.create_task(pump())
         yield
         task.cancel()

@@ -1,4 +1,4 @@
-"""vLLM's KV event stream: the wire schema, a publisher and a subscriber over ZMQ.
+"""vLLM's KV event stream: the wire schema, the router's per-engine index, and a publisher over ZMQ.
 
 vLLM (``vllm/distributed/kv_events.py``, ``--kv-events-config``) publishes msgpack-encoded
 ``KVEventBatch(ts, events, data_parallel_rank)`` on a ZMQ PUB socket as three frames
@@ -9,12 +9,10 @@ replay socket answers ``[start_seq (8 bytes)]`` with every buffered ``[seq, payl
 that sequence on, then ``[-1 (8 bytes, signed), b""]``. Fields a later vLLM appends are
 ignored on decode; fields an earlier one lacks default to None.
 
-``EventPublisher`` speaks this protocol, and ``EngineEventBridge`` feeds it a kvcache engine's
-block events re-keyed as vLLM keys (``vllm_keys``), so a kvcache worker looks like a vLLM engine;
-``EventSubscriber`` feeds a router index (``EngineIndex``): it applies batches in sequence,
-asks the replay socket for a gap, and when the gap cannot be filled (the publisher's buffer
-moved on) clears that engine's entries, as it does on ``AllBlocksCleared``: the index then
-under-reports until new events arrive, never over-reports. Routing is ``router``'s job.
+``EventPublisher`` speaks this protocol (loopback only, unless secured with CURVE: ``curve``),
+and ``EngineEventBridge`` feeds it a kvcache engine's block events re-keyed as vLLM keys
+(``vllm_keys``), so a kvcache worker looks like a vLLM engine. ``EngineIndex`` is what a router
+knows each engine holds; ``vllm_subscriber`` fills it from a stream. Routing is ``router``'s job.
 """
 
 from __future__ import annotations
@@ -29,7 +27,8 @@ import msgspec
 import zmq
 
 from kvcache.errors import ConfigError, KVCacheError
-from kvcache.router.vllm_keys import external_key, scope_salt
+from kvcache.router.curve import CurveServer, is_loopback
+from kvcache.router.vllm_keys import external_key
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"
@@ -149,6 +148,17 @@ class EngineIndex:
             self._drop(engine, key)
         return gone
 
+    def forget(self, engine: str, max_keys: int) -> list[int]:
+        """Forget up to ``max_keys`` of the engine's keys, least recently stored first (a clear
+        in slices); returns the keys forgotten."""
+        keys = self.keys_of.get(engine)
+        gone: list[int] = []
+        while keys and len(gone) < max_keys:
+            key = keys.popitem(last=False)[0]
+            self._drop(engine, key)
+            gone.append(key)
+        return gone
+
     def overlap(self, engine: str, keys: Iterable[int]) -> int:
         """Leading ``keys`` the engine holds."""
         mine: dict[int, None] = self.keys_of.get(engine, {})
@@ -164,7 +174,13 @@ class EngineIndex:
 
 
 class EventPublisher:
-    """A worker's side: PUB batches with sequence numbers, serve replays from a bounded buffer."""
+    """A worker's side: PUB batches with sequence numbers, serve replays from a bounded buffer.
+
+    Endpoints that leave this host need ``curve`` (a ``CurveServer``): the stream and the replay
+    history are then encrypted and only the subscribers whose keys the server lists connect.
+    Without it such a bind is refused: block keys and event timing of every tenant would be
+    readable by anyone who reaches the port.
+    """
 
     def __init__(
         self,
@@ -172,13 +188,28 @@ class EventPublisher:
         replay_endpoint: str | None = None,
         topic: str = DEFAULT_TOPIC,
         buffer_steps: int = 10_000,
+        *,
+        curve: CurveServer | None = None,
     ) -> None:
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        for url in (endpoint, replay_endpoint):
+            if url and curve is None and not is_loopback(url):
+                raise ConfigError(
+                    f"KV events endpoint {url} is reachable from other hosts, and without CURVE anyone "
+                    "there reads every tenant's block keys: bind tcp://127.0.0.1:PORT, or give the "
+                    "publisher CURVE keys (a server certificate and the subscribers' public keys)"
+                )
+        # A context of its own: ZAP (the CURVE client check) is per context.
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth = curve.authenticator(self.ctx) if curve is not None else None
         self.pub = self.ctx.socket(zmq.PUB)
+        if curve is not None:
+            curve.secure(self.pub)
         self.pub.bind(endpoint)
         self.replay = None
         if replay_endpoint:
             self.replay = self.ctx.socket(zmq.ROUTER)
+            if curve is not None:
+                curve.secure(self.replay)
             self.replay.bind(replay_endpoint)
         self.topic = topic.encode()
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
@@ -228,99 +259,9 @@ class EventPublisher:
         self.pub.close(linger=0)
         if self.replay is not None:
             self.replay.close(linger=0)
-
-
-class EventSubscriber:
-    """The router's side for one engine: apply its batches in order, fill gaps by replay."""
-
-    def __init__(
-        self,
-        engine: str,
-        index: EngineIndex,
-        endpoint: str,
-        replay_endpoint: str | None = None,
-        topic: str = DEFAULT_TOPIC,
-        replay_timeout_ms: int = 500,
-        on_change: Callable[[str, list[int], list[int]], None] | None = None,
-    ) -> None:
-        self.engine = engine
-        self.index = index
-        self.on_change = on_change  # (engine, keys gained, keys lost), after each change
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.connect(endpoint)
-        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self.replay_endpoint = replay_endpoint
-        self.replay_timeout_ms = replay_timeout_ms
-        self.next_seq: int | None = None
-        self.num_gaps = self.num_resyncs = self.num_bad = 0
-
-    def poll(self, timeout_ms: int = 0) -> int:
-        """Apply every message waiting (waiting up to ``timeout_ms`` for the first); returns
-        how many batches were applied."""
-        applied = 0
-        while self.sub.poll(timeout_ms if applied == 0 else 0):
-            frames = self.sub.recv_multipart()
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self.num_bad += 1
-                continue
-            applied += self._on_message(int.from_bytes(frames[1], "big"), frames[2])
-        return applied
-
-    def _on_message(self, seq: int, payload: bytes) -> int:
-        applied = 0
-        if self.next_seq is not None and seq < self.next_seq:
-            return 0  # already applied (a replayed duplicate)
-        if self.next_seq is not None and seq > self.next_seq:
-            self.num_gaps += 1
-            applied += self._fill(self.next_seq, seq)
-        try:
-            batch = decode_batch(payload)
-        except EventStreamError:
-            self.num_bad += 1
-            self.next_seq = seq + 1
-            return applied
-        self._apply(batch)
-        self.next_seq = seq + 1
-        return applied + 1
-
-    def _apply(self, batch: KVEventBatch) -> None:
-        stored, removed = self.index.apply(self.engine, batch)
-        if self.on_change is not None and (stored or removed):
-            self.on_change(self.engine, stored, removed)
-
-    def _clear(self) -> None:
-        removed = self.index.clear(self.engine)
-        if self.on_change is not None and removed:
-            self.on_change(self.engine, [], removed)
-
-    def _fill(self, first: int, upto: int) -> int:
-        """Replay ``[first, upto)``; without it, forget this engine (it resyncs from new events)."""
-        got: dict[int, bytes] = {}
-        if self.replay_endpoint:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.replay_endpoint)
-            sock.send_multipart([b"", first.to_bytes(8, "big")])
-            while sock.poll(self.replay_timeout_ms):
-                frames = sock.recv_multipart()
-                if len(frames) != 3 or frames[1] == END_SEQ:
-                    break
-                got[int.from_bytes(frames[1], "big")] = frames[2]
-            sock.close()
-        if any(s not in got for s in range(first, upto)):
-            self.num_resyncs += 1
-            self._clear()
-            return 0
-        for s in range(first, upto):
-            try:
-                self._apply(decode_batch(got[s]))
-            except EventStreamError:
-                self.num_bad += 1
-        return upto - first
-
-    def close(self) -> None:
-        self.sub.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()  # the ports are free once close returns (an engine restarting binds them again)
 
 
 class EngineEventBridge:
@@ -329,29 +270,41 @@ class EngineEventBridge:
 
     For each request the worker passes the prompt's token ids, its scope and the engine events
     the request produced. The i-th full block of the prompt has kvcache key ``k_i`` (the
-    engine's manager, the request's scope) and vLLM key ``v_i`` (``keyer``, with the scope's
-    ``vllm_keys.scope_salt`` as ``cache_salt``); a stored ``k_i`` is published as a stored
+    engine's manager, the request's scope) and vLLM key ``v_i`` (``keyer``, with
+    ``salt_of(scope.chain_scope)`` as ``cache_salt``); a stored ``k_i`` is published as a stored
     ``v_i`` and remembered, so its later removal is published too. Blocks of generated tokens
     are not published (a router keys prompts only).
+
+    ``salt_of`` is the deployment's keyed pseudonym (``serve.auth.DeploymentKeys.pseudonym``):
+    no tenant name reaches the wire, and without the deployment secret nobody can compute the
+    key of a guessed prompt to test it against the stream. ``BlockStored.token_ids`` are sent
+    empty (routers match keys, not tokens) unless ``token_ids`` is set.
     """
 
     def __init__(
-        self, publisher: EventPublisher, keyer: Any, manager: Any, default_tenant: str = "default"
+        self,
+        publisher: EventPublisher,
+        keyer: Any,
+        manager: Any,
+        salt_of: Callable[[str], str],
+        *,
+        token_ids: bool = False,
     ) -> None:
         self.publisher = publisher
         self.keyer = keyer
         self.manager = manager
-        self.default_tenant = default_tenant
+        self.salt_of = salt_of
+        self.token_ids = token_ids
         self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
 
     def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
-        """``scope``: the request's ``kvcache.tenancy.Scope`` (``scope_salt`` gives the salt)."""
+        """``scope``: the request's ``kvcache.tenancy.Scope`` (its pseudonym becomes the salt)."""
         from kvcache.events import BlockStored as KVStored
 
         events = list(events)
         if not events:
             return
-        salt = scope_salt(scope, self.default_tenant)
+        salt = self.salt_of(scope.chain_scope)
         kv_keys = self.manager.hash(token_ids, scope).keys
         v_keys = self.keyer.keys(token_ids, cache_salt=salt)
         prompt = {k: (i, v) for i, (k, v) in enumerate(zip(kv_keys, v_keys, strict=False))}
@@ -376,7 +329,7 @@ class EngineEventBridge:
             # the newly stored blocks run from ``first`` on (the blocks before were cached)
             bs = self.keyer.block_size
             parent = v_keys[first - 1] if first > 0 else None
-            tokens = token_ids[first * bs : (first + len(stored)) * bs]
+            tokens = token_ids[first * bs : (first + len(stored)) * bs] if self.token_ids else []
             out.append(BlockStored(stored, parent, tokens, bs, None, "GPU"))
         if out:
             self.publisher.publish(out)
