@@ -36,6 +36,7 @@ from kvcache.events import BlockStored as KVStored
 from kvcache.router.router import Router, RouteRequest
 from kvcache.router.vllm_events import EngineIndex, EventSubscriber
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.serve import protocol
 
 _SCOPE = "vllm"
 APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcache worker's /generate
@@ -56,10 +57,6 @@ class Engine:
                 f"--engine {spec!r} must be URL,EVENTS[,REPLAY], e.g. http://h:8000,tcp://h:5557"
             )
         return cls(parts[0].rstrip("/"), parts[1], parts[2] if len(parts) == 3 else None)
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "code": status}}, status=status)
 
 
 def _token_ids(prompt: Any) -> bool:
@@ -140,13 +137,12 @@ class RouteProxy:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return web.json_response({"error": {"message": "the body is not JSON", "code": 400}}, status=400)
+            return protocol.error_response("the body is not JSON", status=400)
         if not isinstance(body, dict):
-            return web.json_response(
-                {"error": {"message": "the body must be a JSON object", "code": 400}}, status=400
-            )
+            return protocol.error_response("the body must be a JSON object", status=400)
         if self.api == "kvcache" and not _token_ids(body.get("prompt")):
-            return _error(400, "kvcache workers take token ids: send 'prompt' as a list of token ids")
+            return protocol.error_response("kvcache workers take token ids: send 'prompt' as a list of token "
+                                           "ids", status=400, param="prompt")  # fmt: skip
         self.poll_events()
         request_id, w = self.place(body)
         assert self.session is not None
@@ -165,7 +161,7 @@ class RouteProxy:
                 await response.write_eof()
                 return response
         except aiohttp.ClientError as exc:
-            return _error(502, f"engine {w} ({self.engines[w].url}): {exc}")
+            return protocol.error_response(f"engine {w} ({self.engines[w].url}): {exc}", status=502)
         finally:
             self.router.on_finished(request_id)
 
@@ -183,13 +179,14 @@ class RouteProxy:
         async with self.session.post(self.engines[w].url + "/generate", json=request,
                                      headers=self.upstream_headers) as upstream:
             if upstream.status != 200:
-                return _error(upstream.status, str((await upstream.json()).get("error", "engine error")))
+                detail = str((await upstream.json()).get("error", "engine error"))
+                return protocol.error_response(detail, status=upstream.status)
             tokens: list[int] = []
             first: dict[str, Any] = {}
             async for raw in upstream.content:
                 line = json.loads(raw)
                 if "error" in line:
-                    return _error(int(line.get("status", 500)), str(line["error"]))
+                    return protocol.error_response(str(line["error"]), status=int(line.get("status", 500)))
                 if "token_id" in line:
                     first = first or line
                     tokens.append(int(line["token_id"]))
@@ -226,7 +223,7 @@ class RouteProxy:
             sub.close()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 2**20)
+        app = web.Application(client_max_size=16 * 2**20, middlewares=[protocol.json_errors])
         app.router.add_post("/v1/completions", self.forward)
         app.router.add_post("/v1/chat/completions", self.forward)
         app.cleanup_ctx.append(self._background)
