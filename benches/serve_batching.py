@@ -8,7 +8,8 @@ up to ``--max-running 64`` sequences per engine step, ``serial`` caps the engine
 wait per worker, so neither refuses load. Then ``rounds`` times, alternating which goes first,
 replays the same trace at the same Poisson rate with ``bench-serve``'s loop against each, and
 prints per-round figures, the median of the rounds, the ratio serial / batched of p50 and p99
-TTFT, and the load average before and after.
+TTFT, and the load average before and after. Server logs go to ``--logs`` (created if missing); a
+server that exits before its workers join stops the run at once with the end of its log.
 """
 
 from __future__ import annotations
@@ -40,20 +41,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(args: argparse.Namespace, name: str, max_running: int) -> tuple[subprocess.Popen[bytes], str]:
+def _start(args: argparse.Namespace, name: str,
+           max_running: int) -> tuple[subprocess.Popen[bytes], str, Path]:  # fmt: skip
     port = _free_port()
     cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
            "--workers", str(args.workers), "--port", str(port), "--threads", str(args.threads),
            "--num-blocks", str(args.num_blocks),
            "--max-running", str(max_running), "--max-waiting", "256"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
-    log = open(Path(args.logs) / f"serve-batching-{name}.log", "wb")  # noqa: SIM115
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), f"http://127.0.0.1:{port}"
+    log_path = Path(args.logs) / f"serve-batching-{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return process, f"http://127.0.0.1:{port}", log_path
 
 
-def _wait_workers(url: str, n: int, timeout_s: float = 300.0) -> None:
+def _wait_workers(url: str, n: int, process: subprocess.Popen[bytes], log_path: Path,
+                  timeout_s: float = 300.0) -> None:  # fmt: skip
+    """Until ``url`` reports ``n`` workers; ``SystemExit`` with the log's end if the server exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise SystemExit(f"{url}: kvcache serve exited with code {process.returncode} before its "
+                             f"workers joined; {log_path} ends:\n" + "\n".join(tail))  # fmt: skip
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as resp:
                 if json.loads(resp.read())["workers"] == n:
@@ -80,12 +90,13 @@ def main() -> int:
     args = parser.parse_args()
 
     trace = bench.load_trace(args.trace, vocab_size=256)
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
     servers = {name: _start(args, name, running) for name, running in CONFIGS.items()}
     load_before = os.getloadavg()
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     try:
-        for _, url in servers.values():
-            _wait_workers(url, args.workers)
+        for process, url, log_path in servers.values():
+            _wait_workers(url, args.workers, process, log_path)
         for r in range(args.rounds):
             order = list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))
             for name in order:
@@ -98,9 +109,9 @@ def main() -> int:
                 rounds[name].append({k: s[k] for k in KEYS})
                 print(f"round {r} {name:8s} " + " ".join(f"{k}={s[k]:.1f}" for k in KEYS), flush=True)
     finally:
-        for process, _ in servers.values():
+        for process, _, _ in servers.values():
             process.terminate()
-        for process, _ in servers.values():
+        for process, _, _ in servers.values():
             process.wait(timeout=60)
     load_after = os.getloadavg()
     medians = {name: {k: statistics.median(x[k] for x in rs) for k in KEYS} for name, rs in rounds.items()}

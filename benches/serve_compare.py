@@ -156,6 +156,7 @@ def main() -> int:
     trace = bench.load_trace(args.trace, vocab_size=256)
     tenants = sorted({r.tenant for r in trace if r.tenant is not None}) or ["tenant0"]
     num_tenants = max(2, len(tenants))
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
     config_path = Path(args.logs) / "serve_compare.toml"
     config_path.write_text(_config_text(num_tenants))
     keys = {f"tenant{t}": f"sk-tenant{t}" for t in range(num_tenants)}

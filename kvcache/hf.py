@@ -43,6 +43,7 @@ from transformers.utils import logging as _transformers_logging
 from kvcache.errors import ConfigError, ModelError
 from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
+from kvcache.models import QWEN25_7B_SHAPE, SMALL_QWEN2, random_weight_names
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.
 _AutoModel: Any = transformers.AutoModelForCausalLM
@@ -50,10 +51,7 @@ _hf_logging: Any = _transformers_logging
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
-TINY_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "phi")
 _ALIASES = {"tiny": "llama"}
-SMALL_QWEN2 = "small-qwen2"  # a few million parameters: CPU benchmarks where the model dominates
-QWEN25_7B_SHAPE = "qwen2.5-7b-shape"  # random weights with Qwen2.5-7B's shape, for GPU benchmarks
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +95,8 @@ def weights_digest(model: Any) -> bytes:
     return digest.digest(16)
 
 
-def tiny_model_names() -> list[str]:
-    return ["tiny", *(f"tiny-{f}" for f in TINY_FAMILIES), SMALL_QWEN2, QWEN25_7B_SHAPE]
-
-
 def tiny_config(name: str) -> Any:
-    """The config behind a random-weight model name (see :func:`tiny_model_names`)."""
+    """The config behind a random-weight model name (see ``models.random_weight_names``)."""
     family = _ALIASES.get(name, name.removeprefix("tiny-"))
     # A larger init spread than the default 0.02 gives peaked logits, so greedy choices are far
     # from ties and cached/uncached runs must agree on every token.
@@ -145,7 +139,7 @@ def tiny_config(name: str) -> Any:
     if family == "gpt2":
         gpt2: dict[str, Any] = {"n_positions": 16384, "bos_token_id": 0, "eos_token_id": 0}
         return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, **gpt2, **common)
-    raise ModelError(f"no tiny config named {name!r}; choose one of {', '.join(tiny_model_names())}")
+    raise ModelError(f"no tiny config named {name!r}; choose one of {', '.join(random_weight_names())}")
 
 
 def _from_config(config: Any, dtype: torch.dtype) -> Any:
@@ -185,7 +179,7 @@ def load_model(
     dev = _device(device)
     dt = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = None
-    if name_or_path in tiny_model_names():
+    if name_or_path in random_weight_names():
         torch.manual_seed(seed)
         with torch.device(dev):
             model = _from_config(tiny_config(name_or_path), dt)
@@ -209,7 +203,7 @@ def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype
             f"model {name_or_path!r} is neither a local directory with config.json nor in the "
             f"Hugging Face cache under {hub} (kvcache loads local files only). Download it "
             f"where there is network (`hf download {name_or_path}`), copy the folder over and pass "
-            f"its path, or use a random-weight model: {', '.join(tiny_model_names())}"
+            f"its path, or use a random-weight model: {', '.join(random_weight_names())}"
         ) from exc
     with _progress_bars(False):  # a local load takes about a second: a bar is only noise
         model: Any = _AutoModel.from_pretrained(
@@ -263,7 +257,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def load_tokenizer(name_or_path: str) -> Any | None:
     """The tokenizer stored with a model, or None (random-weight models and checkpoints saved
     without one: transformers would otherwise build an empty tokenizer from the config)."""
-    if name_or_path in tiny_model_names():
+    if name_or_path in random_weight_names():
         return None
     if os.path.isdir(name_or_path):
         stored = any(os.path.exists(os.path.join(name_or_path, f)) for f in _TOKENIZER_FILES)
@@ -478,7 +472,7 @@ def paged_support(model: Any) -> str | None:
 def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
     """End-of-sequence ids from the model's generation config; none for random-weight models (their
     configs name an EOS id, but random weights give it no meaning, so generation runs to max_tokens)."""
-    if loaded.model_id in tiny_model_names() or loaded.tokenizer is None:
+    if loaded.model_id in random_weight_names() or loaded.tokenizer is None:
         return ()
     eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     if eos is None:

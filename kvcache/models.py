@@ -31,6 +31,10 @@ import xxhash
 from kvcache.errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
+# Random-weight configs (``hf.tiny_config`` builds them): ``tiny`` is ``tiny-llama``.
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "phi")
+SMALL_QWEN2 = "small-qwen2"  # a few million parameters: CPU benchmarks where the model dominates
+QWEN25_7B_SHAPE = "qwen2.5-7b-shape"  # random weights with Qwen2.5-7B's shape, for GPU benchmarks
 MANIFEST = "manifest.json"
 _FORMAT = 1  # bump when the folder layout changes: older folders are then rebuilt
 
@@ -268,7 +272,6 @@ def _alive(pid: int) -> bool:
 
 
 def random_weight_names() -> list[str]:
-    """The configs ``kvcache.hf`` builds with random weights (no download, no conversion)."""
-    from kvcache import hf
-
-    return hf.tiny_model_names()
+    """The configs ``kvcache.hf`` builds with random weights (no download, no conversion). The names
+    live here, not in ``hf``, so listing them never imports torch or transformers."""
+    return ["tiny", *(f"tiny-{f}" for f in TINY_FAMILIES), SMALL_QWEN2, QWEN25_7B_SHAPE]

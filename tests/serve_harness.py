@@ -200,8 +200,10 @@ def deployment_env(redis: RedisServer, secret: bytes) -> dict[str, str]:
 
 def _answers(url: str) -> bool:
     try:
-        urllib.request.urlopen(url + "/v1/models", timeout=1).close()
+        urllib.request.urlopen(url + "/health", timeout=1).close()
         return True
+    except urllib.error.HTTPError:
+        return True  # 503 until a worker joined: the front answers
     except OSError:
         return False
 

@@ -8,11 +8,13 @@ are removed; a missing weights package or an unknown name is a ModelError that c
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from kvcache import hf, models
+from kvcache.child import python_argv
 from kvcache.errors import ModelError
 
 FAKE = models.ModelSpec(
@@ -128,3 +130,16 @@ def test_home_follows_kvcache_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert models.home() == tmp_path
     monkeypatch.delenv("KVCACHE_HOME")
     assert models.home() == Path.home() / ".cache" / "kvcache" / "models"
+
+
+def test_listing_models_imports_neither_torch_nor_transformers() -> None:
+    # `kvcache models` lists names; importing torch and transformers would make it take seconds.
+    code = ("import sys; from kvcache.cli import main; main(['models']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run(python_argv("-c", code), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *listing, imported = done.stdout.splitlines()
+    assert imported == "[]"
+    names = [line.split()[0] for line in listing[2:] if not line.startswith(" ")]
+    assert names == [*models.REGISTRY, *models.random_weight_names()]
+    assert "qwen2.5-7b-shape" in names and "tiny-gpt2" in names

@@ -111,7 +111,9 @@ async def _scenario() -> dict[str, Any]:
         out["salted_overlap"] = max(proxy.index.overlap(str(w), salted) for w in (0, 1))
         out["text"] = await ask({"model": "m", "prompt": "hello there", "max_tokens": 4})
         bad = await client.post("/v1/completions", data=b"{not json")
-        out["bad"] = bad.status
+        out["bad"] = bad.status, await bad.json()
+        unknown = await client.get("/v1/models")
+        out["unknown"] = unknown.status, await unknown.json()
         out["served"] = [len(s.served) for s in stubs]
         out["active"] = sum(len(load.active) for load in proxy.router.loads.values())
     finally:
@@ -128,7 +130,11 @@ def test_route_proxy_places_by_vllm_events() -> None:
     assert out["followups"] == [out["first"]] * 5  # by chance alone: 1 in 32
     assert out["salted_overlap"] == 0
     assert out["text"][0] == 200 and out["text"][1] in ("a", "b")
-    assert out["bad"] == 400
+    assert out["bad"] == (400, {"error": {"message": "the body is not JSON", "type": "invalid_request_error",
+                                          "param": None, "code": None}})  # fmt: skip
+    assert out["unknown"] == (404, {"error": {"message": "Invalid URL (GET /v1/models)",
+                                              "type": "invalid_request_error", "param": None,
+                                              "code": None}})  # fmt: skip
     assert sum(out["served"]) == 6  # six token-id prompts; the text prompt is not recorded
     assert out["active"] == 0  # every forwarded request was finished in the router
 

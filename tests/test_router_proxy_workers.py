@@ -114,8 +114,8 @@ def test_callers_authenticate_and_a_cache_salt_never_reaches_another_tenant(
             # No key, or a wrong one: 401 in OpenAI's shape, whatever the body says.
             for key in (None, "sk-wrong"):
                 status, data = await ask(session, keyed, key, cache_salt="acme")
-                assert status == 401 and data["error"]["type"] == "authentication_error"
-                assert data["error"]["code"] == 401
+                assert status == 401 and data["error"]["code"] == "invalid_api_key"
+                assert data["error"]["type"] == "invalid_request_error"
             # Another tenant naming acme (or acme's chain scope) in cache_salt gets its own scope.
             assert cached(await ask(session, keyed, "sk-globex", cache_salt="acme")) == 0
             assert cached(await ask(session, keyed, "sk-globex", cache_salt="tenant:acme")) == 0
@@ -224,7 +224,7 @@ def test_the_route_command_reads_serves_config_and_refuses_callers_without_a_key
                 assert process.poll() is None, process.stdout.read() if process.stdout else ""
                 assert time.monotonic() < deadline, "kvcache route did not start"
                 time.sleep(0.1)
-        assert status == 401 and data["error"]["type"] == "authentication_error"
+        assert status == 401 and data["error"]["code"] == "invalid_api_key"
         status, data = post("sk-acme")  # authenticated: on to the engine, which is not there
         assert status == 502 and data["error"]["type"] == "server_error"
     finally:

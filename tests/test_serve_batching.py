@@ -123,7 +123,7 @@ def test_a_full_worker_answers_503_with_retry_after_and_nothing_hangs(server: De
             refused = [f.result() for f in futures if f.done()]
             for status, body, headers in refused:
                 assert status == 503 and headers["Retry-After"] == "1"
-                assert body["error"]["type"] == "service_unavailable"
+                assert body["error"]["code"] == "service_unavailable"
                 assert "retry after" in body["error"]["message"]
             for stream in streams:
                 stream.close()  # the batch frees up: the waiting request runs

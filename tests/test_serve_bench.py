@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from kvcache.errors import TraceError
-from kvcache.serve.bench import Result, load_trace, summarize, table
+from kvcache.serve.bench import Result, load_trace, offered, poisson_gaps, summarize, table
 
 
 def test_token_and_mooncake_lines(tmp_path: Path) -> None:
@@ -72,12 +72,40 @@ def test_summary_uses_vllm_key_names() -> None:
     assert "Mean TTFT (ms)" in table(s)
 
 
+def test_offered_counts_the_schedules_arrivals_within_the_duration() -> None:
+    gaps = poisson_gaps(8.0, seed=0)
+    due = [0.0]
+    while due[-1] < 20.0:
+        due.append(due[-1] + next(gaps))
+    assert offered(8.0, 20.0, seed=0) == len(due) - 1  # sends are due at 0 and at each gap's end
+    assert 130 < offered(8.0, 20.0, seed=0) < 190  # about rate x duration
+    assert offered(8.0, 20.0, seed=0, num_prompts=5) == 5
+    assert offered(float("inf"), 20.0) is None and offered(float("inf"), 20.0, num_prompts=7) == 7
+
+
+def test_summary_shows_offered_sent_and_the_achieved_rate() -> None:
+    results = [Result(True, 10, 2, 0, 0.5, 1.0, [0.5], sent_s=0.0),
+               Result(True, 10, 2, 0, 0.5, 1.0, [0.5], sent_s=2.0),
+               Result(False, error="HTTP 503", sent_s=4.0)]  # fmt: skip
+    s = summarize(results, 5.0, rate=8.0, max_concurrency=1, offered=32)
+    assert (s["offered"], s["sent"], s["completed"], s["failed"]) == (32, 3, 2, 1)
+    assert s["request_rate"] == 8.0 and s["achieved_request_rate"] == 0.5  # 2 sends after the first in 4 s
+    shown = table(s)
+    for line in ("Requests offered (rate x duration)", "Requests sent", "Achieved send rate (req/s)"):
+        assert line in shown
+    assert "sent 3 of 32 offered requests" in shown and "--max-concurrency 1" in shown
+    unbounded = summarize(results, 5.0, rate=float("inf"), max_concurrency=1)
+    assert unbounded["offered"] is None and "unbounded" in table(unbounded) and "offered requests" not in (
+        table(unbounded))  # fmt: skip
+
+
 class ScriptedServer:
     """An OpenAI server in a background thread: answers requests carrying ``key`` with one streamed
     token, refuses the others (and every prompt longer than 3 tokens) with an OpenAI error body."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, delay_s: float = 0.0) -> None:
         self.key = key
+        self.delay_s = delay_s
         self.url = ""
         self._started = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -90,6 +118,7 @@ class ScriptedServer:
         if len(body["prompt"]) > 3:
             return web.json_response({"error": {"message": "prompt too long for this test", "code": 400}},
                                      status=400)  # fmt: skip
+        await asyncio.sleep(self.delay_s)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"choices": [{"text": "x"}]}\n\n')
@@ -151,6 +180,25 @@ def test_bench_serve_reports_failures_with_the_server_message(
         monkeypatch.delenv("KVCACHE_API_KEY")
         assert main([*argv, "--allow-failures"]) == 1  # nothing completed at all
         assert "HTTP 401: unknown API key" in capsys.readouterr().out  # no key: the server's message
+
+
+def test_bench_serve_against_a_slow_server_says_how_many_requests_it_sent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcache.cli import main
+
+    monkeypatch.setenv("KVCACHE_API_KEY", "sk-env")
+    with ScriptedServer("sk-env", delay_s=0.25) as server:
+        trace = "synthetic:tenants=1,sessions=1,turns=1,system=1,user=1"  # 2-token prompts
+        argv = ["bench-serve", server.url, "--trace", trace, "--duration", "1", "--rate", "40",
+                "--max-concurrency", "1"]  # fmt: skip
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["offered"] == offered(40.0, 1.0, seed=0) and summary["offered"] > 20
+    assert 1 <= summary["sent"] <= 5 and summary["completed"] == summary["sent"]  # one at a time, 0.25 s each
+    assert f"sent {summary['sent']} of {summary['offered']} offered requests" in out
+    assert summary["achieved_request_rate"] < 10
 
 
 def test_bench_serve_against_a_dead_url_fails_within_the_duration(capsys: pytest.CaptureFixture[str]) -> None:

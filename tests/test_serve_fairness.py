@@ -55,7 +55,7 @@ def test_a_tenant_at_its_share_is_429_and_another_tenant_is_served_at_once() -> 
             async with session.post(path, json={"prompt": "hi", "max_tokens": 3}, headers=acme) as resp:
                 assert resp.status == 429 and resp.headers["Retry-After"] == "1"
                 error = (await resp.json())["error"]
-            assert error["type"] == "rate_limit_exceeded" and error["code"] == 429
+            assert error["code"] == "rate_limit_exceeded" and error["param"] is None
             assert "tenant 'acme' has 2 request(s) in flight on each worker" in error["message"]
             assert "its share (0.5 of 4 seats per worker)" in error["message"]
             status, body = await post(path, {"prompt": "hi", "max_tokens": 3}, headers=globex)
@@ -121,7 +121,7 @@ def test_a_flooding_tenant_leaves_another_tenants_time_to_first_token_bounded(tm
         with ThreadPoolExecutor(16) as pool:
             streams = list(pool.map(lambda i: Stream(dep.url, "sk-acme", ids(100 + i, 24), 2000), range(16)))
         assert sorted(s.status for s in streams) == [200] * 4 + [429] * 12
-        assert all(s.error["error"]["type"] == "rate_limit_exceeded" for s in streams if s.status == 429)
+        assert all(s.error["error"]["code"] == "rate_limit_exceeded" for s in streams if s.status == 429)
         with ThreadPoolExecutor(3) as pool:
             prompts = [ids(200 + i, 24) for i in range(3)]
             answers = list(pool.map(lambda p: first_token_s(dep.url, "sk-globex", p), prompts))

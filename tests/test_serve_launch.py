@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -93,6 +96,35 @@ def test_redis_script_stops_its_server_on_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serving_is_announced_once_every_worker_is_ready(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--port", str(port), "--workers", "2",
+           "--model", "tiny", "--num-blocks", "64"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
+    err_path = tmp_path / "stderr"
+    with err_path.open("wb") as err:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+    watchdog = threading.Timer(300, process.kill)  # a hang fails the test instead of blocking it
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        lines = iter(process.stdout.readline, b"")  # workers print to the same stdout
+        line = next((x.decode() for x in lines if x.startswith(b"kvcache serving")), "(none)")
+        assert line == f"kvcache serving tiny on http://127.0.0.1:{port}\n", err_path.read_text()
+        # Announced means answered: both workers have joined.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            assert json.loads(resp.read()) == {"workers": 2, "redis": True}
+        progress = [s for s in err_path.read_text().splitlines() if s.startswith("kvcache:")]
+        assert progress[0] == "kvcache: starting 2 worker(s) of tiny; waiting for them to load"
+        ready = progress[1:]  # "kvcache: worker w1 ready (1/2)": in the order they joined
+        assert [s.split()[-1] for s in ready] == ["(1/2)", "(2/2)"]
+        assert sorted(s.split()[2] for s in ready) == ["w0", "w1"]
+    finally:
+        watchdog.cancel()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 def test_worker_flags_carry_dtype_and_device() -> None:

@@ -117,9 +117,14 @@ def test_sse_framing_and_error_body() -> None:
     assert protocol.sse("[DONE]") == b"data: [DONE]\n\n"
     frame = protocol.sse({"a": 1})
     assert frame.startswith(b"data: ") and json.loads(frame[6:]) == {"a": 1}
-    assert protocol.error_body("bad", status=400, type_="invalid_request_error", param="prompt") == {
-        "error": {"message": "bad", "type": "invalid_request_error", "param": "prompt", "code": 400}
+    assert protocol.error_body("bad", status=400, param="prompt") == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": "prompt", "code": None}
     }
+    assert protocol.error_body("no", status=404, param="model", code="model_not_found")["error"] == {
+        "message": "no", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert protocol.error_body("busy", status=503)["error"]["code"] == "service_unavailable"
+    assert protocol.error_body("boom", status=500)["error"] == {"message": "boom", "type": "server_error",
+                                                              "param": None, "code": None}  # fmt: skip
 
 
 def test_no_op_fields_are_accepted_and_others_name_the_field() -> None:

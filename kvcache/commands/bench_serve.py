@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
             args.url, trace, rate=args.rate, duration_s=args.duration, max_concurrency=args.max_concurrency,
             keys=keys, seed=args.seed, progress=progress, api_key=api_key,
             num_prompts=args.num_prompts))  # fmt: skip
-    summary = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency)
+    offered = bench.offered(args.rate, args.duration, args.seed, args.num_prompts)
+    summary = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency,
+                              offered=offered)  # fmt: skip
     print(bench.table(summary))
     text = json.dumps(summary, indent=2)
     print(text)

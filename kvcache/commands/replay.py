@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import Any
 
 from kvcache import argtypes
@@ -60,7 +61,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="WORKER@SECONDS",
-        help="remove a worker mid-replay (repeatable)",
+        help="remove a worker at SECONDS on the trace's clock (repeatable); a time outside the trace's "
+        "arrivals is warned about, as it removes a worker nobody uses or one already idle",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -113,6 +115,18 @@ def _failures(specs: list[str]) -> tuple[tuple[int, float], ...]:
         except ValueError:
             raise ConfigError(f"--fail {spec!r} must be WORKER@SECONDS, e.g. 3@120") from None
     return tuple(out)
+
+
+def _warn_outside(failures: tuple[tuple[int, float], ...], first_s: float, last_s: float) -> None:
+    """A warning on stderr for each fault outside ``[first_s, last_s]``, the trace's arrivals: it
+    would fire before any request or after the last one arrived, so it tests nothing."""
+    for worker, seconds in failures:
+        if first_s <= seconds <= last_s:
+            continue
+        when = "before the first request arrives" if seconds < first_s else "after the last request arrived"
+        print(f"kvcache replay: warning: --fail {worker}@{seconds:g} lies outside the trace, whose requests "
+              f"arrive from {first_s:.1f} s to {last_s:.1f} s: worker {worker} fails {when}; pick a time in "
+              "that span", file=sys.stderr)  # fmt: skip
 
 
 def _replay_with_tiers(
@@ -174,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         capacities = [max(1, int(args.capacity_fraction * unique / args.workers))]
     latency = LatencyModel.from_json(args.latency) if args.latency else LatencyModel()
     failures = _failures(args.fail)
+    if trace.requests:
+        _warn_outside(failures, trace.requests[0].timestamp_ms / 1000, trace.requests[-1].timestamp_ms / 1000)
     prompts = prepare(trace, block_size)
     print(
         f"{args.trace}: {len(trace.requests)} requests over {trace.duration_ms / 1000:.0f} s, "

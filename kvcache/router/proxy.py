@@ -54,9 +54,8 @@ from kvcache.router.router import Router, RouteRequest
 from kvcache.router.vllm_events import EngineIndex
 from kvcache.router.vllm_keys import VllmKeyer, scope_salt
 from kvcache.router.vllm_subscriber import EventSubscriber
-from kvcache.serve import wire
+from kvcache.serve import protocol, wire
 from kvcache.serve.config import ServeConfig, TenantSpec
-from kvcache.serve.protocol import error_body
 from kvcache.tenancy import MAX_SALT_CHARS, Scope
 
 _SCOPE = "vllm"
@@ -78,11 +77,6 @@ class Engine:
                 f"--engine {spec!r} must be URL,EVENTS[,REPLAY], e.g. http://h:8000,tcp://h:5557"
             )
         return cls(parts[0].rstrip("/"), parts[1], parts[2] if len(parts) == 3 else None)
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None
-           ) -> web.Response:  # fmt: skip
-    return web.json_response(error_body(message, status=status, type_=type_, param=param), status=status)
 
 
 def _token_ids(prompt: Any) -> bool:
@@ -183,19 +177,20 @@ class RouteProxy:
         try:
             tenant = self.config.authenticate(request.headers.get("Authorization"))
         except AuthError as exc:
-            return _error(401, str(exc), "authentication_error")
+            return protocol.error_response(str(exc), status=401)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "the body is not JSON")
+            return protocol.error_response("the body is not JSON", status=400)
         if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
+            return protocol.error_response("the body must be a JSON object", status=400)
         if self.api == "kvcache" and not _token_ids(body.get("prompt")):
-            return _error(400, "kvcache workers take token ids: send 'prompt' as a list of token ids")
+            return protocol.error_response("kvcache workers take token ids: send 'prompt' as a list of token "
+                                           "ids", status=400, param="prompt")  # fmt: skip
         try:
             scope = self.scope(tenant, body)
         except ValueError as exc:
-            return _error(400, str(exc), param="cache_salt")
+            return protocol.error_response(str(exc), status=400, param="cache_salt")
         request_id, w = self.place(body, scope)
         assert self.session is not None
         try:
@@ -217,7 +212,7 @@ class RouteProxy:
                 await response.write_eof()
                 return response
         except aiohttp.ClientError as exc:
-            return _error(502, f"engine {w} ({self.engines[w].url}): {exc}", "server_error")
+            return protocol.error_response(f"engine {w} ({self.engines[w].url}): {exc}", status=502)
         finally:
             self.router.on_finished(request_id)
 
@@ -236,13 +231,14 @@ class RouteProxy:
         async with self.session.post(self.engines[w].url + "/generate", json=request,
                                      headers=self.upstream_headers) as upstream:
             if upstream.status != 200:
-                return _error(upstream.status, str((await upstream.json()).get("error", "engine error")))
+                detail = str((await upstream.json()).get("error", "engine error"))
+                return protocol.error_response(detail, status=upstream.status)
             tokens: list[int] = []
             first: dict[str, Any] = {}
             async for raw in upstream.content:
                 line = json.loads(raw)
                 if "error" in line:
-                    return _error(int(line.get("status", 500)), str(line["error"]))
+                    return protocol.error_response(str(line["error"]), status=int(line.get("status", 500)))
                 if "token_id" in line:
                     first = first or line
                     tokens.append(int(line["token_id"]))
@@ -284,7 +280,7 @@ class RouteProxy:
             sub.close()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 2**20)
+        app = web.Application(client_max_size=16 * 2**20, middlewares=[protocol.json_errors])
         app.router.add_post("/v1/completions", self.forward)
         app.router.add_post("/v1/chat/completions", self.forward)
         app.cleanup_ctx.append(self._background)

@@ -11,9 +11,12 @@ A trace is a JSON-lines file in either format of ``kvcache.router.trace`` (the r
 or ``synthetic[:key=value,...]`` for ``kvcache.workloads.multi_turn_chat`` (keys: tenants,
 sessions, turns, system, user, output, seed, shared).
 
-Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second,
-at most ``max_concurrency`` in flight, until ``duration_s`` has passed or ``num_prompts`` were
-sent; then the loop waits for the requests in flight. Each result keeps when it was sent
+Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second
+(``poisson_gaps``), at most ``max_concurrency`` in flight, until ``duration_s`` has passed or
+``num_prompts`` were sent; then the loop waits for the requests in flight. While
+``max_concurrency`` requests are in flight the next one waits, so a server that cannot keep up is
+sent fewer requests than the schedule offers: the summary reports both (``offered``, ``sent``) and
+the rate the requests actually went out at. Each result keeps when it was sent
 (``sent_s`` after the first send), so a simulation can replay the same arrivals. Each request
 streams, so TTFT and inter-token latencies are measured at the client; ``cached_tokens`` comes
 from the final usage chunk. A failed request keeps the server's error message (``HTTP 400:
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +145,27 @@ def _message(text: str) -> str:
     return str(message) if message else text.strip()[:200]
 
 
+def poisson_gaps(rate: float, seed: int) -> Iterator[float]:
+    """Seconds between sends: Poisson arrivals at ``rate`` per second (no gap for ``inf``), seeded."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield float(rng.exponential(1.0 / rate)) if rate != float("inf") else 0.0
+
+
+def offered(rate: float, duration_s: float, seed: int = 0, num_prompts: int | None = None) -> int | None:
+    """The requests ``run_load``'s schedule offers in ``duration_s`` (at most ``num_prompts``): what it
+    sends when the server keeps up. None when unbounded (rate ``inf`` without ``num_prompts``)."""
+    if rate == float("inf"):
+        return num_prompts
+    count, due_s = 0, 0.0
+    for gap in poisson_gaps(rate, seed):
+        if due_s >= duration_s or (num_prompts is not None and count >= num_prompts):
+            break
+        count += 1
+        due_s += gap
+    return count
+
+
 async def wait_ready(session: Any, url: str, timeout_s: float = 120.0) -> None:
     """Wait until the server's ``/health`` answers 200 (it has workers), so timing starts warm;
     ``ConfigError`` naming the last answer after ``timeout_s``."""
@@ -174,7 +199,7 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
     A request of a tenant in ``keys`` uses that key, any other ``api_key`` when given."""
     import aiohttp
 
-    rng = np.random.default_rng(seed)
+    gaps = poisson_gaps(rate, seed)
     limit = asyncio.Semaphore(max_concurrency)
     tasks: list[asyncio.Task[Result]] = []
     url = url.rstrip("/")
@@ -200,26 +225,30 @@ async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration
             limit.release()
             tasks.append(asyncio.create_task(bounded(trace[i % len(trace)])))
             i += 1
-            if rate != float("inf"):
-                await asyncio.sleep(float(rng.exponential(1.0 / rate)))
-            else:
-                await asyncio.sleep(0)
+            await asyncio.sleep(next(gaps))
         results = list(await asyncio.gather(*tasks))
     return results, time.perf_counter() - start
 
 
 def summarize(
-    results: list[Result], duration_s: float, *, rate: float, max_concurrency: int
+    results: list[Result], duration_s: float, *, rate: float, max_concurrency: int, offered: int | None = None
 ) -> dict[str, Any]:
-    """``vllm bench serve`` keys (ms, tokens/s) plus ``cached_tokens`` and ``cache_hit_rate``."""
+    """``vllm bench serve`` keys (ms, tokens/s) plus ``cached_tokens`` and ``cache_hit_rate``, and how
+    many requests the schedule ``offered`` (``offered()``; None: unbounded), how many were ``sent``
+    and the rate they went out at (``achieved_request_rate``: sends after the first over the time
+    from the first send to the last)."""
     ok = [r for r in results if r.ok]
+    last_sent_s = max((r.sent_s for r in results), default=0.0)
     out: dict[str, Any] = {
         "duration": duration_s,
+        "offered": offered,
+        "sent": len(results),
         "completed": len(ok),
         "failed": len(results) - len(ok),
         "total_input_tokens": sum(r.prompt_tokens for r in ok),
         "total_output_tokens": sum(r.output_tokens for r in ok),
         "request_rate": rate if rate != float("inf") else "inf",
+        "achieved_request_rate": (len(results) - 1) / last_sent_s if last_sent_s > 0 else 0.0,
         "max_concurrency": max_concurrency,
         "request_throughput": len(ok) / duration_s if duration_s else 0.0,
     }
@@ -250,7 +279,10 @@ def summarize(
 
 
 def table(summary: dict[str, Any]) -> str:
-    rows = [("Successful requests", "completed"), ("Failed requests", "failed"),
+    rows = [("Requests offered (rate x duration)", "offered"), ("Requests sent", "sent"),
+            ("Successful requests", "completed"), ("Failed requests", "failed"),
+            ("Offered request rate (req/s)", "request_rate"),
+            ("Achieved send rate (req/s)", "achieved_request_rate"),
             ("Benchmark duration (s)", "duration"), ("Total input tokens", "total_input_tokens"),
             ("Total generated tokens", "total_output_tokens"),
             ("Request throughput (req/s)", "request_throughput"),
@@ -264,9 +296,14 @@ def table(summary: dict[str, Any]) -> str:
     lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
     for label, key in rows:
         value = summary[key]
-        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        text = f"{value:.2f}" if isinstance(value, float) else "unbounded" if value is None else str(value)
         lines.append(f"{label:<38}{text:>12}")
     lines.append("=" * 50)
+    offered_, sent = summary["offered"], summary["sent"]
+    if offered_ is not None and sent < offered_:
+        lines.append(f"sent {sent} of {offered_} offered requests: the next request waits while "
+                     f"--max-concurrency {summary['max_concurrency']} are in flight, so a server that does "
+                     "not keep up with --rate is sent fewer; lower --rate to measure a load it serves")
     ranked = sorted(summary.get("error_counts", {}).items(), key=lambda kv: -kv[1])
     for message, count in ranked[:5]:
         lines.append(f"failed x{count}: {message}")

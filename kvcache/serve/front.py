@@ -67,20 +67,18 @@ WAIT_FOR_WORKER_S = 10.0
 READ_TIMEOUT_S = 60.0
 INLINE_BYTES = 4096  # bodies (and prompts of as many tokens) above this are handled off the loop
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
-_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
-          504: "timeout"}  # fmt: skip
 
 
 class HTTPFailure(Exception):
     """An error to answer with ``status`` and an OpenAI error body (``param``: the field to blame;
-    ``retry_after_s``: sent as ``Retry-After``)."""
+    ``code``: when more precise than the status's, ``protocol.error_body``; ``retry_after_s``: sent as
+    ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *,
-                 param: str | None = None, retry_after_s: str | None = None) -> None:  # fmt: skip
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: str | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.type_ = status, message, type_
-        self.param, self.retry_after_s = param, retry_after_s
+        self.status, self.message = status, message
+        self.param, self.code, self.retry_after_s = param, code, retry_after_s
 
 
 @dataclass(slots=True)
@@ -112,8 +110,7 @@ def _worker_error(status: int, text: str) -> HTTPFailure:
         detail = None
     if not isinstance(detail, str) or not detail:
         detail = text.strip()[:300] or f"worker answered HTTP {status}"
-    kind = _KINDS.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return HTTPFailure(status, detail, kind)
+    return HTTPFailure(status, detail)
 
 
 class Front:
@@ -160,7 +157,7 @@ class Front:
         while not self.pool.workers:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise HTTPFailure(503, "no worker is available; retry later", "service_unavailable")
+                raise HTTPFailure(503, "no worker is available; retry later")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.pool.changed.wait(), timeout=min(left, 0.25))
 
@@ -194,14 +191,13 @@ class Front:
             if not free:
                 retry = max(busy.values(), key=lambda v: float(v) if v.replace(".", "", 1).isdigit() else 0.0)
                 raise HTTPFailure(503, f"all {len(busy)} workers have full waiting queues; retry after "
-                                  f"{retry} s", "service_unavailable", retry_after_s=retry)  # fmt: skip
+                                  f"{retry} s", retry_after_s=retry)  # fmt: skip
             free = [w for w in free if self.seats.has_room(tenant, w)]
             if not free:
                 share, seats, of = tenant.max_share, self.seats.seats(tenant), self.seats.max_running
                 raise HTTPFailure(429, f"tenant {tenant.name!r} has {seats} request(s) in flight on each "
                                   f"worker it may use, its share ({share:g} of {of} seats per worker); "
-                                  "retry when one ends", "rate_limit_exceeded",
-                                  retry_after_s="1")  # fmt: skip
+                                  "retry when one ends", retry_after_s="1")  # fmt: skip
             route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope,
                                        req.max_tokens)
             worker_id = self.router.route(route)
@@ -225,8 +221,7 @@ class Front:
                         except ValueError as exc:
                             raise aiohttp.ClientPayloadError(f"worker sent a malformed line: {exc}") from exc
                         if "error" in line:  # the worker refused to go on (e.g. quota reached while decoding)
-                            kind = "rate_limit_exceeded" if line["status"] == 429 else "server_error"
-                            raise HTTPFailure(line["status"], line["error"], kind)
+                            raise HTTPFailure(line["status"], line["error"])
                         if line.get("done"):
                             done = True
                             outcome.finish_reason = line.get("finish_reason", "length")
@@ -251,7 +246,7 @@ class Front:
                 self._failed(worker_id, reg.instance, request_id, exc)
             except TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
                 raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
-                                  "retry later", "timeout") from exc  # fmt: skip
+                                  "retry later") from exc  # fmt: skip
             except _RETRYABLE as exc:
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
@@ -259,8 +254,7 @@ class Front:
                 self.seats.give(tenant.name, worker_id)
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
                     self.router.on_finished(request_id)
-        raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers; retry later",
-                          "service_unavailable", retry_after_s="1")  # fmt: skip
+        raise HTTPFailure(503, f"request failed on {MAX_ATTEMPTS} workers; retry later", retry_after_s="1")
 
     def _reported_load(self, worker_id: str) -> tuple[int, int]:
         """A worker's waiting and running requests as it last reported them (0 when unknown)."""
@@ -276,15 +270,14 @@ class Front:
 
     # ---- HTTP ----------------------------------------------------------------------------
 
-    def _error(self, status: int, message: str, type_: str, param: str | None = None,
+    def _error(self, status: int, message: str, param: str | None = None, code: str | None = None,
                retry_after_s: str | None = None) -> web.Response:  # fmt: skip
         self.metrics.requests.labels(str(status)).inc()
         headers = {"Retry-After": retry_after_s} if retry_after_s is not None else None
-        return web.json_response(protocol.error_body(message, status=status, type_=type_, param=param),
-                                 status=status, headers=headers)  # fmt: skip
+        return protocol.error_response(message, status=status, param=param, code=code, headers=headers)
 
     def _fail(self, exc: HTTPFailure) -> web.Response:
-        return self._error(exc.status, exc.message, exc.type_, exc.param, exc.retry_after_s)
+        return self._error(exc.status, exc.message, exc.param, exc.code, exc.retry_after_s)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -326,7 +319,7 @@ class Front:
             async with asyncio.timeout(timeout_s):
                 raw = await request.read()
         except TimeoutError as exc:
-            raise HTTPFailure(408, f"the body did not arrive within {timeout_s:g} s", "timeout") from exc
+            raise HTTPFailure(408, f"the body did not arrive within {timeout_s:g} s", code="timeout") from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise HTTPFailure(413, f"the body is larger than {self.max_body_bytes} bytes; shorten the "
                               "prompt") from exc  # fmt: skip
@@ -341,14 +334,14 @@ class Front:
         try:
             tenant = self.config.authenticate(request.headers.get("Authorization"))
         except AuthError as exc:
-            return self._error(401, str(exc), "authentication_error")
+            return self._error(401, str(exc))
         try:
             req, token_ids = await self._read(request, chat)
         except HTTPFailure as exc:
             return self._fail(exc)
         if req.model is not None and req.model not in self.served_names:
             return self._error(404, f"model {req.model!r} is not served here; use {self.model_name!r}",
-                               "model_not_found")  # fmt: skip
+                               param="model", code="model_not_found")  # fmt: skip
         prefix = "chatcmpl" if chat else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -388,8 +381,8 @@ class Front:
             except HTTPFailure as exc:
                 if response is None:
                     return self._fail(exc)
-                await response.write(protocol.sse(protocol.error_body(exc.message, status=exc.status,
-                                                                      type_=exc.type_)))  # fmt: skip
+                error = protocol.error_body(exc.message, status=exc.status, param=exc.param, code=exc.code)
+                await response.write(protocol.sse(error))
                 await response.write_eof()
                 return response
             except ConnectionResetError:  # the client went away mid-stream
@@ -407,11 +400,12 @@ class Front:
                                      usage_=usage)  # fmt: skip
             return web.json_response(body)
         final = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
-                               text=tail, finish_reason=outcome.finish_reason,
-                               usage_=usage)  # fmt: skip
-        if not req.include_usage:
-            final.pop("usage")
+                               text=tail, finish_reason=outcome.finish_reason)  # fmt: skip
         await response.write(protocol.sse(final))
+        if req.include_usage:  # OpenAI's usage chunk: after the last choice, with no choices
+            usage_chunk = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
+                                         text=None, usage_=usage)  # fmt: skip
+            await response.write(protocol.sse(usage_chunk))
         await response.write(protocol.sse("[DONE]"))
         await response.write_eof()
         return response
@@ -427,6 +421,10 @@ class Front:
             m.tier_errors.labels(outcome.worker_id).inc(outcome.tier_errors)
 
     async def models(self, request: web.Request) -> web.Response:
+        try:
+            self.config.authenticate(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return self._error(401, str(exc))
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvcache"}]})  # fmt: skip
 
@@ -443,7 +441,7 @@ class Front:
 
     async def debug_workers(self, request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):  # internal addresses: operators on the host only
-            return self._error(403, "/debug/workers answers loopback clients only", "permission_error")
+            return self._error(403, "/debug/workers answers loopback clients only")
         return web.json_response({wid: {"url": s.reg.url, "pid": s.reg.pid, "instance": s.reg.instance,
                                         "indexed_blocks": len(s.indexed_blocks)}
                                   for wid, s in self.pool.workers.items()})  # fmt: skip
@@ -451,7 +449,8 @@ class Front:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self.guard.middleware])
+        app = web.Application(client_max_size=self.max_body_bytes,
+                              middlewares=[self.guard.middleware, protocol.json_errors])  # fmt: skip
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)

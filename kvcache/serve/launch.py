@@ -4,7 +4,10 @@
 ``kvcache worker``, exactly what an operator starts on another machine; the front finds them
 through Redis like any remote worker. The Redis URL (with its password) and the deployment
 secret reach workers in their environment (``KVCACHE_REDIS_URL``, ``KVCACHE_SECRET``), never in
-argv, where any local user could read them. On SIGINT/SIGTERM the front stops, then
+argv, where any local user could read them. The front listens at once (``/health`` answers 503
+until a worker joins); stderr shows each worker as it joins (``worker w0 ready (1/2)``), and the
+``serving on URL`` line comes on stdout only once every worker started here has joined, so a
+client that waits for it is answered. On SIGINT/SIGTERM the front stops, then
 the workers, then the Redis it started. A worker that exits before it ever joined (a model that
 does not load, a bad flag, a refusal by the front) stops the whole deployment with a
 ``ConfigError`` carrying the worker's last error lines, as ``vllm serve`` exits when its engine
@@ -149,11 +152,21 @@ def worker_latency(latency: LatencyModel | None, max_running: int) -> LatencyMod
     return dataclasses.replace(latency or LatencyModel(), max_num_seqs=max_running)
 
 
-async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event) -> str | None:
-    """Until ``stop``: the failure of a worker that exited before it joined, if one does."""
+async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event, url: str) -> str | None:
+    """Until ``stop``: the failure of a worker that exited before it joined, if one does. Reports each
+    worker as it joins, and ``url`` once all have."""
+    ours = [w.worker_id for w in workers]
     joined: set[str] = set()
+    ready = False
     while not stop.is_set():
-        joined |= set(front.pool.workers)
+        for worker_id in ours:
+            if worker_id not in joined and worker_id in front.pool.workers:
+                joined.add(worker_id)
+                print(f"kvcache: worker {worker_id} ready ({len(joined)}/{len(ours)})", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        if not ready and len(joined) == len(ours):
+            ready = True
+            print(f"kvcache serving {front.model_name} on {url}", flush=True)
         for worker in workers:
             if worker.worker_id not in joined and worker.process.poll() is not None:
                 await asyncio.sleep(0.2)  # let the relay thread take its last lines
@@ -165,16 +178,19 @@ async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event
 async def run_front(front: Front, host: str, port: int, workers: list[WorkerProcess] | None = None) -> None:
     """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM, or until one of ``workers`` exits
     before joining (then ``ConfigError`` with its error)."""
+    workers = workers or []
     runner = front.runner()
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-        print(f"kvcache serving {front.model_name} on http://{host}:{port}", flush=True)
+        if workers:
+            print(f"kvcache: starting {len(workers)} worker(s) of {front.model_name}; waiting for them to "
+                  "load", file=sys.stderr, flush=True)  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        watch = asyncio.create_task(_watch(front, workers or [], stop))
+        watch = asyncio.create_task(_watch(front, workers, stop, f"http://{host}:{port}"))
         await asyncio.wait([watch, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
         failure = await watch

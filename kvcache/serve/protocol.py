@@ -15,6 +15,12 @@ for something this server does not do (``logit_bias``, ``suffix``,
 ``{"type": "text"}``) and refused with a 400 naming the field otherwise; a field the OpenAI API
 does not have is refused, so a typo never silently changes a request.
 
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: ``type`` and
+``code`` (a string such as ``"model_not_found"``, or null; never the HTTP status) follow from the
+status unless the caller names a more precise code; ``json_errors`` answers unknown routes and
+methods in the same shape. Streamed with ``stream_options.include_usage``, every chunk carries
+``"usage": null`` and the usage comes in one last chunk whose ``choices`` is empty, as OpenAI sends it.
+
 ``loads`` is the only way a body becomes JSON here: it bounds the nesting depth on the raw bytes
 before parsing (a body of 100,000 ``[`` must be a 400, not a ``RecursionError``), and every string
 a request carries must be encodable as UTF-8 (JSON allows a lone surrogate such as ``"\ud800"``).
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 
 from kvcache.errors import ProtocolError
 
@@ -40,16 +47,30 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 256
 _IGNORED = {"user", "presence_penalty", "frequency_penalty", "metadata",
             "store", "service_tier"}  # fmt: skip
-# Fields that are accepted at a value that changes nothing and refused at any other value.
-_NOOPS: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
-    "top_logprobs": (None, 0),
+# Fields that are accepted at a value that changes nothing and refused at any other value, with
+# what this server does not do (the refusal says so).
+_NOOPS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logit_bias": ((None, {}), "bias logits"),
+    "suffix": ((None, ""), "insert text before a suffix"),
+    "best_of": ((None, 1), "rank several candidates"),
+    "tools": ((None, []), "call tools"),
+    "tool_choice": ((None, "none"), "call tools"),
+    "parallel_tool_calls": ((None, True, False), "call tools"),
+    "response_format": ((None, {"type": "text"}), "constrain the output to a format"),
+    "top_logprobs": ((None, 0), "return log probabilities"),
+}
+_REFUSED = {"logprobs": "return log probabilities", "echo": "echo the prompt"}
+# OpenAI's error ``type`` and ``code`` for each HTTP status, unless the caller names a code.
+_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", None),
+    405: ("invalid_request_error", None),
+    413: ("invalid_request_error", None),
+    429: ("tokens", "rate_limit_exceeded"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
 }
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop")
 _COMPLETION_NOOPS = {"logit_bias", "suffix", "best_of"}
@@ -129,31 +150,34 @@ def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) 
 
 def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, Any]:
     noops = _CHAT_NOOPS if chat else _COMPLETION_NOOPS
-    unknown = set(body) - allowed - _IGNORED - noops
+    unknown = sorted(set(body) - allowed - _IGNORED - noops)
     if unknown:
-        raise ProtocolError(f"unsupported fields {sorted(unknown)}; remove them")
+        raise ProtocolError(f"unsupported fields {unknown}; remove them", param=unknown[0])
     for name in sorted(noops & set(body)):
-        if not any(body[name] == ok and type(body[name]) is type(ok) for ok in _NOOPS[name]):
-            shown = " or ".join("null" if ok is None else json.dumps(ok) for ok in _NOOPS[name])
-            raise ProtocolError(f"'{name}'={body[name]!r} is not supported (greedy decoding, no tools); "
-                                f"send {shown} or leave it out")  # fmt: skip
+        accepted, what = _NOOPS[name]
+        if not any(body[name] == ok and type(body[name]) is type(ok) for ok in accepted):
+            shown = " or ".join("null" if ok is None else json.dumps(ok) for ok in accepted)
+            raise ProtocolError(f"'{name}'={body[name]!r} is not supported: this server does not {what}; "
+                                f"send {shown} or leave it out", param=name)  # fmt: skip
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise ProtocolError(f"'model'={model!r} must be a string")
+        raise ProtocolError(f"'model'={model!r} must be a string", param="model")
     n = body.get("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         raise ProtocolError(f"'n'={n!r}: only n=1 is supported", param="n")
-    for name in ("logprobs", "echo"):
+    for name, what in _REFUSED.items():
         if body.get(name) not in (None, False, [], ""):
-            raise ProtocolError(f"'{name}' is not supported; leave it unset")
+            raise ProtocolError(f"'{name}' is not supported: this server does not {what}; leave it unset",
+                                param=name)  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise ProtocolError(f"'stream'={stream!r} must be true or false")
+        raise ProtocolError(f"'stream'={stream!r} must be true or false", param="stream")
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-            raise ProtocolError("'stream_options' must be an object like {\"include_usage\": true}")
+            raise ProtocolError("'stream_options' must be an object like {\"include_usage\": true}",
+                                param="stream_options")  # fmt: skip
         include_usage = options.get("include_usage", False) is True
     limit_name = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:
@@ -217,7 +241,7 @@ def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> Generat
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         if not prompt:
-            raise ProtocolError("'prompt' is empty; send at least one character")
+            raise ProtocolError("'prompt' is empty; send at least one character", param="prompt")
         return GenerateRequest(text=_utf8(prompt, "'prompt'"), **common)
     if isinstance(prompt, list) and prompt:
         if not isinstance(prompt[0], (str, list)):
@@ -225,8 +249,10 @@ def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> Generat
         if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
             return GenerateRequest(token_ids=list(prompt), **common)
         if all(isinstance(t, (str, list)) for t in prompt):
-            raise ProtocolError(f"'prompt' holds {len(prompt)} prompts; send one prompt per request")
-    raise ProtocolError("'prompt' must be a non-empty string or a non-empty list of token ids in 0..2**32-1")
+            raise ProtocolError(f"'prompt' holds {len(prompt)} prompts; send one prompt per request",
+                                param="prompt")  # fmt: skip
+    raise ProtocolError("'prompt' must be a non-empty string or a non-empty list of token ids in 0..2**32-1",
+                        param="prompt")  # fmt: skip
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -250,7 +276,8 @@ def parse_chat(body: Any) -> GenerateRequest:
                             "stream_options", "n", "logprobs", *_SAMPLING_FIELDS}, chat=True)  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ProtocolError('\'messages\' must be a non-empty list of {"role", "content"} objects')
+        raise ProtocolError('\'messages\' must be a non-empty list of {"role", "content"} objects',
+                            param="messages")  # fmt: skip
     parsed: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -292,7 +319,8 @@ def chunk(
     req: GenerateRequest, *, request_id: str, model: str, created: int, text: str | None,
     finish_reason: str | None = None, usage_: dict[str, Any] | None = None, first: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """One streamed chunk; ``text=None`` gives the usage-only final chunk (empty ``choices``)."""
+    """One streamed chunk; ``text=None`` gives the usage-only final chunk (empty ``choices``). With
+    ``include_usage`` the other chunks carry ``"usage": null``; without it no chunk has the field."""
     choices: list[dict[str, Any]] = []
     if text is not None:
         if req.chat:
@@ -309,7 +337,7 @@ def chunk(
         "model": model,
         "choices": choices,
     }
-    if usage_ is not None:
+    if usage_ is not None or req.include_usage:
         out["usage"] = usage_
     return out
 
@@ -320,6 +348,28 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def error_body(message: str, *, status: int, type_: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+def error_body(message: str, *, status: int, param: str | None = None, code: str | None = None
+               ) -> dict[str, Any]:  # fmt: skip
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``, its ``type`` and
+    default ``code`` chosen by ``status``."""
+    fallback = ("invalid_request_error", None) if status < 500 else ("server_error", None)
+    type_, default_code = _ERROR_KINDS.get(status, fallback)
+    return {"error": {"message": message, "type": type_, "param": param, "code": code or default_code}}
+
+
+def error_response(message: str, *, status: int, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+    return web.json_response(error_body(message, status=status, param=param, code=code), status=status,
+                             headers=headers)  # fmt: skip
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown routes (404) and methods (405) answered with an OpenAI error body, not aiohttp's text."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        what = "Invalid URL" if exc.status == 404 else "Method not allowed"
+        return error_response(f"{what} ({request.method} {request.path})", status=exc.status,
+                              headers={k: v for k, v in exc.headers.items() if k == "Allow"})  # fmt: skip

@@ -205,10 +205,9 @@ def load(model: str, vocab_size: int = 256) -> Tokenizer:
     registry name's is converted on first use); ``ModelError`` for a model without one."""
     if model.startswith("tiny") and not Path(model).exists():
         return ByteTokenizer(vocab_size)  # random-weight models: no need to import transformers
-    from kvcache.hf import tiny_model_names
-    from kvcache.models import load_tokenizer
+    from kvcache.models import load_tokenizer, random_weight_names
 
-    if model in tiny_model_names():
+    if model in random_weight_names():
         return ByteTokenizer(vocab_size)
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
