@@ -141,10 +141,6 @@ def build_dynamo(core: Any, stream: EventStream) -> Any:
     return tree
 
 
-def our_scores(index: PreciseIndex, keys: list[bytes], workers: range) -> dict[int, int]:
-    return {w: n for w, n in index.overlaps(keys, workers, 0.0).items() if n}
-
-
 def dynamo_scores(tree: Any, keys: list[int]) -> dict[int, int]:
     return {w: n for (w, _dp_rank), n in tree.find_matches(keys).scores.items() if n}
 
@@ -171,8 +167,7 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
     stream = EventStream(num_workers)
     ours, tree = build_ours(stream), build_dynamo(core, stream)
     prompt_u64 = [_as_u64(k) for k in stream.prompt]
-    fleet = range(num_workers)
-    got = our_scores(ours, stream.prompt, fleet)
+    got = ours.overlaps(stream.prompt, 0.0)
     want = dynamo_scores(tree, prompt_u64)
     if got != want or got != stream.held:
         raise AssertionError(f"overlap scores differ at {num_workers} workers: kvcache {got} dynamo {want}")
@@ -185,7 +180,7 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
         "matching_workers": len(got),
         "ours_events_per_cpu_s": stream.num_block_events / apply_ours,
         "dynamo_events_per_cpu_s": stream.num_block_events / apply_dynamo,
-        "ours_lookup_us": _lookup_us(lambda: our_scores(ours, stream.prompt, fleet), calls),
+        "ours_lookup_us": _lookup_us(lambda: ours.overlaps(stream.prompt, 0.0), calls),
         "dynamo_lookup_us": _lookup_us(lambda: tree.find_matches(prompt_u64), calls),
     }
 
@@ -359,7 +354,7 @@ def test_index_lookup_1024_workers(benchmark: Any, core: Any, side: str) -> None
         scores = benchmark(lambda: dynamo_scores(tree, keys))
     else:
         index = build_ours(stream)
-        scores = benchmark(lambda: our_scores(index, stream.prompt, range(1024)))
+        scores = benchmark(lambda: index.overlaps(stream.prompt, 0.0))
     assert scores == stream.held
     benchmark.extra_info["load"] = os.getloadavg()[0]
 

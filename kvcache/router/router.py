@@ -148,7 +148,7 @@ class Router:
             load.reported = num_requests
 
     def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
-        overlap = self.index.overlaps(request.block_keys, self.loads, now)
+        overlap = self.index.overlaps(request.block_keys, now)  # sparse: a missing worker holds 0
         views = []
         for w, load in self.loads.items():
             pending = load.pending
@@ -157,7 +157,7 @@ class Router:
             views.append(
                 WorkerView(
                     worker_id=w,
-                    overlap_blocks=overlap[w],
+                    overlap_blocks=overlap.get(w, 0),
                     active_requests=len(load.active),
                     active_blocks=load.active_blocks,
                     pending_prefill_tokens=load.pending_tokens,
