@@ -6,6 +6,10 @@ Two comparisons, each measured side by side in one run, with the machine's load:
    router's ``PreciseIndex``; then one 64-block prompt that most workers partly hold is scored
    by both (``find_matches`` / ``overlaps``). The per-worker overlap scores must be identical.
    Printed: events applied per CPU-second and lookup microseconds for both, and the ratios.
+   Two lookups on each side: the one a router calls (Dynamo's ``find_matches``, which returns
+   a Rust object; kvcache's ``overlap_slots``, two arrays of the matching workers' slots and
+   overlaps, which the router scatters into its columns) and the answer as a Python dict
+   (Dynamo's ``find_matches(...).scores``; kvcache's ``overlaps``).
 2. **Replay**: the shared Mooncake trace through Dynamo's offline replay (its mocker engines
    behind the real ``kv_router``, and ``round_robin``) and through ``kvcache.router.replay``
    under the project's policies, at 16 / 64 / 256 / 1,024 workers. Printed: token hit rate
@@ -173,6 +177,10 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
         raise AssertionError(f"overlap scores differ at {num_workers} workers: kvcache {got} dynamo {want}")
     apply_ours = _cpu_best(lambda: build_ours(stream), 3)
     apply_dynamo = _cpu_best(lambda: build_dynamo(core, stream), 3)
+    slots, depths = ours.overlap_slots(stream.prompt, 0.0)
+    assert {ours.slot(w): n for w, n in got.items()} == dict(
+        zip(slots.tolist(), depths.tolist(), strict=True)
+    )
     calls = max(20, 20_000 // num_workers)
     return {
         "workers": num_workers,
@@ -180,16 +188,20 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
         "matching_workers": len(got),
         "ours_events_per_cpu_s": stream.num_block_events / apply_ours,
         "dynamo_events_per_cpu_s": stream.num_block_events / apply_dynamo,
-        "ours_lookup_us": _lookup_us(lambda: ours.overlaps(stream.prompt, 0.0), calls),
+        "ours_lookup_us": _lookup_us(lambda: ours.overlap_slots(stream.prompt, 0.0), calls),
+        "ours_dict_us": _lookup_us(lambda: ours.overlaps(stream.prompt, 0.0), calls),
         "dynamo_lookup_us": _lookup_us(lambda: tree.find_matches(prompt_u64), calls),
+        # the same answer as a Python dict, as ``overlaps`` returns it
+        "dynamo_scores_us": _lookup_us(lambda: tree.find_matches(prompt_u64).scores, calls),
     }
 
 
 def index_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| workers | block events | matching | events/CPU-s kvcache | Dynamo | ratio "
-        "| lookup us kvcache | Dynamo | kvcache/Dynamo |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| lookup us kvcache `overlap_slots` | Dynamo `find_matches` | ratio "
+        "| as a dict: kvcache `overlaps` | Dynamo `.scores` | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -197,7 +209,9 @@ def index_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['ours_events_per_cpu_s'] / 1e6:.2f} M | {r['dynamo_events_per_cpu_s'] / 1e6:.2f} M "
             f"| {r['ours_events_per_cpu_s'] / r['dynamo_events_per_cpu_s']:.2f}x "
             f"| {r['ours_lookup_us']:.1f} | {r['dynamo_lookup_us']:.1f} "
-            f"| {r['ours_lookup_us'] / r['dynamo_lookup_us']:.2f}x |"
+            f"| {r['ours_lookup_us'] / r['dynamo_lookup_us']:.2f}x "
+            f"| {r['ours_dict_us']:.1f} | {r['dynamo_scores_us']:.1f} "
+            f"| {r['ours_dict_us'] / r['dynamo_scores_us']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -354,7 +368,8 @@ def test_index_lookup_1024_workers(benchmark: Any, core: Any, side: str) -> None
         scores = benchmark(lambda: dynamo_scores(tree, keys))
     else:
         index = build_ours(stream)
-        scores = benchmark(lambda: index.overlaps(stream.prompt, 0.0))
+        slots, depths = benchmark(lambda: index.overlap_slots(stream.prompt, 0.0))
+        scores = {index._worker_at[s]: d for s, d in zip(slots.tolist(), depths.tolist(), strict=True)}
     assert scores == stream.held
     benchmark.extra_info["load"] = os.getloadavg()[0]
 

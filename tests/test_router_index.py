@@ -62,6 +62,10 @@ def test_precise_overlap_at_fleet_scale_decodes_every_layer() -> None:
     for w, mine in held.items():
         index.apply(w, stored(*keys[: len(mine)]))
     assert index.overlaps(keys, 0.0) == brute_overlaps(held, keys)
+    slots, depths = index.overlap_slots(keys, 0.0)
+    assert sorted(zip(slots.tolist(), depths.tolist(), strict=True)) == sorted(
+        (index.slot(w), n) for w, n in brute_overlaps(held, keys).items()
+    )
     assert index.overlaps(keys[:1], 0.0) == {w: 1 for w in range(300) if w % 41}
     assert index.overlaps([], 0.0) == {} and index.overlaps([K[5]], 0.0) == {}
 
@@ -104,7 +108,12 @@ def test_precise_overlap_matches_brute_force(ops: list[tuple[int, int, bool]], r
             index.apply(worker, [BlockRemoved(k, 0, "s")])
             held[worker].discard(k)
     keys = [bytes([k]) * 16 for k in request]
-    assert index.overlaps(keys, 0.0) == brute_overlaps(held, keys)
+    want = brute_overlaps(held, keys)
+    assert index.overlaps(keys, 0.0) == want
+    slots, depths = index.overlap_slots(keys, 0.0)
+    assert dict(zip(slots.tolist(), depths.tolist(), strict=True)) == {
+        index.slot(w): n for w, n in want.items()
+    }
 
 
 def test_precise_overlap_keeps_worker_ids_as_given() -> None:

@@ -78,7 +78,13 @@ class PreciseIndex:
         ids[:] = self._worker_at
         return ids
 
-    def _slot(self, worker_id: int) -> int:
+    @property
+    def num_slots(self) -> int:
+        """Slots handed out so far (free ones included): every slot number is below it."""
+        return len(self._worker_at)
+
+    def slot(self, worker_id: int) -> int:
+        """The worker's slot (its bit), given out on first sight and reused after removal."""
         slot = self._slot_of.get(worker_id)
         if slot is None:
             if self._free:
@@ -92,7 +98,7 @@ class PreciseIndex:
         return slot
 
     def apply(self, worker_id: int, events: Iterable[CacheEvent]) -> None:
-        bit = 1 << self._slot(worker_id)
+        bit = 1 << self.slot(worker_id)
         keys = self.keys_of.setdefault(worker_id, set())
         holders = self.holders
         for event in events:
@@ -126,40 +132,59 @@ class PreciseIndex:
         self._worker_ids = self._id_array()
 
     def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[int, int]:
+        """{worker id: leading keys held}, for the workers holding at least the first key."""
         del now_ms  # events say when a block leaves; nothing expires
+        layers, matching = self._layers(keys)
+        if matching.bit_count() <= _PY_DECODE_MAX:
+            worker_at = self._worker_at
+            return {worker_at[s]: d for s, d in self._decode_each(layers)}  # type: ignore[misc]
+        slots, depths = self._decode_all(layers)
+        return dict(zip(self._worker_ids[slots].tolist(), depths.tolist(), strict=True))
+
+    def overlap_slots(self, keys: Sequence[bytes], now_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        """``overlaps`` as two arrays, the matching workers' slots and their overlaps (for a
+        caller that keeps its own arrays by slot, as the router does: no dict per lookup)."""
+        del now_ms
+        layers, matching = self._layers(keys)
+        if matching.bit_count() <= _PY_DECODE_MAX:
+            pairs = list(self._decode_each(layers))
+            return np.array([s for s, _ in pairs], np.int64), np.array([d for _, d in pairs], np.int64)
+        return self._decode_all(layers)
+
+    def _layers(self, keys: Sequence[bytes]) -> tuple[list[tuple[int, int]], int]:
+        """The prefix walk: (depth, slots holding exactly ``depth`` leading keys) for each depth
+        where workers drop out, and the union of those slots (the holders of the first key)."""
         holders = self.holders
-        if not keys:
-            return {}
-        mask = first = holders.get(keys[0], 0)
+        mask = first = holders.get(keys[0], 0) if keys else 0
+        layers: list[tuple[int, int]] = []
         if not mask:
-            return {}
-        layers: list[tuple[int, int]] = []  # (depth, slots holding exactly that many leading keys)
+            return layers, 0
         depth = 1
         for i in range(1, len(keys)):
             held = mask & holders.get(keys[i], 0)
             if held != mask:
                 layers.append((depth, mask ^ held))
                 if not held:
-                    return self._decode(layers, first)
+                    return layers, first
                 mask = held
             depth += 1
         layers.append((depth, mask))
-        return self._decode(layers, first)
+        return layers, first
 
-    def _decode(self, layers: list[tuple[int, int]], matching: int) -> dict[int, int]:
-        """{worker id: depth} from disjoint slot masks whose union is ``matching``."""
-        worker_at = self._worker_at
-        if matching.bit_count() <= _PY_DECODE_MAX:
-            out: dict[int, int] = {}
-            for depth, m in layers:
-                while m:
-                    low = m & -m
-                    worker_id = worker_at[low.bit_length() - 1]
-                    assert worker_id is not None  # a free slot's bit is in no mask
-                    out[worker_id] = depth
-                    m ^= low
-            return out
-        num_bytes = (len(worker_at) + 7) // 8
+    @staticmethod
+    def _decode_each(layers: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+        """(slot, depth) bit by bit: cheapest for a few matching workers."""
+        for depth, m in layers:
+            while m:
+                low = m & -m
+                yield low.bit_length() - 1, depth
+                m ^= low
+
+    def _decode_all(self, layers: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, depths) of every matching worker in one numpy pass over the layers."""
+        if not layers:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        num_bytes = (len(self._worker_at) + 7) // 8
         rows = np.frombuffer(b"".join(m.to_bytes(num_bytes, "little") for _, m in layers), np.uint8)
         bits = np.unpackbits(rows.reshape(len(layers), num_bytes), axis=1, bitorder="little")
         # The layers are disjoint, so each slot's depth is its one layer's: a weighted sum of the
@@ -167,7 +192,7 @@ class PreciseIndex:
         weights = np.array([d for d, _ in layers], dtype=np.float32)
         depths = (weights @ bits.astype(np.float32)).astype(np.int64)
         slots = np.flatnonzero(depths)
-        return dict(zip(self._worker_ids[slots].tolist(), depths[slots].tolist(), strict=True))
+        return slots, depths[slots]
 
     def num_keys(self, worker_id: int) -> int:
         return len(self.keys_of.get(worker_id, ()))

@@ -134,6 +134,7 @@ class Router:
         self._prefill_free = np.zeros(0, dtype=np.float64)
         self._full: set[int] = set()  # workers whose sequence slots are all taken
         self._wake: list[tuple[float, int, int, _Load]] = []  # (prefill end, seq, worker, load)
+        self._pos_of_slot = np.zeros(0, dtype=np.int64)  # precise index slot -> position, -1: none
         self._seq = itertools.count()
 
     @property
@@ -150,6 +151,12 @@ class Router:
         self._ids = ids
         self._cols = {name: np.append(col, 0) for name, col in self._cols.items()}
         self._prefill_free = np.append(self._prefill_free, 0.0)
+        if isinstance(self.index, PreciseIndex):
+            slot = self.index.slot(worker_id)
+            grow = slot + 1 - len(self._pos_of_slot)
+            if grow > 0:
+                self._pos_of_slot = np.append(self._pos_of_slot, np.full(grow, -1, dtype=np.int64))
+            self._pos_of_slot[slot] = self._pos[worker_id]
 
     def remove_worker(self, worker_id: int) -> list[Hashable]:
         """Forget a worker (its index entries and load); returns its unfinished request ids."""
@@ -162,6 +169,7 @@ class Router:
         self._cols = {name: np.delete(col, i) for name, col in self._cols.items()}
         self._prefill_free = np.delete(self._prefill_free, i)
         self._pos = {w: j for j, w in enumerate(self.loads)}
+        self._map_slots()
         self._full.discard(worker_id)
         for request_id in load.active:
             del self.where[request_id]
@@ -177,6 +185,13 @@ class Router:
         if load is not None:
             load.reported = num_requests
             self._cols["reported_requests"][self._pos[worker_id]] = num_requests
+
+    def _map_slots(self) -> None:
+        """Where each worker's precise-index slot sits in the columns (after adds/removals)."""
+        if isinstance(self.index, PreciseIndex):
+            slots = [self.index.slot(w) for w in self._pos]
+            self._pos_of_slot = np.full(self.index.num_slots, -1, dtype=np.int64)
+            self._pos_of_slot[slots] = list(self._pos.values())
 
     def _sync(self, worker_id: int, load: _Load) -> None:
         """Copy ``load``'s figures into the columns (after it changed)."""
@@ -208,10 +223,18 @@ class Router:
         self._expire_pending(now)
         overlap = np.zeros(len(self._ids), dtype=np.int64)
         pos = self._pos
-        for w, blocks in self.index.overlaps(request.block_keys, now).items():  # sparse
-            i = pos.get(w)
-            if i is not None:
-                overlap[i] = blocks
+        if isinstance(self.index, PreciseIndex):
+            slots, blocks = self.index.overlap_slots(request.block_keys, now)  # matching only
+            if len(self._pos_of_slot) < self.index.num_slots:
+                self._map_slots()  # a slot handed out outside add_worker (index used directly)
+            at = self._pos_of_slot[slots]
+            known = at >= 0
+            overlap[at[known]] = blocks[known]
+        else:
+            for w, n in self.index.overlaps(request.block_keys, now).items():  # matching only
+                i = pos.get(w)
+                if i is not None:
+                    overlap[i] = n
         queued = np.maximum(self._prefill_free, now) - now
         for w in self._full:
             queued[pos[w]] = self.loads[w].start_ms(now, self.latency.max_num_seqs) - now
