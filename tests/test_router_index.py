@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,10 +119,11 @@ def test_precise_overlap_matches_brute_force(ops: list[tuple[int, int, bool]], r
     }
 
 
-def test_precise_overlap_keeps_worker_ids_as_given() -> None:
-    """A front names its workers (strings); both decoders hand back the same names."""
+@pytest.mark.parametrize("name", [lambda w: f"w{w}", lambda w: ("host", w)])
+def test_precise_overlap_keeps_worker_ids_as_given(name: Callable[[int], object]) -> None:
+    """A front names its workers (strings, tuples); both decoders hand back the same ids."""
     index = PreciseIndex()
-    names = [f"w{w}" for w in range(30)]
+    names = [name(w) for w in range(30)]
     for w, name in enumerate(names):
         index.apply(name, stored(*K[: 1 + w % 3]))  # type: ignore[arg-type]
     assert index.overlaps(K[:3], 0.0) == {name: 1 + w % 3 for w, name in enumerate(names)}

@@ -70,13 +70,9 @@ class PreciseIndex:
         self._slot_of: dict[int, int] = {}
         self._worker_at: list[int | None] = []  # slot -> worker id, None for a free slot
         self._free: list[int] = []
-        self._worker_ids = self._id_array()  # _worker_at as an array, for decoding
-
-    def _id_array(self) -> np.ndarray:
-        # dtype object: worker ids are whatever the caller uses (ints in the replay, names in serve)
-        ids = np.empty(len(self._worker_at), dtype=object)
-        ids[:] = self._worker_at
-        return ids
+        # _worker_at as an array, for decoding; dtype object: worker ids are whatever the caller
+        # uses (ints in the replay, names in serve)
+        self._worker_ids = np.empty(0, dtype=object)
 
     @property
     def num_slots(self) -> int:
@@ -93,8 +89,11 @@ class PreciseIndex:
             else:
                 slot = len(self._worker_at)
                 self._worker_at.append(worker_id)
+                ids = np.empty(slot + 1, dtype=object)
+                ids[:slot] = self._worker_ids
+                self._worker_ids = ids
+            self._worker_ids[slot] = worker_id
             self._slot_of[worker_id] = slot
-            self._worker_ids = self._id_array()
         return slot
 
     def apply(self, worker_id: int, events: Iterable[CacheEvent]) -> None:
@@ -128,8 +127,8 @@ class PreciseIndex:
             else:
                 del holders[key]
         self._worker_at[slot] = None
+        self._worker_ids[slot] = None
         self._free.append(slot)
-        self._worker_ids = self._id_array()
 
     def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[int, int]:
         """{worker id: leading keys held}, for the workers holding at least the first key."""

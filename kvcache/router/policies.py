@@ -57,7 +57,8 @@ class WorkerColumns:
     @classmethod
     def of(cls, views: Sequence[WorkerView]) -> WorkerColumns:
         ids = np.empty(len(views), dtype=object)
-        ids[:] = [v.worker_id for v in views]
+        for i, v in enumerate(views):  # one by one: a tuple id must not become a row
+            ids[i] = v.worker_id
 
         def col(name: str, dtype: type) -> np.ndarray:
             return np.array([getattr(v, name) for v in views], dtype=dtype)
