@@ -10,6 +10,12 @@ Invariants (checked by ``check_invariants`` in tests):
 - with ``track_owners``, a keyed block with ref 0 is also in its owner's ``lru_by_owner`` queue,
   stamped with ``lru_tick`` (global LRU order), and owners with no cached block have no queue.
 
+A block's metadata (``Block``) is made the first time the block is handed out: ``free`` starts
+as ``0..num_blocks-1`` in order and freed blocks join its tail, so never-used ids leave it in
+increasing order, each equal to ``len(blocks)`` when it does; ``blocks`` holds exactly the ids
+handed out so far. A pool most of which is never used (a simulated fleet of a thousand workers)
+costs nothing for the rest.
+
 LRU order is an ``OrderedDict`` (a C-level doubly linked list: O(1) touch, remove and pop of the
 oldest). The per-owner queues exist only when quotas are configured: they let the manager pick
 the oldest evictable block among owners above their floor without scanning the global queue.
@@ -57,7 +63,8 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, *, max_events: int = 65_536, track_owners: bool = False) -> None:
-        self.blocks: list[Block] = [Block(i) for i in range(num_blocks)]
+        self._num_blocks = num_blocks
+        self.blocks: list[Block] = []  # ids handed out so far (see the module docstring)
         self.free: deque[int] = deque(range(num_blocks))
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.track_owners = track_owners
@@ -81,7 +88,7 @@ class BlockPool:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return self._num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -90,7 +97,7 @@ class BlockPool:
 
     @property
     def num_used_blocks(self) -> int:
-        return len(self.blocks) - len(self.free) - len(self.lru)
+        return self._num_blocks - len(self.free) - len(self.lru)
 
     def cached(self, key: bytes) -> Block | None:
         block_id = self.index.get(key)
@@ -138,7 +145,10 @@ class BlockPool:
         out: list[Block] = []
         for victim in plan:
             if victim is None:
-                block = blocks[popleft()]
+                block_id = popleft()
+                if block_id == len(blocks):  # never handed out before: its metadata starts now
+                    blocks.append(Block(block_id))
+                block = blocks[block_id]
             else:
                 block = blocks[victim]
                 key: bytes = block.key  # type: ignore[assignment]  # a victim is cached: keyed
@@ -267,6 +277,8 @@ class BlockPool:
         free, lru = set(self.free), set(self.lru)
         assert len(free) == len(self.free), "a block is twice in the free queue"
         assert not free & lru, "a block is both free and cached"
+        assert all(b.block_id == i for i, b in enumerate(self.blocks)), "blocks out of id order"
+        assert set(range(len(self.blocks), self._num_blocks)) <= free, "a never-used block is not free"
         owned: dict[str, int] = {}
         for block in self.blocks:
             assert block.ref_count >= 0, f"block {block.block_id} has ref_count {block.ref_count}"

@@ -45,6 +45,21 @@ def test_allocate_then_reuse_prefix(make_manager: MakeManager) -> None:
     m.check_invariants()
 
 
+def test_block_metadata_is_made_as_blocks_are_first_handed_out(make_manager: MakeManager) -> None:
+    """A pool of 1,000 blocks costs what it uses: metadata for ids 0..k-1 after k were taken."""
+    m = make_manager(num_blocks=1000)
+    assert (m.pool.num_blocks, len(m.pool.blocks), m.pool.num_free_blocks) == (1000, 0, 1000)
+    a = m.allocate("r1", toks(0, 10), "t")  # 3 blocks: 2 full, 1 partial
+    assert a.block_ids == [0, 1, 2] and [b.block_id for b in m.pool.blocks] == [0, 1, 2]
+    m.free("r1")  # the partial block 2 goes back to the free queue's tail, behind 3..999
+    b = m.allocate("r2", toks(100, 16), "u")
+    assert b.block_ids == [3, 4, 5, 6] and len(m.pool.blocks) == 7
+    assert m.pool.num_used_blocks == 4 and m.pool.num_free_blocks == 996
+    m.check_invariants()
+    m.free("r2")
+    m.check_invariants()
+
+
 def test_whole_prompt_hit_recomputes_last_block(make_manager: MakeManager) -> None:
     m = make_manager()
     m.allocate("r1", toks(0, 12), "t")

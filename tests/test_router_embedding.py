@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache import ConfigError, RequestError
+from kvcache import BlockStored, ConfigError, RequestError
 from kvcache.router import Router, RouteRequest
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "router.md"
@@ -55,3 +55,16 @@ def test_approx_mode_learns_from_its_own_decisions() -> None:
     now[0] = 5000.0  # past the TTL: the router no longer assumes the worker holds them
     placements = {router.route(RouteRequest(f"c{i}", [bytes([9, i]) * 8], 4)) for i in range(20)}
     assert len(placements) > 1
+
+
+def test_router_takes_any_hashable_worker_ids() -> None:
+    """Worker ids are the caller's (names, (host, port) pairs); policies hand back the same."""
+    router = Router("lpm", "precise", 4, clock=lambda: 0.0)
+    ids = [("10.0.0.1", 8000), ("10.0.0.2", 8000), "w3"]
+    for w in ids:
+        router.add_worker(w)  # type: ignore[arg-type]
+    key = b"k" * 16
+    router.on_events(ids[1], [BlockStored(key, b"", 0, "s")])  # type: ignore[arg-type]
+    assert router.route(RouteRequest("a", [key], 4)) == ids[1]
+    router.remove_worker(ids[1])  # type: ignore[arg-type]
+    assert router.route(RouteRequest("b", [key], 4)) in (ids[0], ids[2])

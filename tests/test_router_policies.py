@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from kvcache.router.latency import LatencyModel
-from kvcache.router.policies import POLICIES, RoutingInput, WorkerView, make_dynamo, make_sglang
+from kvcache.router.policies import (
+    POLICIES,
+    Policy,
+    RoutingInput,
+    WorkerView,
+    argmin,
+    make_dynamo,
+    make_sglang,
+)
 
 LAT = LatencyModel()
 
@@ -78,3 +90,91 @@ def test_lpm_balanced_rules() -> None:
     assert policy(inp([view(0, overlap=4, active=40), view(1, active=1)])) == 1
     # spread 33 > 32 but 103 < 1.5 x 70: still the match
     assert policy(inp([view(0, overlap=4, active=103), view(1, active=70)])) == 0
+
+
+# The per-view formulas each built-in policy states (its docstring), written over WorkerViews
+# with ``argmin``: the specification the column arithmetic must reproduce exactly, seeded
+# tie-breaks included.
+def ref_least_loaded(i: RoutingInput) -> int:
+    return argmin(i, lambda v: (v.active_requests, v.pending_prefill_tokens))
+
+
+def ref_lpm(i: RoutingInput) -> int:
+    return argmin(i, lambda v: -v.overlap_blocks)
+
+
+def ref_dynamo(i: RoutingInput) -> int:
+    def logit(v: WorkerView) -> float:
+        return (v.pending_prefill_tokens + i.new_tokens(v)) / i.block_size + v.active_blocks + i.num_blocks
+
+    return argmin(i, logit)
+
+
+def ref_balanced(abs_t: int, rel_t: float, cache_t: float | None) -> Policy:
+    def policy(i: RoutingInput) -> int:
+        loads = [v.active_requests for v in i.workers]
+        if max(loads) - min(loads) > abs_t and max(loads) > min(loads) * rel_t:
+            return argmin(i, lambda v: v.active_requests)
+        best = max(v.overlap_blocks for v in i.workers)
+        if cache_t is not None and not (best and best * i.block_size / i.num_tokens > cache_t):
+            return argmin(i, lambda v: v.active_requests)
+        return argmin(i, lambda v: (-v.overlap_blocks, v.active_requests))
+
+    return policy
+
+
+def ref_affinity(i: RoutingInput) -> int:
+    lat, slots, cap, service = i.latency, i.latency.max_num_seqs, i.capacity_blocks, i.mean_service_ms
+
+    def cost(v: WorkerView) -> float:
+        new = i.new_tokens(v)
+        prefill = lat.prefill_ms(new, i.num_tokens - new, min(v.active_requests, slots - 1))
+        wait = v.queued_prefill_ms
+        if cap and service:
+            excess = v.held_blocks + i.num_blocks - v.overlap_blocks - cap
+            if excess > 0:
+                wait += 8.0 * service * excess / cap
+        return wait + 1.0 * prefill
+
+    costs = {v.worker_id: cost(v) for v in i.workers}
+    bound = min(costs.values()) + 0.5 * lat.prefill_ms(i.num_tokens, 0, 0)
+    near = [v for v in i.workers if costs[v.worker_id] <= bound]
+    longest = max(v.overlap_blocks for v in near)
+    near = [v for v in near if v.overlap_blocks == longest]
+    return argmin(dataclasses.replace(i, workers=near), lambda v: costs[v.worker_id])
+
+
+REFERENCES: dict[str, Policy] = {
+    "least_loaded": ref_least_loaded,
+    "lpm": ref_lpm,
+    "dynamo": ref_dynamo,
+    "sglang": ref_balanced(64, 1.5, 0.3),
+    "lpm_balanced": ref_balanced(32, 1.5, None),
+    "affinity": ref_affinity,
+}
+
+small = st.integers(0, 6)
+views_strategy = st.lists(
+    st.tuples(small, small, st.integers(0, 80), st.integers(0, 3).map(lambda n: n * 16), small, small),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(views_strategy, st.integers(1, 120), st.sampled_from([None, 8, 40]), st.sampled_from([0.0, 900.0]))
+def test_column_policies_choose_as_their_per_view_formulas(
+    rows: list[tuple[int, int, int, int, int, int]], num_tokens: int, cap: int | None, service: float
+) -> None:
+    """Small integer ranges make ties common, so the seeded tie-break is exercised too."""
+    views = [
+        WorkerView(w, min(o, -(-num_tokens // 16)), a, b, p, q * 250.0, h)
+        for w, (o, a, b, p, q, h) in enumerate(rows)
+    ]
+
+    def make(seed: int) -> RoutingInput:
+        return RoutingInput(num_tokens, 16, views, LAT, 0, random.Random(seed), cap, service)
+
+    for name, reference in REFERENCES.items():
+        for seed in range(3):
+            assert POLICIES[name](make(seed)) == reference(make(seed)), name

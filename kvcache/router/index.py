@@ -9,8 +9,11 @@ Two ways to learn it, never by reading a worker's internals:
   the same mode without events).
 
 Both answer one question: for a request's block keys, how many leading keys each worker holds
-(the prefix overlap, in blocks). Chains make a key imply its whole prefix, so the walk stops at
-the first key no candidate holds. Policies are elsewhere (``policies``).
+(the prefix overlap, in blocks). The answer is sparse: only workers with an overlap of at least
+one block appear; a worker missing from it holds no prefix of the request. Chains make a key
+imply its whole prefix, so the walk starts from the workers holding the first key and stops at
+the first key none of them holds: a lookup never visits a worker that does not match.
+Policies are elsewhere (``policies``).
 """
 
 from __future__ import annotations
@@ -18,23 +21,33 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
 from kvcache.events import BlockStored, CacheEvent
+
+# A lookup whose matching workers number at most this decodes their bits in Python; above it
+# one numpy pass over the layers is cheaper than a Python step per worker.
+_PY_DECODE_MAX = 24
 
 
 def _walk(
-    keys: Sequence[bytes], workers: Iterable[int], holding: Callable[[bytes, set[int]], set[int]]
+    keys: Sequence[bytes], first: set[int], holding: Callable[[bytes, set[int]], set[int]]
 ) -> dict[int, int]:
-    """Leading keys each worker holds; ``holding(key, candidates)`` says which candidates hold key."""
-    overlap = dict.fromkeys(workers, 0)
-    candidates = set(overlap)
-    depth = 0
-    for key in keys:
-        held = holding(key, candidates)
-        for w in candidates - held:
-            overlap[w] = depth
-        candidates = held
-        if not candidates:
-            break
+    """Leading keys each of ``first`` (the holders of ``keys[0]``) holds, for those holding one
+    or more; ``holding(key, candidates)`` says which candidates hold key."""
+    overlap: dict[int, int] = {}
+    if not first:
+        return overlap
+    candidates = first
+    depth = 1
+    for i in range(1, len(keys)):
+        held = holding(keys[i], candidates)
+        if len(held) != len(candidates):
+            for w in candidates - held:
+                overlap[w] = depth
+            if not held:
+                return overlap
+            candidates = held
         depth += 1
     for w in candidates:
         overlap[w] = depth
@@ -42,39 +55,143 @@ def _walk(
 
 
 class PreciseIndex:
-    """Block key -> workers holding it, kept from worker events."""
+    """Block key -> the set of workers holding it, kept from worker events.
+
+    Each worker owns one bit (its slot); a key's holders are one Python int with a bit per
+    holder, so a step of the prefix walk is one word-parallel AND over the fleet (16 machine
+    words at 1,024 workers) instead of a set operation per worker. The walk records the layers
+    where workers drop out (those holding exactly ``depth`` leading keys); only the layers'
+    bits are decoded into worker ids.
+    """
 
     def __init__(self) -> None:
-        self.holders: dict[bytes, set[int]] = {}
+        self.holders: dict[bytes, int] = {}  # key -> bitmask of the slots holding it (never 0)
         self.keys_of: dict[int, set[bytes]] = {}
+        self._slot_of: dict[int, int] = {}
+        self._worker_at: list[int | None] = []  # slot -> worker id, None for a free slot
+        self._free: list[int] = []
+        # _worker_at as an array, for decoding; dtype object: worker ids are whatever the caller
+        # uses (ints in the replay, names in serve)
+        self._worker_ids = np.empty(0, dtype=object)
+
+    @property
+    def num_slots(self) -> int:
+        """Slots handed out so far (free ones included): every slot number is below it."""
+        return len(self._worker_at)
+
+    def slot(self, worker_id: int) -> int:
+        """The worker's slot (its bit), given out on first sight and reused after removal."""
+        slot = self._slot_of.get(worker_id)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+                self._worker_at[slot] = worker_id
+            else:
+                slot = len(self._worker_at)
+                self._worker_at.append(worker_id)
+                ids = np.empty(slot + 1, dtype=object)
+                ids[:slot] = self._worker_ids
+                self._worker_ids = ids
+            self._worker_ids[slot] = worker_id
+            self._slot_of[worker_id] = slot
+        return slot
 
     def apply(self, worker_id: int, events: Iterable[CacheEvent]) -> None:
+        bit = 1 << self.slot(worker_id)
         keys = self.keys_of.setdefault(worker_id, set())
         holders = self.holders
         for event in events:
+            key = event.key
             if isinstance(event, BlockStored):
-                holders.setdefault(event.key, set()).add(worker_id)
-                keys.add(event.key)
+                holders[key] = holders.get(key, 0) | bit
+                keys.add(key)
             else:
-                held = holders.get(event.key)
-                if held is not None:
-                    held.discard(worker_id)
-                    if not held:
-                        del holders[event.key]
-                keys.discard(event.key)
+                held = holders.get(key)
+                if held is not None and held & bit:
+                    if held == bit:
+                        del holders[key]
+                    else:
+                        holders[key] = held ^ bit
+                keys.discard(key)
 
     def remove_worker(self, worker_id: int) -> None:
-        for key in self.keys_of.pop(worker_id, set()):
-            held = self.holders[key]
-            held.discard(worker_id)
-            if not held:
-                del self.holders[key]
+        slot = self._slot_of.pop(worker_id, None)
+        keys = self.keys_of.pop(worker_id, set())
+        if slot is None:
+            return
+        bit, holders = 1 << slot, self.holders
+        for key in keys:
+            held = holders[key] ^ bit
+            if held:
+                holders[key] = held
+            else:
+                del holders[key]
+        self._worker_at[slot] = None
+        self._worker_ids[slot] = None
+        self._free.append(slot)
 
-    def overlaps(self, keys: Sequence[bytes], workers: Iterable[int], now_ms: float) -> dict[int, int]:
+    def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[int, int]:
+        """{worker id: leading keys held}, for the workers holding at least the first key."""
         del now_ms  # events say when a block leaves; nothing expires
+        layers, matching = self._layers(keys)
+        if matching.bit_count() <= _PY_DECODE_MAX:
+            worker_at = self._worker_at
+            return {worker_at[s]: d for s, d in self._decode_each(layers)}  # type: ignore[misc]
+        slots, depths = self._decode_all(layers)
+        return dict(zip(self._worker_ids[slots].tolist(), depths.tolist(), strict=True))
+
+    def overlap_slots(self, keys: Sequence[bytes], now_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        """``overlaps`` as two arrays, the matching workers' slots and their overlaps (for a
+        caller that keeps its own arrays by slot, as the router does: no dict per lookup)."""
+        del now_ms
+        layers, matching = self._layers(keys)
+        if matching.bit_count() <= _PY_DECODE_MAX:
+            pairs = list(self._decode_each(layers))
+            return np.array([s for s, _ in pairs], np.int64), np.array([d for _, d in pairs], np.int64)
+        return self._decode_all(layers)
+
+    def _layers(self, keys: Sequence[bytes]) -> tuple[list[tuple[int, int]], int]:
+        """The prefix walk: (depth, slots holding exactly ``depth`` leading keys) for each depth
+        where workers drop out, and the union of those slots (the holders of the first key)."""
         holders = self.holders
-        empty: set[int] = set()
-        return _walk(keys, workers, lambda key, cands: cands.intersection(holders.get(key, empty)))
+        mask = first = holders.get(keys[0], 0) if keys else 0
+        layers: list[tuple[int, int]] = []
+        if not mask:
+            return layers, 0
+        depth = 1
+        for i in range(1, len(keys)):
+            held = mask & holders.get(keys[i], 0)
+            if held != mask:
+                layers.append((depth, mask ^ held))
+                if not held:
+                    return layers, first
+                mask = held
+            depth += 1
+        layers.append((depth, mask))
+        return layers, first
+
+    @staticmethod
+    def _decode_each(layers: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+        """(slot, depth) bit by bit: cheapest for a few matching workers."""
+        for depth, m in layers:
+            while m:
+                low = m & -m
+                yield low.bit_length() - 1, depth
+                m ^= low
+
+    def _decode_all(self, layers: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, depths) of every matching worker in one numpy pass over the layers."""
+        if not layers:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        num_bytes = (len(self._worker_at) + 7) // 8
+        rows = np.frombuffer(b"".join(m.to_bytes(num_bytes, "little") for _, m in layers), np.uint8)
+        bits = np.unpackbits(rows.reshape(len(layers), num_bytes), axis=1, bitorder="little")
+        # The layers are disjoint, so each slot's depth is its one layer's: a weighted sum of the
+        # bit rows. float32 keeps it a BLAS product and holds every depth below 2**24 exactly.
+        weights = np.array([d for d, _ in layers], dtype=np.float32)
+        depths = (weights @ bits.astype(np.float32)).astype(np.int64)
+        slots = np.flatnonzero(depths)
+        return slots, depths[slots]
 
     def num_keys(self, worker_id: int) -> int:
         return len(self.keys_of.get(worker_id, ()))
@@ -135,14 +252,17 @@ class ApproxIndex:
             if held.pop(worker_id, None) is not None and not held:
                 del self.holders[key]
 
-    def overlaps(self, keys: Sequence[bytes], workers: Iterable[int], now_ms: float) -> dict[int, int]:
+    def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[int, int]:
         holders = self.holders
 
         def holding(key: bytes, cands: set[int]) -> set[int]:
             held = holders.get(key)
             return {w for w in cands if held.get(w, -1.0) > now_ms} if held else set()
 
-        return _walk(keys, workers, holding)
+        first = holders.get(keys[0]) if keys else None
+        if not first:
+            return {}
+        return _walk(keys, {w for w, t in first.items() if t > now_ms}, holding)
 
     def num_keys(self, worker_id: int) -> int:
         return sum(worker_id in held for held in self.holders.values())

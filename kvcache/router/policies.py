@@ -6,15 +6,23 @@ with what the router believes: prefix overlap in blocks, active requests and blo
 work routed there and not yet done) and returns one of the views' worker ids. Ties break
 through the seeded ``rng`` in the input, never towards the lowest id, so idle workers share
 load. Nothing here keeps state; the router owns the index and the load accounting.
+
+The same views also come as columns (``WorkerColumns``, one numpy array per field, from
+``RoutingInput.columns()``): the built-in policies compute each worker's cost over the columns,
+the same float operations in the same order as the per-view formula, so a route costs a few
+array operations rather than Python work per worker. The router hands its columns over as
+they are and builds a ``WorkerView`` only when a policy reads one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, overload
+
+import numpy as np
 
 from kvcache.router.latency import LatencyModel
 
@@ -31,6 +39,76 @@ class WorkerView:
     queued_prefill_ms: float  # modelled wait before a new request's prefill starts (queue, slots)
     held_blocks: int = 0  # distinct full blocks those requests use (shared prefixes counted once)
     reported_requests: int = 0  # running + waiting as the worker last reported (lags; all fronts')
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerColumns:
+    """``WorkerView``'s fields as arrays, one entry per worker in the same order."""
+
+    worker_id: np.ndarray  # dtype object: the ids as the caller gave them
+    overlap_blocks: np.ndarray  # int64, like every count here
+    active_requests: np.ndarray
+    active_blocks: np.ndarray
+    pending_prefill_tokens: np.ndarray
+    queued_prefill_ms: np.ndarray  # float64
+    held_blocks: np.ndarray
+    reported_requests: np.ndarray
+
+    @classmethod
+    def of(cls, views: Sequence[WorkerView]) -> WorkerColumns:
+        ids = np.empty(len(views), dtype=object)
+        for i, v in enumerate(views):  # one by one: a tuple id must not become a row
+            ids[i] = v.worker_id
+
+        def col(name: str, dtype: type) -> np.ndarray:
+            return np.array([getattr(v, name) for v in views], dtype=dtype)
+
+        return cls(
+            ids,
+            col("overlap_blocks", np.int64),
+            col("active_requests", np.int64),
+            col("active_blocks", np.int64),
+            col("pending_prefill_tokens", np.int64),
+            col("queued_prefill_ms", np.float64),
+            col("held_blocks", np.int64),
+            col("reported_requests", np.int64),
+        )
+
+    def view(self, i: int) -> WorkerView:
+        return WorkerView(
+            self.worker_id[i],
+            int(self.overlap_blocks[i]),
+            int(self.active_requests[i]),
+            int(self.active_blocks[i]),
+            int(self.pending_prefill_tokens[i]),
+            float(self.queued_prefill_ms[i]),
+            int(self.held_blocks[i]),
+            int(self.reported_requests[i]),
+        )
+
+
+class WorkerViews(Sequence[WorkerView]):
+    """Views over columns, each built when it is read (a policy that reads one pays for one)."""
+
+    def __init__(self, columns: WorkerColumns) -> None:
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns.worker_id)
+
+    @overload
+    def __getitem__(self, i: int) -> WorkerView: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[WorkerView]: ...
+    def __getitem__(self, i: int | slice) -> WorkerView | list[WorkerView]:
+        if isinstance(i, slice):
+            return [self.columns.view(j) for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.columns.view(i % len(self))
+
+    def __iter__(self) -> Iterator[WorkerView]:
+        return (self.columns.view(i) for i in range(len(self)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +130,17 @@ class RoutingInput:
     def num_blocks(self) -> int:
         return -(-self.num_tokens // self.block_size)
 
+    def columns(self) -> WorkerColumns:
+        """The workers' views as columns (the router's own, or built from the views given)."""
+        if isinstance(self.workers, WorkerViews):
+            return self.workers.columns
+        return WorkerColumns.of(self.workers)
+
+    def new_tokens_column(self, cols: WorkerColumns) -> np.ndarray:
+        """``new_tokens`` of every worker."""
+        new: np.ndarray = np.maximum(1, self.num_tokens - cols.overlap_blocks * self.block_size)
+        return new
+
 
 Policy = Callable[[RoutingInput], int]
 
@@ -62,6 +151,20 @@ def argmin(inp: RoutingInput, cost: Callable[[WorkerView], float | tuple[float, 
     best = min(c for c, _ in costs)
     tied = [w for c, w in costs if c == best]
     return tied[0] if len(tied) == 1 else inp.rng.choice(tied)
+
+
+def argmin_columns(
+    inp: RoutingInput, cols: WorkerColumns, *keys: np.ndarray, among: np.ndarray | None = None
+) -> int:
+    """``argmin`` over columns: the lowest ``keys`` (compared in order, as tuples are) among the
+    workers ``among`` selects (all by default); equal keys break by the seeded rng, drawing
+    from the tied ids in worker order exactly as ``argmin`` does."""
+    idx = np.arange(len(cols.worker_id)) if among is None else np.flatnonzero(among)
+    for key in keys:
+        k = key[idx]
+        idx = idx[k == k.min()]
+    tied: list[Any] = cols.worker_id[idx].tolist()
+    return tied[0] if len(tied) == 1 else inp.rng.choice(tied)  # type: ignore[no-any-return]
 
 
 def round_robin(inp: RoutingInput) -> int:
@@ -76,13 +179,15 @@ def random_choice(inp: RoutingInput) -> int:
 
 def least_loaded(inp: RoutingInput) -> int:
     """Fewest active requests, then least pending prefill; ignores cache."""
-    return argmin(inp, lambda v: (v.active_requests, v.pending_prefill_tokens))
+    cols = inp.columns()
+    return argmin_columns(inp, cols, cols.active_requests, cols.pending_prefill_tokens)
 
 
 def lpm(inp: RoutingInput) -> int:
     """Pure longest prefix match: the most leading blocks cached; ties random. Ignores load,
     which is why it piles every request sharing a first block onto one worker."""
-    return argmin(inp, lambda v: -v.overlap_blocks)
+    cols = inp.columns()
+    return argmin_columns(inp, cols, -cols.overlap_blocks)
 
 
 def make_dynamo(overlap_weight: float = 1.0, temperature: float = 0.0) -> Policy:
@@ -98,20 +203,17 @@ def make_dynamo(overlap_weight: float = 1.0, temperature: float = 0.0) -> Policy
     """
 
     def dynamo(inp: RoutingInput) -> int:
-        bs = inp.block_size
-
-        def logit(v: WorkerView) -> float:
-            prefill_blocks = (v.pending_prefill_tokens + inp.new_tokens(v)) / bs
-            decode_blocks = v.active_blocks + inp.num_blocks
-            return overlap_weight * prefill_blocks + decode_blocks
-
+        cols = inp.columns()
+        prefill_blocks = (cols.pending_prefill_tokens + inp.new_tokens_column(cols)) / inp.block_size
+        decode_blocks = cols.active_blocks + inp.num_blocks
+        logit = overlap_weight * prefill_blocks + decode_blocks
         if temperature <= 0:
-            return argmin(inp, logit)
-        logits = [logit(v) for v in inp.workers]
+            return argmin_columns(inp, cols, logit)
+        logits: list[float] = logit.tolist()
         lo, hi = min(logits), max(logits)
         span = hi - lo or 1.0
         weights = [math.exp(-(x - lo) / span / temperature) for x in logits]
-        return inp.rng.choices([v.worker_id for v in inp.workers], weights)[0]
+        return inp.rng.choices(cols.worker_id.tolist(), weights)[0]  # type: ignore[no-any-return]
 
     return dynamo
 
@@ -131,15 +233,16 @@ def make_sglang(
     """
 
     def sglang(inp: RoutingInput) -> int:
-        loads = [v.active_requests for v in inp.workers]
-        hi, lo = max(loads), min(loads)
+        cols = inp.columns()
+        loads = cols.active_requests
+        hi, lo = int(loads.max()), int(loads.min())
         if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
-            return argmin(inp, lambda v: v.active_requests)
-        best = max(v.overlap_blocks for v in inp.workers)
+            return argmin_columns(inp, cols, loads)
+        best = int(cols.overlap_blocks.max())
         ratio = best * inp.block_size / inp.num_tokens
         if best and ratio > cache_threshold:
-            return argmin(inp, lambda v: (-v.overlap_blocks, v.active_requests))
-        return argmin(inp, lambda v: v.active_requests)
+            return argmin_columns(inp, cols, -cols.overlap_blocks, loads)
+        return argmin_columns(inp, cols, loads)
 
     return sglang
 
@@ -158,11 +261,12 @@ def make_lpm_balanced(balance_abs_threshold: int = 32, balance_rel_threshold: fl
     """
 
     def lpm_balanced(inp: RoutingInput) -> int:
-        loads = [v.active_requests for v in inp.workers]
-        hi, lo = max(loads), min(loads)
+        cols = inp.columns()
+        loads = cols.active_requests
+        hi, lo = int(loads.max()), int(loads.min())
         if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
-            return argmin(inp, lambda v: v.active_requests)
-        return argmin(inp, lambda v: (-v.overlap_blocks, v.active_requests))
+            return argmin_columns(inp, cols, loads)
+        return argmin_columns(inp, cols, -cols.overlap_blocks, loads)
 
     return lpm_balanced
 
@@ -211,26 +315,27 @@ def make_affinity(
         slots = lat.max_num_seqs
         cap = inp.capacity_blocks if memory_weight > 0 else None
         service = inp.mean_service_ms
-
-        def cost(v: WorkerView) -> float:
-            new = inp.new_tokens(v)
-            cached = inp.num_tokens - new
-            prefill = lat.prefill_ms(new, cached, min(v.active_requests, slots - 1))
-            wait = v.queued_prefill_ms
-            if cap and service:
-                excess = v.held_blocks + inp.num_blocks - v.overlap_blocks - cap
-                if excess > 0:
-                    wait += memory_weight * service * excess / cap
-            return wait + (1.0 + recompute_weight) * prefill
-
+        cols = inp.columns()
+        # cost per worker, the operations of prefill_ms/compute_ms in their order (new >= 1)
+        new = inp.new_tokens_column(cols)
+        cached = inp.num_tokens - new
+        running = np.minimum(cols.active_requests, slots - 1)
+        steps = -(-new // lat.max_batched_tokens)
+        compute = (
+            new * lat.prefill_ms_per_token + new * (cached + new / 2) * lat.prefill_ms_per_token_per_ctx_token
+        )
+        prefill = steps * (lat.prefill_base_ms + lat.decode_ms_per_token_per_seq * running) + compute
+        wait = cols.queued_prefill_ms
+        if cap and service:
+            excess = cols.held_blocks + inp.num_blocks - cols.overlap_blocks - cap
+            wait = np.where(excess > 0, wait + memory_weight * service * excess / cap, wait)
+        cost = wait + (1.0 + recompute_weight) * prefill
         if locality_slack <= 0:
-            return argmin(inp, cost)
-        costs = {v.worker_id: cost(v) for v in inp.workers}
-        bound = min(costs.values()) + locality_slack * lat.prefill_ms(inp.num_tokens, 0, 0)
-        near = [v for v in inp.workers if costs[v.worker_id] <= bound]
-        longest = max(v.overlap_blocks for v in near)
-        near = [v for v in near if v.overlap_blocks == longest]
-        return argmin(dataclasses.replace(inp, workers=near), lambda v: costs[v.worker_id])
+            return argmin_columns(inp, cols, cost)
+        bound = cost.min() + locality_slack * lat.prefill_ms(inp.num_tokens, 0, 0)
+        near = cost <= bound
+        longest = cols.overlap_blocks[near].max()
+        return argmin_columns(inp, cols, cost, among=near & (cols.overlap_blocks == longest))
 
     return affinity
 

@@ -13,8 +13,11 @@ schedule per worker built from the latency model: a request's estimated prefill 
 previous estimate ends and, on a worker whose ``max_num_seqs`` sequence slots are all taken,
 when the earliest modelled finish frees one; a request is modelled to finish ``output_tokens - 1``
 decode steps after its prefill). It never reads a worker's internals; what a worker reports of
-its own load (``observe_load``) is passed to policies beside the router's count. Choosing is the
-policy's job (``policies``); simulating workers is ``replay``'s. In approximate mode,
+its own load (``observe_load``) is passed to policies beside the router's count. Policies get
+the per-worker figures as columns the router updates where a load changes (a route, a finish,
+a report, a modelled prefill end), so routing costs array operations over the fleet, not a
+Python step per worker. Choosing is the policy's job (``policies``); simulating workers is
+``replay``'s. In approximate mode,
 ``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
 must have evicted.
 """
@@ -22,17 +25,20 @@ must have evicted.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvcache.errors import ConfigError, RequestError
 from kvcache.events import CacheEvent
 from kvcache.router.index import ApproxIndex, PreciseIndex
 from kvcache.router.latency import LatencyModel
-from kvcache.router.policies import POLICIES, Policy, RoutingInput, WorkerView
+from kvcache.router.policies import POLICIES, Policy, RoutingInput, WorkerColumns, WorkerView, WorkerViews
 from kvcache.tenancy import Scope
 
 MODES = ("precise", "approx")
@@ -60,6 +66,7 @@ class _Load:
     held: dict[bytes, int] = field(default_factory=dict)  # block key -> active requests using it
     keys_of: dict[Hashable, Sequence[bytes]] = field(default_factory=dict)
     finish_ms: dict[Hashable, float] = field(default_factory=dict)  # request -> modelled finish
+    reported: int = 0  # running + waiting, as the worker last reported (``observe_load``)
 
     def start_ms(self, now: float, slots: int) -> float:
         """When a request routed now could start its prefill: after the modelled prefills ahead
@@ -69,7 +76,9 @@ class _Load:
         if over >= 0:
             start = max(start, heapq.nsmallest(over + 1, self.finish_ms.values())[-1])
         return start
-    reported: int = 0  # running + waiting, as the worker last reported (``observe_load``)
+
+
+_COUNTS = ("active_requests", "active_blocks", "pending_prefill_tokens", "held_blocks", "reported_requests")
 
 
 def _monotonic_ms() -> float:
@@ -117,6 +126,16 @@ class Router:
         self.capacity_blocks = capacity_blocks
         self.mean_service_ms = 0.0  # EWMA of routed -> finished, the time a request holds its blocks
         self.num_routed = 0
+        # What policies read of each worker, as columns in ``loads`` order, kept up to date where
+        # a _Load changes, so a route costs array operations rather than a Python step per worker.
+        self._pos: dict[int, int] = {}
+        self._ids = np.empty(0, dtype=object)
+        self._cols = {name: np.zeros(0, dtype=np.int64) for name in _COUNTS}
+        self._prefill_free = np.zeros(0, dtype=np.float64)
+        self._full: set[int] = set()  # workers whose sequence slots are all taken
+        self._wake: list[tuple[float, int, int, _Load]] = []  # (prefill end, seq, worker, load)
+        self._pos_of_slot = np.zeros(0, dtype=np.int64)  # precise index slot -> position, -1: none
+        self._seq = itertools.count()
 
     @property
     def workers(self) -> list[int]:
@@ -126,6 +145,18 @@ class Router:
         if worker_id in self.loads:
             raise ConfigError(f"worker {worker_id} is already added")
         self.loads[worker_id] = _Load()
+        self._pos[worker_id] = len(self._ids)
+        ids = np.empty(len(self._ids) + 1, dtype=object)
+        ids[:-1], ids[-1] = self._ids, worker_id
+        self._ids = ids
+        self._cols = {name: np.append(col, 0) for name, col in self._cols.items()}
+        self._prefill_free = np.append(self._prefill_free, 0.0)
+        if isinstance(self.index, PreciseIndex):
+            slot = self.index.slot(worker_id)
+            grow = slot + 1 - len(self._pos_of_slot)
+            if grow > 0:
+                self._pos_of_slot = np.append(self._pos_of_slot, np.full(grow, -1, dtype=np.int64))
+            self._pos_of_slot[slot] = self._pos[worker_id]
 
     def remove_worker(self, worker_id: int) -> list[Hashable]:
         """Forget a worker (its index entries and load); returns its unfinished request ids."""
@@ -133,6 +164,13 @@ class Router:
         if load is None:
             raise ConfigError(f"worker {worker_id} is not known to the router")
         self.index.remove_worker(worker_id)
+        i = self._pos.pop(worker_id)
+        self._ids = np.delete(self._ids, i)
+        self._cols = {name: np.delete(col, i) for name, col in self._cols.items()}
+        self._prefill_free = np.delete(self._prefill_free, i)
+        self._pos = {w: j for j, w in enumerate(self.loads)}
+        self._map_slots()
+        self._full.discard(worker_id)
         for request_id in load.active:
             del self.where[request_id]
             del self.routed_at[request_id]
@@ -146,27 +184,75 @@ class Router:
         load = self.loads.get(worker_id)
         if load is not None:
             load.reported = num_requests
+            self._cols["reported_requests"][self._pos[worker_id]] = num_requests
 
-    def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
-        overlap = self.index.overlaps(request.block_keys, self.loads, now)
-        views = []
-        for w, load in self.loads.items():
+    def _map_slots(self) -> None:
+        """Where each worker's precise-index slot sits in the columns (after adds/removals)."""
+        if isinstance(self.index, PreciseIndex):
+            slots = [self.index.slot(w) for w in self._pos]
+            self._pos_of_slot = np.full(self.index.num_slots, -1, dtype=np.int64)
+            self._pos_of_slot[slots] = list(self._pos.values())
+
+    def _sync(self, worker_id: int, load: _Load) -> None:
+        """Copy ``load``'s figures into the columns (after it changed)."""
+        i, cols = self._pos[worker_id], self._cols
+        cols["active_requests"][i] = len(load.active)
+        cols["active_blocks"][i] = load.active_blocks
+        cols["pending_prefill_tokens"][i] = load.pending_tokens
+        cols["held_blocks"][i] = len(load.held)
+        self._prefill_free[i] = load.prefill_free_ms
+        if len(load.finish_ms) >= self.latency.max_num_seqs:
+            self._full.add(worker_id)
+        else:
+            self._full.discard(worker_id)
+
+    def _expire_pending(self, now: float) -> None:
+        """Prefills modelled to have ended by ``now`` stop counting as pending. Each worker's
+        queue ends in routing order, so waking on the earliest end pops exactly its due head."""
+        wake = self._wake
+        while wake and wake[0][0] <= now:
+            _, _, worker_id, load = heapq.heappop(wake)
+            if self.loads.get(worker_id) is not load:
+                continue  # removed (and maybe added again since)
             pending = load.pending
             while pending and pending[0][0] <= now:
                 load.pending_tokens -= pending.popleft()[1]
-            views.append(
-                WorkerView(
-                    worker_id=w,
-                    overlap_blocks=overlap[w],
-                    active_requests=len(load.active),
-                    active_blocks=load.active_blocks,
-                    pending_prefill_tokens=load.pending_tokens,
-                    queued_prefill_ms=load.start_ms(now, self.latency.max_num_seqs) - now,
-                    held_blocks=len(load.held),
-                    reported_requests=load.reported,
-                )
-            )
-        return views
+            self._cols["pending_prefill_tokens"][self._pos[worker_id]] = load.pending_tokens
+
+    def _columns(self, request: RouteRequest, now: float) -> WorkerColumns:
+        self._expire_pending(now)
+        overlap = np.zeros(len(self._ids), dtype=np.int64)
+        pos = self._pos
+        if isinstance(self.index, PreciseIndex):
+            slots, blocks = self.index.overlap_slots(request.block_keys, now)  # matching only
+            if len(self._pos_of_slot) < self.index.num_slots:
+                self._map_slots()  # a slot handed out outside add_worker (index used directly)
+            at = self._pos_of_slot[slots]
+            known = at >= 0
+            overlap[at[known]] = blocks[known]
+        else:
+            for w, n in self.index.overlaps(request.block_keys, now).items():  # matching only
+                i = pos.get(w)
+                if i is not None:
+                    overlap[i] = n
+        queued = np.maximum(self._prefill_free, now) - now
+        for w in self._full:
+            queued[pos[w]] = self.loads[w].start_ms(now, self.latency.max_num_seqs) - now
+        cols = self._cols
+        return WorkerColumns(
+            self._ids,
+            overlap,
+            cols["active_requests"],
+            cols["active_blocks"],
+            cols["pending_prefill_tokens"],
+            queued,
+            cols["held_blocks"],
+            cols["reported_requests"],
+        )
+
+    def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
+        """What a policy would be shown for ``request`` at ``now``, one view per worker."""
+        return list(WorkerViews(self._columns(request, now)))
 
     def route(self, request: RouteRequest) -> int:
         """Choose a worker for ``request`` and count it against that worker until ``on_finished``."""
@@ -185,11 +271,11 @@ class Router:
                 f"{len(request.block_keys)} block keys of {self.block_size} tokens is inconsistent"
             )
         now = self.clock()
-        views = self._views(request, now)
+        columns = self._columns(request, now)
         inp = RoutingInput(
             request.num_tokens,
             self.block_size,
-            views,
+            WorkerViews(columns),
             self.latency,
             self.num_routed,
             self.rng,
@@ -197,7 +283,9 @@ class Router:
             self.mean_service_ms,
         )
         worker_id = self.policy(inp)
-        view = next(v for v in views if v.worker_id == worker_id)
+        if worker_id not in self._pos:
+            raise ConfigError(f"policy {self.policy_name!r} chose {worker_id!r}, which is not a worker")
+        view = columns.view(self._pos[worker_id])  # read before _charge changes the columns
         self._charge(worker_id, request, inp, view, now)
         if isinstance(self.index, ApproxIndex):
             self.index.record(worker_id, request.block_keys, now)
@@ -218,6 +306,7 @@ class Router:
         ) * lat.decode_step_ms(running + 1)
         load.pending.append((load.prefill_free_ms, new))
         load.pending_tokens += new
+        heapq.heappush(self._wake, (load.prefill_free_ms, next(self._seq), worker_id, load))
         blocks = inp.num_blocks
         load.active[request.request_id] = blocks
         load.active_blocks += blocks
@@ -227,6 +316,7 @@ class Router:
             held[key] = held.get(key, 0) + 1
         self.where[request.request_id] = worker_id
         self.routed_at[request.request_id] = now
+        self._sync(worker_id, load)
 
     def on_events(self, worker_id: int, events: Sequence[CacheEvent]) -> None:
         """A worker's block stored/removed events (precise mode; ignored in approx mode)."""
@@ -249,6 +339,7 @@ class Router:
                 del held[key]
             else:
                 held[key] -= 1
+        self._sync(worker_id, load)
         held_ms = self.clock() - self.routed_at.pop(request_id)
         # A slow EWMA: the policy needs the typical time blocks stay held, not the last one.
         self.mean_service_ms = (

@@ -1,0 +1,379 @@
+"""kvcache's router against NVIDIA Dynamo's real KV router (the ``ai-dynamo-runtime`` wheel).
+
+Two comparisons, each measured side by side in one run, with the machine's load:
+
+1. **Index**: one event stream applied to Dynamo's ``RadixTree`` (``apply_event``) and to the
+   router's ``PreciseIndex``; then one 64-block prompt that most workers partly hold is scored
+   by both (``find_matches`` / ``overlaps``). The per-worker overlap scores must be identical.
+   Printed: events applied per CPU-second and lookup microseconds for both, and the ratios.
+   Two lookups on each side: the one a router calls (Dynamo's ``find_matches``, which returns
+   a Rust object; kvcache's ``overlap_slots``, two arrays of the matching workers' slots and
+   overlaps, which the router scatters into its columns) and the answer as a Python dict
+   (Dynamo's ``find_matches(...).scores``; kvcache's ``overlaps``).
+2. **Replay**: the shared Mooncake trace through Dynamo's offline replay (its mocker engines
+   behind the real ``kv_router``, and ``round_robin``) and through ``kvcache.router.replay``
+   under the project's policies, at 16 / 64 / 256 / 1,024 workers. Printed: token hit rate
+   and CPU seconds of each, and the ratios.
+
+Event stream (index): the 64-block prompt is one key chain; of every 8 workers 7 hold a prefix
+of it (lengths spread over 1..64), one holds none; every worker also stores 4 chains of 16
+blocks of its own and then evicts the last 8 blocks of one (tail first, as a pool evicts). The
+project's keys are 16-byte block keys; Dynamo's hashes are the same numbers as 64-bit integers
+(``block_hash`` and ``tokens_hash`` both, so its tree walks the same chains). Dynamo receives
+its events as the JSON bytes its event plane carries (encoded outside the timing); kvcache
+receives ``BlockStored``/``BlockRemoved`` records. "Block events" counts one per block on both.
+
+Capacity (replay): per worker ``max(0.1 x unique blocks / workers, longest prompt in blocks)``.
+The first term is ``kvcache replay``'s ``--capacity-fraction 0.1`` rule; the floor is there
+because Dynamo's offline replay drops a request longer than a worker's whole pool, and with
+pools much smaller than the longest prompts it aborts ("effect-free zero-duration pass"; on the
+shared trace at 64 workers x 68 blocks, 256 x 17, 1,024 x 4). With the floor every request
+completes on both sides, so the hit rates cover the same requests. ``--capacity-blocks``
+overrides it. Dynamo's hit rate is its ``prefix_cache_reused_ratio`` (reused / prompt tokens);
+its kv_router is not deterministic (about +-1.5% between identical runs). CPU seconds:
+``time.process_time()`` (every thread of the process) around the replay call on both sides;
+Dynamo runs in a child process per replay, kvcache in this one, excluding reading the trace.
+
+    python benches/bench_vs_dynamo.py [TRACE] [--workers 16,64,256,1024] [--policies ...]
+    pytest benches/bench_vs_dynamo.py --benchmark-only        # the index lookup at 1,024 workers
+
+Needs ``pip install kvcache[bench-dynamo]`` (the ``ai-dynamo-runtime`` wheel); without it the
+script exits with a message saying so and pytest skips with that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvcache.child import python_argv
+from kvcache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.router.index import PreciseIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+WORKERS = (16, 64, 256, 1024)
+PROMPT_BLOCKS = 64
+OWN_CHAINS, OWN_CHAIN_BLOCKS, EVICTED_BLOCKS = 4, 16, 8
+MISSING = (
+    "NVIDIA Dynamo's router is not installed: this benchmark runs the real one. Install it with "
+    "`pip install 'kvcache[bench-dynamo]'` (the ai-dynamo-runtime==1.6.1 wheel, with pydantic and uvloop)."
+)
+
+
+def dynamo_core() -> Any:
+    """``dynamo._core``, or a clear message: there is no fallback to measure against."""
+    os.environ.setdefault("DYN_LOG", "error")
+    try:
+        import dynamo._core as core
+    except ImportError:
+        return None
+    return core
+
+
+def _key(n: int) -> bytes:
+    return n.to_bytes(16, "little")
+
+
+def _as_u64(key: bytes) -> int:
+    return int.from_bytes(key[:8], "little")
+
+
+class EventStream:
+    """The same stores and evictions for both indexes, per worker in order."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.prompt = [_key(1 + i) for i in range(PROMPT_BLOCKS)]
+        self.ours: list[tuple[int, list[CacheEvent]]] = []
+        self.dynamo: list[tuple[int, bytes]] = []
+        self.held: dict[int, int] = {}  # worker -> prompt blocks it holds
+        self.num_block_events = 0
+        next_key = 1_000_000
+        for w in range(num_workers):
+            depth = 0 if w % 8 == 7 else 1 + (w * 37) % PROMPT_BLOCKS
+            if depth:
+                self.held[w] = depth
+                self._store(w, self.prompt[:depth])
+            for c in range(OWN_CHAINS):
+                chain = [_key(next_key + i) for i in range(OWN_CHAIN_BLOCKS)]
+                next_key += OWN_CHAIN_BLOCKS
+                self._store(w, chain)
+                if c == 0:
+                    self._remove(w, chain[::-1][:EVICTED_BLOCKS])
+
+    def _store(self, w: int, chain: list[bytes]) -> None:
+        parent = b""
+        events: list[CacheEvent] = []
+        for i, key in enumerate(chain):
+            events.append(BlockStored(key, parent, i, "s"))
+            parent = key
+        self.ours.append((w, events))
+        blocks = [{"block_hash": _as_u64(k), "tokens_hash": _as_u64(k)} for k in chain]
+        data = {"stored": {"parent_hash": None, "blocks": blocks}}
+        self._dynamo_event(w, data)
+        self.num_block_events += len(chain)
+
+    def _remove(self, w: int, keys: list[bytes]) -> None:
+        self.ours.append((w, [BlockRemoved(k, 0, "s") for k in keys]))
+        self._dynamo_event(w, {"removed": {"block_hashes": [_as_u64(k) for k in keys]}})
+        self.num_block_events += len(keys)
+
+    def _dynamo_event(self, w: int, data: dict[str, Any]) -> None:
+        self.dynamo.append((w, json.dumps({"event_id": len(self.dynamo), "data": data}).encode()))
+
+
+def build_ours(stream: EventStream) -> PreciseIndex:
+    index = PreciseIndex()
+    for w, events in stream.ours:
+        index.apply(w, events)
+    return index
+
+
+def build_dynamo(core: Any, stream: EventStream) -> Any:
+    tree = core.RadixTree()
+    for w, payload in stream.dynamo:
+        tree.apply_event(w, payload)
+    return tree
+
+
+def dynamo_scores(tree: Any, keys: list[int]) -> dict[int, int]:
+    return {w: n for (w, _dp_rank), n in tree.find_matches(keys).scores.items() if n}
+
+
+def _cpu_best(fn: Callable[[], object], rounds: int) -> float:
+    """Smallest CPU seconds of ``rounds`` calls (the least disturbed by neighbours)."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def _lookup_us(fn: Callable[[], object], calls: int, rounds: int = 5) -> float:
+    def batch() -> None:
+        for _ in range(calls):
+            fn()
+
+    return _cpu_best(batch, rounds) / calls * 1e6
+
+
+def index_row(core: Any, num_workers: int) -> dict[str, Any]:
+    stream = EventStream(num_workers)
+    ours, tree = build_ours(stream), build_dynamo(core, stream)
+    prompt_u64 = [_as_u64(k) for k in stream.prompt]
+    got = ours.overlaps(stream.prompt, 0.0)
+    want = dynamo_scores(tree, prompt_u64)
+    if got != want or got != stream.held:
+        raise AssertionError(f"overlap scores differ at {num_workers} workers: kvcache {got} dynamo {want}")
+    apply_ours = _cpu_best(lambda: build_ours(stream), 3)
+    apply_dynamo = _cpu_best(lambda: build_dynamo(core, stream), 3)
+    slots, depths = ours.overlap_slots(stream.prompt, 0.0)
+    assert {ours.slot(w): n for w, n in got.items()} == dict(
+        zip(slots.tolist(), depths.tolist(), strict=True)
+    )
+    calls = max(20, 20_000 // num_workers)
+    return {
+        "workers": num_workers,
+        "block_events": stream.num_block_events,
+        "matching_workers": len(got),
+        "ours_events_per_cpu_s": stream.num_block_events / apply_ours,
+        "dynamo_events_per_cpu_s": stream.num_block_events / apply_dynamo,
+        "ours_lookup_us": _lookup_us(lambda: ours.overlap_slots(stream.prompt, 0.0), calls),
+        "ours_dict_us": _lookup_us(lambda: ours.overlaps(stream.prompt, 0.0), calls),
+        "dynamo_lookup_us": _lookup_us(lambda: tree.find_matches(prompt_u64), calls),
+        # the same answer as a Python dict, as ``overlaps`` returns it
+        "dynamo_scores_us": _lookup_us(lambda: tree.find_matches(prompt_u64).scores, calls),
+    }
+
+
+def index_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| workers | block events | matching | events/CPU-s kvcache | Dynamo | ratio "
+        "| lookup us kvcache `overlap_slots` | Dynamo `find_matches` | ratio "
+        "| as a dict: kvcache `overlaps` | Dynamo `.scores` | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workers']:,} | {r['block_events']:,} | {r['matching_workers']:,} "
+            f"| {r['ours_events_per_cpu_s'] / 1e6:.2f} M | {r['dynamo_events_per_cpu_s'] / 1e6:.2f} M "
+            f"| {r['ours_events_per_cpu_s'] / r['dynamo_events_per_cpu_s']:.2f}x "
+            f"| {r['ours_lookup_us']:.1f} | {r['dynamo_lookup_us']:.1f} "
+            f"| {r['ours_lookup_us'] / r['dynamo_lookup_us']:.2f}x "
+            f"| {r['ours_dict_us']:.1f} | {r['dynamo_scores_us']:.1f} "
+            f"| {r['ours_dict_us'] / r['dynamo_scores_us']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+# Run in a child per replay: Dynamo's runtime starts threads, and its CPU time is its own.
+_DYNAMO_REPLAY = """
+import json, os, sys, time
+os.environ.setdefault("DYN_LOG", "error")
+from dynamo._core import KvRouterConfig, run_mocker_trace_replay
+trace, workers, capacity, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+engine = {"block_size": 512, "num_gpu_blocks": capacity, "max_num_seqs": 128,
+          "max_num_batched_tokens": 8192, "enable_prefix_caching": True, "enable_chunked_prefill": True}
+start = time.process_time()
+result = run_mocker_trace_replay([trace], extra_engine_args={"engine": engine},
+    router_config=KvRouterConfig(), num_workers=workers, router_mode=mode,
+    trace_format="mooncake", trace_block_size=512)
+cpu_s = time.process_time() - start
+s = result.summary
+print(json.dumps({"cpu_s": cpu_s, "token_hit_rate": s["prefix_cache_reused_ratio"],
+    "completed": s["completed_requests"], "requests": s["num_requests"], "p99_ttft_ms": s["p99_ttft_ms"]}))
+"""
+
+
+def dynamo_replay(trace: Path, workers: int, capacity: int, mode: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        python_argv("-c", _DYNAMO_REPLAY, str(trace), str(workers), str(capacity), mode),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "DYN_LOG": "error"},
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": tail}
+    row: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return row
+
+
+def ours_replay(trace: Any, prompts: Any, workers: int, capacity: int, policy: str) -> dict[str, Any]:
+    from kvcache.router import report
+    from kvcache.router.replay import ReplayConfig, replay
+
+    start = time.process_time()
+    result = replay(trace, ReplayConfig(workers, capacity, policy), prompts=prompts)
+    cpu_s = time.process_time() - start
+    m = report.metrics(result)
+    return {"cpu_s": cpu_s, "token_hit_rate": m["token_hit_rate"], "completed": m["completed"]}
+
+
+def replay_capacity(unique_blocks: int, longest_blocks: int, workers: int) -> int:
+    return max(max(1, int(0.1 * unique_blocks / workers)), longest_blocks)
+
+
+def replay_rows(
+    trace_path: Path, workers: list[int], policies: list[str], modes: list[str], capacity: int | None
+) -> list[dict[str, Any]]:
+    from kvcache.router.replay import prepare
+    from kvcache.router.trace import read_trace
+
+    trace = read_trace(trace_path, 512)
+    prompts = prepare(trace, 512)
+    unique = trace.unique_blocks(512)
+    longest = max(-(-r.num_tokens // 512) for r in trace.requests)
+    rows = []
+    for w in workers:
+        cap = capacity or replay_capacity(unique, longest, w)
+        row: dict[str, Any] = {"workers": w, "capacity": cap, "rule": max(1, int(0.1 * unique / w))}
+        for mode in modes:
+            row[f"dynamo {mode}"] = dynamo_replay(trace_path, w, cap, mode)
+        for policy in policies:
+            row[policy] = ours_replay(trace, prompts, w, cap, policy)
+        row["load"] = os.getloadavg()[0]
+        rows.append(row)
+        print(replay_table([row], policies, modes).splitlines()[-1], flush=True)
+    return rows
+
+
+def replay_table(rows: list[dict[str, Any]], policies: list[str], modes: list[str]) -> str:
+    names = [f"dynamo {m}" for m in modes] + policies
+    head = "| workers (blocks each; 0.1 rule) | " + " | ".join(f"{n} hit / CPU-s" for n in names)
+    head += " | kvcache CPU / Dynamo kv_router CPU | load |"
+    lines = [head, "|---" * (len(names) + 3) + "|"]
+    for r in rows:
+        cells = []
+        for n in names:
+            c = r[n]
+            cells.append(
+                f"error: {c['error']}" if "error" in c else f"{c['token_hit_rate']:.1%} / {c['cpu_s']:.1f}"
+            )
+        ref = r.get("dynamo kv_router", {})
+        ratio = " / ".join(
+            f"{r[p]['cpu_s'] / ref['cpu_s']:.2f}x" if "cpu_s" in ref else "-" for p in policies
+        )
+        lines.append(
+            f"| {r['workers']:,} ({r['capacity']}; {r['rule']}) | "
+            + " | ".join(cells)
+            + f" | {ratio} | {r['load']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE, help="Mooncake JSONL trace")
+    parser.add_argument("--workers", default=",".join(map(str, WORKERS)))
+    parser.add_argument("--policies", default="round_robin,dynamo,affinity", help="kvcache policies")
+    parser.add_argument("--dynamo-modes", default="kv_router,round_robin")
+    parser.add_argument("--capacity-blocks", type=int, default=None, help="override the capacity rule")
+    parser.add_argument("--skip-index", action="store_true")
+    parser.add_argument("--skip-replay", action="store_true")
+    args = parser.parse_args(argv)
+    core = dynamo_core()
+    if core is None:
+        print(MISSING, file=sys.stderr)
+        return 2
+    workers = [int(w) for w in args.workers.split(",")]
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cpus")
+    if not args.skip_index:
+        rows = [index_row(core, w) for w in workers]
+        print(f"\nindex: {PROMPT_BLOCKS}-block prompt, identical overlap scores at every size")
+        print(index_table(rows))
+    if not args.skip_replay:
+        if not args.trace.is_file():
+            print(f"trace {args.trace} not found; pass its path", file=sys.stderr)
+            return 2
+        policies = args.policies.split(",")
+        modes = args.dynamo_modes.split(",")
+        print(f"\nreplay of {args.trace}")
+        rows = replay_rows(args.trace, workers, policies, modes, args.capacity_blocks)
+        print(replay_table(rows, policies, modes))
+    load = os.getloadavg()
+    print(f"\nload average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return 0
+
+
+@pytest.fixture(scope="module")
+def core() -> Any:
+    found = dynamo_core()
+    if found is None:
+        pytest.skip(MISSING)
+    return found
+
+
+@pytest.mark.parametrize("side", ["dynamo", "kvcache"])
+def test_index_lookup_1024_workers(benchmark: Any, core: Any, side: str) -> None:
+    benchmark.group = "index lookup, 64-block prompt, 1,024 workers"
+    stream = EventStream(1024)
+    if side == "dynamo":
+        benchmark.name = benchmark.name.replace("test_index_lookup", "test_index_lookup_baseline")
+        tree, keys = build_dynamo(core, stream), [_as_u64(k) for k in stream.prompt]
+        benchmark(lambda: tree.find_matches(keys))  # what a router calls: a Rust object
+        scores = dynamo_scores(tree, keys)
+    else:
+        index = build_ours(stream)
+        benchmark(lambda: index.overlap_slots(stream.prompt, 0.0))  # what the router calls
+        scores = index.overlaps(stream.prompt, 0.0)
+    assert scores == stream.held
+    benchmark.extra_info["load"] = os.getloadavg()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
