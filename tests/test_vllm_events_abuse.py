@@ -29,6 +29,7 @@ from kvcache.router.vllm_keys import VllmKeyer
 from kvcache.router.vllm_subscriber import EventSubscriber
 
 STALL_S = 1.0  # generous: what any single request may wait for the event stream
+FLOOD_S = 7.5  # how long the flooding publisher sends
 
 
 def _port() -> int:
@@ -247,8 +248,11 @@ def test_a_huge_batch_does_not_stall_the_proxy() -> None:
 
 
 def test_a_flooding_publisher_does_not_starve_the_proxy() -> None:
+    # The publisher is a thread of this process, so under a loaded machine the GIL alone can hold the
+    # loop for a while: the flood lasts FLOOD_S, and an unbounded subscriber stalls the loop for about
+    # all of it, while a bounded one's worst stall does not grow with the flood's length.
     def abuse(pub: EventPublisher, seen: threading.Event) -> None:
-        end = time.monotonic() + 3.0
+        end = time.monotonic() + FLOOD_S
         key = 0
         while time.monotonic() < end:  # about 2 M keys a second, more than a proxy applies
             pub.publish(_stored(*range(key, key + 2000)))
@@ -261,7 +265,7 @@ def test_a_flooding_publisher_does_not_starve_the_proxy() -> None:
     scenario = _Scenario()
     _, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap("0", [2**50]) == 1))
     print(f"loop lag {lag * 1000:.0f} ms, request {request * 1000:.0f} ms")
-    assert lag < STALL_S and request < STALL_S, (lag, request)
+    assert lag < FLOOD_S / 3 and request < FLOOD_S / 3, (lag, request)
 
 
 def test_gaps_with_a_silent_replay_socket_do_not_block_the_proxy() -> None:
