@@ -32,7 +32,6 @@ import json
 import os
 import secrets
 import socket
-import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from urllib.parse import urlsplit
 
 from kvcache.errors import AuthError, ConfigError
 from kvcache.hashing import Hasher
+from kvcache.private_file import PrivateFileError, read_private_file
 
 SECRET_ENV = "KVCACHE_SECRET"
 SECRET_FILE_ENV = "KVCACHE_SECRET_FILE"
@@ -88,19 +88,16 @@ def load_secret(environ: Mapping[str, str]) -> bytes | None:
     path = environ.get(SECRET_FILE_ENV)
     if path:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise ConfigError(f"{SECRET_FILE_ENV}={path}: cannot open ({exc.strerror})") from exc
-        with os.fdopen(fd) as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode) or mode & 0o077:
-                raise ConfigError(
-                    f"{SECRET_FILE_ENV}={path} has mode {stat.filemode(mode)}; the secret file must be "
-                    "a regular file only its owner can read: chmod 600 it"
-                )
-            return _parse_secret(f.read(), f"{SECRET_FILE_ENV}={path}")
-    text = environ.get(SECRET_ENV)
-    return _parse_secret(text, SECRET_ENV) if text else None
+            data = read_private_file(path)
+        except PrivateFileError as exc:
+            raise ConfigError(f"{SECRET_FILE_ENV}={path} {exc.reason}") from exc
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{SECRET_FILE_ENV}={path} must hold the secret as hex") from None
+        return _parse_secret(text, f"{SECRET_FILE_ENV}={path}")
+    direct = environ.get(SECRET_ENV)
+    return _parse_secret(direct, SECRET_ENV) if direct else None
 
 
 def write_secret_file(path: str | Path, secret: bytes) -> None:
