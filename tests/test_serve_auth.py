@@ -10,13 +10,15 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from kvcache import BlockManager, CacheConfig
+from kvcache import BlockManager, CacheConfig, redis_server
 from kvcache.errors import AuthError, ConfigError
 from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.router import Router, RouteRequest
@@ -288,3 +290,35 @@ def test_a_served_pod_tier_authenticates_blocks_with_the_deployment_key(
     assert isinstance(tier, IcmsTier) and names == ("pod",)
     assert tier.seal.authenticated and tier.seal == Seal.keyed(KEYS.tier_key)
     assert "not authenticated" not in caplog.text
+
+
+def test_a_redis_that_accepts_a_wrong_password_is_refused(tmp_path: Path) -> None:
+    """A real redis-server whose ``kvcache`` user is ``on nopass``: PING alone is refused, so only
+    AUTH with a wrong password shows that anyone gets in."""
+    port = redis_server._free_port()
+    config = tmp_path / "redis.conf"
+    config.write_text(f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir "{tmp_path}"\n'
+                      "user default off\nuser kvcache on nopass ~* &* +@all\n")  # fmt: skip
+    server = subprocess.Popen([redis_server.find_redis_server(), str(config)], stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, username="kvcache", password="anything")
+        deadline = time.monotonic() + 10
+        while True:  # up once AUTH with any password answers
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+        refused = f"127.0.0.1:{port} accepts a wrong password for user 'kvcache'"
+        with pytest.raises(ConfigError, match=refused):
+            auth.refuse_open_redis(f"redis://kvcache:the-real-one@127.0.0.1:{port}/0")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_redis_with_a_password_passes() -> None:
+    with redis_server.start_redis() as server:
+        auth.refuse_open_redis(server.url)  # no error: the password is needed, a wrong one is refused

@@ -36,11 +36,12 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from kvcache.errors import AuthError, ConfigError
 from kvcache.hashing import Hasher
 from kvcache.private_file import PrivateFileError, read_private_file
+from kvcache.redis_server import command_bytes
 
 SECRET_ENV = "KVCACHE_SECRET"
 SECRET_FILE_ENV = "KVCACHE_SECRET_FILE"
@@ -118,23 +119,44 @@ def redis_url(arg: str | None, environ: Mapping[str, str]) -> str | None:
 
 
 def refuse_open_redis(url: str, timeout_s: float = 1.0) -> None:
-    """Raise ``ConfigError`` when the Redis at ``url`` runs commands for an unauthenticated client
-    (no ACL user or ``requirepass``, or ``protected-mode no``). An unreachable Redis passes: the
-    caller's loops wait for it."""
+    """Raise ``ConfigError`` when the Redis at ``url`` lets in a client that does not know the password:
+    one that runs commands unauthenticated (no ACL user or ``requirepass``, or ``protected-mode
+    no``), or one that accepts a wrong password for the URL's user (an ACL user ``on nopass``). An
+    unreachable Redis passes: the caller's loops wait for it."""
     parts = urlsplit(url)
     if parts.scheme != "redis":
         return  # rediss:// (TLS) and unix sockets: the transport itself is access-controlled
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    user = unquote(parts.username) if parts.username else "default"
+    wrong = secrets.token_hex(16)  # never anyone's password: AUTH must fail with it
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(b"PING\r\n")
-            reply = sock.recv(64)
+            sock.sendall(command_bytes("PING"))
+            if _reply_line(sock).startswith(b"+PONG"):
+                raise ConfigError(f"Redis at {host}:{port} answers commands without a password: anyone who "
+                                  "reaches it could read block keys and forge workers. Give it an ACL user "
+                                  f"with a password (as `kvcache serve` does) and pass the URL in "
+                                  f"{REDIS_URL_ENV}")  # fmt: skip
+            sock.sendall(command_bytes("AUTH", user, wrong))
+            authed = _reply_line(sock)
     except OSError:
         return
-    if reply.startswith(b"+PONG"):
-        raise ConfigError(f"Redis at {host}:{port} answers commands without a password: anyone who reaches "
-                          "it could read block keys and forge workers. Give it an ACL user with a password "
-                          f"(as `kvcache serve` does) and pass the URL in {REDIS_URL_ENV}")  # fmt: skip
+    if authed.startswith(b"+OK"):
+        raise ConfigError(f"Redis at {host}:{port} accepts a wrong password for user {user!r} (an ACL user "
+                          "`on nopass`?): anyone who reaches it could read block keys and forge workers. "
+                          f"Give {user!r} a password (`ACL SETUSER {user} resetpass >PASSWORD`) and pass "
+                          f"the URL in {REDIS_URL_ENV}")  # fmt: skip
+
+
+def _reply_line(sock: socket.socket, limit: int = 512) -> bytes:
+    """The first line of a Redis reply (up to ``limit`` bytes); empty when the server closed."""
+    reply = b""
+    while b"\r\n" not in reply and len(reply) < limit:
+        chunk = sock.recv(limit - len(reply))
+        if not chunk:
+            break
+        reply += chunk
+    return reply
 
 
 def key_check(hasher: Hasher) -> str:
