@@ -34,9 +34,9 @@ OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
 
 
 def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
-    parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.events_key,
-             KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
-    assert len(set(parts)) == 7 and all(len(p) == 32 for p in parts)
+    parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.heartbeat_key,
+             KEYS.events_key, KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
+    assert len(set(parts)) == 8 and all(len(p) == 32 for p in parts)
     assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
     assert KEYS.block_key != OTHER.block_key
     assert repr(KEYS) == "DeploymentKeys(<redacted>)"

@@ -10,8 +10,9 @@ owner may read). Every key is derived from it for one purpose, so no key serves 
   compare it in constant time and refuse anything else (401 without it, 403 when wrong);
 - ``block_key``: the hasher's ``deployment_key``, so block keys in Redis, events and tiers cannot
   be computed (or a guessed prompt tested) without the secret;
-- ``registration``/``events``: MACs over what a worker writes to Redis (its registration with
-  the time it was signed; each event batch with a per-instance sequence number), which the front
+- ``registration``/``heartbeat``/``events``: MACs over what a worker writes to Redis (its
+  registration with the time it was signed; each heartbeat with its instance, a per-instance beat
+  number and the time; each event batch with a per-instance sequence number), which the front
   checks before anything reaches the router;
 - ``pseudonym``: events name a chain scope by a keyed pseudonym, never a tenant in clear;
 - ``notice``: the MAC of what the front tells a worker through Redis (a refusal), so writing
@@ -172,6 +173,7 @@ class DeploymentKeys:
     worker_token: str
     block_key: bytes
     registration_key: bytes
+    heartbeat_key: bytes
     events_key: bytes
     pseudonym_key: bytes
     notice_key: bytes
@@ -180,7 +182,7 @@ class DeploymentKeys:
     @classmethod
     def from_secret(cls, secret: bytes) -> DeploymentKeys:
         return cls(derive(secret, "worker-token").hex(), derive(secret, "block-keys"),
-                   derive(secret, "registration"), derive(secret, "events"),
+                   derive(secret, "registration"), derive(secret, "heartbeat"), derive(secret, "events"),
                    derive(secret, "scope-pseudonym"), derive(secret, "front-notice"),
                    derive(secret, "pod-tier"))  # fmt: skip
 
@@ -235,6 +237,32 @@ class DeploymentKeys:
             raise AuthError(f"registration was signed {now - signed_at:.0f} s ago; fresher than "
                             f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
         return registration
+
+    def sign_heartbeat(self, worker_id: str, instance: str, beat: int, signed_at: float) -> str:
+        """A heartbeat: ``beat`` counts up from 0 in each instance, so a replayed one never advances."""
+        mac = _mac(self.heartbeat_key, worker_id.encode(), instance.encode(), str(beat).encode(),
+                   repr(signed_at).encode())  # fmt: skip
+        return json.dumps({"instance": instance, "beat": beat, "signed_at": signed_at, "mac": mac.hex()})
+
+    def open_heartbeat(self, worker_id: str, raw: str | bytes, now: float) -> tuple[str, int]:
+        """``(instance, beat)`` of ``worker_id``'s signed heartbeat; ``AuthError`` if it is forged,
+        another worker's, altered or signed more than ``REGISTRATION_MAX_AGE_S`` from ``now``."""
+        try:
+            env = json.loads(raw)
+            instance, beat, signed_at = env["instance"], env["beat"], env["signed_at"]
+            mac = bytes.fromhex(env["mac"])
+            if not isinstance(instance, str) or type(beat) is not int or not isinstance(signed_at, float):
+                raise TypeError("instance must be a string, beat an integer and signed_at a float")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"heartbeat is not a signed envelope ({type(exc).__name__})") from None
+        expected = _mac(self.heartbeat_key, worker_id.encode(), instance.encode(), str(beat).encode(),
+                        repr(signed_at).encode())  # fmt: skip
+        if not hmac.compare_digest(mac, expected):
+            raise AuthError("heartbeat MAC does not verify (another deployment or worker, or forged)")
+        if not -REGISTRATION_MAX_AGE_S <= now - signed_at <= REGISTRATION_MAX_AGE_S:
+            raise AuthError(f"heartbeat was signed {now - signed_at:.0f} s ago; fresher than "
+                            f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
+        return instance, beat
 
     # ---- front -> Redis -> worker --------------------------------------------------------
 

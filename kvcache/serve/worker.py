@@ -31,9 +31,9 @@ deployment's), the worker logs the front's reason once and stops (``refused``). 
 gives the worker's own Prometheus series (``metrics.WorkerMetrics``).
 
 Every call must carry the deployment's worker token (``auth``): without it the answer is 401,
-with a wrong one 403, before the body is read. Registrations are signed on every heartbeat and
-event batches carry a sequence number and a MAC over events and load; events name scopes by
-pseudonym.
+with a wrong one 403, before the body is read. Registrations and heartbeats (with a beat number
+that only goes up) are signed on every heartbeat, and event batches carry a sequence number and
+a MAC over events and load; events name scopes by pseudonym.
 
 Not here: routing and the OpenAI protocol (``front``), tokenizing and text stop sequences (the
 front sends token ids and cuts text).
@@ -148,6 +148,7 @@ class Worker:
         self.events: asyncio.Queue[tuple[list[CacheEvent], WorkerLoad]] = asyncio.Queue()
         self.num_dropped_event_batches = 0
         self._event_seq = 0  # per instance; the front drops a batch whose number it has seen
+        self._beat = 0  # per instance: the front counts a worker alive only while this advances
         self._last_load: WorkerLoad | None = None
         self._finished: dict[Hashable, str] = {}  # request -> engine finish reason (engine thread)
         self._tier_errors: dict[Hashable, int] = {}
@@ -352,7 +353,9 @@ class Worker:
                         return
                     await client.hset(wire.WORKERS_KEY, self.worker_id,
                                       self.keys.sign_registration(reg, time.time()))  # fmt: skip
-                    await client.set(wire.alive_key(self.worker_id), self.instance, ex=wire.ALIVE_TTL_S)
+                    beat = self.keys.sign_heartbeat(self.worker_id, self.instance, self._beat, time.time())
+                    await client.set(wire.alive_key(self.worker_id), beat, ex=wire.ALIVE_TTL_S)
+                    self._beat += 1
                     next_beat = time.monotonic() + wire.HEARTBEAT_S
                 try:
                     batch, load = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
