@@ -34,7 +34,7 @@ OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
 
 
 def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
-    parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.heartbeat_key,
+    parts = [KEYS.instance_root_key, KEYS.block_key, KEYS.registration_key, KEYS.heartbeat_key,
              KEYS.events_key, KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
     assert len(set(parts)) == 8 and all(len(p) == 32 for p in parts)
     assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
@@ -42,12 +42,36 @@ def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
     assert repr(KEYS) == "DeploymentKeys(<redacted>)"
 
 
-def test_worker_token_check() -> None:
-    assert KEYS.check_worker_call(f"Bearer {KEYS.worker_token}") is None
-    assert KEYS.check_worker_call(None) == 401
-    assert KEYS.check_worker_call(f"Basic {KEYS.worker_token}") == 401
-    assert KEYS.check_worker_call(f"Bearer {OTHER.worker_token}") == 403
-    assert KEYS.check_worker_call("Bearer ") == 403
+def test_a_worker_credential_opens_one_worker_instance_only() -> None:
+    mine = KEYS.worker_credential("w0", "i0")
+    assert KEYS.check_worker_call(f"Bearer {mine}", "w0", "i0") is None
+    assert KEYS.check_worker_call(None, "w0", "i0") == 401
+    assert KEYS.check_worker_call(f"Basic {mine}", "w0", "i0") == 401
+    assert KEYS.check_worker_call("Bearer ", "w0", "i0") == 403
+    assert KEYS.check_worker_call(f"Bearer {mine}", "w1", "i0") == 403  # another worker
+    assert KEYS.check_worker_call(f"Bearer {mine}", "w0", "i1") == 403  # the same worker, restarted
+    assert KEYS.check_worker_call(f"Bearer {OTHER.worker_credential('w0', 'i0')}", "w0", "i0") == 403
+    assert KEYS.worker_credential("w0", "i0i") != KEYS.worker_credential("w0i", "0i")  # no ambiguity
+
+
+def test_only_the_registered_instance_answers_the_challenge() -> None:
+    challenge = bytes(range(16))
+    answer = {"worker_id": "w0", "instance": "i0", "proof": KEYS.hello_proof("w0", "i0", challenge)}
+    raw = json.dumps(answer).encode()
+    assert KEYS.check_hello(raw, challenge, ("w0", "i0")) == ("w0", "i0")
+    assert KEYS.check_hello(raw, challenge, None) == ("w0", "i0")  # any worker of the deployment
+    with pytest.raises(AuthError, match=r"worker w0 \(instance i9\) was expected; 'w0' \(instance 'i0'\)"):
+        KEYS.check_hello(raw, challenge, ("w0", "i9"))
+    with pytest.raises(AuthError, match="the proof does not verify"):
+        KEYS.check_hello(raw, bytes(16), ("w0", "i0"))  # an old answer to another challenge
+    with pytest.raises(AuthError, match="the proof does not verify"):
+        KEYS.check_hello(json.dumps({**answer, "proof": OTHER.hello_proof("w0", "i0", challenge)}).encode(),
+                         challenge, ("w0", "i0"))  # fmt: skip
+    credential = {**answer, "proof": KEYS.worker_credential("w0", "i0")}  # what a leak gives: no proof
+    with pytest.raises(AuthError, match="the proof does not verify"):
+        KEYS.check_hello(json.dumps(credential).encode(), challenge, ("w0", "i0"))
+    with pytest.raises(AuthError, match="not a worker's"):
+        KEYS.check_hello(b"HTTP/1.1 200 OK", challenge, ("w0", "i0"))
 
 
 def test_secret_from_env_or_an_owner_only_file(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.router.vllm_keys import VllmKeyer
 
     headers: dict[str, str] = {}
+    connect_worker = None
     if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
         import os
 
@@ -50,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
         if secret is None:
             raise ConfigError(f"--engine-api kvcache needs the workers' deployment secret in "
                               f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}")  # fmt: skip
-        headers = auth.DeploymentKeys.from_secret(secret).auth_header()
+        import aiohttp
+
+        from kvcache.serve import peer
+
+        # Each call first makes the worker prove itself, then carries that instance's credential.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=60.0)
+        connect_worker = peer.opener(auth.DeploymentKeys.from_secret(secret), timeout)
     engines = [Engine.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
-    proxy = RouteProxy(
-        engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora), args.engine_api, headers
-    )
+    proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
+                       args.engine_api, headers, connect_worker)  # fmt: skip
     web.run_app(proxy.app(), host=args.host, port=args.port)
     return 0

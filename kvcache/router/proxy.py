@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +81,19 @@ class RouteProxy:
         lora_models: frozenset[str] = frozenset(),
         api: str = "openai",
         upstream_headers: Mapping[str, str] | None = None,
+        connect_worker: Callable[[str], AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
         if api not in APIS:
             raise ConfigError(f"api={api!r} is unknown; choose one of {APIS}")
-        # Sent with every request to an engine: a kvcache worker's bearer token (``serve.auth``).
+        # Sent with every request to an OpenAI-API engine (e.g. its API key).
         self.upstream_headers = dict(upstream_headers or {})
+        if api == "kvcache" and connect_worker is None:
+            raise ConfigError("api='kvcache' needs connect_worker (serve.peer.opener): kvcache workers "
+                              "answer only a caller that checked who they are")  # fmt: skip
+        # kvcache workers: url -> a link to the worker there once it proved itself (``serve.peer``).
+        self.connect_worker = connect_worker
         self.api = api
         self.engines = list(engines)
         self.keyer = keyer
@@ -180,8 +187,9 @@ class RouteProxy:
             "tenant": salt if isinstance(salt, str) and salt else "default",
             "max_tokens": body.get("max_tokens", 16),
         }
-        async with self.session.post(self.engines[w].url + "/generate", json=request,
-                                     headers=self.upstream_headers) as upstream:
+        assert self.connect_worker is not None
+        link = self.connect_worker(self.engines[w].url)
+        async with link as worker, worker.post("/generate", json=request) as upstream:
             if upstream.status != 200:
                 return _error(upstream.status, str((await upstream.json()).get("error", "engine error")))
             tokens: list[int] = []

@@ -6,8 +6,13 @@ owner may read). Every key is derived from it for one purpose, so no key serves 
 
     key(purpose) = BLAKE2b-256(key=secret, person="kvcache-kdf-v1", msg=purpose)
 
-- ``worker_token``: the bearer token the front presents on every call to a worker; workers
-  compare it in constant time and refuse anything else (401 without it, 403 when wrong);
+- ``worker-instance``: the root of each worker instance's own key,
+  ``instance_key = MAC(root, worker_id, instance)`` (the instance id is new at every start). With
+  it a worker answers the front's fresh challenge (``hello_proof``) before the front sends it
+  anything, and the front presents that instance's credential (``MAC(instance_key, "front-call")``)
+  on every call, which only that one instance accepts (401 without it, 403 when wrong). A
+  credential captured anywhere opens one instance of one worker, never another, and a listener
+  that cannot answer the challenge (someone who took a dead worker's port) gets no credential;
 - ``block_key``: the hasher's ``deployment_key``, so block keys in Redis, events and tiers cannot
   be computed (or a guessed prompt tested) without the secret;
 - ``registration``/``heartbeat``/``events``: MACs over what a worker writes to Redis (its
@@ -170,7 +175,7 @@ def key_check(hasher: Hasher) -> str:
 class DeploymentKeys:
     """Every key of one deployment, derived from its secret; see the module docstring."""
 
-    worker_token: str
+    instance_root_key: bytes
     block_key: bytes
     registration_key: bytes
     heartbeat_key: bytes
@@ -181,7 +186,7 @@ class DeploymentKeys:
 
     @classmethod
     def from_secret(cls, secret: bytes) -> DeploymentKeys:
-        return cls(derive(secret, "worker-token").hex(), derive(secret, "block-keys"),
+        return cls(derive(secret, "worker-instance"), derive(secret, "block-keys"),
                    derive(secret, "registration"), derive(secret, "heartbeat"), derive(secret, "events"),
                    derive(secret, "scope-pseudonym"), derive(secret, "front-notice"),
                    derive(secret, "pod-tier"))  # fmt: skip
@@ -189,20 +194,49 @@ class DeploymentKeys:
     def __repr__(self) -> str:
         return "DeploymentKeys(<redacted>)"
 
-    # ---- front -> worker -----------------------------------------------------------------
+    # ---- front <-> worker ------------------------------------------------------------------
 
-    def auth_header(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.worker_token}"}
+    def _instance_key(self, worker_id: str, instance: str) -> bytes:
+        return hashlib.blake2b(struct.pack("<Q", len(worker_id)) + worker_id.encode() + instance.encode(),
+                               key=self.instance_root_key, digest_size=32).digest()  # fmt: skip
 
-    def check_worker_call(self, authorization: str | None) -> int | None:
-        """None when ``authorization`` carries this deployment's worker token, else 401/403."""
+    def worker_credential(self, worker_id: str, instance: str) -> str:
+        """The bearer credential that opens this one worker instance and no other."""
+        return _mac(self._instance_key(worker_id, instance), b"front-call").hex()
+
+    def call_headers(self, worker_id: str, instance: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.worker_credential(worker_id, instance)}"}
+
+    def check_worker_call(self, authorization: str | None, worker_id: str, instance: str) -> int | None:
+        """None when ``authorization`` carries this instance's credential, else 401/403."""
         if not authorization:
             return 401
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return 401
-        ok = hmac.compare_digest(token.strip().encode(), self.worker_token.encode())
+        ok = hmac.compare_digest(token.strip().encode(), self.worker_credential(worker_id, instance).encode())
         return None if ok else 403
+
+    def hello_proof(self, worker_id: str, instance: str, challenge: bytes) -> str:
+        """A worker instance's answer to the front's fresh ``challenge``: only it (and the front) can."""
+        return _mac(self._instance_key(worker_id, instance), b"hello", challenge).hex()
+
+    def check_hello(self, raw: bytes, challenge: bytes, expect: tuple[str, str] | None) -> tuple[str, str]:
+        """``(worker_id, instance)`` from a worker's answer to ``challenge``; ``AuthError`` unless the
+        proof verifies and, with ``expect``, names that worker instance."""
+        try:
+            answer = json.loads(raw)
+            worker_id, instance, proof = answer["worker_id"], answer["instance"], answer["proof"]
+            if not all(isinstance(x, str) for x in (worker_id, instance, proof)):
+                raise TypeError("worker_id, instance and proof must be strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"the answer to the challenge is not a worker's ({type(exc).__name__})") from None
+        if expect is not None and (worker_id, instance) != expect:
+            raise AuthError(f"worker {expect[0]} (instance {expect[1]}) was expected; "
+                            f"{worker_id!r} (instance {instance!r}) answered")  # fmt: skip
+        if not hmac.compare_digest(proof.encode(), self.hello_proof(worker_id, instance, challenge).encode()):
+            raise AuthError("the proof does not verify: what listens there is no worker of this deployment")
+        return worker_id, instance
 
     # ---- hashing -------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` o
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
 adapter, block size, chain scope and deployment key as their block managers: ``auth.hasher``,
-checked against each worker's registration); every call to a worker carries the deployment's
-worker token. The router picks the worker. The
+checked against each worker's registration). Before a request goes to a worker, the worker
+proves on that very connection that it is the registered instance (``peer``); only then is the
+request sent, with that instance's own credential. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
@@ -50,7 +51,7 @@ from aiohttp import web
 
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
-from kvcache.serve import protocol, wire
+from kvcache.serve import peer, protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -133,7 +134,8 @@ class Front:
         self.route_request = route_request  # kvcache.router.RouteRequest
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
-        self.session: aiohttp.ClientSession | None = None
+        # Each request opens its own proven connection to its worker (``peer.connect``) with these.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read_timeout_s)
 
     # ---- dispatch ------------------------------------------------------------------------
 
@@ -163,7 +165,6 @@ class Front:
         """Tokens from whichever worker serves the request, each index once, retried on failure.
         A worker that answers 503 with ``Retry-After`` (its waiting queue is full) is skipped for
         this request; when every worker did, the request is answered 503 with ``Retry-After``."""
-        assert self.session is not None
         sent = 0
         sampling = req.sampling()
         if sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
@@ -176,7 +177,7 @@ class Front:
             payload = await asyncio.to_thread(json.dumps, body)
         else:
             keys, payload = self._keys(token_ids, tenant), json.dumps(body)
-        headers = {"Content-Type": "application/json", **self.keys.auth_header()}
+        headers = {"Content-Type": "application/json"}
         busy: dict[str, str] = {}  # workers that answered 503 + Retry-After -> its value
         failures = 0
         while failures < MAX_ATTEMPTS:
@@ -193,7 +194,9 @@ class Front:
                 worker_id = min(free, key=self._reported_load)
             reg = self.pool.workers[worker_id].reg
             try:
-                async with self.session.post(f"{reg.url}/generate", data=payload, headers=headers) as resp:
+                expect = (worker_id, reg.instance)
+                link = peer.connect(reg.url, self.keys, timeout=self.timeout, expect=expect)
+                async with link as worker, worker.post("/generate", data=payload, headers=headers) as resp:
                     if resp.status == 503 and "Retry-After" in resp.headers:
                         busy[worker_id] = resp.headers["Retry-After"][:16]
                         self.metrics.busy.inc()
@@ -447,10 +450,7 @@ class Front:
                              shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         task = asyncio.create_task(self.pool.run())
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await self.session.close()
