@@ -1,14 +1,15 @@
-"""What proving a worker costs per request: a pooled connection vs a proven link, in one run.
+"""What proving a worker costs per request: a pooled connection vs proven links, in one run.
 
     .venv/bin/python benches/serve_peer.py --requests 300 --rounds 3
 
 One aiohttp server answers ``GET /hello`` (the challenge, ``serve.peer``) and ``POST /generate``
 (a fixed two-line answer; no engine, so only transport and proof are timed). The baseline posts
-over one pooled session, as the front did before workers proved themselves; ours opens a
-``peer.connect`` link per request (a new connection, the challenge and its MAC check, then the
-post on that connection), as the front does now. Client and server share one process and event
+over one pooled session, as the front did before workers proved themselves. Ours: a
+``peer.LinkPool`` (what the front uses: the proof once per connection, connections kept), and a
+``peer.connect`` link per request (a new connection and the challenge every time: the front's
+cost when every kept connection has expired). Client and server share one process and event
 loop, so both ends' CPU is in the figure. Prints the median latency of each, per round and over
-rounds, their ratio and difference, and the load average.
+rounds, the ratios to the baseline, and the load average.
 """
 
 from __future__ import annotations
@@ -59,17 +60,21 @@ async def main(requests: int, rounds: int) -> None:
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     payload = json.dumps({"token_ids": list(range(512))})
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=60)
-    pooled: list[float] = []
-    proven: list[float] = []
+    times: dict[str, list[float]] = {"pooled connection (baseline)": [], "LinkPool (ours)": [],
+                                     "new link per request": []}  # fmt: skip
+    links = peer.LinkPool(KEYS, timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def baseline() -> None:
-            async with session.post(
-                url + "/generate", data=payload, headers=KEYS.call_headers(*IDENTITY)
-            ) as r:
+            headers = KEYS.call_headers(*IDENTITY)
+            async with session.post(url + "/generate", data=payload, headers=headers) as r:
                 await r.read()
 
-        async def ours() -> None:
+        async def kept() -> None:
+            async with links.link(url, IDENTITY) as link, link.post("/generate", data=payload) as r:
+                await r.read()
+
+        async def fresh() -> None:
             async with (
                 peer.connect(url, KEYS, timeout=timeout, expect=IDENTITY) as link,
                 link.post("/generate", data=payload) as r,
@@ -77,15 +82,16 @@ async def main(requests: int, rounds: int) -> None:
                 await r.read()
 
         for _ in range(rounds):
-            pooled.append(await _median_ms(requests, baseline))
-            proven.append(await _median_ms(requests, ours))
+            for name, send in zip(times, (baseline, kept, fresh), strict=True):
+                times[name].append(await _median_ms(requests, send))
+    await links.close()
     await runner.cleanup()
-    base, mine = statistics.median(pooled), statistics.median(proven)
-    print(f"pooled connection (baseline): {base:.2f} ms/request  rounds {[round(x, 2) for x in pooled]}")
-    print(f"proven link (ours):           {mine:.2f} ms/request  rounds {[round(x, 2) for x in proven]}")
-    print(
-        f"ours/baseline {mine / base:.1f}x, +{mine - base:.2f} ms per request; load average {os.getloadavg()}"
-    )
+    base = statistics.median(next(iter(times.values())))
+    for name, per_round in times.items():
+        mid = statistics.median(per_round)
+        rounds_ms = [round(x, 2) for x in per_round]
+        print(f"{name:30s} {mid:.2f} ms/request ({mid / base:.1f}x)  rounds {rounds_ms}")
+    print("load average", ", ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

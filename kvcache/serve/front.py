@@ -6,9 +6,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` o
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
 adapter, block size, chain scope and deployment key as their block managers: ``auth.hasher``,
-checked against each worker's registration). Before a request goes to a worker, the worker
-proves on that very connection that it is the registered instance (``peer``); only then is the
-request sent, with that instance's own credential. The router picks the worker. The
+checked against each worker's registration). A request goes to a worker only on a connection on
+which the worker proved it is the registered instance (``peer.LinkPool``: proved once, kept
+between requests), with that instance's own credential. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
@@ -134,8 +134,9 @@ class Front:
         self.route_request = route_request  # kvcache.router.RouteRequest
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
-        # Each request opens its own proven connection to its worker (``peer.connect``) with these.
+        # Connections to workers, each proven before its first request and kept between requests.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read_timeout_s)
+        self.links = peer.LinkPool(keys, self.timeout)
 
     # ---- dispatch ------------------------------------------------------------------------
 
@@ -194,8 +195,7 @@ class Front:
                 worker_id = min(free, key=self._reported_load)
             reg = self.pool.workers[worker_id].reg
             try:
-                expect = (worker_id, reg.instance)
-                link = peer.connect(reg.url, self.keys, timeout=self.timeout, expect=expect)
+                link = self.links.link(reg.url, (worker_id, reg.instance))
                 async with link as worker, worker.post("/generate", data=payload, headers=headers) as resp:
                     if resp.status == 503 and "Retry-After" in resp.headers:
                         busy[worker_id] = resp.headers["Retry-After"][:16]
@@ -235,12 +235,14 @@ class Front:
             except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
+                await self.links.forget(reg.url, (worker_id, reg.instance))
             except TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
                 raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
                                   "retry later", "timeout") from exc  # fmt: skip
             except _RETRYABLE as exc:
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
+                await self.links.forget(reg.url, (worker_id, reg.instance))
             finally:
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
                     self.router.on_finished(request_id)
@@ -454,3 +456,4 @@ class Front:
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await self.links.close()

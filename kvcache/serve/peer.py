@@ -9,12 +9,17 @@ a worker starts with a challenge on a fresh connection::
 
 and only when the proof verifies (``auth.DeploymentKeys.check_hello``: the instance key is derived
 from the deployment secret, the worker id and the instance id, so nothing else can answer) does
-the request go out, with that instance's credential, **on the same connection**: the link's
-session holds one connection and refuses to open a second one, so there is no moment at which
-the request could reach another listener. A listener that answers wrongly, not at all within
-``HELLO_TIMEOUT_S``, or closes the connection, raises :class:`UnprovenWorker` (a connection
-error: the front counts that worker as failed and retries elsewhere) and has received no
-prompt, tenant name or credential.
+the request go out, with that instance's credential, **on the same connection**: a link's
+session holds one connection and never sends on another, so there is no moment at which the
+request could reach another listener. A listener that answers wrongly, or not at all within
+``HELLO_TIMEOUT_S``, raises :class:`UnprovenWorker` (a connection error: the front counts that
+worker as failed and retries elsewhere) and has received no prompt, tenant name or credential.
+
+A proven connection stays proven while it lives, so :class:`LinkPool` keeps links between
+requests (the role of an HTTP client's connection pool), per worker instance. When a kept
+link's connection has closed meanwhile (the worker's keep-alive timeout, or the worker died),
+nothing is sent: the link proves a new connection first, once; if that fails too the caller
+gets ``UnprovenWorker``.
 
 This is the ordering mutual TLS gives (the server proves its key before the client sends a
 byte), done with the keys the deployment already has; it does not encrypt, so it protects
@@ -28,10 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -50,19 +55,8 @@ class UnprovenWorker(aiohttp.ServerConnectionError):
     """What listens at a worker's address did not prove it is that worker (or any of ours)."""
 
 
-@dataclass(slots=True)
-class WorkerLink:
-    """One proven connection to one worker instance; ``post`` sends on it with its credential."""
-
-    session: aiohttp.ClientSession
-    url: str
-    worker_id: str
-    instance: str
-    headers: dict[str, str]
-
-    def post(self, path: str, **kwargs: Any) -> Any:
-        headers = {**kwargs.pop("headers", {}), **self.headers}
-        return self.session.post(self.url + path, headers=headers, **kwargs)
+class _Unproven(Exception):
+    """A session tried to open a second connection: nothing was sent on it."""
 
 
 def _one_connection() -> aiohttp.TraceConfig:
@@ -73,37 +67,86 @@ def _one_connection() -> aiohttp.TraceConfig:
     async def on_create(session: aiohttp.ClientSession, context: types.SimpleNamespace, params: Any) -> None:
         nonlocal opened
         if opened:
-            raise UnprovenWorker("the proven connection to the worker closed; a new one would be unproven")
+            raise _Unproven("the proven connection closed; a new one would be unproven")
         opened += 1
 
     trace.on_connection_create_start.append(on_create)
     return trace
 
 
+class WorkerLink:
+    """Proven connections to one worker instance, one at a time; ``post`` sends on the current one."""
+
+    def __init__(self, url: str, keys: DeploymentKeys, timeout: aiohttp.ClientTimeout,
+                 expect: tuple[str, str] | None) -> None:  # fmt: skip
+        self.url, self.keys, self.timeout, self.expect = url, keys, timeout, expect
+        self.session: aiohttp.ClientSession | None = None
+        self.worker_id = self.instance = ""
+        self.headers: dict[str, str] = {}
+
+    async def prove(self) -> None:
+        """A new connection, and the challenge on it; ``UnprovenWorker`` unless the answer verifies."""
+        await self.close()
+        connector = aiohttp.TCPConnector(limit=1)
+        self.session = session = aiohttp.ClientSession(timeout=self.timeout, connector=connector,
+                                                       trace_configs=[_one_connection()])  # fmt: skip
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        try:
+            hello = session.get(self.url + HELLO_PATH, headers={CHALLENGE_HEADER: challenge.hex()},
+                                timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S))  # fmt: skip
+            async with hello as resp:
+                raw = await resp.content.read(MAX_HELLO_BYTES)
+                if resp.status != 200:
+                    raise AuthError(f"HTTP {resp.status} to the challenge")
+            self.worker_id, self.instance = self.keys.check_hello(raw, challenge, self.expect)
+        except TimeoutError as exc:
+            await self.close()
+            silent = f"{self.url} did not answer the challenge within {HELLO_TIMEOUT_S:g} s"
+            raise UnprovenWorker(silent) from exc
+        except AuthError as exc:
+            await self.close()
+            raise UnprovenWorker(f"{self.url}: {exc}") from None
+        except BaseException:
+            await self.close()
+            raise
+        self.headers = self.keys.call_headers(self.worker_id, self.instance)
+
+    @contextlib.asynccontextmanager
+    async def post(self, path: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``session.post`` on the proven connection, with the instance's credential. If that
+        connection closed since it was proved, one new connection is proved first (nothing was sent)."""
+        headers = {**kwargs.pop("headers", {})}
+        for attempt in (1, 2):
+            if self.session is None:
+                await self.prove()
+            assert self.session is not None
+            try:
+                resp = await self.session.post(self.url + path, headers={**headers, **self.headers}, **kwargs)
+                break
+            except _Unproven as exc:
+                if attempt == 2:
+                    raise UnprovenWorker(f"{self.url} closed the connection it had just proved") from exc
+                await self.close()
+        async with resp:
+            yield resp
+
+    async def close(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.close()
+
+
 @contextlib.asynccontextmanager
 async def connect(url: str, keys: DeploymentKeys, *, timeout: aiohttp.ClientTimeout,
                   expect: tuple[str, str] | None = None) -> AsyncIterator[WorkerLink]:  # fmt: skip
     """A link to the worker at ``url`` once it proved it is ``expect`` (worker id, instance), or any
-    worker of this deployment when ``expect`` is None; ``UnprovenWorker`` otherwise."""
-    connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                     trace_configs=[_one_connection()]) as session:  # fmt: skip
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        try:
-            hello = session.get(url + HELLO_PATH, headers={CHALLENGE_HEADER: challenge.hex()},
-                                timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S))  # fmt: skip
-            async with hello as resp:
-                raw = await resp.content.read(MAX_HELLO_BYTES)
-                status = resp.status
-        except TimeoutError as exc:
-            raise UnprovenWorker(f"{url} did not answer the challenge within {HELLO_TIMEOUT_S:g} s") from exc
-        try:
-            if status != 200:
-                raise AuthError(f"HTTP {status} to the challenge")
-            worker_id, instance = keys.check_hello(raw, challenge, expect)
-        except AuthError as exc:
-            raise UnprovenWorker(f"{url}: {exc}") from None
-        yield WorkerLink(session, url, worker_id, instance, keys.call_headers(worker_id, instance))
+    worker of this deployment when ``expect`` is None (``UnprovenWorker`` otherwise); closed after."""
+    link = WorkerLink(url, keys, timeout, expect)
+    await link.prove()
+    try:
+        yield link
+    finally:
+        await link.close()
 
 
 Opener = Callable[[str], AbstractAsyncContextManager[WorkerLink]]
@@ -117,3 +160,67 @@ def opener(keys: DeploymentKeys, timeout: aiohttp.ClientTimeout) -> Opener:
         return connect(url, keys, timeout=timeout)
 
     return open_link
+
+
+class LinkPool:
+    """Proven links kept between requests, per (address, worker instance): a link goes back to the
+    pool only after a request that ended cleanly, at most ``max_idle`` per instance and for at most
+    ``max_idle_s`` (below aiohttp's 75 s keep-alive, so a kept connection is rarely closed under it)."""
+
+    def __init__(self, keys: DeploymentKeys, timeout: aiohttp.ClientTimeout, *, max_idle: int = 32,
+                 max_idle_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.keys, self.timeout, self.max_idle, self.max_idle_s = keys, timeout, max_idle, max_idle_s
+        self.clock = clock
+        self.idle: dict[tuple[str, str, str], list[tuple[WorkerLink, float]]] = {}  # newest last
+        self._swept = clock()
+
+    @contextlib.asynccontextmanager
+    async def link(self, url: str, expect: tuple[str, str]) -> AsyncIterator[WorkerLink]:
+        if self.clock() - self._swept > self.max_idle_s:
+            await self._sweep()
+        key = (url, *expect)
+        idle = self.idle.setdefault(key, [])
+        link = None
+        while idle and link is None:
+            kept, since = idle.pop()
+            if self.clock() - since <= self.max_idle_s:
+                link = kept
+            else:
+                await kept.close()
+        if link is None:
+            link = WorkerLink(url, self.keys, self.timeout, expect)
+            await link.prove()
+        clean = False
+        try:
+            yield link
+            clean = True
+        finally:
+            if clean and link.session is not None and len(idle) < self.max_idle:
+                idle.append((link, self.clock()))
+            else:
+                await link.close()
+            if not idle:
+                self.idle.pop(key, None)
+
+    async def _sweep(self) -> None:
+        """Close links kept too long, whoever they lead to (instances that left are never asked for)."""
+        self._swept = now = self.clock()
+        for key in list(self.idle):
+            fresh = [(link, since) for link, since in self.idle[key] if now - since <= self.max_idle_s]
+            for link, since in self.idle[key]:
+                if now - since > self.max_idle_s:
+                    await link.close()
+            if fresh:
+                self.idle[key] = fresh
+            else:
+                del self.idle[key]
+
+    async def forget(self, url: str, expect: tuple[str, str]) -> None:
+        """Close the kept links of one worker instance (it failed or left)."""
+        for link, _ in self.idle.pop((url, *expect), []):
+            await link.close()
+
+    async def close(self) -> None:
+        for key in list(self.idle):
+            for link, _ in self.idle.pop(key):
+                await link.close()
