@@ -199,6 +199,7 @@ class WorkerPool:
         regs = await client.hgetall(wire.WORKERS_KEY)
         bad, now_bad = self._bad_registrations, {}
         alive: dict[str, str] = {}  # worker id -> instance, for workers whose signed beats advance
+        seen: set[str] = set()  # instances with a verified heartbeat now, advancing or not
         now = time.time()
         for raw_id, raw in regs.items():
             worker_id = raw_id.decode()
@@ -215,7 +216,10 @@ class WorkerPool:
                     log.error("registration or heartbeat of %r refused: %s", worker_id, exc)
                 now_bad[worker_id] = (raw, raw_beat)
                 continue
-            if instance != reg.instance or not self._beating(instance, beat):
+            if instance != reg.instance:
+                continue
+            seen.add(instance)
+            if not self._beating(instance, beat):
                 continue
             alive[worker_id] = instance
             marked = self.dead_instances.get(instance)
@@ -234,8 +238,8 @@ class WorkerPool:
         for worker_id, state in list(self.workers.items()):
             if alive.get(worker_id) != state.reg.instance:
                 self.mark_down(worker_id, state.reg.instance)
-        live = set(alive.values())
-        self._beats = {i: b for i, b in self._beats.items() if i in live or i in self.dead_instances}
+        # A replayed beat stays known (and frozen) until its signature is too old to verify.
+        self._beats = {i: b for i, b in self._beats.items() if i in seen or i in self.dead_instances}
 
     def _beating(self, instance: str, beat: int) -> bool:
         """Whether ``instance``'s beat number went up within ``wire.ALIVE_TTL_S`` (by this front's
