@@ -19,12 +19,14 @@ from kvcache.serve.worker import Registration, Worker
 
 
 class ScriptedRedis:
-    """``hgetall``/``get``/``set`` over dicts; ``beat`` writes a worker's next signed heartbeat."""
+    """``hgetall``/``get``/``pttl``/``set`` over dicts; ``beat`` writes a worker's next signed
+    heartbeat and renews its key's TTL."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, dict[bytes, bytes]] = {wire.WORKERS_KEY: {}}
         self.values: dict[str, bytes] = {}
         self.beats: dict[str, int] = {}  # instance -> its next beat number
+        self.ttl_ms: dict[str, int] = {}
 
     def register(self, reg: Registration, signed_at: float | None = None) -> None:
         signed = KEYS.sign_registration(reg.to_json(), time.time() if signed_at is None else signed_at)
@@ -36,12 +38,16 @@ class ScriptedRedis:
         self.beats[reg.instance] = number + 1
         signed = KEYS.sign_heartbeat(reg.worker_id, reg.instance, number, time.time())
         self.values[wire.alive_key(reg.worker_id)] = signed.encode()
+        self.ttl_ms[wire.alive_key(reg.worker_id)] = wire.ALIVE_TTL_S * 1000
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         return dict(self.hashes.get(key, {}))
 
     async def get(self, key: str) -> bytes | None:
         return self.values.get(key)
+
+    async def pttl(self, key: str) -> int:
+        return self.ttl_ms.get(key, -2)
 
     async def set(self, key: str, value: str, ex: int | None = None) -> None:
         self.values[key] = value.encode()
@@ -70,6 +76,10 @@ def test_a_worker_marked_down_comes_back_on_its_next_heartbeat() -> None:
         pool.mark_down("w0", "a", failed=True)  # a connection to it failed
         await pool._sync_registrations(redis)
         assert pool.workers == {}  # its last heartbeat predates the failure: stays out
+        redis.beat(w0)  # a beat the front had not read when it failed: written 3 s ago
+        redis.ttl_ms[wire.alive_key("w0")] = 1000
+        await pool._sync_registrations(redis)
+        assert pool.workers == {}
         redis.beat(w0)  # it is alive after all
         await pool._sync_registrations(redis)
         assert list(pool.workers) == ["w0"] and pool.dead_instances == {}

@@ -6,8 +6,10 @@ Two background loops keep the router current:
   new worker (or a new *instance* of a known id, i.e. a restart) is added to the router, purging
   whatever the router believed about the earlier instance; a worker whose heartbeat expired is
   removed. A worker whose connection fails is removed at once by the front (``mark_down``) and
-  re-added only once it heartbeats *after* that (a higher beat number), so a crashed worker's
-  last heartbeat cannot bring it back while a live one returns within a beat.
+  re-added only once it heartbeats *after* that (a higher beat number than the front had seen,
+  written after the failure as the heartbeat key's TTL tells), so a crashed worker's last
+  heartbeat, even one the front had not read yet, cannot bring it back while a live one returns
+  within a beat or two.
   Liveness is heartbeats only: a slow answer never removes a worker.
 - a worker that serves another model or block size than the first one is refused once: one
   error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
@@ -78,8 +80,8 @@ class WorkerPool:
         self.workers: dict[str, WorkerState] = {}
         self.on_change = on_change
         self.redis_up = False
-        # Instances whose connection failed -> their beat number then: back only on a later beat.
-        self.dead_instances: dict[str, int] = {}
+        # Instances whose connection failed -> (the beat number seen then, when: monotonic s).
+        self.dead_instances: dict[str, tuple[int, float]] = {}
         self._beats: dict[str, tuple[int, float]] = {}  # instance -> (last beat number, when it rose)
         self.refused: dict[str, str] = {}  # instance -> why it was refused (logged once)
         self.changed = asyncio.Event()
@@ -122,7 +124,8 @@ class WorkerPool:
         if state is None or (instance is not None and state.reg.instance != instance):
             return
         if failed:
-            self.dead_instances[state.reg.instance] = self._beats.get(state.reg.instance, (-1, 0.0))[0]
+            seen_beat = self._beats.get(state.reg.instance, (-1, 0.0))[0]
+            self.dead_instances[state.reg.instance] = (seen_beat, time.monotonic())
         del self.workers[worker_id]
         self.router.remove_worker(worker_id)
         m = self.metrics
@@ -224,7 +227,11 @@ class WorkerPool:
             alive[worker_id] = instance
             marked = self.dead_instances.get(instance)
             if marked is not None:
-                if beat <= marked:  # the beat it sent before the failure: still down
+                # Back on a beat it wrote after the failure: a higher number (a replay has none) and a
+                # key set since (its TTL restarts at every beat), so not one in flight as it died.
+                ttl_ms = await client.pttl(wire.alive_key(worker_id))
+                written_at = time.monotonic() - (wire.ALIVE_TTL_S * 1000 - ttl_ms) / 1000
+                if beat <= marked[0] or ttl_ms < 0 or written_at <= marked[1]:
                     continue
                 del self.dead_instances[instance]
                 log.info("worker %s heartbeats again after a failed connection: back in the pool", worker_id)
