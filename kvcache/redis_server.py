@@ -30,7 +30,7 @@ from types import TracebackType
 
 from kvcache.errors import KVCacheError
 
-__all__ = ["RedisServer", "RedisUnavailable", "find_redis_server", "start_redis"]
+__all__ = ["RedisServer", "RedisUnavailable", "command_bytes", "find_redis_server", "start_redis"]
 
 
 class RedisUnavailable(KVCacheError):
@@ -80,7 +80,8 @@ def _free_port() -> int:
 USER = "kvcache"
 
 
-def _resp(*args: str) -> bytes:
+def command_bytes(*args: str) -> bytes:
+    """One Redis command in RESP, the protocol's wire form."""
     out = [f"*{len(args)}\r\n".encode()]
     for arg in args:
         data = arg.encode()
@@ -91,7 +92,7 @@ def _resp(*args: str) -> bytes:
 def _ping(port: int, password: str, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(_resp("AUTH", USER, password) + _resp("PING"))
+            sock.sendall(command_bytes("AUTH", USER, password) + command_bytes("PING"))
             reply = b""
             while len(reply) < 12 and not reply.startswith(b"-"):
                 chunk = sock.recv(64)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache.redis_server import RedisUnavailable, _resp, start_redis
+from kvcache.redis_server import RedisUnavailable, command_bytes, start_redis
 
 
 def _exchange(port: int, payload: bytes, replies: int) -> bytes:
@@ -24,8 +24,8 @@ def test_starts_on_loopback_answers_and_stops() -> None:
     with start_redis(maxmemory="16mb") as server:
         assert server.url == f"redis://kvcache:{server.password}@127.0.0.1:{server.port}/0"
         assert server.alive()
-        auth = _resp("AUTH", "kvcache", server.password)
-        reply = _exchange(server.port, auth + _resp("SET", "k", "v") + _resp("GET", "k"), 4)
+        auth = command_bytes("AUTH", "kvcache", server.password)
+        reply = _exchange(server.port, auth + command_bytes("SET", "k", "v") + command_bytes("GET", "k"), 4)
         assert reply == b"+OK\r\n+OK\r\n$1\r\nv\r\n"
         process = server.process
     assert process.poll() is not None
@@ -36,9 +36,9 @@ def test_a_password_is_required_and_never_on_the_command_line() -> None:
     with start_redis() as server:
         assert len(server.password) >= 32
         assert _exchange(server.port, b"PING\r\n", 1).startswith(b"-NOAUTH")
-        wrong = _exchange(server.port, _resp("AUTH", "kvcache", "guess") + _resp("PING"), 2)
+        wrong = _exchange(server.port, command_bytes("AUTH", "kvcache", "guess") + command_bytes("PING"), 2)
         assert wrong.startswith(b"-WRONGPASS")
-        default_user = _exchange(server.port, _resp("AUTH", "default", "") + _resp("PING"), 2)
+        default_user = _exchange(server.port, command_bytes("AUTH", "default", "") + command_bytes("PING"), 2)
         assert default_user.startswith(b"-WRONGPASS")
         cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
         assert server.password.encode() not in cmdline
@@ -46,9 +46,9 @@ def test_a_password_is_required_and_never_on_the_command_line() -> None:
         assert server.password not in Path(server.workdir.name, "redis.log").read_text()
         # Administration is not the deployment user's: it cannot reconfigure (protected-mode,
         # requirepass), wipe or stop the server.
-        auth = _resp("AUTH", "kvcache", server.password)
+        auth = command_bytes("AUTH", "kvcache", server.password)
         for command in (("CONFIG", "SET", "protected-mode", "no"), ("FLUSHALL",), ("SHUTDOWN",)):
-            assert b"-NOPERM" in _exchange(server.port, auth + _resp(*command), 2)
+            assert b"-NOPERM" in _exchange(server.port, auth + command_bytes(*command), 2)
 
 
 def test_config_injection_through_maxmemory_is_refused() -> None:

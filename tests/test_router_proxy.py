@@ -8,6 +8,7 @@ import socket
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,6 +18,7 @@ from kvcache import ConfigError
 from kvcache.router.proxy import Engine, RouteProxy
 from kvcache.router.vllm_events import BlockStored, EventPublisher
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
 from kvcache.tenancy import Scope
 
@@ -210,7 +212,8 @@ async def _workers_scenario() -> dict[str, Any]:
         workers.append(worker)
         publishers.append(publisher)
         engines.append(Engine(worker.url, events, replay))
-    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", upstream_headers=KEYS.auth_header(),
+    opener = peer.opener(KEYS, aiohttp.ClientTimeout(total=60))
+    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", connect_worker=opener,
                        cache_salt_of=_salt_of)  # fmt: skip
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()

@@ -18,6 +18,7 @@ from serve_harness import free_port
 
 from kvcache.router.proxy import Engine, RouteProxy
 from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
 
 BLOCK = 16
@@ -41,7 +42,8 @@ class Setup:
         """A completion sent to the worker as ``kvcache serve``'s front sends it; its cached tokens."""
         body = {"request_id": f"front-{time.monotonic_ns()}", "token_ids": prompt, "tenant": tenant,
                 "max_tokens": 1}  # fmt: skip
-        async with session.post(self.worker.url + "/generate", json=body, headers=KEYS.auth_header()) as resp:
+        headers = KEYS.call_headers(self.worker.worker_id, self.worker.instance)
+        async with session.post(self.worker.url + "/generate", json=body, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
             return int(json.loads(await resp.content.readline())["cached_tokens"])
 
@@ -69,8 +71,9 @@ async def proxied(configs: list[ServeConfig | None], step_s: float = 0.0) -> Asy
     try:
         for config in configs:
             engine_spec = Engine(worker.url, f"tcp://127.0.0.1:{free_port()}")  # nobody publishes there
-            proxy = RouteProxy([engine_spec], keyer, capacity_blocks=256, api="kvcache",
-                               upstream_headers=KEYS.auth_header(), config=config)  # fmt: skip
+            proxy = RouteProxy([engine_spec], keyer, capacity_blocks=256, api="kvcache", config=config,
+                               connect_worker=peer.opener(KEYS, aiohttp.ClientTimeout(total=60)),
+                               cache_salt_of=lambda scope: KEYS.pseudonym(scope.chain_scope))  # fmt: skip
             runner = proxy.runner()
             await runner.setup()
             runners.append(runner)
@@ -137,7 +140,8 @@ def test_callers_authenticate_and_a_cache_salt_never_reaches_another_tenant(
             for bad in ({"salt": 7}, {"salt": ""}, {"group": ""}):
                 body = {"request_id": "bad", "token_ids": PROMPT, "tenant": "acme", "max_tokens": 1, **bad}
                 url = setup.worker.url + "/generate"
-                async with session.post(url, json=body, headers=KEYS.auth_header()) as resp:
+                headers = KEYS.call_headers(setup.worker.worker_id, setup.worker.instance)
+                async with session.post(url, json=body, headers=headers) as resp:
                     assert resp.status == 400, bad
 
     run(scenario)

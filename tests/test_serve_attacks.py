@@ -51,21 +51,24 @@ def test_a_worker_serves_only_the_front(server: Deployment) -> None:
     body = {"request_id": "x-1", "token_ids": prompt, "tenant": "acme", "group": None, "max_tokens": 2}
     keys = auth.DeploymentKeys.from_secret(server.secret)
     before = indexed(server)
-    for worker in server.workers().values():
+    for worker_id, worker in server.workers().items():
         assert worker["url"].startswith("http://127.0.0.1:")  # loopback by default
-        assert post(worker["url"] + "/generate", body, None) == (401, b'{"error": "missing worker token"}')
-        wrong = auth.DeploymentKeys.from_secret(bytes(32)).worker_token
-        assert post(worker["url"] + "/generate", body, wrong) == (403, b'{"error": "wrong worker token"}')
+        missing = (401, b'{"error": "missing worker credential"}')
+        assert post(worker["url"] + "/generate", body, None) == missing
+        wrong = auth.DeploymentKeys.from_secret(bytes(32)).worker_credential(worker_id, worker["instance"])
+        refused = (403, b'{"error": "wrong worker credential"}')
+        assert post(worker["url"] + "/generate", body, wrong) == refused
     assert indexed(server) == before  # the engine never ran: nothing was stored, nothing published
-    status, out = post(
-        server.workers()["w0"]["url"] + "/generate", {**body, "max_tokens": 1}, keys.worker_token
-    )
-    assert status == 200 and b'"token_id"' in out  # the front's token is what opens the door
+    w0 = server.workers()["w0"]
+    credential = keys.worker_credential("w0", w0["instance"])
+    status, out = post(w0["url"] + "/generate", {**body, "max_tokens": 1}, credential)
+    assert status == 200 and b'"token_id"' in out  # the instance's credential is what opens the door
 
 
 def test_no_secret_in_argv_or_logs_and_redis_wants_a_password(server: Deployment) -> None:
     keys = auth.DeploymentKeys.from_secret(server.secret)
-    secrets = [server.redis.password, server.secret.hex(), keys.worker_token]
+    secrets = [server.redis.password, server.secret.hex(),
+               *(keys.worker_credential(w, s["instance"]) for w, s in server.workers().items())]  # fmt: skip
     pids = [server.redis.process.pid, server.process.pid, *(w["pid"] for w in server.workers().values())]
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()

@@ -10,13 +10,15 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from kvcache import BlockManager, CacheConfig
+from kvcache import BlockManager, CacheConfig, redis_server
 from kvcache.errors import AuthError, ConfigError
 from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.router import Router, RouteRequest
@@ -32,20 +34,44 @@ OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
 
 
 def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
-    parts = [bytes.fromhex(KEYS.worker_token), KEYS.block_key, KEYS.registration_key, KEYS.events_key,
-             KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
-    assert len(set(parts)) == 7 and all(len(p) == 32 for p in parts)
+    parts = [KEYS.instance_root_key, KEYS.block_key, KEYS.registration_key, KEYS.heartbeat_key,
+             KEYS.events_key, KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
+    assert len(set(parts)) == 8 and all(len(p) == 32 for p in parts)
     assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
     assert KEYS.block_key != OTHER.block_key
     assert repr(KEYS) == "DeploymentKeys(<redacted>)"
 
 
-def test_worker_token_check() -> None:
-    assert KEYS.check_worker_call(f"Bearer {KEYS.worker_token}") is None
-    assert KEYS.check_worker_call(None) == 401
-    assert KEYS.check_worker_call(f"Basic {KEYS.worker_token}") == 401
-    assert KEYS.check_worker_call(f"Bearer {OTHER.worker_token}") == 403
-    assert KEYS.check_worker_call("Bearer ") == 403
+def test_a_worker_credential_opens_one_worker_instance_only() -> None:
+    mine = KEYS.worker_credential("w0", "i0")
+    assert KEYS.check_worker_call(f"Bearer {mine}", "w0", "i0") is None
+    assert KEYS.check_worker_call(None, "w0", "i0") == 401
+    assert KEYS.check_worker_call(f"Basic {mine}", "w0", "i0") == 401
+    assert KEYS.check_worker_call("Bearer ", "w0", "i0") == 403
+    assert KEYS.check_worker_call(f"Bearer {mine}", "w1", "i0") == 403  # another worker
+    assert KEYS.check_worker_call(f"Bearer {mine}", "w0", "i1") == 403  # the same worker, restarted
+    assert KEYS.check_worker_call(f"Bearer {OTHER.worker_credential('w0', 'i0')}", "w0", "i0") == 403
+    assert KEYS.worker_credential("w0", "i0i") != KEYS.worker_credential("w0i", "0i")  # no ambiguity
+
+
+def test_only_the_registered_instance_answers_the_challenge() -> None:
+    challenge = bytes(range(16))
+    answer = {"worker_id": "w0", "instance": "i0", "proof": KEYS.hello_proof("w0", "i0", challenge)}
+    raw = json.dumps(answer).encode()
+    assert KEYS.check_hello(raw, challenge, ("w0", "i0")) == ("w0", "i0")
+    assert KEYS.check_hello(raw, challenge, None) == ("w0", "i0")  # any worker of the deployment
+    with pytest.raises(AuthError, match=r"worker w0 \(instance i9\) was expected; 'w0' \(instance 'i0'\)"):
+        KEYS.check_hello(raw, challenge, ("w0", "i9"))
+    with pytest.raises(AuthError, match="the proof does not verify"):
+        KEYS.check_hello(raw, bytes(16), ("w0", "i0"))  # an old answer to another challenge
+    with pytest.raises(AuthError, match="the proof does not verify"):
+        KEYS.check_hello(json.dumps({**answer, "proof": OTHER.hello_proof("w0", "i0", challenge)}).encode(),
+                         challenge, ("w0", "i0"))  # fmt: skip
+    credential = {**answer, "proof": KEYS.worker_credential("w0", "i0")}  # what a leak gives: no proof
+    with pytest.raises(AuthError, match="the proof does not verify"):
+        KEYS.check_hello(json.dumps(credential).encode(), challenge, ("w0", "i0"))
+    with pytest.raises(AuthError, match="not a worker's"):
+        KEYS.check_hello(b"HTTP/1.1 200 OK", challenge, ("w0", "i0"))
 
 
 def test_secret_from_env_or_an_owner_only_file(tmp_path: Path) -> None:
@@ -288,3 +314,35 @@ def test_a_served_pod_tier_authenticates_blocks_with_the_deployment_key(
     assert isinstance(tier, IcmsTier) and names == ("pod",)
     assert tier.seal.authenticated and tier.seal == Seal.keyed(KEYS.tier_key)
     assert "not authenticated" not in caplog.text
+
+
+def test_a_redis_that_accepts_a_wrong_password_is_refused(tmp_path: Path) -> None:
+    """A real redis-server whose ``kvcache`` user is ``on nopass``: PING alone is refused, so only
+    AUTH with a wrong password shows that anyone gets in."""
+    port = redis_server._free_port()
+    config = tmp_path / "redis.conf"
+    config.write_text(f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir "{tmp_path}"\n'
+                      "user default off\nuser kvcache on nopass ~* &* +@all\n")  # fmt: skip
+    server = subprocess.Popen([redis_server.find_redis_server(), str(config)], stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, username="kvcache", password="anything")
+        deadline = time.monotonic() + 10
+        while True:  # up once AUTH with any password answers
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+        refused = f"127.0.0.1:{port} accepts a wrong password for user 'kvcache'"
+        with pytest.raises(ConfigError, match=refused):
+            auth.refuse_open_redis(f"redis://kvcache:the-real-one@127.0.0.1:{port}/0")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_redis_with_a_password_passes() -> None:
+    with redis_server.start_redis() as server:
+        auth.refuse_open_redis(server.url)  # no error: the password is needed, a wrong one is refused

@@ -39,9 +39,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def worker_metric(server: Deployment, name: str) -> float:
-    """A sample of the worker's own ``/metrics`` (it takes the deployment's worker token)."""
-    (worker,) = server.workers().values()
-    headers = auth.DeploymentKeys.from_secret(server.secret).auth_header()
+    """A sample of the worker's own ``/metrics`` (it takes the worker instance's credential)."""
+    ((worker_id, worker),) = server.workers().items()
+    headers = auth.DeploymentKeys.from_secret(server.secret).call_headers(worker_id, worker["instance"])
     req = urllib.request.Request(worker["url"] + "/metrics", headers=headers)
     with urllib.request.urlopen(req, timeout=10) as resp:
         for line in resp.read().decode().splitlines():

@@ -16,6 +16,7 @@ from deployment import KEYS, registration
 from hf_tokenizers import wordpiece
 
 from kvcache.router import Router, RouteRequest
+from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
 from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
@@ -28,8 +29,10 @@ class ScriptedWorker:
     ``gone`` is set when a write fails because the front dropped the connection."""
 
     def __init__(self, handler: Handler | None = None, delay_s: float = 0.0,
-                 token_ids: list[int] | None = None) -> None:  # fmt: skip
+                 token_ids: list[int] | None = None,
+                 identity: tuple[str, str] = ("w0", "i0")) -> None:  # fmt: skip
         self.handler = handler or self.tokens
+        self.identity = identity  # (worker id, instance) it proves and whose credential it takes
         self.delay_s = delay_s
         self.token_ids = token_ids or [97 + i for i in range(26)]  # answers cycle through these
         self.streamed = 0
@@ -58,13 +61,20 @@ class ScriptedWorker:
         return response
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        # The front must present the deployment's worker token, as a real worker requires.
-        assert KEYS.check_worker_call(request.headers.get("Authorization")) is None
+        # The front must present this instance's credential, as a real worker requires.
+        assert KEYS.check_worker_call(request.headers.get("Authorization"), *self.identity) is None
         return await self.handler(request)
+
+    async def hello(self, request: web.Request) -> web.Response:
+        """The challenge every request starts with (``serve.peer``), answered as ``identity``."""
+        proof = KEYS.hello_proof(*self.identity, bytes.fromhex(request.headers[peer.CHALLENGE_HEADER]))
+        worker_id, instance = self.identity
+        return web.json_response({"worker_id": worker_id, "instance": instance, "proof": proof})
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/generate", self.generate)
+        app.router.add_get(peer.HELLO_PATH, self.hello)
         return app
 
 
@@ -74,7 +84,9 @@ def run_front(worker: ScriptedWorker, scenario: Callable[[Front, str], Awaitable
     """Start the worker and a front that knows it, then run ``scenario(front, front_url)``."""
 
     async def main() -> None:
-        async with TestServer(worker.app()) as wserver:
+        wserver = TestServer(worker.app())
+        await wserver.start_server(access_log=None)  # as a real worker runs: no access log
+        async with wserver:
             front = Front(config=config or ServeConfig(), router=Router("round_robin", block_size=16),
                           tokenizer=tokenizer or ByteTokenizer(1024), model_name="tiny", redis_url=None,
                           route_request=RouteRequest, keys=KEYS, **front_args)  # fmt: skip
@@ -293,7 +305,7 @@ def test_a_busy_worker_sends_the_request_elsewhere_and_all_busy_is_503_with_retr
     worker = ScriptedWorker()
 
     async def scenario(front: Front, url: str) -> None:
-        async with TestServer(ScriptedWorker(busy).app()) as other:
+        async with TestServer(ScriptedWorker(busy, identity=("w1", "i1")).app()) as other:
             other_url = str(other.make_url("")).rstrip("/")
             front.pool.add(registration("w1", other_url, "i1", model_id="tiny-llama"))
             # Round robin turns at every pick, the retries' too: requests 2, 3 and 4 try w1 first.
@@ -351,7 +363,9 @@ def test_stopping_the_front_cancels_a_request_still_in_flight_after_the_grace() 
 
     async def main() -> None:
         worker = ScriptedWorker(hang)
-        async with TestServer(worker.app()) as wserver:
+        wserver = TestServer(worker.app())
+        await wserver.start_server(access_log=None)  # as a real worker runs: no access log
+        async with wserver:
             front = Front(config=ServeConfig(), router=Router("round_robin", block_size=16),
                           tokenizer=ByteTokenizer(1024), model_name="tiny", redis_url=None,
                           route_request=RouteRequest, keys=KEYS)  # fmt: skip

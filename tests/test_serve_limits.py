@@ -77,7 +77,7 @@ def test_a_slowloris_flood_leaves_health_requests_and_streams_served(caplog: pyt
                                                         max_connections_per_client=20))  # fmt: skip
     lines = [r for r in caplog.records if r.name.startswith(("kvcache", "aiohttp", "asyncio"))
              and r.levelno >= logging.INFO]  # fmt: skip
-    assert len(lines) <= 5, [r.getMessage() for r in lines]
+    assert len(lines) <= 5, [(r.name, r.getMessage()) for r in lines]
     summaries = [r.getMessage() for r in lines if r.getMessage().startswith("connection limits")]
     assert summaries and "(20 in all, 20 per client address): closed 1 idle connection(s)" in summaries[0]
     assert "most from 127.0.0.1 (1)" in summaries[0]

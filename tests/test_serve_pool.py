@@ -19,20 +19,25 @@ from kvcache.serve.worker import Registration, Worker
 
 
 class ScriptedRedis:
-    """``hgetall``/``get``/``pttl``/``set`` over dicts; ``beat`` renews a heartbeat key's TTL."""
+    """``hgetall``/``get``/``pttl``/``set`` over dicts; ``beat`` writes a worker's next signed
+    heartbeat and renews its key's TTL."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, dict[bytes, bytes]] = {wire.WORKERS_KEY: {}}
         self.values: dict[str, bytes] = {}
+        self.beats: dict[str, int] = {}  # instance -> its next beat number
         self.ttl_ms: dict[str, int] = {}
 
-    def register(self, reg: Registration) -> None:
-        signed = KEYS.sign_registration(reg.to_json(), time.time())
+    def register(self, reg: Registration, signed_at: float | None = None) -> None:
+        signed = KEYS.sign_registration(reg.to_json(), time.time() if signed_at is None else signed_at)
         self.hashes[wire.WORKERS_KEY][reg.worker_id.encode()] = signed.encode()
         self.beat(reg)
 
     def beat(self, reg: Registration) -> None:
-        self.values[wire.alive_key(reg.worker_id)] = reg.instance.encode()
+        number = self.beats.get(reg.instance, 0)
+        self.beats[reg.instance] = number + 1
+        signed = KEYS.sign_heartbeat(reg.worker_id, reg.instance, number, time.time())
+        self.values[wire.alive_key(reg.worker_id)] = signed.encode()
         self.ttl_ms[wire.alive_key(reg.worker_id)] = wire.ALIVE_TTL_S * 1000
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
@@ -48,6 +53,14 @@ class ScriptedRedis:
         self.values[key] = value.encode()
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def reg(worker_id: str, instance: str, model_id: str = "tiny-llama") -> Registration:
     return registration(worker_id, f"http://127.0.0.1:1/{worker_id}", instance, model_id=model_id)
 
@@ -61,13 +74,71 @@ def test_a_worker_marked_down_comes_back_on_its_next_heartbeat() -> None:
         await pool._sync_registrations(redis)
         assert list(pool.workers) == ["w0"]
         pool.mark_down("w0", "a", failed=True)  # a connection to it failed
-        redis.ttl_ms[wire.alive_key("w0")] = 1000  # its last heartbeat was 3 s ago, before the failure
         await pool._sync_registrations(redis)
         assert pool.workers == {}  # its last heartbeat predates the failure: stays out
+        redis.beat(w0)  # a beat the front had not read when it failed: written 3 s ago
+        redis.ttl_ms[wire.alive_key("w0")] = 1000
+        await pool._sync_registrations(redis)
+        assert pool.workers == {}
         redis.beat(w0)  # it is alive after all
         await pool._sync_registrations(redis)
         assert list(pool.workers) == ["w0"] and pool.dead_instances == {}
         assert pool.router.workers == ["w0"]
+
+    asyncio.run(main())
+
+
+def test_heartbeats_count_only_when_signed_and_advancing() -> None:
+    """Someone who can write Redis re-sets a worker's heartbeat key: with its last genuine value
+    (a replay), with the bare instance id (the unsigned form) or with another worker's beat."""
+
+    async def main() -> None:
+        redis, clock = ScriptedRedis(), Clock()
+        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None, keys=KEYS, clock=clock)
+        w0, w1 = reg("w0", "a"), reg("w1", "b")
+        redis.register(w0)
+        redis.register(w1)
+        await pool._sync_registrations(redis)
+        assert sorted(pool.workers) == ["w0", "w1"]
+        replayed = redis.values[wire.alive_key("w0")]  # w0 dies; its last heartbeat is re-set every poll
+        for _ in range(4):
+            clock.now += 1.0
+            redis.beat(w1)
+            redis.values[wire.alive_key("w0")] = replayed
+            await pool._sync_registrations(redis)
+            assert sorted(pool.workers) == ["w0", "w1"]  # within wire.ALIVE_TTL_S of its last new beat
+        for _ in range(3):  # however long the replay goes on
+            clock.now += 0.5
+            redis.beat(w1)
+            redis.values[wire.alive_key("w0")] = replayed
+            await pool._sync_registrations(redis)
+            assert list(pool.workers) == ["w1"] and pool.router.workers == ["w1"]
+        redis.values[wire.alive_key("w0")] = b"a"  # the unsigned form: the bare instance id
+        await pool._sync_registrations(redis)
+        assert list(pool.workers) == ["w1"]
+        redis.values[wire.alive_key("w0")] = redis.values[wire.alive_key("w1")]  # w1's beat under w0's name
+        await pool._sync_registrations(redis)
+        assert list(pool.workers) == ["w1"]
+        redis.beat(w0)  # a genuine new beat brings it back
+        await pool._sync_registrations(redis)
+        assert sorted(pool.workers) == ["w0", "w1"]
+
+    asyncio.run(main())
+
+
+def test_a_registration_signed_too_long_ago_leaves_the_pool_despite_heartbeats() -> None:
+    async def main() -> None:
+        redis = ScriptedRedis()
+        pool = WorkerPool(Router("round_robin", block_size=16), ServeMetrics(), None, keys=KEYS)
+        w0 = reg("w0", "a")
+        redis.register(w0)
+        await pool._sync_registrations(redis)
+        assert list(pool.workers) == ["w0"]
+        stale = KEYS.sign_registration(w0.to_json(), time.time() - 36)  # its worker stopped re-signing
+        redis.hashes[wire.WORKERS_KEY][b"w0"] = stale.encode()
+        redis.beat(w0)
+        await pool._sync_registrations(redis)
+        assert pool.workers == {} and pool.router.workers == []
 
     asyncio.run(main())
 

@@ -18,6 +18,9 @@ from deployment import KEYS
 from kvcache.engine.engine import GenerationStep, RequestOutput
 from kvcache.serve.worker import Worker
 
+INSTANCE = "i0"
+CALL = KEYS.call_headers("w0", INSTANCE)  # what the front presents to worker w0's instance i0
+
 
 class FakeEngine:
     """The engine surface a worker drives (``add_request``/``step``/``abort``): each step takes
@@ -88,6 +91,7 @@ class FakeEngine:
 def run_worker(engine: Any, scenario: Callable[[str], Awaitable[None]]) -> None:
     async def main() -> None:
         worker = Worker(engine, "w0", None, KEYS)
+        worker.instance = INSTANCE  # the credential the test sessions carry (``CALL``) opens this one
         runner = await worker.start("127.0.0.1", 0)
         try:
             await asyncio.wait_for(scenario(worker.url), 120)
@@ -111,7 +115,7 @@ def test_a_dropped_connection_stops_decoding_after_the_step_in_progress() -> Non
 
     async def scenario(url: str) -> None:
         long = body("r1", 8, 4096)
-        session = aiohttp.ClientSession(headers=KEYS.auth_header())
+        session = aiohttp.ClientSession(headers=CALL)
         async with session, session.post(url + "/generate", json=long) as resp:
             assert resp.status == 200
             first = json.loads(await resp.content.readline())
@@ -127,7 +131,7 @@ def test_a_request_dropped_while_queued_never_starts() -> None:
     engine.gates["busy"] = threading.Event()
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
+        async with aiohttp.ClientSession(headers=CALL) as session:
             busy = asyncio.create_task(session.post(url + "/generate", json=body("busy", 8, 2)))
             while "busy" not in engine.started:  # the engine thread is now held by "busy"
                 await asyncio.sleep(0.01)
@@ -155,7 +159,7 @@ def test_admission_counts_the_blocks_the_engine_needs() -> None:
     engine = Engine.load("tiny", EngineConfig(num_blocks=4, block_size=16, device="cpu"))
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
+        async with aiohttp.ClientSession(headers=CALL) as session:
             # 60 prompt tokens + 5 new ones: the last one is never fed back, so 64 positions, 4 blocks.
             async with session.post(url + "/generate", json=body("fits", 60, 5)) as resp:
                 assert resp.status == 200
@@ -172,7 +176,7 @@ def test_a_full_waiting_queue_answers_503_with_retry_after_and_the_page_shows_th
     engine = FakeEngine(step_s=0.01, max_running=1)
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
+        async with aiohttp.ClientSession(headers=CALL) as session:
             # The response starts with a's first token, once a no longer counts as waiting; "a" then
             # runs for 300 steps.
             first = asyncio.ensure_future(session.post(url + "/generate", json=body("a", 8, 300)))
@@ -196,6 +200,7 @@ def test_a_full_waiting_queue_answers_503_with_retry_after_and_the_page_shows_th
 
     async def main() -> None:
         worker = Worker(engine, "w0", None, KEYS, max_waiting=1)
+        worker.instance = INSTANCE
         runner = await worker.start("127.0.0.1", 0)
         try:
             await asyncio.wait_for(scenario(worker.url), 120)
@@ -210,7 +215,7 @@ def test_sampling_fields_are_checked_before_the_engine_sees_them() -> None:
     engine = FakeEngine()
 
     async def scenario(url: str) -> None:
-        async with aiohttp.ClientSession(headers=KEYS.auth_header()) as session:
+        async with aiohttp.ClientSession(headers=CALL) as session:
             bad = (({"temperature": -1}, "temperature=-1"), ({"top_p": 0}, "top_p=0"),
                    ({"top_k": 1.5}, "'top_k'=1.5"), ({"seed": "x"}, "'seed'='x'"))  # fmt: skip
             for extra, needle in bad:

@@ -135,3 +135,47 @@ def test_disk_full_during_a_demotion_under_load_loses_only_the_copy(
     stats = h.stats()
     assert stats.tiers["G3"].dropped_stores == 1 and stats.blocks_promoted == 1
     assert h.lookup_prefix(keys) == 1 and g2.contains(key(0)) and g2.contains(key(2))
+
+
+def _plant_folder_link(tier: DiskTier, elsewhere: Path) -> Path:
+    """Make ``<root>/<layout digest>`` a symlink to ``elsewhere`` (what a user sharing the folder can do)."""
+    folder = tier.path(key(1)).parent
+    if folder.exists():
+        for leftover in folder.iterdir():
+            leftover.rename(elsewhere / leftover.name)
+        folder.rmdir()
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    return folder
+
+
+def test_a_symlinked_layout_folder_is_never_written_through(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "g3", tmp_path / "elsewhere"
+    root.mkdir(mode=0o700)
+    elsewhere.mkdir()
+    tier = DiskTier(root, 8)
+    _plant_folder_link(tier, elsewhere)
+    tier.store(key(1), block(1))
+    assert list(elsewhere.iterdir()) == []  # no block file and no temporary file outside the root
+    s = tier.stats
+    assert (s.dropped_stores, s.blocks_in, len(tier)) == (1, 0, 0)
+    assert not tier.contains(key(1)) and tier.load(key(1)) is None
+
+
+def test_a_layout_folder_swapped_for_a_link_is_never_read_or_unlinked_through(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "g3", tmp_path / "elsewhere"
+    root.mkdir(mode=0o700)
+    elsewhere.mkdir()
+    tier = DiskTier(root, 8)
+    tier.store(key(1), block(1))
+    tier.store(key(2), block(2))
+    victim = elsewhere / tier.path(key(1)).name
+    _plant_folder_link(tier, elsewhere)  # the block files now sit outside the root, under their names
+    assert victim.is_file()
+    assert tier.remove(key(2))  # forgotten by the tier, but the file outside the root stays
+    assert (elsewhere / tier.path(key(2)).name).is_file()
+    assert tier.load(key(1)) is None  # a counted miss, never read through the link
+    s = tier.stats
+    assert (s.hits, s.misses, s.corrupt) == (0, 1, 1)
+    assert victim.is_file() and not tier.contains(key(1))
+    fresh = DiskTier(root, 8)  # a new process's scan does not follow it either
+    assert len(fresh) == 0 and victim.is_file()

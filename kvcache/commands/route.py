@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.tenancy import Scope
 
     cache_salt_of: Callable[[Scope], str | None] = scope_salt  # vLLM engines: the scope's salt
+    connect_worker = None
     if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
         import os
 
@@ -71,8 +72,14 @@ def run(args: argparse.Namespace) -> int:
         if secret is None:
             raise ConfigError(f"--engine-api kvcache needs the workers' deployment secret in "
                               f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}")  # fmt: skip
+        import aiohttp
+
+        from kvcache.serve import peer
+
         keys = auth.DeploymentKeys.from_secret(secret)
-        headers = keys.auth_header()
+        # Each call first makes the worker prove itself, then carries that instance's credential.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=60.0)
+        connect_worker = peer.opener(keys, timeout)
 
         def cache_salt_of(scope: Scope) -> str | None:  # kvcache workers: the scope's keyed pseudonym
             return keys.pseudonym(scope.chain_scope)
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
     proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
                        args.engine_api, headers, config, events_curve=curve,
-                       cache_salt_of=cache_salt_of)  # fmt: skip
+                       cache_salt_of=cache_salt_of, connect_worker=connect_worker)  # fmt: skip
     asyncio.run(_serve(proxy.runner(), host, args.port))
     return 0
 

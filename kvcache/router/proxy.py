@@ -40,6 +40,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +103,20 @@ class RouteProxy:
         events_curve: CurveClient | None = None,
         cache_salt_of: Callable[[Scope], str | None] = scope_salt,
         max_drain_hashes: int = 2048,
+        connect_worker: Callable[[str], AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
         if api not in APIS:
             raise ConfigError(f"api={api!r} is unknown; choose one of {APIS}")
-        # Sent with every request to an engine: a kvcache worker's bearer token (``serve.auth``).
+        # Sent with every request to an OpenAI-API engine (e.g. its API key).
         self.upstream_headers = dict(upstream_headers or {})
         self.config = config or ServeConfig()  # callers' API keys -> tenants
+        if api == "kvcache" and connect_worker is None:
+            raise ConfigError("api='kvcache' needs connect_worker (serve.peer.opener): kvcache workers "
+                              "answer only a caller that checked who they are")  # fmt: skip
+        # kvcache workers: url -> a link to the worker there once it proved itself (``serve.peer``).
+        self.connect_worker = connect_worker
         self.api = api
         self.engines = list(engines)
         self.keyer = keyer
@@ -228,8 +235,9 @@ class RouteProxy:
             "salt": scope.salt,
             "max_tokens": body.get("max_tokens", 16),
         }
-        async with self.session.post(self.engines[w].url + "/generate", json=request,
-                                     headers=self.upstream_headers) as upstream:
+        assert self.connect_worker is not None
+        link = self.connect_worker(self.engines[w].url)
+        async with link as worker, worker.post("/generate", json=request) as upstream:
             if upstream.status != 200:
                 detail = str((await upstream.json()).get("error", "engine error"))
                 return protocol.error_response(detail, status=upstream.status)

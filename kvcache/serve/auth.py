@@ -6,12 +6,18 @@ owner may read). Every key is derived from it for one purpose, so no key serves 
 
     key(purpose) = BLAKE2b-256(key=secret, person="kvcache-kdf-v1", msg=purpose)
 
-- ``worker_token``: the bearer token the front presents on every call to a worker; workers
-  compare it in constant time and refuse anything else (401 without it, 403 when wrong);
+- ``worker-instance``: the root of each worker instance's own key,
+  ``instance_key = MAC(root, worker_id, instance)`` (the instance id is new at every start). With
+  it a worker answers the front's fresh challenge (``hello_proof``) before the front sends it
+  anything, and the front presents that instance's credential (``MAC(instance_key, "front-call")``)
+  on every call, which only that one instance accepts (401 without it, 403 when wrong). A
+  credential captured anywhere opens one instance of one worker, never another, and a listener
+  that cannot answer the challenge (someone who took a dead worker's port) gets no credential;
 - ``block_key``: the hasher's ``deployment_key``, so block keys in Redis, events and tiers cannot
   be computed (or a guessed prompt tested) without the secret;
-- ``registration``/``events``: MACs over what a worker writes to Redis (its registration with
-  the time it was signed; each event batch with a per-instance sequence number), which the front
+- ``registration``/``heartbeat``/``events``: MACs over what a worker writes to Redis (its
+  registration with the time it was signed; each heartbeat with its instance, a per-instance beat
+  number and the time; each event batch with a per-instance sequence number), which the front
   checks before anything reaches the router;
 - ``pseudonym``: events name a chain scope by a keyed pseudonym, never a tenant in clear;
 - ``notice``: the MAC of what the front tells a worker through Redis (a refusal), so writing
@@ -32,15 +38,16 @@ import json
 import os
 import secrets
 import socket
-import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from kvcache.errors import AuthError, ConfigError
 from kvcache.hashing import Hasher
+from kvcache.private_file import PrivateFileError, read_private_file
+from kvcache.redis_server import command_bytes
 
 SECRET_ENV = "KVCACHE_SECRET"
 SECRET_FILE_ENV = "KVCACHE_SECRET_FILE"
@@ -88,19 +95,16 @@ def load_secret(environ: Mapping[str, str]) -> bytes | None:
     path = environ.get(SECRET_FILE_ENV)
     if path:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise ConfigError(f"{SECRET_FILE_ENV}={path}: cannot open ({exc.strerror})") from exc
-        with os.fdopen(fd) as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode) or mode & 0o077:
-                raise ConfigError(
-                    f"{SECRET_FILE_ENV}={path} has mode {stat.filemode(mode)}; the secret file must be "
-                    "a regular file only its owner can read: chmod 600 it"
-                )
-            return _parse_secret(f.read(), f"{SECRET_FILE_ENV}={path}")
-    text = environ.get(SECRET_ENV)
-    return _parse_secret(text, SECRET_ENV) if text else None
+            data = read_private_file(path)
+        except PrivateFileError as exc:
+            raise ConfigError(f"{SECRET_FILE_ENV}={path} {exc.reason}") from exc
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{SECRET_FILE_ENV}={path} must hold the secret as hex") from None
+        return _parse_secret(text, f"{SECRET_FILE_ENV}={path}")
+    direct = environ.get(SECRET_ENV)
+    return _parse_secret(direct, SECRET_ENV) if direct else None
 
 
 def write_secret_file(path: str | Path, secret: bytes) -> None:
@@ -121,23 +125,44 @@ def redis_url(arg: str | None, environ: Mapping[str, str]) -> str | None:
 
 
 def refuse_open_redis(url: str, timeout_s: float = 1.0) -> None:
-    """Raise ``ConfigError`` when the Redis at ``url`` runs commands for an unauthenticated client
-    (no ACL user or ``requirepass``, or ``protected-mode no``). An unreachable Redis passes: the
-    caller's loops wait for it."""
+    """Raise ``ConfigError`` when the Redis at ``url`` lets in a client that does not know the password:
+    one that runs commands unauthenticated (no ACL user or ``requirepass``, or ``protected-mode
+    no``), or one that accepts a wrong password for the URL's user (an ACL user ``on nopass``). An
+    unreachable Redis passes: the caller's loops wait for it."""
     parts = urlsplit(url)
     if parts.scheme != "redis":
         return  # rediss:// (TLS) and unix sockets: the transport itself is access-controlled
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    user = unquote(parts.username) if parts.username else "default"
+    wrong = secrets.token_hex(16)  # never anyone's password: AUTH must fail with it
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(b"PING\r\n")
-            reply = sock.recv(64)
+            sock.sendall(command_bytes("PING"))
+            if _reply_line(sock).startswith(b"+PONG"):
+                raise ConfigError(f"Redis at {host}:{port} answers commands without a password: anyone who "
+                                  "reaches it could read block keys and forge workers. Give it an ACL user "
+                                  f"with a password (as `kvcache serve` does) and pass the URL in "
+                                  f"{REDIS_URL_ENV}")  # fmt: skip
+            sock.sendall(command_bytes("AUTH", user, wrong))
+            authed = _reply_line(sock)
     except OSError:
         return
-    if reply.startswith(b"+PONG"):
-        raise ConfigError(f"Redis at {host}:{port} answers commands without a password: anyone who reaches "
-                          "it could read block keys and forge workers. Give it an ACL user with a password "
-                          f"(as `kvcache serve` does) and pass the URL in {REDIS_URL_ENV}")  # fmt: skip
+    if authed.startswith(b"+OK"):
+        raise ConfigError(f"Redis at {host}:{port} accepts a wrong password for user {user!r} (an ACL user "
+                          "`on nopass`?): anyone who reaches it could read block keys and forge workers. "
+                          f"Give {user!r} a password (`ACL SETUSER {user} resetpass >PASSWORD`) and pass "
+                          f"the URL in {REDIS_URL_ENV}")  # fmt: skip
+
+
+def _reply_line(sock: socket.socket, limit: int = 512) -> bytes:
+    """The first line of a Redis reply (up to ``limit`` bytes); empty when the server closed."""
+    reply = b""
+    while b"\r\n" not in reply and len(reply) < limit:
+        chunk = sock.recv(limit - len(reply))
+        if not chunk:
+            break
+        reply += chunk
+    return reply
 
 
 def key_check(hasher: Hasher) -> str:
@@ -150,9 +175,10 @@ def key_check(hasher: Hasher) -> str:
 class DeploymentKeys:
     """Every key of one deployment, derived from its secret; see the module docstring."""
 
-    worker_token: str
+    instance_root_key: bytes
     block_key: bytes
     registration_key: bytes
+    heartbeat_key: bytes
     events_key: bytes
     pseudonym_key: bytes
     notice_key: bytes
@@ -160,28 +186,57 @@ class DeploymentKeys:
 
     @classmethod
     def from_secret(cls, secret: bytes) -> DeploymentKeys:
-        return cls(derive(secret, "worker-token").hex(), derive(secret, "block-keys"),
-                   derive(secret, "registration"), derive(secret, "events"),
+        return cls(derive(secret, "worker-instance"), derive(secret, "block-keys"),
+                   derive(secret, "registration"), derive(secret, "heartbeat"), derive(secret, "events"),
                    derive(secret, "scope-pseudonym"), derive(secret, "front-notice"),
                    derive(secret, "pod-tier"))  # fmt: skip
 
     def __repr__(self) -> str:
         return "DeploymentKeys(<redacted>)"
 
-    # ---- front -> worker -----------------------------------------------------------------
+    # ---- front <-> worker ------------------------------------------------------------------
 
-    def auth_header(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.worker_token}"}
+    def _instance_key(self, worker_id: str, instance: str) -> bytes:
+        return hashlib.blake2b(struct.pack("<Q", len(worker_id)) + worker_id.encode() + instance.encode(),
+                               key=self.instance_root_key, digest_size=32).digest()  # fmt: skip
 
-    def check_worker_call(self, authorization: str | None) -> int | None:
-        """None when ``authorization`` carries this deployment's worker token, else 401/403."""
+    def worker_credential(self, worker_id: str, instance: str) -> str:
+        """The bearer credential that opens this one worker instance and no other."""
+        return _mac(self._instance_key(worker_id, instance), b"front-call").hex()
+
+    def call_headers(self, worker_id: str, instance: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.worker_credential(worker_id, instance)}"}
+
+    def check_worker_call(self, authorization: str | None, worker_id: str, instance: str) -> int | None:
+        """None when ``authorization`` carries this instance's credential, else 401/403."""
         if not authorization:
             return 401
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return 401
-        ok = hmac.compare_digest(token.strip().encode(), self.worker_token.encode())
+        ok = hmac.compare_digest(token.strip().encode(), self.worker_credential(worker_id, instance).encode())
         return None if ok else 403
+
+    def hello_proof(self, worker_id: str, instance: str, challenge: bytes) -> str:
+        """A worker instance's answer to the front's fresh ``challenge``: only it (and the front) can."""
+        return _mac(self._instance_key(worker_id, instance), b"hello", challenge).hex()
+
+    def check_hello(self, raw: bytes, challenge: bytes, expect: tuple[str, str] | None) -> tuple[str, str]:
+        """``(worker_id, instance)`` from a worker's answer to ``challenge``; ``AuthError`` unless the
+        proof verifies and, with ``expect``, names that worker instance."""
+        try:
+            answer = json.loads(raw)
+            worker_id, instance, proof = answer["worker_id"], answer["instance"], answer["proof"]
+            if not all(isinstance(x, str) for x in (worker_id, instance, proof)):
+                raise TypeError("worker_id, instance and proof must be strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"the answer to the challenge is not a worker's ({type(exc).__name__})") from None
+        if expect is not None and (worker_id, instance) != expect:
+            raise AuthError(f"worker {expect[0]} (instance {expect[1]}) was expected; "
+                            f"{worker_id!r} (instance {instance!r}) answered")  # fmt: skip
+        if not hmac.compare_digest(proof.encode(), self.hello_proof(worker_id, instance, challenge).encode()):
+            raise AuthError("the proof does not verify: what listens there is no worker of this deployment")
+        return worker_id, instance
 
     # ---- hashing -------------------------------------------------------------------------
 
@@ -216,6 +271,32 @@ class DeploymentKeys:
             raise AuthError(f"registration was signed {now - signed_at:.0f} s ago; fresher than "
                             f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
         return registration
+
+    def sign_heartbeat(self, worker_id: str, instance: str, beat: int, signed_at: float) -> str:
+        """A heartbeat: ``beat`` counts up from 0 in each instance, so a replayed one never advances."""
+        mac = _mac(self.heartbeat_key, worker_id.encode(), instance.encode(), str(beat).encode(),
+                   repr(signed_at).encode())  # fmt: skip
+        return json.dumps({"instance": instance, "beat": beat, "signed_at": signed_at, "mac": mac.hex()})
+
+    def open_heartbeat(self, worker_id: str, raw: str | bytes, now: float) -> tuple[str, int]:
+        """``(instance, beat)`` of ``worker_id``'s signed heartbeat; ``AuthError`` if it is forged,
+        another worker's, altered or signed more than ``REGISTRATION_MAX_AGE_S`` from ``now``."""
+        try:
+            env = json.loads(raw)
+            instance, beat, signed_at = env["instance"], env["beat"], env["signed_at"]
+            mac = bytes.fromhex(env["mac"])
+            if not isinstance(instance, str) or type(beat) is not int or not isinstance(signed_at, float):
+                raise TypeError("instance must be a string, beat an integer and signed_at a float")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"heartbeat is not a signed envelope ({type(exc).__name__})") from None
+        expected = _mac(self.heartbeat_key, worker_id.encode(), instance.encode(), str(beat).encode(),
+                        repr(signed_at).encode())  # fmt: skip
+        if not hmac.compare_digest(mac, expected):
+            raise AuthError("heartbeat MAC does not verify (another deployment or worker, or forged)")
+        if not -REGISTRATION_MAX_AGE_S <= now - signed_at <= REGISTRATION_MAX_AGE_S:
+            raise AuthError(f"heartbeat was signed {now - signed_at:.0f} s ago; fresher than "
+                            f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
+        return instance, beat
 
     # ---- front -> Redis -> worker --------------------------------------------------------
 

@@ -6,8 +6,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` o
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
 adapter, block size, chain scope and deployment key as their block managers: ``auth.hasher``,
-checked against each worker's registration); every call to a worker carries the deployment's
-worker token. The router picks the worker. The
+checked against each worker's registration). A request goes to a worker only on a connection on
+which the worker proved it is the registered instance (``peer.LinkPool``: proved once, kept
+between requests), with that instance's own credential. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
@@ -52,7 +53,7 @@ from aiohttp import web
 
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
-from kvcache.serve import protocol, wire
+from kvcache.serve import peer, protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.serve.fairness import TenantSeats
@@ -137,7 +138,9 @@ class Front:
         self.route_request = route_request  # kvcache.router.RouteRequest
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
-        self.session: aiohttp.ClientSession | None = None
+        # Connections to workers, each proven before its first request and kept between requests.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read_timeout_s)
+        self.links = peer.LinkPool(keys, self.timeout)
 
     # ---- dispatch ------------------------------------------------------------------------
 
@@ -169,7 +172,6 @@ class Front:
         this request; when every worker did, the request is answered 503 with ``Retry-After``.
         Only workers where the tenant holds fewer than its seats are tried (``fairness``); when it
         holds them on every worker, the request is answered 429 with ``Retry-After``."""
-        assert self.session is not None
         sent = 0
         sampling = req.sampling()
         if sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
@@ -182,7 +184,7 @@ class Front:
             payload = await asyncio.to_thread(json.dumps, body)
         else:
             keys, payload = self._keys(token_ids, tenant), json.dumps(body)
-        headers = {"Content-Type": "application/json", **self.keys.auth_header()}
+        headers = {"Content-Type": "application/json"}
         busy: dict[str, str] = {}  # workers that answered 503 + Retry-After -> its value
         failures = 0
         while failures < MAX_ATTEMPTS:
@@ -206,7 +208,8 @@ class Front:
             reg = self.pool.workers[worker_id].reg
             self.seats.take(tenant.name, worker_id)
             try:
-                async with self.session.post(f"{reg.url}/generate", data=payload, headers=headers) as resp:
+                link = self.links.link(reg.url, (worker_id, reg.instance))
+                async with link as worker, worker.post("/generate", data=payload, headers=headers) as resp:
                     if resp.status == 503 and "Retry-After" in resp.headers:
                         busy[worker_id] = resp.headers["Retry-After"][:16]
                         self.metrics.busy.inc()
@@ -244,12 +247,14 @@ class Front:
             except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
+                await self.links.forget(reg.url, (worker_id, reg.instance))
             except TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
                 raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
                                   "retry later") from exc  # fmt: skip
             except _RETRYABLE as exc:
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
+                await self.links.forget(reg.url, (worker_id, reg.instance))
             finally:
                 self.seats.give(tenant.name, worker_id)
                 with contextlib.suppress(RequestError):  # already gone if its worker was removed
@@ -469,11 +474,9 @@ class Front:
                              shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         task = asyncio.create_task(self.pool.run())
         with quiet_repeats():  # a flood of failing connections writes a few lines, not one each
             yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await self.session.close()
+        await self.links.close()

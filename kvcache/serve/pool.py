@@ -6,8 +6,10 @@ Two background loops keep the router current:
   new worker (or a new *instance* of a known id, i.e. a restart) is added to the router, purging
   whatever the router believed about the earlier instance; a worker whose heartbeat expired is
   removed. A worker whose connection fails is removed at once by the front (``mark_down``) and
-  re-added only once it heartbeats *after* that (the heartbeat key's TTL was renewed), so a
-  crashed worker's last heartbeat cannot bring it back while a live one returns within a beat.
+  re-added only once it heartbeats *after* that (a higher beat number than the front had seen,
+  written after the failure as the heartbeat key's TTL tells), so a crashed worker's last
+  heartbeat, even one the front had not read yet, cannot bring it back while a live one returns
+  within a beat or two.
   Liveness is heartbeats only: a slow answer never removes a worker.
 - a worker that serves another model or block size than the first one is refused once: one
   error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
@@ -20,7 +22,11 @@ Two background loops keep the router current:
 
 Redis is not trusted (see docs/serve.md, "Threat model"): a registration joins only with a valid
 MAC from a worker of this deployment, signed within ``auth.REGISTRATION_MAX_AGE_S``, and only if
-its hasher fingerprint equals the front's (so router keys are the worker's keys); an event batch
+its hasher fingerprint equals the front's (so router keys are the worker's keys); it stays only
+while its heartbeats verify (MAC over worker, instance, beat number and time, signed within the
+same bound) and their beat number keeps going up (within ``wire.ALIVE_TTL_S`` by the front's
+clock), and while its registration stays freshly signed: re-writing an old heartbeat or
+registration into Redis keeps nobody alive; an event batch
 (events and load) counts only with a valid MAC and a sequence number above the last one seen
 from that instance.
 A worker's indexed keys never exceed the pool capacity it registered: past it the oldest are
@@ -64,19 +70,23 @@ class WorkerPool:
     """Workers by id, kept in step with Redis; owns the router's ``add/remove_worker`` calls."""
 
     def __init__(self, router: Any, metrics: ServeMetrics, redis_url: str | None,
-                 on_change: Callable[[], None] | None = None, *, keys: DeploymentKeys) -> None:  # fmt: skip
+                 on_change: Callable[[], None] | None = None, *, keys: DeploymentKeys,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.router = router
         self.keys = keys
+        self.clock = clock  # when beat numbers rose; time.time() only for signatures' freshness
         self.metrics = metrics
         self.redis_url = redis_url
         self.workers: dict[str, WorkerState] = {}
         self.on_change = on_change
         self.redis_up = False
-        # Instances whose connection failed -> when (monotonic s): back only on a later heartbeat.
-        self.dead_instances: dict[str, float] = {}
+        # Instances whose connection failed -> (the beat number seen then, when: monotonic s).
+        self.dead_instances: dict[str, tuple[int, float]] = {}
+        self._beats: dict[str, tuple[int, float]] = {}  # instance -> (last beat number, when it rose)
         self.refused: dict[str, str] = {}  # instance -> why it was refused (logged once)
         self.changed = asyncio.Event()
-        self._bad_registrations: dict[str, bytes] = {}  # worker id -> the value last refused
+        # worker id -> the registration and heartbeat last refused
+        self._bad_registrations: dict[str, tuple[bytes, bytes]] = {}
         self.first: Registration | None = None  # a plain attribute: read from other threads too
 
     def add(self, reg: Registration) -> None:
@@ -114,7 +124,8 @@ class WorkerPool:
         if state is None or (instance is not None and state.reg.instance != instance):
             return
         if failed:
-            self.dead_instances[state.reg.instance] = time.monotonic()
+            seen_beat = self._beats.get(state.reg.instance, (-1, 0.0))[0]
+            self.dead_instances[state.reg.instance] = (seen_beat, time.monotonic())
         del self.workers[worker_id]
         self.router.remove_worker(worker_id)
         m = self.metrics
@@ -190,30 +201,39 @@ class WorkerPool:
     async def _sync_registrations(self, client: Any) -> None:
         regs = await client.hgetall(wire.WORKERS_KEY)
         bad, now_bad = self._bad_registrations, {}
-        alive = {}
+        alive: dict[str, str] = {}  # worker id -> instance, for workers whose signed beats advance
+        seen: set[str] = set()  # instances with a verified heartbeat now, advancing or not
+        now = time.time()
         for raw_id, raw in regs.items():
             worker_id = raw_id.decode()
-            beat = await client.get(wire.alive_key(worker_id))
-            alive[worker_id] = beat.decode() if beat is not None else None
+            raw_beat = await client.get(wire.alive_key(worker_id))
+            if raw_beat is None:
+                continue  # no heartbeat (the key expired): not alive
             try:
-                reg = Registration.from_json(self.keys.open_registration(raw, time.time()))
+                reg = Registration.from_json(self.keys.open_registration(raw, now))
                 if reg.worker_id != worker_id:
                     raise AuthError(f"registration of {reg.worker_id!r} stored under {worker_id!r}")
+                instance, beat = self.keys.open_heartbeat(worker_id, raw_beat, now)
             except (ValueError, KeyError, TypeError, AuthError) as exc:
-                if bad.get(worker_id) != raw:  # each refused value is logged once, not every poll
-                    log.error("registration for %r refused: %s", worker_id, exc)
-                now_bad[worker_id] = raw
+                if bad.get(worker_id) != (raw, raw_beat):  # each refused value is logged once, not every poll
+                    log.error("registration or heartbeat of %r refused: %s", worker_id, exc)
+                now_bad[worker_id] = (raw, raw_beat)
                 continue
-            if alive[worker_id] != reg.instance:
+            if instance != reg.instance:
                 continue
-            marked = self.dead_instances.get(reg.instance)
+            seen.add(instance)
+            if not self._beating(instance, beat):
+                continue
+            alive[worker_id] = instance
+            marked = self.dead_instances.get(instance)
             if marked is not None:
-                # The key's TTL restarts at every heartbeat: the last one was ttl_left - TTL ago.
+                # Back on a beat it wrote after the failure: a higher number (a replay has none) and a
+                # key set since (its TTL restarts at every beat), so not one in flight as it died.
                 ttl_ms = await client.pttl(wire.alive_key(worker_id))
-                beat_at = time.monotonic() - (wire.ALIVE_TTL_S * 1000 - ttl_ms) / 1000
-                if ttl_ms < 0 or beat_at <= marked:
+                written_at = time.monotonic() - (wire.ALIVE_TTL_S * 1000 - ttl_ms) / 1000
+                if beat <= marked[0] or ttl_ms < 0 or written_at <= marked[1]:
                     continue
-                del self.dead_instances[reg.instance]
+                del self.dead_instances[instance]
                 log.info("worker %s heartbeats again after a failed connection: back in the pool", worker_id)
             refused = reg.instance in self.refused
             self.add(reg)
@@ -225,6 +245,18 @@ class WorkerPool:
         for worker_id, state in list(self.workers.items()):
             if alive.get(worker_id) != state.reg.instance:
                 self.mark_down(worker_id, state.reg.instance)
+        # A replayed beat stays known (and frozen) until its signature is too old to verify.
+        self._beats = {i: b for i, b in self._beats.items() if i in seen or i in self.dead_instances}
+
+    def _beating(self, instance: str, beat: int) -> bool:
+        """Whether ``instance``'s beat number went up within ``wire.ALIVE_TTL_S`` (by this front's
+        clock): a replayed or frozen heartbeat stops counting however often it is written again."""
+        now = self.clock()
+        last = self._beats.get(instance)
+        if last is None or beat > last[0]:
+            self._beats[instance] = (beat, now)
+            return True
+        return now - last[1] <= wire.ALIVE_TTL_S
 
     async def run(self) -> None:
         """Follow registrations and events until cancelled; without Redis the caller adds workers."""

@@ -13,7 +13,7 @@ No pickle: the format is the same for every language and version of Python.
 
 Redis layout (one deployment per Redis database):
 - ``kvcache:workers`` hash: worker id -> JSON registration (url, instance, pid, model, ...);
-- ``kvcache:alive:<worker id>``: set with a TTL by the worker's heartbeat;
+- ``kvcache:alive:<worker id>``: the worker's signed heartbeat (``auth.sign_heartbeat``), set with a TTL;
 - ``kvcache:refused:<worker id>``: JSON ``{instance, reason}`` set by the front when it refuses a
   worker (another model or block size); the worker logs the reason and stops;
 - ``kvcache:events`` stream: entries ``{worker, instance, events}``, ``events`` encoded as above.

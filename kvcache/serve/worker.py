@@ -31,10 +31,12 @@ answers again. If the front refuses this worker (another model or block size tha
 deployment's), the worker logs the front's reason once and stops (``refused``). ``GET /metrics``
 gives the worker's own Prometheus series (``metrics.WorkerMetrics``).
 
-Every call must carry the deployment's worker token (``auth``): without it the answer is 401,
-with a wrong one 403, before the body is read. Registrations are signed on every heartbeat and
-event batches carry a sequence number and a MAC over events and load; events name scopes by
-pseudonym.
+Every call must carry this instance's credential (``auth.worker_credential``, which opens no
+other worker or instance): without it the answer is 401, with a wrong one 403, before the body
+is read. ``GET /hello`` needs none: it answers the front's challenge with this instance's proof
+(``peer``), which the front checks before it sends anything else. Registrations and heartbeats
+(with a beat number that only goes up) are signed on every heartbeat, and event batches carry a
+sequence number and a MAC over events and load; events name scopes by pseudonym.
 
 Not here: routing and the OpenAI protocol (``front``), tokenizing and text stop sequences (the
 front sends token ids and cuts text).
@@ -60,7 +62,7 @@ from kvcache.engine.engine import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import CapacityError, ConfigError, InvalidTokensError, KVCacheError, QuotaError
 from kvcache.events import CacheEvent
-from kvcache.serve import wire
+from kvcache.serve import peer, wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from kvcache.tenancy import Scope
@@ -149,6 +151,7 @@ class Worker:
         self.events: asyncio.Queue[tuple[list[CacheEvent], WorkerLoad]] = asyncio.Queue()
         self.num_dropped_event_batches = 0
         self._event_seq = 0  # per instance; the front drops a batch whose number it has seen
+        self._beat = 0  # per instance: the front counts a worker alive only while this advances
         self._last_load: WorkerLoad | None = None
         self._finished: dict[Hashable, str] = {}  # request -> engine finish reason (engine thread)
         self._tier_errors: dict[Hashable, int] = {}
@@ -306,13 +309,28 @@ class Worker:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Only the front (holder of the worker token) gets past here; the body is never read."""
-        status = self.keys.check_worker_call(request.headers.get("Authorization"))
-        if status is not None:
-            message = "missing worker token" if status == 401 else "wrong worker token"
-            return web.json_response({"error": message}, status=status)
+        """Only the front (holder of this instance's credential) gets past here, the body unread;
+        the challenge (``hello``) comes first and needs none: it is how the front decides to send it."""
+        if request.path != peer.HELLO_PATH:
+            status = self.keys.check_worker_call(request.headers.get("Authorization"), self.worker_id,
+                                                 self.instance)  # fmt: skip
+            if status is not None:
+                message = "missing worker credential" if status == 401 else "wrong worker credential"
+                return web.json_response({"error": message}, status=status)
         response: web.StreamResponse = await handler(request)
         return response
+
+    async def hello(self, request: web.Request) -> web.Response:
+        """This instance's proof for the caller's fresh challenge (``peer``): cheap, nothing secret."""
+        try:
+            challenge = bytes.fromhex(request.headers.get(peer.CHALLENGE_HEADER, ""))
+        except ValueError:
+            challenge = b""
+        if len(challenge) != peer.CHALLENGE_BYTES:
+            return web.json_response({"error": f"{peer.CHALLENGE_HEADER} must be {peer.CHALLENGE_BYTES} "
+                                               "random bytes in hex"}, status=400)  # fmt: skip
+        proof = self.keys.hello_proof(self.worker_id, self.instance, challenge)
+        return web.json_response({"worker_id": self.worker_id, "instance": self.instance, "proof": proof})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -353,7 +371,9 @@ class Worker:
                         return
                     await client.hset(wire.WORKERS_KEY, self.worker_id,
                                       self.keys.sign_registration(reg, time.time()))  # fmt: skip
-                    await client.set(wire.alive_key(self.worker_id), self.instance, ex=wire.ALIVE_TTL_S)
+                    beat = self.keys.sign_heartbeat(self.worker_id, self.instance, self._beat, time.time())
+                    await client.set(wire.alive_key(self.worker_id), beat, ex=wire.ALIVE_TTL_S)
+                    self._beat += 1
                     next_beat = time.monotonic() + wire.HEARTBEAT_S
                 try:
                     batch, load = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
@@ -412,6 +432,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         app = web.Application(client_max_size=64 * 2**20, middlewares=[self._authenticate])
         app.router.add_post("/generate", self.generate)
+        app.router.add_get(peer.HELLO_PATH, self.hello)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         # handler_cancellation: a dropped connection cancels its handler, which cancels the request.

@@ -17,6 +17,11 @@
   since a checksum proves nothing against someone who can write the files.
 - Reads go straight into the destination tensor (one ``preadv`` into the header buffer and the
   tensor's own bytes), and the tag runs over that memory: no intermediate copy.
+- No link is ever followed below the root: every operation opens the layout folder with
+  ``O_DIRECTORY|O_NOFOLLOW`` and then works relative to that descriptor (``dir_fd``), so a symlink
+  planted as a layout folder in a shared directory (``<root>/<digest> -> /elsewhere``) makes
+  writes there counted drops, reads counted misses and removals no-ops: nothing outside the
+  root is written, read or unlinked, and a folder swapped for a link after a check changes nothing.
 - Persistent: a new process (or another process sharing the directory) finds what earlier ones
   stored, by scanning the directory at start and by checking the file system on an index miss.
 
@@ -32,6 +37,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -89,7 +95,6 @@ class DiskTier(Tier):
         self.layouts: dict[bytes, LayoutFingerprint] = {}
         self._tmp_counter = 0
         self._dirs: dict[bytes, str] = {}
-        self._made: set[bytes] = set()  # layout folders known to exist
         self._header = bytearray(codec.HEADER_BYTES)
         self._scan()
 
@@ -99,10 +104,34 @@ class DiskTier(Tier):
         return Path(self._file(key.layout.digest, key.key))
 
     def _file(self, digest: bytes, key: bytes) -> str:
+        """The block's path, for messages and callers; operations go through :meth:`_folder`."""
+        return os.path.join(self._dir(digest), key.hex() + SUFFIX)
+
+    def _dir(self, digest: bytes) -> str:
         folder = self._dirs.get(digest)
         if folder is None:
             folder = self._dirs[digest] = os.path.join(self.root, digest.hex())
-        return os.path.join(folder, key.hex() + SUFFIX)
+        return folder
+
+    @contextlib.contextmanager
+    def _folder(self, digest: bytes, create: bool = False) -> Iterator[int]:
+        """A descriptor of the layout folder, opened without following a link: ``OSError`` (``ELOOP``,
+        ``ENOTDIR``, ``ENOENT``) when anything but a real directory is there. File names are then
+        resolved relative to it, so nothing can redirect an operation once the folder is open."""
+        path = self._dir(digest)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):  # mkdir never follows a link at the last name
+                os.mkdir(path, 0o700)
+            fd = os.open(path, flags)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def _scan(self) -> None:
         """Index the files earlier processes left, oldest first; drop their dead temp files.
@@ -117,31 +146,42 @@ class DiskTier(Tier):
                 digest = bytes.fromhex(sub.name)
             except ValueError:
                 continue
-            for entry in os.scandir(sub.path):
-                name = entry.name
-                if name.startswith("."):
-                    pid = name.rsplit(".", 3)[-3] if name.count(".") >= 3 else ""
-                    if name.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
-                        with contextlib.suppress(OSError):
-                            os.unlink(entry.path)
-                    continue
-                if not name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
-                    continue
-                try:
-                    key = bytes.fromhex(name[: -len(SUFFIX)])
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                except (ValueError, OSError):
-                    continue
-                found.append((mtime, (digest, key)))
+            try:
+                with self._folder(digest) as folder:
+                    found += self._scan_folder(digest, folder)
+            except OSError:  # replaced by a link or removed since the listing: not ours to index
+                continue
         for _, index in sorted(found):
             self.lru[index] = None
         while len(self.lru) > self.capacity_blocks:
             self._drop(next(iter(self.lru)), evicted=True)
 
+    @staticmethod
+    def _scan_folder(digest: bytes, folder: int) -> list[tuple[float, _Index]]:
+        found: list[tuple[float, _Index]] = []
+        for entry in os.scandir(folder):
+            name = entry.name
+            if name.startswith("."):
+                pid = name.rsplit(".", 3)[-3] if name.count(".") >= 3 else ""
+                if name.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=folder)
+                continue
+            if not name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                key = bytes.fromhex(name[: -len(SUFFIX)])
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except (ValueError, OSError):
+                continue
+            found.append((mtime, (digest, key)))
+        return found
+
     def _adopt(self, key: TierKey) -> bool:
         """Index a file another process stored since we scanned."""
         try:
-            mode = os.lstat(self._file(key.layout.digest, key.key)).st_mode
+            with self._folder(key.layout.digest) as folder:
+                mode = os.stat(key.key.hex() + SUFFIX, dir_fd=folder, follow_symlinks=False).st_mode
         except OSError:
             return False
         if not stat.S_ISREG(mode):  # a planted directory, FIFO or symlink is never a block
@@ -190,7 +230,9 @@ class DiskTier(Tier):
         try:
             # O_NOFOLLOW: a symlink is refused (ELOOP); O_NONBLOCK: a FIFO planted under the name
             # opens at once instead of waiting for a writer, and fstat below rejects it.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with self._folder(layout.digest) as folder:
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(key.key.hex() + SUFFIX, flags, dir_fd=folder)
         except FileNotFoundError:  # removed by another process since we indexed it
             del self.lru[index]
             return None
@@ -235,7 +277,7 @@ class DiskTier(Tier):
         header = codec.encode_header(key, payload, self.seal)
         path = self._file(*index)
         try:
-            self._write(layout.digest, path, header, payload)
+            self._write(index, header, payload)
         except OSError as exc:  # disk full, file size limit, quota, I/O error: a dropped copy
             s = self._stats
             s.dropped_stores += 1
@@ -253,30 +295,29 @@ class DiskTier(Tier):
         s.blocks_in += 1
         s.bytes_in += layout.block_nbytes
 
-    def _write(self, digest: bytes, path: str, header: bytes, payload: memoryview) -> None:
-        """Write a block file atomically: a private temporary file, then ``os.replace``."""
-        if digest not in self._made:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            self._made.add(digest)
+    def _write(self, index: _Index, header: bytes, payload: memoryview) -> None:
+        """Write a block file atomically: a private temporary file, then ``os.replace``, both in the
+        layout folder as opened without following links (``_folder``)."""
         self._tmp_counter += 1
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{self._tmp_counter}.tmp")
+        name = index[1].hex() + SUFFIX
+        tmp = f".{name}.{os.getpid()}.{self._tmp_counter}.tmp"
         # O_EXCL|O_NOFOLLOW: never write through a file or link someone placed under the name.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            _write_all(fd, [memoryview(header), payload])
-            if self.fsync:
-                os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, path)
-        except BaseException:
-            if fd >= 0:
+        with self._folder(index[0], create=True) as folder:
+            fd = os.open(tmp, flags, 0o600, dir_fd=folder)
+            try:
+                _write_all(fd, [memoryview(header), payload])
+                if self.fsync:
+                    os.fsync(fd)
                 os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+                fd = -1
+                os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=folder)
+                raise
 
     def remove(self, key: TierKey) -> bool:
         index = (key.layout.digest, key.key)
@@ -302,8 +343,9 @@ class DiskTier(Tier):
 
     def _drop(self, index: _Index, evicted: bool) -> None:
         self.lru.pop(index, None)
-        with contextlib.suppress(OSError):  # gone already, or a planted directory (left alone)
-            os.unlink(self._file(*index))
+        # Gone already, a planted directory (left alone), or a folder that is now a link (not followed).
+        with contextlib.suppress(OSError), self._folder(index[0]) as folder:
+            os.unlink(index[1].hex() + SUFFIX, dir_fd=folder)
         if evicted:
             self._stats.evictions += 1
 

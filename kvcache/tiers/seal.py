@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ import blake3
 
 from kvcache import hashing
 from kvcache.errors import TierError
+from kvcache.private_file import PrivateFileError, read_private_file
 
 CHECKSUM = 1
 KEYED_BLAKE3 = 2
@@ -104,21 +104,7 @@ def secret_from_environment(environ: Mapping[str, str] | None = None) -> bytes |
     if not path:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise TierError(f"{SECRET_FILE_ENV}={path} cannot be opened: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise TierError(f"{SECRET_FILE_ENV}={path} is not a regular file")
-        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise TierError(
-                f"{SECRET_FILE_ENV}={path} has mode {stat.filemode(info.st_mode)} and owner uid "
-                f"{info.st_uid}; it must be owned by uid {os.geteuid()} and readable by it only "
-                f"(chmod 600 {path})"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            secret = f.read(4096)
-    finally:
-        os.close(fd)
+        secret = read_private_file(path)
+    except PrivateFileError as exc:
+        raise TierError(f"{SECRET_FILE_ENV}={path} {exc.reason}") from exc
     return secret.rstrip(b"\r\n")
