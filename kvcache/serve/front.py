@@ -1,13 +1,15 @@
 """The OpenAI-compatible front: authenticate, validate, tokenize, route, proxy, retry.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` or not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /debug/workers``
-(worker addresses and pids, for loopback clients only).
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /debug/workers``
+(worker addresses and pids, for loopback clients only) and ``/admin/public-prefixes`` (admin
+keys only: ``public``).
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
 adapter, block size, chain scope and deployment key as their block managers: ``auth.hasher``,
-checked against each worker's registration); every call to a worker carries the deployment's
-worker token. The router picks the worker. The
+checked against each worker's registration), through the public prefixes the workers publish
+(``hashing.key_prompt``, as their block managers key them); every call to a worker carries the
+deployment's worker token. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
@@ -50,6 +52,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvcache import hashing
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
 from kvcache.serve import protocol, wire
@@ -59,6 +62,7 @@ from kvcache.serve.fairness import TenantSeats
 from kvcache.serve.limits import ConnectionGuard, ConnectionLimits, GuardedRunner, quiet_repeats
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
+from kvcache.serve.public import PublicAdmin, PublicPrefixes
 from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
@@ -100,6 +104,7 @@ class Outcome:
     prefill_s: float = 0.0
     tier_errors: int = 0
     finish_reason: str = "length"
+    public_tokens: int = 0  # of the prompt, in published public blocks (as the front keyed it)
 
 
 def _worker_error(status: int, text: str) -> HTTPFailure:
@@ -137,20 +142,33 @@ class Front:
         self.route_request = route_request  # kvcache.router.RouteRequest
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
+        self.public = PublicPrefixes(keys)
+        self.admin = PublicAdmin(self.public, config, tokenizer, self.pool, redis_url, self.served_names)
+        self.admin.declare(config.public_prefixes)
+        self._published: tuple[Hasher, int, hashing.Published] | None = None  # for (hasher, version)
         self.session: aiohttp.ClientSession | None = None
 
     # ---- dispatch ------------------------------------------------------------------------
 
-    def _keys(self, token_ids: list[int], tenant: TenantSpec) -> list[bytes]:
+    def _keys(self, token_ids: list[int], tenant: TenantSpec) -> hashing.PromptKeys | None:
+        """The prompt's block keys as the workers' block managers compute them, public prefixes
+        included; None before any worker joined."""
         reg = self.pool.first
         if reg is None:
-            return []
+            return None
         h = self._hasher
         if h is None or (h.model_id, h.adapter_id, h.block_size) != (
             reg.model_id, reg.adapter_id, reg.block_size):  # fmt: skip
             self._hasher = h = self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
                                                 adapter_id=reg.adapter_id)  # fmt: skip
-        return h.token_keys(token_ids, tenant.scope.chain_scope)
+        published = self._published
+        if published is None or published[0] is not h or published[1] != self.public.version:
+            index: hashing.Published = {}
+            for tokens in self.public.token_lists():
+                hashing.publish_prefix(h, hashing.tokens_to_bytes(tokens), index)
+            self._published = published = (h, self.public.version, index)
+        raw = hashing.tokens_to_bytes(token_ids)
+        return hashing.key_prompt(h, raw, tenant.scope.chain_scope, published[2])
 
     async def _wait_for_worker(self) -> None:
         deadline = time.monotonic() + WAIT_FOR_WORKER_S
@@ -178,10 +196,13 @@ class Front:
         body = {"request_id": request_id, "token_ids": token_ids, "tenant": tenant.name,
                 "group": tenant.group, "max_tokens": req.max_tokens, **sampling}  # fmt: skip
         if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
-            keys = await asyncio.to_thread(self._keys, token_ids, tenant)
+            keyed = await asyncio.to_thread(self._keys, token_ids, tenant)
             payload = await asyncio.to_thread(json.dumps, body)
         else:
-            keys, payload = self._keys(token_ids, tenant), json.dumps(body)
+            keyed, payload = self._keys(token_ids, tenant), json.dumps(body)
+        keys = keyed.keys if keyed is not None else []
+        if keyed is not None and self._hasher is not None:
+            outcome.public_tokens = keyed.num_public_blocks * self._hasher.block_size
         headers = {"Content-Type": "application/json", **self.keys.auth_header()}
         busy: dict[str, str] = {}  # workers that answered 503 + Retry-After -> its value
         failures = 0
@@ -419,6 +440,7 @@ class Front:
                        outcome.tier_hits or {"device": outcome.cached_tokens})  # fmt: skip
         if outcome.tier_errors:
             m.tier_errors.labels(outcome.worker_id).inc(outcome.tier_errors)
+        m.record_public(outcome.worker_id, outcome.public_tokens, outcome.cached_tokens)
 
     async def models(self, request: web.Request) -> web.Response:
         try:
@@ -457,6 +479,7 @@ class Front:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/debug/workers", self.debug_workers)
+        self.admin.routes(app)
         app.cleanup_ctx.append(self._background)
         return app
 
@@ -471,9 +494,11 @@ class Front:
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.read_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
-        task = asyncio.create_task(self.pool.run())
+        tasks = [asyncio.create_task(self.pool.run()),
+                 asyncio.create_task(self.public.run(self.pool.redis_url))]  # fmt: skip
         with quiet_repeats():  # a flood of failing connections writes a few lines, not one each
             yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.session.close()
