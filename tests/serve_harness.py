@@ -4,7 +4,9 @@
 stopped at its end), because starting worker processes dominates the suite's time. Its config
 has API keys: ``acme`` and ``globex`` are private tenants, ``initech``, ``hooli`` and ``piper``
 share the group ``partners`` under k-anonymity k=2, and ``small`` has a 2-block quota;
-``ADMIN_KEY`` reads the per-tenant metrics.
+``ADMIN_KEY`` reads the per-tenant metrics and manages public prefixes. ``PUBLIC_SYSTEM`` is a
+public system prompt every tenant shares (a second declared prefix is for another model, so this
+server ignores it).
 
 The deployment secret is generated here and, like the Redis URL with its password, passed in
 the environment (as an operator would), so tests can compute what the deployment computes.
@@ -34,9 +36,15 @@ from kvcache.serve import auth
 
 STARTUP_S = 120.0
 ADMIN_KEY = "sk-admin"
+PUBLIC_SYSTEM = "You are the tools agent. Tools: search(query), open(url), summarize(text). Be brief."
 CONFIG = f"""
 k_anonymity = 2
 admin_keys = ["{ADMIN_KEY}"]
+[[public_prefixes]]
+system = "{PUBLIC_SYSTEM}"
+[[public_prefixes]]
+token_ids = [1, 2, 3]
+model = "another-model"
 [tenants.acme]
 keys = ["sk-acme"]
 [tenants.globex]
@@ -82,10 +90,10 @@ class Deployment:
 
 
     def request(self, path: str, body: Any = None, key: str | None = None,
-                raw: bytes | None = None) -> tuple[int, Any]:  # fmt: skip
+                raw: bytes | None = None, method: str | None = None) -> tuple[int, Any]:  # fmt: skip
         """``(status, decoded JSON body)`` of one request; POST when ``body`` or ``raw`` is given."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
         if key:
             req.add_header("Authorization", f"Bearer {key}")
         try:

@@ -8,12 +8,16 @@ import json
 from typing import Any
 
 import pytest
+from deployment import KEYS, registration
 from hf_tokenizers import byte_level_bpe
 
+from kvcache import BlockManager, CacheConfig
 from kvcache.errors import ConfigError
+from kvcache.router import Router, RouteRequest
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, new_secret
 from kvcache.serve.config import PublicPrefixSpec, ServeConfig
+from kvcache.serve.front import Front
 from kvcache.serve.public import PublicFollower, PublicPrefixes, chat_prefix, open_set, render
 from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -147,3 +151,28 @@ def test_a_worker_applies_newer_sets_only_and_acknowledges_them() -> None:
         await follower.close()
 
     asyncio.run(scenario())
+
+
+def test_the_front_keys_prompts_as_the_workers_block_managers_do() -> None:
+    """Routing sees the shared blocks: the front's keys are a worker's block keys, public part included."""
+    tools = list(range(1, 41))  # 2 full blocks and 8 tokens
+    config = ServeConfig.from_dict({"tenants": {"a": {"keys": ["k"]}, "b": {"keys": ["kb"]}},
+                                    "public_prefixes": [{"token_ids": tools}]})  # fmt: skip
+    front = Front(config=config, router=Router("round_robin", block_size=16), tokenizer=ByteTokenizer(1024),
+                  model_name="tiny", redis_url=None, route_request=RouteRequest, keys=KEYS)  # fmt: skip
+    front.pool.add(registration("w0", model_id="tiny-llama"))
+    manager = BlockManager(CacheConfig(num_blocks=8, block_size=16, model_id="tiny-llama",
+                                       deployment_key=KEYS.block_key))  # fmt: skip
+    manager.set_published([tools])
+    prompt = tools + [200] * 30
+    for tenant in config.tenants.values():
+        keyed = front._keys(prompt, tenant)
+        assert keyed is not None and keyed.num_public_blocks == 2
+        assert keyed.keys == manager.hash(prompt, tenant.scope).keys
+    a, b = (front._keys(prompt, t) for t in config.tenants.values())
+    assert a is not None and b is not None and a.keys[:2] == b.keys[:2] and a.keys[2:] != b.keys[2:]
+    front.public.remove(next(iter(front.public.prefixes)))  # withdrawn: keyed privately, as workers will
+    manager.set_published([])
+    keyed = front._keys(prompt, config.tenants["a"])
+    assert keyed is not None and keyed.num_public_blocks == 0
+    assert keyed.keys == manager.hash(prompt, config.tenants["a"].scope).keys
