@@ -161,12 +161,12 @@ class Front:
             reg.model_id, reg.adapter_id, reg.block_size):  # fmt: skip
             self._hasher = h = self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
                                                 adapter_id=reg.adapter_id)  # fmt: skip
-        published = self._published
-        if published is None or published[0] is not h or published[1] != self.public.version:
+        published, version = self._published, self.public.version  # the version before the set
+        if published is None or published[0] is not h or published[1] != version:
             index: hashing.Published = {}
             for tokens in self.public.token_lists():
                 hashing.publish_prefix(h, hashing.tokens_to_bytes(tokens), index)
-            self._published = published = (h, self.public.version, index)
+            self._published = published = (h, version, index)
         raw = hashing.tokens_to_bytes(token_ids)
         return hashing.key_prompt(h, raw, tenant.scope.chain_scope, published[2])
 

@@ -163,7 +163,8 @@ class PublicPrefixes:
             self._changed.set()
 
     def token_lists(self) -> list[list[int]]:
-        return [list(p.token_ids) for p in self.prefixes.values()]
+        """The prefixes' token ids (safe to call from another thread than the one that changes them)."""
+        return [list(p.token_ids) for p in list(self.prefixes.values())]
 
     def signed(self) -> str:
         body = json.dumps({"kind": SET_KIND, "version": self.version, "prefixes": self.token_lists()})
