@@ -4,9 +4,7 @@
 stopped at its end), because starting worker processes dominates the suite's time. Its config
 has API keys: ``acme`` and ``globex`` are private tenants, ``initech``, ``hooli`` and ``piper``
 share the group ``partners`` under k-anonymity k=2, and ``small`` has a 2-block quota;
-``ADMIN_KEY`` reads the per-tenant metrics and manages public prefixes. ``PUBLIC_SYSTEM`` is a
-public system prompt every tenant shares (a second declared prefix is for another model, so this
-server ignores it).
+``ADMIN_KEY`` reads the per-tenant metrics and manages public prefixes.
 
 The deployment secret is generated here and, like the Redis URL with its password, passed in
 the environment (as an operator would), so tests can compute what the deployment computes.
@@ -36,15 +34,9 @@ from kvcache.serve import auth
 
 STARTUP_S = 120.0
 ADMIN_KEY = "sk-admin"
-PUBLIC_SYSTEM = "You are the tools agent. Tools: search(query), open(url), summarize(text). Be brief."
 CONFIG = f"""
 k_anonymity = 2
 admin_keys = ["{ADMIN_KEY}"]
-[[public_prefixes]]
-system = "{PUBLIC_SYSTEM}"
-[[public_prefixes]]
-token_ids = [1, 2, 3]
-model = "another-model"
 [tenants.acme]
 keys = ["sk-acme"]
 [tenants.globex]

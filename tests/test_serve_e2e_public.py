@@ -1,29 +1,42 @@
 """Public prefixes end to end: declared in the config and through the admin endpoint, hit by every
 tenant from its first request, and never more than the public part.
 
-The session's shared deployment (``serve_harness``) declares ``PUBLIC_SYSTEM`` in its config.
-Every isolation check comes with a positive control (the same tenant's repeat hits its private
-continuation), so a test cannot pass because nothing is cached. Blocks are 16 tokens.
+A deployment of its own (two workers, ``serve_harness.CONFIG`` plus a public system prompt and a
+prefix declared for another model, which this server ignores), so the prefixes and the late
+worker never meet another module's exact block counts. Every isolation check comes with a
+positive control (the same tenant's repeat hits its private continuation), so a test cannot pass
+because nothing is cached. Blocks are 16 tokens.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from serve_harness import ADMIN_KEY, PUBLIC_SYSTEM, Deployment, ids, shared
+from serve_harness import ADMIN_KEY, CONFIG, Deployment, deploy, ids
 
 from kvcache.serve.public import chat_prefix
 from kvcache.serve.tokenize import ByteTokenizer
 
 ADMIN = "/admin/public-prefixes"
 BLOCK = 16
+PUBLIC_SYSTEM = "You are the tools agent. Tools: search(query), open(url), summarize(text). Be brief."
+PUBLIC_CONFIG = f"""{CONFIG}
+[[public_prefixes]]
+system = "{PUBLIC_SYSTEM}"
+[[public_prefixes]]
+token_ids = [1, 2, 3]
+model = "another-model"
+"""
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Deployment:
-    return shared(tmp_path_factory, pytestconfig)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = deploy(tmp_path_factory.mktemp("public"), workers=2, config=PUBLIC_CONFIG)
+    yield dep
+    dep.stop()
 
 
 def listing(server: Deployment) -> dict[str, Any]:
