@@ -83,6 +83,11 @@ def test_the_config_prefix_is_hit_by_every_tenants_first_chat_request(server: De
     assert [p["token_ids"] for p in body["data"]] == [rendered]  # the other entry is for another model
     public = len(rendered) // BLOCK * BLOCK
     assert public >= 96
+    # Routing sees the shared blocks: each worker's prefill of them reached the router.
+    server.wait_for(
+        "the router to index the public blocks",
+        lambda: all(w["indexed_blocks"] >= public // BLOCK for w in server.workers().values()),
+    )
     system = ("system", PUBLIC_SYSTEM)
     question = [system, ("user", "Summarize the acme quarterly report, please, in detail.")]
     hits = public_hits(server)

@@ -130,6 +130,7 @@ def test_a_worker_applies_newer_sets_only_and_acknowledges_them() -> None:
     async def scenario() -> None:
         redis = FakeRedis()
         follower = PublicFollower(keys, "w0", "inst-1", apply)
+        await follower.sync(redis)  # the registering heartbeat: the set is read from the next one
         await follower.sync(redis)  # nothing in Redis yet: the empty set (version 0) is what it has
         assert applied == [] and public.applied_by(redis.values[wire.public_ack_key("w0")], "inst-1")
         public.add(render(PublicPrefixSpec("token_ids", (1, 2)), ByteTokenizer()))

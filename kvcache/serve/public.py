@@ -23,7 +23,8 @@ given.
 Distribution: the front holds the set and writes it to Redis (``wire.PUBLIC_KEY``) as a notice
 signed with the deployment's notice key (``auth``), with a version that only grows; it rewrites
 it every ``wire.HEARTBEAT_S``, so a flushed or restarted Redis gets it back. Each worker reads the
-key on its heartbeat: a newer, valid set replaces the engine's published prefixes and each
+key on its heartbeats from the second on (so the front has admitted it and indexes the blocks
+the prefill stores): a newer, valid set replaces the engine's published prefixes and each
 prefix is prefilled once (one token generated, in the scope ``WARM_TENANT``, which creates no
 private block) so the first request of every tenant hits it. A worker that joins later reads
 the same key. Each worker acknowledges the version it applied (``wire.public_ack_key``, signed
@@ -221,10 +222,14 @@ class PublicFollower:
         self._seen = 0  # taken up (being applied, or failed)
         self._task: asyncio.Task[None] | None = None
         self._refused: bytes | None = None
+        self._beats = 0
 
     async def sync(self, client: Any) -> None:
         """On each heartbeat: read the set, start applying a newer one, acknowledge what is applied."""
-        raw = await client.get(wire.PUBLIC_KEY)
+        # The front admits a worker within a poll of its first registration and drops its events
+        # until then: prefilling from the second heartbeat on, the router learns the public blocks.
+        self._beats += 1
+        raw = await client.get(wire.PUBLIC_KEY) if self._beats > 1 else None
         if raw is not None and (self._task is None or self._task.done()):
             opened = open_set(self.keys, raw)
             if opened is None:
