@@ -19,7 +19,9 @@ keys in every process and on every machine, which the router and the shared tier
 
 When a prompt continues privately after a published public prefix, the private chain starts
 from ``switch = xxh3_128(private_root || last_public_key, seed=1)``; the seed keeps switch
-links and block links in separate domains.
+links and block links in separate domains. ``publish_prefix`` records a prefix's public blocks
+and ``key_prompt`` keys a prompt through them: the block manager and the server's front key
+prompts with these two functions, so the front's routing keys are the workers' block keys.
 
 Token ids are validated and encoded once per prompt (``tokens_to_bytes``): a list through the
 native encoder (exact ints only, range-checked), an integer array through one range check and one
@@ -43,6 +45,7 @@ import numpy as np
 import xxhash
 
 from kvcache.errors import InvalidTokensError
+from kvcache.tenancy import PUBLIC_SCOPE
 
 HASH_SCHEME_VERSION = 1
 KEY_BYTES = 16
@@ -262,6 +265,59 @@ def switch(private_root: bytes, public_key: bytes) -> bytes:
     return _xxh3_128(private_root + public_key, seed=1)
 
 
+Published = dict[bytes, tuple[bytes, bytes]]  # public block key -> (parent key, content bytes)
+
+
+@dataclass(slots=True)
+class PromptKeys:
+    """A token prompt's full-block keys: blocks ``< num_public_blocks`` follow a published prefix
+    from the public root, the rest chain from ``private_parent`` in the caller's scope."""
+
+    keys: list[bytes]
+    contents: list[bytes]
+    root: bytes  # parent of block 0: the public root when anything is published, else the scope's
+    private_parent: bytes  # parent of block ``num_public_blocks``
+    num_public_blocks: int
+
+
+def publish_prefix(hasher: Hasher, raw: bytes, published: Published) -> int:
+    """Record the full blocks of the encoded prefix ``raw`` in ``published``; returns how many."""
+    width = hasher.block_size * TOKEN_BYTES
+    parent = hasher.root(PUBLIC_SCOPE)
+    keys = chain(parent, raw, width)
+    for i, key in enumerate(keys):
+        published[key] = (parent, raw[i * width : (i + 1) * width])
+        parent = key
+    return len(keys)
+
+
+def key_prompt(hasher: Hasher, raw: bytes, scope: str, published: Published) -> PromptKeys:
+    """Keys of every full block of the encoded prompt ``raw`` in chain scope ``scope``: its leading
+    blocks that are a published prefix (each confirmed by parent and content) in the public scope,
+    the rest in ``scope``, chained on from the last public key through ``switch``."""
+    width = hasher.block_size * TOKEN_BYTES
+    num_full = len(raw) // width
+    keys: list[bytes] = []
+    contents: list[bytes] = []
+    private_root = hasher.root(scope)
+    root = private_root
+    if published:
+        root = key = hasher.root(PUBLIC_SCOPE)
+        while len(keys) < num_full:
+            start = len(keys) * width
+            content = raw[start : start + width]
+            child = link(key, content)
+            if published.get(child) != (key, content):
+                break
+            keys.append(child)
+            contents.append(content)
+            key = child
+    num_public = len(keys)
+    private_parent = switch(private_root, keys[-1]) if num_public else private_root
+    more_keys, more_contents = chain_blocks(private_parent, raw[num_public * width : num_full * width], width)
+    return PromptKeys(keys + more_keys, contents + more_contents, root, private_parent, num_public)
+
+
 MAX_CACHED_ROOTS = 4096
 
 
@@ -297,6 +353,5 @@ class Hasher:
         return root
 
     def token_keys(self, tokens: Sequence[int], scope: str) -> list[bytes]:
-        """Keys of every full block of ``tokens`` in ``scope`` (no public prefix)."""
-        raw = tokens_to_bytes(tokens)
-        return chain(self.root(scope), raw, self.block_size * TOKEN_BYTES)
+        """Keys of every full block of ``tokens`` in ``scope`` (no public prefix: ``key_prompt``)."""
+        return key_prompt(self, tokens_to_bytes(tokens), scope, {}).keys

@@ -125,7 +125,7 @@ class BlockManager:
             adapter_id=config.adapter_id,
             deployment_key=config.deployment_key,
         )
-        self._published: dict[bytes, tuple[bytes, bytes]] = {}  # key -> (parent, content)
+        self._published: hashing.Published = {}
         self._epoch = 0
         self._requests: dict[Hashable, _Request] = {}
         self._tenants: dict[str, TenantStats] = {}
@@ -145,39 +145,18 @@ class BlockManager:
         width = self.block_size * TOKEN_BYTES
         num_tokens = len(raw) // TOKEN_BYTES
         num_full = num_tokens // self.block_size
-        keys: list[bytes] = []
-        contents: list[bytes] = []
-        private_root = self.hasher.root(scope.chain_scope)
-        root = private_root
-        if self._published:
-            root = key = self.hasher.root(PUBLIC_SCOPE)
-            while len(keys) < num_full:
-                start = len(keys) * width
-                content = raw[start : start + width]
-                child = hashing.link(key, content)
-                if self._published.get(child) != (key, content):
-                    break
-                keys.append(child)
-                contents.append(content)
-                key = child
-        num_public = len(keys)
-        private_parent = hashing.switch(private_root, keys[-1]) if num_public else private_root
-        more_keys, more_contents = hashing.chain_blocks(
-            private_parent, raw[num_public * width : num_full * width], width
-        )
-        keys += more_keys
-        contents += more_contents
+        keyed = hashing.key_prompt(self.hasher, raw, scope.chain_scope, self._published)
         return Prompt(
             scope=scope,
             kind=KIND_TOKENS,
             num_tokens=num_tokens,
-            keys=keys,
-            contents=contents,
+            keys=keyed.keys,
+            contents=keyed.contents,
             raw=raw[: num_full * width],
             width=width,
-            root=root,
-            private_parent=private_parent,
-            num_public_blocks=num_public,
+            root=keyed.root,
+            private_parent=keyed.private_parent,
+            num_public_blocks=keyed.num_public_blocks,
             tail_raw=raw[num_full * width :],
             epoch=self._epoch,
         )
@@ -215,14 +194,21 @@ class BlockManager:
         after them, so the public part is shared and the rest stays private.
         """
         raw = hashing.tokens_to_bytes(tokens, self.config.vocab_size)
-        width = self.block_size * TOKEN_BYTES
-        parent = self.hasher.root(PUBLIC_SCOPE)
-        keys = hashing.chain(parent, raw, width)
-        for i, key in enumerate(keys):
-            self._published[key] = (parent, raw[i * width : (i + 1) * width])
-            parent = key
+        num_blocks = hashing.publish_prefix(self.hasher, raw, self._published)
         self._epoch += 1
-        return len(keys)
+        return num_blocks
+
+    def set_published(self, prefixes: Sequence[Tokens]) -> list[int]:
+        """Make ``prefixes`` the only published prefixes, withdrawing any others; returns each one's
+        full blocks. A withdrawn prefix's cached blocks are no longer reached by any prompt (prompts
+        then key those tokens in their own scope) and age out of the pool like any unused block.
+        Every prefix is validated before anything changes."""
+        raws = [hashing.tokens_to_bytes(tokens, self.config.vocab_size) for tokens in prefixes]
+        published: hashing.Published = {}
+        counts = [hashing.publish_prefix(self.hasher, raw, published) for raw in raws]
+        self._published = published
+        self._epoch += 1
+        return counts
 
     def _prompt(self, prompt: Prompt | Tokens, scope: Scope | str | None) -> Prompt:
         if isinstance(prompt, Prompt):

@@ -4,7 +4,7 @@
 stopped at its end), because starting worker processes dominates the suite's time. Its config
 has API keys: ``acme`` and ``globex`` are private tenants, ``initech``, ``hooli`` and ``piper``
 share the group ``partners`` under k-anonymity k=2, and ``small`` has a 2-block quota;
-``ADMIN_KEY`` reads the per-tenant metrics.
+``ADMIN_KEY`` reads the per-tenant metrics and manages public prefixes.
 
 The deployment secret is generated here and, like the Redis URL with its password, passed in
 the environment (as an operator would), so tests can compute what the deployment computes.
@@ -82,10 +82,10 @@ class Deployment:
 
 
     def request(self, path: str, body: Any = None, key: str | None = None,
-                raw: bytes | None = None) -> tuple[int, Any]:  # fmt: skip
+                raw: bytes | None = None, method: str | None = None) -> tuple[int, Any]:  # fmt: skip
         """``(status, decoded JSON body)`` of one request; POST when ``body`` or ``raw`` is given."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
         if key:
             req.add_header("Authorization", f"Bearer {key}")
         try:

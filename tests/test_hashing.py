@@ -16,7 +16,9 @@ from kvcache.hashing import (
     chain,
     chain_python,
     encode_namespace,
+    key_prompt,
     link,
+    publish_prefix,
     tokens_to_bytes,
 )
 
@@ -127,3 +129,21 @@ def test_the_root_memo_is_bounded_and_roots_stay_exact_past_it() -> None:
     fresh = Hasher(block_size=4)
     assert h.root(f"salted:8:tenant:a:{MAX_CACHED_ROOTS + 5}") == first[-5]
     assert fresh.root(f"salted:8:tenant:a:{MAX_CACHED_ROOTS + 5}") == first[-5]
+
+
+def test_key_prompt_is_the_block_managers_keying() -> None:
+    """A router keying with ``key_prompt`` and the published prefixes gets the manager's keys."""
+    from kvcache import BlockManager, CacheConfig
+
+    manager = BlockManager(CacheConfig(num_blocks=8, block_size=16, model_id="m", deployment_key=b"k" * 16))
+    hasher = Hasher(block_size=16, model_id="m", deployment_key=b"k" * 16)
+    system = TOKENS[:40]  # 2 full blocks, then 8 tokens of a third
+    published: dict[bytes, tuple[bytes, bytes]] = {}
+    assert publish_prefix(hasher, tokens_to_bytes(system), published) == manager.publish(system) == 2
+    prompt = system + list(range(500, 530))
+    keyed = key_prompt(hasher, tokens_to_bytes(prompt), "tenant:a", published)
+    expected = manager.hash(prompt, "a")
+    assert (keyed.keys, keyed.num_public_blocks) == (expected.keys, expected.num_public_blocks)
+    assert len(keyed.keys) == 4
+    other = key_prompt(hasher, tokens_to_bytes(prompt), "tenant:b", published).keys
+    assert keyed.keys[:2] == other[:2] and keyed.keys[2:] != other[2:]  # public shared, the rest not

@@ -188,7 +188,8 @@ def test_the_front_keys_blocks_exactly_as_a_worker_block_manager_does() -> None:
         CacheConfig(num_blocks=8, block_size=16, model_id="tiny", deployment_key=KEYS.block_key)
     )
     expected = worker.hash(tokens, Scope("acme")).keys
-    assert front._keys(tokens, TenantSpec("acme")) == expected and len(expected) == 5
+    keyed = front._keys(tokens, TenantSpec("acme"))
+    assert keyed is not None and keyed.keys == expected and len(expected) == 5
     unkeyed = BlockManager(CacheConfig(num_blocks=8, block_size=16, model_id="tiny"))
     assert set(unkeyed.hash(tokens, Scope("acme")).keys).isdisjoint(expected)
     assert auth.key_check(worker.hasher) == reg.key_check

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from conftest import toks
 
-from kvcache import BlockManager, QuotaError, Scope, ScopeError, TenantQuota
+from kvcache import BlockManager, InvalidTokensError, QuotaError, Scope, ScopeError, TenantQuota
 
 MakeManager = Callable[..., BlockManager]
 
@@ -63,6 +63,30 @@ def test_publish_after_hashing_rehashes_stale_prompts(make_manager: MakeManager)
     m.publish(toks(900, 8))
     a = m.allocate("a", prompt)
     assert m.pool.blocks[a.block_ids[0]].scope == "public"
+
+
+def test_set_published_replaces_the_public_set(make_manager: MakeManager) -> None:
+    m = make_manager(num_blocks=32)
+    tools, docs = toks(900, 8), toks(700, 8)  # 2 blocks each
+    assert m.set_published([tools, docs]) == [2, 2]
+    m.allocate("a", tools + toks(0, 5), "alice")
+    m.free("a")
+    assert m.lookup(tools + toks(0, 5), "bob") == 8  # positive control: public for bob
+    assert m.set_published([docs]) == [2]  # tools withdrawn
+    assert m.lookup(tools + toks(0, 5), "bob") == 0  # bob now keys those tokens privately
+    assert m.lookup(tools + toks(0, 5), "alice") == 0  # and so does alice: her old chain ran through public
+    assert m.hash(docs + toks(0, 4), "bob").num_public_blocks == 2
+    assert m.hash(tools + toks(0, 4), "bob").num_public_blocks == 0
+    m.check_invariants()
+
+
+def test_set_published_validates_every_prefix_first(make_manager: MakeManager) -> None:
+    m = make_manager(num_blocks=16)
+    m.set_published([toks(900, 8)])
+    with pytest.raises(InvalidTokensError):
+        m.set_published([toks(0, 8), [1, 2, 10**6]])  # the second is past vocab_size
+    assert m.hash(toks(900, 8) + toks(0, 4), "bob").num_public_blocks == 2  # unchanged
+    assert m.hash(toks(0, 8), "bob").num_public_blocks == 0
 
 
 def test_share_group(make_manager: MakeManager) -> None:

@@ -285,6 +285,11 @@ class Engine:
         full blocks. Their KV is computed by the first request that uses them."""
         return self.manager.publish(tokens)
 
+    def set_published(self, prefixes: Sequence[Sequence[int]]) -> list[int]:
+        """Make ``prefixes`` the only public prefixes (``BlockManager.set_published``); returns each
+        one's full blocks."""
+        return self.manager.set_published(prefixes)
+
     def drain_events(self) -> list[CacheEvent]:
         return self.manager.drain_events()
 

@@ -20,7 +20,17 @@ worker's running seats (``--max-running``) that one tenant's requests may hold a
 ones included; the front answers 429 past it (``fairness``); 1 is no cap. Default: 1 when the
 file defines one tenant, 0.5 otherwise, so one tenant never holds every seat while others exist.
 ``admin_keys = ["..."]`` (top level) lists the keys that may read the per-tenant series of
-``/metrics``; other callers see aggregates only.
+``/metrics`` and manage public prefixes (``/admin/public-prefixes``); other callers see
+aggregates only.
+
+``[[public_prefixes]]`` declares what every tenant may share: each entry has exactly one of
+``system`` (a system message, rendered through the model's chat template the way chat requests
+are), ``text`` (a completion prompt's text) or ``token_ids``, and optionally ``model`` (the entry
+applies only to a server of that model name)::
+
+    [[public_prefixes]]
+    system = "You are a helpful agent. Tools: ..."
+    model = "smollm2-135m"
 
 Without a file the server binds to loopback and serves one tenant, ``default``, without keys.
 This module only parses and answers "which scope does this key belong to"; it does not serve.
@@ -41,7 +51,8 @@ from kvcache.tenancy import Scope
 DEFAULT_TENANT = "default"
 LOOPBACK = "127.0.0.1"
 
-_TOP_KEYS = {"host", "k_anonymity", "tenants", "admin_keys", "max_share"}
+_TOP_KEYS = {"host", "k_anonymity", "tenants", "admin_keys", "max_share", "public_prefixes"}
+PREFIX_SOURCES = ("system", "text", "token_ids")
 _TENANT_KEYS = {"keys", "group", "cap_blocks", "floor_blocks", "max_share"}
 SHARED_MAX_SHARE = 0.5  # each tenant's default when several share the workers
 
@@ -62,6 +73,42 @@ class TenantSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PublicPrefixSpec:
+    """A declared public prefix: ``source`` is ``system``, ``text`` or ``token_ids``; ``model``, when
+    given, the only model name it applies to (``serve.public`` renders it to token ids)."""
+
+    source: str
+    value: str | tuple[int, ...]
+    model: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> PublicPrefixSpec:
+        """One ``[[public_prefixes]]`` entry (or an admin request's body); ``ConfigError`` naming
+        what is wrong."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a table/object with one of {list(PREFIX_SOURCES)}")
+        bad = set(data) - {*PREFIX_SOURCES, "model"}
+        if bad:
+            raise ConfigError(f"{where}: unknown keys {sorted(bad)}; allowed: {[*PREFIX_SOURCES, 'model']}")
+        given = [s for s in PREFIX_SOURCES if s in data]
+        if len(given) != 1:
+            raise ConfigError(f"{where} must give exactly one of {list(PREFIX_SOURCES)}, not {given}")
+        source = given[0]
+        value = data[source]
+        if source == "token_ids":
+            if not isinstance(value, list) or not value or not all(
+                    type(t) is int and 0 <= t < 2**32 for t in value):  # fmt: skip
+                raise ConfigError(f"{where}.token_ids must be a non-empty list of token ids (integers >= 0)")
+            value = tuple(value)
+        elif not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.{source} must be a non-empty string")
+        model = data.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ConfigError(f"{where}.model={model!r} must be a non-empty string")
+        return cls(source, value, model)
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     """Tenants by API key. ``keys`` empty means no authentication: every caller is ``default``."""
 
@@ -71,7 +118,8 @@ class ServeConfig:
         default_factory=lambda: {DEFAULT_TENANT: TenantSpec(DEFAULT_TENANT)}
     )
     keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant name
-    admin_keys: frozenset[str] = frozenset()  # may read per-tenant metrics
+    admin_keys: frozenset[str] = frozenset()  # may read per-tenant metrics, manage public prefixes
+    public_prefixes: tuple[PublicPrefixSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_anonymity, int) or self.k_anonymity < 1:
@@ -154,8 +202,13 @@ class ServeConfig:
         admin = data.get("admin_keys", [])
         if not isinstance(admin, list) or not all(isinstance(k, str) and k for k in admin):
             raise ConfigError(f"{source}: admin_keys must be a list of non-empty strings")
+        raw_prefixes = data.get("public_prefixes", [])
+        if not isinstance(raw_prefixes, list):
+            raise ConfigError(f"{source}: public_prefixes must be a list of tables ([[public_prefixes]])")
+        prefixes = tuple(PublicPrefixSpec.from_dict(p, f"{source}: public_prefixes[{i}]")
+                         for i, p in enumerate(raw_prefixes))  # fmt: skip
         return cls(host=host, k_anonymity=data.get("k_anonymity", 1), tenants=tenants, keys=keys,
-                   admin_keys=frozenset(admin))  # fmt: skip
+                   admin_keys=frozenset(admin), public_prefixes=prefixes)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path | None) -> ServeConfig:

@@ -1,14 +1,16 @@
 """The OpenAI-compatible front: authenticate, validate, tokenize, route, proxy, retry.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` or not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /debug/workers``
-(worker addresses and pids, for loopback clients only).
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /debug/workers``
+(worker addresses and pids, for loopback clients only) and ``/admin/public-prefixes`` (admin
+keys only: ``public``).
 
 A request's token ids are keyed in the caller's scope with the workers' hasher (same model,
 adapter, block size, chain scope and deployment key as their block managers: ``auth.hasher``,
-checked against each worker's registration). A request goes to a worker only on a connection on
-which the worker proved it is the registered instance (``peer.LinkPool``: proved once, kept
-between requests), with that instance's own credential. The router picks the worker. The
+checked against each worker's registration), through the public prefixes the workers publish
+(``hashing.key_prompt``, as their block managers key them). A request goes to a worker only on a
+connection on which the worker proved it is the registered instance (``peer.LinkPool``: proved
+once, kept between requests), with that instance's own credential. The router picks the worker. The
 front streams the worker's tokens to the client. If the worker fails before it finished (the
 connection is refused or cut) the worker is removed and the request goes to another one; tokens
 the client already has are skipped by index, so a client sees each token once and exactly one
@@ -51,6 +53,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvcache import hashing
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.hashing import Hasher
 from kvcache.serve import peer, protocol, wire
@@ -60,6 +63,7 @@ from kvcache.serve.fairness import TenantSeats
 from kvcache.serve.limits import ConnectionGuard, ConnectionLimits, GuardedRunner, quiet_repeats
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
+from kvcache.serve.public import PublicAdmin, PublicPrefixes
 from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
@@ -101,6 +105,7 @@ class Outcome:
     prefill_s: float = 0.0
     tier_errors: int = 0
     finish_reason: str = "length"
+    public_tokens: int = 0  # of the prompt, in published public blocks (as the front keyed it)
 
 
 def _worker_error(status: int, text: str) -> HTTPFailure:
@@ -141,19 +146,32 @@ class Front:
         # Connections to workers, each proven before its first request and kept between requests.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read_timeout_s)
         self.links = peer.LinkPool(keys, self.timeout)
+        self.public = PublicPrefixes(keys)
+        self.admin = PublicAdmin(self.public, config, tokenizer, self.pool, redis_url, self.served_names)
+        self.admin.declare(config.public_prefixes)
+        self._published: tuple[Hasher, int, hashing.Published] | None = None  # for (hasher, version)
 
     # ---- dispatch ------------------------------------------------------------------------
 
-    def _keys(self, token_ids: list[int], tenant: TenantSpec) -> list[bytes]:
+    def _keys(self, token_ids: list[int], tenant: TenantSpec) -> hashing.PromptKeys | None:
+        """The prompt's block keys as the workers' block managers compute them, public prefixes
+        included; None before any worker joined."""
         reg = self.pool.first
         if reg is None:
-            return []
+            return None
         h = self._hasher
         if h is None or (h.model_id, h.adapter_id, h.block_size) != (
             reg.model_id, reg.adapter_id, reg.block_size):  # fmt: skip
             self._hasher = h = self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
                                                 adapter_id=reg.adapter_id)  # fmt: skip
-        return h.token_keys(token_ids, tenant.scope.chain_scope)
+        published, version = self._published, self.public.version  # the version before the set
+        if published is None or published[0] is not h or published[1] != version:
+            index: hashing.Published = {}
+            for tokens in self.public.token_lists():
+                hashing.publish_prefix(h, hashing.tokens_to_bytes(tokens), index)
+            self._published = published = (h, version, index)
+        raw = hashing.tokens_to_bytes(token_ids)
+        return hashing.key_prompt(h, raw, tenant.scope.chain_scope, published[2])
 
     async def _wait_for_worker(self) -> None:
         deadline = time.monotonic() + WAIT_FOR_WORKER_S
@@ -180,10 +198,13 @@ class Front:
         body = {"request_id": request_id, "token_ids": token_ids, "tenant": tenant.name,
                 "group": tenant.group, "max_tokens": req.max_tokens, **sampling}  # fmt: skip
         if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
-            keys = await asyncio.to_thread(self._keys, token_ids, tenant)
+            keyed = await asyncio.to_thread(self._keys, token_ids, tenant)
             payload = await asyncio.to_thread(json.dumps, body)
         else:
-            keys, payload = self._keys(token_ids, tenant), json.dumps(body)
+            keyed, payload = self._keys(token_ids, tenant), json.dumps(body)
+        keys = keyed.keys if keyed is not None else []
+        if keyed is not None and self._hasher is not None:
+            outcome.public_tokens = keyed.num_public_blocks * self._hasher.block_size
         headers = {"Content-Type": "application/json"}
         busy: dict[str, str] = {}  # workers that answered 503 + Retry-After -> its value
         failures = 0
@@ -424,6 +445,7 @@ class Front:
                        outcome.tier_hits or {"device": outcome.cached_tokens})  # fmt: skip
         if outcome.tier_errors:
             m.tier_errors.labels(outcome.worker_id).inc(outcome.tier_errors)
+        m.record_public(outcome.worker_id, outcome.public_tokens, outcome.cached_tokens)
 
     async def models(self, request: web.Request) -> web.Response:
         try:
@@ -462,6 +484,7 @@ class Front:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/debug/workers", self.debug_workers)
+        self.admin.routes(app)
         app.cleanup_ctx.append(self._background)
         return app
 
@@ -474,9 +497,11 @@ class Front:
                              shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.pool.run())
+        tasks = [asyncio.create_task(self.pool.run()),
+                 asyncio.create_task(self.public.run(self.pool.redis_url))]  # fmt: skip
         with quiet_repeats():  # a flood of failing connections writes a few lines, not one each
             yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.links.close()

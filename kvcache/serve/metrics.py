@@ -10,6 +10,9 @@
   worker, measured at the front);
 - ``kvcache:num_requests_running``, ``kvcache:num_requests_waiting``, ``kvcache:kv_cache_usage_perc``
   (gauges by worker: the load each worker last reported with its event batches);
+- ``kvcache:public_prefix_queries`` / ``kvcache:public_prefix_hits`` (counters, tokens, by
+  ``worker``): prompt tokens that lie in published public prefixes, and how many of them the
+  worker served from its cache (``serve.public``);
 - ``kvcache:requests`` (counter by status code), ``kvcache:request_retries`` (re-sent to another
   worker after one failed), ``kvcache:worker_busy_answers`` (a worker's waiting queue was full),
   ``kvcache:tier_errors`` (lower-tier accesses that failed, by worker:
@@ -101,6 +104,10 @@ class ServeMetrics:
         self.tier_errors = Counter("kvcache:tier_errors", "Lower-tier lookups that failed (counted misses)",
                                    ["worker"], registry=r)  # fmt: skip
         self.workers = Gauge("kvcache:workers", "Workers the router routes to", registry=r)
+        self.public_queries = Counter("kvcache:public_prefix_queries", "Prompt tokens in published public "
+                                      "prefixes", ["worker"], registry=r)  # fmt: skip
+        self.public_hits = Counter("kvcache:public_prefix_hits", "Prompt tokens in published public prefixes "
+                                   "served from the cache", ["worker"], registry=r)  # fmt: skip
         self.indexed = Gauge("kvcache:router_indexed_blocks", "Blocks the router believes a worker caches",
                              ["worker"], registry=r)  # fmt: skip
 
@@ -122,6 +129,13 @@ class ServeMetrics:
             self.tenant_queries.labels(tier, worker, tenant).inc(remaining)
             self.tenant_hits.labels(tier, worker, tenant).inc(hit_tokens)
             remaining -= hit_tokens
+
+    def record_public(self, worker: str, public_tokens: int, cached_tokens: int) -> None:
+        """One request's public part: ``public_tokens`` lead the prompt and are matched first, so the
+        cached ones among them are ``min(public_tokens, cached_tokens)``."""
+        if public_tokens:
+            self.public_queries.labels(worker).inc(public_tokens)
+            self.public_hits.labels(worker).inc(min(public_tokens, cached_tokens))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0.0 when absent): for tests and the benchmark report."""

@@ -16,7 +16,9 @@ Redis layout (one deployment per Redis database):
 - ``kvcache:alive:<worker id>``: the worker's signed heartbeat (``auth.sign_heartbeat``), set with a TTL;
 - ``kvcache:refused:<worker id>``: JSON ``{instance, reason}`` set by the front when it refuses a
   worker (another model or block size); the worker logs the reason and stops;
-- ``kvcache:events`` stream: entries ``{worker, instance, events}``, ``events`` encoded as above.
+- ``kvcache:events`` stream: entries ``{worker, instance, events}``, ``events`` encoded as above;
+- ``kvcache:public``: the public prefixes, signed by the front (``serve.public``);
+- ``kvcache:public-ack:<worker id>``: the version of them a worker applied, signed, with a TTL.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SHUTDOWN_GRACE_S = 5.0  # on SIGTERM, what a request in flight gets to finish be
 
 
 REFUSED_TTL_S = 60
+PUBLIC_KEY = "kvcache:public"
+PUBLIC_ACK_TTL_S = 10
 
 
 def alive_key(worker_id: str) -> str:
@@ -46,6 +50,10 @@ def alive_key(worker_id: str) -> str:
 
 def refused_key(worker_id: str) -> str:
     return f"kvcache:refused:{worker_id}"
+
+
+def public_ack_key(worker_id: str) -> str:
+    return f"kvcache:public-ack:{worker_id}"
 
 
 _STORED, _REMOVED = 1, 2

@@ -37,6 +37,8 @@ is read. ``GET /hello`` needs none: it answers the front's challenge with this i
 (``peer``), which the front checks before it sends anything else. Registrations and heartbeats
 (with a beat number that only goes up) are signed on every heartbeat, and event batches carry a
 sequence number and a MAC over events and load; events name scopes by pseudonym.
+On each heartbeat the worker also reads the deployment's public prefixes from Redis and, when
+they changed, publishes them in its engine and prefills them once (``public``).
 
 Not here: routing and the OpenAI protocol (``front``), tokenizing and text stop sequences (the
 front sends token ids and cuts text).
@@ -65,6 +67,7 @@ from kvcache.events import CacheEvent
 from kvcache.serve import peer, wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import CONTENT_TYPE, WorkerMetrics
+from kvcache.serve.public import WARM_TENANT, PublicFollower
 from kvcache.tenancy import Scope
 
 log = logging.getLogger("kvcache.worker")
@@ -162,6 +165,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis_task: asyncio.Task[None] | None = None
         self.vllm_events: Any = None  # a vllm_events.EngineEventBridge, set by --vllm-events
+        self.public = PublicFollower(keys, worker_id, self.instance, self._publish)
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -198,6 +202,20 @@ class Worker:
         if write_through is not None:
             write_through()
         self._after_step([])
+
+    async def _publish(self, prefixes: list[list[int]]) -> None:
+        """Make ``prefixes`` the engine's public prefixes, then prefill each once (one token, in a
+        scope of its own: every full block is public, so no private block is kept)."""
+        await self.aengine.call(lambda: self.engine.set_published(prefixes))
+        for tokens in prefixes:
+            rid = f"public-warm-{uuid.uuid4().hex[:12]}"
+            one = SamplingParams(max_tokens=1)
+            try:
+                async for _ in self.aengine.stream(tokens, Scope(WARM_TENANT), one, rid):
+                    pass
+            except KVCacheError as exc:  # published all the same: the first request computes it
+                log.warning("a public prefix of %d tokens was not prefilled: %s", len(tokens), exc)
+        await self.aengine.call(self._write_through)
 
     def _tier_hits(self, step: Any) -> dict[str, int]:
         """Prompt tokens each tier supplied, device first (the engine reports the device's)."""
@@ -374,6 +392,7 @@ class Worker:
                     beat = self.keys.sign_heartbeat(self.worker_id, self.instance, self._beat, time.time())
                     await client.set(wire.alive_key(self.worker_id), beat, ex=wire.ALIVE_TTL_S)
                     self._beat += 1
+                    await self.public.sync(client)
                     next_beat = time.monotonic() + wire.HEARTBEAT_S
                 try:
                     batch, load = await asyncio.wait_for(self.events.get(), timeout=wire.HEARTBEAT_S / 4)
@@ -462,5 +481,6 @@ async def serve_forever(worker: Worker, host: str, port: int, advertise: str | N
         worker._redis_task.cancel()
         await asyncio.gather(worker._redis_task, return_exceptions=True)
         await worker.deregister()
+    await worker.public.close()
     await runner.cleanup()
     await worker.aengine.close()
