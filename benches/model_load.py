@@ -4,7 +4,7 @@
     .venv/bin/python benches/model_load.py --convert       # also a first use into a fresh folder
 
 Each measurement runs in a fresh Python process, as a user's command would. It prints per run the
-seconds of ``kvcache.models.load`` (manifest and digest check, weights, tokenizer; the first call
+seconds of ``kvcache.model.registry.load`` (manifest and digest check, weights, tokenizer; the first call
 in a process also pays transformers' lazy imports of its model-loading code), of a second call in
 the same process (the checkpoint alone), and of the whole process, their medians, and the
 machine's load average. The target for a later load is <= 3 s of ``models.load``.

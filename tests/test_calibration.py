@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcache import hf
-from kvcache.calibration import LatencyFit, fit, measure, predict_ms, write_latency_json
+from kvcache.costs import LatencyModel
 from kvcache.engine import Engine, EngineConfig, StepRecord
-from kvcache.router.latency import LatencyModel
+from kvcache.lab.calibration import LatencyFit, fit, measure, predict_ms, write_latency_json
+from kvcache.model import hf
 
 KEYS = [
     "prefill_base_ms",

@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from deployment import KEYS
 
 from kvcache import ConfigError
-from kvcache.router.proxy import Engine, RouteProxy
-from kvcache.router.vllm_events import BlockStored, EventPublisher
-from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.cache.tenancy import Scope
 from kvcache.serve.config import ServeConfig
-from kvcache.tenancy import Scope
+from kvcache.vllm.events import BlockStored, EventPublisher
+from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.proxy import Engine, RouteProxy
 
 BLOCK = 16
 
@@ -194,9 +194,9 @@ def _salt_of(scope: Scope) -> str:
 
 async def _workers_scenario() -> dict[str, Any]:
     from kvcache.engine import EngineConfig
-    from kvcache.router.vllm_events import EngineEventBridge
     from kvcache.serve.podtier import PodTieredEngine
     from kvcache.serve.worker import Worker
+    from kvcache.vllm.events import EngineEventBridge
 
     keyer = VllmKeyer(BLOCK, "xxhash_cbor", "7")
     workers, runners, publishers, engines = [], [], [], []

@@ -16,9 +16,9 @@ import aiohttp
 from deployment import KEYS
 from serve_harness import free_port
 
-from kvcache.router.proxy import Engine, RouteProxy
-from kvcache.router.vllm_keys import VllmKeyer
 from kvcache.serve.config import ServeConfig
+from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.proxy import Engine, RouteProxy
 
 BLOCK = 16
 CONFIG = """

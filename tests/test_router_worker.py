@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from kvcache import BlockRemoved, BlockStored
-from kvcache.router.latency import LatencyModel
-from kvcache.router.replay import prepare
-from kvcache.router.trace import FORMAT_MOONCAKE, Trace, TraceRequest
-from kvcache.router.worker import Job, Worker
+from kvcache.costs import LatencyModel
+from kvcache.lab.replay import prepare
+from kvcache.lab.sim_worker import Job, Worker
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, TraceRequest
 
 LAT = LatencyModel(
     prefill_base_ms=0.0,

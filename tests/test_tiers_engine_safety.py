@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcache import hf
 from kvcache.child import python_argv
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 from kvcache.tiers import DiskTier, Hierarchy, IcmsTier, InProcessBackend, LayoutFingerprint, TierKey, codec
 
 BS = 16

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvcache import argtypes
-from kvcache.config import CacheConfig
-from kvcache.manager import BlockManager
-from kvcache.models import DEFAULT_MODEL
-from kvcache.tenancy import Scope
-from kvcache.workloads import multi_turn_chat, system_prompt
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.manager import BlockManager
+from kvcache.cache.tenancy import Scope
+from kvcache.commands import _argtypes as argtypes
+from kvcache.lab.workloads import multi_turn_chat, system_prompt
+from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "a tour on embedded defaults: block manager hit rates, routing policies, a real model's chat and TTFT"
 PARTS = ("manager", "router", "model")

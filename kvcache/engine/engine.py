@@ -36,18 +36,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache import hf, models
-from kvcache.config import CacheConfig, TenantQuota
+from kvcache.cache.config import CacheConfig, TenantQuota
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.manager import Allocation, BlockManager, Prompt
+from kvcache.cache.tenancy import Scope, as_scope
 from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence as Seq
 from kvcache.errors import ConfigError, InvalidTokensError, ModelError, RequestError, TierError
-from kvcache.events import CacheEvent
 from kvcache.kernels.dispatch import Backend, unpack_blocks
-from kvcache.manager import Allocation, BlockManager, Prompt
-from kvcache.tenancy import Scope, as_scope
+from kvcache.model import hf
+from kvcache.model import registry as models
 from kvcache.tiers import Hierarchy, HostTier, LayoutFingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -261,7 +262,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "tiny", config: EngineConfig | None = None) -> Engine:
-        """A registry model (``smollm2-135m``, see ``kvcache.models``), a random-weight model (``tiny``,
+        """A registry model (``smollm2-135m``, see ``model.registry``), a random-weight model (``tiny``,
         ``tiny-llama``, ...) or a local model folder."""
         config = config or EngineConfig()
         dtype = _DTYPES[config.dtype] if config.dtype is not None else None

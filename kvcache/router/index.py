@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from kvcache.events import BlockStored, CacheEvent
+from kvcache.cache.events import BlockStored, CacheEvent
 
 # A lookup whose matching workers number at most this decodes their bits in Python; above it
 # one numpy pass over the layers is cheaper than a Python step per worker.

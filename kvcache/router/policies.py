@@ -24,7 +24,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from kvcache.router.latency import LatencyModel
+from kvcache.costs import LatencyModel
 
 
 @dataclass(frozen=True, slots=True)

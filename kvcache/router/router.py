@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.tenancy import Scope
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError, RequestError
-from kvcache.events import CacheEvent
 from kvcache.router.index import ApproxIndex, PreciseIndex
-from kvcache.router.latency import LatencyModel
 from kvcache.router.policies import POLICIES, Policy, RoutingInput, WorkerColumns, WorkerView, WorkerViews
-from kvcache.tenancy import Scope
 
 MODES = ("precise", "approx")
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kvcache.cache.hashing import Hasher
 from kvcache.errors import AuthError, ConfigError
-from kvcache.hashing import Hasher
 
 SECRET_ENV = "KVCACHE_SECRET"
 SECRET_FILE_ENV = "KVCACHE_SECRET_FILE"

@@ -50,8 +50,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvcache.cache.hashing import Hasher
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
-from kvcache.hashing import Hasher
+from kvcache.model.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 from kvcache.serve import protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
@@ -59,7 +60,6 @@ from kvcache.serve.fairness import TenantSeats
 from kvcache.serve.limits import ConnectionGuard, ConnectionLimits, GuardedRunner, quiet_repeats
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
 MAX_ATTEMPTS = 4

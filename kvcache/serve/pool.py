@@ -41,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.errors import AuthError, KVCacheError
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import ServeMetrics

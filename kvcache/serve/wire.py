@@ -1,6 +1,6 @@
 """Canonical bytes for cache events, and the Redis names workers and the front agree on.
 
-A batch of ``BlockStored``/``BlockRemoved`` events (``kvcache.events``, the records the simulator
+A batch of ``BlockStored``/``BlockRemoved`` events (``kvcache.cache.events``, the records the simulator
 uses) encodes as::
 
     b"KVEV" version:u8 count:u32  then per event:
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import struct
 
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.cache.hashing import KEY_BYTES
 from kvcache.errors import ProtocolError
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
-from kvcache.hashing import KEY_BYTES
 
 MAGIC = b"KVEV"
 VERSION = 1

@@ -55,15 +55,15 @@ from typing import Any
 
 from aiohttp import web
 
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.tenancy import Scope
 from kvcache.engine.aio import AsyncEngine
 from kvcache.engine.engine import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import CapacityError, ConfigError, InvalidTokensError, KVCacheError, QuotaError
-from kvcache.events import CacheEvent
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import CONTENT_TYPE, WorkerMetrics
-from kvcache.tenancy import Scope
 
 log = logging.getLogger("kvcache.worker")
 DEFAULT_MAX_WAITING = 64

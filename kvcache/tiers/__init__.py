@@ -1,7 +1,7 @@
 """The spill hierarchy: device pool (G1), host memory (G2), local disk (G3) and a pod-shared tier (ICMS).
 
 Import from here; the modules behind it are private. ``Hierarchy`` is what an engine uses; the
-tiers can also be used one by one. ``sim`` models the same tiers for the router's trace replay.
+tiers can also be used one by one. ``kvcache.lab.sim_tiers`` models the same tiers for the trace replay.
 """
 
 from kvcache.tiers.backends import BackendUnavailable, InProcessBackend, RedisBackend

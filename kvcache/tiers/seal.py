@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.errors import TierError
 
 CHECKSUM = 1

@@ -27,8 +27,8 @@ import msgspec
 import zmq
 
 from kvcache.errors import ConfigError, KVCacheError
-from kvcache.router.curve import CurveServer, is_loopback
-from kvcache.router.vllm_keys import external_key
+from kvcache.vllm.curve import CurveServer, is_loopback
+from kvcache.vllm.keys import external_key
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"
@@ -298,8 +298,8 @@ class EngineEventBridge:
         self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
 
     def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
-        """``scope``: the request's ``kvcache.tenancy.Scope`` (its pseudonym becomes the salt)."""
-        from kvcache.events import BlockStored as KVStored
+        """``scope``: the request's ``kvcache.cache.tenancy.Scope`` (its pseudonym becomes the salt)."""
+        from kvcache.cache.events import BlockStored as KVStored
 
         events = list(events)
         if not events:

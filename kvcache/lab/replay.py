@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from kvcache.config import CacheConfig
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.manager import BlockManager, Prompt
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.events import CacheEvent
-from kvcache.manager import BlockManager, Prompt
-from kvcache.router.latency import LatencyModel
+from kvcache.lab.sim_worker import Job, SpillHook, Worker
+from kvcache.lab.trace import Trace
 from kvcache.router.policies import POLICIES
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.trace import Trace
-from kvcache.router.worker import Job, SpillHook, Worker
 
 _ARRIVE, _EVENTS, _FAIL, _PREFILLED, _FINISH = range(5)
 

@@ -46,17 +46,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvcache.cache.events import BlockRemoved as KVRemoved
+from kvcache.cache.events import BlockStored as KVStored
+from kvcache.cache.tenancy import MAX_SALT_CHARS, Scope
 from kvcache.errors import AuthError, ConfigError
-from kvcache.events import BlockRemoved as KVRemoved
-from kvcache.events import BlockStored as KVStored
-from kvcache.router.curve import CurveClient
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.vllm_events import EngineIndex
-from kvcache.router.vllm_keys import VllmKeyer, scope_salt
-from kvcache.router.vllm_subscriber import EventSubscriber
 from kvcache.serve import protocol, wire
 from kvcache.serve.config import ServeConfig, TenantSpec
-from kvcache.tenancy import MAX_SALT_CHARS, Scope
+from kvcache.vllm.curve import CurveClient
+from kvcache.vllm.events import EngineIndex
+from kvcache.vllm.keys import VllmKeyer, scope_salt
+from kvcache.vllm.subscriber import EventSubscriber
 
 _SCOPE = "vllm"
 APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcache worker's /generate

@@ -1,7 +1,7 @@
 """Simulated spill tiers for the router's trace replay: which block keys each tier holds, and how
 long loading them takes. No bytes move; sizes are in blocks, times come from ``TransferModel``s.
 
-Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
+Implements the replay's ``SpillHook`` (``kvcache.lab.sim_worker``):
 
 - ``on_evict(worker, keys, now)``: blocks leaving a worker's device pool go to its G2 (host
   memory); G2's least recently used overflow goes to its G3 (local disk); G3's overflow is
@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.router.latency import LatencyModel
 from kvcache.tiers.base import TransferModel
 from kvcache.tiers.icms import IcmsLink
 from kvcache.tiers.policy import best_load_prefix

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import zmq
 
 from kvcache.errors import ConfigError
-from kvcache.router.curve import CurveClient, is_loopback
-from kvcache.router.vllm_events import (
+from kvcache.vllm.curve import CurveClient, is_loopback
+from kvcache.vllm.events import (
     DEFAULT_TOPIC,
     END_SEQ,
     AllBlocksCleared,

@@ -11,7 +11,7 @@ recorded steps,
               + decode_ms_per_token_per_seq * decoding_sequences
 
 which is ``LatencyModel.prefill_ms`` / ``decode_step_ms`` per step. The fitted fields are those of
-``kvcache.router.latency.LatencyModel``: the JSON written by :func:`write_latency_json` has exactly
+``kvcache.costs.LatencyModel``: the JSON written by :func:`write_latency_json` has exactly
 its keys. Not here: how the router uses them.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kvcache.costs import LatencyModel
 from kvcache.engine import Engine, SamplingParams, StepRecord
-from kvcache.router.latency import LatencyModel
 
 
 @dataclass(frozen=True, slots=True)
