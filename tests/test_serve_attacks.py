@@ -22,7 +22,7 @@ from kvcache.cache.events import BlockStored
 from kvcache.cache.hashing import Hasher
 from kvcache.cache.tenancy import Scope
 from kvcache.serve import auth, wire
-from kvcache.serve.worker import Registration
+from kvcache.serve.wire import Registration
 
 
 @pytest.fixture(scope="module")

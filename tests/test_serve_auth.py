@@ -24,7 +24,7 @@ from kvcache.router import Router, RouteRequest
 from kvcache.serve import auth, launch, wire
 from kvcache.serve.metrics import ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.worker import Registration, WorkerLoad
+from kvcache.serve.wire import Registration, WorkerLoad
 
 SECRET = bytes(range(32))
 KEYS = auth.DeploymentKeys.from_secret(SECRET)

@@ -51,6 +51,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def chat(model: str, sessions: int, turns: int, seed: int) -> None:
+    """What ``run`` prints for these options, every other one at its default (``kvcache demo``)."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser)
+    args = parser.parse_args([])
+    args.model, args.sessions, args.turns, args.seed = model, sessions, turns, seed
+    run(args)
+
+
 def _ms(values: list[float]) -> float:
     return 1000 * statistics.median(values) if values else float("nan")
 

@@ -236,7 +236,7 @@ class DeploymentKeys:
         return notice if ok else None
 
     def sign_events(self, worker_id: str, instance: str, seq: int, data: bytes, load: bytes = b"") -> bytes:
-        """The MAC of an event batch and the load it carries (``worker.WorkerLoad``)."""
+        """The MAC of an event batch and the load it carries (``wire.WorkerLoad``)."""
         return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data, load)
 
     def check_events(self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes,

@@ -13,7 +13,7 @@ Two background loops keep the router current:
   error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
   which the worker logs the reason and stops.
 - events: the pool follows the ``kvcache:events`` stream from the point it started and hands
-  each batch to ``router.on_events``; the load a batch carries (``worker.WorkerLoad``: running and
+  each batch to ``router.on_events``; the load a batch carries (``wire.WorkerLoad``: running and
   waiting requests, KV usage) is kept per worker, exported as gauges and given to the router
   (``observe_load``). Batches from an instance that is not the current one are
   dropped, so a dead worker's late events cannot resurrect blocks it no longer has.
@@ -46,7 +46,7 @@ from kvcache.errors import AuthError, KVCacheError
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import ServeMetrics
-from kvcache.serve.worker import Registration, WorkerLoad
+from kvcache.serve.wire import Registration, WorkerLoad
 
 log = logging.getLogger("kvcache.front")
 POLL_S = 0.25
