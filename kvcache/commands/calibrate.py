@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvcache.engine import Engine, EngineConfig
-    from kvcache.lab.calibration import fit, measure, predict_ms, write_latency_json
+    from kvcache.lab.calibration import fit, measure, predict_ms
 
     torch.set_num_threads(args.threads)
     longest = max(args.contexts) + max(args.new_tokens)
@@ -96,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
         )
         measured = 1000 * statistics.median(secs)
         print(f"{p:>11}{d:>12}{c:>12}{len(secs):>7}{measured:>13.2f}{predict_ms(latency, rec):>11.2f}")
-    write_latency_json(latency, args.out)
+    latency.to_json(args.out)
     print(f"wrote {args.out}: {latency}")
     return 0
