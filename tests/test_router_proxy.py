@@ -18,7 +18,7 @@ from kvcache.cache.tenancy import Scope
 from kvcache.serve.config import ServeConfig
 from kvcache.vllm.events import BlockStored, EventPublisher
 from kvcache.vllm.keys import VllmKeyer
-from kvcache.vllm.proxy import Engine, RouteProxy
+from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 
 BLOCK = 16
 
@@ -66,7 +66,7 @@ async def _scenario() -> dict[str, Any]:
     for server in servers:
         await server.start_server()
     urls = [str(server.make_url("")).rstrip("/") for server in servers]
-    engines = [Engine(url, s.events, s.replay) for s, url in zip(stubs, urls, strict=True)]
+    engines = [EngineEndpoint(url, s.events, s.replay) for s, url in zip(stubs, urls, strict=True)]
     proxy = RouteProxy(engines, keyer, capacity_blocks=1000)
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
@@ -140,10 +140,10 @@ def test_route_proxy_places_by_vllm_events() -> None:
 
 
 def test_engine_spec() -> None:
-    assert Engine.parse("http://h:8000/,tcp://h:5557") == Engine("http://h:8000", "tcp://h:5557")
-    assert Engine.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
+    assert EngineEndpoint.parse("http://h:8000/,tcp://h:5557") == EngineEndpoint("http://h:8000", "tcp://h:5557")
+    assert EngineEndpoint.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
     with pytest.raises(ConfigError, match="URL,EVENTS"):
-        Engine.parse("h:8000")
+        EngineEndpoint.parse("h:8000")
 
 
 async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | None]]:
@@ -152,7 +152,7 @@ async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | No
     stub = StubEngine("a", keyer)
     server = TestServer(stub.app())
     await server.start_server()
-    engine = Engine(str(server.make_url("")).rstrip("/"), stub.events)
+    engine = EngineEndpoint(str(server.make_url("")).rstrip("/"), stub.events)
     proxy = RouteProxy([engine], keyer, capacity_blocks=1000, config=config)
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
@@ -209,7 +209,7 @@ async def _workers_scenario() -> dict[str, Any]:
         runners.append(await worker.start("127.0.0.1", 0))
         workers.append(worker)
         publishers.append(publisher)
-        engines.append(Engine(worker.url, events, replay))
+        engines.append(EngineEndpoint(worker.url, events, replay))
     proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", upstream_headers=KEYS.auth_header(),
                        cache_salt_of=_salt_of)  # fmt: skip
     client = TestClient(TestServer(proxy.app()))

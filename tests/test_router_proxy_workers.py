@@ -18,7 +18,7 @@ from serve_harness import free_port
 
 from kvcache.serve.config import ServeConfig
 from kvcache.vllm.keys import VllmKeyer
-from kvcache.vllm.proxy import Engine, RouteProxy
+from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 
 BLOCK = 16
 CONFIG = """
@@ -68,7 +68,8 @@ async def proxied(configs: list[ServeConfig | None], step_s: float = 0.0) -> Asy
     urls = []
     try:
         for config in configs:
-            engine_spec = Engine(worker.url, f"tcp://127.0.0.1:{free_port()}")  # nobody publishes there
+            # nobody publishes there
+            engine_spec = EngineEndpoint(worker.url, f"tcp://127.0.0.1:{free_port()}")
             proxy = RouteProxy([engine_spec], keyer, capacity_blocks=256, api="kvcache",
                                upstream_headers=KEYS.auth_header(), config=config)  # fmt: skip
             runner = proxy.runner()

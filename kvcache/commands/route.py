@@ -50,7 +50,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvcache.serve.config import ServeConfig
     from kvcache.vllm.keys import VllmKeyer
-    from kvcache.vllm.proxy import Engine, RouteProxy
+    from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 
     config = ServeConfig.load(args.config)
     host = args.host or config.host
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
         cert, _, server = args.events_curve.partition(",")
         curve = CurveClient.load(cert, server)
-    engines = [Engine.parse(spec) for spec in args.engine]
+    engines = [EngineEndpoint.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
     proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
                        args.engine_api, headers, config, events_curve=curve,

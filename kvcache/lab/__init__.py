@@ -6,16 +6,16 @@ it. See docs/router.md.
 """
 
 from kvcache.lab.replay import ReplayConfig, ReplayResult, replay
-from kvcache.lab.sim_worker import SpillHook, Worker
+from kvcache.lab.sim_worker import SimWorker, SpillHook
 from kvcache.lab.trace import Trace, TraceRequest, read_trace, write_trace
 
 __all__ = [
     "ReplayConfig",
     "ReplayResult",
+    "SimWorker",
     "SpillHook",
     "Trace",
     "TraceRequest",
-    "Worker",
     "read_trace",
     "replay",
     "write_trace",

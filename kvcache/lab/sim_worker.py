@@ -71,7 +71,7 @@ class Started:
     events: list[CacheEvent] = field(default_factory=list)
 
 
-class Worker:
+class SimWorker:
     """One simulated GPU worker with ``num_blocks`` KV blocks of ``block_size`` tokens."""
 
     def __init__(

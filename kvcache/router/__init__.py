@@ -5,7 +5,7 @@ model the policies price with (``kvcache.costs``), trace replay over simulated w
 (``kvcache.lab``). See docs/router.md.
 """
 
-from kvcache.router.policies import POLICIES, RoutingInput, WorkerView
+from kvcache.router.policies import POLICIES, RoutingInput, WorkerId, WorkerView
 from kvcache.router.router import Router, RouteRequest
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "RouteRequest",
     "Router",
     "RoutingInput",
+    "WorkerId",
     "WorkerView",
 ]

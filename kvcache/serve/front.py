@@ -53,6 +53,7 @@ from aiohttp import web
 from kvcache.cache.hashing import Hasher
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.model.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
+from kvcache.router import Router
 from kvcache.serve import protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
@@ -114,7 +115,7 @@ def _worker_error(status: int, text: str) -> HTTPFailure:
 
 
 class Front:
-    def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
+    def __init__(self, *, config: ServeConfig, router: Router, tokenizer: Tokenizer, model_name: str,
                  redis_url: str | None, route_request: Any, keys: DeploymentKeys,
                  max_prompt_tokens: int | None = None,
                  served_names: tuple[str, ...] = (),

@@ -43,6 +43,7 @@ from typing import Any
 
 from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.errors import AuthError, KVCacheError
+from kvcache.router import Router
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import ServeMetrics
@@ -63,7 +64,7 @@ class WorkerState:
 class WorkerPool:
     """Workers by id, kept in step with Redis; owns the router's ``add/remove_worker`` calls."""
 
-    def __init__(self, router: Any, metrics: ServeMetrics, redis_url: str | None,
+    def __init__(self, router: Router, metrics: ServeMetrics, redis_url: str | None,
                  on_change: Callable[[], None] | None = None, *, keys: DeploymentKeys) -> None:  # fmt: skip
         self.router = router
         self.keys = keys

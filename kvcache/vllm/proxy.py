@@ -41,7 +41,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -63,13 +63,13 @@ APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcach
 
 
 @dataclass(frozen=True, slots=True)
-class Engine:
+class EngineEndpoint:
     url: str
     events: str
     replay: str | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> Engine:
+    def parse(cls, spec: str) -> EngineEndpoint:
         """``URL,EVENTS[,REPLAY]``, e.g. ``http://h:8000,tcp://h:5557,tcp://h:5558``."""
         parts = spec.split(",")
         if len(parts) not in (2, 3) or not parts[0].startswith(("http://", "https://")):
@@ -90,7 +90,7 @@ def _key_bytes(key: int) -> bytes:
 class RouteProxy:
     def __init__(
         self,
-        engines: Sequence[Engine],
+        engines: Sequence[EngineEndpoint],
         keyer: VllmKeyer,
         capacity_blocks: int,
         policy: str = "affinity",
@@ -171,7 +171,8 @@ class RouteProxy:
             num_tokens = len(prompt)
         elif isinstance(prompt, str):
             num_tokens = max(1, len(prompt) // 4)  # a length estimate for the load model only
-        return request_id, self.router.route(RouteRequest(request_id, keys, num_tokens, _SCOPE))
+        worker = self.router.route(RouteRequest(request_id, keys, num_tokens, _SCOPE))
+        return request_id, cast(int, worker)  # engines are added by position
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         try:
