@@ -11,7 +11,7 @@ manager exactly as it was. Hits are confirmed against what the block stores (par
 and content bytes), so even a crafted 128-bit key collision is a miss, never another prompt's KV.
 
 Not here: computing KV (``hf``), moving blocks between memory tiers (``tiers``), placing
-requests on workers (``router``).
+requests on workers (``kvcache.router``).
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ Policies are elsewhere (``policies``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from kvcache.cache.events import BlockStored, CacheEvent
+from kvcache.cache.lru import LRU
+from kvcache.errors import ConfigError
 from kvcache.router.policies import WorkerId
 
 # A lookup whose matching workers number at most this decodes their bits in Python; above it
@@ -207,10 +208,12 @@ class ApproxIndex:
     """
 
     def __init__(self, ttl_ms: float, capacity_blocks: int | None = None) -> None:
+        if capacity_blocks is not None and (not isinstance(capacity_blocks, int) or capacity_blocks < 1):
+            raise ConfigError(f"capacity_blocks={capacity_blocks!r} must be an integer >= 1 or None")
         self.ttl_ms = ttl_ms
         self.capacity_blocks = capacity_blocks
         self.holders: dict[bytes, dict[WorkerId, float]] = {}
-        self.lru: dict[WorkerId, OrderedDict[bytes, None]] = {}
+        self.lru: dict[WorkerId, LRU[bytes, None]] = {}
         self._next_sweep_ms = ttl_ms
 
     def record(self, worker_id: WorkerId, keys: Sequence[bytes], now_ms: float) -> None:
@@ -224,12 +227,10 @@ class ApproxIndex:
                 held[worker_id] = expiry
         cap = self.capacity_blocks
         if cap is not None:
-            lru = self.lru.setdefault(worker_id, OrderedDict())
-            for key in reversed(keys):
-                lru[key] = None
-                lru.move_to_end(key)
-            while len(lru) > cap:
-                old, _ = lru.popitem(last=False)
+            lru = self.lru.get(worker_id)
+            if lru is None:
+                lru = self.lru[worker_id] = LRU(cap)
+            for old, _ in lru.extend((key, None) for key in reversed(keys)):
                 held = holders.get(old)
                 if held is not None and held.pop(worker_id, None) is not None and not held:
                     del holders[old]

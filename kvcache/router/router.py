@@ -17,7 +17,7 @@ its own load (``observe_load``) is passed to policies beside the router's count.
 the per-worker figures as columns the router updates where a load changes (a route, a finish,
 a report, a modelled prefill end), so routing costs array operations over the fleet, not a
 Python step per worker. Choosing is the policy's job (``policies``); simulating workers is
-``replay``'s. In approximate mode,
+``kvcache.lab.replay``'s. In approximate mode,
 ``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
 must have evicted.
 """

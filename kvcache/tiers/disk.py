@@ -31,11 +31,11 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import CorruptBlockError, TierError
 from kvcache.tiers import codec
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey
@@ -85,7 +85,7 @@ class DiskTier(Tier):
                 f"({SECRET_FILE_ENV}, docs/tiers.md) so blocks carry a MAC, or chmod go-w {self.root}"
             )
         self.fsync = fsync
-        self.lru: OrderedDict[_Index, None] = OrderedDict()
+        self.lru: LRU[_Index, None] = LRU()  # unbounded: _make_room evicts, with side effects
         self.layouts: dict[bytes, LayoutFingerprint] = {}
         self._tmp_counter = 0
         self._dirs: dict[bytes, str] = {}
@@ -134,7 +134,7 @@ class DiskTier(Tier):
                     continue
                 found.append((mtime, (digest, key)))
         for _, index in sorted(found):
-            self.lru[index] = None
+            self.lru.put(index, None)
         while len(self.lru) > self.capacity_blocks:
             self._drop(next(iter(self.lru)), evicted=True)
 
@@ -147,7 +147,7 @@ class DiskTier(Tier):
         if not stat.S_ISREG(mode):  # a planted directory, FIFO or symlink is never a block
             return False
         self._make_room()
-        self.lru[(key.layout.digest, key.key)] = None
+        self.lru.put((key.layout.digest, key.key), None)
         return True
 
     # ---- verbs ---------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class DiskTier(Tier):
         if block is None:
             s.misses += 1
             return None
-        self.lru.move_to_end(index)
+        self.lru.touch(index)
         s.hits += 1
         s.blocks_out += 1
         s.bytes_out += key.layout.block_nbytes
@@ -192,7 +192,7 @@ class DiskTier(Tier):
             # opens at once instead of waiting for a writer, and fstat below rejects it.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:  # removed by another process since we indexed it
-            del self.lru[index]
+            self.lru.pop(index)
             return None
         except OSError as exc:
             self._reject(index, path, f"cannot be opened as a block file: {exc}")
@@ -228,7 +228,7 @@ class DiskTier(Tier):
         self.layouts[layout.digest] = layout
         index = (layout.digest, key.key)
         if index in self.lru:  # same key and layout = same bytes: refresh, do not rewrite
-            self.lru.move_to_end(index)
+            self.lru.touch(index)
             return
         self._make_room()
         payload = codec.tensor_bytes(block.cpu().contiguous())
@@ -248,7 +248,7 @@ class DiskTier(Tier):
                     s.dropped_stores,
                 )
             return
-        self.lru[index] = None
+        self.lru.put(index, None)
         s = self._stats
         s.blocks_in += 1
         s.bytes_in += layout.block_nbytes
@@ -301,7 +301,7 @@ class DiskTier(Tier):
             self._drop(index, evicted=True)
 
     def _drop(self, index: _Index, evicted: bool) -> None:
-        self.lru.pop(index, None)
+        self.lru.pop(index)
         with contextlib.suppress(OSError):  # gone already, or a planted directory (left alone)
             os.unlink(self._file(*index))
         if evicted:

@@ -3,9 +3,9 @@ their KV event streams say they cache.
 
 Each engine is an HTTP base URL (``/v1/completions``, ``/v1/chat/completions``) with its ZMQ
 event endpoint and, optionally, its replay endpoint. The proxy subscribes to every stream
-(``vllm_events``; each received on a thread of its own, applied on the event loop in bounded
+(``vllm.events``; each received on a thread of its own, applied on the event loop in bounded
 slices between requests), keeps a per-engine index bounded by the engines' pool size, mirrors it into
-a ``Router`` (worker id = engine position), keys each request with ``vllm_keys`` and forwards
+a ``Router`` (worker id = engine position), keys each request with ``vllm.keys`` and forwards
 the request body to the engine the policy picks, streaming its answer back. Keys need token
 ids: a completion whose ``prompt`` is a list of token ids is keyed (in the caller's scope and,
 when ``--lora`` names it, with the LoRA adapter of its ``model``); text prompts and chat
@@ -16,7 +16,7 @@ Callers authenticate as ``kvcache serve``'s do (``serve.config``: the same file,
 tenants; without one every caller is the tenant ``default``), before the body is read; a missing or
 unknown key is a 401 in OpenAI's error shape. The scope a request runs in comes from that tenant
 alone: a ``cache_salt`` in the body only narrows it (``tenancy.Scope``'s salt), so no body names
-another tenant. Engines see the scope as ``vllm_keys.scope_salt``: a vLLM engine as the
+another tenant. Engines see the scope as ``vllm.keys.scope_salt``: a vLLM engine as the
 ``cache_salt`` the proxy writes over the caller's, a kvcache worker as tenant, group and salt (its
 published keys are salted with the deployment's keyed pseudonym of the scope, which the proxy then
 keys with too: ``cache_salt_of``). vLLM engines cannot enforce a share group's k-anonymity, so with
@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -132,7 +132,7 @@ class RouteProxy:
 
     def _mirror(self, engine: str, stored: list[int], removed: list[int]) -> None:
         w = int(engine)
-        held: dict[int, None] = self.index.keys_of.get(engine, {})
+        held: Container[int] = self.index.keys_of.get(engine, ())
         events: list[KVStored | KVRemoved] = []
         for key in dict.fromkeys([*stored, *removed]):  # net effect of the batch
             if key in held:

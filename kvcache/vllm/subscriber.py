@@ -8,7 +8,7 @@ index then under-reports until new events arrive, never over-reports. It can rec
 thread and leave the applying to its owner in bounded slices, so a publisher's volume never
 stalls a router's requests.
 
-Not here: the wire schema and the publisher (``vllm_events``), keys (``vllm_keys``), CURVE
+Not here: the wire schema and the publisher (``vllm.events``), keys (``vllm.keys``), CURVE
 (``curve``), routing (``router``).
 """
 
