@@ -73,4 +73,4 @@ figures: $(VENV)/.installed
 	$(BIN)/python scripts/doc_figures.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .benchmarks
