@@ -25,3 +25,19 @@ def test_the_runtime_router_does_not_import_the_lab() -> None:
     code = "import sys, kvcache.router; print(sorted(m for m in sys.modules if m.startswith('kvcache.lab')))"
     out = subprocess.run(python_argv("-c", code), capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_kernels_import_only_errors_and_each_other() -> None:
+    """kernels/ is a namespace package the layers contract cannot see (pyproject.toml says why):
+    its modules may import nothing of kvcache but ``kvcache.errors`` and ``kvcache.kernels``."""
+    import ast
+    from pathlib import Path
+
+    allowed = ("kvcache.errors", "kvcache.kernels")
+    found = []
+    for path in sorted((Path(__file__).parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found += [(path.name, n) for n in names if n.startswith("kvcache") and not n.startswith(allowed)]
+    assert found == []
