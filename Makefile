@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine with Python >= 3.11 and pip:
 #   make demo   - the main job: a demo on the embedded defaults and the real default model
-#   make test   - lint, type-check and the whole test suite
+#   make test   - lint, type-check, the import layers and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -37,6 +37,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check kvcache kernels tests benches
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q tests
 
 # The suite on the newest versions the ranges allow, in a venv of its own (.venv-latest), built anew.
@@ -72,4 +73,4 @@ figures: $(VENV)/.installed
 	$(BIN)/python scripts/doc_figures.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .benchmarks

@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "kvcache._hashchain",
-            ["kvcache/_hashchain.c"],
+            "kvcache.cache._hashchain",
+            ["kvcache/cache/_hashchain.c"],
             libraries=[":libxxhash.so.0"],
             extra_compile_args=["-O2"],
             optional=True,

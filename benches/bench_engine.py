@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-from kvcache import hf, models
 from kvcache.engine import Engine, EngineConfig, SamplingParams
+from kvcache.model import hf
+from kvcache.model import registry as models
 
 MODEL = os.environ.get("BENCH_ENGINE_MODEL", models.DEFAULT_MODEL)
 SEQS = [int(x) for x in os.environ.get("BENCH_ENGINE_SEQS", "1,8,32").split(",")]

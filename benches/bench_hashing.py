@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kvcache import BlockManager, CacheConfig
-from kvcache.hashing import tokens_to_bytes
+from kvcache.cache.hashing import tokens_to_bytes
 
 BLOCK_SIZE = 16
 NUM_TOKENS = 128 * 1024

@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache import hf
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 
 MODEL = os.environ.get("BENCH_HF_MODEL", "small-qwen2")
 LENGTHS = [int(x) for x in os.environ.get("BENCH_HF_LENGTHS", "1024,2048,4096").split(",")]

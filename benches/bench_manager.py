@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kvcache import BlockManager, CacheConfig, Scope, TenantQuota
-from kvcache.workloads import multi_turn_chat
+from kvcache.lab.workloads import multi_turn_chat
 
 BLOCK_SIZE = 16
 VOCAB = 152_064

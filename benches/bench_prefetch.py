@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from kvcache import models
 from kvcache.engine import Engine, EngineConfig, SamplingParams
 from kvcache.kernels.dispatch import pack_blocks
+from kvcache.model import registry as models
 from kvcache.redis_server import start_redis
 from kvcache.tiers import (
     DiskTier,

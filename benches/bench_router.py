@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from kvcache.router import report
+from kvcache.lab import report
+from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.synth import SynthConfig, synthesize
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace, to_block_ids
 from kvcache.router.policies import BASELINES, POLICIES
-from kvcache.router.replay import ReplayConfig, prepare, replay
-from kvcache.router.synth import SynthConfig, synthesize
-from kvcache.router.trace import FORMAT_MOONCAKE, Trace, read_trace, to_block_ids
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 

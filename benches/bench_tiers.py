@@ -32,7 +32,7 @@ import blake3
 import pytest
 import torch
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.tiers import DiskTier, HostTier, LayoutFingerprint, TierKey, codec
 from kvcache.tiers.seal import Seal
 

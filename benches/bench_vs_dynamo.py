@@ -11,7 +11,7 @@ Two comparisons, each measured side by side in one run, with the machine's load:
    overlaps, which the router scatters into its columns) and the answer as a Python dict
    (Dynamo's ``find_matches(...).scores``; kvcache's ``overlaps``).
 2. **Replay**: the shared Mooncake trace through Dynamo's offline replay (its mocker engines
-   behind the real ``kv_router``, and ``round_robin``) and through ``kvcache.router.replay``
+   behind the real ``kv_router``, and ``round_robin``) and through ``kvcache.lab.replay``
    under the project's policies, at 16 / 64 / 256 / 1,024 workers. Printed: token hit rate
    and CPU seconds of each, and the ratios.
 
@@ -55,8 +55,8 @@ from typing import Any
 
 import pytest
 
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.child import python_argv
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.router.index import PreciseIndex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,8 +251,8 @@ def dynamo_replay(trace: Path, workers: int, capacity: int, mode: str) -> dict[s
 
 
 def ours_replay(trace: Any, prompts: Any, workers: int, capacity: int, policy: str) -> dict[str, Any]:
-    from kvcache.router import report
-    from kvcache.router.replay import ReplayConfig, replay
+    from kvcache.lab import report
+    from kvcache.lab.replay import ReplayConfig, replay
 
     start = time.process_time()
     result = replay(trace, ReplayConfig(workers, capacity, policy), prompts=prompts)
@@ -268,8 +268,8 @@ def replay_capacity(unique_blocks: int, longest_blocks: int, workers: int) -> in
 def replay_rows(
     trace_path: Path, workers: list[int], policies: list[str], modes: list[str], capacity: int | None
 ) -> list[dict[str, Any]]:
-    from kvcache.router.replay import prepare
-    from kvcache.router.trace import read_trace
+    from kvcache.lab.replay import prepare
+    from kvcache.lab.trace import read_trace
 
     trace = read_trace(trace_path, 512)
     prompts = prepare(trace, 512)

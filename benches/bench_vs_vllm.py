@@ -38,7 +38,7 @@ import pytest
 from vllm_blockpool import VllmKVCacheManager, hash_request
 
 from kvcache import BlockManager, CacheConfig, Scope
-from kvcache.workloads import multi_turn_chat
+from kvcache.lab.workloads import multi_turn_chat
 
 BLOCK_SIZE = 16
 VOCAB = 152_064

@@ -4,7 +4,7 @@
     .venv/bin/python benches/model_load.py --convert       # also a first use into a fresh folder
 
 Each measurement runs in a fresh Python process, as a user's command would. It prints per run the
-seconds of ``kvcache.models.load`` (manifest and digest check, weights, tokenizer; the first call
+seconds of ``kvcache.model.registry.load`` (manifest and digest check, weights, tokenizer; the first call
 in a process also pays transformers' lazy imports of its model-loading code), of a second call in
 the same process (the checkpoint alone), and of the whole process, their medians, and the
 machine's load average. The target for a later load is <= 3 s of ``models.load``.
@@ -27,7 +27,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(1)
-from kvcache import models
+from kvcache.model import registry as models
 t1 = time.perf_counter()
 loaded = models.load(sys.argv[1], device="cpu", dtype=torch.float32, show_progress=False)
 t2 = time.perf_counter()

@@ -31,7 +31,7 @@ import bench_manager
 import bench_vs_vllm
 
 from kvcache import BlockManager, CacheConfig
-from kvcache.hashing import tokens_to_bytes
+from kvcache.cache.hashing import tokens_to_bytes
 
 
 def per_call(fn: Callable[[], Any], calls: int) -> float:

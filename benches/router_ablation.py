@@ -18,7 +18,7 @@ import multiprocessing
 import statistics
 from typing import Any
 
-from kvcache.router.matrix import MatrixConfig, run_cell, verdict
+from kvcache.lab.matrix import MatrixConfig, run_cell, verdict
 from kvcache.router.policies import BASELINES, POLICIES, make_affinity
 
 VARIANTS: dict[str, dict[str, float]] = {

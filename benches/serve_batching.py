@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.child import python_argv
-from kvcache.serve import auth, bench
+from kvcache.lab import serve_bench as bench
+from kvcache.serve import auth
 
 CONFIGS = {"batched": 64, "serial": 1}
 DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"

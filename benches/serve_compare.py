@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.child import python_argv
+from kvcache.lab import serve_bench as bench
 from kvcache.redis_server import start_redis
-from kvcache.serve import bench
 
 DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"
 CONFIGS = [

@@ -15,7 +15,7 @@ fresh Redis and server; the public server is timed from when every worker acknow
 prefix (``GET /admin/public-prefixes``), so its one prefill of the catalogue is not in the
 figures. Reported per configuration (medians over rounds): the reuse fraction (cached prompt
 tokens / prompt tokens, from ``usage.prompt_tokens_details.cached_tokens``), requests per second
-and the median TTFT, with the machine's load average, through ``kvcache.serve.bench``'s summary.
+and the median TTFT, with the machine's load average, through ``kvcache.lab.serve_bench``'s summary.
 """
 
 from __future__ import annotations

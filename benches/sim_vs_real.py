@@ -47,11 +47,12 @@ from typing import Any
 import numpy as np
 
 from kvcache.child import python_argv
-from kvcache.router.latency import LatencyModel
-from kvcache.router.replay import ReplayConfig, ReplayResult, replay
-from kvcache.router.synth import SynthConfig, synthesize
-from kvcache.router.trace import FORMAT_TOKENS, Trace, TraceRequest
-from kvcache.serve import bench, launch
+from kvcache.costs import LatencyModel
+from kvcache.lab import serve_bench as bench
+from kvcache.lab.replay import ReplayConfig, ReplayResult, replay
+from kvcache.lab.synth import SynthConfig, synthesize
+from kvcache.lab.trace import FORMAT_TOKENS, Trace, TraceRequest
+from kvcache.serve import launch
 
 POLICIES = ("round_robin", "least_loaded", "sglang", "affinity")
 BLOCK_SIZE = 16

@@ -4,7 +4,12 @@ that holds their prefix, and spill cold blocks down a memory hierarchy.
 The public API is what ``__all__`` lists; everything else is private and may change.
 """
 
-from kvcache.config import CacheConfig, TenantQuota
+from kvcache.cache.config import CacheConfig, TenantQuota
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.cache.hashing import Hasher
+from kvcache.cache.manager import Allocation, BlockManager, Prompt
+from kvcache.cache.stats import CacheStats, TenantStats
+from kvcache.cache.tenancy import PUBLIC_SCOPE, UNSCOPED, Scope
 from kvcache.errors import (
     AuthError,
     CapacityError,
@@ -21,11 +26,6 @@ from kvcache.errors import (
     TierError,
     TraceError,
 )
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
-from kvcache.hashing import Hasher
-from kvcache.manager import Allocation, BlockManager, Prompt
-from kvcache.stats import CacheStats, TenantStats
-from kvcache.tenancy import PUBLIC_SCOPE, UNSCOPED, Scope
 
 __version__ = "0.1.0"
 

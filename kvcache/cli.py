@@ -2,11 +2,12 @@
 
 A thin shell over the library: each subcommand is a module ``kvcache.commands.<name>`` with a
 one-line ``HELP``, an ``add_parser(parser)`` and a ``run(args)``. Modules are found on disk; a
-module name's underscores become dashes on the command line (``bench_serve`` -> ``bench-serve``).
+module name's underscores become dashes on the command line (``bench_serve`` -> ``bench-serve``);
+a module whose name starts with one (``_argtypes``) is a helper, not a command.
 Command modules import heavy libraries (torch, transformers) inside ``run``, so ``kvcache --help``
 stays fast.
 
-Every option's help shows its default. Argument types from ``kvcache.argtypes`` refuse bad values
+Every option's help shows its default. Argument types from ``kvcache.commands._argtypes`` refuse bad values
 while parsing; what a command raises later as a ``KVCacheError`` or an ``OSError`` (a file that cannot
 be read, a port that cannot be bound) ends as one ``kvcache COMMAND: error: ...`` line and exit
 status 2, never a traceback. Any other exception is a kvcache bug and keeps its traceback.
@@ -28,7 +29,11 @@ from kvcache.errors import KVCacheError
 def commands() -> dict[str, str]:
     """Command name -> module name, for every module in ``kvcache.commands``."""
     found = pkgutil.iter_modules(kvcache.commands.__path__)
-    return {info.name.replace("_", "-"): info.name for info in sorted(found, key=lambda i: i.name)}
+    return {
+        info.name.replace("_", "-"): info.name
+        for info in sorted(found, key=lambda i: i.name)
+        if not info.name.startswith("_")
+    }
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ Each figure is one ``kvcache replay`` command (after a ``kvcache trace`` command
 trace), run through the CLI itself; its ``--json`` output, without wall-clock times, goes into
 ``docs/figures.json`` under the figure's name. The docs hold cog blocks
 (``<!-- [[[cog ... ]]] -->`` ... ``<!-- [[[end]]] -->``) that call the functions below, which
-format the recorded rows with the project's own report code (``kvcache.router.report``,
-``kvcache.tiers.spill_report``, ``kvcache.router.matrix``); ``cog -r -I scripts FILE`` rewrites
+format the recorded rows with the project's own report code (``kvcache.lab.report``,
+``kvcache.lab.spill_report``, ``kvcache.lab.matrix``); ``cog -r -I scripts FILE`` rewrites
 them. The router matrix (``kvcache matrix``, ~10 minutes) records itself in
 ``docs/router_matrix.json`` and the cost-term ablation (``benches/router_ablation.py --json``) in
 ``docs/router_ablation.json``; this script reruns neither. ``kvcache tiers`` takes two seconds:
@@ -193,13 +193,13 @@ def bounds(name: str, capacity: int | None = None) -> dict[str, float]:
 
 
 def replay_table(name: str, capacity: int | None = None, policies: Sequence[str] = ()) -> str:
-    from kvcache.router import report
+    from kvcache.lab import report
 
     return report.markdown_table(rows(name, capacity, policies)) + "\n"
 
 
 def tiers_table(name: str) -> str:
-    from kvcache.tiers import spill_report
+    from kvcache.lab import spill_report
 
     return spill_report.markdown_table(rows(name)) + "\n"
 
@@ -365,7 +365,7 @@ def lpm_balanced_lead() -> dict[str, Any]:
     """Over the cells where affinity misses a check: lpm_balanced's hits over affinity's at most
     (among cells where lpm_balanced's p99 is within the hit bar's 1.5x band), and the number of
     those cells where lpm_balanced's p99 is below affinity's."""
-    from kvcache.router.matrix import TAIL_BAND
+    from kvcache.lab.matrix import TAIL_BAND
 
     ratios, lower = [], 0
     for c in matrix()["cells"]:

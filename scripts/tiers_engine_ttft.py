@@ -17,8 +17,8 @@ import tempfile
 
 import torch
 
-from kvcache import hf
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 from kvcache.tiers import DiskTier, Hierarchy, HostTier, IcmsTier, InProcessBackend, LayoutFingerprint
 
 

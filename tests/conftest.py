@@ -50,6 +50,6 @@ def smollm2() -> Any:
     (ModelError naming the install command) when the weights package is missing."""
     import torch
 
-    from kvcache import models
+    from kvcache.model import registry as models
 
     return models.load("smollm2-135m", device="cpu", dtype=torch.float32, show_progress=False)

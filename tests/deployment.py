@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvcache.serve import auth
-from kvcache.serve.worker import Registration
+from kvcache.serve.wire import Registration
 
 SECRET = bytes(range(32))
 KEYS = auth.DeploymentKeys.from_secret(SECRET)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcache import hf
-from kvcache.calibration import LatencyFit, fit, measure, predict_ms, write_latency_json
+from kvcache.costs import LatencyModel
 from kvcache.engine import Engine, EngineConfig, StepRecord
-from kvcache.router.latency import LatencyModel
+from kvcache.lab.calibration import fit, measure, predict_ms
+from kvcache.model import hf
 
 KEYS = [
     "prefill_base_ms",
@@ -56,7 +56,7 @@ def test_fit_recovers_exact_linear_costs_from_mixed_steps() -> None:
 
 def test_json_has_exactly_the_latency_model_fields(tmp_path: Path) -> None:
     path = tmp_path / "latency.json"
-    write_latency_json(LatencyFit(1.0, 0.1, 0.001, 2.0, 0.2, 16, 4096), path)
+    LatencyModel(1.0, 0.1, 0.001, 2.0, 0.2, 16, 4096).to_json(path)
     data = json.loads(path.read_text())
     assert list(data) == KEYS
     assert data["max_num_seqs"] == 16 and data["prefill_ms_per_token"] == 0.1
@@ -84,7 +84,7 @@ def test_the_tier_cost_rule_reads_the_fitted_latency_model(tmp_path: Path) -> No
     from kvcache.tiers import TransferModel, best_load_prefix
 
     path = tmp_path / "latency.json"
-    write_latency_json(LatencyFit(1.0, 0.1, 0.001, 2.0, 0.2, 16, 4096), path)
+    LatencyModel(1.0, 0.1, 0.001, 2.0, 0.2, 16, 4096).to_json(path)
     latency = LatencyModel.from_json(path)
     # Recomputing 16 tokens after 32 cached: 16 x 0.1 + 16 x (32 + 8) x 0.001 = 2.24 ms.
     assert latency.compute_ms(16, 32) == pytest.approx(2.24)

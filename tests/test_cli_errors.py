@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from kvcache import __version__, argtypes, cli
+from kvcache import __version__, cli
 from kvcache.child import python_argv
+from kvcache.commands import _argtypes as argtypes
 
 
 def kvcache(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -149,7 +149,7 @@ def test_docs_use_relative_paths() -> None:
 
 def test_documented_latency_models_load(tmp_path: Path) -> None:
     """A fenced JSON block holding a latency model is one ``kvcache replay --latency`` accepts."""
-    from kvcache.router.latency import LatencyModel
+    from kvcache.costs import LatencyModel
 
     blocks = [
         block

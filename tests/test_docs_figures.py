@@ -92,7 +92,7 @@ def test_the_matrix_mooncake_cell_is_the_recorded_mooncake_table() -> None:
 
 @pytest.mark.slow
 def test_a_recorded_matrix_cell_is_what_the_code_produces() -> None:
-    from kvcache.router.matrix import MatrixConfig, run_cell
+    from kvcache.lab.matrix import MatrixConfig, run_cell
 
     # the smallest pool of the 4-worker RAG trace; requests_for() sizes the trace by the smallest fraction
     (fresh,) = run_cell(("rag", 4, MatrixConfig(fractions=(0.05,), policies=("affinity",))))

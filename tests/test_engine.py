@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache import BlockRemoved, BlockStored, ConfigError, Scope, hf
+from kvcache import BlockRemoved, BlockStored, ConfigError, Scope
 from kvcache import engine as engine_module
 from kvcache.engine import Engine, EngineConfig
 from kvcache.errors import ModelError
+from kvcache.model import hf
 
 BS = 16
 

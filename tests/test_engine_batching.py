@@ -10,9 +10,10 @@ import functools
 import pytest
 import torch
 
-from kvcache import Scope, TenantQuota, hf
+from kvcache import Scope, TenantQuota
 from kvcache.engine import Engine, EngineConfig, SamplingParams
 from kvcache.errors import QuotaError
+from kvcache.model import hf
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-phi"]
 BS = 16

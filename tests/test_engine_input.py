@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache import InvalidTokensError, hf
+from kvcache import InvalidTokensError
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcache import ConfigError, hf
+from kvcache import ConfigError
 from kvcache.engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from kvcache.kernels.dispatch import pack_blocks
+from kvcache.model import hf
 from kvcache.tiers import (
     BackendUnavailable,
     DiskTier,

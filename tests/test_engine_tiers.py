@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcache import BlockStored, Scope, TierError, hf
+from kvcache import BlockStored, Scope, TierError
 from kvcache.engine import Engine, EngineConfig
 from kvcache.kernels.dispatch import pack_blocks
+from kvcache.model import hf
 from kvcache.tiers import DiskTier, Hierarchy, HostTier, LayoutFingerprint
 
 BS = 16

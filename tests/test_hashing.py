@@ -10,8 +10,7 @@ import pytest
 import xxhash
 
 from kvcache import Hasher, InvalidTokensError
-from kvcache.child import python_argv
-from kvcache.hashing import (
+from kvcache.cache.hashing import (
     HAS_NATIVE_CHAIN,
     chain,
     chain_python,
@@ -21,6 +20,7 @@ from kvcache.hashing import (
     publish_prefix,
     tokens_to_bytes,
 )
+from kvcache.child import python_argv
 
 TOKENS = list(range(100, 164))  # 64 tokens = 4 blocks of 16
 
@@ -121,7 +121,7 @@ def test_numpy_integers_are_accepted() -> None:
 
 
 def test_the_root_memo_is_bounded_and_roots_stay_exact_past_it() -> None:
-    from kvcache.hashing import MAX_CACHED_ROOTS
+    from kvcache.cache.hashing import MAX_CACHED_ROOTS
 
     h = Hasher(block_size=4)
     first = [h.root(f"salted:8:tenant:a:{i}") for i in range(MAX_CACHED_ROOTS + 10)]

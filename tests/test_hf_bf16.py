@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache import hf
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 
 BF16_RTOL = 2e-2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

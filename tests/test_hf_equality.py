@@ -15,8 +15,9 @@ import pytest
 import torch
 from reference import full_greedy, full_logits
 
-from kvcache import Scope, hf
+from kvcache import Scope
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-phi"]
 BS = 16

@@ -261,7 +261,7 @@ def test_block_ids_prompt_mooncake_style() -> None:
 
 
 def test_crafted_key_collision_is_a_miss(make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvcache import hashing
+    from kvcache.cache import hashing
 
     m = make_manager()
     # Every xxh3 link returns the same 128-bit value: the worst collision an attacker could craft.

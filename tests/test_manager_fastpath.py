@@ -11,7 +11,8 @@ import torch
 from conftest import toks
 from test_manager import snapshot
 
-from kvcache import BlockManager, BlockRemoved, BlockStored, CacheConfig, InvalidTokensError, Scope, hashing
+from kvcache import BlockManager, BlockRemoved, BlockStored, CacheConfig, InvalidTokensError, Scope
+from kvcache.cache import hashing
 
 MakeManager = Callable[..., BlockManager]
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import toks
 from test_manager import snapshot
 
-from kvcache import BlockManager, InvalidTokensError, TenantQuota, hashing
+from kvcache import BlockManager, InvalidTokensError, TenantQuota
+from kvcache.cache import hashing
 
 MakeManager = Callable[..., BlockManager]
 

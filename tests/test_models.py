@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcache import hf, models
 from kvcache.child import python_argv
 from kvcache.errors import ModelError
+from kvcache.model import hf
+from kvcache.model import registry as models
 
 FAKE = models.ModelSpec(
     name="fake-1m",

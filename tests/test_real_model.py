@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from reference import full_greedy, full_logits
 
-from kvcache import Scope, chat
+from kvcache import Scope
 from kvcache.cli import main
 from kvcache.engine import Engine, EngineConfig
-from kvcache.serve.tokenize import HFTokenizer, IncrementalDecoder, load
+from kvcache.lab import chat
+from kvcache.model.tokenize import HFTokenizer, IncrementalDecoder, load
 
 BS = 16
 ATOL = 1e-4

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcache import BlockStored
+from kvcache.costs import LatencyModel
 from kvcache.router import Router, RouteRequest
-from kvcache.router.latency import LatencyModel
 from kvcache.router.policies import RoutingInput, WorkerView
 
 KEYS = [bytes([i]) * 16 for i in range(6)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcache import ConfigError
-from kvcache.router.latency import LatencyModel
+from kvcache.costs import LatencyModel
 
 
 def test_prefill_and_decode_formula() -> None:

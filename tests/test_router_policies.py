@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.router.latency import LatencyModel
+from kvcache.costs import LatencyModel
 from kvcache.router.policies import (
     POLICIES,
     Policy,

@@ -15,12 +15,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from deployment import KEYS
 
 from kvcache import ConfigError
-from kvcache.router.proxy import Engine, RouteProxy
-from kvcache.router.vllm_events import BlockStored, EventPublisher
-from kvcache.router.vllm_keys import VllmKeyer
+from kvcache.cache.tenancy import Scope
 from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
-from kvcache.tenancy import Scope
+from kvcache.vllm.events import BlockStored, EventPublisher
+from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 
 BLOCK = 16
 
@@ -68,7 +68,7 @@ async def _scenario() -> dict[str, Any]:
     for server in servers:
         await server.start_server()
     urls = [str(server.make_url("")).rstrip("/") for server in servers]
-    engines = [Engine(url, s.events, s.replay) for s, url in zip(stubs, urls, strict=True)]
+    engines = [EngineEndpoint(url, s.events, s.replay) for s, url in zip(stubs, urls, strict=True)]
     proxy = RouteProxy(engines, keyer, capacity_blocks=1000)
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
@@ -142,10 +142,10 @@ def test_route_proxy_places_by_vllm_events() -> None:
 
 
 def test_engine_spec() -> None:
-    assert Engine.parse("http://h:8000/,tcp://h:5557") == Engine("http://h:8000", "tcp://h:5557")
-    assert Engine.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
+    assert EngineEndpoint.parse("http://h:8000/,tcp://h:5557") == EngineEndpoint("http://h:8000", "tcp://h:5557")
+    assert EngineEndpoint.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
     with pytest.raises(ConfigError, match="URL,EVENTS"):
-        Engine.parse("h:8000")
+        EngineEndpoint.parse("h:8000")
 
 
 async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | None]]:
@@ -154,7 +154,7 @@ async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | No
     stub = StubEngine("a", keyer)
     server = TestServer(stub.app())
     await server.start_server()
-    engine = Engine(str(server.make_url("")).rstrip("/"), stub.events)
+    engine = EngineEndpoint(str(server.make_url("")).rstrip("/"), stub.events)
     proxy = RouteProxy([engine], keyer, capacity_blocks=1000, config=config)
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
@@ -196,9 +196,9 @@ def _salt_of(scope: Scope) -> str:
 
 async def _workers_scenario() -> dict[str, Any]:
     from kvcache.engine import EngineConfig
-    from kvcache.router.vllm_events import EngineEventBridge
     from kvcache.serve.podtier import PodTieredEngine
     from kvcache.serve.worker import Worker
+    from kvcache.vllm.events import EngineEventBridge
 
     keyer = VllmKeyer(BLOCK, "xxhash_cbor", "7")
     workers, runners, publishers, engines = [], [], [], []
@@ -211,7 +211,7 @@ async def _workers_scenario() -> dict[str, Any]:
         runners.append(await worker.start("127.0.0.1", 0))
         workers.append(worker)
         publishers.append(publisher)
-        engines.append(Engine(worker.url, events, replay))
+        engines.append(EngineEndpoint(worker.url, events, replay))
     opener = peer.opener(KEYS, aiohttp.ClientTimeout(total=60))
     proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", connect_worker=opener,
                        cache_salt_of=_salt_of)  # fmt: skip

@@ -16,10 +16,10 @@ import aiohttp
 from deployment import KEYS
 from serve_harness import free_port
 
-from kvcache.router.proxy import Engine, RouteProxy
-from kvcache.router.vllm_keys import VllmKeyer
 from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
+from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 
 BLOCK = 16
 CONFIG = """
@@ -70,7 +70,8 @@ async def proxied(configs: list[ServeConfig | None], step_s: float = 0.0) -> Asy
     urls = []
     try:
         for config in configs:
-            engine_spec = Engine(worker.url, f"tcp://127.0.0.1:{free_port()}")  # nobody publishes there
+            # nobody publishes there
+            engine_spec = EngineEndpoint(worker.url, f"tcp://127.0.0.1:{free_port()}")
             proxy = RouteProxy([engine_spec], keyer, capacity_blocks=256, api="kvcache", config=config,
                                connect_worker=peer.opener(KEYS, aiohttp.ClientTimeout(total=60)),
                                cache_salt_of=lambda scope: KEYS.pseudonym(scope.chain_scope))  # fmt: skip

@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 
 from kvcache import ConfigError
-from kvcache.router import report
-from kvcache.router.replay import ReplayConfig, prepare, replay
-from kvcache.router.synth import SynthConfig, synthesize
-from kvcache.router.trace import FORMAT_MOONCAKE, FORMAT_TOKENS, Trace, to_block_ids
+from kvcache.lab import report
+from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.synth import SynthConfig, synthesize
+from kvcache.lab.trace import FORMAT_MOONCAKE, FORMAT_TOKENS, Trace, to_block_ids
 
 
 def mooncake(

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from kvcache import ConfigError
-from kvcache.router.latency import LatencyModel
-from kvcache.router.matrix import verdict
-from kvcache.router.shapes import SHAPES, ShapeConfig, generate, offered_load, scale_to_load
-from kvcache.router.trace import FORMAT_MOONCAKE, Trace
+from kvcache.costs import LatencyModel
+from kvcache.lab.matrix import verdict
+from kvcache.lab.shapes import SHAPES, ShapeConfig, generate, offered_load, scale_to_load
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from kvcache import ConfigError
-from kvcache.router.synth import SynthConfig, synthesize
-from kvcache.router.trace import to_block_ids
+from kvcache.lab.synth import SynthConfig, synthesize
+from kvcache.lab.trace import to_block_ids
 
 
 def test_seeded_and_sized() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcache import TraceError
-from kvcache.router.trace import (
+from kvcache.lab.trace import (
     FORMAT_MOONCAKE,
     FORMAT_TOKENS,
     TraceRequest,

@@ -13,7 +13,7 @@ import pytest
 import xxhash
 
 from kvcache import ConfigError
-from kvcache.router.vllm_events import (
+from kvcache.vllm.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -24,8 +24,8 @@ from kvcache.router.vllm_events import (
     decode_batch,
     encode_batch,
 )
-from kvcache.router.vllm_keys import VllmKeyer, external_key
-from kvcache.router.vllm_subscriber import EventSubscriber
+from kvcache.vllm.keys import VllmKeyer, external_key
+from kvcache.vllm.subscriber import EventSubscriber
 
 
 def cbor_block(parent: bytes, tokens: bytes, extra: bytes) -> bytes:

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from kvcache import BlockRemoved, BlockStored
-from kvcache.router.latency import LatencyModel
-from kvcache.router.replay import prepare
-from kvcache.router.trace import FORMAT_MOONCAKE, Trace, TraceRequest
-from kvcache.router.worker import Job, Worker
+from kvcache.costs import LatencyModel
+from kvcache.lab.replay import prepare
+from kvcache.lab.sim_worker import Job, SimWorker
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, TraceRequest
 
 LAT = LatencyModel(
     prefill_base_ms=0.0,
@@ -33,7 +33,7 @@ def jobs(*ids: tuple[int, ...], num_tokens: list[int] | None = None) -> list[Job
 
 
 def test_prefix_reuse_and_timing() -> None:
-    w = Worker(0, num_blocks=8, block_size=4, latency=LAT)
+    w = SimWorker(0, num_blocks=8, block_size=4, latency=LAT)
     a, b = jobs((1, 2, 3), (1, 2, 4))
     w.submit(a)
     w.submit(b)
@@ -51,7 +51,7 @@ def test_prefix_reuse_and_timing() -> None:
 
 
 def test_request_overhead_adds_to_first_token_and_finish_but_not_to_the_steps() -> None:
-    w = Worker(0, num_blocks=8, block_size=4, latency=dataclasses.replace(LAT, request_overhead_ms=5.0))
+    w = SimWorker(0, num_blocks=8, block_size=4, latency=dataclasses.replace(LAT, request_overhead_ms=5.0))
     a, b = jobs((1, 2, 3), (1, 2, 4))
     w.submit(a)
     w.submit(b)
@@ -66,7 +66,7 @@ def test_request_overhead_adds_to_first_token_and_finish_but_not_to_the_steps() 
 
 
 def test_waits_for_blocks_then_evicts() -> None:
-    w = Worker(0, num_blocks=4, block_size=4, latency=LAT)
+    w = SimWorker(0, num_blocks=4, block_size=4, latency=LAT)
     a, b = jobs((1, 2, 3), (5, 6))
     w.submit(a)
     w.submit(b)
@@ -80,7 +80,7 @@ def test_waits_for_blocks_then_evicts() -> None:
 
 
 def test_prompt_longer_than_pool_caches_its_head() -> None:
-    w = Worker(0, num_blocks=2, block_size=4, latency=LAT)
+    w = SimWorker(0, num_blocks=2, block_size=4, latency=LAT)
     (a,) = jobs((1, 2, 3, 4))
     w.submit(a)
     started = w.try_start(0.0)
@@ -110,7 +110,7 @@ class FakeTier:
 
 def test_spill_hook_offloads_and_loads() -> None:
     tier = FakeTier()
-    w = Worker(0, num_blocks=3, block_size=4, latency=LAT, spill=tier)
+    w = SimWorker(0, num_blocks=3, block_size=4, latency=LAT, spill=tier)
     a, b, c = jobs((1, 2), (7, 8, 9), (1, 2, 5))
     for job, t in ((a, 0.0), (b, 10.0)):
         w.submit(job)
@@ -128,7 +128,7 @@ def test_spill_hook_offloads_and_loads() -> None:
 
 
 def test_fail_returns_every_job() -> None:
-    w = Worker(0, num_blocks=8, block_size=4, latency=LAT)
+    w = SimWorker(0, num_blocks=8, block_size=4, latency=LAT)
     a, b = jobs((1,), (2,))
     w.submit(a)
     w.submit(b)
@@ -140,7 +140,7 @@ def test_fail_returns_every_job() -> None:
 
 def test_latency_limits_slots() -> None:
     lat = LatencyModel(max_num_seqs=1)
-    w = Worker(0, num_blocks=8, block_size=4, latency=lat)
+    w = SimWorker(0, num_blocks=8, block_size=4, latency=lat)
     a, b = jobs((1,), (2,))
     w.submit(a)
     w.submit(b)

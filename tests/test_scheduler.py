@@ -11,10 +11,11 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kvcache import BlockManager, CacheConfig, Scope, hf
+from kvcache import BlockManager, CacheConfig, Scope
 from kvcache.engine import Engine, EngineConfig, SamplingParams, Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence, Status
 from kvcache.errors import CapacityError, ConfigError
+from kvcache.model import hf
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -18,11 +18,11 @@ import pytest
 import redis
 from serve_harness import Deployment, ids, shared
 
-from kvcache.events import BlockStored
-from kvcache.hashing import Hasher
+from kvcache.cache.events import BlockStored
+from kvcache.cache.hashing import Hasher
+from kvcache.cache.tenancy import Scope
 from kvcache.serve import auth, wire
-from kvcache.serve.worker import Registration
-from kvcache.tenancy import Scope
+from kvcache.serve.wire import Registration
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,14 @@ import pytest
 import redis
 
 from kvcache import BlockManager, CacheConfig, redis_server
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.cache.tenancy import Scope
 from kvcache.errors import AuthError, ConfigError
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.router import Router, RouteRequest
 from kvcache.serve import auth, launch, wire
 from kvcache.serve.metrics import ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.worker import Registration, WorkerLoad
-from kvcache.tenancy import Scope
+from kvcache.serve.wire import Registration, WorkerLoad
 
 SECRET = bytes(range(32))
 KEYS = auth.DeploymentKeys.from_secret(SECRET)
@@ -174,10 +174,10 @@ def test_front_notices_open_only_when_signed_by_the_deployment() -> None:
 
 
 def test_the_front_keys_blocks_exactly_as_a_worker_block_manager_does() -> None:
+    from kvcache.model.tokenize import ByteTokenizer
     from kvcache.router import RouteRequest
     from kvcache.serve.config import ServeConfig, TenantSpec
     from kvcache.serve.front import Front
-    from kvcache.serve.tokenize import ByteTokenizer
 
     front = Front(config=ServeConfig(), router=Router(), tokenizer=ByteTokenizer(), model_name="tiny",
                   redis_url=None, route_request=RouteRequest, keys=KEYS)  # fmt: skip

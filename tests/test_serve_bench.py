@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from kvcache.errors import TraceError
-from kvcache.serve.bench import Result, load_trace, offered, poisson_gaps, summarize, table
+from kvcache.lab.serve_bench import Result, load_trace, offered, poisson_gaps, summarize, table
 
 
 def test_token_and_mooncake_lines(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcache.config import TenantQuota
+from kvcache.cache.config import TenantQuota
+from kvcache.cache.tenancy import Scope
 from kvcache.errors import AuthError, ConfigError
 from kvcache.serve.config import ServeConfig, TenantSpec
-from kvcache.tenancy import Scope
 
 TOML = """
 k_anonymity = 2

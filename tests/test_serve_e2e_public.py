@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from serve_harness import ADMIN_KEY, CONFIG, Deployment, deploy, ids
 
+from kvcache.model.tokenize import ByteTokenizer
 from kvcache.serve.public import chat_prefix
-from kvcache.serve.tokenize import ByteTokenizer
 
 ADMIN = "/admin/public-prefixes"
 BLOCK = 16

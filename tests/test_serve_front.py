@@ -15,11 +15,11 @@ from aiohttp.test_utils import TestServer
 from deployment import KEYS, registration
 from hf_tokenizers import wordpiece
 
+from kvcache.model.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 from kvcache.router import Router, RouteRequest
 from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
-from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

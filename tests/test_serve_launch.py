@@ -18,8 +18,9 @@ import pytest
 from kvcache.child import python_argv
 from kvcache.cli import main
 from kvcache.errors import ModelError
+from kvcache.model import tokenize
 from kvcache.redis_server import _ping, start_redis
-from kvcache.serve import auth, tokenize
+from kvcache.serve import auth
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ def test_bad_settings_fail_before_any_worker_starts(capsys: pytest.CaptureFixtur
 
 
 def test_a_checkpoint_without_tokenizer_files_is_an_error(tmp_path: Path) -> None:
-    from kvcache.hf import tiny_config
+    from kvcache.model.hf import tiny_config
 
     tiny_config("tiny").save_pretrained(tmp_path)  # config.json only, no tokenizer files
     with pytest.raises(ModelError, match="has no tokenizer files"):

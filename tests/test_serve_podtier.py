@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvcache.cache.manager import BlockManager
+from kvcache.cache.tenancy import Scope
 from kvcache.engine import EngineConfig, Generation
-from kvcache.manager import BlockManager
 from kvcache.redis_server import RedisServer, start_redis
 from kvcache.serve.podtier import PodTieredEngine
-from kvcache.tenancy import Scope
 
 PROMPT = [(7 * i) % 1000 + 1 for i in range(100)]  # 6 full blocks of 16, 4 tokens over
 

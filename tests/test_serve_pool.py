@@ -15,7 +15,8 @@ from kvcache.router import Router
 from kvcache.serve import wire
 from kvcache.serve.metrics import ServeMetrics
 from kvcache.serve.pool import WorkerPool
-from kvcache.serve.worker import Registration, Worker
+from kvcache.serve.wire import Registration
+from kvcache.serve.worker import Worker
 
 
 class ScriptedRedis:

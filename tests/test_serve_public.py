@@ -13,13 +13,13 @@ from hf_tokenizers import byte_level_bpe
 
 from kvcache import BlockManager, CacheConfig
 from kvcache.errors import ConfigError
+from kvcache.model.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 from kvcache.router import Router, RouteRequest
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, new_secret
 from kvcache.serve.config import PublicPrefixSpec, ServeConfig
 from kvcache.serve.front import Front
 from kvcache.serve.public import PublicFollower, PublicPrefixes, chat_prefix, open_set, render
-from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 
 SYSTEM = "You are a careful agent. Tools: search(q), open(url), it's fine."
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

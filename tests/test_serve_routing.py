@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from kvcache.costs import LatencyModel
 from kvcache.errors import RequestError
 from kvcache.router import Router, RouteRequest
-from kvcache.router.latency import LatencyModel
 from kvcache.serve import launch
 
 # 5 ms per step + 0.05 ms per prompt token; 10 ms per decode step whatever the batch.

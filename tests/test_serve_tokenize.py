@@ -7,7 +7,7 @@ import random
 import pytest
 from hf_tokenizers import byte_level_bpe, wordpiece
 
-from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, plain_chat_text
+from kvcache.model.tokenize import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, plain_chat_text
 
 
 def test_byte_tokenizer_is_deterministic_and_round_trips() -> None:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.errors import ProtocolError
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.serve.wire import decode_events, encode_events
 
 keys = st.binary(min_size=16, max_size=16)

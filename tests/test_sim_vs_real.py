@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from kvcache.router.latency import LatencyModel
-from kvcache.serve import bench, launch
+from kvcache.costs import LatencyModel
+from kvcache.lab import serve_bench as bench
+from kvcache.serve import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENCY = LatencyModel(prefill_base_ms=2.0, prefill_ms_per_token=0.01, prefill_ms_per_token_per_ctx_token=0.0,

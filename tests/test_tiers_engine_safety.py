@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcache import hf
 from kvcache.child import python_argv
 from kvcache.engine import Engine, EngineConfig
+from kvcache.model import hf
 from kvcache.tiers import DiskTier, Hierarchy, IcmsTier, InProcessBackend, LayoutFingerprint, TierKey, codec
 
 BS = 16
@@ -36,7 +36,7 @@ def disk_only(root: Path) -> Callable[[LayoutFingerprint], Hierarchy]:
 DISK_FULL = """
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from kvcache import hf
+from kvcache.model import hf
 from kvcache.engine import Engine, EngineConfig
 from kvcache.tiers import DiskTier, Hierarchy, HostTier
 
@@ -138,7 +138,8 @@ def test_planted_kv_in_the_shared_tier_is_refused(monkeypatch: pytest.MonkeyPatc
     for seal in (Seal.checksum(), Seal.keyed(b"a secret the attacker chose....")):
         for name in names:  # every block the tier holds, rewritten as zeros that pass `seal`
             key = TierKey(name[16:], layout)
-            backend._values[name] = b"\0\0\0\0" + codec.encode(key, torch.zeros(layout.block_shape), seal)
+            forged = b"\0\0\0\0" + codec.encode(key, torch.zeros(layout.block_shape), seal)
+            backend.put_many([(name, forged)])
         reader = Engine(loaded, EngineConfig(num_blocks=24, block_size=BS, tiers=pod))
         got = reader.generate(a, "acme", max_new_tokens=4)
         plain = Engine(loaded, EngineConfig(num_blocks=24, block_size=BS))

@@ -13,9 +13,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tiers_helpers import LAYOUT, block, key, same_bits
 
 from kvcache import BlockManager, CacheConfig, CapacityError
+from kvcache.costs import LatencyModel
 from kvcache.errors import TierError
 from kvcache.kernels.dispatch import pack_blocks, unpack_blocks
-from kvcache.router.latency import LatencyModel
 from kvcache.tiers import (
     DiskTier,
     Hierarchy,

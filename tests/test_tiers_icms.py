@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiers_helpers import LAYOUT, block, key, same_bits
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.redis_server import start_redis
 from kvcache.tiers import IcmsLink, IcmsTier, InProcessBackend, RedisBackend
 from kvcache.tiers.icms import _name

@@ -1,4 +1,4 @@
-"""G1 (device pool) and G2 (host slab): bitwise round trips, LRU eviction order, demotion, layouts."""
+"""G2 (host slab): bitwise round trips, LRU eviction order, demotion, layouts."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import torch
 from tiers_helpers import LAYOUT, LAYOUT_F32, block, key, same_bits
 
 from kvcache.errors import TierError
-from kvcache.kernels.dispatch import pack_blocks
-from kvcache.tiers import DeviceTier, HostTier, Tier, TierKey
+from kvcache.tiers import HostTier, Tier, TierKey
 
-TIERS = [lambda n: HostTier(LAYOUT, n), lambda n: DeviceTier(LAYOUT, n, device="cpu")]
+TIERS = [lambda n: HostTier(LAYOUT, n)]
 
 
-@pytest.mark.parametrize("make", TIERS, ids=["G2", "G1"])
+@pytest.mark.parametrize("make", TIERS, ids=["G2"])
 def test_round_trip_lru_and_demotion(make) -> None:  # type: ignore[no-untyped-def]
     tier: Tier = make(3)
     demoted: list[tuple[int, torch.Tensor]] = []
@@ -45,7 +44,7 @@ def test_round_trip_lru_and_demotion(make) -> None:  # type: ignore[no-untyped-d
     assert tier.lookup_prefix([key(0), key(4), key(3)]) == 2
 
 
-@pytest.mark.parametrize("make", TIERS, ids=["G2", "G1"])
+@pytest.mark.parametrize("make", TIERS, ids=["G2"])
 def test_other_layout_is_refused_on_store_and_a_miss_on_load(make) -> None:  # type: ignore[no-untyped-def]
     tier: Tier = make(2)
     tier.store(key(1), block(1))
@@ -56,18 +55,6 @@ def test_other_layout_is_refused_on_store_and_a_miss_on_load(make) -> None:  # t
     assert not tier.contains(key(1, LAYOUT_F32))
     assert tier.load(key(1, LAYOUT_F32)) is None
     assert len(tier) == 1
-
-
-def test_device_pool_uses_the_kernels_layout_and_batches() -> None:
-    tier = DeviceTier(LAYOUT, 4, device="cpu")
-    assert tuple(tier.pool.shape) == (2, 2, 4, 4, 2, 8)
-    packed = torch.stack([block(i) for i in range(3)])
-    tier.store_packed([key(i) for i in range(3)], packed)
-    assert same_bits(pack_blocks(tier.pool, torch.tensor([0, 1, 2])), packed)
-    got = tier.load_many([key(2), key(9), key(0)])
-    assert got[1] is None and same_bits(got[0], block(2)) and same_bits(got[2], block(0))
-    assert (tier.stats.hits, tier.stats.misses) == (2, 1)
-    tier.table.check_invariants()
 
 
 def test_host_slab_is_block_major() -> None:

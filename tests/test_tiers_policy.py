@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError, TierError
-from kvcache.router.latency import LatencyModel
 from kvcache.tiers import TransferModel, best_load_prefix
 
 MIB = 2**20

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from kvcache import cli
-from kvcache.router import report
-from kvcache.router.latency import LatencyModel
-from kvcache.router.replay import ReplayConfig, prepare, replay
-from kvcache.router.synth import SynthConfig, synthesize
-from kvcache.router.trace import FORMAT_MOONCAKE, Trace, to_block_ids
-from kvcache.tiers.sim import SimTiers, TierSizes
+from kvcache.costs import LatencyModel
+from kvcache.lab import report
+from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.sim_tiers import SimTiers, TierSizes
+from kvcache.lab.synth import SynthConfig, synthesize
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, to_block_ids
 
 
 def small_trace() -> Trace:

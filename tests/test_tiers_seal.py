@@ -13,7 +13,7 @@ import redis
 import torch
 from tiers_helpers import LAYOUT, block, key, same_bits
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.errors import CorruptBlockError, TierError
 from kvcache.redis_server import start_redis
 from kvcache.tiers import DiskTier, IcmsTier, InProcessBackend, RedisBackend, TierKey, codec

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.router.latency import LatencyModel
-from kvcache.tiers.sim import G2_TRANSFER, G3_TRANSFER, ICMS_TRANSFER, SimTiers, TierSizes
+from kvcache.lab.sim_tiers import G2_TRANSFER, G3_TRANSFER, ICMS_TRANSFER, SimTiers, TierSizes
 
 
 def k(i: int) -> bytes:

@@ -15,8 +15,7 @@ import zmq
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvcache.router.proxy import Engine, RouteProxy
-from kvcache.router.vllm_events import (
+from kvcache.vllm.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -25,8 +24,9 @@ from kvcache.router.vllm_events import (
     KVEventBatch,
     encode_batch,
 )
-from kvcache.router.vllm_keys import VllmKeyer
-from kvcache.router.vllm_subscriber import EventSubscriber
+from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
+from kvcache.vllm.subscriber import EventSubscriber
 
 STALL_S = 1.0  # generous: what any single request may wait for the event stream
 FLOOD_S = 7.5  # how long the flooding publisher sends
@@ -195,7 +195,8 @@ class _Scenario:
         engine = TestServer(engine_app)
         await engine.start_server()
         url = str(engine.make_url("")).rstrip("/")
-        proxy = RouteProxy([Engine(url, self.events, self.replay)], VllmKeyer(16), capacity_blocks=65_536)
+        endpoint = EngineEndpoint(url, self.events, self.replay)
+        proxy = RouteProxy([endpoint], VllmKeyer(16), capacity_blocks=65_536)
         client = TestClient(TestServer(proxy.app()))
         await client.start_server()
         sub = proxy.subscribers[0]

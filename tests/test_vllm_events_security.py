@@ -16,20 +16,14 @@ import zmq.auth
 from deployment import KEYS
 
 from kvcache import ConfigError
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.manager import BlockManager
+from kvcache.cache.tenancy import Scope
 from kvcache.child import python_argv
-from kvcache.config import CacheConfig
-from kvcache.manager import BlockManager
-from kvcache.router.curve import CurveClient, CurveServer, is_loopback, local_endpoint
-from kvcache.router.vllm_events import (
-    BlockStored,
-    EngineEventBridge,
-    EngineIndex,
-    EventPublisher,
-    decode_batch,
-)
-from kvcache.router.vllm_keys import VllmKeyer
-from kvcache.router.vllm_subscriber import EventSubscriber
-from kvcache.tenancy import Scope
+from kvcache.vllm.curve import CurveClient, CurveServer, is_loopback, local_endpoint
+from kvcache.vllm.events import BlockStored, EngineEventBridge, EngineIndex, EventPublisher, decode_batch
+from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.subscriber import EventSubscriber
 
 PROMPT = [911, 912, 913, 914, 915, 916, 917, 918, 919]  # two full blocks of 4
 

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from kvcache import argtypes
+from kvcache.commands import _argtypes as argtypes
 
 HELP = "replay a trace against a running server; TTFT/ITL/throughput/cache hits as a table and JSON"
 
@@ -37,7 +37,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kvcache.serve import bench
+    from kvcache.lab import serve_bench as bench
     from kvcache.serve.config import ServeConfig
 
     trace = bench.load_trace(args.trace, block_tokens=args.block_tokens, vocab_size=args.vocab_size)

@@ -1,6 +1,6 @@
 """``kvcache calibrate``: fit the router's latency JSON to the engine's real batched steps.
 
-The JSON has exactly the fields of ``kvcache.router.latency.LatencyModel``; ``kvcache replay
+The JSON has exactly the fields of ``kvcache.costs.LatencyModel``; ``kvcache replay
 --latency FILE`` reads it, so simulated workers run at this model's measured speed.
 """
 
@@ -10,8 +10,8 @@ import argparse
 import os
 import statistics
 
-from kvcache import argtypes
-from kvcache.models import DEFAULT_MODEL
+from kvcache.commands import _argtypes as argtypes
+from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "measure a model's prefill and decode speed through the engine; write the router's latency JSON"
 
@@ -54,8 +54,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kvcache.calibration import fit, measure, predict_ms, write_latency_json
     from kvcache.engine import Engine, EngineConfig
+    from kvcache.lab.calibration import fit, measure, predict_ms
 
     torch.set_num_threads(args.threads)
     longest = max(args.contexts) + max(args.new_tokens)
@@ -96,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
         )
         measured = 1000 * statistics.median(secs)
         print(f"{p:>11}{d:>12}{c:>12}{len(secs):>7}{measured:>13.2f}{predict_ms(latency, rec):>11.2f}")
-    write_latency_json(latency, args.out)
+    latency.to_json(args.out)
     print(f"wrote {args.out}: {latency}")
     return 0

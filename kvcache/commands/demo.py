@@ -17,18 +17,16 @@ half a minute the first time, to convert the model).
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections import deque
-from pathlib import Path
 
 from tqdm import tqdm
 
-from kvcache import argtypes
-from kvcache.config import CacheConfig
-from kvcache.manager import BlockManager
-from kvcache.models import DEFAULT_MODEL
-from kvcache.tenancy import Scope
-from kvcache.workloads import multi_turn_chat, system_prompt
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.manager import BlockManager
+from kvcache.cache.tenancy import Scope
+from kvcache.commands import _argtypes as argtypes
+from kvcache.lab.workloads import multi_turn_chat, system_prompt
+from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "a tour on embedded defaults: block manager hit rates, routing policies, a real model's chat and TTFT"
 PARTS = ("manager", "router", "model")
@@ -64,10 +62,7 @@ def run(args: argparse.Namespace) -> int:
         _router(args.seed)
     if "model" in parts:
         _banner(f"3. model: {args.model} chatting with two tenants, with and without KV reuse")
-        from kvcache import cli
-
-        argv = ["--model", args.model, "--sessions", "8", "--turns", "2", "--seed", str(args.seed)]
-        cli.main(["generate", *argv])
+        _model(args.model, args.seed)
     return 0
 
 
@@ -76,14 +71,45 @@ def _banner(title: str) -> None:
 
 
 def _router(seed: int) -> None:
-    from kvcache import cli
+    """What ``kvcache trace --workload mix`` and ``kvcache replay --policy all`` print, on 8 workers."""
+    from kvcache.lab import report
+    from kvcache.lab.replay import ReplayConfig, prepare, replay
+    from kvcache.lab.synth import SynthConfig, synthesize
+    from kvcache.lab.trace import Trace, to_block_ids
+    from kvcache.router.policies import POLICIES
 
-    with tempfile.TemporaryDirectory(prefix="kvcache-demo-") as tmp:
-        trace = str(Path(tmp, "mix.jsonl"))
-        cli.main(["trace", trace, "--workload", "mix", "--requests", "1500", "--seed", str(seed)])
-        cli.main(
-            ["replay", trace, "--workers", "8", "--capacity-fraction", "0.1", "--policy", "all", "--quiet"]
+    block_tokens, workers = 512, 8
+    synthetic = synthesize(SynthConfig(workload="mix", num_requests=1500, seed=seed))
+    requests = to_block_ids(synthetic, block_tokens)
+    trace = Trace(requests, "mooncake", block_tokens)
+    unique = trace.unique_blocks(block_tokens)
+    capacity = max(1, int(0.1 * unique / workers))
+    prompts = prepare(trace, block_tokens)
+    print(
+        f"synthetic mix trace: {len(requests)} requests over {trace.duration_ms / 1000:.0f} s, "
+        f"{unique} unique blocks of {block_tokens} tokens; {workers} workers, mode precise"
+    )
+    rows = [
+        report.metrics(
+            replay(trace, ReplayConfig(workers, capacity, name), block_size=block_tokens, prompts=prompts)
         )
+        for name in POLICIES
+    ]
+    bounds = report.upper_bounds(trace, prompts, block_tokens, capacity * workers)
+    print(f"\n{capacity} blocks per worker ({capacity * workers} in all)")
+    print(report.table(rows))
+    print(
+        "upper bounds (one cache, no queueing): same total capacity "
+        f"{bounds['shared_cache_token_hit_rate']:.1%}, "
+        f"infinite {bounds['infinite_cache_token_hit_rate']:.1%} token hit rate"
+    )
+
+
+def _model(model: str, seed: int) -> None:
+    """What ``kvcache generate --model MODEL --sessions 8 --turns 2`` prints."""
+    from kvcache.commands import generate
+
+    generate.chat(model, sessions=8, turns=2, seed=seed)
 
 
 def _manager(args: argparse.Namespace) -> None:

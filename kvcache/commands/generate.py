@@ -1,10 +1,10 @@
 """``kvcache generate``: multi-tenant chat sessions on a model, TTFT with and without reuse.
 
 The default model, SmolLM2-135M-Instruct (``smollm2-135m``, converted on first use), holds real
-conversations (``kvcache.chat``): two tenants share a public system prompt and ask follow-up
+conversations (``kvcache.lab.chat``): two tenants share a public system prompt and ask follow-up
 questions; each turn prints the question, the model's answer, its cached tokens and both TTFTs.
 A model without a tokenizer (``--model tiny``: random weights, well under a minute on a CPU) runs
-random-token sessions instead (``kvcache.sessions``) on the batched engine: ``--concurrency``
+random-token sessions instead (``kvcache.lab.sessions``) on the batched engine: ``--concurrency``
 sessions per turn run as one continuous batch (default 1, so both TTFT columns time a request
 alone; with more, a reuse TTFT includes steps shared with the others). Every turn is also
 prefilled by the bare model without a cache, so both TTFTs come from the same run.
@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvcache import argtypes
-from kvcache.models import DEFAULT_MODEL
+from kvcache.commands import _argtypes as argtypes
+from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "run multi-tenant chat sessions on a model; print TTFT with and without KV reuse and hit rates"
 
@@ -49,6 +49,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=argtypes.positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def chat(model: str, sessions: int, turns: int, seed: int) -> None:
+    """What ``run`` prints for these options, every other one at its default (``kvcache demo``)."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser)
+    args = parser.parse_args([])
+    args.model, args.sessions, args.turns, args.seed = model, sessions, turns, seed
+    run(args)
 
 
 def _ms(values: list[float]) -> float:
@@ -95,7 +104,7 @@ def _header(engine: Any, what: str) -> None:
 
 
 def _text_chat(engine: Any, args: argparse.Namespace) -> list[_Row]:
-    from kvcache import chat
+    from kvcache.lab import chat
 
     tokenizer = chat.tokenizer_of(engine)
     system = tokenizer.encode_chat([("system", chat.SYSTEM_PROMPT)], add_generation_prompt=False)
@@ -115,7 +124,7 @@ def _text_chat(engine: Any, args: argparse.Namespace) -> list[_Row]:
 
 
 def _token_sessions(engine: Any, args: argparse.Namespace) -> list[_Row]:
-    from kvcache.sessions import ChatConfig, run_chat
+    from kvcache.lab.sessions import ChatConfig, run_chat
 
     chat = ChatConfig(
         num_tenants=args.tenants,

@@ -40,9 +40,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
-    from kvcache.router.matrix import MatrixConfig, plot, run_matrix, summary
+    from kvcache.lab.matrix import MatrixConfig, plot, run_matrix, summary
+    from kvcache.lab.shapes import SHAPES
     from kvcache.router.policies import POLICIES
-    from kvcache.router.shapes import SHAPES
 
     shapes = _list(str, args.shapes)
     policies = tuple(POLICIES) if args.policy == "all" else _list(str, args.policy)

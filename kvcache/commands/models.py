@@ -17,8 +17,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvcache import models
     from kvcache.errors import ConfigError
+    from kvcache.model import registry as models
 
     if args.action == "prepare":
         if args.name is None:

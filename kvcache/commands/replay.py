@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from kvcache import argtypes
+from kvcache.commands import _argtypes as argtypes
 
 HELP = "replay a request trace over simulated GPU workers and compare routing policies"
 
@@ -132,10 +132,9 @@ def _warn_outside(failures: tuple[tuple[int, float], ...], first_s: float, last_
 def _replay_with_tiers(
     args: argparse.Namespace, trace: Any, config: Any, block_size: int, prompts: Any
 ) -> dict[str, Any]:
-    from kvcache.router import report
-    from kvcache.router.replay import replay
-    from kvcache.tiers import spill_report
-    from kvcache.tiers.sim import KV_BYTES_PER_TOKEN, SimTiers, TierSizes
+    from kvcache.lab import report, spill_report
+    from kvcache.lab.replay import replay
+    from kvcache.lab.sim_tiers import KV_BYTES_PER_TOKEN, SimTiers, TierSizes
 
     sim = SimTiers(
         config.num_workers,
@@ -153,12 +152,12 @@ def _replay_with_tiers(
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvcache.costs import LatencyModel
     from kvcache.errors import ConfigError
-    from kvcache.router import report
-    from kvcache.router.latency import LatencyModel
+    from kvcache.lab import report
+    from kvcache.lab.replay import ReplayConfig, prepare, replay
+    from kvcache.lab.trace import read_trace
     from kvcache.router.policies import POLICIES
-    from kvcache.router.replay import ReplayConfig, prepare, replay
-    from kvcache.router.trace import read_trace
 
     if args.plot:  # before the replay, not after it
         try:
@@ -229,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
             for row in at:
                 print(report.worker_table(row))
         if args.tiers:
-            from kvcache.tiers import spill_report
+            from kvcache.lab import spill_report
 
             print(f"\nspill tiers {args.tiers} (token hit rate by tier; TTFT includes transfer times)")
             print(spill_report.table(at))
@@ -261,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tiers:
             from pathlib import Path
 
-            from kvcache.tiers import spill_report
+            from kvcache.lab import spill_report
 
             tiers_png = Path(args.plot).with_name(Path(args.plot).stem + "-tiers.png")
             spill_report.plot(rows, tiers_png)

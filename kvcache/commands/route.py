@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from kvcache import argtypes
+from kvcache.commands import _argtypes as argtypes
 
 HELP = "proxy OpenAI requests to vLLM engines, routed by what their KV event streams say they cache"
 
@@ -48,17 +48,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvcache.router.proxy import Engine, RouteProxy
-    from kvcache.router.vllm_keys import VllmKeyer
     from kvcache.serve.config import ServeConfig
+    from kvcache.vllm.keys import VllmKeyer
+    from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 
     config = ServeConfig.load(args.config)
     host = args.host or config.host
     argtypes.check_port_free(host, args.port)
 
     headers: dict[str, str] = {}
-    from kvcache.router.vllm_keys import scope_salt
-    from kvcache.tenancy import Scope
+    from kvcache.cache.tenancy import Scope
+    from kvcache.vllm.keys import scope_salt
 
     cache_salt_of: Callable[[Scope], str | None] = scope_salt  # vLLM engines: the scope's salt
     connect_worker = None
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
     curve = None
     if args.events_curve:
-        from kvcache.router.curve import CurveClient
+        from kvcache.vllm.curve import CurveClient
 
         cert, _, server = args.events_curve.partition(",")
         curve = CurveClient.load(cert, server)
-    engines = [Engine.parse(spec) for spec in args.engine]
+    engines = [EngineEndpoint.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
     proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
                        args.engine_api, headers, config, events_curve=curve,

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import os
 
-from kvcache import argtypes
-from kvcache.models import DEFAULT_MODEL
+from kvcache.commands import _argtypes as argtypes
+from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
 
@@ -67,10 +67,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvcache.costs import LatencyModel
     from kvcache.errors import ConfigError
+    from kvcache.model import tokenize
     from kvcache.redis_server import start_redis
-    from kvcache.router.latency import LatencyModel
-    from kvcache.serve import auth, launch, limits, tokenize
+    from kvcache.serve import auth, launch, limits
     from kvcache.serve.config import ServeConfig
 
     for flag, value in (("--workers", args.workers), ("--num-blocks", args.num_blocks),

@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Any
 
-from kvcache import argtypes
+from kvcache.commands import _argtypes as argtypes
 
 HELP = "demo and measure the spill tiers (G1 device, G2 host, G3 disk, shared ICMS) on this machine"
 
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from kvcache.config import CacheConfig
-    from kvcache.manager import BlockManager
+    from kvcache.cache.config import CacheConfig
+    from kvcache.cache.manager import BlockManager
     from kvcache.tiers import DiskTier, Hierarchy, HostTier, IcmsTier, InProcessBackend, LayoutFingerprint
 
     torch.set_num_threads(1)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from kvcache import argtypes
+from kvcache.commands import _argtypes as argtypes
 
 HELP = "generate a seeded synthetic request trace (chat, agents, documents, RAG, bursts, shared prefix)"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    from kvcache.router.shapes import SHAPES
-    from kvcache.router.synth import WORKLOADS
+    from kvcache.lab.shapes import SHAPES
+    from kvcache.lab.synth import WORKLOADS
 
     parser.add_argument("output", type=argtypes.output_path, help="JSONL file to write")
     parser.add_argument(
@@ -46,9 +46,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
-    from kvcache.router.shapes import SHAPES, ShapeConfig, generate, scale_to_load
-    from kvcache.router.synth import SynthConfig, synthesize
-    from kvcache.router.trace import to_block_ids, write_trace
+    from kvcache.lab.shapes import SHAPES, ShapeConfig, generate, scale_to_load
+    from kvcache.lab.synth import SynthConfig, synthesize
+    from kvcache.lab.trace import to_block_ids, write_trace
 
     if args.workload in SHAPES:
         if args.format != "mooncake":

@@ -12,8 +12,8 @@ import os
 import socket
 from typing import Any
 
-from kvcache import argtypes
-from kvcache.models import DEFAULT_MODEL
+from kvcache.commands import _argtypes as argtypes
+from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "run one engine worker that registers in Redis and serves the front over HTTP"
 
@@ -63,8 +63,8 @@ def _vllm_event_publisher(args: argparse.Namespace) -> Any:
     """The ``EventPublisher`` of ``--vllm-events``, bound; None without the flag."""
     if not args.vllm_events:
         return None
-    from kvcache.router.curve import CurveServer, local_endpoint
-    from kvcache.router.vllm_events import EventPublisher
+    from kvcache.vllm.curve import CurveServer, local_endpoint
+    from kvcache.vllm.events import EventPublisher
 
     pub, _, replay = args.vllm_events.partition(",")
     curve = None
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, max_num_seqs=args.max_running)  # fmt: skip
     worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
     if publisher is not None:
-        from kvcache.router.vllm_events import EngineEventBridge
-        from kvcache.router.vllm_keys import VllmKeyer
+        from kvcache.vllm.events import EngineEventBridge
+        from kvcache.vllm.keys import VllmKeyer
 
         keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
         worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager, keys.pseudonym,

@@ -18,9 +18,9 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from kvcache.cache.tenancy import Scope
 from kvcache.engine.engine import Engine, GenerationStep, RequestOutput
 from kvcache.engine.sampling import SamplingParams
-from kvcache.tenancy import Scope
 
 _End = tuple[str, BaseException | None]
 

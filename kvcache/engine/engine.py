@@ -36,18 +36,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache import hf, models
-from kvcache.config import CacheConfig, TenantQuota
+from kvcache.cache.config import CacheConfig, TenantQuota
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.manager import Allocation, BlockManager, Prompt
+from kvcache.cache.tenancy import Scope, as_scope
 from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence as Seq
 from kvcache.errors import ConfigError, InvalidTokensError, ModelError, RequestError, TierError
-from kvcache.events import CacheEvent
 from kvcache.kernels.dispatch import Backend, unpack_blocks
-from kvcache.manager import Allocation, BlockManager, Prompt
-from kvcache.tenancy import Scope, as_scope
+from kvcache.model import hf
+from kvcache.model import registry as models
 from kvcache.tiers import Hierarchy, HostTier, LayoutFingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,23 +112,20 @@ class EngineConfig:
 class PrefillTimings:
     """Where a request's time to first token went, in seconds. ``overhead_s`` is the engine's own
     work (hashing, lookup and allocation, loads from spill tiers; the pool is read in place, so
-    ``gather_s``/``cache_s``/``scatter_s`` are 0). ``model_s``: the forward passes that carried its
+    nothing is gathered or scattered). ``model_s``: the forward passes that carried its
     prompt (shared with the other sequences of those steps). ``queue_s``: waiting for admission.
     ``tier_tokens``: prompt tokens loaded from spill tiers instead of recomputed."""
 
     hash_s: float
     lookup_s: float
-    gather_s: float
-    cache_s: float
     model_s: float
-    scatter_s: float
     tier_s: float = 0.0
     tier_tokens: int = 0
     queue_s: float = 0.0
 
     @property
     def overhead_s(self) -> float:
-        return self.hash_s + self.lookup_s + self.tier_s + self.gather_s + self.cache_s + self.scatter_s
+        return self.hash_s + self.lookup_s + self.tier_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +259,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "tiny", config: EngineConfig | None = None) -> Engine:
-        """A registry model (``smollm2-135m``, see ``kvcache.models``), a random-weight model (``tiny``,
+        """A registry model (``smollm2-135m``, see ``model.registry``), a random-weight model (``tiny``,
         ``tiny-llama``, ...) or a local model folder."""
         config = config or EngineConfig()
         dtype = _DTYPES[config.dtype] if config.dtype is not None else None
@@ -538,10 +536,7 @@ class Engine:
         return PrefillTimings(
             hash_s=t.get("hash_s", 0.0),
             lookup_s=t.get("lookup_s", 0.0),
-            gather_s=0.0,
-            cache_s=0.0,
             model_s=t.get("model_s", 0.0),
-            scatter_s=0.0,
             tier_s=t.get("tier_s", 0.0),
             tier_tokens=int(t.get("tier_tokens", 0)),
             queue_s=t.get("queue_s", 0.0),

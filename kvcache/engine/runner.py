@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache import hf
 from kvcache.engine.scheduler import Scheduled
 from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata
+from kvcache.model import hf
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,9 +32,9 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from kvcache.cache.manager import Allocation, BlockManager
 from kvcache.engine.sequence import Sequence, Status
 from kvcache.errors import CapacityError, ConfigError, QuotaError
-from kvcache.manager import Allocation, BlockManager
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from kvcache.cache.manager import Prompt
+from kvcache.cache.tenancy import Scope
 from kvcache.engine.sampling import SamplingParams
-from kvcache.manager import Prompt
-from kvcache.tenancy import Scope
 
 
 class Status(enum.Enum):

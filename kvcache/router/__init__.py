@@ -1,30 +1,18 @@
-"""Cache-affinity routing over workers, and trace replay over simulated GPU workers.
+"""Cache-affinity routing over workers: the router, its policies and its prefix index.
 
-Embed ``Router`` in a server (route requests, feed worker events back); replay traces with
-``replay`` and score policies with ``report``. See docs/router.md.
+Embed ``Router`` in a server (route requests, feed worker events back). Not here: the step-cost
+model the policies price with (``kvcache.costs``), trace replay over simulated workers
+(``kvcache.lab``). See docs/router.md.
 """
 
-from kvcache.router.latency import LatencyModel
-from kvcache.router.policies import POLICIES, RoutingInput, WorkerView
-from kvcache.router.replay import ReplayConfig, ReplayResult, replay
+from kvcache.router.policies import POLICIES, RoutingInput, WorkerId, WorkerView
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.trace import Trace, TraceRequest, read_trace, write_trace
-from kvcache.router.worker import SpillHook, Worker
 
 __all__ = [
     "POLICIES",
-    "LatencyModel",
-    "ReplayConfig",
-    "ReplayResult",
     "RouteRequest",
     "Router",
     "RoutingInput",
-    "SpillHook",
-    "Trace",
-    "TraceRequest",
-    "Worker",
+    "WorkerId",
     "WorkerView",
-    "read_trace",
-    "replay",
-    "write_trace",
 ]

@@ -18,12 +18,14 @@ Policies are elsewhere (``policies``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from kvcache.events import BlockStored, CacheEvent
+from kvcache.cache.events import BlockStored, CacheEvent
+from kvcache.cache.lru import LRU
+from kvcache.errors import ConfigError
+from kvcache.router.policies import WorkerId
 
 # A lookup whose matching workers number at most this decodes their bits in Python; above it
 # one numpy pass over the layers is cheaper than a Python step per worker.
@@ -31,11 +33,11 @@ _PY_DECODE_MAX = 24
 
 
 def _walk(
-    keys: Sequence[bytes], first: set[int], holding: Callable[[bytes, set[int]], set[int]]
-) -> dict[int, int]:
+    keys: Sequence[bytes], first: set[WorkerId], holding: Callable[[bytes, set[WorkerId]], set[WorkerId]]
+) -> dict[WorkerId, int]:
     """Leading keys each of ``first`` (the holders of ``keys[0]``) holds, for those holding one
     or more; ``holding(key, candidates)`` says which candidates hold key."""
-    overlap: dict[int, int] = {}
+    overlap: dict[WorkerId, int] = {}
     if not first:
         return overlap
     candidates = first
@@ -66,9 +68,9 @@ class PreciseIndex:
 
     def __init__(self) -> None:
         self.holders: dict[bytes, int] = {}  # key -> bitmask of the slots holding it (never 0)
-        self.keys_of: dict[int, set[bytes]] = {}
-        self._slot_of: dict[int, int] = {}
-        self._worker_at: list[int | None] = []  # slot -> worker id, None for a free slot
+        self.keys_of: dict[WorkerId, set[bytes]] = {}
+        self._slot_of: dict[WorkerId, int] = {}
+        self._worker_at: list[WorkerId | None] = []  # slot -> worker id, None for a free slot
         self._free: list[int] = []
         # _worker_at as an array, for decoding; dtype object: worker ids are whatever the caller
         # uses (ints in the replay, names in serve)
@@ -79,7 +81,7 @@ class PreciseIndex:
         """Slots handed out so far (free ones included): every slot number is below it."""
         return len(self._worker_at)
 
-    def slot(self, worker_id: int) -> int:
+    def slot(self, worker_id: WorkerId) -> int:
         """The worker's slot (its bit), given out on first sight and reused after removal."""
         slot = self._slot_of.get(worker_id)
         if slot is None:
@@ -96,7 +98,7 @@ class PreciseIndex:
             self._slot_of[worker_id] = slot
         return slot
 
-    def apply(self, worker_id: int, events: Iterable[CacheEvent]) -> None:
+    def apply(self, worker_id: WorkerId, events: Iterable[CacheEvent]) -> None:
         bit = 1 << self.slot(worker_id)
         keys = self.keys_of.setdefault(worker_id, set())
         holders = self.holders
@@ -114,7 +116,7 @@ class PreciseIndex:
                         holders[key] = held ^ bit
                 keys.discard(key)
 
-    def remove_worker(self, worker_id: int) -> None:
+    def remove_worker(self, worker_id: WorkerId) -> None:
         slot = self._slot_of.pop(worker_id, None)
         keys = self.keys_of.pop(worker_id, set())
         if slot is None:
@@ -130,13 +132,13 @@ class PreciseIndex:
         self._worker_ids[slot] = None
         self._free.append(slot)
 
-    def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[int, int]:
+    def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[WorkerId, int]:
         """{worker id: leading keys held}, for the workers holding at least the first key."""
         del now_ms  # events say when a block leaves; nothing expires
         layers, matching = self._layers(keys)
         if matching.bit_count() <= _PY_DECODE_MAX:
             worker_at = self._worker_at
-            return {worker_at[s]: d for s, d in self._decode_each(layers)}  # type: ignore[misc]
+            return {worker_at[s]: d for s, d in self._decode_each(layers)}
         slots, depths = self._decode_all(layers)
         return dict(zip(self._worker_ids[slots].tolist(), depths.tolist(), strict=True))
 
@@ -193,7 +195,7 @@ class PreciseIndex:
         slots = np.flatnonzero(depths)
         return slots, depths[slots]
 
-    def num_keys(self, worker_id: int) -> int:
+    def num_keys(self, worker_id: WorkerId) -> int:
         return len(self.keys_of.get(worker_id, ()))
 
 
@@ -206,13 +208,15 @@ class ApproxIndex:
     """
 
     def __init__(self, ttl_ms: float, capacity_blocks: int | None = None) -> None:
+        if capacity_blocks is not None and (not isinstance(capacity_blocks, int) or capacity_blocks < 1):
+            raise ConfigError(f"capacity_blocks={capacity_blocks!r} must be an integer >= 1 or None")
         self.ttl_ms = ttl_ms
         self.capacity_blocks = capacity_blocks
-        self.holders: dict[bytes, dict[int, float]] = {}
-        self.lru: dict[int, OrderedDict[bytes, None]] = {}
+        self.holders: dict[bytes, dict[WorkerId, float]] = {}
+        self.lru: dict[WorkerId, LRU[bytes, None]] = {}
         self._next_sweep_ms = ttl_ms
 
-    def record(self, worker_id: int, keys: Sequence[bytes], now_ms: float) -> None:
+    def record(self, worker_id: WorkerId, keys: Sequence[bytes], now_ms: float) -> None:
         expiry = now_ms + self.ttl_ms
         holders = self.holders
         for key in keys:
@@ -223,12 +227,10 @@ class ApproxIndex:
                 held[worker_id] = expiry
         cap = self.capacity_blocks
         if cap is not None:
-            lru = self.lru.setdefault(worker_id, OrderedDict())
-            for key in reversed(keys):
-                lru[key] = None
-                lru.move_to_end(key)
-            while len(lru) > cap:
-                old, _ = lru.popitem(last=False)
+            lru = self.lru.get(worker_id)
+            if lru is None:
+                lru = self.lru[worker_id] = LRU(cap)
+            for old, _ in lru.extend((key, None) for key in reversed(keys)):
                 held = holders.get(old)
                 if held is not None and held.pop(worker_id, None) is not None and not held:
                     del holders[old]
@@ -245,17 +247,17 @@ class ApproxIndex:
                 del self.holders[key]
         self._next_sweep_ms = now_ms + self.ttl_ms
 
-    def remove_worker(self, worker_id: int) -> None:
+    def remove_worker(self, worker_id: WorkerId) -> None:
         self.lru.pop(worker_id, None)
         for key in list(self.holders):
             held = self.holders[key]
             if held.pop(worker_id, None) is not None and not held:
                 del self.holders[key]
 
-    def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[int, int]:
+    def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[WorkerId, int]:
         holders = self.holders
 
-        def holding(key: bytes, cands: set[int]) -> set[int]:
+        def holding(key: bytes, cands: set[WorkerId]) -> set[WorkerId]:
             held = holders.get(key)
             return {w for w in cands if held.get(w, -1.0) > now_ms} if held else set()
 
@@ -264,5 +266,5 @@ class ApproxIndex:
             return {}
         return _walk(keys, {w for w, t in first.items() if t > now_ms}, holding)
 
-    def num_keys(self, worker_id: int) -> int:
+    def num_keys(self, worker_id: WorkerId) -> int:
         return sum(worker_id in held for held in self.holders.values())

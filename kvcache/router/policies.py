@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
 
-from kvcache.router.latency import LatencyModel
+from kvcache.costs import LatencyModel
+
+# A worker's id as the caller names it: ints in the replay, worker names in serve, (host, port)
+# pairs; the router only hashes and compares ids for equality.
+WorkerId = Hashable
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerView:
     """The router's belief about one worker when a request arrives."""
 
-    worker_id: int
+    worker_id: WorkerId
     overlap_blocks: int  # leading blocks of the request it holds
     active_requests: int  # routed there, not finished
     active_blocks: int  # blocks those requests hold
@@ -142,10 +146,10 @@ class RoutingInput:
         return new
 
 
-Policy = Callable[[RoutingInput], int]
+Policy = Callable[[RoutingInput], WorkerId]
 
 
-def argmin(inp: RoutingInput, cost: Callable[[WorkerView], float | tuple[float, ...]]) -> int:
+def argmin(inp: RoutingInput, cost: Callable[[WorkerView], float | tuple[float, ...]]) -> WorkerId:
     """The worker of lowest cost; equal costs break by the seeded rng."""
     costs = [(cost(v), v.worker_id) for v in inp.workers]
     best = min(c for c, _ in costs)
@@ -155,7 +159,7 @@ def argmin(inp: RoutingInput, cost: Callable[[WorkerView], float | tuple[float, 
 
 def argmin_columns(
     inp: RoutingInput, cols: WorkerColumns, *keys: np.ndarray, among: np.ndarray | None = None
-) -> int:
+) -> WorkerId:
     """``argmin`` over columns: the lowest ``keys`` (compared in order, as tuples are) among the
     workers ``among`` selects (all by default); equal keys break by the seeded rng, drawing
     from the tied ids in worker order exactly as ``argmin`` does."""
@@ -167,23 +171,23 @@ def argmin_columns(
     return tied[0] if len(tied) == 1 else inp.rng.choice(tied)  # type: ignore[no-any-return]
 
 
-def round_robin(inp: RoutingInput) -> int:
+def round_robin(inp: RoutingInput) -> WorkerId:
     """Worker ``turn mod n``: ignores cache and load."""
     return inp.workers[inp.turn % len(inp.workers)].worker_id
 
 
-def random_choice(inp: RoutingInput) -> int:
+def random_choice(inp: RoutingInput) -> WorkerId:
     """A uniformly random worker (seeded)."""
     return inp.rng.choice(inp.workers).worker_id
 
 
-def least_loaded(inp: RoutingInput) -> int:
+def least_loaded(inp: RoutingInput) -> WorkerId:
     """Fewest active requests, then least pending prefill; ignores cache."""
     cols = inp.columns()
     return argmin_columns(inp, cols, cols.active_requests, cols.pending_prefill_tokens)
 
 
-def lpm(inp: RoutingInput) -> int:
+def lpm(inp: RoutingInput) -> WorkerId:
     """Pure longest prefix match: the most leading blocks cached; ties random. Ignores load,
     which is why it piles every request sharing a first block onto one worker."""
     cols = inp.columns()
@@ -202,7 +206,7 @@ def make_dynamo(overlap_weight: float = 1.0, temperature: float = 0.0) -> Policy
     (logits min-max normalized), else the minimum is taken (ties random).
     """
 
-    def dynamo(inp: RoutingInput) -> int:
+    def dynamo(inp: RoutingInput) -> WorkerId:
         cols = inp.columns()
         prefill_blocks = (cols.pending_prefill_tokens + inp.new_tokens_column(cols)) / inp.block_size
         decode_blocks = cols.active_blocks + inp.num_blocks
@@ -232,7 +236,7 @@ def make_sglang(
     the worker with the smallest cache tree; load is the fallback this project specifies).
     """
 
-    def sglang(inp: RoutingInput) -> int:
+    def sglang(inp: RoutingInput) -> WorkerId:
         cols = inp.columns()
         loads = cols.active_requests
         hi, lo = int(loads.max()), int(loads.min())
@@ -260,7 +264,7 @@ def make_lpm_balanced(balance_abs_threshold: int = 32, balance_rel_threshold: fl
     default is 1.1).
     """
 
-    def lpm_balanced(inp: RoutingInput) -> int:
+    def lpm_balanced(inp: RoutingInput) -> WorkerId:
         cols = inp.columns()
         loads = cols.active_requests
         hi, lo = int(loads.max()), int(loads.min())
@@ -310,7 +314,7 @@ def make_affinity(
     every trace.
     """
 
-    def affinity(inp: RoutingInput) -> int:
+    def affinity(inp: RoutingInput) -> WorkerId:
         lat = inp.latency
         slots = lat.max_num_seqs
         cap = inp.capacity_blocks if memory_weight > 0 else None

@@ -17,7 +17,7 @@ its own load (``observe_load``) is passed to policies beside the router's count.
 the per-worker figures as columns the router updates where a load changes (a route, a finish,
 a report, a modelled prefill end), so routing costs array operations over the fleet, not a
 Python step per worker. Choosing is the policy's job (``policies``); simulating workers is
-``replay``'s. In approximate mode,
+``kvcache.lab.replay``'s. In approximate mode,
 ``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
 must have evicted.
 """
@@ -34,12 +34,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.tenancy import Scope
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError, RequestError
-from kvcache.events import CacheEvent
 from kvcache.router.index import ApproxIndex, PreciseIndex
-from kvcache.router.latency import LatencyModel
-from kvcache.router.policies import POLICIES, Policy, RoutingInput, WorkerColumns, WorkerView, WorkerViews
-from kvcache.tenancy import Scope
+from kvcache.router.policies import (
+    POLICIES,
+    Policy,
+    RoutingInput,
+    WorkerColumns,
+    WorkerId,
+    WorkerView,
+    WorkerViews,
+)
 
 MODES = ("precise", "approx")
 
@@ -120,28 +128,28 @@ class Router:
         )
         self.clock = clock
         self.rng = random.Random(seed)
-        self.loads: dict[int, _Load] = {}
-        self.where: dict[Hashable, int] = {}  # active request -> worker
+        self.loads: dict[WorkerId, _Load] = {}
+        self.where: dict[Hashable, WorkerId] = {}  # active request -> worker
         self.routed_at: dict[Hashable, float] = {}
         self.capacity_blocks = capacity_blocks
         self.mean_service_ms = 0.0  # EWMA of routed -> finished, the time a request holds its blocks
         self.num_routed = 0
         # What policies read of each worker, as columns in ``loads`` order, kept up to date where
         # a _Load changes, so a route costs array operations rather than a Python step per worker.
-        self._pos: dict[int, int] = {}
+        self._pos: dict[WorkerId, int] = {}
         self._ids = np.empty(0, dtype=object)
         self._cols = {name: np.zeros(0, dtype=np.int64) for name in _COUNTS}
         self._prefill_free = np.zeros(0, dtype=np.float64)
-        self._full: set[int] = set()  # workers whose sequence slots are all taken
-        self._wake: list[tuple[float, int, int, _Load]] = []  # (prefill end, seq, worker, load)
+        self._full: set[WorkerId] = set()  # workers whose sequence slots are all taken
+        self._wake: list[tuple[float, int, WorkerId, _Load]] = []  # (prefill end, seq, worker, load)
         self._pos_of_slot = np.zeros(0, dtype=np.int64)  # precise index slot -> position, -1: none
         self._seq = itertools.count()
 
     @property
-    def workers(self) -> list[int]:
+    def workers(self) -> list[WorkerId]:
         return list(self.loads)
 
-    def add_worker(self, worker_id: int) -> None:
+    def add_worker(self, worker_id: WorkerId) -> None:
         if worker_id in self.loads:
             raise ConfigError(f"worker {worker_id} is already added")
         self.loads[worker_id] = _Load()
@@ -158,7 +166,7 @@ class Router:
                 self._pos_of_slot = np.append(self._pos_of_slot, np.full(grow, -1, dtype=np.int64))
             self._pos_of_slot[slot] = self._pos[worker_id]
 
-    def remove_worker(self, worker_id: int) -> list[Hashable]:
+    def remove_worker(self, worker_id: WorkerId) -> list[Hashable]:
         """Forget a worker (its index entries and load); returns its unfinished request ids."""
         load = self.loads.pop(worker_id, None)
         if load is None:
@@ -176,7 +184,7 @@ class Router:
             del self.routed_at[request_id]
         return list(load.active)
 
-    def observe_load(self, worker_id: int, num_requests: int) -> None:
+    def observe_load(self, worker_id: WorkerId, num_requests: int) -> None:
         """The requests a worker reports it runs and queues (from every front, not only this
         router's), shown to policies as ``WorkerView.reported_requests``. It is not added to
         ``active_requests``: a report lags the worker by a Redis round trip, and a request this
@@ -193,7 +201,7 @@ class Router:
             self._pos_of_slot = np.full(self.index.num_slots, -1, dtype=np.int64)
             self._pos_of_slot[slots] = list(self._pos.values())
 
-    def _sync(self, worker_id: int, load: _Load) -> None:
+    def _sync(self, worker_id: WorkerId, load: _Load) -> None:
         """Copy ``load``'s figures into the columns (after it changed)."""
         i, cols = self._pos[worker_id], self._cols
         cols["active_requests"][i] = len(load.active)
@@ -254,7 +262,7 @@ class Router:
         """What a policy would be shown for ``request`` at ``now``, one view per worker."""
         return list(WorkerViews(self._columns(request, now)))
 
-    def route(self, request: RouteRequest) -> int:
+    def route(self, request: RouteRequest) -> WorkerId:
         """Choose a worker for ``request`` and count it against that worker until ``on_finished``."""
         if not self.loads:
             raise ConfigError("the router has no workers; call add_worker(worker_id) first")
@@ -293,7 +301,7 @@ class Router:
         return worker_id
 
     def _charge(
-        self, worker_id: int, request: RouteRequest, inp: RoutingInput, view: WorkerView, now: float
+        self, worker_id: WorkerId, request: RouteRequest, inp: RoutingInput, view: WorkerView, now: float
     ) -> None:
         load = self.loads[worker_id]
         new = inp.new_tokens(view)
@@ -318,7 +326,7 @@ class Router:
         self.routed_at[request.request_id] = now
         self._sync(worker_id, load)
 
-    def on_events(self, worker_id: int, events: Sequence[CacheEvent]) -> None:
+    def on_events(self, worker_id: WorkerId, events: Sequence[CacheEvent]) -> None:
         """A worker's block stored/removed events (precise mode; ignored in approx mode)."""
         if worker_id not in self.loads:
             return  # a removed worker's late events

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from kvcache.cache.hashing import Hasher
 from kvcache.errors import AuthError, ConfigError
-from kvcache.hashing import Hasher
 from kvcache.private_file import PrivateFileError, read_private_file
 from kvcache.redis_server import command_bytes
 
@@ -317,7 +317,7 @@ class DeploymentKeys:
         return notice if ok else None
 
     def sign_events(self, worker_id: str, instance: str, seq: int, data: bytes, load: bytes = b"") -> bytes:
-        """The MAC of an event batch and the load it carries (``worker.WorkerLoad``)."""
+        """The MAC of an event batch and the load it carries (``wire.WorkerLoad``)."""
         return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data, load)
 
     def check_events(self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes,

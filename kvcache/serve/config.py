@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcache.config import TenantQuota
+from kvcache.cache.config import TenantQuota
+from kvcache.cache.tenancy import Scope
 from kvcache.errors import AuthError, ConfigError
-from kvcache.tenancy import Scope
 
 DEFAULT_TENANT = "default"
 LOOPBACK = "127.0.0.1"

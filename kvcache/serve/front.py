@@ -53,9 +53,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvcache import hashing
+from kvcache.cache import hashing
+from kvcache.cache.hashing import Hasher
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
-from kvcache.hashing import Hasher
+from kvcache.model.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
+from kvcache.router import Router
 from kvcache.serve import peer, protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
@@ -64,7 +66,6 @@ from kvcache.serve.limits import ConnectionGuard, ConnectionLimits, GuardedRunne
 from kvcache.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kvcache.serve.pool import WorkerPool
 from kvcache.serve.public import PublicAdmin, PublicPrefixes
-from kvcache.serve.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 
 log = logging.getLogger("kvcache.front")
 MAX_ATTEMPTS = 4
@@ -120,7 +121,7 @@ def _worker_error(status: int, text: str) -> HTTPFailure:
 
 
 class Front:
-    def __init__(self, *, config: ServeConfig, router: Any, tokenizer: Tokenizer, model_name: str,
+    def __init__(self, *, config: ServeConfig, router: Router, tokenizer: Tokenizer, model_name: str,
                  redis_url: str | None, route_request: Any, keys: DeploymentKeys,
                  max_prompt_tokens: int | None = None,
                  served_names: tuple[str, ...] = (),

@@ -31,13 +31,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from kvcache.child import python_argv
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.router.latency import LatencyModel
+from kvcache.model.tokenize import Tokenizer
 from kvcache.serve import auth
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import Front
 from kvcache.serve.limits import ConnectionLimits
-from kvcache.serve.tokenize import Tokenizer
 
 
 @dataclass(frozen=True, slots=True)

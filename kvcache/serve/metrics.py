@@ -60,7 +60,7 @@ def _latency(registry: CollectorRegistry, labels: list[str], where: str) -> dict
 
 
 class WorkerMetrics:
-    """One worker's page; ``load`` returns its ``worker.WorkerLoad`` (read when scraped)."""
+    """One worker's page; ``load`` returns its ``wire.WorkerLoad`` (read when scraped)."""
 
     def __init__(self, load: Callable[[], Any]) -> None:
         self.registry = r = CollectorRegistry()

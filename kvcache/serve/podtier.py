@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from kvcache.cache.manager import Allocation
 from kvcache.engine import Engine
 from kvcache.engine.sequence import Sequence
 from kvcache.kernels.dispatch import pack_blocks
-from kvcache.manager import Allocation
 from kvcache.tiers import Hierarchy, IcmsTier, LayoutFingerprint, RedisBackend, Seal
 
 POD = "pod"

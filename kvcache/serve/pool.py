@@ -15,7 +15,7 @@ Two background loops keep the router current:
   error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
   which the worker logs the reason and stops.
 - events: the pool follows the ``kvcache:events`` stream from the point it started and hands
-  each batch to ``router.on_events``; the load a batch carries (``worker.WorkerLoad``: running and
+  each batch to ``router.on_events``; the load a batch carries (``wire.WorkerLoad``: running and
   waiting requests, KV usage) is kept per worker, exported as gauges and given to the router
   (``observe_load``). Batches from an instance that is not the current one are
   dropped, so a dead worker's late events cannot resurrect blocks it no longer has.
@@ -47,12 +47,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.errors import AuthError, KVCacheError
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.router import Router
 from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import ServeMetrics
-from kvcache.serve.worker import Registration, WorkerLoad
+from kvcache.serve.wire import Registration, WorkerLoad
 
 log = logging.getLogger("kvcache.front")
 POLL_S = 0.25
@@ -69,7 +70,7 @@ class WorkerState:
 class WorkerPool:
     """Workers by id, kept in step with Redis; owns the router's ``add/remove_worker`` calls."""
 
-    def __init__(self, router: Any, metrics: ServeMetrics, redis_url: str | None,
+    def __init__(self, router: Router, metrics: ServeMetrics, redis_url: str | None,
                  on_change: Callable[[], None] | None = None, *, keys: DeploymentKeys,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.router = router

@@ -51,12 +51,12 @@ from typing import Any
 
 from aiohttp import web
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.errors import ConfigError, KVCacheError, ProtocolError
+from kvcache.model.tokenize import Tokenizer
 from kvcache.serve import protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import PublicPrefixSpec, ServeConfig
-from kvcache.serve.tokenize import Tokenizer
 
 log = logging.getLogger("kvcache.public")
 SET_KIND = "public-prefixes"

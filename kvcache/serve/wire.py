@@ -1,6 +1,6 @@
 """Canonical bytes for cache events, and the Redis names workers and the front agree on.
 
-A batch of ``BlockStored``/``BlockRemoved`` events (``kvcache.events``, the records the simulator
+A batch of ``BlockStored``/``BlockRemoved`` events (``kvcache.cache.events``, the records the simulator
 uses) encodes as::
 
     b"KVEV" version:u8 count:u32  then per event:
@@ -23,11 +23,13 @@ Redis layout (one deployment per Redis database):
 
 from __future__ import annotations
 
+import json
 import struct
+from dataclasses import dataclass
 
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.cache.hashing import KEY_BYTES
 from kvcache.errors import ProtocolError
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
-from kvcache.hashing import KEY_BYTES
 
 MAGIC = b"KVEV"
 VERSION = 1
@@ -110,3 +112,48 @@ def decode_events(data: bytes) -> list[CacheEvent]:
     if pos != len(data):
         raise ProtocolError(f"event batch has {len(data) - pos} trailing bytes after {count} events")
     return events
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """A worker's load as its event batches carry it: the scheduler's queues and the pool's use."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # blocks in use / pool blocks, 0..1
+
+    def encode(self) -> bytes:
+        return json.dumps([self.num_running, self.num_waiting, round(self.kv_usage, 4)]).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> WorkerLoad:
+        """``ValueError`` unless ``raw`` is what :meth:`encode` writes."""
+        data = json.loads(raw)
+        if (not isinstance(data, list) or len(data) != 3 or any(type(x) is not int or x < 0 for x in data[:2])
+                or type(data[2]) not in (int, float) or not 0 <= data[2] <= 1):  # fmt: skip
+            raise ValueError(f"not a worker load: {raw[:60]!r}")
+        return cls(data[0], data[1], float(data[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a worker tells the front about itself (stored as JSON in ``kvcache:workers``)."""
+
+    worker_id: str
+    url: str
+    instance: str  # new on every start: the front purges what it knew of an earlier instance
+    pid: int
+    model_id: str
+    block_size: int
+    vocab_size: int
+    adapter_id: str | None  # with model_id, block_size and the deployment key: how blocks are keyed
+    num_blocks: int  # pool capacity: the front never indexes more blocks than this for the worker
+    key_check: str  # ``auth.key_check`` of the worker's hasher: the front's must be equal
+
+    def to_json(self) -> str:
+        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Registration:
+        data = json.loads(text)
+        return cls(**{f: data[f] for f in cls.__dataclass_fields__})

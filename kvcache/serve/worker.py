@@ -54,21 +54,22 @@ import os
 import time
 import uuid
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.tenancy import Scope
 from kvcache.engine.aio import AsyncEngine
 from kvcache.engine.engine import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import CapacityError, ConfigError, InvalidTokensError, KVCacheError, QuotaError
-from kvcache.events import CacheEvent
 from kvcache.serve import peer, wire
 from kvcache.serve.auth import DeploymentKeys, key_check
 from kvcache.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from kvcache.serve.public import WARM_TENANT, PublicFollower
-from kvcache.tenancy import Scope
+from kvcache.serve.wire import Registration, WorkerLoad
 
 log = logging.getLogger("kvcache.worker")
 DEFAULT_MAX_WAITING = 64
@@ -76,51 +77,6 @@ RETRY_AFTER_S = 1
 _SAMPLING = (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int), ("seed", int))
 # The engine's reasons as OpenAI's: the end-of-sequence token and stop sequences are "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLoad:
-    """A worker's load as its event batches carry it: the scheduler's queues and the pool's use."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # blocks in use / pool blocks, 0..1
-
-    def encode(self) -> bytes:
-        return json.dumps([self.num_running, self.num_waiting, round(self.kv_usage, 4)]).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> WorkerLoad:
-        """``ValueError`` unless ``raw`` is what :meth:`encode` writes."""
-        data = json.loads(raw)
-        if (not isinstance(data, list) or len(data) != 3 or any(type(x) is not int or x < 0 for x in data[:2])
-                or type(data[2]) not in (int, float) or not 0 <= data[2] <= 1):  # fmt: skip
-            raise ValueError(f"not a worker load: {raw[:60]!r}")
-        return cls(data[0], data[1], float(data[2]))
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """What a worker tells the front about itself (stored as JSON in ``kvcache:workers``)."""
-
-    worker_id: str
-    url: str
-    instance: str  # new on every start: the front purges what it knew of an earlier instance
-    pid: int
-    model_id: str
-    block_size: int
-    vocab_size: int
-    adapter_id: str | None  # with model_id, block_size and the deployment key: how blocks are keyed
-    num_blocks: int  # pool capacity: the front never indexes more blocks than this for the worker
-    key_check: str  # ``auth.key_check`` of the worker's hasher: the front's must be equal
-
-    def to_json(self) -> str:
-        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__})
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Registration:
-        data = json.loads(text)
-        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
 def _status_of(exc: Exception) -> int:

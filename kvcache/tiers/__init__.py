@@ -1,12 +1,12 @@
-"""The spill hierarchy: device pool (G1), host memory (G2), local disk (G3) and a pod-shared tier (ICMS).
+"""The spill hierarchy below the device pool (G1, the engine's own): host memory (G2), local disk (G3) and a
+pod-shared tier (ICMS).
 
 Import from here; the modules behind it are private. ``Hierarchy`` is what an engine uses; the
-tiers can also be used one by one. ``sim`` models the same tiers for the router's trace replay.
+tiers can also be used one by one. ``kvcache.lab.sim_tiers`` models the same tiers for the trace replay.
 """
 
 from kvcache.tiers.backends import BackendUnavailable, InProcessBackend, RedisBackend
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey, TierStats, TransferModel
-from kvcache.tiers.device import DeviceTier
 from kvcache.tiers.disk import DiskTier
 from kvcache.tiers.hierarchy import Hierarchy, HierarchyStats
 from kvcache.tiers.host import HostTier
@@ -16,7 +16,6 @@ from kvcache.tiers.seal import Seal
 
 __all__ = [
     "BackendUnavailable",
-    "DeviceTier",
     "DiskTier",
     "Hierarchy",
     "HierarchyStats",

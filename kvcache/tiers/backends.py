@@ -15,10 +15,10 @@ miss and the block is recomputed.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import KVCacheError, TierError
 
 
@@ -51,7 +51,7 @@ class InProcessBackend:
         if not isinstance(capacity_blocks, int) or capacity_blocks <= 0:
             raise TierError(f"ICMS capacity_blocks={capacity_blocks!r} must be a positive integer")
         self.capacity_blocks = capacity_blocks
-        self._values: OrderedDict[bytes, bytes] = OrderedDict()
+        self._values: LRU[bytes, bytes] = LRU(capacity_blocks)
         self._lock = threading.Lock()
         self._evictions = 0
 
@@ -66,7 +66,7 @@ class InProcessBackend:
             for name in names:
                 value = values.get(name)
                 if value is not None:
-                    values.move_to_end(name)
+                    values.touch(name)
                 out.append(value)
             return out
 
@@ -74,11 +74,7 @@ class InProcessBackend:
         with self._lock:
             values = self._values
             for name, value in items:
-                values[name] = value
-                values.move_to_end(name)
-                while len(values) > self.capacity_blocks:
-                    values.popitem(last=False)
-                    self._evictions += 1
+                self._evictions += len(values.put(name, value))
 
     def contains_many(self, names: Sequence[bytes]) -> list[bool]:
         with self._lock:
@@ -86,7 +82,7 @@ class InProcessBackend:
 
     def delete(self, name: bytes) -> bool:
         with self._lock:
-            return self._values.pop(name, None) is not None
+            return self._values.pop(name) is not None
 
     def count(self) -> int:
         return len(self._values)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.errors import TierError
 
 # dtype name <-> one-byte code, for the stored header. Names are torch's attribute names.

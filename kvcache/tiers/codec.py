@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.errors import CorruptBlockError, TierError
 from kvcache.tiers.base import DTYPE_CODES, TierKey
 from kvcache.tiers.seal import KINDS, TAG_BYTES, Seal

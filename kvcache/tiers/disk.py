@@ -36,12 +36,12 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import CorruptBlockError, TierError
 from kvcache.tiers import codec
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey
@@ -91,7 +91,7 @@ class DiskTier(Tier):
                 f"({SECRET_FILE_ENV}, docs/tiers.md) so blocks carry a MAC, or chmod go-w {self.root}"
             )
         self.fsync = fsync
-        self.lru: OrderedDict[_Index, None] = OrderedDict()
+        self.lru: LRU[_Index, None] = LRU()  # unbounded: _make_room evicts, with side effects
         self.layouts: dict[bytes, LayoutFingerprint] = {}
         self._tmp_counter = 0
         self._dirs: dict[bytes, str] = {}
@@ -152,7 +152,7 @@ class DiskTier(Tier):
             except OSError:  # replaced by a link or removed since the listing: not ours to index
                 continue
         for _, index in sorted(found):
-            self.lru[index] = None
+            self.lru.put(index, None)
         while len(self.lru) > self.capacity_blocks:
             self._drop(next(iter(self.lru)), evicted=True)
 
@@ -187,7 +187,7 @@ class DiskTier(Tier):
         if not stat.S_ISREG(mode):  # a planted directory, FIFO or symlink is never a block
             return False
         self._make_room()
-        self.lru[(key.layout.digest, key.key)] = None
+        self.lru.put((key.layout.digest, key.key), None)
         return True
 
     # ---- verbs ---------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class DiskTier(Tier):
         if block is None:
             s.misses += 1
             return None
-        self.lru.move_to_end(index)
+        self.lru.touch(index)
         s.hits += 1
         s.blocks_out += 1
         s.bytes_out += key.layout.block_nbytes
@@ -234,7 +234,7 @@ class DiskTier(Tier):
                 flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
                 fd = os.open(key.key.hex() + SUFFIX, flags, dir_fd=folder)
         except FileNotFoundError:  # removed by another process since we indexed it
-            del self.lru[index]
+            self.lru.pop(index)
             return None
         except OSError as exc:
             self._reject(index, path, f"cannot be opened as a block file: {exc}")
@@ -270,7 +270,7 @@ class DiskTier(Tier):
         self.layouts[layout.digest] = layout
         index = (layout.digest, key.key)
         if index in self.lru:  # same key and layout = same bytes: refresh, do not rewrite
-            self.lru.move_to_end(index)
+            self.lru.touch(index)
             return
         self._make_room()
         payload = codec.tensor_bytes(block.cpu().contiguous())
@@ -290,7 +290,7 @@ class DiskTier(Tier):
                     s.dropped_stores,
                 )
             return
-        self.lru[index] = None
+        self.lru.put(index, None)
         s = self._stats
         s.blocks_in += 1
         s.bytes_in += layout.block_nbytes
@@ -342,7 +342,7 @@ class DiskTier(Tier):
             self._drop(index, evicted=True)
 
     def _drop(self, index: _Index, evicted: bool) -> None:
-        self.lru.pop(index, None)
+        self.lru.pop(index)
         # Gone already, a planted directory (left alone), or a folder that is now a link (not followed).
         with contextlib.suppress(OSError), self._folder(index[0]) as folder:
             os.unlink(index[1].hex() + SUFFIX, dir_fd=folder)

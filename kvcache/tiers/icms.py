@@ -38,6 +38,7 @@ from typing import TypeVar
 
 import torch
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import CorruptBlockError, TierError
 from kvcache.tiers import codec
 from kvcache.tiers.backends import Backend, BackendUnavailable
@@ -122,7 +123,7 @@ class IcmsTier(Tier):
                 SECRET_ENV,
             )
         self.pending: OrderedDict[bytes, bytes] = OrderedDict()  # written behind, not yet flushed
-        self.staged: OrderedDict[bytes, bytes] = OrderedDict()  # prestaged values, consumed by load
+        self.staged: LRU[bytes, bytes] = LRU(self.staging_blocks or None)  # prestaged, consumed by load
 
     # ---- backend access: every failure is a counted miss ------------------------------------
 
@@ -246,20 +247,14 @@ class IcmsTier(Tier):
         names = names[: self.staging_blocks]
         none: list[bytes | None] = [None] * len(names)
         got = self._backend(lambda: self.backend.get_many(names), none)
-        count = 0
-        for name, value in zip(names, got, strict=True):
-            if value is None:
-                continue
-            self.staged[name] = value
-            count += 1
-        while len(self.staged) > self.staging_blocks:
-            self.staged.popitem(last=False)
-        return count
+        fetched = [(name, value) for name, value in zip(names, got, strict=True) if value is not None]
+        self.staged.extend(fetched)
+        return len(fetched)
 
     def remove(self, key: TierKey) -> bool:
         name = _name(key)
         here = self.pending.pop(name, None) is not None
-        here |= self.staged.pop(name, None) is not None
+        here |= self.staged.pop(name) is not None
         return self._backend(lambda: self.backend.delete(name), False) or here
 
     def __len__(self) -> int:

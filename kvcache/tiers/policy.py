@@ -2,7 +2,7 @@
 
 The cost rule is a pure function. Loading a block from a tier costs its transfer time (latency,
 per-block overhead, bytes over bandwidth, ``base.TransferModel``); recomputing it costs prefill
-time, priced by the project's one step-cost model (``router.latency.LatencyModel``, the model
+time, priced by the project's one step-cost model (``costs.LatencyModel``, the model
 ``kvcache calibrate`` fits from the engine's steps), which grows with the context already in front
 of it (attention over cached tokens):
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvcache.router.latency import LatencyModel
+from kvcache.costs import LatencyModel
 from kvcache.tiers.base import TransferModel
 
 

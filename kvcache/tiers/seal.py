@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from kvcache import hashing
+from kvcache.cache import hashing
 from kvcache.errors import TierError
 from kvcache.private_file import PrivateFileError, read_private_file
 

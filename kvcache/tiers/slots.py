@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
 import torch
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import TierError
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey
 
@@ -28,7 +28,7 @@ class SlotTable(Generic[K]):
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.free: list[int] = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
-        self.lru: OrderedDict[K, int] = OrderedDict()
+        self.lru: LRU[K, int] = LRU()  # unbounded: the free list is the bound
 
     def __len__(self) -> int:
         return len(self.lru)
@@ -42,7 +42,7 @@ class SlotTable(Generic[K]):
     def get(self, key: K, touch: bool = True) -> int | None:
         slot = self.lru.get(key)
         if slot is not None and touch:
-            self.lru.move_to_end(key)
+            self.lru.touch(key)
         return slot
 
     def oldest(self) -> tuple[K, int] | None:
@@ -54,15 +54,15 @@ class SlotTable(Generic[K]):
         unless ``key`` is held: callers evict ``oldest()`` first."""
         slot = self.lru.get(key)
         if slot is not None:
-            self.lru.move_to_end(key)
+            self.lru.touch(key)
             return slot
         assert self.free, "slot table is full; evict before put"
         slot = self.free.pop()
-        self.lru[key] = slot
+        self.lru.put(key, slot)
         return slot
 
     def pop(self, key: K) -> int | None:
-        slot = self.lru.pop(key, None)
+        slot = self.lru.pop(key)
         if slot is not None:
             self.free.append(slot)
         return slot

@@ -23,7 +23,7 @@ tokenizing a bounded head of it, not the whole text.
 
 A model that is not a random-weight one must come with its tokenizer: ``load`` raises
 ``ModelError`` rather than serve a real model through the byte tokenizer.
-Not here: loading models (``kvcache.hf``), request validation (``protocol``).
+Not here: loading models (``kvcache.model.hf``), request validation (``protocol``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A transformers tokenizer (as ``kvcache.hf.load_tokenizer`` returns it)."""
+    """A transformers tokenizer (as ``kvcache.model.hf.load_tokenizer`` returns it)."""
 
     def __init__(self, tokenizer: Any, name: str) -> None:
         self.tokenizer = tokenizer
@@ -205,7 +205,7 @@ def load(model: str, vocab_size: int = 256) -> Tokenizer:
     registry name's is converted on first use); ``ModelError`` for a model without one."""
     if model.startswith("tiny") and not Path(model).exists():
         return ByteTokenizer(vocab_size)  # random-weight models: no need to import transformers
-    from kvcache.models import load_tokenizer, random_weight_names
+    from kvcache.model.registry import load_tokenizer, random_weight_names
 
     if model in random_weight_names():
         return ByteTokenizer(vocab_size)

@@ -10,35 +10,20 @@ recorded steps,
               + prefill_ms_per_token_per_ctx_token * sum(n * (ctx + n / 2))  (per prefill chunk)
               + decode_ms_per_token_per_seq * decoding_sequences
 
-which is ``LatencyModel.prefill_ms`` / ``decode_step_ms`` per step. The fitted fields are those of
-``kvcache.router.latency.LatencyModel``: the JSON written by :func:`write_latency_json` has exactly
-its keys. Not here: how the router uses them.
+which is ``LatencyModel.step_ms`` (``prefill_ms`` / ``decode_step_ms`` per step): the fit is a
+``kvcache.costs.LatencyModel``, written with its ``to_json``. Not here: the formula itself
+(``kvcache.costs``), how the router uses it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from kvcache.costs import STEP_TERMS, LatencyModel, step_terms
 from kvcache.engine import Engine, SamplingParams, StepRecord
-from kvcache.router.latency import LatencyModel
-
-
-@dataclass(frozen=True, slots=True)
-class LatencyFit:
-    """The router's ``LatencyModel`` fields, in its order."""
-
-    prefill_base_ms: float
-    prefill_ms_per_token: float
-    prefill_ms_per_token_per_ctx_token: float
-    decode_base_ms: float
-    decode_ms_per_token_per_seq: float
-    max_num_seqs: int
-    max_batched_tokens: int
 
 
 def measure(
@@ -81,48 +66,18 @@ def measure(
     return records
 
 
-def step_features(record: StepRecord) -> list[float]:
-    """The latency model's terms for one step: which base cost applies, then the linear terms."""
-    prefill = record.num_prefill_tokens > 0
-    return [
-        1.0 if prefill else 0.0,  # prefill_base_ms
-        float(record.num_prefill_tokens),  # prefill_ms_per_token
-        record.attention_work,  # prefill_ms_per_token_per_ctx_token
-        0.0 if prefill else 1.0,  # decode_base_ms
-        float(record.num_decode_seqs),  # decode_ms_per_token_per_seq
-    ]
+def predict_ms(latency: LatencyModel, record: StepRecord) -> float:
+    """What ``latency`` says ``record``'s step takes (``LatencyModel.step_ms``)."""
+    return latency.step_ms(record.num_prefill_tokens, record.attention_work, record.num_decode_seqs)
 
 
-def predict_ms(latency: LatencyFit, record: StepRecord) -> float:
-    coef = [
-        latency.prefill_base_ms,
-        latency.prefill_ms_per_token,
-        latency.prefill_ms_per_token_per_ctx_token,
-        latency.decode_base_ms,
-        latency.decode_ms_per_token_per_seq,
-    ]
-    return sum(c * x for c, x in zip(coef, step_features(record), strict=True))
-
-
-def fit(records: Sequence[StepRecord], *, max_num_seqs: int, max_batched_tokens: int) -> LatencyFit:
+def fit(records: Sequence[StepRecord], *, max_num_seqs: int, max_batched_tokens: int) -> LatencyModel:
     """Least-squares fit of every step's seconds to the latency model's terms (clamped at 0: time
     never shrinks). A step's base is ``prefill_base_ms`` when it computes any prompt token, else
     ``decode_base_ms``; each decoding sequence adds ``decode_ms_per_token_per_seq`` in both, as
     ``LatencyModel.prefill_ms`` charges running sequences to a prefill's steps."""
-    a = np.array([step_features(r) for r in records])
+    a = np.array([step_terms(r.num_prefill_tokens, r.attention_work, r.num_decode_seqs) for r in records])
     y = np.array([r.seconds * 1000 for r in records])
     c = np.clip(np.linalg.lstsq(a, y, rcond=None)[0], 0.0, None)
-    return LatencyFit(
-        prefill_base_ms=float(c[0]),
-        prefill_ms_per_token=float(c[1]),
-        prefill_ms_per_token_per_ctx_token=float(c[2]),
-        decode_base_ms=float(c[3]),
-        decode_ms_per_token_per_seq=float(c[4]),
-        max_num_seqs=max_num_seqs,
-        max_batched_tokens=max_batched_tokens,
-    )
-
-
-def write_latency_json(latency: LatencyFit, path: str | Path) -> None:
-    """Write through ``LatencyModel.to_json``, so the file is exactly what the replay reads."""
-    LatencyModel(**asdict(latency)).to_json(path)
+    fitted = {name: float(x) for name, x in zip(STEP_TERMS, c, strict=True)}
+    return LatencyModel(**fitted, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)

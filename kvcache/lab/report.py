@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from kvcache.config import CacheConfig
-from kvcache.manager import BlockManager, Prompt
-from kvcache.router.replay import ReplayResult
-from kvcache.router.trace import Trace
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.manager import BlockManager, Prompt
+from kvcache.lab.replay import ReplayResult
+from kvcache.lab.trace import Trace
 
 WINDOW_MS = 60_000.0
 

@@ -6,7 +6,7 @@
   ``from_pretrained`` from local files only.
 - :func:`convert_gguf` dequantizes a GGUF file (weights, tokenizer, chat template) into a plain
   safetensors checkpoint folder that :func:`load_model` then loads fast. Which GGUF, and where the
-  folder lives, is ``kvcache.models``' business.
+  folder lives, is ``kvcache.model.registry``' business.
 - :func:`new_cache` / :func:`read_cache` convert between the contiguous KV layout the block kernels
   produce, ``[num_layers, 2, kv_heads, seq, head_dim]``, and the model's cache object, for both the
   transformers 4.5x legacy helpers (``DynamicCache.from_legacy_cache``, ``key_cache``) and the 5.x
@@ -43,7 +43,7 @@ from transformers.utils import logging as _transformers_logging
 from kvcache.errors import ConfigError, ModelError
 from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
-from kvcache.models import QWEN25_7B_SHAPE, SMALL_QWEN2, random_weight_names
+from kvcache.model.registry import QWEN25_7B_SHAPE, SMALL_QWEN2, random_weight_names
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.
 _AutoModel: Any = transformers.AutoModelForCausalLM
@@ -233,7 +233,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 def convert_gguf(gguf_path: str, out_dir: str, *, show_progress: bool) -> None:
     """Dequantize ``gguf_path`` to float32 and save model, tokenizer and chat template as a plain
     checkpoint in ``out_dir`` (safetensors). Needs the ``gguf`` package. Not atomic: write to a
-    temporary folder and move it into place (``kvcache.models`` does)."""
+    temporary folder and move it into place (``kvcache.model.registry`` does)."""
     folder, name = os.path.split(gguf_path)
     try:
         with _progress_bars(show_progress):
@@ -404,7 +404,7 @@ def _paged_attention_forward(
     step = kwargs.get(_STEP_KWARG)
     if not isinstance(step, PagedStep):
         raise ModelError(
-            f"attention {PAGED_ATTENTION!r} runs only inside kvcache.hf.paged_forward (no step given)"
+            f"attention {PAGED_ATTENTION!r} runs only inside kvcache.model.hf.paged_forward (no step given)"
         )
     layer = module.layer_idx
     write_kv(step.pool, layer, step.metadata, key[0].transpose(0, 1), value[0].transpose(0, 1))

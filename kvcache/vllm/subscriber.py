@@ -8,7 +8,7 @@ index then under-reports until new events arrive, never over-reports. It can rec
 thread and leave the applying to its owner in bounded slices, so a publisher's volume never
 stalls a router's requests.
 
-Not here: the wire schema and the publisher (``vllm_events``), keys (``vllm_keys``), CURVE
+Not here: the wire schema and the publisher (``vllm.events``), keys (``vllm.keys``), CURVE
 (``curve``), routing (``router``).
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Callable
 import zmq
 
 from kvcache.errors import ConfigError
-from kvcache.router.curve import CurveClient, is_loopback
-from kvcache.router.vllm_events import (
+from kvcache.vllm.curve import CurveClient, is_loopback
+from kvcache.vllm.events import (
     DEFAULT_TOPIC,
     END_SEQ,
     AllBlocksCleared,

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from kvcache.cache.tenancy import PUBLIC_SCOPE
 from kvcache.errors import InvalidTokensError
-from kvcache.tenancy import PUBLIC_SCOPE
 
 HASH_SCHEME_VERSION = 1
 KEY_BYTES = 16
@@ -221,9 +221,9 @@ def chain_python(parent: bytes, content: bytes, width: int) -> list[bytes]:
 
 
 try:  # the same loops in C over the system xxHash library, when it could be built
-    from kvcache._hashchain import chain as _chain_native
-    from kvcache._hashchain import chain_blocks as _chain_blocks_native
-    from kvcache._hashchain import encode_tokens as _encode_native
+    from kvcache.cache._hashchain import chain as _chain_native
+    from kvcache.cache._hashchain import chain_blocks as _chain_blocks_native
+    from kvcache.cache._hashchain import encode_tokens as _encode_native
 except ImportError:  # pragma: no cover - depends on the machine
     _chain_native = None
     _chain_blocks_native = None

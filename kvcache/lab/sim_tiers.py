@@ -1,7 +1,7 @@
 """Simulated spill tiers for the router's trace replay: which block keys each tier holds, and how
 long loading them takes. No bytes move; sizes are in blocks, times come from ``TransferModel``s.
 
-Implements the replay's ``SpillHook`` (``kvcache.router.worker``):
+Implements the replay's ``SpillHook`` (``kvcache.lab.sim_worker``):
 
 - ``on_evict(worker, keys, now)``: blocks leaving a worker's device pool go to its G2 (host
   memory); G2's least recently used overflow goes to its G3 (local disk); G3's overflow is
@@ -30,11 +30,11 @@ x 2 x 2 bytes = 128 KiB), the model the router's default latency model stands fo
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from kvcache.cache.lru import LRU
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.router.latency import LatencyModel
 from kvcache.tiers.base import TransferModel
 from kvcache.tiers.icms import IcmsLink
 from kvcache.tiers.policy import best_load_prefix
@@ -108,9 +108,10 @@ class SimTiers:
     fetches: int = 0
 
     def __post_init__(self) -> None:
-        self._g2: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(self.num_workers)]
-        self._g3: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(self.num_workers)]
-        self._icms: OrderedDict[bytes, int] = OrderedDict()  # key -> worker that wrote it
+        sizes = self.sizes
+        self._g2: list[LRU[bytes, None]] = [LRU(sizes.g2 or None) for _ in range(self.num_workers)]
+        self._g3: list[LRU[bytes, None]] = [LRU(sizes.g3 or None) for _ in range(self.num_workers)]
+        self._icms: LRU[bytes, int] = LRU(sizes.icms or None)  # key -> worker that wrote it
         # Per worker: key -> when its prestaged copy is in host memory. Entries leave when fetched.
         self._staged: list[dict[bytes, float]] = [{} for _ in range(self.num_workers)]
 
@@ -118,16 +119,14 @@ class SimTiers:
     def block_nbytes(self) -> int:
         return self.block_tokens * self.kv_bytes_per_token
 
-    def _put(self, name: str, tier: OrderedDict[bytes, None], key: bytes, capacity: int) -> bytes | None:
+    def _put(self, name: str, tier: LRU[bytes, None], key: bytes) -> bytes | None:
         """Insert ``key``; returns the key pushed out, if any."""
-        if key in tier:
-            tier.move_to_end(key)
+        if tier.touch(key):
             return None
-        tier[key] = None
         self.stats[name].blocks_in += 1
-        if len(tier) > capacity:
+        for old, _ in tier.put(key, None):
             self.stats[name].evictions += 1
-            return tier.popitem(last=False)[0]
+            return old
         return None
 
     def on_evict(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
@@ -135,18 +134,16 @@ class SimTiers:
         for key in keys:
             down: bytes | None = key
             if sizes.g2:
-                down = self._put("g2", self._g2[worker_id], key, sizes.g2)
+                down = self._put("g2", self._g2[worker_id], key)
             if down is not None and sizes.g3:
-                self._put("g3", self._g3[worker_id], down, sizes.g3)
+                self._put("g3", self._g3[worker_id], down)
             if sizes.icms:
                 icms = self._icms
-                if key not in icms:
+                writer = icms.get(key)
+                if writer is None:
                     self.stats["icms"].blocks_in += 1
-                icms[key] = icms.get(key, worker_id)
-                icms.move_to_end(key)
-                if len(icms) > sizes.icms:
-                    icms.popitem(last=False)
-                    self.stats["icms"].evictions += 1
+                    writer = worker_id
+                self.stats["icms"].evictions += len(icms.put(key, writer))
 
     def _holder(self, worker_id: int, key: bytes) -> str | None:
         if key in self._g2[worker_id]:
@@ -202,12 +199,12 @@ class SimTiers:
             else:
                 counts[name] += 1
             if name == "g2":
-                g2.move_to_end(key)
+                g2.touch(key)
             elif name == "g3":
-                g3.move_to_end(key)
+                g3.touch(key)
             else:
-                icms.move_to_end(key)
-                self.stats["icms"].cross_worker_hits += icms[key] != worker_id
+                icms.touch(key)
+                self.stats["icms"].cross_worker_hits += icms.get(key) != worker_id
         total_ms = 0.0
         for name, n in counts.items():
             if n:

@@ -8,9 +8,9 @@ once into a float32 safetensors checkpoint plus tokenizer files under :func:`hom
 (in bfloat16 on CUDA unless told otherwise). Conversion writes a temporary folder and renames it
 into place, so a half-written folder is never used; a manifest lists every file with its size and
 digest, and a folder whose files do not match it is rebuilt. The digest is a whole-file integrity
-check (xxh3-128, ~7 GB/s), unrelated to the block hashes of ``kvcache.hashing``.
+check (xxh3-128, ~7 GB/s), unrelated to the block hashes of ``kvcache.cache.hashing``.
 
-Other names pass through to ``kvcache.hf``: random-weight configs (``tiny``...) and local folders.
+Other names pass through to ``kvcache.model.hf``: random-weight configs (``tiny``...) and local folders.
 Not here: transformers calls (``hf``), KV caching (``engine``).
 """
 
@@ -151,9 +151,9 @@ def prepare(name: str, *, verify: bool = True, show_progress: bool | None = None
 def load(
     name: str, *, device: Any = None, dtype: Any = None, seed: int = 0, show_progress: bool | None = None
 ) -> Any:
-    """A ``kvcache.hf.LoadedModel``: a registry model (converted on first use; keyed by its registry
+    """A ``kvcache.model.hf.LoadedModel``: a registry model (converted on first use; keyed by its registry
     name) or anything ``hf.load_model`` takes (``tiny``..., a local folder)."""
-    from kvcache import hf
+    from kvcache.model import hf
 
     if name in REGISTRY:
         folder = prepare(name, show_progress=show_progress)
@@ -163,7 +163,7 @@ def load(
 
 def load_tokenizer(name: str) -> Any | None:
     """The transformers tokenizer of a registry model or local folder; None for random-weight models."""
-    from kvcache import hf
+    from kvcache.model import hf
 
     if name in REGISTRY:
         return hf.load_tokenizer(str(prepare(name)))
@@ -206,7 +206,7 @@ def _check(folder: Path, *, digests: bool) -> str | None:
 def _convert(model: ModelSpec, gguf: Path, out: Path, progress: bool) -> None:
     from tqdm import tqdm
 
-    from kvcache import hf
+    from kvcache.model import hf
 
     with tqdm(total=3, desc=f"preparing {model.name}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("dequantizing GGUF")
@@ -272,6 +272,6 @@ def _alive(pid: int) -> bool:
 
 
 def random_weight_names() -> list[str]:
-    """The configs ``kvcache.hf`` builds with random weights (no download, no conversion). The names
+    """The configs ``kvcache.model.hf`` builds with random weights (no download, no conversion). The names
     live here, not in ``hf``, so listing them never imports torch or transformers."""
     return ["tiny", *(f"tiny-{f}" for f in TINY_FAMILIES), SMALL_QWEN2, QWEN25_7B_SHAPE]

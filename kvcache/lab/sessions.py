@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kvcache import hf
+from kvcache.cache.tenancy import Scope
 from kvcache.engine import Engine, SamplingParams
-from kvcache.tenancy import Scope
+from kvcache.model import hf
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,26 @@ from pathlib import Path
 from kvcache.errors import ConfigError
 
 _OPTIONAL = {"request_overhead_ms"}  # keys a file may omit (it then takes the default)
+# The fields one engine step's time is linear in, in the order of ``step_terms``.
+STEP_TERMS = (
+    "prefill_base_ms",
+    "prefill_ms_per_token",
+    "prefill_ms_per_token_per_ctx_token",
+    "decode_base_ms",
+    "decode_ms_per_token_per_seq",
+)
+
+
+def step_terms(num_prefill_tokens: int, attention_work: float, num_decode_seqs: int) -> list[float]:
+    """One step's values of the ``STEP_TERMS``: which base cost applies, then the linear terms."""
+    prefill = num_prefill_tokens > 0
+    return [
+        1.0 if prefill else 0.0,
+        float(num_prefill_tokens),
+        float(attention_work),
+        0.0 if prefill else 1.0,
+        float(num_decode_seqs),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +120,16 @@ class LatencyModel:
     def decode_step_ms(self, num_seqs: int) -> float:
         """One decode step producing a token for each of ``num_seqs`` sequences."""
         return self.decode_base_ms + self.decode_ms_per_token_per_seq * max(1, num_seqs)
+
+    def step_ms(self, num_prefill_tokens: int, attention_work: float, num_decode_seqs: int) -> float:
+        """One engine step as the engine records it: ``num_prefill_tokens`` prompt tokens computed
+        with ``attention_work`` = sum over its prefill chunks of ``n x (ctx + n / 2)``, next to
+        ``num_decode_seqs`` decoding sequences. The base is ``prefill_base_ms`` when the step computes
+        any prompt token, else ``decode_base_ms``; the terms are those of ``prefill_ms`` and
+        ``decode_step_ms`` (what ``kvcache calibrate`` fits, ``STEP_TERMS`` in order)."""
+        coefficients: list[float] = [getattr(self, name) for name in STEP_TERMS]
+        terms = step_terms(num_prefill_tokens, attention_work, num_decode_seqs)
+        return sum(c * x for c, x in zip(coefficients, terms, strict=True))
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")

@@ -7,7 +7,7 @@ and reply and hit the blocks this turn filled. :func:`run_script` runs several t
 share one published system prompt, turn by turn, and can time each turn's prefill by the bare
 model too (TTFT without reuse, measured right before the engine's turn).
 
-Not here: the tokenizer itself (``kvcache.serve.tokenize``), printing (``commands/generate``).
+Not here: the tokenizer itself (``kvcache.model.tokenize``), printing (``commands/generate``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from kvcache.cache.tenancy import Scope
 from kvcache.engine import Engine, GenerationStep
-from kvcache.serve.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
-from kvcache.sessions import uncached_ttft
-from kvcache.tenancy import Scope
+from kvcache.lab.sessions import uncached_ttft
+from kvcache.model.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 
 Message = tuple[str, str]  # (role, content)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvcache.errors import ConfigError
-from kvcache.router.trace import TraceRequest
+from kvcache.lab.trace import TraceRequest
 
 WORKLOADS = ("mix", "chat", "agent", "docs", "shared_prefix")
 

@@ -15,8 +15,8 @@ import heapq
 from collections.abc import Iterator
 from itertools import islice
 
-from kvcache.block_pool import BlockPool
-from kvcache.config import CacheConfig
+from kvcache.cache.block_pool import BlockPool
+from kvcache.cache.config import CacheConfig
 from kvcache.errors import CapacityError, QuotaError
 
 

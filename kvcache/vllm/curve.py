@@ -9,7 +9,7 @@ format (``zmq.auth.create_certificates`` writes ``NAME.key`` with the public key
 ``NAME.key_secret`` with both), never from the command line: a secret certificate must be a
 regular file only its owner can read.
 
-Not here: what travels on the sockets (``vllm_events``).
+Not here: what travels on the sockets (``vllm.events``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Load a running server with a trace and report what ``vllm bench serve`` reports, plus cache hits.
 
-A trace is a JSON-lines file in either format of ``kvcache.router.trace`` (the replay's):
+A trace is a JSON-lines file in either format of ``kvcache.lab.trace`` (the replay's):
 
 - token level: ``{"timestamp": ms, "tenant": "acme", "tokens": [ids] | "text": "...",
   "output_length": 32}``; tenants map to API keys through ``--config``;
@@ -8,7 +8,7 @@ A trace is a JSON-lines file in either format of ``kvcache.router.trace`` (the r
   hash id becomes ``block_tokens`` token ids drawn from a generator seeded by it, so equal ids give
   equal blocks (shared prefixes) and the prompt is cut to ``input_length``;
 
-or ``synthetic[:key=value,...]`` for ``kvcache.workloads.multi_turn_chat`` (keys: tenants,
+or ``synthetic[:key=value,...]`` for ``kvcache.lab.workloads.multi_turn_chat`` (keys: tenants,
 sessions, turns, system, user, output, seed, shared).
 
 Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from kvcache.errors import ConfigError, TraceError
-from kvcache.router.trace import TraceRequest as RouterTraceRequest
-from kvcache.router.trace import read_trace
-from kvcache.workloads import multi_turn_chat
+from kvcache.lab.trace import TraceRequest as RouterTraceRequest
+from kvcache.lab.trace import read_trace
+from kvcache.lab.workloads import multi_turn_chat
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ def _expand(req: RouterTraceRequest, block_tokens: int, vocab_size: int) -> Trac
 
 
 def load_trace(spec: str, *, block_tokens: int = 512, vocab_size: int = 256) -> list[TraceRequest]:
-    """Read a trace file (either format ``kvcache.router.trace`` reads) or build a synthetic one."""
+    """Read a trace file (either format ``kvcache.lab.trace`` reads) or build a synthetic one."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return _synthetic(spec, vocab_size)
     trace = read_trace(spec, block_tokens)

@@ -11,24 +11,25 @@ ignored on decode; fields an earlier one lacks default to None.
 
 ``EventPublisher`` speaks this protocol (loopback only, unless secured with CURVE: ``curve``),
 and ``EngineEventBridge`` feeds it a kvcache engine's block events re-keyed as vLLM keys
-(``vllm_keys``), so a kvcache worker looks like a vLLM engine. ``EngineIndex`` is what a router
-knows each engine holds; ``vllm_subscriber`` fills it from a stream. Routing is ``router``'s job.
+(``vllm.keys``), so a kvcache worker looks like a vLLM engine. ``EngineIndex`` is what a router
+knows each engine holds; ``vllm.subscriber`` fills it from a stream. Routing is ``router``'s job.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import msgspec
 import zmq
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import ConfigError, KVCacheError
-from kvcache.router.curve import CurveServer, is_loopback
-from kvcache.router.vllm_keys import external_key
+from kvcache.vllm.curve import CurveServer, is_loopback
+from kvcache.vllm.keys import external_key
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"
@@ -92,7 +93,7 @@ def decode_batch(payload: bytes) -> KVEventBatch:
 class EngineIndex:
     """Which vLLM block keys each engine holds, at most ``capacity_blocks`` per engine.
 
-    Keys are the 64-bit ints of ``vllm_keys.external_key``. An engine over its bound (events
+    Keys are the 64-bit ints of ``vllm.keys.external_key``. An engine over its bound (events
     lost, or forged) forgets its least recently stored keys first, so the index never holds
     more than an engine's pool could.
     """
@@ -101,8 +102,14 @@ class EngineIndex:
         if capacity_blocks < 1:
             raise ConfigError(f"capacity_blocks={capacity_blocks} must be >= 1 (the engines' KV blocks)")
         self.capacity_blocks = capacity_blocks
-        self.keys_of: dict[str, OrderedDict[int, None]] = {}
+        self.keys_of: dict[str, LRU[int, None]] = {}
         self.holders: dict[int, set[str]] = {}
+
+    def _keys(self, engine: str) -> LRU[int, None]:
+        keys = self.keys_of.get(engine)
+        if keys is None:
+            keys = self.keys_of[engine] = LRU(self.capacity_blocks)
+        return keys
 
     def _drop(self, engine: str, key: int) -> None:
         held = self.holders.get(key)
@@ -113,37 +120,33 @@ class EngineIndex:
 
     def apply(self, engine: str, batch: KVEventBatch) -> tuple[list[int], list[int]]:
         """Apply one batch; returns the keys the engine gained and lost in this index."""
-        keys = self.keys_of.setdefault(engine, OrderedDict())
+        keys = self._keys(engine)
         stored: list[int] = []
         removed: list[int] = []
         for event in batch.events:
             if isinstance(event, BlockStored):
-                for raw in event.block_hashes:
-                    key = external_key(raw)
-                    if key not in keys:
-                        stored.append(key)
-                    keys[key] = None
-                    keys.move_to_end(key)
+                batch_keys = [external_key(raw) for raw in event.block_hashes]
+                stored += [key for key in dict.fromkeys(batch_keys) if key not in keys]
+                for key in batch_keys:
                     self.holders.setdefault(key, set()).add(engine)
-                while len(keys) > self.capacity_blocks:
-                    old = keys.popitem(last=False)[0]
+                for old, _ in keys.extend((key, None) for key in batch_keys):
                     self._drop(engine, old)
                     removed.append(old)
             elif isinstance(event, BlockRemoved):
                 for raw in event.block_hashes:
                     key = external_key(raw)
                     if key in keys:
-                        del keys[key]
+                        keys.pop(key)
                         self._drop(engine, key)
                         removed.append(key)
             else:
                 removed += self.clear(engine)
-                keys = self.keys_of.setdefault(engine, OrderedDict())
+                keys = self._keys(engine)
         return stored, removed
 
     def clear(self, engine: str) -> list[int]:
         """Forget everything the engine holds; returns the keys forgotten."""
-        gone = list(self.keys_of.pop(engine, OrderedDict()))
+        gone = list(self.keys_of.pop(engine, ()))
         for key in gone:
             self._drop(engine, key)
         return gone
@@ -154,14 +157,14 @@ class EngineIndex:
         keys = self.keys_of.get(engine)
         gone: list[int] = []
         while keys and len(gone) < max_keys:
-            key = keys.popitem(last=False)[0]
+            key, _ = keys.pop_oldest()
             self._drop(engine, key)
             gone.append(key)
         return gone
 
     def overlap(self, engine: str, keys: Iterable[int]) -> int:
         """Leading ``keys`` the engine holds."""
-        mine: dict[int, None] = self.keys_of.get(engine, {})
+        mine: Container[int] = self.keys_of.get(engine, ())
         n = 0
         for key in keys:
             if key not in mine:
@@ -298,8 +301,8 @@ class EngineEventBridge:
         self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
 
     def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
-        """``scope``: the request's ``kvcache.tenancy.Scope`` (its pseudonym becomes the salt)."""
-        from kvcache.events import BlockStored as KVStored
+        """``scope``: the request's ``kvcache.cache.tenancy.Scope`` (its pseudonym becomes the salt)."""
+        from kvcache.cache.events import BlockStored as KVStored
 
         events = list(events)
         if not events:

@@ -1,7 +1,7 @@
 """What the simulated tiers add to a trace replay: hit rate by tier, and the change in hit rate
 and TTFT against the same replay with the device pool alone (G1-only, same GPU capacity).
 
-Takes the router report's metric dicts (``kvcache.router.report.metrics``) and a ``SimTiers``;
+Takes the router report's metric dicts (``kvcache.lab.report.metrics``) and a ``SimTiers``;
 only formats numbers. Token hit rates here count tokens of blocks loaded from each tier over all
 prompt tokens, the same denominator as the report's ``token_hit_rate``; the tokens a worker
 loaded are shared among tiers in proportion to the blocks each one served.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvcache.tiers.sim import TIER_NAMES, SimTiers
+from kvcache.lab.sim_tiers import TIER_NAMES, SimTiers
 
 
 def tier_metrics(sim: SimTiers, row: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvcache.router.report import OWN_POLICY
+    from kvcache.lab.report import OWN_POLICY
 
     pairs = _pairs(rows)
     names = [f"{b['policy']} (kvcache)" if b["policy"] == OWN_POLICY else b["policy"] for b, _ in pairs]

@@ -11,7 +11,7 @@ manager exactly as it was. Hits are confirmed against what the block stores (par
 and content bytes), so even a crafted 128-bit key collision is a miss, never another prompt's KV.
 
 Not here: computing KV (``hf``), moving blocks between memory tiers (``tiers``), placing
-requests on workers (``router``).
+requests on workers (``kvcache.router``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcache import eviction, hashing
-from kvcache.block_pool import Block, BlockPool
-from kvcache.config import CacheConfig
+from kvcache.cache import eviction, hashing
+from kvcache.cache.block_pool import Block, BlockPool
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.hashing import KIND_BLOCK_IDS, KIND_TOKENS, TOKEN_BYTES, Hasher
+from kvcache.cache.stats import CacheStats, TenantStats
+from kvcache.cache.tenancy import PUBLIC_SCOPE, Scope, as_scope
 from kvcache.errors import CapacityError, InvalidTokensError, RequestError
-from kvcache.events import CacheEvent
-from kvcache.hashing import KIND_BLOCK_IDS, KIND_TOKENS, TOKEN_BYTES, Hasher
-from kvcache.stats import CacheStats, TenantStats
-from kvcache.tenancy import PUBLIC_SCOPE, Scope, as_scope
 
 Tokens = Sequence[int] | np.ndarray  # token ids: a list/tuple of ints or a 1-D integer array
 

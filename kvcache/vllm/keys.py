@@ -18,7 +18,7 @@ Events carry keys either as the digest bytes or, with ``VLLM_KV_EVENTS_USE_INT_B
 as the digest's low 64 bits (big-endian); ``external_key`` maps both to that integer, and the
 router's index uses it. ``scope_salt`` is the ``cache_salt`` that stands for a kvcache scope on
 vLLM's side (the proxy sends it, a kvcache worker's event bridge keys with it). kvcache's own
-keys are ``kvcache.hashing``'s; this module only reproduces an external engine's key space.
+keys are ``kvcache.cache.hashing``'s; this module only reproduces an external engine's key space.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import cbor2
 import xxhash
 
+from kvcache.cache.tenancy import Scope
 from kvcache.errors import ConfigError
-from kvcache.tenancy import Scope
 
 _MASK64 = (1 << 64) - 1
 

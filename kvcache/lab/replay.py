@@ -1,5 +1,5 @@
 """Discrete-event replay: a trace's requests arrive at their timestamps, a ``Router`` places
-them, simulated ``Worker``s queue, prefill and decode them on a virtual clock.
+them, simulated ``SimWorker``s queue, prefill and decode them on a virtual clock.
 
 Events are (time, sequence) ordered, so a replay is deterministic for a given seed: the same
 trace, config and seed give the same placement and the same latencies on every machine.
@@ -16,18 +16,19 @@ import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from tqdm import tqdm
 
-from kvcache.config import CacheConfig
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.manager import BlockManager, Prompt
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.events import CacheEvent
-from kvcache.manager import BlockManager, Prompt
-from kvcache.router.latency import LatencyModel
+from kvcache.lab.sim_worker import Job, SimWorker, SpillHook
+from kvcache.lab.trace import Trace
 from kvcache.router.policies import POLICIES
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.trace import Trace
-from kvcache.router.worker import Job, SpillHook, Worker
 
 _ARRIVE, _EVENTS, _FAIL, _PREFILLED, _FINISH = range(5)
 
@@ -109,7 +110,7 @@ class _Replay:
             clock=lambda: self.now,
         )
         self.workers = [
-            Worker(w, config.capacity_blocks, block_size, config.latency, spill)
+            SimWorker(w, config.capacity_blocks, block_size, config.latency, spill)
             for w in range(config.num_workers)
         ]
         for w in range(config.num_workers):
@@ -135,7 +136,7 @@ class _Replay:
     def route(self, job: Job) -> None:
         r = job.request
         req = RouteRequest(job.request_id, job.prompt.keys, r.num_tokens, job.prompt.scope, r.output_tokens)
-        w = self.router.route(req)
+        w = cast(int, self.router.route(req))  # the replay numbers its workers 0..n-1
         self.workers[w].submit(job, self.now)
         self.kick(w)
 

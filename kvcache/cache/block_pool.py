@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvcache.events import BlockRemoved, BlockStored, CacheEvent
+from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 
 
 @dataclass(slots=True)

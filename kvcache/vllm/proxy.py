@@ -3,9 +3,9 @@ their KV event streams say they cache.
 
 Each engine is an HTTP base URL (``/v1/completions``, ``/v1/chat/completions``) with its ZMQ
 event endpoint and, optionally, its replay endpoint. The proxy subscribes to every stream
-(``vllm_events``; each received on a thread of its own, applied on the event loop in bounded
+(``vllm.events``; each received on a thread of its own, applied on the event loop in bounded
 slices between requests), keeps a per-engine index bounded by the engines' pool size, mirrors it into
-a ``Router`` (worker id = engine position), keys each request with ``vllm_keys`` and forwards
+a ``Router`` (worker id = engine position), keys each request with ``vllm.keys`` and forwards
 the request body to the engine the policy picks, streaming its answer back. Keys need token
 ids: a completion whose ``prompt`` is a list of token ids is keyed (in the caller's scope and,
 when ``--lora`` names it, with the LoRA adapter of its ``model``); text prompts and chat
@@ -16,7 +16,7 @@ Callers authenticate as ``kvcache serve``'s do (``serve.config``: the same file,
 tenants; without one every caller is the tenant ``default``), before the body is read; a missing or
 unknown key is a 401 in OpenAI's error shape. The scope a request runs in comes from that tenant
 alone: a ``cache_salt`` in the body only narrows it (``tenancy.Scope``'s salt), so no body names
-another tenant. Engines see the scope as ``vllm_keys.scope_salt``: a vLLM engine as the
+another tenant. Engines see the scope as ``vllm.keys.scope_salt``: a vLLM engine as the
 ``cache_salt`` the proxy writes over the caller's, a kvcache worker as tenant, group and salt (its
 published keys are salted with the deployment's keyed pseudonym of the scope, which the proxy then
 keys with too: ``cache_salt_of``). vLLM engines cannot enforce a share group's k-anonymity, so with
@@ -39,38 +39,38 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
 
+from kvcache.cache.events import BlockRemoved as KVRemoved
+from kvcache.cache.events import BlockStored as KVStored
+from kvcache.cache.tenancy import MAX_SALT_CHARS, Scope
 from kvcache.errors import AuthError, ConfigError
-from kvcache.events import BlockRemoved as KVRemoved
-from kvcache.events import BlockStored as KVStored
-from kvcache.router.curve import CurveClient
 from kvcache.router.router import Router, RouteRequest
-from kvcache.router.vllm_events import EngineIndex
-from kvcache.router.vllm_keys import VllmKeyer, scope_salt
-from kvcache.router.vllm_subscriber import EventSubscriber
 from kvcache.serve import protocol, wire
 from kvcache.serve.config import ServeConfig, TenantSpec
-from kvcache.tenancy import MAX_SALT_CHARS, Scope
+from kvcache.vllm.curve import CurveClient
+from kvcache.vllm.events import EngineIndex
+from kvcache.vllm.keys import VllmKeyer, scope_salt
+from kvcache.vllm.subscriber import EventSubscriber
 
 _SCOPE = "vllm"
 APIS = ("openai", "kvcache")  # what the engines speak: OpenAI (vLLM), or kvcache worker's /generate
 
 
 @dataclass(frozen=True, slots=True)
-class Engine:
+class EngineEndpoint:
     url: str
     events: str
     replay: str | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> Engine:
+    def parse(cls, spec: str) -> EngineEndpoint:
         """``URL,EVENTS[,REPLAY]``, e.g. ``http://h:8000,tcp://h:5557,tcp://h:5558``."""
         parts = spec.split(",")
         if len(parts) not in (2, 3) or not parts[0].startswith(("http://", "https://")):
@@ -91,7 +91,7 @@ def _key_bytes(key: int) -> bytes:
 class RouteProxy:
     def __init__(
         self,
-        engines: Sequence[Engine],
+        engines: Sequence[EngineEndpoint],
         keyer: VllmKeyer,
         capacity_blocks: int,
         policy: str = "affinity",
@@ -139,7 +139,7 @@ class RouteProxy:
 
     def _mirror(self, engine: str, stored: list[int], removed: list[int]) -> None:
         w = int(engine)
-        held: dict[int, None] = self.index.keys_of.get(engine, {})
+        held: Container[int] = self.index.keys_of.get(engine, ())
         events: list[KVStored | KVRemoved] = []
         for key in dict.fromkeys([*stored, *removed]):  # net effect of the batch
             if key in held:
@@ -178,7 +178,8 @@ class RouteProxy:
             num_tokens = len(prompt)
         elif isinstance(prompt, str):
             num_tokens = max(1, len(prompt) // 4)  # a length estimate for the load model only
-        return request_id, self.router.route(RouteRequest(request_id, keys, num_tokens, _SCOPE))
+        worker = self.router.route(RouteRequest(request_id, keys, num_tokens, _SCOPE))
+        return request_id, cast(int, worker)  # engines are added by position
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvcache.router import report
-from kvcache.router.latency import LatencyModel
+from kvcache.costs import LatencyModel
+from kvcache.lab import report
+from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.shapes import SHAPES, ShapeConfig, generate, scale_to_load
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace
 from kvcache.router.policies import BASELINES, POLICIES
-from kvcache.router.replay import ReplayConfig, prepare, replay
-from kvcache.router.shapes import SHAPES, ShapeConfig, generate, scale_to_load
-from kvcache.router.trace import FORMAT_MOONCAKE, Trace, read_trace
 
 OURS = "affinity"
 MIN_POOL_REQUESTS = 2

@@ -19,11 +19,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvcache.config import CacheConfig
-from kvcache.events import BlockRemoved, CacheEvent
-from kvcache.manager import BlockManager, Prompt
-from kvcache.router.latency import LatencyModel
-from kvcache.router.trace import TraceRequest
+from kvcache.cache.config import CacheConfig
+from kvcache.cache.events import BlockRemoved, CacheEvent
+from kvcache.cache.manager import BlockManager, Prompt
+from kvcache.costs import LatencyModel
+from kvcache.lab.trace import TraceRequest
 
 
 class SpillHook(Protocol):
@@ -71,7 +71,7 @@ class Started:
     events: list[CacheEvent] = field(default_factory=list)
 
 
-class Worker:
+class SimWorker:
     """One simulated GPU worker with ``num_blocks`` KV blocks of ``block_size`` tokens."""
 
     def __init__(

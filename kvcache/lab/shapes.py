@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
-from kvcache.router.latency import LatencyModel
-from kvcache.router.trace import TraceRequest
+from kvcache.lab.trace import TraceRequest
 
 SHAPES = ("rag", "bursty", "long_agent", "fleet")
 UNIT_TOKENS = 16
