@@ -20,8 +20,13 @@ prompts at N in ``BENCH_ENGINE_SEQS`` (1,8,32), then prompts sharing a ``SHARED`
 prompt at N in ``BENCH_ENGINE_SHARED_SEQS`` (8). Then the engine's per-step overhead at the largest
 N (step time outside the model forward, from ``StepRecord``), and the TTFT of a ``TTFT_LEN``-token
 prompt 90% cached against transformers running the same suffix over a prefix ``DynamicCache``
-already in memory (the ideal: nothing to load). ``BENCH_ENGINE_PARTS`` picks parts (``distinct,
-shared,overhead,ttft``). Threads fixed by ``BENCH_ENGINE_THREADS`` (1); the machine load is printed
+already in memory (the ideal: nothing to load). The ``step`` part times one decode step at N in
+``BENCH_ENGINE_STEP_SEQS`` (1,4,32) sequences of ``PROMPT`` tokens: ``Engine.step`` against
+transformers' own decode step (the static batch's forward of one token per sequence over its
+``DynamicCache``), interleaved, against the weights-read limit (every weight byte read once per
+step at this machine's memory bandwidth, measured in the same rounds by a ``copy_`` of
+``BANDWIDTH_MIB`` MiB). ``BENCH_ENGINE_PARTS`` picks parts (``distinct,shared,overhead,ttft,step``;
+``step`` is off by default). Threads fixed by ``BENCH_ENGINE_THREADS`` (1); the machine load is printed
 before and after.
 """
 
@@ -54,6 +59,9 @@ DTYPE = os.environ.get("BENCH_ENGINE_DTYPE") or None
 CB = os.environ.get("BENCH_ENGINE_CB", "0") == "1"
 CB_ROUNDS = int(os.environ.get("BENCH_ENGINE_CB_ROUNDS", "1"))
 SEQUENTIAL_SAMPLE = int(os.environ.get("BENCH_ENGINE_SEQUENTIAL_SAMPLE", "2"))
+STEP_SEQS = [int(x) for x in os.environ.get("BENCH_ENGINE_STEP_SEQS", "1,4,32").split(",")]
+STEP_ROUNDS = int(os.environ.get("BENCH_ENGINE_STEP_ROUNDS", "9"))
+BANDWIDTH_MIB = 256
 BS = 16
 
 
@@ -183,6 +191,61 @@ class Bench:
         return (f"step overhead at {n} seqs: {100 * share:.1f}% of a {step_ms:.1f} ms decode step "
                 f"(median of {len(decode)})")  # fmt: skip
 
+    def bandwidth_bytes_s(self, src: torch.Tensor, dst: torch.Tensor) -> float:
+        """Bytes per second of one ``copy_`` between two large buffers (read once, written once)."""
+        start = time.perf_counter()
+        dst.copy_(src)
+        return src.numel() * src.element_size() / (time.perf_counter() - start)
+
+    def decode_steps(self) -> list[str]:
+        """One decode step at each N: the engine's against transformers' and the weights-read limit."""
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        src = torch.ones(BANDWIDTH_MIB << 18)  # float32: BANDWIDTH_MIB MiB
+        dst = torch.empty_like(src)
+        lines = [f"decode step, {PROMPT}-token contexts, {weight_bytes / 1e6:.0f} MB of weights; "
+                 f"medians of {STEP_ROUNDS} interleaved rounds"]  # fmt: skip
+        engine = self.engine()
+        for n in STEP_SEQS:
+            batch = prompts(n, 0, seed=1000 + n)
+            for i, p in enumerate(batch):  # prefilled, then STEP_ROUNDS + 1 decode steps
+                engine.add_request(
+                    p, f"step{n}", SamplingParams(max_tokens=STEP_ROUNDS + 2), request_id=(n, i)
+                )
+            ids = [(n, i) for i in range(n)]
+            while any(engine.sequence(r).num_computed_tokens < PROMPT for r in ids):
+                engine.step()  # prefill (chunked by max_num_batched_tokens), off the clock
+            with torch.inference_mode():
+                cache = hf.new_cache(None)
+                hf.forward(self.model, torch.tensor(batch, device=self.device), cache, 0)
+            nxt = torch.ones((n, 1), dtype=torch.long, device=self.device)
+            times: dict[str, list[float]] = {"engine": [], "transformers": [], "bandwidth": []}
+            for r in range(STEP_ROUNDS + 1):
+                start = time.perf_counter()
+                engine.step()
+                self.sync()
+                engine_s = time.perf_counter() - start
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    nxt = hf.forward(self.model, nxt, cache, PROMPT + r).argmax(-1, keepdim=True)
+                    self.sync()
+                    hf_s = time.perf_counter() - start
+                rate = self.bandwidth_bytes_s(src, dst)
+                if r:  # the first round warms up
+                    times["engine"].append(engine_s)
+                    times["transformers"].append(hf_s)
+                    times["bandwidth"].append(rate)
+            while engine.has_unfinished():
+                engine.step()
+            ours, theirs = statistics.median(times["engine"]), statistics.median(times["transformers"])
+            rate = statistics.median(times["bandwidth"])
+            limit = weight_bytes / rate
+            lines.append(f"step {n:>3} seqs: engine {1000 * ours:.1f} ms, transformers "
+                         f"{1000 * theirs:.1f} ms (engine / transformers {ours / theirs:.2f}x), "
+                         f"weights-read limit {1000 * limit:.1f} ms at {rate / 1e9:.1f} GB/s "
+                         f"(engine / limit {ours / limit:.2f}x), load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            print(lines[-1], flush=True)
+        return lines
+
     def ttft(self) -> str:
         g = torch.Generator().manual_seed(7)
         full = torch.randint(1, 1000, (TTFT_LEN,), generator=g).tolist()
@@ -249,6 +312,8 @@ def report(bench: Bench) -> list[str]:
     if "ttft" in PARTS:
         lines.append(bench.ttft())
         print(lines[-1], flush=True)
+    if "step" in PARTS:
+        lines += bench.decode_steps()
     lines.append("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(lines[-1], flush=True)
     return lines

@@ -16,6 +16,10 @@ a tier secret (every block checked by a keyed BLAKE3 MAC instead of the checksum
 - MACs over one block's bytes, the choice behind ``kvcache.tiers.seal``: xxh3_64 (the checksum;
   the baseline), keyed BLAKE3 (one thread, as the tiers run it, and on all cores), keyed BLAKE2b,
   HMAC-SHA256.
+- A verified copy, the ways to hide the MAC behind the copy: a plain copy of one block (the
+  baseline) vs keyed BLAKE3 then the copy (as the tiers run it), BLAKE3 on all cores then the copy,
+  BLAKE3 on a second thread while the copy runs, and copy + BLAKE3 fused in 256 KiB chunks (each
+  chunk hashed while still in cache).
 Blocks of 1 MiB and 16 MiB (bf16 KV blocks of 8B-class shapes). Run: ``make bench`` or
 ``pytest benches/bench_tiers.py --benchmark-only``; the summary prints GB/s and ratios.
 """
@@ -26,6 +30,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -225,6 +230,57 @@ def test_mac(benchmark, layout: LayoutFingerprint, mac: str) -> None:  # type: i
     benchmark.group = f"mac-{layout.block_nbytes >> 20}MiB"
     data, fn = codec.tensor_bytes(_block(layout)), MACS[mac]
     _run(benchmark, lambda: fn(data), layout.block_nbytes)
+
+
+# ---- hiding the MAC behind the copy ------------------------------------------------------------
+
+_CHUNK = 256 << 10
+
+
+def _mac_then_copy(src: memoryview, dst: memoryview, threads: int = 1) -> None:
+    blake3.blake3(src, key=SECRET, max_threads=threads).digest()
+    dst[:] = src
+
+
+def _mac_beside_copy(pool: ThreadPoolExecutor, src: memoryview, dst: memoryview) -> None:
+    pending = pool.submit(lambda: blake3.blake3(src, key=SECRET).digest())  # releases the GIL
+    dst[:] = src
+    pending.result()
+
+
+def _mac_fused_copy(src: memoryview, dst: memoryview) -> None:
+    mac = blake3.blake3(key=SECRET)
+    for at in range(0, src.nbytes, _CHUNK):
+        dst[at : at + _CHUNK] = src[at : at + _CHUNK]
+        mac.update(dst[at : at + _CHUNK])
+    mac.digest()
+
+
+VERIFIED_COPIES = ["mac_then_copy", "mac_all_cores_then_copy", "mac_beside_copy", "mac_fused_copy"]
+
+
+def test_verified_copy_baseline_copy(benchmark, layout: LayoutFingerprint) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"verified-copy-{layout.block_nbytes >> 20}MiB"
+    src, dst = codec.tensor_bytes(_block(layout)), codec.tensor_bytes(_block(layout))
+
+    def copy() -> None:
+        dst[:] = src
+
+    _run(benchmark, copy, layout.block_nbytes)
+
+
+@pytest.mark.parametrize("how", VERIFIED_COPIES)
+def test_verified_copy(benchmark, layout: LayoutFingerprint, how: str) -> None:  # type: ignore[no-untyped-def]
+    benchmark.group = f"verified-copy-{layout.block_nbytes >> 20}MiB"
+    src, dst = codec.tensor_bytes(_block(layout)), codec.tensor_bytes(_block(layout))
+    with ThreadPoolExecutor(1) as pool:
+        fns = {
+            "mac_then_copy": lambda: _mac_then_copy(src, dst),
+            "mac_all_cores_then_copy": lambda: _mac_then_copy(src, dst, blake3.blake3.AUTO),
+            "mac_beside_copy": lambda: _mac_beside_copy(pool, src, dst),
+            "mac_fused_copy": lambda: _mac_fused_copy(src, dst),
+        }
+        _run(benchmark, fns[how], layout.block_nbytes)
 
 
 # ---- G1 <-> G2 on a GPU ------------------------------------------------------------------------
