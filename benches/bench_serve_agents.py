@@ -44,6 +44,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -140,7 +141,8 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
             # ``-P``: the working directory's kernels/ must not shadow Hugging Face's kernels package.
             cmd = [*python_argv("-m", "transformers.cli.transformers"), "serve", "--continuous-batching",
                    "--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning", folder]  # fmt: skip
+                   "--port", str(port), "--log-level", "warning", *shlex.split(args.transformers_args),
+                   folder]  # fmt: skip
             model, keys = folder, _no_key
         else:
             cmd = [*python_argv("-m", "kvcache.cli"), "serve", "--model", args.model, "--port", str(port),
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2, help="torch threads and OMP_NUM_THREADS per server")
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop clients")
+    parser.add_argument("--transformers-args", default="", metavar="ARGS",
+                        help="more transformers serve options: '--cb-max-memory-percent 0.2'")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logs", default="/tmp/serve-agents")
     parser.add_argument("--out", default="serve_agents.json")
@@ -422,7 +426,7 @@ def _bench_args() -> argparse.Namespace:
     return argparse.Namespace(
         contenders=["sharing", "no-sharing"],
         model=os.environ.get("BENCH_SERVE_AGENTS_MODEL", models.DEFAULT_MODEL),
-        device="cpu", dtype="float32", threads=2, concurrency=4, rounds=8, seed=0,
+        device="cpu", dtype="float32", threads=2, concurrency=4, rounds=8, seed=0, transformers_args="",
         logs=os.environ.get("BENCH_SERVE_AGENTS_LOGS", "/tmp/serve-agents"))  # fmt: skip
 
 
