@@ -263,7 +263,11 @@ def round_figures(results: list[bench.Result], wall_s: float, reported: bool, co
                   load: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
     """One contender's round: ``bench.summarize``'s figures under the names the table shows."""
     s = bench.summarize(results, wall_s, rate=float("inf"), max_concurrency=concurrency)
-    return {"wall_s": wall_s, "req_s": s["request_throughput"], "ttft_p50_s": s["median_ttft_ms"] / 1e3,
+    ok = [r for r in results if r.ok]
+    # Where a request's time goes: waiting and prefill (to the first token) against decoding.
+    ttft_share = sum(r.ttft_s for r in ok) / max(1e-9, sum(r.e2e_s for r in ok))
+    return {"tpot_ms": s["median_tpot_ms"], "ttft_share": ttft_share,
+            "wall_s": wall_s, "req_s": s["request_throughput"], "ttft_p50_s": s["median_ttft_ms"] / 1e3,
             "ttft_p99_s": s["p99_ttft_ms"] / 1e3, "cached": s["cache_hit_rate"] if reported else None,
             "prompt_tokens": s["total_input_tokens"] / max(1, s["completed"]),
             "output_tokens": s["total_output_tokens"], "completed": s["completed"], "failed": s["failed"],
@@ -276,8 +280,9 @@ def medians(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
     for name in rounds[0]:
         rows = [r[name] for r in rounds if name in r]
         figures: dict[str, Any] = {"rounds": len(rows)}
-        for key in ("wall_s", "req_s", "ttft_p50_s", "ttft_p99_s", "cached", "prompt_tokens",
-                    "output_tokens", "completed", "failed", "load_before", "load_after"):  # fmt: skip
+        for key in ("wall_s", "req_s", "ttft_p50_s", "ttft_p99_s", "tpot_ms", "ttft_share", "cached",
+                    "prompt_tokens", "output_tokens", "completed", "failed", "load_before",
+                    "load_after"):  # fmt: skip
             values = [row[key] for row in rows if row[key] is not None]
             figures[key] = statistics.median(values) if values else None
         out[name] = figures
@@ -301,15 +306,16 @@ def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def table(m: dict[str, dict[str, Any]]) -> list[str]:
     """The Markdown table README.md and docs/serve.md show."""
-    lines = ["| contender | wall s | req/s | TTFT p50 s | TTFT p99 s | cached | prompt tokens | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| contender | wall s | req/s | TTFT p50 s | TTFT p99 s | TPOT ms | TTFT share | cached | "
+             "prompt tokens | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     names = {"sharing": "`kvcache serve`, defaults (sharing on)",
              "no-sharing": "`kvcache serve`, sharing impossible (a key and tenant per request)",
              "transformers": "`transformers serve --continuous-batching`"}  # fmt: skip
     for name, f in m.items():
         cached = "n/a" if f["cached"] is None else f"{100 * f['cached']:.1f}%"
         lines.append(f"| {names.get(name, name)} | {f['wall_s']:.0f} | {f['req_s']:.3f} | "
-                     f"{f['ttft_p50_s']:.2f} | {f['ttft_p99_s']:.2f} | {cached} | {f['prompt_tokens']:.0f} | "
+                     f"{f['ttft_p50_s']:.2f} | {f['ttft_p99_s']:.2f} | {f['tpot_ms']:.0f} | "
+                     f"{100 * f['ttft_share']:.0f}% | {cached} | {f['prompt_tokens']:.0f} | "
                      f"{f['load_before']:.1f}-{f['load_after']:.1f} |")  # fmt: skip
     return lines
 

@@ -186,11 +186,13 @@ def test_a_round_through_the_openai_client_then_medians_ratios_and_table(
     assert lines[0].startswith("| contender | wall s | req/s |")
     assert "| `transformers serve --continuous-batching` |" in lines[4] and "| n/a |" in lines[4]
     assert "| 0.0% |" in lines[3]
+    assert lines[2].count("|") == lines[0].count("|")
 
 
 def test_medians_over_rounds_and_the_ratios(sa: ModuleType) -> None:
     def figures(req_s: float, p50: float, cached: float | None) -> dict[str, Any]:
-        return {"wall_s": 10 / req_s, "req_s": req_s, "ttft_p50_s": p50, "ttft_p99_s": 2 * p50,
+        return {"tpot_ms": 300.0, "ttft_share": 0.5, "wall_s": 10 / req_s, "req_s": req_s, "ttft_p50_s": p50,
+                "ttft_p99_s": 2 * p50,
                 "cached": cached, "prompt_tokens": 100.0, "output_tokens": 32, "completed": 10, "failed": 0,
                 "errors": [], "load_before": 2.0, "load_after": 3.0}  # fmt: skip
 
