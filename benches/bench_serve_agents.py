@@ -14,7 +14,8 @@ The benchmark starts every contender itself on the same weights (``--model``, de
   tenant, so no request can reuse another's blocks (the scope enters every block key); the prompts,
   the order and everything else are the same;
 - ``transformers``: ``transformers serve --continuous-batching`` (needs ``transformers[serving]``,
-  pyproject's ``bench-serve`` extra), which shares prefixes between requests too but has no tenants.
+  pyproject's ``bench-serve`` extra), which shares prefixes between requests too but has no tenants;
+  its KV cache gets the same capacity in tokens as kvcache's pool (``--cb-num-blocks``).
 
 Every request goes through the official ``openai`` client to ``/v1/completions`` (text prompts:
 ``transformers serve`` takes no token ids), greedy, streaming with usage, in a closed loop of
@@ -141,8 +142,11 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
             # ``-P``: the working directory's kernels/ must not shadow Hugging Face's kernels package.
             cmd = [*python_argv("-m", "transformers.cli.transformers"), "serve", "--continuous-batching",
                    "--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning", *shlex.split(args.transformers_args),
-                   folder]  # fmt: skip
+                   "--port", str(port), "--log-level", "warning",
+                   # The same KV capacity as kvcache's pool, in its pages of 256 tokens: left unset, it
+                   # takes 90% of the free memory (of the machine, on a CPU).
+                   "--cb-num-blocks", str(max(1, num_blocks * 16 // 256)),
+                   *shlex.split(args.transformers_args), folder]  # fmt: skip
             model, keys = folder, _no_key
         else:
             cmd = [*python_argv("-m", "kvcache.cli"), "serve", "--model", args.model, "--port", str(port),

@@ -13,8 +13,8 @@
 # the tokenizer files; the run installs the wheels offline, makes kvcache importable from this
 # checkout, writes the folder under $OUT/.. (not carried back) and runs the bench. Override with
 # SERVE_AGENTS_ROUNDS (2), SERVE_AGENTS_SHAPE (long), SERVE_AGENTS_QUICK (empty; 1 for --quick),
-# SERVE_AGENTS_CONTENDERS (all three). transformers serve is given a fifth of the GPU for its KV
-# cache, so the three servers fit on one 80 GB card beside their weights.
+# SERVE_AGENTS_CONTENDERS (all three). transformers serve's KV cache gets the same capacity as
+# kvcache's pool (not 90% of the free GPU memory), so the three servers fit on one 80 GB card.
 # Writes: $OUT/env.txt, $OUT/bench.txt, $OUT/serve_agents.json, $OUT/logs/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,9 @@ PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "--prepare" ]; then
     mkdir -p "$PREP/wheels" "$PREP/tokenizer" "$PREP/bin"
+    # GPU_PYTHON_VERSION=3.12 (say): wheels for the device image's Python when it differs from this one.
     "$PY" -m pip download --quiet -d "$PREP/wheels" --only-binary=:all: \
+        ${GPU_PYTHON_VERSION:+--python-version "$GPU_PYTHON_VERSION"} \
         openai aiohttp redis prometheus-client xxhash blake3 msgspec pyzmq cbor2 tqdm \
         fastapi uvicorn "pydantic>=2" opentelemetry-api
     # torch and transformers come with the image; never replace them.
@@ -70,6 +72,6 @@ QUICK=${SERVE_AGENTS_QUICK:+--quick}
 "$PY" -P benches/bench_serve_agents.py --model "$FOLDER" --device cuda --dtype bfloat16 --threads "$(nproc)" \
     --shape "${SERVE_AGENTS_SHAPE:-long}" $QUICK --rounds "${SERVE_AGENTS_ROUNDS:-2}" \
     --contenders "${SERVE_AGENTS_CONTENDERS:-sharing,no-sharing,transformers}" \
-    --transformers-args="--cb-max-memory-percent 0.2" --logs "$OUT/logs" --out "$OUT/serve_agents.json" \
+    --logs "$OUT/logs" --out "$OUT/serve_agents.json" \
     2>&1 | tee "$OUT/bench.txt"
 exit "${PIPESTATUS[0]}"
