@@ -9,7 +9,8 @@ The benchmark starts every contender itself on the same weights (``--model``, de
 (``--device cpu --dtype float32``) and the same threads (``--threads``: torch threads and
 ``OMP_NUM_THREADS``), all three up at once:
 
-- ``sharing``: ``kvcache serve`` with its defaults, one API key per tenant;
+- ``sharing``: ``kvcache serve`` with its defaults, one API key per tenant (only ``--num-blocks``, so
+  the pool holds the longest prompts, and ``--read-timeout``, so a first token may take minutes);
 - ``no-sharing``: the same command, but every request comes with its own API key of its own
   tenant, so no request can reuse another's blocks (the scope enters every block key); the prompts,
   the order and everything else are the same;
@@ -151,7 +152,10 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
         else:
             cmd = [*python_argv("-m", "kvcache.cli"), "serve", "--model", args.model, "--port", str(port),
                    "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
-                   "--num-blocks", str(num_blocks), "--config", str(config_path)]  # fmt: skip
+                   "--num-blocks", str(num_blocks), "--config", str(config_path),
+                   # Long prompts queued on a loaded CPU wait minutes for their first token; the
+                   # default 60 s would turn them into 504s (transformers serve has no such limit).
+                   "--read-timeout", "1800"]  # fmt: skip
             model, keys = args.model, (_tenant_key if name == "sharing" else _request_key)
         with log_path.open("wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
