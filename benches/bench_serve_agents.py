@@ -27,8 +27,8 @@ a question. Shapes (tokens are SmolLM2's, about 1.3 per word):
 - ``short``: 4 tenants x 3 sessions x 4 turns; system ~600 tokens, document ~300, question ~30,
   history answers ~32; ``max_tokens`` 32. ``--quick``: 2 tenants x 2 sessions x 3 turns;
 - ``long``: 4 tenants x 2 sessions x 3 turns; system ~1.5k tokens, documents 1.3k-5.9k (prompts
-  2.8k-7.5k), answers (tool calls) of 16 tokens. ``--quick``: 2 tenants x 2 sessions x 2 turns,
-  system ~1k, documents 1k-3.2k.
+  3.2k-6.6k in the first two rounds' draws), answers (tool calls) of 16 tokens. ``--quick``:
+  2 tenants x 2 sessions x 2 turns, system ~1k, documents 1k-3.3k (prompts 2.2k-3.9k).
 
 Each round draws fresh texts (seed + round), so no round profits from an earlier one, and runs the
 contenders one after another in a rotated order, so a neighbour's burst of load hits them alike.
