@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -158,7 +160,9 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
                    "--read-timeout", "1800"]  # fmt: skip
             model, keys = args.model, (_tenant_key if name == "sharing" else _request_key)
         with log_path.open("wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # A session of its own: a server that will not stop is killed with its workers.
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)  # fmt: skip
         servers[name] = Server(name, f"http://127.0.0.1:{port}", model, process, log_path, keys)
     return servers
 
@@ -194,14 +198,16 @@ def wait_ready(server: Server, timeout_s: float = 600.0) -> None:
 
 
 def stop_servers(servers: dict[str, Server]) -> None:
+    """SIGTERM each server, then SIGKILL whatever of its session is still there after 60 s or after
+    it exited (a worker busy in a long prefill may outlive its server)."""
     for server in servers.values():
         server.process.terminate()
     for server in servers.values():
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
 
 
 async def one_request(client: Any, model: str, req: TextRequest) -> tuple[bench.Result, bool]:

@@ -219,3 +219,32 @@ def test_the_pool_holds_the_concurrent_longest_prompts(sa: ModuleType) -> None:
     longest = max(len(r.prompt) // 3 + r.output_tokens for r in long)
     blocks = sa.num_blocks_for(long, 4)
     assert blocks % 1024 == 0 and blocks * 16 >= 2 * 4 * longest
+
+
+def test_stopping_a_server_leaves_none_of_its_processes(sa: ModuleType, tmp_path: Path) -> None:
+    """A child that outlives its server (a worker busy in a prefill) is killed with it, not orphaned."""
+    import os
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"
+    process = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    sa.stop_servers({"x": sa.Server("x", "", "m", process, tmp_path / "log", sa._no_key)})
+    assert process.returncode is not None
+    deadline = time.monotonic() + 30
+    while True:  # killed; gone once init reaps it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as stat:
+            if stat.read().split()[2] == "Z":
+                break
+        assert time.monotonic() < deadline, "the child outlived its server"
+        time.sleep(0.05)
