@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.child import python_argv
+from kvcache.lab import serve_bench as bench
 from kvcache.redis_server import start_redis
-from kvcache.serve import bench
 
 ADMIN_KEY = "sk-bench-admin"
 VOCABULARY = (

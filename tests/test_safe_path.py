@@ -50,7 +50,7 @@ def test_import_kernels_from_the_repository_root_gets_the_installed_package() ->
 def test_a_model_builds_from_the_repository_root() -> None:
     """What failed on a fresh machine: transformers' ``from kernels import ...`` while building."""
     got = run_in_root(
-        "from kvcache import hf\n"
+        "from kvcache.model import hf\n"
         "model = hf.load_model('tiny').model\n"
         "print(type(model).__name__)"
     )

@@ -134,3 +134,49 @@ def test_worker_flags_carry_dtype_and_device() -> None:
     argv = WorkerArgs(dtype="bfloat16", device="cpu").argv("w3")
     assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--device") + 1] == "cpu"
     assert "--dtype" not in WorkerArgs().argv("w3")
+
+
+def test_read_timeout_reaches_the_front(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """``--read-timeout S``: how long the front waits on a silent worker (long prompts queued on a slow
+    CPU wait longer than the default 60 s for their first token)."""
+    from kvcache import redis_server
+    from kvcache.errors import ConfigError
+    from kvcache.serve import launch
+
+    class FakeRedis:
+        url = "redis://127.0.0.1:1/0"
+
+        def stop(self) -> None:
+            pass
+
+    seen: dict[str, object] = {}
+
+    def make_front(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise ConfigError("stopped before serving")
+
+    monkeypatch.setattr(redis_server, "start_redis", FakeRedis)
+    monkeypatch.setattr(launch, "make_front", make_front)
+    assert "stopped before serving" in serve(capsys, "--model", "tiny", "--read-timeout", "600")
+    assert seen["read_timeout_s"] == 600.0
+    seen.clear()
+    serve(capsys, "--model", "tiny")
+    assert seen["read_timeout_s"] == 60.0
+    seen.clear()
+    with pytest.raises(SystemExit, match="2"):
+        main(["serve", "--model", "tiny", "--read-timeout", "0"])
+    assert "--read-timeout: '0' must be a number > 0" in capsys.readouterr().err
+    assert seen == {}  # refused while parsing
+
+
+def test_make_front_sets_the_read_timeout() -> None:
+    from kvcache.serve import auth as serve_auth
+    from kvcache.serve.config import ServeConfig
+    from kvcache.serve.launch import make_front
+
+    front = make_front(config=ServeConfig.load(None), model="tiny", tokenizer=tokenize.load("tiny"),
+                       redis_url="redis://127.0.0.1:1/0", policy="affinity", mode="precise", block_size=16,
+                       keys=serve_auth.DeploymentKeys.from_secret(serve_auth.new_secret()),
+                       read_timeout_s=600.0)  # fmt: skip
+    assert front.read_timeout_s == 600.0

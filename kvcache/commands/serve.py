@@ -58,6 +58,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         "or from the last answer on a kept-alive connection) before it is closed")
     parser.add_argument("--body-timeout", type=argtypes.positive_float, default=60.0, metavar="S",
                         help="seconds a client has to send a request's body (408 after)")
+    parser.add_argument("--read-timeout", type=argtypes.positive_float, default=60.0, metavar="S",
+                        help="seconds a worker may stay silent on a request, its first token included, "
+                        "before the client gets a 504 (raise it where long prompts queue on slow workers)")
     parser.add_argument("--max-connections", type=argtypes.positive_int, metavar="N",
                         help="open client connections (default 4096, or what the file-descriptor limit "
                         "fits); past it the longest-idle connection is closed")
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                                   policy=args.policy, mode=args.mode, block_size=args.block_size, keys=keys,
                                   served_names=tuple(args.served_model_name or ()),
                                   max_prompt_tokens=max_prompt_tokens, latency=latency,
-                                  max_running=args.max_running, limits=connection_limits)  # fmt: skip
+                                  max_running=args.max_running, limits=connection_limits,
+                                  read_timeout_s=args.read_timeout)  # fmt: skip
         worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
                                         block_size=args.block_size, threads=args.threads,
                                         config_path=args.config, pod_tier=not args.no_pod_tier,

@@ -36,7 +36,7 @@ from kvcache.errors import ConfigError
 from kvcache.model.tokenize import Tokenizer
 from kvcache.serve import auth
 from kvcache.serve.config import ServeConfig
-from kvcache.serve.front import Front
+from kvcache.serve.front import READ_TIMEOUT_S, Front
 from kvcache.serve.limits import ConnectionLimits
 
 
@@ -203,10 +203,13 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
 def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
                mode: str, block_size: int, keys: auth.DeploymentKeys, served_names: tuple[str, ...] = (),
                max_prompt_tokens: int | None = None, latency: LatencyModel | None = None,
-               max_running: int = 64, limits: ConnectionLimits | None = None) -> Front:  # fmt: skip
+               max_running: int = 64, limits: ConnectionLimits | None = None,
+               read_timeout_s: float = READ_TIMEOUT_S) -> Front:  # fmt: skip
     """The front with its router running one of the router's policies; ``affinity`` prices workers
     with ``worker_latency(latency, max_running)``. ``served_names``: the names clients use (the first is
-    reported; default ``model``); ``limits``: its connection limits (default ``ConnectionLimits()``)."""
+    reported; default ``model``); ``limits``: its connection limits (default ``ConnectionLimits()``);
+    ``read_timeout_s``: how long a worker may stay silent on a request (its first token included)
+    before the client gets a 504."""
     from kvcache.router import Router, RouteRequest
 
     check_policy(policy)
@@ -215,4 +218,5 @@ def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_u
     names = served_names or (model,)
     return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
                  route_request=RouteRequest, keys=keys, served_names=names[1:],
-                 max_prompt_tokens=max_prompt_tokens, limits=limits, max_running=max_running)  # fmt: skip
+                 max_prompt_tokens=max_prompt_tokens, limits=limits, max_running=max_running,
+                 read_timeout_s=read_timeout_s)  # fmt: skip
