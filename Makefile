@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine with Python >= 3.11 and pip:
 #   make demo   - the main job: a demo on the embedded defaults and the real default model
-#   make test   - lint, type-check, the import layers and the whole test suite
+#   make test   - lint, format check, type-check, the import layers and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -35,7 +35,8 @@ demo: $(VENV)/.installed
 	$(BIN)/kvcache demo
 
 test: $(VENV)/.installed
-	$(BIN)/ruff check kvcache kernels tests benches
+	$(BIN)/ruff check kvcache kernels tests benches scripts
+	$(BIN)/ruff format --check kvcache kernels tests benches scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q tests

@@ -89,9 +89,14 @@ class Bench:
         self.model = self.loaded.model
         self.device = self.loaded.device
         longest = max(SEQS + SHARED_SEQS) * (SHARED + PROMPT + NEW) + 2 * TTFT_LEN
-        self.config = EngineConfig(num_blocks=longest // BS + 64, block_size=BS, device=DEVICE, dtype=DTYPE,
-                                   max_num_seqs=max(SEQS + SHARED_SEQS),
-                                   max_num_batched_tokens=2048)  # fmt: skip
+        self.config = EngineConfig(
+            num_blocks=longest // BS + 64,
+            block_size=BS,
+            device=DEVICE,
+            dtype=DTYPE,
+            max_num_seqs=max(SEQS + SHARED_SEQS),
+            max_num_batched_tokens=2048,
+        )
         self.rounds = 0
         self.shared_engine = self.engine()
 
@@ -177,8 +182,10 @@ class Bench:
             best = max(rate["static"], rate.get("cb", 0.0))
             ours = rate["engine"]
             case = "distinct" if not shared else f"shared{shared}"
-            lines.append(f"{case:<11}{n:>5}{rate['sequential']:>12.1f}{rate['static']:>9.1f}{cb:>9.1f}"
-                         f"{ours:>9.1f}{ours / rate['sequential']:>7.2f}x{ours / best:>12.2f}x")  # fmt: skip
+            lines.append(
+                f"{case:<11}{n:>5}{rate['sequential']:>12.1f}{rate['static']:>9.1f}{cb:>9.1f}"
+                f"{ours:>9.1f}{ours / rate['sequential']:>7.2f}x{ours / best:>12.2f}x"
+            )
         return lines
 
     def overhead(self) -> str:
@@ -188,8 +195,10 @@ class Bench:
         decode = [r for r in engine.step_records if r.num_decode_seqs == n and not r.num_prefill_tokens]
         share = statistics.median((r.seconds - r.model_seconds) / r.seconds for r in decode)
         step_ms = 1000 * statistics.median(r.seconds for r in decode)
-        return (f"step overhead at {n} seqs: {100 * share:.1f}% of a {step_ms:.1f} ms decode step "
-                f"(median of {len(decode)})")  # fmt: skip
+        return (
+            f"step overhead at {n} seqs: {100 * share:.1f}% of a {step_ms:.1f} ms decode step "
+            f"(median of {len(decode)})"
+        )
 
     def bandwidth_bytes_s(self, src: torch.Tensor, dst: torch.Tensor) -> float:
         """Bytes per second of one ``copy_`` between two large buffers (read once, written once)."""
@@ -202,8 +211,10 @@ class Bench:
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         src = torch.ones(BANDWIDTH_MIB << 18)  # float32: BANDWIDTH_MIB MiB
         dst = torch.empty_like(src)
-        lines = [f"decode step, {PROMPT}-token contexts, {weight_bytes / 1e6:.0f} MB of weights; "
-                 f"medians of {STEP_ROUNDS} interleaved rounds"]  # fmt: skip
+        lines = [
+            f"decode step, {PROMPT}-token contexts, {weight_bytes / 1e6:.0f} MB of weights; "
+            f"medians of {STEP_ROUNDS} interleaved rounds"
+        ]
         engine = self.engine()
         for n in STEP_SEQS:
             batch = prompts(n, 0, seed=1000 + n)
@@ -239,10 +250,12 @@ class Bench:
             ours, theirs = statistics.median(times["engine"]), statistics.median(times["transformers"])
             rate = statistics.median(times["bandwidth"])
             limit = weight_bytes / rate
-            lines.append(f"step {n:>3} seqs: engine {1000 * ours:.1f} ms, transformers "
-                         f"{1000 * theirs:.1f} ms (engine / transformers {ours / theirs:.2f}x), "
-                         f"weights-read limit {1000 * limit:.1f} ms at {rate / 1e9:.1f} GB/s "
-                         f"(engine / limit {ours / limit:.2f}x), load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            lines.append(
+                f"step {n:>3} seqs: engine {1000 * ours:.1f} ms, transformers "
+                f"{1000 * theirs:.1f} ms (engine / transformers {ours / theirs:.2f}x), "
+                f"weights-read limit {1000 * limit:.1f} ms at {rate / 1e9:.1f} GB/s "
+                f"(engine / limit {ours / limit:.2f}x), load {os.getloadavg()[0]:.2f}"
+            )
             print(lines[-1], flush=True)
         return lines
 
@@ -276,22 +289,28 @@ class Bench:
                     times.append(time.perf_counter() - start)
         plain = statistics.median(times)
         mine = median_s(ours)
-        return (f"TTFT {TTFT_LEN}-token prompt, {cached} cached: engine {1000 * mine:.1f} ms, "
-                f"transformers suffix over an in-memory DynamicCache {1000 * plain:.1f} ms, "
-                f"ratio {mine / plain:.2f}x")  # fmt: skip
+        return (
+            f"TTFT {TTFT_LEN}-token prompt, {cached} cached: engine {1000 * mine:.1f} ms, "
+            f"transformers suffix over an in-memory DynamicCache {1000 * plain:.1f} ms, "
+            f"ratio {mine / plain:.2f}x"
+        )
 
 
 def header(bench: Bench) -> str:
     name = torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu"
     load = os.getloadavg()
-    return (f"model {bench.loaded.model_id} on {name} {str(bench.loaded.dtype).removeprefix('torch.')}, "
-            f"torch threads {torch.get_num_threads()}, "
-            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-            f"prompt {PROMPT} + {NEW} new tokens, medians of {ROUNDS} runs")  # fmt: skip
+    return (
+        f"model {bench.loaded.model_id} on {name} {str(bench.loaded.dtype).removeprefix('torch.')}, "
+        f"torch threads {torch.get_num_threads()}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+        f"prompt {PROMPT} + {NEW} new tokens, medians of {ROUNDS} runs"
+    )
 
 
-TABLE_HEAD = (f"{'case':<11}{'seqs':>5}{'sequential':>12}{'static':>9}{'cb':>9}{'engine':>9}"
-              f"{'x seq':>8}{'x best(b,c)':>13}   (output tokens/s)")  # fmt: skip
+TABLE_HEAD = (
+    f"{'case':<11}{'seqs':>5}{'sequential':>12}{'static':>9}{'cb':>9}{'engine':>9}"
+    f"{'x seq':>8}{'x best(b,c)':>13}   (output tokens/s)"
+)
 
 
 def report(bench: Bench) -> list[str]:

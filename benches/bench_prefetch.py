@@ -139,10 +139,13 @@ class Bench:
             engine.add_request(toks(7_000_000 + 100 * self.seed + i, 64, self.vocab), "bench", busy)
         engine.step()
         rids = [
-            engine.add_request(p + toks(9_000_000 + 100 * self.seed + i, 16, self.vocab), "bench",
-                               SamplingParams(max_tokens=1))
+            engine.add_request(
+                p + toks(9_000_000 + 100 * self.seed + i, 16, self.vocab),
+                "bench",
+                SamplingParams(max_tokens=1),
+            )
             for i, p in enumerate(prefixes)
-        ]  # fmt: skip
+        ]
         first: dict[object, tuple[float, float, float, int]] = {}
         while engine.has_unfinished():
             for out in engine.step():
@@ -172,8 +175,10 @@ def main() -> None:
             f"with a {PREFIX}-token prefix in the tier, {BUSY} busy requests; load average "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
-        print(f"{'tier':6}{'prefetch':>9}{'TTFT ms':>10}{'admitted ms':>13}{'load ms':>10}{'loaded tok':>12}"
-              f"{'prefetched':>12}{'hits':>6}{'wasted':>8}{'errors':>8}")  # fmt: skip
+        print(
+            f"{'tier':6}{'prefetch':>9}{'TTFT ms':>10}{'admitted ms':>13}{'load ms':>10}{'loaded tok':>12}"
+            f"{'prefetched':>12}{'hits':>6}{'wasted':>8}{'errors':>8}"
+        )
         for tier in ("disk", "pod"):
             med = {}
             for on in (False, True):
@@ -184,8 +189,10 @@ def main() -> None:
                 loaded = statistics.median(x[3] for x in rows)
                 med[on] = (ttft, after, stall)
                 p = engines[(tier, on)].prefetch_stats()
-                print(f"{tier:6}{'on' if on else 'off':>9}{ttft:>10.1f}{after:>13.1f}{stall:>10.2f}"
-                      f"{loaded:>12.0f}{p.blocks:>12}{p.hits:>6}{p.wasted:>8}{p.errors:>8}")  # fmt: skip
+                print(
+                    f"{tier:6}{'on' if on else 'off':>9}{ttft:>10.1f}{after:>13.1f}{stall:>10.2f}"
+                    f"{loaded:>12.0f}{p.blocks:>12}{p.hits:>6}{p.wasted:>8}{p.errors:>8}"
+                )
             print(
                 f"{tier:6}{'off/on':>9}{med[False][0] / med[True][0]:>9.2f}x"
                 f"{med[False][1] / med[True][1]:>12.2f}x{med[False][2] / max(med[True][2], 1e-9):>9.1f}x"

@@ -84,11 +84,17 @@ class Shape:
     max_tokens: int
 
     def requests(self, seed: int) -> list[TextRequest]:
-        return persistent_agents(num_tenants=self.tenants, sessions_per_tenant=self.sessions,
-                                 turns=self.turns, system_words=self.system_words,
-                                 document_words=self.document_words,
-                                 question_words=self.question_words, answer_words=self.answer_words,
-                                 output_tokens=self.max_tokens, seed=seed)  # fmt: skip
+        return persistent_agents(
+            num_tenants=self.tenants,
+            sessions_per_tenant=self.sessions,
+            turns=self.turns,
+            system_words=self.system_words,
+            document_words=self.document_words,
+            question_words=self.question_words,
+            answer_words=self.answer_words,
+            output_tokens=self.max_tokens,
+            seed=seed,
+        )
 
 
 SHAPES = {
@@ -144,26 +150,57 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
         if name == "transformers":
             folder = str(models.prepare(args.model)) if args.model in models.REGISTRY else args.model
             # ``-P``: the working directory's kernels/ must not shadow Hugging Face's kernels package.
-            cmd = [*python_argv("-m", "transformers.cli.transformers"), "serve", "--continuous-batching",
-                   "--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning",
-                   # The same KV capacity as kvcache's pool, in its pages of 256 tokens: left unset, it
-                   # takes 90% of the free memory (of the machine, on a CPU).
-                   "--cb-num-blocks", str(max(1, num_blocks * 16 // 256)),
-                   *shlex.split(args.transformers_args), folder]  # fmt: skip
+            cmd = [
+                *python_argv("-m", "transformers.cli.transformers"),
+                "serve",
+                "--continuous-batching",
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                # The same KV capacity as kvcache's pool, in its pages of 256 tokens: left unset, it
+                # takes 90% of the free memory (of the machine, on a CPU).
+                "--cb-num-blocks",
+                str(max(1, num_blocks * 16 // 256)),
+                *shlex.split(args.transformers_args),
+                folder,
+            ]
             model, keys = folder, _no_key
         else:
-            cmd = [*python_argv("-m", "kvcache.cli"), "serve", "--model", args.model, "--port", str(port),
-                   "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
-                   "--num-blocks", str(num_blocks), "--config", str(config_path),
-                   # Long prompts queued on a loaded CPU wait minutes for their first token; the
-                   # default 60 s would turn them into 504s (transformers serve has no such limit).
-                   "--read-timeout", "1800"]  # fmt: skip
+            cmd = [
+                *python_argv("-m", "kvcache.cli"),
+                "serve",
+                "--model",
+                args.model,
+                "--port",
+                str(port),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--num-blocks",
+                str(num_blocks),
+                "--config",
+                str(config_path),
+                # Long prompts queued on a loaded CPU wait minutes for their first token; the
+                # default 60 s would turn them into 504s (transformers serve has no such limit).
+                "--read-timeout",
+                "1800",
+            ]
             model, keys = args.model, (_tenant_key if name == "sharing" else _request_key)
         with log_path.open("wb") as log:
             # A session of its own: a server that will not stop is killed with its workers.
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         servers[name] = Server(name, f"http://127.0.0.1:{port}", model, process, log_path, keys)
     return servers
 
@@ -186,8 +223,10 @@ def wait_ready(server: Server, timeout_s: float = 600.0) -> None:
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             tail = server.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise SystemExit(f"{server.name}: the server exited with code {server.process.returncode} before "
-                             f"it was ready; {server.log_path} ends:\n" + "\n".join(tail))  # fmt: skip
+            raise SystemExit(
+                f"{server.name}: the server exited with code {server.process.returncode} before "
+                f"it was ready; {server.log_path} ends:\n" + "\n".join(tail)
+            )
         try:
             with urllib.request.urlopen(server.url + "/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -218,8 +257,13 @@ async def one_request(client: Any, model: str, req: TextRequest) -> tuple[bench.
     start = last = time.perf_counter()
     try:
         stream = await client.completions.create(
-            model=model, prompt=req.prompt, max_tokens=req.output_tokens, temperature=0.0, stream=True,
-            stream_options={"include_usage": True})  # fmt: skip
+            model=model,
+            prompt=req.prompt,
+            max_tokens=req.output_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices:
@@ -242,8 +286,9 @@ async def one_request(client: Any, model: str, req: TextRequest) -> tuple[bench.
     return result, reported
 
 
-async def run_round(server: Server, requests: list[TextRequest], round_: int,
-                    concurrency: int) -> tuple[list[bench.Result], float, bool]:  # fmt: skip
+async def run_round(
+    server: Server, requests: list[TextRequest], round_: int, concurrency: int
+) -> tuple[list[bench.Result], float, bool]:
     """The requests in order through ``concurrency`` closed-loop clients; the results (in request
     order), the wall time from the first send to the last answer, and whether cached tokens were
     reported."""
@@ -259,8 +304,9 @@ async def run_round(server: Server, requests: list[TextRequest], round_: int,
         for index, req in todo:
             key = server.keys(round_, index, req)
             if key not in clients:
-                clients[key] = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0,
-                                                  timeout=1800.0)  # fmt: skip
+                clients[key] = openai.AsyncOpenAI(
+                    base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=1800.0
+                )
             result, got = await one_request(clients[key], server.model, req)
             result.sent_s = time.perf_counter() - start
             results[index] = result
@@ -274,19 +320,30 @@ async def run_round(server: Server, requests: list[TextRequest], round_: int,
     return [r for r in results if r is not None], wall_s, reported
 
 
-def round_figures(results: list[bench.Result], wall_s: float, reported: bool, concurrency: int,
-                  load: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+def round_figures(
+    results: list[bench.Result], wall_s: float, reported: bool, concurrency: int, load: tuple[float, float]
+) -> dict[str, Any]:
     """One contender's round: ``bench.summarize``'s figures under the names the table shows."""
     s = bench.summarize(results, wall_s, rate=float("inf"), max_concurrency=concurrency)
     ok = [r for r in results if r.ok]
     # Where a request's time goes: waiting and prefill (to the first token) against decoding.
     ttft_share = sum(r.ttft_s for r in ok) / max(1e-9, sum(r.e2e_s for r in ok))
-    return {"tpot_ms": s["median_tpot_ms"], "ttft_share": ttft_share,
-            "wall_s": wall_s, "req_s": s["request_throughput"], "ttft_p50_s": s["median_ttft_ms"] / 1e3,
-            "ttft_p99_s": s["p99_ttft_ms"] / 1e3, "cached": s["cache_hit_rate"] if reported else None,
-            "prompt_tokens": s["total_input_tokens"] / max(1, s["completed"]),
-            "output_tokens": s["total_output_tokens"], "completed": s["completed"], "failed": s["failed"],
-            "errors": s["errors"], "load_before": load[0], "load_after": load[1]}  # fmt: skip
+    return {
+        "tpot_ms": s["median_tpot_ms"],
+        "ttft_share": ttft_share,
+        "wall_s": wall_s,
+        "req_s": s["request_throughput"],
+        "ttft_p50_s": s["median_ttft_ms"] / 1e3,
+        "ttft_p99_s": s["p99_ttft_ms"] / 1e3,
+        "cached": s["cache_hit_rate"] if reported else None,
+        "prompt_tokens": s["total_input_tokens"] / max(1, s["completed"]),
+        "output_tokens": s["total_output_tokens"],
+        "completed": s["completed"],
+        "failed": s["failed"],
+        "errors": s["errors"],
+        "load_before": load[0],
+        "load_after": load[1],
+    }
 
 
 def medians(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -295,9 +352,21 @@ def medians(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
     for name in rounds[0]:
         rows = [r[name] for r in rounds if name in r]
         figures: dict[str, Any] = {"rounds": len(rows)}
-        for key in ("wall_s", "req_s", "ttft_p50_s", "ttft_p99_s", "tpot_ms", "ttft_share", "cached",
-                    "prompt_tokens", "output_tokens", "completed", "failed", "load_before",
-                    "load_after"):  # fmt: skip
+        for key in (
+            "wall_s",
+            "req_s",
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "tpot_ms",
+            "ttft_share",
+            "cached",
+            "prompt_tokens",
+            "output_tokens",
+            "completed",
+            "failed",
+            "load_before",
+            "load_after",
+        ):
             values = [row[key] for row in rows if row[key] is not None]
             figures[key] = statistics.median(values) if values else None
         out[name] = figures
@@ -321,22 +390,30 @@ def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def table(m: dict[str, dict[str, Any]]) -> list[str]:
     """The Markdown table README.md and docs/serve.md show."""
-    lines = ["| contender | wall s | req/s | TTFT p50 s | TTFT p99 s | TPOT ms | TTFT share | cached | "
-             "prompt tokens | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    names = {"sharing": "`kvcache serve`, defaults (sharing on)",
-             "no-sharing": "`kvcache serve`, sharing impossible (a key and tenant per request)",
-             "transformers": "`transformers serve --continuous-batching`"}  # fmt: skip
+    lines = [
+        "| contender | wall s | req/s | TTFT p50 s | TTFT p99 s | TPOT ms | TTFT share | cached | "
+        "prompt tokens | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {
+        "sharing": "`kvcache serve`, defaults (sharing on)",
+        "no-sharing": "`kvcache serve`, sharing impossible (a key and tenant per request)",
+        "transformers": "`transformers serve --continuous-batching`",
+    }
     for name, f in m.items():
         cached = "n/a" if f["cached"] is None else f"{100 * f['cached']:.1f}%"
-        lines.append(f"| {names.get(name, name)} | {f['wall_s']:.0f} | {f['req_s']:.3f} | "
-                     f"{f['ttft_p50_s']:.2f} | {f['ttft_p99_s']:.2f} | {f['tpot_ms']:.0f} | "
-                     f"{100 * f['ttft_share']:.0f}% | {cached} | {f['prompt_tokens']:.0f} | "
-                     f"{f['load_before']:.1f}-{f['load_after']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {names.get(name, name)} | {f['wall_s']:.0f} | {f['req_s']:.3f} | "
+            f"{f['ttft_p50_s']:.2f} | {f['ttft_p99_s']:.2f} | {f['tpot_ms']:.0f} | "
+            f"{100 * f['ttft_share']:.0f}% | {cached} | {f['prompt_tokens']:.0f} | "
+            f"{f['load_before']:.1f}-{f['load_after']:.1f} |"
+        )
     return lines
 
 
-def run_shape(servers: dict[str, Server], shape_name: str, shape: Shape, args: argparse.Namespace,
-              first_round: int) -> dict[str, Any]:  # fmt: skip
+def run_shape(
+    servers: dict[str, Server], shape_name: str, shape: Shape, args: argparse.Namespace, first_round: int
+) -> dict[str, Any]:
     """``args.rounds`` rounds numbered from ``first_round``: the number picks the texts (seed) and
     the per-request keys, so no two rounds of any shape share a prompt or a key."""
     rounds: list[dict[str, dict[str, Any]]] = []
@@ -353,10 +430,12 @@ def run_shape(servers: dict[str, Server], shape_name: str, shape: Shape, args: a
             after = os.getloadavg()[0]
             f = this[name] = round_figures(results, wall_s, reported, args.concurrency, (before, after))
             cached = "n/a" if f["cached"] is None else f"{100 * f['cached']:.1f}%"
-            print(f"{shape_name} round {r} {name:12s} wall {wall_s:6.1f} s  {f['req_s']:.3f} req/s  "
-                  f"TTFT p50 {f['ttft_p50_s']:.2f} s p99 {f['ttft_p99_s']:.2f} s  cached {cached}  "
-                  f"failed {f['failed']}  load {f['load_before']:.2f}->{f['load_after']:.2f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{shape_name} round {r} {name:12s} wall {wall_s:6.1f} s  {f['req_s']:.3f} req/s  "
+                f"TTFT p50 {f['ttft_p50_s']:.2f} s p99 {f['ttft_p99_s']:.2f} s  cached {cached}  "
+                f"failed {f['failed']}  load {f['load_before']:.2f}->{f['load_after']:.2f}",
+                flush=True,
+            )
             for error in f["errors"][:3]:
                 print(f"    failed: {error}", flush=True)
         rounds.append({name: this[name] for name in names})
@@ -372,8 +451,9 @@ def warm_up(servers: dict[str, Server], concurrency: int) -> None:
 
 
 @contextmanager
-def serving(args: argparse.Namespace, requests_per_round: int, tenants: int, num_blocks: int,
-            total_rounds: int) -> Iterator[dict[str, Server]]:  # fmt: skip
+def serving(
+    args: argparse.Namespace, requests_per_round: int, tenants: int, num_blocks: int, total_rounds: int
+) -> Iterator[dict[str, Server]]:
     config_path = Path(args.logs) / "serve-agents.toml"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     config_path.write_text(tenant_config(tenants, total_rounds, requests_per_round))
@@ -392,15 +472,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=["short", "long", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="the small version of each shape")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help=f"comma-separated subset of {','.join(CONTENDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+    )
     parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name or a folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2, help="torch threads and OMP_NUM_THREADS per server")
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop clients")
-    parser.add_argument("--transformers-args", default="", metavar="ARGS",
-                        help="more transformers serve options: '--cb-max-memory-percent 0.2'")  # fmt: skip
+    parser.add_argument(
+        "--transformers-args",
+        default="",
+        metavar="ARGS",
+        help="more transformers serve options: '--cb-max-memory-percent 0.2'",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logs", default="/tmp/serve-agents")
     parser.add_argument("--out", default="serve_agents.json")
@@ -416,10 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     tenants = max(shape.tenants for shape in plan.values())
     num_blocks = max(num_blocks_for(r, args.concurrency) for r in requests.values())
     load_start = os.getloadavg()
-    print(f"contenders {args.contenders}; model {args.model}, {args.device} {args.dtype}, "
-          f"{args.threads} threads; kvcache --num-blocks {num_blocks}; load average "
-          f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} on {os.cpu_count()} cpus",
-          flush=True)  # fmt: skip
+    print(
+        f"contenders {args.contenders}; model {args.model}, {args.device} {args.dtype}, "
+        f"{args.threads} threads; kvcache --num-blocks {num_blocks}; load average "
+        f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} on {os.cpu_count()} cpus",
+        flush=True,
+    )
     report: dict[str, Any] = {"args": vars(args), "num_blocks": num_blocks, "load_start": load_start}
     with serving(args, most, tenants, num_blocks, len(plan) * args.rounds) as servers:
         ready = os.getloadavg()
@@ -430,9 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "benches/bench_serve_agents.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for name in plan:
         m, q = report[name]["medians"], report[name]["ratios"]
-        print(f"\n{name} shape{' (quick)' if args.quick else ''}: medians of {args.rounds} rounds; "
-              f"`{command}`; load average {load_start[0]:.2f} at start, "
-              f"{report['load_end'][0]:.2f} at end")  # fmt: skip
+        print(
+            f"\n{name} shape{' (quick)' if args.quick else ''}: medians of {args.rounds} rounds; "
+            f"`{command}`; load average {load_start[0]:.2f} at start, "
+            f"{report['load_end'][0]:.2f} at end"
+        )
         print("\n".join(table(m)))
         for key, value in q.items():
             print(f"{key}: {value:.2f}x")
@@ -447,8 +536,15 @@ def _bench_args() -> argparse.Namespace:
     return argparse.Namespace(
         contenders=["sharing", "no-sharing"],
         model=os.environ.get("BENCH_SERVE_AGENTS_MODEL", models.DEFAULT_MODEL),
-        device="cpu", dtype="float32", threads=2, concurrency=4, rounds=8, seed=0, transformers_args="",
-        logs=os.environ.get("BENCH_SERVE_AGENTS_LOGS", "/tmp/serve-agents"))  # fmt: skip
+        device="cpu",
+        dtype="float32",
+        threads=2,
+        concurrency=4,
+        rounds=8,
+        seed=0,
+        transformers_args="",
+        logs=os.environ.get("BENCH_SERVE_AGENTS_LOGS", "/tmp/serve-agents"),
+    )
 
 
 def _bench_servers() -> Iterator[dict[str, Server]]:

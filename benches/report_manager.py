@@ -47,8 +47,9 @@ def spread(xs: list[float]) -> str:
     return f"{med * 1e3:8.3f} ms ({lo * 1e3:.3f}-{hi * 1e3:.3f})"
 
 
-def report(name: str, base: Callable[[], Any] | None, ours: Callable[[], Any], calls: int, runs: int,
-           tokens: int) -> None:
+def report(
+    name: str, base: Callable[[], Any] | None, ours: Callable[[], Any], calls: int, runs: int, tokens: int
+) -> None:
     b_t: list[float] = []
     o_t: list[float] = []
     for r in range(runs):
@@ -97,9 +98,15 @@ def main() -> None:
         len(prompt),
     )
     chat = bench_manager.multi_turn_chat(
-        num_tenants=8, sessions_per_tenant=8, turns=6, system_prompt_tokens=1024, user_tokens=256,
-        output_tokens=128, vocab_size=bench_manager.VOCAB, seed=0,
-    )  # fmt: skip
+        num_tenants=8,
+        sessions_per_tenant=8,
+        turns=6,
+        system_prompt_tokens=1024,
+        user_tokens=256,
+        output_tokens=128,
+        vocab_size=bench_manager.VOCAB,
+        seed=0,
+    )
     salted = [type(r)(f"{r.tenant}/{i}", r.session, r.tokens, r.output_tokens) for i, r in enumerate(chat)]
     report(
         "replay 384 chat requests, 8 in flight; baseline no reuse",
@@ -119,8 +126,9 @@ def main() -> None:
         tail = rng.integers(0, bench_manager.VOCAB, n - cached).tolist()
         ids = count()
 
-        def alloc_free(m: BlockManager = m, p: list[int] = p32, c: int = cached, tail: list[int] = tail,
-                       ids: Any = ids) -> None:
+        def alloc_free(
+            m: BlockManager = m, p: list[int] = p32, c: int = cached, tail: list[int] = tail, ids: Any = ids
+        ) -> None:
             rid = next(ids)
             toks = [*p[:c], (tail[0] + rid) % bench_manager.VOCAB, *tail[1:]] if tail else p
             m.allocate(rid, toks, "t")
@@ -136,8 +144,12 @@ def main() -> None:
 
         report(
             f"allocate+free 32k tokens, {int(frac * 100)}% cached; baseline 0% cached",
-            alloc_free_nohit, alloc_free, 5, runs, n,
-        )  # fmt: skip
+            alloc_free_nohit,
+            alloc_free,
+            5,
+            runs,
+            n,
+        )
     m = bench_manager.fresh_manager(4096)
     p32 = rng.integers(0, bench_manager.VOCAB, 32_768).tolist()
     m.allocate("warm", p32, "t")

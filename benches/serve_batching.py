@@ -42,13 +42,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(args: argparse.Namespace, name: str,
-           max_running: int) -> tuple[subprocess.Popen[bytes], str, Path]:  # fmt: skip
+def _start(
+    args: argparse.Namespace, name: str, max_running: int
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = _free_port()
-    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
-           "--workers", str(args.workers), "--port", str(port), "--threads", str(args.threads),
-           "--num-blocks", str(args.num_blocks),
-           "--max-running", str(max_running), "--max-waiting", "256"]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--workers",
+        str(args.workers),
+        "--port",
+        str(port),
+        "--threads",
+        str(args.threads),
+        "--num-blocks",
+        str(args.num_blocks),
+        "--max-running",
+        str(max_running),
+        "--max-waiting",
+        "256",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
     log_path = Path(args.logs) / f"serve-batching-{name}.log"
     with log_path.open("wb") as log:
@@ -56,15 +73,18 @@ def _start(args: argparse.Namespace, name: str,
     return process, f"http://127.0.0.1:{port}", log_path
 
 
-def _wait_workers(url: str, n: int, process: subprocess.Popen[bytes], log_path: Path,
-                  timeout_s: float = 300.0) -> None:  # fmt: skip
+def _wait_workers(
+    url: str, n: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 300.0
+) -> None:
     """Until ``url`` reports ``n`` workers; ``SystemExit`` with the log's end if the server exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise SystemExit(f"{url}: kvcache serve exited with code {process.returncode} before its "
-                             f"workers joined; {log_path} ends:\n" + "\n".join(tail))  # fmt: skip
+            raise SystemExit(
+                f"{url}: kvcache serve exited with code {process.returncode} before its "
+                f"workers joined; {log_path} ends:\n" + "\n".join(tail)
+            )
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as resp:
                 if json.loads(resp.read())["workers"] == n:
@@ -102,8 +122,15 @@ def main() -> int:
             order = list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))
             for name in order:
                 url = servers[name][1]
-                load = bench.run_load(url, trace, rate=args.rate, duration_s=args.duration,
-                                      max_concurrency=args.max_concurrency, keys={}, seed=r)  # fmt: skip
+                load = bench.run_load(
+                    url,
+                    trace,
+                    rate=args.rate,
+                    duration_s=args.duration,
+                    max_concurrency=args.max_concurrency,
+                    keys={},
+                    seed=r,
+                )
                 results, wall_s = asyncio.run(load)
                 s = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency)
                 s["p50_ttft_ms"] = s["median_ttft_ms"]
@@ -116,19 +143,33 @@ def main() -> int:
             process.wait(timeout=60)
     load_after = os.getloadavg()
     medians = {name: {k: statistics.median(x[k] for x in rs) for k in KEYS} for name, rs in rounds.items()}
-    print(f"\nmedians of {args.rounds} rounds, {args.workers} workers, model {args.model}, "
-          f"rate {args.rate}/s, {args.duration:g} s each; load average before {load_before[0]:.2f}, "
-          f"after {load_after[0]:.2f}")
+    print(
+        f"\nmedians of {args.rounds} rounds, {args.workers} workers, model {args.model}, "
+        f"rate {args.rate}/s, {args.duration:g} s each; load average before {load_before[0]:.2f}, "
+        f"after {load_after[0]:.2f}"
+    )
     print(f"{'server':10s} " + " ".join(f"{k:>18s}" for k in KEYS))
     for name, m in medians.items():
         print(f"{name:10s} " + " ".join(f"{m[k]:18.1f}" for k in KEYS))
-    ratios = {f"serial_over_batched_{k}": medians["serial"][k] / max(medians["batched"][k], 1e-9)
-              for k in ("p50_ttft_ms", "p99_ttft_ms")}  # fmt: skip
+    ratios = {
+        f"serial_over_batched_{k}": medians["serial"][k] / max(medians["batched"][k], 1e-9)
+        for k in ("p50_ttft_ms", "p99_ttft_ms")
+    }
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rounds": rounds, "medians": medians,
-                                          "ratios": ratios, "load_before": load_before,
-                                          "load_after": load_after}, indent=1))  # fmt: skip
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "rounds": rounds,
+                "medians": medians,
+                "ratios": ratios,
+                "load_before": load_before,
+                "load_after": load_after,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -99,28 +99,62 @@ async def _isolation_probe(url: str, num_probes: int, prompt_tokens: int) -> dic
             probe.append(r_probe.ttft_s * 1e3)
             miss.append(r_miss.ttft_s * 1e3)
             hit.append(r_hit.ttft_s * 1e3)
-    return {"probe_ttft_ms": statistics.median(probe), "miss_ttft_ms": statistics.median(miss),
-            "hit_ttft_ms": statistics.median(hit)}  # fmt: skip
+    return {
+        "probe_ttft_ms": statistics.median(probe),
+        "miss_ttft_ms": statistics.median(miss),
+        "hit_ttft_ms": statistics.median(hit),
+    }
 
 
-def run_config(args: argparse.Namespace, policy: str, pod: bool, trace: list[bench.TraceRequest],
-               keys: dict[str, str], config_path: Path, probe: bool) -> dict[str, Any]:  # fmt: skip
+def run_config(
+    args: argparse.Namespace,
+    policy: str,
+    pod: bool,
+    trace: list[bench.TraceRequest],
+    keys: dict[str, str],
+    config_path: Path,
+    probe: bool,
+) -> dict[str, Any]:
     redis = start_redis()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
-           "--workers", str(args.workers), "--port", str(port), "--policy", policy,
-           "--threads", str(args.threads),
-           "--num-blocks", str(args.num_blocks), "--config", str(config_path)]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--workers",
+        str(args.workers),
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--threads",
+        str(args.threads),
+        "--num-blocks",
+        str(args.num_blocks),
+        "--config",
+        str(config_path),
+    ]
     if not pod:
         cmd.append("--no-pod-tier")
     log = open(Path(args.logs) / f"serve-{policy}-{'pod' if pod else 'nopod'}.log", "wb")  # noqa: SIM115
     env = {**os.environ, "KVCACHE_REDIS_URL": redis.url}  # a password: never argv
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        results, wall_s = asyncio.run(bench.run_load(url, trace, rate=args.rate, duration_s=args.duration,
-                                                     max_concurrency=args.max_concurrency, keys=keys,
-                                                     seed=args.seed))  # fmt: skip
+        results, wall_s = asyncio.run(
+            bench.run_load(
+                url,
+                trace,
+                rate=args.rate,
+                duration_s=args.duration,
+                max_concurrency=args.max_concurrency,
+                keys=keys,
+                seed=args.seed,
+            )
+        )
         summary = bench.summarize(results, wall_s, rate=args.rate, max_concurrency=args.max_concurrency)
         summary["tiers"] = _metrics(url)
         if probe:
@@ -180,8 +214,14 @@ def main() -> int:
         print(_table(results))
     ratios = [_ratios(r) for r in rounds]
     summary = {k: statistics.geometric_mean([r[k] for r in ratios]) for k in ratios[0]}
-    report = {"args": vars(args), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-              "rounds": rounds, "ratios_per_round": ratios, "ratios": summary}  # fmt: skip
+    report = {
+        "args": vars(args),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "rounds": rounds,
+        "ratios_per_round": ratios,
+        "ratios": summary,
+    }
     sent = max(s["completed"] + s["failed"] for r in rounds for s in r.values())
     if sent > len(trace):
         print(f"note: {sent} requests from a {len(trace)}-request trace: it wrapped, repeats are hits")
@@ -195,11 +235,13 @@ def main() -> int:
 
 def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
-    pairs = [("affinity_over_round_robin", "affinity:{p}", "round_robin:{p}"),
-             ("least_loaded_over_round_robin", "least_loaded:{p}", "round_robin:{p}"),
-             ("pod_on_over_off", "{r}:pod", "{r}:nopod")]  # fmt: skip
+    pairs = [
+        ("affinity_over_round_robin", "affinity:{p}", "round_robin:{p}"),
+        ("least_loaded_over_round_robin", "least_loaded:{p}", "round_robin:{p}"),
+        ("pod_on_over_off", "{r}:pod", "{r}:nopod"),
+    ]
     for label, num, den in pairs:
-        for fill in (("pod", "nopod") if "{p}" in num else ("affinity", "round_robin", "least_loaded")):
+        for fill in ("pod", "nopod") if "{p}" in num else ("affinity", "round_robin", "least_loaded"):
             key = {"p": fill, "r": fill}
             a, b = results.get(num.format(**key)), results.get(den.format(**key))
             if a is None or b is None:
@@ -220,10 +262,12 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         per_worker = [v for k, v in t.items() if k.startswith("requests:")]
         share = max(per_worker) / sum(per_worker) if per_worker else 0.0
         pod = t.get("hits:pod", 0.0) / t["queries:device"] if t.get("queries:device") else 0.0
-        lines.append(f"{name:<22}{s['completed']:>6}{s['request_throughput']:>8.2f}{s['output_throughput']:>8.1f}"
-                     f"{s['mean_ttft_ms']:>9.1f}{s['p99_ttft_ms']:>8.1f}{s['mean_itl_ms']:>8.1f}"
-                     f"{100 * s['cache_hit_rate']:>7.1f}{100 * pod:>6.1f}{t['queue_ms']:>9.1f}"
-                     f"{share:>10.2f}")  # fmt: skip
+        lines.append(
+            f"{name:<22}{s['completed']:>6}{s['request_throughput']:>8.2f}{s['output_throughput']:>8.1f}"
+            f"{s['mean_ttft_ms']:>9.1f}{s['p99_ttft_ms']:>8.1f}{s['mean_itl_ms']:>8.1f}"
+            f"{100 * s['cache_hit_rate']:>7.1f}{100 * pod:>6.1f}{t['queue_ms']:>9.1f}"
+            f"{share:>10.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -258,10 +302,12 @@ def _plot(results: dict[str, dict[str, Any]], path: str) -> None:
     axes[0].set_yticks(range(len(names)), labels)
     axes[0].set_ylabel("routing policy, pod tier")
     axes[0].invert_yaxis()
-    handles = [Patch(color=colors["affinity"], label="affinity (kvcache, serve's default)"),
-               Patch(color=colors["least_loaded"], label="least_loaded (baseline)"),
-               Patch(color=colors["round_robin"], label="round_robin (baseline)"),
-               Patch(facecolor="white", edgecolor="0.3", hatch="//", label="pod tier off")]  # fmt: skip
+    handles = [
+        Patch(color=colors["affinity"], label="affinity (kvcache, serve's default)"),
+        Patch(color=colors["least_loaded"], label="least_loaded (baseline)"),
+        Patch(color=colors["round_robin"], label="round_robin (baseline)"),
+        Patch(facecolor="white", edgecolor="0.3", hatch="//", label="pod tier off"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -60,8 +60,11 @@ async def main(requests: int, rounds: int) -> None:
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     payload = json.dumps({"token_ids": list(range(512))})
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=60)
-    times: dict[str, list[float]] = {"pooled connection (baseline)": [], "LinkPool (ours)": [],
-                                     "new link per request": []}  # fmt: skip
+    times: dict[str, list[float]] = {
+        "pooled connection (baseline)": [],
+        "LinkPool (ours)": [],
+        "new link per request": [],
+    }
     links = peer.LinkPool(KEYS, timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 

@@ -58,13 +58,30 @@ POLICIES = ("round_robin", "least_loaded", "sglang", "affinity")
 BLOCK_SIZE = 16
 
 
-def make_trace(num_requests: int, *, vocab_size: int = 256, system_tokens: int = 512, user_tokens: int = 64,
-               output_tokens: int = 16, turns: int = 4, seed: int = 0) -> list[TraceRequest]:  # fmt: skip
+def make_trace(
+    num_requests: int,
+    *,
+    vocab_size: int = 256,
+    system_tokens: int = 512,
+    user_tokens: int = 64,
+    output_tokens: int = 16,
+    turns: int = 4,
+    seed: int = 0,
+) -> list[TraceRequest]:
     """A chat trace: sessions of ``turns`` turns opening with one system prompt shared by all; one
     tenant (the keyless server serves every request in one scope)."""
-    cfg = SynthConfig(workload="chat", num_requests=num_requests, num_tenants=1, num_system_prompts=1,
-                      system_prompt_tokens=system_tokens, user_tokens=user_tokens,
-                      output_tokens=output_tokens, turns=turns, vocab_size=vocab_size, seed=seed)  # fmt: skip
+    cfg = SynthConfig(
+        workload="chat",
+        num_requests=num_requests,
+        num_tenants=1,
+        num_system_prompts=1,
+        system_prompt_tokens=system_tokens,
+        user_tokens=user_tokens,
+        output_tokens=output_tokens,
+        turns=turns,
+        vocab_size=vocab_size,
+        seed=seed,
+    )
     return [dataclasses.replace(r, tenant="default") for r in synthesize(cfg)]
 
 
@@ -77,8 +94,20 @@ def offered_rate(trace: list[TraceRequest], latency: LatencyModel, num_workers: 
 
 
 def calibrate(model: str, threads: int, out: Path, max_running: int) -> LatencyModel:
-    cmd = [*python_argv(), "-m", "kvcache.cli", "calibrate", "--model", model, "--out", str(out),
-           "--threads", str(threads), "--max-num-seqs", str(max_running)]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "calibrate",
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+        "--max-num-seqs",
+        str(max_running),
+    ]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
     return LatencyModel.from_json(out)
@@ -103,30 +132,65 @@ async def _warm_up(url: str, num_workers: int, vocab_size: int) -> None:
         await asyncio.gather(*(bench._one(session, url, r, {}) for r in reqs))
 
 
-def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], latency_path: Path,
-            log_dir: Path, probe: LatencyModel | None = None,
-            ) -> tuple[list[bench.Result], float, float | None]:  # fmt: skip
+def measure(
+    args: argparse.Namespace,
+    policy: str,
+    trace: list[TraceRequest],
+    latency_path: Path,
+    log_dir: Path,
+    probe: LatencyModel | None = None,
+) -> tuple[list[bench.Result], float, float | None]:
     """Serve ``trace`` for real under ``policy``: a fresh deployment, warm-up, one pass. With
     ``probe`` (the calibrated model), first measure the serving overhead (``probe_overhead``)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--model", args.model,
-           "--workers", str(args.workers), "--port", str(port), "--policy", policy,
-           "--latency", str(latency_path), "--no-pod-tier", "--threads", str(args.threads),
-           "--num-blocks", str(args.num_blocks), "--block-size", str(BLOCK_SIZE),
-           "--max-running", str(args.max_running)]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--workers",
+        str(args.workers),
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--latency",
+        str(latency_path),
+        "--no-pod-tier",
+        "--threads",
+        str(args.threads),
+        "--num-blocks",
+        str(args.num_blocks),
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--max-running",
+        str(args.max_running),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "KVCACHE_REDIS_URL"}  # serve starts its own Redis
     with (log_dir / f"serve-{policy}.log").open("wb") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             asyncio.run(_warm_up(url, args.workers, args.vocab_size))
             mean_tokens = int(np.mean([r.num_tokens for r in trace]))
-            overhead = None if probe is None else asyncio.run(
-                probe_overhead(url, probe, mean_tokens, args.vocab_size))  # fmt: skip
+            overhead = (
+                None
+                if probe is None
+                else asyncio.run(probe_overhead(url, probe, mean_tokens, args.vocab_size))
+            )
             requests = [bench.TraceRequest(list(r.tokens or ()), r.output_tokens) for r in trace]
-            load = bench.run_load(url, requests, rate=args.rate, duration_s=1e9,
-                                  max_concurrency=len(requests), keys={}, seed=args.seed,
-                                  num_prompts=len(requests))  # fmt: skip
+            load = bench.run_load(
+                url,
+                requests,
+                rate=args.rate,
+                duration_s=1e9,
+                max_concurrency=len(requests),
+                keys={},
+                seed=args.seed,
+                num_prompts=len(requests),
+            )
             results, wall_s = asyncio.run(load)
             return results, wall_s, overhead
         finally:
@@ -134,8 +198,9 @@ def measure(args: argparse.Namespace, policy: str, trace: list[TraceRequest], la
             server.wait(timeout=60)
 
 
-async def probe_overhead(url: str, latency: LatencyModel, num_tokens: int, vocab_size: int,
-                         num_probes: int = 9) -> float:  # fmt: skip
+async def probe_overhead(
+    url: str, latency: LatencyModel, num_tokens: int, vocab_size: int, num_probes: int = 9
+) -> float:
     """The served request's time outside the engine (``LatencyModel.request_overhead_ms``): the
     median, over ``num_probes`` requests sent one at a time to the idle server (fresh prompts of
     ``num_tokens`` tokens that share nothing with the trace), of measured TTFT minus the model's
@@ -156,27 +221,43 @@ async def probe_overhead(url: str, latency: LatencyModel, num_tokens: int, vocab
     return max(0.0, float(np.median(gaps)))
 
 
-def model(trace: list[TraceRequest], results: list[bench.Result], policy: str, num_workers: int,
-          num_blocks: int, latency: LatencyModel, max_running: int) -> ReplayResult:  # fmt: skip
+def model(
+    trace: list[TraceRequest],
+    results: list[bench.Result],
+    policy: str,
+    num_workers: int,
+    num_blocks: int,
+    latency: LatencyModel,
+    max_running: int,
+) -> ReplayResult:
     """The same requests in the simulator: arriving when they were sent, decoding as many tokens
     as the server returned (the requested number for a request that failed)."""
     timed = [
-        dataclasses.replace(r, timestamp_ms=1000.0 * res.sent_s,
-                            output_tokens=res.output_tokens if res.ok else r.output_tokens)
+        dataclasses.replace(
+            r,
+            timestamp_ms=1000.0 * res.sent_s,
+            output_tokens=res.output_tokens if res.ok else r.output_tokens,
+        )
         for r, res in zip(trace, results, strict=True)
-    ]  # fmt: skip
+    ]
     timed.sort(key=lambda r: r.timestamp_ms)
     served = launch.worker_latency(latency, max_running)
     config = ReplayConfig(num_workers, num_blocks, policy, latency=served)
     return replay(Trace(timed, FORMAT_TOKENS, None), config, block_size=BLOCK_SIZE)
 
 
-def _stats(ttft_ms: np.ndarray, e2e_ms: np.ndarray, hit: float, output_tokens: int,
-           duration_s: float) -> dict[str, Any]:  # fmt: skip
-    return {"token_hit_rate": hit, "mean_e2e_ms": float(e2e_ms.mean()), "mean_ttft_ms": float(ttft_ms.mean()),
-            "p50_ttft_ms": float(np.percentile(ttft_ms, 50)),
-            "p90_ttft_ms": float(np.percentile(ttft_ms, 90)),
-            "output_tok_s": output_tokens / duration_s, "ttft_ms": ttft_ms.tolist()}  # fmt: skip
+def _stats(
+    ttft_ms: np.ndarray, e2e_ms: np.ndarray, hit: float, output_tokens: int, duration_s: float
+) -> dict[str, Any]:
+    return {
+        "token_hit_rate": hit,
+        "mean_e2e_ms": float(e2e_ms.mean()),
+        "mean_ttft_ms": float(ttft_ms.mean()),
+        "p50_ttft_ms": float(np.percentile(ttft_ms, 50)),
+        "p90_ttft_ms": float(np.percentile(ttft_ms, 90)),
+        "output_tok_s": output_tokens / duration_s,
+        "ttft_ms": ttft_ms.tolist(),
+    }
 
 
 def measured_stats(results: list[bench.Result], wall_s: float) -> dict[str, Any]:
@@ -223,8 +304,13 @@ def median_rows(runs: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, d
 
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One line per policy: measured, modelled and modelled/measured per metric."""
-    keys = [("mean_ttft_ms", "mean TTFT ms"), ("p50_ttft_ms", "p50 TTFT ms"), ("p90_ttft_ms", "p90 TTFT ms"),
-            ("mean_e2e_ms", "mean E2E ms"), ("output_tok_s", "output tok/s")]  # fmt: skip
+    keys = [
+        ("mean_ttft_ms", "mean TTFT ms"),
+        ("p50_ttft_ms", "p50 TTFT ms"),
+        ("p90_ttft_ms", "p90 TTFT ms"),
+        ("mean_e2e_ms", "mean E2E ms"),
+        ("output_tok_s", "output tok/s"),
+    ]
     head = f"{'policy':<13}{'hit% real':>10}{'model':>7}{'diff':>6}"
     for _, label in keys:
         head += f" | {label:>13}{'model':>8}{'ratio':>6}"
@@ -251,13 +337,26 @@ def plot(rows: dict[str, dict[str, dict[str, Any]]], path: str, title: str) -> N
 
     ncols = 2 if len(rows) > 1 else 1
     nrows = -(-len(rows) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.4 * nrows), sharex=True, sharey=True,
-                             squeeze=False, layout="constrained")  # fmt: skip
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(5.5 * ncols, 3.4 * nrows),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (policy, row) in zip(axes.flat, rows.items(), strict=False):
         for side, style, color in (("measured", "-", "tab:blue"), ("modelled", "--", "tab:red")):
             ttft = np.sort(np.asarray(row[side]["ttft_ms"]))
-            ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), style, color=color, where="post",
-                    label=f"{side} (p50 {np.percentile(ttft, 50):.0f} ms)")  # fmt: skip
+            ax.step(
+                ttft,
+                np.arange(1, len(ttft) + 1) / len(ttft),
+                style,
+                color=color,
+                where="post",
+                label=f"{side} (p50 {np.percentile(ttft, 50):.0f} ms)",
+            )
         ax.set_title(policy)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
@@ -279,21 +378,33 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker and for calibrate")
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
-    parser.add_argument("--max-running", type=int, default=64,
-                        help="sequences each served worker batches (serve --max-running); 1 = one at a time")
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        default=64,
+        help="sequences each served worker batches (serve --max-running); 1 = one at a time",
+    )
     parser.add_argument("--requests", type=int, default=96, help="trace length")
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--user-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=16, help="mean output tokens per request")
     parser.add_argument("--vocab-size", type=int, default=256, help="token ids are drawn below this")
-    parser.add_argument("--load", type=float, default=0.5,
-                        help="offered load per worker, by the latency model, no hits (sets --rate)")
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=0.5,
+        help="offered load per worker, by the latency model, no hits (sets --rate)",
+    )
     parser.add_argument("--rate", type=float, help="requests per second (overrides --load)")
     parser.add_argument("--latency", help="latency JSON to use instead of running kvcache calibrate")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison; print medians")
-    parser.add_argument("--overhead", type=float, default=None,
-                        help="request_overhead_ms of the model (default: measured on the first server, idle)")
+    parser.add_argument(
+        "--overhead",
+        type=float,
+        default=None,
+        help="request_overhead_ms of the model (default: measured on the first server, idle)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="sim_vs_real.json")
     parser.add_argument("--plot", default="sim_vs_real.png")
@@ -303,9 +414,14 @@ def main() -> int:
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="sim_vs_real-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    trace = make_trace(args.requests, vocab_size=args.vocab_size, system_tokens=args.system_tokens,
-                       user_tokens=args.user_tokens, output_tokens=args.output_tokens,
-                       seed=args.seed)  # fmt: skip
+    trace = make_trace(
+        args.requests,
+        vocab_size=args.vocab_size,
+        system_tokens=args.system_tokens,
+        user_tokens=args.user_tokens,
+        output_tokens=args.output_tokens,
+        seed=args.seed,
+    )
     latency_path = Path(args.latency) if args.latency else log_dir / "latency.json"
     if args.latency:
         latency = LatencyModel.from_json(latency_path)
@@ -313,8 +429,11 @@ def main() -> int:
         latency = calibrate(args.model, args.threads, latency_path, args.max_running)
     if args.rate is None:
         args.rate = offered_rate(trace, latency, args.workers, args.load)
-    print(f"{len(trace)} requests, mean prompt {np.mean([r.num_tokens for r in trace]):.0f} tokens, "
-          f"{args.workers} workers, rate {args.rate:.2f} req/s; latency {latency}", flush=True)  # fmt: skip
+    print(
+        f"{len(trace)} requests, mean prompt {np.mean([r.num_tokens for r in trace]):.0f} tokens, "
+        f"{args.workers} workers, rate {args.rate:.2f} req/s; latency {latency}",
+        flush=True,
+    )
     runs: list[dict[str, dict[str, dict[str, Any]]]] = []
     overheads: list[float] = []
     base = latency
@@ -330,8 +449,11 @@ def main() -> int:
                 overheads.append(overhead if overhead is not None else args.overhead)
                 latency = dataclasses.replace(base, request_overhead_ms=overheads[-1])
                 how = "measured on the idle server" if overhead is not None else "--overhead"
-                print(f"run {run + 1}: serving overhead outside the engine {overheads[-1]:.2f} ms per "
-                      f"request ({how})", flush=True)  # fmt: skip
+                print(
+                    f"run {run + 1}: serving overhead outside the engine {overheads[-1]:.2f} ms per "
+                    f"request ({how})",
+                    flush=True,
+                )
             sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_running)
             rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
             failed = rows[policy]["measured"]["failed"]
@@ -346,13 +468,21 @@ def main() -> int:
     load_after = os.getloadavg()
     print(table(rows))
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; logs in {log_dir}")
-    title = (f"{args.model}, {args.workers} workers, {len(trace)} chat requests at {args.rate:.1f} req/s; "
-             f"measured (serve + bench-serve) vs modelled (replay, calibrated)")  # fmt: skip
+    title = (
+        f"{args.model}, {args.workers} workers, {len(trace)} chat requests at {args.rate:.1f} req/s; "
+        f"measured (serve + bench-serve) vs modelled (replay, calibrated)"
+    )
     plot(rows, args.plot, title)
     served = launch.worker_latency(base, args.max_running)
-    report = {"args": vars(args), "latency": dataclasses.asdict(served), "overheads_ms": overheads,
-              "runs": runs, "load_avg_before": load_before, "load_avg_after": load_after,
-              "rows": rows}  # fmt: skip
+    report = {
+        "args": vars(args),
+        "latency": dataclasses.asdict(served),
+        "overheads_ms": overheads,
+        "runs": runs,
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out} and {args.plot}")
     return 0

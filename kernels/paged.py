@@ -158,9 +158,14 @@ def _decode_reference(
 
 
 def _prefill_reference(
-    q: torch.Tensor, pool: torch.Tensor, layer: int, table: torch.Tensor, seq_len: int, scale: float,
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    layer: int,
+    table: torch.Tensor,
+    seq_len: int,
+    scale: float,
     window: int | None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """One sequence's ``n`` new tokens ``q`` ``[n, H, D]`` at the end of its ``seq_len`` context."""
     _, _, _, bs, kv_heads, head_dim = pool.shape
     n = q.shape[0]

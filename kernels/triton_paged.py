@@ -146,8 +146,11 @@ def paged_attention(
         else:  # the decode kernel has no window; the reference serves these rows
             only = PagedMetadata.build(
                 [md.decode_tables[j].tolist() for j in range(len(md.decode_rows))],
-                md.decode_lens.tolist(), [1] * len(md.decode_rows), block_size, pool.device,
-            )  # fmt: skip
+                md.decode_lens.tolist(),
+                [1] * len(md.decode_rows),
+                block_size,
+                pool.device,
+            )
             out[md.decode_tokens] = paged_attention_reference(
                 q[md.decode_tokens], pool, layer, only, scale, sliding_window
             )

@@ -30,17 +30,22 @@ def read_private_file(path: str, max_bytes: int = 4096) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise PrivateFileError(f"cannot be opened ({exc.strerror}); name an existing regular file, "
-                               "not a link") from exc  # fmt: skip
+        raise PrivateFileError(
+            f"cannot be opened ({exc.strerror}); name an existing regular file, not a link"
+        ) from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise PrivateFileError(f"is not a regular file (mode {stat.filemode(info.st_mode)}); name a "
-                                   "file that holds the secret")  # fmt: skip
+            raise PrivateFileError(
+                f"is not a regular file (mode {stat.filemode(info.st_mode)}); name a "
+                "file that holds the secret"
+            )
         if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise PrivateFileError(f"has mode {stat.filemode(info.st_mode)} and owner uid {info.st_uid}; "
-                                   f"it must be owned by uid {os.geteuid()} and readable by it only "
-                                   f"(chmod 600 {path})")  # fmt: skip
+            raise PrivateFileError(
+                f"has mode {stat.filemode(info.st_mode)} and owner uid {info.st_uid}; "
+                f"it must be owned by uid {os.geteuid()} and readable by it only "
+                f"(chmod 600 {path})"
+            )
         # O_NONBLOCK has no effect on a regular file's reads: they never wait on another process.
         chunks: list[bytes] = []
         left = max_bytes

@@ -167,17 +167,24 @@ def start_redis(
     workdir = tempfile.TemporaryDirectory(prefix="kvcache-redis-")
     password = secrets.token_hex(24)
     lines = [
-        "bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no", f'dir "{workdir.name}"',
-        "protected-mode yes", "loglevel warning", "user default off",
+        "bind 127.0.0.1",
+        f"port {port}",
+        'save ""',
+        "appendonly no",
+        f'dir "{workdir.name}"',
+        "protected-mode yes",
+        "loglevel warning",
+        "user default off",
         f"user {USER} on >{password} ~* &* +@all -@admin -@dangerous +info +dbsize",
-    ]  # fmt: skip
+    ]
     if maxmemory:
         lines += [f"maxmemory {maxmemory}", "maxmemory-policy allkeys-lru"]
     config = Path(workdir.name, "redis.conf")
     _write_config(config, lines)
     with Path(workdir.name, "redis.log").open("wb") as log:
-        process = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [binary, str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

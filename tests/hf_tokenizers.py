@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-CORPUS = ["it's fine, don't worry. The cache isn't cold: it 's warm .", "héllo wörld ∑ 日本語 ok?",
-          "We can't, they won't; you'd say it's 'quoted' text !"] * 20  # fmt: skip
+CORPUS = [
+    "it's fine, don't worry. The cache isn't cold: it 's warm .",
+    "héllo wörld ∑ 日本語 ok?",
+    "We can't, they won't; you'd say it's 'quoted' text !",
+] * 20
 
 
 def byte_level_bpe() -> Any:
@@ -17,8 +20,12 @@ def byte_level_bpe() -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", clean_up_tokenization_spaces=False)
 
 

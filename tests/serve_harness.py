@@ -80,9 +80,14 @@ class Deployment:
     config_path: Path | None = None
     secret: bytes = b""
 
-
-    def request(self, path: str, body: Any = None, key: str | None = None,
-                raw: bytes | None = None, method: str | None = None) -> tuple[int, Any]:  # fmt: skip
+    def request(
+        self,
+        path: str,
+        body: Any = None,
+        key: str | None = None,
+        raw: bytes | None = None,
+        method: str | None = None,
+    ) -> tuple[int, Any]:
         """``(status, decoded JSON body)`` of one request; POST when ``body`` or ``raw`` is given."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.url + path, data=data, method=method)
@@ -94,8 +99,9 @@ class Deployment:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def stream(self, path: str, body: dict[str, Any], key: str | None = None,
-               on_chunk: Any = None) -> list[Any]:  # fmt: skip
+    def stream(
+        self, path: str, body: dict[str, Any], key: str | None = None, on_chunk: Any = None
+    ) -> list[Any]:
         """Every SSE ``data:`` payload of a streamed request, decoded (``[DONE]`` as the string)."""
         req = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode())
         if key:
@@ -141,8 +147,19 @@ class Deployment:
 
     def start_worker(self, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.log_path.open("ab")
-        cmd = [*python_argv(), "-m", "kvcache.cli", "worker", "--worker-id", worker_id, "--model", "tiny",
-               "--num-blocks", "256", *args]  # fmt: skip
+        cmd = [
+            *python_argv(),
+            "-m",
+            "kvcache.cli",
+            "worker",
+            "--worker-id",
+            worker_id,
+            "--model",
+            "tiny",
+            "--num-blocks",
+            "256",
+            *args,
+        ]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         env = deployment_env(self.redis, self.secret)
@@ -171,8 +188,21 @@ def deploy(
     """Redis, then ``kvcache serve --workers N`` on it; returns once every worker has joined."""
     redis = start_redis()
     port = free_port()
-    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--workers", str(workers),
-           "--port", str(port), "--model", "tiny", "--num-blocks", "256", *args]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "serve",
+        "--workers",
+        str(workers),
+        "--port",
+        str(port),
+        "--model",
+        "tiny",
+        "--num-blocks",
+        "256",
+        *args,
+    ]
     path = None
     if config is not None:
         path = tmp / "serve.toml"
@@ -180,8 +210,9 @@ def deploy(
         cmd += ["--config", str(path)]
     log_path = tmp / "serve.log"
     secret = auth.new_secret()
-    process = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                               env=deployment_env(redis, secret))  # fmt: skip
+    process = subprocess.Popen(
+        cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=deployment_env(redis, secret)
+    )
     dep = Deployment(f"http://127.0.0.1:{port}", redis, process, log_path, config_path=path, secret=secret)
     try:
         dep.wait_for("the front", lambda: _answers(dep.url), STARTUP_S)

@@ -35,12 +35,25 @@ def sa() -> ModuleType:
 
 
 def test_agents_share_the_system_prompt_their_tenant_document_and_their_history() -> None:
-    reqs = persistent_agents(num_tenants=2, sessions_per_tenant=2, turns=3, system_words=64,
-                             document_words=(20, 40), question_words=5, answer_words=6, seed=3)  # fmt: skip
+    reqs = persistent_agents(
+        num_tenants=2,
+        sessions_per_tenant=2,
+        turns=3,
+        system_words=64,
+        document_words=(20, 40),
+        question_words=5,
+        answer_words=6,
+        seed=3,
+    )
     assert len(reqs) == 12
     # Turn order, round robin over the sessions.
-    assert [(r.turn, r.session) for r in reqs[:5]] == [(0, "t0s0"), (0, "t0s1"), (0, "t1s0"), (0, "t1s1"),
-                                                       (1, "t0s0")]  # fmt: skip
+    assert [(r.turn, r.session) for r in reqs[:5]] == [
+        (0, "t0s0"),
+        (0, "t0s1"),
+        (0, "t1s0"),
+        (0, "t1s1"),
+        (1, "t0s0"),
+    ]
     system = reqs[0].prompt.split("\n\nPrivate document")[0]
     assert system.startswith("You are an agent.") and system.count("\n- tool_") == 4
     assert all(r.prompt.startswith(system + "\n\nPrivate document of " + r.tenant) for r in reqs)
@@ -54,8 +67,16 @@ def test_agents_share_the_system_prompt_their_tenant_document_and_their_history(
             assert later.prompt.startswith(earlier.prompt + " ")
             assert later.prompt.endswith("?\nAssistant:")
     assert {r.output_tokens for r in reqs} == {32}
-    again = persistent_agents(num_tenants=2, sessions_per_tenant=2, turns=3, system_words=64,
-                              document_words=(20, 40), question_words=5, answer_words=6, seed=3)  # fmt: skip
+    again = persistent_agents(
+        num_tenants=2,
+        sessions_per_tenant=2,
+        turns=3,
+        system_words=64,
+        document_words=(20, 40),
+        question_words=5,
+        answer_words=6,
+        seed=3,
+    )
     assert again == reqs
     assert persistent_agents(seed=4)[0].prompt != persistent_agents(seed=3)[0].prompt
     with pytest.raises(ValueError, match=r"document_words=\(5, 4\)"):
@@ -146,16 +167,25 @@ def test_a_round_through_the_openai_client_then_medians_ratios_and_table(
     sa: ModuleType, scripted: tuple[ScriptedServer, ScriptedServer]
 ) -> None:
     kv, peer = scripted
-    reqs = persistent_agents(num_tenants=2, sessions_per_tenant=2, turns=2, system_words=32,
-                             document_words=(10, 10), question_words=4, answer_words=4,
-                             output_tokens=2)  # fmt: skip
+    reqs = persistent_agents(
+        num_tenants=2,
+        sessions_per_tenant=2,
+        turns=2,
+        system_words=32,
+        document_words=(10, 10),
+        question_words=4,
+        answer_words=4,
+        output_tokens=2,
+    )
 
     def server(name: str, url: str, keys: Any) -> Any:
         return sa.Server(name, url, "m", None, Path("-"), keys)  # no process: the scripted one answers
 
-    servers = {"sharing": server("sharing", kv.url, sa._tenant_key),
-               "no-sharing": server("no-sharing", kv.url, sa._request_key),
-               "transformers": server("transformers", peer.url, sa._no_key)}  # fmt: skip
+    servers = {
+        "sharing": server("sharing", kv.url, sa._tenant_key),
+        "no-sharing": server("no-sharing", kv.url, sa._request_key),
+        "transformers": server("transformers", peer.url, sa._no_key),
+    }
     rounds = []
     for number in (1, 2):
         this = {}
@@ -191,24 +221,52 @@ def test_a_round_through_the_openai_client_then_medians_ratios_and_table(
 
 def test_medians_over_rounds_and_the_ratios(sa: ModuleType) -> None:
     def figures(req_s: float, p50: float, cached: float | None) -> dict[str, Any]:
-        return {"tpot_ms": 300.0, "ttft_share": 0.5, "wall_s": 10 / req_s, "req_s": req_s, "ttft_p50_s": p50,
-                "ttft_p99_s": 2 * p50,
-                "cached": cached, "prompt_tokens": 100.0, "output_tokens": 32, "completed": 10, "failed": 0,
-                "errors": [], "load_before": 2.0, "load_after": 3.0}  # fmt: skip
+        return {
+            "tpot_ms": 300.0,
+            "ttft_share": 0.5,
+            "wall_s": 10 / req_s,
+            "req_s": req_s,
+            "ttft_p50_s": p50,
+            "ttft_p99_s": 2 * p50,
+            "cached": cached,
+            "prompt_tokens": 100.0,
+            "output_tokens": 32,
+            "completed": 10,
+            "failed": 0,
+            "errors": [],
+            "load_before": 2.0,
+            "load_after": 3.0,
+        }
 
-    rounds = [{"sharing": figures(1.0, 0.5, 0.9), "no-sharing": figures(0.2, 4.0, 0.0),
-               "transformers": figures(0.5, 1.0, None)},
-              {"sharing": figures(2.0, 0.3, 0.8), "no-sharing": figures(0.4, 3.0, 0.0),
-               "transformers": figures(0.6, 1.2, None)},
-              {"sharing": figures(1.5, 0.4, 0.85), "no-sharing": figures(0.3, 5.0, 0.0),
-               "transformers": figures(0.7, 0.8, None)}]  # fmt: skip
+    rounds = [
+        {
+            "sharing": figures(1.0, 0.5, 0.9),
+            "no-sharing": figures(0.2, 4.0, 0.0),
+            "transformers": figures(0.5, 1.0, None),
+        },
+        {
+            "sharing": figures(2.0, 0.3, 0.8),
+            "no-sharing": figures(0.4, 3.0, 0.0),
+            "transformers": figures(0.6, 1.2, None),
+        },
+        {
+            "sharing": figures(1.5, 0.4, 0.85),
+            "no-sharing": figures(0.3, 5.0, 0.0),
+            "transformers": figures(0.7, 0.8, None),
+        },
+    ]
     m = sa.medians(rounds)
     assert (m["sharing"]["req_s"], m["sharing"]["ttft_p50_s"], m["sharing"]["cached"]) == (1.5, 0.4, 0.85)
     assert m["no-sharing"]["req_s"] == 0.3 and m["transformers"]["req_s"] == 0.6
     q = sa.ratios(m)
-    assert q == pytest.approx({"sharing_over_no_sharing_req_s": 5.0, "kvcache_over_transformers_req_s": 2.5,
-                               "transformers_over_kvcache_ttft_p50_s": 2.5,
-                               "transformers_over_kvcache_ttft_p99_s": 2.5})  # fmt: skip
+    assert q == pytest.approx(
+        {
+            "sharing_over_no_sharing_req_s": 5.0,
+            "kvcache_over_transformers_req_s": 2.5,
+            "transformers_over_kvcache_ttft_p50_s": 2.5,
+            "transformers_over_kvcache_ttft_p99_s": 2.5,
+        }
+    )
     assert sa.ratios({"sharing": m["sharing"]}) == {}
 
 

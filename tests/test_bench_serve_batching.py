@@ -13,9 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_server_that_dies_stops_the_bench_with_its_error(tmp_path: Path) -> None:
     logs = tmp_path / "not" / "yet"
-    argv = python_argv(str(ROOT / "benches" / "serve_batching.py"), "--model", "nosuch-model",
-                       "--workers", "1", "--rounds", "1", "--logs", str(logs),
-                       "--out", str(tmp_path / "out.json"))  # fmt: skip
+    argv = python_argv(
+        str(ROOT / "benches" / "serve_batching.py"),
+        "--model",
+        "nosuch-model",
+        "--workers",
+        "1",
+        "--rounds",
+        "1",
+        "--logs",
+        str(logs),
+        "--out",
+        str(tmp_path / "out.json"),
+    )
     # Far below the 300 s the bench gives workers to join: the dead server is noticed at once.
     done = subprocess.run(argv, capture_output=True, text=True, timeout=200)
     assert done.returncode == 1, done.stderr

@@ -135,8 +135,10 @@ def test_home_follows_kvcache_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_listing_models_imports_neither_torch_nor_transformers() -> None:
     # `kvcache models` lists names; importing torch and transformers would make it take seconds.
-    code = ("import sys; from kvcache.cli import main; main(['models']); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys; from kvcache.cli import main; main(['models']); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     done = subprocess.run(python_argv("-c", code), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     *listing, imported = done.stdout.splitlines()

@@ -92,17 +92,23 @@ def test_replay_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_a_fault_outside_the_trace_is_warned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "t.jsonl"
     times = [0, 1500, 4000]  # requests arrive from 0 s to 4 s
-    trace.write_text("".join(json.dumps({"timestamp": t, "input_length": 1024, "output_length": 4,
-                                         "hash_ids": [i, i + 10]}) + "\n"
-                             for i, t in enumerate(times)))  # fmt: skip
+    trace.write_text(
+        "".join(
+            json.dumps({"timestamp": t, "input_length": 1024, "output_length": 4, "hash_ids": [i, i + 10]})
+            + "\n"
+            for i, t in enumerate(times)
+        )
+    )
     argv = ["replay", str(trace), "--workers", "3", "--policy", "lpm", "--no-bounds", "--quiet"]
     assert cli.main([*argv, "--fail", "1@2"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert cli.main([*argv, "--fail", "1@300", "--fail", "0@2.5"]) == 0
     err = capsys.readouterr().err
-    assert err == ("kvcache replay: warning: --fail 1@300 lies outside the trace, whose requests arrive "
-                   "from 0.0 s to 4.0 s: worker 1 fails after the last request arrived; pick a time in that "
-                   "span\n")  # fmt: skip
+    assert err == (
+        "kvcache replay: warning: --fail 1@300 lies outside the trace, whose requests arrive "
+        "from 0.0 s to 4.0 s: worker 1 fails after the last request arrived; pick a time in that "
+        "span\n"
+    )
 
 
 def test_shape_trace_and_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -132,17 +132,36 @@ def test_route_proxy_places_by_vllm_events() -> None:
     assert out["followups"] == [out["first"]] * 5  # by chance alone: 1 in 32
     assert out["salted_overlap"] == 0
     assert out["text"][0] == 200 and out["text"][1] in ("a", "b")
-    assert out["bad"] == (400, {"error": {"message": "the body is not JSON", "type": "invalid_request_error",
-                                          "param": None, "code": None}})  # fmt: skip
-    assert out["unknown"] == (404, {"error": {"message": "Invalid URL (GET /v1/models)",
-                                              "type": "invalid_request_error", "param": None,
-                                              "code": None}})  # fmt: skip
+    assert out["bad"] == (
+        400,
+        {
+            "error": {
+                "message": "the body is not JSON",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    )
+    assert out["unknown"] == (
+        404,
+        {
+            "error": {
+                "message": "Invalid URL (GET /v1/models)",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    )
     assert sum(out["served"]) == 6  # six token-id prompts; the text prompt is not recorded
     assert out["active"] == 0  # every forwarded request was finished in the router
 
 
 def test_engine_spec() -> None:
-    assert EngineEndpoint.parse("http://h:8000/,tcp://h:5557") == EngineEndpoint("http://h:8000", "tcp://h:5557")
+    assert EngineEndpoint.parse("http://h:8000/,tcp://h:5557") == EngineEndpoint(
+        "http://h:8000", "tcp://h:5557"
+    )
     assert EngineEndpoint.parse("http://h:8000,tcp://h:5557,tcp://h:5558").replay == "tcp://h:5558"
     with pytest.raises(ConfigError, match="URL,EVENTS"):
         EngineEndpoint.parse("h:8000")
@@ -160,8 +179,14 @@ async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | No
     await client.start_server()
     statuses = []
     try:
-        for key, salt in ((None, "acme"), ("sk-globex", "acme"), ("sk-acme", None), ("sk-acme", "s"),
-                          ("sk-initech", None), ("sk-initech", "x")):  # fmt: skip
+        for key, salt in (
+            (None, "acme"),
+            ("sk-globex", "acme"),
+            ("sk-acme", None),
+            ("sk-acme", "s"),
+            ("sk-initech", None),
+            ("sk-initech", "x"),
+        ):
             body: dict[str, Any] = {"model": "m", "prompt": list(range(40)), "max_tokens": 1}
             if salt is not None:
                 body["cache_salt"] = salt
@@ -177,21 +202,32 @@ async def _salts_scenario(config: ServeConfig) -> tuple[list[int], list[str | No
 
 @pytest.mark.parametrize("k_anonymity", [1, 2])
 def test_a_vllm_engine_gets_the_callers_scope_as_cache_salt(k_anonymity: int) -> None:
-    config = ServeConfig.from_dict({"k_anonymity": k_anonymity, "tenants": {
-        "acme": {"keys": ["sk-acme"]}, "globex": {"keys": ["sk-globex"]},
-        "initech": {"keys": ["sk-initech"], "group": "partners"}}})  # fmt: skip
+    config = ServeConfig.from_dict(
+        {
+            "k_anonymity": k_anonymity,
+            "tenants": {
+                "acme": {"keys": ["sk-acme"]},
+                "globex": {"keys": ["sk-globex"]},
+                "initech": {"keys": ["sk-initech"], "group": "partners"},
+            },
+        }
+    )
     statuses, salts = asyncio.run(_salts_scenario(config))
     assert statuses == [401, 200, 200, 200, 200, 200]  # the caller without a key reaches no engine
     # vLLM cannot gate a share group by k-anonymity: with k > 1 the group member is kept private
     group = "group:partners" if k_anonymity == 1 else "tenant:initech"
-    assert salts == ["salted:13:tenant:globex:acme", "tenant:acme", "salted:11:tenant:acme:s", group,
-                     f"salted:{len(group)}:{group}:x"]  # fmt: skip
+    assert salts == [
+        "salted:13:tenant:globex:acme",
+        "tenant:acme",
+        "salted:11:tenant:acme:s",
+        group,
+        f"salted:{len(group)}:{group}:x",
+    ]
 
 
 def _salt_of(scope: Scope) -> str:
     """The salt kvcache workers key a scope's vLLM keys with: its keyed pseudonym."""
     return KEYS.pseudonym(scope.chain_scope)
-
 
 
 async def _workers_scenario() -> dict[str, Any]:
@@ -213,8 +249,9 @@ async def _workers_scenario() -> dict[str, Any]:
         publishers.append(publisher)
         engines.append(EngineEndpoint(worker.url, events, replay))
     opener = peer.opener(KEYS, aiohttp.ClientTimeout(total=60))
-    proxy = RouteProxy(engines, keyer, capacity_blocks=64, api="kvcache", connect_worker=opener,
-                       cache_salt_of=_salt_of)  # fmt: skip
+    proxy = RouteProxy(
+        engines, keyer, capacity_blocks=64, api="kvcache", connect_worker=opener, cache_salt_of=_salt_of
+    )
     client = TestClient(TestServer(proxy.app()))
     await client.start_server()
     out: dict[str, Any] = {}

@@ -40,8 +40,12 @@ class Setup:
 
     async def direct(self, session: aiohttp.ClientSession, tenant: str, prompt: list[int]) -> int:
         """A completion sent to the worker as ``kvcache serve``'s front sends it; its cached tokens."""
-        body = {"request_id": f"front-{time.monotonic_ns()}", "token_ids": prompt, "tenant": tenant,
-                "max_tokens": 1}  # fmt: skip
+        body = {
+            "request_id": f"front-{time.monotonic_ns()}",
+            "token_ids": prompt,
+            "tenant": tenant,
+            "max_tokens": 1,
+        }
         headers = KEYS.call_headers(self.worker.worker_id, self.worker.instance)
         async with session.post(self.worker.url + "/generate", json=body, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
@@ -72,9 +76,15 @@ async def proxied(configs: list[ServeConfig | None], step_s: float = 0.0) -> Asy
         for config in configs:
             # nobody publishes there
             engine_spec = EngineEndpoint(worker.url, f"tcp://127.0.0.1:{free_port()}")
-            proxy = RouteProxy([engine_spec], keyer, capacity_blocks=256, api="kvcache", config=config,
-                               connect_worker=peer.opener(KEYS, aiohttp.ClientTimeout(total=60)),
-                               cache_salt_of=lambda scope: KEYS.pseudonym(scope.chain_scope))  # fmt: skip
+            proxy = RouteProxy(
+                [engine_spec],
+                keyer,
+                capacity_blocks=256,
+                api="kvcache",
+                config=config,
+                connect_worker=peer.opener(KEYS, aiohttp.ClientTimeout(total=60)),
+                cache_salt_of=lambda scope: KEYS.pseudonym(scope.chain_scope),
+            )
             runner = proxy.runner()
             await runner.setup()
             runners.append(runner)
@@ -202,8 +212,20 @@ def test_the_route_command_reads_serves_config_and_refuses_callers_without_a_key
     path.write_text(CONFIG)
     port = free_port()
     engine = f"http://127.0.0.1:{free_port()},tcp://127.0.0.1:{free_port()}"  # nobody listens there
-    cmd = [*python_argv(), "-m", "kvcache.cli", "route", "--engine", engine, "--capacity-blocks", "64",
-           "--config", str(path), "--port", str(port)]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "route",
+        "--engine",
+        engine,
+        "--capacity-blocks",
+        "64",
+        "--config",
+        str(path),
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def post(key: str | None) -> tuple[int, Any]:

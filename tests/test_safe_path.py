@@ -26,9 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_in_root(code: str) -> str:
     """Run ``code`` with ``python -c`` from the repository root *without* ``-P``: the worst case,
     where the working directory is the first entry of ``sys.path``."""
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
 
@@ -50,9 +48,7 @@ def test_import_kernels_from_the_repository_root_gets_the_installed_package() ->
 def test_a_model_builds_from_the_repository_root() -> None:
     """What failed on a fresh machine: transformers' ``from kernels import ...`` while building."""
     got = run_in_root(
-        "from kvcache.model import hf\n"
-        "model = hf.load_model('tiny').model\n"
-        "print(type(model).__name__)"
+        "from kvcache.model import hf\nmodel = hf.load_model('tiny').model\nprint(type(model).__name__)"
     )
     assert got.endswith("ForCausalLM"), got
 

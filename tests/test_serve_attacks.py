@@ -67,8 +67,11 @@ def test_a_worker_serves_only_the_front(server: Deployment) -> None:
 
 def test_no_secret_in_argv_or_logs_and_redis_wants_a_password(server: Deployment) -> None:
     keys = auth.DeploymentKeys.from_secret(server.secret)
-    secrets = [server.redis.password, server.secret.hex(),
-               *(keys.worker_credential(w, s["instance"]) for w, s in server.workers().items())]  # fmt: skip
+    secrets = [
+        server.redis.password,
+        server.secret.hex(),
+        *(keys.worker_credential(w, s["instance"]) for w, s in server.workers().items()),
+    ]
     pids = [server.redis.process.pid, server.process.pid, *(w["pid"] for w in server.workers().values())]
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
@@ -86,8 +89,11 @@ def test_redis_readers_cannot_test_a_guess_of_a_tenants_prompt(server: Deploymen
     client = redis.Redis.from_url(server.redis.url)
     raw = next(iter(client.hgetall(wire.WORKERS_KEY).values()))
     reg = Registration.from_json(keys.open_registration(raw, time.time()))
-    keyed = set(keys.hasher(block_size=16, model_id=reg.model_id, adapter_id=None).token_keys(
-        prompt, Scope("acme").chain_scope))  # fmt: skip
+    keyed = set(
+        keys.hasher(block_size=16, model_id=reg.model_id, adapter_id=None).token_keys(
+            prompt, Scope("acme").chain_scope
+        )
+    )
     guess = set(Hasher(block_size=16, model_id=reg.model_id).token_keys(prompt, Scope("acme").chain_scope))
 
     def published() -> tuple[set[bytes], set[str]]:
@@ -126,8 +132,16 @@ def test_forged_workers_and_events_written_to_redis_never_reach_the_router(serve
             [BlockStored(i.to_bytes(16, "little"), bytes(16), i, "p:0") for i in range(5000)]
         )
         client.xadd(wire.EVENTS_STREAM, {"worker": "w0", "instance": w0["instance"], "events": events})
-        client.xadd(wire.EVENTS_STREAM, {"worker": "w0", "instance": w0["instance"], "seq": "999999",
-                                         "events": events, "mac": b"\x00" * 16})  # fmt: skip
+        client.xadd(
+            wire.EVENTS_STREAM,
+            {
+                "worker": "w0",
+                "instance": w0["instance"],
+                "seq": "999999",
+                "events": events,
+                "mac": b"\x00" * 16,
+            },
+        )
         # A real request after the forgeries: once its events are indexed, the forged ones were read.
         server.request("/v1/completions", {"prompt": ids(7200, 64), "max_tokens": 2}, key="sk-globex")
         server.wait_for(

@@ -34,8 +34,16 @@ OTHER = auth.DeploymentKeys.from_secret(bytes(range(1, 33)))
 
 
 def test_derived_keys_are_distinct_per_purpose_and_never_printed() -> None:
-    parts = [KEYS.instance_root_key, KEYS.block_key, KEYS.registration_key, KEYS.heartbeat_key,
-             KEYS.events_key, KEYS.pseudonym_key, KEYS.notice_key, KEYS.tier_key]  # fmt: skip
+    parts = [
+        KEYS.instance_root_key,
+        KEYS.block_key,
+        KEYS.registration_key,
+        KEYS.heartbeat_key,
+        KEYS.events_key,
+        KEYS.pseudonym_key,
+        KEYS.notice_key,
+        KEYS.tier_key,
+    ]
     assert len(set(parts)) == 8 and all(len(p) == 32 for p in parts)
     assert auth.DeploymentKeys.from_secret(SECRET) == KEYS  # deterministic: every process agrees
     assert KEYS.block_key != OTHER.block_key
@@ -65,8 +73,11 @@ def test_only_the_registered_instance_answers_the_challenge() -> None:
     with pytest.raises(AuthError, match="the proof does not verify"):
         KEYS.check_hello(raw, bytes(16), ("w0", "i0"))  # an old answer to another challenge
     with pytest.raises(AuthError, match="the proof does not verify"):
-        KEYS.check_hello(json.dumps({**answer, "proof": OTHER.hello_proof("w0", "i0", challenge)}).encode(),
-                         challenge, ("w0", "i0"))  # fmt: skip
+        KEYS.check_hello(
+            json.dumps({**answer, "proof": OTHER.hello_proof("w0", "i0", challenge)}).encode(),
+            challenge,
+            ("w0", "i0"),
+        )
     credential = {**answer, "proof": KEYS.worker_credential("w0", "i0")}  # what a leak gives: no proof
     with pytest.raises(AuthError, match="the proof does not verify"):
         KEYS.check_hello(json.dumps(credential).encode(), challenge, ("w0", "i0"))
@@ -138,8 +149,9 @@ def registration(
     worker_id: str = "w0", keys: auth.DeploymentKeys = KEYS, num_blocks: int = 64
 ) -> Registration:
     check = auth.key_check(keys.hasher(block_size=16, model_id="tiny", adapter_id=None))
-    return Registration(worker_id, "http://127.0.0.1:1", f"inst-{worker_id}", 1, "tiny", 16, 256, None,
-                        num_blocks, check)  # fmt: skip
+    return Registration(
+        worker_id, "http://127.0.0.1:1", f"inst-{worker_id}", 1, "tiny", 16, 256, None, num_blocks, check
+    )
 
 
 def test_registrations_verify_only_when_signed_fresh_and_unaltered() -> None:
@@ -179,8 +191,15 @@ def test_the_front_keys_blocks_exactly_as_a_worker_block_manager_does() -> None:
     from kvcache.serve.config import ServeConfig, TenantSpec
     from kvcache.serve.front import Front
 
-    front = Front(config=ServeConfig(), router=Router(), tokenizer=ByteTokenizer(), model_name="tiny",
-                  redis_url=None, route_request=RouteRequest, keys=KEYS)  # fmt: skip
+    front = Front(
+        config=ServeConfig(),
+        router=Router(),
+        tokenizer=ByteTokenizer(),
+        model_name="tiny",
+        redis_url=None,
+        route_request=RouteRequest,
+        keys=KEYS,
+    )
     reg = registration()
     front.pool.add(reg)
     tokens = list(range(1, 81))
@@ -200,13 +219,23 @@ def make_pool() -> tuple[WorkerPool, Router]:
     return WorkerPool(router, ServeMetrics(), None, keys=KEYS), router
 
 
-def entry(reg: Registration, seq: int, events: list[CacheEvent], keys: auth.DeploymentKeys = KEYS,
-          load: WorkerLoad | None = None) -> dict[bytes, bytes]:  # fmt: skip
+def entry(
+    reg: Registration,
+    seq: int,
+    events: list[CacheEvent],
+    keys: auth.DeploymentKeys = KEYS,
+    load: WorkerLoad | None = None,
+) -> dict[bytes, bytes]:
     data = wire.encode_events(events)
     raw_load = load.encode() if load is not None else b""
     mac = keys.sign_events(reg.worker_id, reg.instance, seq, data, raw_load)
-    out = {b"worker": reg.worker_id.encode(), b"instance": reg.instance.encode(), b"seq": str(seq).encode(),
-           b"events": data, b"mac": mac}  # fmt: skip
+    out = {
+        b"worker": reg.worker_id.encode(),
+        b"instance": reg.instance.encode(),
+        b"seq": str(seq).encode(),
+        b"events": data,
+        b"mac": mac,
+    }
     if load is not None:
         out[b"load"] = raw_load
     return out
@@ -307,10 +336,17 @@ def test_a_served_pod_tier_authenticates_blocks_with_the_deployment_key(
 
     with caplog.at_level(logging.WARNING, logger="kvcache.tiers.icms"):
         engine, names = engine_setup.load_engine(
-            "tiny", ServeConfig(), num_blocks=16, block_size=16, threads=1, seed=0,
-            redis_url="redis://127.0.0.1:1/0", worker_id="w0", deployment_key=KEYS.block_key,
+            "tiny",
+            ServeConfig(),
+            num_blocks=16,
+            block_size=16,
+            threads=1,
+            seed=0,
+            redis_url="redis://127.0.0.1:1/0",
+            worker_id="w0",
+            deployment_key=KEYS.block_key,
             tier_secret=KEYS.tier_key,
-        )  # fmt: skip
+        )
     tier = engine.tiers.tiers[0]
     assert isinstance(tier, IcmsTier) and names == ("pod",)
     assert tier.seal.authenticated and tier.seal == Seal.keyed(KEYS.tier_key)
@@ -322,8 +358,10 @@ def test_a_redis_that_accepts_a_wrong_password_is_refused(tmp_path: Path) -> Non
     AUTH with a wrong password shows that anyone gets in."""
     port = redis_server._free_port()
     config = tmp_path / "redis.conf"
-    config.write_text(f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir "{tmp_path}"\n'
-                      "user default off\nuser kvcache on nopass ~* &* +@all\n")  # fmt: skip
+    config.write_text(
+        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir "{tmp_path}"\n'
+        "user default off\nuser kvcache on nopass ~* &* +@all\n"
+    )
     server = subprocess.Popen([redis_server.find_redis_server(), str(config)], stdout=subprocess.DEVNULL)
     try:
         client = redis.Redis(host="127.0.0.1", port=port, username="kvcache", password="anything")

@@ -32,8 +32,12 @@ LONG = 2000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    dep = deploy(tmp_path_factory.mktemp("batching"), workers=1, config=CONFIG,
-                 args=("--max-running", "3", "--max-waiting", "1", "--num-blocks", "1024"))  # fmt: skip
+    dep = deploy(
+        tmp_path_factory.mktemp("batching"),
+        workers=1,
+        config=CONFIG,
+        args=("--max-running", "3", "--max-waiting", "1", "--num-blocks", "1024"),
+    )
     yield dep
     dep.stop()
 
@@ -57,8 +61,12 @@ class OpenStream:
         url = urlsplit(server.url)
         self.conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
         body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
-        self.conn.request("POST", "/v1/completions", json.dumps(body),
-                          {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+        self.conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(body),
+            {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
         self.resp = self.conn.getresponse()
         assert self.resp.status == 200
         self.texts = [self.next_text()]
@@ -74,8 +82,11 @@ class OpenStream:
 
 
 def complete(server: Deployment, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
-    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read()), dict(resp.headers)
@@ -115,8 +126,9 @@ def test_a_full_worker_answers_503_with_retry_after_and_nothing_hangs(server: De
     streams = [OpenStream(server, ids(20 + i, 24), LONG) for i in range(3)]  # the batch is full
     try:
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(complete, server, {"prompt": ids(30 + i, 24), "max_tokens": 8})
-                       for i in range(4)]  # fmt: skip
+            futures = [
+                pool.submit(complete, server, {"prompt": ids(30 + i, 24), "max_tokens": 8}) for i in range(4)
+            ]
             # One waits (max-waiting 1); the others are refused at once: the front has no other worker.
             server.wait_for("three answers", lambda: sum(f.done() for f in futures) == 3)
             assert worker_metric(server, "kvcache:num_requests_waiting") == 1
@@ -159,6 +171,7 @@ def test_sampling_fields_stop_strings_and_finish_reasons(server: Deployment) -> 
 def test_the_worker_flags_are_checked(tmp_path: Path) -> None:
     import subprocess
 
-    out = subprocess.run([*python_argv(), "-m", "kvcache.cli", "worker", "--max-running", "0"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [*python_argv(), "-m", "kvcache.cli", "worker", "--max-running", "0"], capture_output=True, text=True
+    )
     assert out.returncode != 0 and "--max-running" in out.stderr

@@ -16,10 +16,14 @@ from kvcache.lab.serve_bench import Result, load_trace, offered, poisson_gaps, s
 
 def test_token_and_mooncake_lines(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
-    tokens = [{"timestamp": 0, "text": "hi", "output_length": 3, "tenant": "acme"},
-              {"timestamp": 1, "tokens": [1, 2, 3], "output_length": 16, "tenant": "bob"}]
-    mooncake = [{"timestamp": 0, "input_length": 20, "output_length": 2, "hash_ids": [7, 8]},
-                {"timestamp": 5, "input_length": 12, "output_length": 1, "hash_ids": [7]}]  # fmt: skip
+    tokens = [
+        {"timestamp": 0, "text": "hi", "output_length": 3, "tenant": "acme"},
+        {"timestamp": 1, "tokens": [1, 2, 3], "output_length": 16, "tenant": "bob"},
+    ]
+    mooncake = [
+        {"timestamp": 0, "input_length": 20, "output_length": 2, "hash_ids": [7, 8]},
+        {"timestamp": 5, "input_length": 12, "output_length": 1, "hash_ids": [7]},
+    ]
     path.write_text("\n".join(json.dumps(x) for x in tokens) + "\n\n")
     trace = load_trace(str(path), block_tokens=16, vocab_size=256)
     assert [(r.output_tokens, r.tenant) for r in trace] == [(3, "acme"), (16, "bob")]
@@ -42,11 +46,13 @@ def test_synthetic_trace_is_the_multi_tenant_chat_workload() -> None:
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("not json", ":1: not valid JSON"), ('{"timestamp": 0, "tenant": "a", "text": "", "output_length": 1}',
-     "'text' is empty"), ('{"timestamp": 0, "tenant": "a", "text": "x", "output_length": 0}',
-     "'output_length'=0"), ('{"timestamp": 0, "input_length": 99, "output_length": 1, "hash_ids": [1]}',
-     "input_length=99")],
-)  # fmt: skip
+    [
+        ("not json", ":1: not valid JSON"),
+        ('{"timestamp": 0, "tenant": "a", "text": "", "output_length": 1}', "'text' is empty"),
+        ('{"timestamp": 0, "tenant": "a", "text": "x", "output_length": 0}', "'output_length'=0"),
+        ('{"timestamp": 0, "input_length": 99, "output_length": 1, "hash_ids": [1]}', "input_length=99"),
+    ],
+)
 def test_bad_traces_name_the_line(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(text + "\n")
@@ -84,9 +90,11 @@ def test_offered_counts_the_schedules_arrivals_within_the_duration() -> None:
 
 
 def test_summary_shows_offered_sent_and_the_achieved_rate() -> None:
-    results = [Result(True, 10, 2, 0, 0.5, 1.0, [0.5], sent_s=0.0),
-               Result(True, 10, 2, 0, 0.5, 1.0, [0.5], sent_s=2.0),
-               Result(False, error="HTTP 503", sent_s=4.0)]  # fmt: skip
+    results = [
+        Result(True, 10, 2, 0, 0.5, 1.0, [0.5], sent_s=0.0),
+        Result(True, 10, 2, 0, 0.5, 1.0, [0.5], sent_s=2.0),
+        Result(False, error="HTTP 503", sent_s=4.0),
+    ]
     s = summarize(results, 5.0, rate=8.0, max_concurrency=1, offered=32)
     assert (s["offered"], s["sent"], s["completed"], s["failed"]) == (32, 3, 2, 1)
     assert s["request_rate"] == 8.0 and s["achieved_request_rate"] == 0.5  # 2 sends after the first in 4 s
@@ -95,8 +103,11 @@ def test_summary_shows_offered_sent_and_the_achieved_rate() -> None:
         assert line in shown
     assert "sent 3 of 32 offered requests" in shown and "--max-concurrency 1" in shown
     unbounded = summarize(results, 5.0, rate=float("inf"), max_concurrency=1)
-    assert unbounded["offered"] is None and "unbounded" in table(unbounded) and "offered requests" not in (
-        table(unbounded))  # fmt: skip
+    assert (
+        unbounded["offered"] is None
+        and "unbounded" in table(unbounded)
+        and "offered requests" not in (table(unbounded))
+    )
 
 
 class ScriptedServer:
@@ -116,14 +127,18 @@ class ScriptedServer:
         if request.headers.get("Authorization") != f"Bearer {self.key}":
             return web.json_response({"error": {"message": "unknown API key", "code": 401}}, status=401)
         if len(body["prompt"]) > 3:
-            return web.json_response({"error": {"message": "prompt too long for this test", "code": 400}},
-                                     status=400)  # fmt: skip
+            return web.json_response(
+                {"error": {"message": "prompt too long for this test", "code": 400}}, status=400
+            )
         await asyncio.sleep(self.delay_s)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"choices": [{"text": "x"}]}\n\n')
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 1, "prompt_tokens_details":
-                 {"cached_tokens": 0}}  # fmt: skip
+        usage = {
+            "prompt_tokens": len(body["prompt"]),
+            "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
         last = json.dumps({"choices": [], "usage": usage})
         await response.write(f"data: {last}\n\ndata: [DONE]\n\n".encode())
         return response
@@ -161,18 +176,30 @@ def test_bench_serve_reports_failures_with_the_server_message(
     from kvcache.cli import main
 
     trace = tmp_path / "t.jsonl"
-    lines = [{"timestamp": 0, "tenant": "acme", "tokens": [1, 2], "output_length": 1},
-             {"timestamp": 1, "tenant": "acme", "tokens": [1, 2, 3, 4, 5], "output_length": 1}]  # fmt: skip
+    lines = [
+        {"timestamp": 0, "tenant": "acme", "tokens": [1, 2], "output_length": 1},
+        {"timestamp": 1, "tenant": "acme", "tokens": [1, 2, 3, 4, 5], "output_length": 1},
+    ]
     trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     monkeypatch.setenv("KVCACHE_API_KEY", "sk-env")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    argv = ["bench-serve", "", "--trace", str(trace), "--duration", "0.3", "--rate", "20",
-            "--max-concurrency", "1"]  # fmt: skip
+    argv = [
+        "bench-serve",
+        "",
+        "--trace",
+        str(trace),
+        "--duration",
+        "0.3",
+        "--rate",
+        "20",
+        "--max-concurrency",
+        "1",
+    ]
     with ScriptedServer("sk-env") as server:
         argv[1] = server.url
         assert main(argv) == 1  # some requests failed
         out = capsys.readouterr()
-        summary = json.loads(out.out[out.out.index("{"):])
+        summary = json.loads(out.out[out.out.index("{") :])
         assert summary["completed"] >= 1 and summary["failed"] >= 1
         assert summary["errors"] == ["HTTP 400: prompt too long for this test"]
         assert "failed x" in out.out and "requests failed" in out.err
@@ -190,11 +217,21 @@ def test_bench_serve_against_a_slow_server_says_how_many_requests_it_sent(
     monkeypatch.setenv("KVCACHE_API_KEY", "sk-env")
     with ScriptedServer("sk-env", delay_s=0.25) as server:
         trace = "synthetic:tenants=1,sessions=1,turns=1,system=1,user=1"  # 2-token prompts
-        argv = ["bench-serve", server.url, "--trace", trace, "--duration", "1", "--rate", "40",
-                "--max-concurrency", "1"]  # fmt: skip
+        argv = [
+            "bench-serve",
+            server.url,
+            "--trace",
+            trace,
+            "--duration",
+            "1",
+            "--rate",
+            "40",
+            "--max-concurrency",
+            "1",
+        ]
         assert main(argv) == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     assert summary["offered"] == offered(40.0, 1.0, seed=0) and summary["offered"] > 20
     assert 1 <= summary["sent"] <= 5 and summary["completed"] == summary["sent"]  # one at a time, 0.25 s each
     assert f"sent {summary['sent']} of {summary['offered']} offered requests" in out

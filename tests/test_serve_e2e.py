@@ -48,8 +48,12 @@ def test_models_health_and_a_completion(server: Deployment) -> None:
     assert server.request("/health") == (200, {"workers": 2, "redis": True})
     body = complete(server, "sk-acme", "Hello, kvcache!", max_tokens=5)
     assert body["object"] == "text_completion"
-    assert body["usage"] == {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20,
-                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    assert body["usage"] == {
+        "prompt_tokens": 15,
+        "completion_tokens": 5,
+        "total_tokens": 20,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert body["choices"][0]["finish_reason"] == "length"
 
 
@@ -66,8 +70,9 @@ def test_streamed_completion_and_chat_match_the_unstreamed_text(server: Deployme
     assert chunks[-2]["usage"]["prompt_tokens"] == 40
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why cache KV?"}]
-    status, chat = server.request("/v1/chat/completions", {"messages": messages, "max_tokens": 3},
-                                  key="sk-acme")  # fmt: skip
+    status, chat = server.request(
+        "/v1/chat/completions", {"messages": messages, "max_tokens": 3}, key="sk-acme"
+    )
     assert status == 200 and chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"]["role"] == "assistant"
     streamed = server.stream("/v1/chat/completions", {"messages": messages, "max_tokens": 3}, key="sk-acme")
@@ -113,16 +118,27 @@ def test_share_group_hits_only_after_k_tenants_wrote_a_block(server: Deployment)
         ("/v1/completions", b'{"prompt": "x"}', "sk-nobody", 401, "unknown API key"),
         ("/v1/completions", b'{"prompt": "x"}', None, 401, "missing API key"),
         ("/v1/completions", b'{"prompt": "x", "model": "gpt-9"}', "sk-acme", 404, "'gpt-9'"),
-        ("/v1/completions", b'{"prompt": "' + b"y" * 200 + b'", "max_tokens": 4000}', "sk-acme", 400,
-         "need 263 blocks; a worker's pool holds 256"),
+        (
+            "/v1/completions",
+            b'{"prompt": "' + b"y" * 200 + b'", "max_tokens": 4000}',
+            "sk-acme",
+            400,
+            "need 263 blocks; a worker's pool holds 256",
+        ),
         ("/v1/completions", b'{"prompt": "abc\\ud800"}', "sk-acme", 400, "lone surrogate"),
         ("/v1/completions", b"[" * 100_000, "sk-acme", 400, "nests 100000 levels deep"),
-        ("/v1/completions", b'{"prompt": [' + b"7, " * 4096 + b'7]}', "sk-acme", 400,
-         "the prompt has 4097 tokens; this server accepts at most 4096"),
+        (
+            "/v1/completions",
+            b'{"prompt": [' + b"7, " * 4096 + b"7]}",
+            "sk-acme",
+            400,
+            "the prompt has 4097 tokens; this server accepts at most 4096",
+        ),
     ],
 )
-def test_client_errors(server: Deployment, path: str, raw: bytes, key: str | None, status: int,
-                       needle: str) -> None:  # fmt: skip
+def test_client_errors(
+    server: Deployment, path: str, raw: bytes, key: str | None, status: int, needle: str
+) -> None:
     got, body = server.request(path, raw=raw, key=key)
     assert got == status
     assert needle in body["error"]["message"]

@@ -134,15 +134,19 @@ def test_adding_and_removing_are_idempotent(server: Deployment) -> None:
     assert first[1]["id"] not in [p["id"] for p in listing(server)["data"]]
 
 
-@pytest.mark.parametrize(("method", "path", "key", "status"), [
-    ("GET", ADMIN, None, 401),
-    ("GET", ADMIN, "sk-acme", 403),
-    ("POST", ADMIN, "sk-acme", 403),
-    ("POST", ADMIN, "sk-nobody", 403),
-    ("DELETE", f"{ADMIN}/pp-0000000000000000", "sk-globex", 403),
-])  # fmt: skip
-def test_only_admins_manage_public_prefixes(server: Deployment, method: str, path: str, key: str | None,
-                                            status: int) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "key", "status"),
+    [
+        ("GET", ADMIN, None, 401),
+        ("GET", ADMIN, "sk-acme", 403),
+        ("POST", ADMIN, "sk-acme", 403),
+        ("POST", ADMIN, "sk-nobody", 403),
+        ("DELETE", f"{ADMIN}/pp-0000000000000000", "sk-globex", 403),
+    ],
+)
+def test_only_admins_manage_public_prefixes(
+    server: Deployment, method: str, path: str, key: str | None, status: int
+) -> None:
     before = listing(server)
     body = {"token_ids": ids(7500, 64)} if method == "POST" else None
     got, answer = server.request(path, body, key=key, method=method)
@@ -150,13 +154,16 @@ def test_only_admins_manage_public_prefixes(server: Deployment, method: str, pat
     assert listing(server)["version"] == before["version"]
 
 
-@pytest.mark.parametrize(("raw", "needle"), [
-    (b"{not json", "not valid JSON"),
-    (b'{"text": "a", "token_ids": [1]}', "exactly one of"),
-    (b'{"token_ids": [1, 99999]}', "vocab_size"),
-    (b'{"token_ids": [1, 2, 3]}', "fewer than one block"),
-    (b'{"system": "x", "model": "gpt-9"}', "'gpt-9' is not served here"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"text": "a", "token_ids": [1]}', "exactly one of"),
+        (b'{"token_ids": [1, 99999]}', "vocab_size"),
+        (b'{"token_ids": [1, 2, 3]}', "fewer than one block"),
+        (b'{"system": "x", "model": "gpt-9"}', "'gpt-9' is not served here"),
+    ],
+)
 def test_bad_admin_requests_are_named_and_change_nothing(server: Deployment, raw: bytes, needle: str) -> None:
     before = listing(server)
     got, answer = server.request(ADMIN, raw=raw, key=ADMIN_KEY)

@@ -48,8 +48,9 @@ def test_a_tenant_at_its_share_is_429_and_another_tenant_is_served_at_once() -> 
         async with aiohttp.ClientSession() as session:
             streams = []
             for _ in range(2):  # acme's share: 0.5 of 4 seats on the one worker
-                stream = await session.post(path, json={"prompt": "hi", "max_tokens": 200, "stream": True},
-                                            headers=acme)  # fmt: skip
+                stream = await session.post(
+                    path, json={"prompt": "hi", "max_tokens": 200, "stream": True}, headers=acme
+                )
                 assert stream.status == 200 and (await stream.content.readline()).startswith(b"data: {")
                 streams.append(stream)
             async with session.post(path, json={"prompt": "hi", "max_tokens": 3}, headers=acme) as resp:
@@ -82,8 +83,12 @@ class Stream:
         parts = urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
         body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
-        self.conn.request("POST", "/v1/completions", json.dumps(body),
-                          {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})  # fmt: skip
+        self.conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(body),
+            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         self.resp = self.conn.getresponse()
         self.status = self.resp.status
         self.error: Any = None if self.status == 200 else json.loads(self.resp.read())

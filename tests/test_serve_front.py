@@ -28,9 +28,13 @@ class ScriptedWorker:
     """A worker whose ``/generate`` runs ``handler``; ``streamed`` counts token lines it wrote and
     ``gone`` is set when a write fails because the front dropped the connection."""
 
-    def __init__(self, handler: Handler | None = None, delay_s: float = 0.0,
-                 token_ids: list[int] | None = None,
-                 identity: tuple[str, str] = ("w0", "i0")) -> None:  # fmt: skip
+    def __init__(
+        self,
+        handler: Handler | None = None,
+        delay_s: float = 0.0,
+        token_ids: list[int] | None = None,
+        identity: tuple[str, str] = ("w0", "i0"),
+    ) -> None:
         self.handler = handler or self.tokens
         self.identity = identity  # (worker id, instance) it proves and whose credential it takes
         self.delay_s = delay_s
@@ -49,8 +53,12 @@ class ScriptedWorker:
                 token_id = self.token_ids[index % len(self.token_ids)]
                 line: dict[str, Any] = {"token_id": token_id, "index": index}
                 if index == 0:
-                    line.update(prompt_tokens=len(body["token_ids"]), cached_tokens=0,
-                                tier_hits={"device": 0}, queue_s=0.0)  # fmt: skip
+                    line.update(
+                        prompt_tokens=len(body["token_ids"]),
+                        cached_tokens=0,
+                        tier_hits={"device": 0},
+                        queue_s=0.0,
+                    )
                 await response.write(json.dumps(line).encode() + b"\n")
                 self.streamed += 1
                 await asyncio.sleep(self.delay_s)
@@ -78,18 +86,30 @@ class ScriptedWorker:
         return app
 
 
-def run_front(worker: ScriptedWorker, scenario: Callable[[Front, str], Awaitable[None]], *,
-              config: ServeConfig | None = None, tokenizer: Tokenizer | None = None,
-              **front_args: Any) -> None:  # fmt: skip
+def run_front(
+    worker: ScriptedWorker,
+    scenario: Callable[[Front, str], Awaitable[None]],
+    *,
+    config: ServeConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    **front_args: Any,
+) -> None:
     """Start the worker and a front that knows it, then run ``scenario(front, front_url)``."""
 
     async def main() -> None:
         wserver = TestServer(worker.app())
         await wserver.start_server(access_log=None)  # as a real worker runs: no access log
         async with wserver:
-            front = Front(config=config or ServeConfig(), router=Router("round_robin", block_size=16),
-                          tokenizer=tokenizer or ByteTokenizer(1024), model_name="tiny", redis_url=None,
-                          route_request=RouteRequest, keys=KEYS, **front_args)  # fmt: skip
+            front = Front(
+                config=config or ServeConfig(),
+                router=Router("round_robin", block_size=16),
+                tokenizer=tokenizer or ByteTokenizer(1024),
+                model_name="tiny",
+                redis_url=None,
+                route_request=RouteRequest,
+                keys=KEYS,
+                **front_args,
+            )
             url = str(wserver.make_url("")).rstrip("/")
             front.pool.add(registration("w0", url, "i0", model_id="tiny-llama"))
             runner = front.runner()  # as ``kvcache serve`` runs it (TestServer would cancel handlers itself)
@@ -104,8 +124,9 @@ def run_front(worker: ScriptedWorker, scenario: Callable[[Front, str], Awaitable
     asyncio.run(main())
 
 
-async def post(url: str, body: Any = None, raw: bytes | None = None,
-               headers: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+async def post(
+    url: str, body: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     data = raw if raw is not None else json.dumps(body).encode()
     async with aiohttp.ClientSession() as session, session.post(url, data=data, headers=headers) as resp:
         return resp.status, await resp.json(content_type=None)
@@ -150,10 +171,14 @@ def test_an_empty_encoding_is_400_not_500() -> None:
 
 
 def test_worker_errors_keep_their_status_whatever_the_body() -> None:
-    answers = iter([web.Response(status=413, text="Request Entity Too Large"),
-                    web.Response(status=500, text="<html>boom</html>", content_type="text/html"),
-                    web.json_response({"error": "over quota"}, status=429),
-                    web.Response(status=502)])  # fmt: skip
+    answers = iter(
+        [
+            web.Response(status=413, text="Request Entity Too Large"),
+            web.Response(status=500, text="<html>boom</html>", content_type="text/html"),
+            web.json_response({"error": "over quota"}, status=429),
+            web.Response(status=502),
+        ]
+    )
 
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -192,8 +217,11 @@ def test_prompt_token_limit_is_enforced_before_tokenizing_the_rest() -> None:
         check_error(await post(url + "/v1/completions", huge), 400, "more than 64 tokens")
         assert [n for n, _ in spy.calls] == [16 * 65]  # only the head was tokenized
         assert spy.calls[0][1] != threading.current_thread().name  # off the event loop's thread
-        check_error(await post(url + "/v1/completions", {"prompt": list(range(1, 66))}), 400,
-                    "the prompt has 65 tokens; this server accepts at most 64")  # fmt: skip
+        check_error(
+            await post(url + "/v1/completions", {"prompt": list(range(1, 66))}),
+            400,
+            "the prompt has 65 tokens; this server accepts at most 64",
+        )
         check_error(await post(url + "/v1/completions", {"prompt": "z" * 65}), 400, "has 65 tokens")
         too_big = await post(url + "/v1/completions", raw=b'{"prompt": "' + b"q" * (2**20 + 1) + b'"}')
         check_error(too_big, 413, f"larger than {2**20} bytes")
@@ -247,8 +275,7 @@ def test_a_slow_worker_times_out_with_504_and_stays_in_the_pool() -> None:
 
 
 def test_metrics_name_tenants_only_for_admin_keys() -> None:
-    config = ServeConfig.from_dict({"admin_keys": ["sk-admin"],
-                                    "tenants": {"acme": {"keys": ["sk-acme"]}}})  # fmt: skip
+    config = ServeConfig.from_dict({"admin_keys": ["sk-admin"], "tenants": {"acme": {"keys": ["sk-acme"]}}})
 
     async def scenario(front: Front, url: str) -> None:
         acme = {"Authorization": "Bearer sk-acme"}
@@ -289,8 +316,11 @@ def test_streamed_and_unstreamed_answers_are_the_same_text_with_a_real_tokenizer
         text = whole["choices"][0]["text"]
         streamed, completions = {**body, "stream": True}, url + "/v1/completions"
         async with aiohttp.ClientSession() as session, session.post(completions, json=streamed) as resp:
-            events = [json.loads(line[6:]) for line in (await resp.read()).splitlines()
-                      if line.startswith(b"data: {")]  # fmt: skip
+            events = [
+                json.loads(line[6:])
+                for line in (await resp.read()).splitlines()
+                if line.startswith(b"data: {")
+            ]
         assert "".join(e["choices"][0]["text"] for e in events) == text
         assert text.replace(" ", "") == "it'sfine.don'tworry"
 
@@ -299,8 +329,9 @@ def test_streamed_and_unstreamed_answers_are_the_same_text_with_a_real_tokenizer
 
 def test_a_busy_worker_sends_the_request_elsewhere_and_all_busy_is_503_with_retry_after() -> None:
     async def busy(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"error": "w1 has 1 waiting request(s)"}, status=503,
-                                 headers={"Retry-After": "2"})  # fmt: skip
+        return web.json_response(
+            {"error": "w1 has 1 waiting request(s)"}, status=503, headers={"Retry-After": "2"}
+        )
 
     worker = ScriptedWorker()
 
@@ -318,8 +349,10 @@ def test_a_busy_worker_sends_the_request_elsewhere_and_all_busy_is_503_with_retr
             async with aiohttp.ClientSession() as session, session.post(path, json=ask) as resp:
                 assert resp.status == 503 and resp.headers["Retry-After"] == "2"
                 error = (await resp.json())["error"]
-            assert error["code"] == "service_unavailable" and "all 2 workers have full waiting queues" in (
-                error["message"])  # fmt: skip
+            assert (
+                error["code"] == "service_unavailable"
+                and "all 2 workers have full waiting queues" in (error["message"])
+            )
 
     run_front(worker, scenario)
 
@@ -334,10 +367,17 @@ def test_a_stop_string_cuts_the_text_and_ends_the_workers_stream() -> None:
         assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 5
         await asyncio.wait_for(worker.gone.wait(), 10)  # the front dropped the worker's stream
         assert worker.bodies[0]["max_tokens"] == 20 and "temperature" not in worker.bodies[0]
-        chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True, "stop": "cd",
-                "temperature": 0.5}  # fmt: skip
-        async with aiohttp.ClientSession() as session, session.post(url + "/v1/chat/completions",
-                                                                    json=chat) as resp:  # fmt: skip
+        chat = {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 4,
+            "stream": True,
+            "stop": "cd",
+            "temperature": 0.5,
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/v1/chat/completions", json=chat) as resp,
+        ):
             lines = [line for line in (await resp.read()).split(b"\n\n") if line.startswith(b"data: {")]
         chunks = [json.loads(line[6:]) for line in lines]
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "ab"
@@ -366,17 +406,24 @@ def test_stopping_the_front_cancels_a_request_still_in_flight_after_the_grace() 
         wserver = TestServer(worker.app())
         await wserver.start_server(access_log=None)  # as a real worker runs: no access log
         async with wserver:
-            front = Front(config=ServeConfig(), router=Router("round_robin", block_size=16),
-                          tokenizer=ByteTokenizer(1024), model_name="tiny", redis_url=None,
-                          route_request=RouteRequest, keys=KEYS)  # fmt: skip
+            front = Front(
+                config=ServeConfig(),
+                router=Router("round_robin", block_size=16),
+                tokenizer=ByteTokenizer(1024),
+                model_name="tiny",
+                redis_url=None,
+                route_request=RouteRequest,
+                keys=KEYS,
+            )
             url = str(wserver.make_url("")).rstrip("/")
             front.pool.add(registration("w0", url, "i0", model_id="tiny-llama"))
             runner = front.runner()
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", 0).start()
             port = runner.addresses[0][1]
-            client = asyncio.create_task(post(f"http://127.0.0.1:{port}/v1/completions",
-                                              {"prompt": "hi", "max_tokens": 2}))  # fmt: skip
+            client = asyncio.create_task(
+                post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            )
             await asyncio.wait_for(stuck.wait(), 30)
             started = asyncio.get_running_loop().time()
             await asyncio.wait_for(runner.cleanup(), 4 * wire.SHUTDOWN_GRACE_S)  # 60 s without the bound

@@ -69,8 +69,10 @@ class Squatter:
                         body = b'{"worker_id": "w0", "instance": "guess", "proof": "' + b"00" * 16 + b'"}'
                     else:
                         body = b'{"token_id": 65, "index": 0, "prompt_tokens": 1, "cached_tokens": 0}\n'
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
-                                 b"\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+                        b"\r\n\r\n%s" % (len(body), body)
+                    )
             except OSError:
                 return
 
@@ -82,12 +84,19 @@ def test_a_credential_captured_from_one_worker_opens_no_other(server: Deployment
     workers = server.workers()
     keys = auth.DeploymentKeys.from_secret(server.secret)
     leaked = keys.worker_credential("w0", workers["w0"]["instance"])  # e.g. read off w0's traffic
-    body = {"request_id": "leak-1", "token_ids": ids(9100, 40), "tenant": "acme", "group": None,
-            "max_tokens": 1}
+    body = {
+        "request_id": "leak-1",
+        "token_ids": ids(9100, 40),
+        "tenant": "acme",
+        "group": None,
+        "max_tokens": 1,
+    }
     status, out = post(workers["w0"]["url"] + "/generate", body, leaked)
     assert status == 200 and b'"token_id"' in out  # it opens w0's current instance ...
     assert post(workers["w1"]["url"] + "/generate", {**body, "request_id": "leak-2"}, leaked) == (
-        403, b'{"error": "wrong worker credential"}')  # fmt: skip  ... and no other worker
+        403,
+        b'{"error": "wrong worker credential"}',
+    )  # ... and no other worker
     old = keys.worker_credential("w0", "an-earlier-instance")  # one captured before w0 restarted
     assert post(workers["w0"]["url"] + "/generate", {**body, "request_id": "leak-3"}, old)[0] == 403
 

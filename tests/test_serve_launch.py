@@ -39,8 +39,20 @@ def serve(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
     with start_redis() as redis:
-        cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--port", str(free_port()),
-               "--device", "nosuchdevice", "--workers", "1", "--model", "tiny"]  # fmt: skip
+        cmd = [
+            *python_argv(),
+            "-m",
+            "kvcache.cli",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--device",
+            "nosuchdevice",
+            "--workers",
+            "1",
+            "--model",
+            "tiny",
+        ]
         env = {**os.environ, auth.REDIS_URL_ENV: redis.url}
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # start: seconds
     err = done.stderr
@@ -53,15 +65,18 @@ def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
     ("args", "needle"),
     [
         (("--num-blocks", "-1"), "--num-blocks=-1 must be >= 1"),
-        (("--policy", "bogus"),
-         "round_robin, random, least_loaded, lpm, dynamo, sglang, lpm_balanced, affinity"),
+        (
+            ("--policy", "bogus"),
+            "round_robin, random, least_loaded, lpm, dynamo, sglang, lpm_balanced, affinity",
+        ),
         (("--latency", "/nonexistent/lat.json"), "cannot read a latency model from /nonexistent/lat.json"),
         (("--redis", "redis://127.0.0.1:{port}/0"), "cannot reach Redis at 127.0.0.1:"),
         (("--model", "nosuch-model"), "model 'nosuch-model' has no tokenizer files"),
     ],
 )
-def test_bad_settings_fail_before_any_worker_starts(capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
-                                                    needle: str) -> None:  # fmt: skip
+def test_bad_settings_fail_before_any_worker_starts(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], needle: str
+) -> None:
     args = tuple(a.format(port=free_port()) for a in args)
     assert needle in serve(capsys, *args)
 
@@ -101,8 +116,20 @@ def test_redis_script_stops_its_server_on_sigterm(tmp_path: Path) -> None:
 
 def test_serving_is_announced_once_every_worker_is_ready(tmp_path: Path) -> None:
     port = free_port()
-    cmd = [*python_argv(), "-m", "kvcache.cli", "serve", "--port", str(port), "--workers", "2",
-           "--model", "tiny", "--num-blocks", "64"]  # fmt: skip
+    cmd = [
+        *python_argv(),
+        "-m",
+        "kvcache.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--model",
+        "tiny",
+        "--num-blocks",
+        "64",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
     err_path = tmp_path / "stderr"
     with err_path.open("wb") as err:
@@ -136,8 +163,9 @@ def test_worker_flags_carry_dtype_and_device() -> None:
     assert "--dtype" not in WorkerArgs().argv("w3")
 
 
-def test_read_timeout_reaches_the_front(monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_read_timeout_reaches_the_front(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--read-timeout S``: how long the front waits on a silent worker (long prompts queued on a slow
     CPU wait longer than the default 60 s for their first token)."""
     from kvcache import redis_server
@@ -175,8 +203,15 @@ def test_make_front_sets_the_read_timeout() -> None:
     from kvcache.serve.config import ServeConfig
     from kvcache.serve.launch import make_front
 
-    front = make_front(config=ServeConfig.load(None), model="tiny", tokenizer=tokenize.load("tiny"),
-                       redis_url="redis://127.0.0.1:1/0", policy="affinity", mode="precise", block_size=16,
-                       keys=serve_auth.DeploymentKeys.from_secret(serve_auth.new_secret()),
-                       read_timeout_s=600.0)  # fmt: skip
+    front = make_front(
+        config=ServeConfig.load(None),
+        model="tiny",
+        tokenizer=tokenize.load("tiny"),
+        redis_url="redis://127.0.0.1:1/0",
+        policy="affinity",
+        mode="precise",
+        block_size=16,
+        keys=serve_auth.DeploymentKeys.from_secret(serve_auth.new_secret()),
+        read_timeout_s=600.0,
+    )
     assert front.read_timeout_s == 600.0

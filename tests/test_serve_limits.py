@@ -29,8 +29,9 @@ async def closed_by_server(reader: asyncio.StreamReader, within_s: float) -> boo
         return True
 
 
-def test_a_slowloris_flood_leaves_health_requests_and_streams_served(caplog: pytest.LogCaptureFixture,
-                                                                     ) -> None:
+def test_a_slowloris_flood_leaves_health_requests_and_streams_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """50 connections that each send half a request line, against a front limited to 20 connections
     (20 per address): the oldest idle ones are closed to make room, /health and a completion
     from a new connection are answered, a stream in progress is never cut, the rest are closed
@@ -41,8 +42,9 @@ def test_a_slowloris_flood_leaves_health_requests_and_streams_served(caplog: pyt
     async def scenario(front: Front, url: str) -> None:
         host, port = url.removeprefix("http://").split(":")
         async with aiohttp.ClientSession() as session:
-            stream = await session.post(url + "/v1/completions",
-                                        json={"prompt": "hi", "max_tokens": 40, "stream": True})  # fmt: skip
+            stream = await session.post(
+                url + "/v1/completions", json={"prompt": "hi", "max_tokens": 40, "stream": True}
+            )
             assert stream.status == 200
             first = await stream.content.readline()
             assert first.startswith(b"data: {")
@@ -62,8 +64,9 @@ def test_a_slowloris_flood_leaves_health_requests_and_streams_served(caplog: pyt
             assert all(early), early.count(False)
             # The stream, busy all along, was never closed for a limit or for the header time.
             rest = await stream.content.read()
-            events = [json.loads(line[6:]) for line in (first + rest).split(b"\n\n")
-                      if line.startswith(b"data: {")]  # fmt: skip
+            events = [
+                json.loads(line[6:]) for line in (first + rest).split(b"\n\n") if line.startswith(b"data: {")
+            ]
             assert "".join(e["choices"][0]["text"] for e in events) == ALPHABET + ALPHABET[:14]
             stream.release()
             # The survivors never finish their request line: closed when the header time runs out.
@@ -73,10 +76,16 @@ def test_a_slowloris_flood_leaves_health_requests_and_streams_served(caplog: pyt
                 writer.close()
         assert front.guard.num_evicted >= 30 and front.guard.num_refused == 0
 
-    run_front(worker, scenario, limits=ConnectionLimits(header_timeout_s=1.0, max_connections=20,
-                                                        max_connections_per_client=20))  # fmt: skip
-    lines = [r for r in caplog.records if r.name.startswith(("kvcache", "aiohttp", "asyncio"))
-             and r.levelno >= logging.INFO]  # fmt: skip
+    run_front(
+        worker,
+        scenario,
+        limits=ConnectionLimits(header_timeout_s=1.0, max_connections=20, max_connections_per_client=20),
+    )
+    lines = [
+        r
+        for r in caplog.records
+        if r.name.startswith(("kvcache", "aiohttp", "asyncio")) and r.levelno >= logging.INFO
+    ]
     assert len(lines) <= 5, [(r.name, r.getMessage()) for r in lines]
     summaries = [r.getMessage() for r in lines if r.getMessage().startswith("connection limits")]
     assert summaries and "(20 in all, 20 per client address): closed 1 idle connection(s)" in summaries[0]
@@ -89,9 +98,12 @@ def test_when_every_connection_is_busy_a_new_one_is_closed_and_the_busy_ones_fin
     async def scenario(front: Front, url: str) -> None:
         host, port = url.removeprefix("http://").split(":")
         async with aiohttp.ClientSession() as session:
-            streams = [await session.post(url + "/v1/completions",
-                                          json={"prompt": "hi", "max_tokens": 20, "stream": True})
-                       for _ in range(2)]  # fmt: skip
+            streams = [
+                await session.post(
+                    url + "/v1/completions", json={"prompt": "hi", "max_tokens": 20, "stream": True}
+                )
+                for _ in range(2)
+            ]
             for stream in streams:
                 assert (await stream.content.readline()).startswith(b"data: {")
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -110,11 +122,14 @@ def test_a_body_that_never_arrives_is_408() -> None:
     async def scenario(front: Front, url: str) -> None:
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        writer.write(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"pro')
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
         assert head.startswith("HTTP/1.1 408"), head
-        length = next(int(line.split(":")[1]) for line in head.split("\r\n")
-                      if line.lower().startswith("content-length:"))  # fmt: skip
+        length = next(
+            int(line.split(":")[1])
+            for line in head.split("\r\n")
+            if line.lower().startswith("content-length:")
+        )
         body = await asyncio.wait_for(reader.readexactly(length), 10)
         assert "did not arrive within 0.5 s" in json.loads(body)["error"]["message"]
         writer.close()

@@ -35,7 +35,11 @@ def test_an_unknown_model_is_not_found_with_code_model_not_found() -> None:
             await client.completions.create(model="gpt-9", prompt="hi", max_tokens=2)
         error = info.value
         assert (error.status_code, error.code, error.param, error.type) == (
-            404, "model_not_found", "model", "invalid_request_error")  # fmt: skip
+            404,
+            "model_not_found",
+            "model",
+            "invalid_request_error",
+        )
         assert "model 'gpt-9' is not served here; use 'tiny'" in error.message
 
     with_client(scenario)
@@ -53,9 +57,17 @@ def test_a_bad_api_key_is_401_everywhere_models_included() -> None:
                 await call()
             error = info.value
             assert (error.status_code, error.code, error.param, error.type) == (
-                401, "invalid_api_key", None, "invalid_request_error")  # fmt: skip
-            assert error.body == {"message": "unknown API key", "type": "invalid_request_error",
-                                  "param": None, "code": "invalid_api_key"}  # fmt: skip
+                401,
+                "invalid_api_key",
+                None,
+                "invalid_request_error",
+            )
+            assert error.body == {
+                "message": "unknown API key",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
 
     with_client(scenario, key="sk-nobody")
 
@@ -71,8 +83,11 @@ def test_models_lists_the_served_model_for_a_good_key() -> None:
     ("field", "value", "what"),
     [
         ("logprobs", True, "this server does not return log probabilities"),
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-         "this server does not call tools"),
+        (
+            "tools",
+            [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "this server does not call tools",
+        ),
         ("response_format", {"type": "json_object"}, "this server does not constrain the output to a format"),
     ],
 )
@@ -82,7 +97,11 @@ def test_an_unsupported_field_is_a_400_naming_it(field: str, value: Any, what: s
             await client.chat.completions.create(model="tiny", messages=MESSAGES, **{field: value})
         error = info.value
         assert (error.status_code, error.code, error.param, error.type) == (
-            400, None, field, "invalid_request_error")  # fmt: skip
+            400,
+            None,
+            field,
+            "invalid_request_error",
+        )
         assert what in error.message and "greedy" not in error.message
 
     with_client(scenario)
@@ -99,9 +118,9 @@ def test_echo_on_a_completion_is_a_400_naming_it() -> None:
 
 def test_include_usage_sends_usage_in_a_final_chunk_without_choices() -> None:
     async def scenario(client: openai.AsyncOpenAI, url: str) -> None:
-        stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,
-                                                      stream=True,
-                                                      stream_options={"include_usage": True})  # fmt: skip
+        stream = await client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
         chunks = [chunk async for chunk in stream]
         *choices, last = chunks
         assert "".join(c.choices[0].delta.content or "" for c in choices) == "abc"
@@ -113,8 +132,9 @@ def test_include_usage_sends_usage_in_a_final_chunk_without_choices() -> None:
         assert (last.usage.completion_tokens, last.usage.total_tokens) == (3, prompt_tokens + 3)
         assert last.usage.prompt_tokens_details is not None
         assert last.usage.prompt_tokens_details.cached_tokens == 0
-        completion = await client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True,
-                                                     stream_options={"include_usage": True})  # fmt: skip
+        completion = await client.completions.create(
+            model="tiny", prompt="hi", max_tokens=2, stream=True, stream_options={"include_usage": True}
+        )
         *texts, tail = [chunk async for chunk in completion]
         assert [c.choices[0].text for c in texts] == ["a", "b", ""] and tail.choices == []
         assert tail.usage is not None and (tail.usage.prompt_tokens, tail.usage.completion_tokens) == (2, 2)
@@ -133,8 +153,13 @@ def test_unknown_routes_and_methods_answer_openai_errors() -> None:
         assert error.message.endswith("Invalid URL (GET /v1/models/tiny)")
         async with aiohttp.ClientSession() as session, session.get(url + "/v1/completions") as resp:
             assert resp.status == 405 and resp.headers["Allow"] == "POST"
-            assert await resp.json() == {"error": {"message": "Method not allowed (GET /v1/completions)",
-                                                   "type": "invalid_request_error", "param": None,
-                                                   "code": None}}  # fmt: skip
+            assert await resp.json() == {
+                "error": {
+                    "message": "Method not allowed (GET /v1/completions)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
 
     with_client(scenario)

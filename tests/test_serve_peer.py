@@ -22,8 +22,12 @@ W0 = ("w0", "i0")
 class Worker:
     """Answers the challenge as ``identity`` and counts what it is sent, by connection."""
 
-    def __init__(self, identity: tuple[str, str] = W0, close_after_hello: bool = False,
-                 close_after_generate: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        identity: tuple[str, str] = W0,
+        close_after_hello: bool = False,
+        close_after_generate: bool = False,
+    ) -> None:
         self.identity = identity
         self.close_after_hello, self.close_after_generate = close_after_hello, close_after_generate
         self.seen: list[tuple[str, int]] = []  # (path, id of the connection's transport)

@@ -14,18 +14,21 @@ from kvcache.serve import protocol
 def test_completion_text_and_token_prompts() -> None:
     req = protocol.parse_completion({"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0})
     assert (req.text, req.token_ids, req.max_tokens, req.stream, req.chat) == ("hi", None, 3, False, False)
-    req = protocol.parse_completion({"prompt": [[5, 6, 7]], "stream": True,
-                                     "stream_options": {"include_usage": True}})  # fmt: skip
+    req = protocol.parse_completion(
+        {"prompt": [[5, 6, 7]], "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert (req.token_ids, req.max_tokens, req.stream, req.include_usage) == ([5, 6, 7], 16, True, True)
 
 
 def test_sampling_fields_map_to_the_worker_and_name_the_field_when_bad() -> None:
-    req = protocol.parse_completion({"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": -1,
-                                     "seed": -1, "stop": "\n\n"})  # fmt: skip
+    req = protocol.parse_completion(
+        {"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": -1, "seed": -1, "stop": "\n\n"}
+    )
     assert (req.temperature, req.top_p, req.top_k, req.seed, req.stop) == (0.7, 0.9, 0, 2**63 - 1, ("\n\n",))
     assert req.sampling() == {"temperature": 0.7, "top_p": 0.9, "seed": 2**63 - 1}
-    greedy = protocol.parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "bc"],
-                                  "seed": 0, "n": 1})  # fmt: skip
+    greedy = protocol.parse_chat(
+        {"messages": [{"role": "user", "content": "x"}], "stop": ["a", "bc"], "seed": 0, "n": 1}
+    )
     assert greedy.stop == ("a", "bc") and greedy.sampling() == {"seed": 0}
     assert protocol.parse_completion({"prompt": "x", "stop": None, "top_k": 5}).sampling() == {"top_k": 5}
     with pytest.raises(ProtocolError) as info:
@@ -34,10 +37,15 @@ def test_sampling_fields_map_to_the_worker_and_name_the_field_when_bad() -> None
 
 
 def test_chat_messages_and_text_parts() -> None:
-    req = protocol.parse_chat({"messages": [{"role": "system", "content": "be brief"},
-                                            {"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                         {"type": "text", "text": "b"}]}],
-                               "max_completion_tokens": 2})  # fmt: skip
+    req = protocol.parse_chat(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            ],
+            "max_completion_tokens": 2,
+        }
+    )
     assert req.messages == [("system", "be brief"), ("user", "ab")]
     assert (req.max_tokens, req.chat) == (2, True)
 
@@ -98,12 +106,17 @@ def test_malformed_chat(body: Any, needle: str) -> None:
 def test_response_shapes_carry_cached_tokens() -> None:
     chat = protocol.parse_chat({"messages": [{"role": "user", "content": "x"}]})
     usage = protocol.usage(40, 3, 32)
-    body = protocol.response(chat, request_id="r1", model="m", created=7, text="abc", finish_reason="length",
-                             usage_=usage)  # fmt: skip
+    body = protocol.response(
+        chat, request_id="r1", model="m", created=7, text="abc", finish_reason="length", usage_=usage
+    )
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "abc"}
-    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43,
-                             "prompt_tokens_details": {"cached_tokens": 32}}  # fmt: skip
+    assert body["usage"] == {
+        "prompt_tokens": 40,
+        "completion_tokens": 3,
+        "total_tokens": 43,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }
     first = protocol.chunk(chat, request_id="r1", model="m", created=7, text="a", first=True)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
     last = protocol.chunk(chat, request_id="r1", model="m", created=7, text=None, usage_=usage)
@@ -121,18 +134,31 @@ def test_sse_framing_and_error_body() -> None:
         "error": {"message": "bad", "type": "invalid_request_error", "param": "prompt", "code": None}
     }
     assert protocol.error_body("no", status=404, param="model", code="model_not_found")["error"] == {
-        "message": "no", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+        "message": "no",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
     assert protocol.error_body("busy", status=503)["error"]["code"] == "service_unavailable"
-    assert protocol.error_body("boom", status=500)["error"] == {"message": "boom", "type": "server_error",
-                                                              "param": None, "code": None}  # fmt: skip
+    assert protocol.error_body("boom", status=500)["error"] == {
+        "message": "boom",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
 
 
 def test_no_op_fields_are_accepted_and_others_name_the_field() -> None:
     completion = {"prompt": "x", "logit_bias": {}, "suffix": "", "best_of": 1, "user": "u", "metadata": {}}
     assert protocol.parse_completion(completion).text == "x"
-    chat = {"messages": [{"role": "user", "content": "x"}], "tools": [], "tool_choice": "none",
-            "response_format": {"type": "text"}, "parallel_tool_calls": False,
-            "logit_bias": None}  # fmt: skip
+    chat = {
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "parallel_tool_calls": False,
+        "logit_bias": None,
+    }
     assert protocol.parse_chat(chat).messages == [("user", "x")]
     refused = [
         (protocol.parse_completion, {"prompt": "x", "logit_bias": {"50256": -100}}, "'logit_bias'="),
@@ -140,7 +166,7 @@ def test_no_op_fields_are_accepted_and_others_name_the_field() -> None:
         (protocol.parse_completion, {"prompt": "x", "best_of": True}, "'best_of'=True"),
         (protocol.parse_chat, {**chat, "tools": [{"type": "function"}]}, "'tools'="),
         (protocol.parse_chat, {**chat, "response_format": {"type": "json_object"}}, "'response_format'="),
-        (protocol.parse_chat, {**chat, "tool_choice": "auto"}, "send null or \"none\""),
+        (protocol.parse_chat, {**chat, "tool_choice": "auto"}, 'send null or "none"'),
         (protocol.parse_completion, {"prompt": "x", "max_token": 3}, "unsupported fields ['max_token']"),
     ]
     for parse, body, needle in refused:

@@ -22,8 +22,10 @@ from kvcache.serve.front import Front
 from kvcache.serve.public import PublicFollower, PublicPrefixes, chat_prefix, open_set, render
 
 SYSTEM = "You are a careful agent. Tools: search(q), open(url), it's fine."
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CONVERSATIONS = [
     [("user", "hello")],
     [("user", " leading space")],
@@ -61,23 +63,32 @@ def test_render_each_source() -> None:
 
 
 def test_the_config_declares_public_prefixes() -> None:
-    config = ServeConfig.from_dict({"tenants": {"a": {"keys": ["k"]}}, "public_prefixes": [
-        {"system": "tools"}, {"token_ids": [1, 2, 3], "model": "m"}]})  # fmt: skip
-    assert config.public_prefixes == (PublicPrefixSpec("system", "tools"),
-                                      PublicPrefixSpec("token_ids", (1, 2, 3), "m"))  # fmt: skip
+    config = ServeConfig.from_dict(
+        {
+            "tenants": {"a": {"keys": ["k"]}},
+            "public_prefixes": [{"system": "tools"}, {"token_ids": [1, 2, 3], "model": "m"}],
+        }
+    )
+    assert config.public_prefixes == (
+        PublicPrefixSpec("system", "tools"),
+        PublicPrefixSpec("token_ids", (1, 2, 3), "m"),
+    )
 
 
-@pytest.mark.parametrize(("entry", "needle"), [
-    ({}, "exactly one of"),
-    ({"system": "a", "text": "b"}, "exactly one of"),
-    ({"system": ""}, "non-empty string"),
-    ({"token_ids": []}, "non-empty list"),
-    ({"token_ids": [1, -2]}, "non-empty list"),
-    ({"token_ids": [1, True]}, "non-empty list"),
-    ({"text": "a", "colour": "red"}, "unknown keys ['colour']"),
-    ({"text": "a", "model": 3}, "model=3"),
-    ("tools", "must be a table"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({}, "exactly one of"),
+        ({"system": "a", "text": "b"}, "exactly one of"),
+        ({"system": ""}, "non-empty string"),
+        ({"token_ids": []}, "non-empty list"),
+        ({"token_ids": [1, -2]}, "non-empty list"),
+        ({"token_ids": [1, True]}, "non-empty list"),
+        ({"text": "a", "colour": "red"}, "unknown keys ['colour']"),
+        ({"text": "a", "model": 3}, "model=3"),
+        ("tools", "must be a table"),
+    ],
+)
 def test_bad_public_prefixes_are_named(entry: Any, needle: str) -> None:
     with pytest.raises(ConfigError, match=r"public_prefixes\[0\]") as err:
         ServeConfig.from_dict({"tenants": {"a": {"keys": ["k"]}}, "public_prefixes": [entry]})
@@ -157,13 +168,22 @@ def test_a_worker_applies_newer_sets_only_and_acknowledges_them() -> None:
 def test_the_front_keys_prompts_as_the_workers_block_managers_do() -> None:
     """Routing sees the shared blocks: the front's keys are a worker's block keys, public part included."""
     tools = list(range(1, 41))  # 2 full blocks and 8 tokens
-    config = ServeConfig.from_dict({"tenants": {"a": {"keys": ["k"]}, "b": {"keys": ["kb"]}},
-                                    "public_prefixes": [{"token_ids": tools}]})  # fmt: skip
-    front = Front(config=config, router=Router("round_robin", block_size=16), tokenizer=ByteTokenizer(1024),
-                  model_name="tiny", redis_url=None, route_request=RouteRequest, keys=KEYS)  # fmt: skip
+    config = ServeConfig.from_dict(
+        {"tenants": {"a": {"keys": ["k"]}, "b": {"keys": ["kb"]}}, "public_prefixes": [{"token_ids": tools}]}
+    )
+    front = Front(
+        config=config,
+        router=Router("round_robin", block_size=16),
+        tokenizer=ByteTokenizer(1024),
+        model_name="tiny",
+        redis_url=None,
+        route_request=RouteRequest,
+        keys=KEYS,
+    )
     front.pool.add(registration("w0", model_id="tiny-llama"))
-    manager = BlockManager(CacheConfig(num_blocks=8, block_size=16, model_id="tiny-llama",
-                                       deployment_key=KEYS.block_key))  # fmt: skip
+    manager = BlockManager(
+        CacheConfig(num_blocks=8, block_size=16, model_id="tiny-llama", deployment_key=KEYS.block_key)
+    )
     manager.set_published([tools])
     prompt = tools + [200] * 30
     for tenant in config.tenants.values():

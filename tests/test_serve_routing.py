@@ -15,8 +15,13 @@ from kvcache.router import Router, RouteRequest
 from kvcache.serve import launch
 
 # 5 ms per step + 0.05 ms per prompt token; 10 ms per decode step whatever the batch.
-LATENCY = LatencyModel(prefill_base_ms=5.0, prefill_ms_per_token=0.05, prefill_ms_per_token_per_ctx_token=0.0,
-                       decode_base_ms=10.0, decode_ms_per_token_per_seq=0.0)  # fmt: skip
+LATENCY = LatencyModel(
+    prefill_base_ms=5.0,
+    prefill_ms_per_token=0.05,
+    prefill_ms_per_token_per_ctx_token=0.0,
+    decode_base_ms=10.0,
+    decode_ms_per_token_per_seq=0.0,
+)
 PREFIX = [bytes([i]) * 8 for i in range(32)]  # a 512-token prompt's 32 block keys
 
 

@@ -50,8 +50,9 @@ def stream(tok: Tokenizer, ids: list[int]) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("name", ["bpe", "wordpiece"])
-def test_streamed_text_is_the_answer_for_real_tokenizers(hf_tokenizers: dict[str, HFTokenizer],
-                                                         name: str) -> None:  # fmt: skip
+def test_streamed_text_is_the_answer_for_real_tokenizers(
+    hf_tokenizers: dict[str, HFTokenizer], name: str
+) -> None:
     tok = hf_tokenizers[name]
     rng = random.Random(0)
     vocab = len(tok.tokenizer)

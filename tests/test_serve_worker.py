@@ -46,8 +46,9 @@ class FakeEngine:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     def add_request(self, token_ids: list[int], scope: Any, params: Any, request_id: str) -> str:
-        self._seqs[request_id] = SimpleNamespace(n=len(token_ids), max_tokens=params.max_tokens,
-                                                 is_finished=False)  # fmt: skip
+        self._seqs[request_id] = SimpleNamespace(
+            n=len(token_ids), max_tokens=params.max_tokens, is_finished=False
+        )
         self.produced[request_id] = 0
         self.closed.setdefault(request_id, threading.Event())
         self.scheduler.waiting.append(request_id)
@@ -216,8 +217,12 @@ def test_sampling_fields_are_checked_before_the_engine_sees_them() -> None:
 
     async def scenario(url: str) -> None:
         async with aiohttp.ClientSession(headers=CALL) as session:
-            bad = (({"temperature": -1}, "temperature=-1"), ({"top_p": 0}, "top_p=0"),
-                   ({"top_k": 1.5}, "'top_k'=1.5"), ({"seed": "x"}, "'seed'='x'"))  # fmt: skip
+            bad = (
+                ({"temperature": -1}, "temperature=-1"),
+                ({"top_p": 0}, "top_p=0"),
+                ({"top_k": 1.5}, "'top_k'=1.5"),
+                ({"seed": "x"}, "'seed'='x'"),
+            )
             for extra, needle in bad:
                 async with session.post(url + "/generate", json={**body("r", 8, 2), **extra}) as resp:
                     assert resp.status == 400 and needle in (await resp.json())["error"]

@@ -17,8 +17,13 @@ from kvcache.lab import serve_bench as bench
 from kvcache.serve import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-LATENCY = LatencyModel(prefill_base_ms=2.0, prefill_ms_per_token=0.01, prefill_ms_per_token_per_ctx_token=0.0,
-                       decode_base_ms=4.0, decode_ms_per_token_per_seq=0.5)  # fmt: skip
+LATENCY = LatencyModel(
+    prefill_base_ms=2.0,
+    prefill_ms_per_token=0.01,
+    prefill_ms_per_token_per_ctx_token=0.0,
+    decode_base_ms=4.0,
+    decode_ms_per_token_per_seq=0.5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,12 @@ def svr() -> ModuleType:
 
 def served(trace: list, sent_s: list[float]) -> list[bench.Result]:  # type: ignore[type-arg]
     """What bench-serve would return: every request answered in full, no hits, 50 ms TTFT."""
-    return [bench.Result(ok=True, prompt_tokens=r.num_tokens, output_tokens=r.output_tokens, ttft_s=0.05,
-                         sent_s=s) for r, s in zip(trace, sent_s, strict=True)]  # fmt: skip
+    return [
+        bench.Result(
+            ok=True, prompt_tokens=r.num_tokens, output_tokens=r.output_tokens, ttft_s=0.05, sent_s=s
+        )
+        for r, s in zip(trace, sent_s, strict=True)
+    ]
 
 
 def test_the_trace_is_multi_turn_chat_over_one_system_prompt(svr: ModuleType) -> None:
@@ -88,7 +97,10 @@ def test_medians_over_runs_pool_the_ttft_samples(svr: ModuleType) -> None:
         side = {"token_hit_rate": hit, "p50_ttft_ms": p50, "ttft_ms": ttft}
         return {"measured": side, "modelled": dict(side)}
 
-    runs = [{"affinity": row(0.8, 10.0, [1.0])}, {"affinity": row(0.9, 30.0, [2.0])},
-            {"affinity": row(0.7, 20.0, [3.0, 4.0])}]  # fmt: skip
+    runs = [
+        {"affinity": row(0.8, 10.0, [1.0])},
+        {"affinity": row(0.9, 30.0, [2.0])},
+        {"affinity": row(0.7, 20.0, [3.0, 4.0])},
+    ]
     got = svr.median_rows(runs)["affinity"]["measured"]
     assert got == {"token_hit_rate": 0.8, "p50_ttft_ms": 20.0, "ttft_ms": [1.0, 2.0, 3.0, 4.0]}

@@ -41,9 +41,20 @@ def version_1(k: TierKey, payload: torch.Tensor) -> bytes:
     lay = k.layout
     fields = struct.pack(
         "<4sHHB3x5I16s16sQQ",
-        b"KVCB", 1, 128, 3, lay.num_layers, 2, lay.block_size, lay.kv_heads, lay.head_dim,
-        lay.digest, k.key, data.nbytes, hashing.checksum(data),
-    )  # fmt: skip
+        b"KVCB",
+        1,
+        128,
+        3,
+        lay.num_layers,
+        2,
+        lay.block_size,
+        lay.kv_heads,
+        lay.head_dim,
+        lay.digest,
+        k.key,
+        data.nbytes,
+        hashing.checksum(data),
+    )
     head = fields + bytes(120 - len(fields))
     return head + struct.pack("<Q", hashing.checksum(head)) + data.tobytes()
 

@@ -124,14 +124,17 @@ def test_curve_publisher_accepts_only_listed_subscribers_with_its_key(tmp_path: 
     events, replay = _endpoint(), _endpoint()
     publisher = EventPublisher(events, replay, curve=server)
     index = EngineIndex(capacity_blocks=10)
-    trusted = EventSubscriber("trusted", index, events,
-                              curve=CurveClient.load(certs["router"], certs["server.public"]))  # fmt: skip
+    trusted = EventSubscriber(
+        "trusted", index, events, curve=CurveClient.load(certs["router"], certs["server.public"])
+    )
     # knows the server's public key but is not listed; has no key at all; expects another server
-    intruder = EventSubscriber("intruder", index, events,
-                               curve=CurveClient.load(certs["intruder"], certs["server.public"]))  # fmt: skip
+    intruder = EventSubscriber(
+        "intruder", index, events, curve=CurveClient.load(certs["intruder"], certs["server.public"])
+    )
     plain = EventSubscriber("plain", index, events)
-    wrong = EventSubscriber("wrong", index, events,
-                            curve=CurveClient.load(certs["router"], certs["router.public"]))  # fmt: skip
+    wrong = EventSubscriber(
+        "wrong", index, events, curve=CurveClient.load(certs["router"], certs["router.public"])
+    )
     try:
         assert _received(trusted, publisher, index, 10.0)
         for sub in (intruder, plain, wrong):
@@ -176,8 +179,9 @@ def test_the_worker_refuses_a_wide_event_bind_without_curve_before_loading() -> 
         closed = s.getsockname()[1]  # nothing listens: the Redis check passes, no engine loads
     env = {**os.environ, "KVCACHE_SECRET": "ab" * 32, "CUDA_VISIBLE_DEVICES": ""}
     argv = ["worker", "--connect", f"redis://127.0.0.1:{closed}", "--vllm-events", "tcp://*:5557"]
-    proc = subprocess.run([*python_argv(), "-m", "kvcache.cli", *argv], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [*python_argv(), "-m", "kvcache.cli", *argv], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("kvcache worker: error: KV events endpoint tcp://*:5557"), last

@@ -304,9 +304,7 @@ class BlockManager:
         hits = self._reusable(prompt)
         return prompt, hits, num_blocks - len(hits)
 
-    def can_allocate(
-        self, prompt: Prompt | Tokens, scope: Scope | str | None = None
-    ) -> bool:
+    def can_allocate(self, prompt: Prompt | Tokens, scope: Scope | str | None = None) -> bool:
         prompt = self._prompt(prompt, scope)
         num_blocks = -(-prompt.num_tokens // self.block_size)
         if num_blocks > self.pool.num_blocks:

@@ -35,13 +35,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt-tokens", type=argtypes.non_negative_int, default=512)
     parser.add_argument("--user-tokens", type=argtypes.positive_int, default=64)
     parser.add_argument(
-        "--output-tokens", type=argtypes.positive_int, default=None,
+        "--output-tokens",
+        type=argtypes.positive_int,
+        default=None,
         help="per reply (default: 48 for text chats, else 16)",
     )
     parser.add_argument(
-        "--concurrency", type=argtypes.positive_int, default=1,
+        "--concurrency",
+        type=argtypes.positive_int,
+        default=1,
         help="random-token sessions batched together per turn (1: TTFT columns time one request alone)",
-    )  # fmt: skip
+    )
     parser.add_argument("--private-system-prompts", action="store_true", help="one per tenant, not shared")
     parser.add_argument("--num-blocks", type=argtypes.positive_int, default=4096)
     parser.add_argument("--block-size", type=argtypes.positive_int, default=16)

@@ -55,8 +55,16 @@ def run(args: argparse.Namespace) -> int:
     workers, fractions = _list(int, args.workers), _list(float, args.fractions)
     if min(workers) < 1 or not all(0 < f <= 1 for f in fractions) or args.jobs < 1 or args.load <= 0:
         raise ConfigError("--workers must be >= 1, --fractions in (0, 1], --jobs >= 1 and --load > 0")
-    cfg = MatrixConfig(shapes, workers, fractions, policies, args.load, max_requests=args.max_requests,
-                       seed=args.seed, trace_path=args.trace)  # fmt: skip
+    cfg = MatrixConfig(
+        shapes,
+        workers,
+        fractions,
+        policies,
+        args.load,
+        max_requests=args.max_requests,
+        seed=args.seed,
+        trace_path=args.trace,
+    )
     payload = run_matrix(cfg, jobs=args.jobs)
     print(summary(payload))
     if args.json:

@@ -124,9 +124,12 @@ def _warn_outside(failures: tuple[tuple[int, float], ...], first_s: float, last_
         if first_s <= seconds <= last_s:
             continue
         when = "before the first request arrives" if seconds < first_s else "after the last request arrived"
-        print(f"kvcache replay: warning: --fail {worker}@{seconds:g} lies outside the trace, whose requests "
-              f"arrive from {first_s:.1f} s to {last_s:.1f} s: worker {worker} fails {when}; pick a time in "
-              "that span", file=sys.stderr)  # fmt: skip
+        print(
+            f"kvcache replay: warning: --fail {worker}@{seconds:g} lies outside the trace, whose requests "
+            f"arrive from {first_s:.1f} s to {last_s:.1f} s: worker {worker} fails {when}; pick a time in "
+            "that span",
+            file=sys.stderr,
+        )
 
 
 def _replay_with_tiers(

@@ -22,13 +22,20 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         metavar="URL,EVENTS[,REPLAY]",
         help="an engine's base URL, its KV event endpoint and optional replay endpoint (repeatable)",
     )
-    parser.add_argument("--config", help="tenants and API keys (.toml or .json, as for `kvcache serve`); "
-                        "none = keyless: every caller is the tenant 'default'")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        help="tenants and API keys (.toml or .json, as for `kvcache serve`); "
+        "none = keyless: every caller is the tenant 'default'",
+    )
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
     parser.add_argument("--port", type=argtypes.port, default=8080)
     parser.add_argument("--block-size", type=int, default=16, help="the engines' --block-size")
-    parser.add_argument("--hash", choices=("sha256_cbor", "xxhash_cbor"), default="sha256_cbor",
-                        help="the engines' --prefix-caching-hash-algo")  # fmt: skip
+    parser.add_argument(
+        "--hash",
+        choices=("sha256_cbor", "xxhash_cbor"),
+        default="sha256_cbor",
+        help="the engines' --prefix-caching-hash-algo",
+    )
     parser.add_argument("--seed", default="0", help="the engines' PYTHONHASHSEED")
     parser.add_argument("--capacity-blocks", type=int, required=True, help="KV blocks per engine")
     parser.add_argument("--policy", default="affinity")
@@ -70,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
         secret = auth.load_secret(os.environ)
         if secret is None:
-            raise ConfigError(f"--engine-api kvcache needs the workers' deployment secret in "
-                              f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}")  # fmt: skip
+            raise ConfigError(
+                f"--engine-api kvcache needs the workers' deployment secret in "
+                f"{auth.SECRET_ENV} or {auth.SECRET_FILE_ENV}"
+            )
         import aiohttp
 
         from kvcache.serve import peer
@@ -92,9 +101,19 @@ def run(args: argparse.Namespace) -> int:
         curve = CurveClient.load(cert, server)
     engines = [EngineEndpoint.parse(spec) for spec in args.engine]
     keyer = VllmKeyer(args.block_size, args.hash, args.seed)
-    proxy = RouteProxy(engines, keyer, args.capacity_blocks, args.policy, frozenset(args.lora),
-                       args.engine_api, headers, config, events_curve=curve,
-                       cache_salt_of=cache_salt_of, connect_worker=connect_worker)  # fmt: skip
+    proxy = RouteProxy(
+        engines,
+        keyer,
+        args.capacity_blocks,
+        args.policy,
+        frozenset(args.lora),
+        args.engine_api,
+        headers,
+        config,
+        events_curve=curve,
+        cache_salt_of=cache_salt_of,
+        connect_worker=connect_worker,
+    )
     asyncio.run(_serve(proxy.runner(), host, args.port))
     return 0
 

@@ -16,8 +16,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), a local path, tiny, tiny-llama..."
     )
-    parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                        help="names clients send as 'model' (the first is reported; default: --model)")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="names clients send as 'model' (the first is reported; default: --model)",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
         "--redis",
@@ -42,31 +46,68 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-prompt-tokens", type=int,
-                        help="longest prompt accepted (default: a worker's pool, num-blocks x block-size)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="longest prompt accepted (default: a worker's pool, num-blocks x block-size)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
-    parser.add_argument("--max-waiting", type=argtypes.non_negative_int, default=64,
-                        help="per worker: requests waiting for their first token before it answers 503")
-    parser.add_argument("--max-running", type=argtypes.positive_int, default=64,
-                        help="per worker: sequences in one batch (the engine's max_num_seqs)")
-    parser.add_argument("--header-timeout", type=argtypes.positive_float, default=10.0, metavar="S",
-                        help="seconds a client has to send a request's line and headers (from connecting, "
-                        "or from the last answer on a kept-alive connection) before it is closed")
-    parser.add_argument("--body-timeout", type=argtypes.positive_float, default=60.0, metavar="S",
-                        help="seconds a client has to send a request's body (408 after)")
-    parser.add_argument("--read-timeout", type=argtypes.positive_float, default=60.0, metavar="S",
-                        help="seconds a worker may stay silent on a request, its first token included, "
-                        "before the client gets a 504 (raise it where long prompts queue on slow workers)")
-    parser.add_argument("--max-connections", type=argtypes.positive_int, metavar="N",
-                        help="open client connections (default 4096, or what the file-descriptor limit "
-                        "fits); past it the longest-idle connection is closed")
-    parser.add_argument("--max-connections-per-client", type=argtypes.positive_int, metavar="N",
-                        help="open connections from one client address (default: a quarter of "
-                        "--max-connections; behind a proxy, raise it to --max-connections)")
+    parser.add_argument(
+        "--max-waiting",
+        type=argtypes.non_negative_int,
+        default=64,
+        help="per worker: requests waiting for their first token before it answers 503",
+    )
+    parser.add_argument(
+        "--max-running",
+        type=argtypes.positive_int,
+        default=64,
+        help="per worker: sequences in one batch (the engine's max_num_seqs)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=argtypes.positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's line and headers (from connecting, "
+        "or from the last answer on a kept-alive connection) before it is closed",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=argtypes.positive_float,
+        default=60.0,
+        metavar="S",
+        help="seconds a client has to send a request's body (408 after)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=argtypes.positive_float,
+        default=60.0,
+        metavar="S",
+        help="seconds a worker may stay silent on a request, its first token included, "
+        "before the client gets a 504 (raise it where long prompts queue on slow workers)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=argtypes.positive_int,
+        metavar="N",
+        help="open client connections (default 4096, or what the file-descriptor limit "
+        "fits); past it the longest-idle connection is closed",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=argtypes.positive_int,
+        metavar="N",
+        help="open connections from one client address (default: a quarter of "
+        "--max-connections; behind a proxy, raise it to --max-connections)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +118,12 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.serve import auth, launch, limits
     from kvcache.serve.config import ServeConfig
 
-    for flag, value in (("--workers", args.workers), ("--num-blocks", args.num_blocks),
-                        ("--block-size", args.block_size), ("--threads", args.threads)):  # fmt: skip
+    for flag, value in (
+        ("--workers", args.workers),
+        ("--num-blocks", args.num_blocks),
+        ("--block-size", args.block_size),
+        ("--threads", args.threads),
+    ):
         if value < 1:
             raise ConfigError(f"{flag}={value} must be >= 1")
     max_prompt_tokens = args.max_prompt_tokens or args.num_blocks * args.block_size
@@ -88,9 +133,11 @@ def run(args: argparse.Namespace) -> int:
     latency = LatencyModel.from_json(args.latency) if args.latency else None
     config = ServeConfig.load(args.config)
     connection_limits = limits.ConnectionLimits(
-        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
         max_connections=limits.fd_budget(args.max_connections),
-        max_connections_per_client=args.max_connections_per_client)  # fmt: skip
+        max_connections_per_client=args.max_connections_per_client,
+    )
     # The tokenizer first: a registry model is converted once here, not by every worker at once;
     # a model without a tokenizer fails here, before any worker starts.
     argtypes.check_port_free(args.host or config.host, args.port)
@@ -105,17 +152,34 @@ def run(args: argparse.Namespace) -> int:
     redis_url = given or redis.url  # type: ignore[union-attr]
     workers: list[launch.WorkerProcess] = []
     try:
-        front = launch.make_front(config=config, model=args.model, tokenizer=tokenizer, redis_url=redis_url,
-                                  policy=args.policy, mode=args.mode, block_size=args.block_size, keys=keys,
-                                  served_names=tuple(args.served_model_name or ()),
-                                  max_prompt_tokens=max_prompt_tokens, latency=latency,
-                                  max_running=args.max_running, limits=connection_limits,
-                                  read_timeout_s=args.read_timeout)  # fmt: skip
-        worker_args = launch.WorkerArgs(model=args.model, num_blocks=args.num_blocks,
-                                        block_size=args.block_size, threads=args.threads,
-                                        config_path=args.config, pod_tier=not args.no_pod_tier,
-                                        dtype=args.dtype, device=args.device, max_waiting=args.max_waiting,
-                                        max_running=args.max_running)  # fmt: skip
+        front = launch.make_front(
+            config=config,
+            model=args.model,
+            tokenizer=tokenizer,
+            redis_url=redis_url,
+            policy=args.policy,
+            mode=args.mode,
+            block_size=args.block_size,
+            keys=keys,
+            served_names=tuple(args.served_model_name or ()),
+            max_prompt_tokens=max_prompt_tokens,
+            latency=latency,
+            max_running=args.max_running,
+            limits=connection_limits,
+            read_timeout_s=args.read_timeout,
+        )
+        worker_args = launch.WorkerArgs(
+            model=args.model,
+            num_blocks=args.num_blocks,
+            block_size=args.block_size,
+            threads=args.threads,
+            config_path=args.config,
+            pod_tier=not args.no_pod_tier,
+            dtype=args.dtype,
+            device=args.device,
+            max_waiting=args.max_waiting,
+            max_running=args.max_running,
+        )
         workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
         asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))
     finally:

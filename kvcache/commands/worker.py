@@ -33,15 +33,26 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=0, help="weights of random models (same on every worker)")
     parser.add_argument("--no-pod-tier", action="store_true", help="do not share blocks through Redis")
-    parser.add_argument("--max-waiting", type=argtypes.non_negative_int, default=64,
-                        help="requests waiting for their first token before new ones get 503 + Retry-After")
-    parser.add_argument("--max-running", type=argtypes.positive_int, default=64,
-                        help="sequences in one batch (the engine's max_num_seqs)")
+    parser.add_argument(
+        "--max-waiting",
+        type=argtypes.non_negative_int,
+        default=64,
+        help="requests waiting for their first token before new ones get 503 + Retry-After",
+    )
+    parser.add_argument(
+        "--max-running",
+        type=argtypes.positive_int,
+        default=64,
+        help="sequences in one batch (the engine's max_num_seqs)",
+    )
     parser.add_argument(
         "--vllm-events",
         metavar="PUB[,REPLAY]",
@@ -55,8 +66,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="secure the event sockets with ZeroMQ CURVE: this publisher's secret certificate file "
         "(owner-only) and a folder of the public certificates (NAME.key) of the subscribers allowed",
     )
-    parser.add_argument("--vllm-events-token-ids", action="store_true",
-                        help="put the prompt's token ids in BlockStored events (default: empty)")  # fmt: skip
+    parser.add_argument(
+        "--vllm-events-token-ids",
+        action="store_true",
+        help="put the prompt's token ids in BlockStored events (default: empty)",
+    )
 
 
 def _vllm_event_publisher(args: argparse.Namespace) -> Any:
@@ -97,18 +111,29 @@ def run(args: argparse.Namespace) -> int:
     check_redis(redis_url)  # a worker that cannot reach its deployment exits, it does not wait
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine, tier_names = engine_setup.load_engine(
-        args.model, config, num_blocks=args.num_blocks, block_size=args.block_size, threads=args.threads,
-        seed=args.seed, redis_url=None if args.no_pod_tier else redis_url,
-        worker_id=worker_id, deployment_key=keys.block_key, tier_secret=keys.tier_key, dtype=args.dtype,
-        device=args.device, max_num_seqs=args.max_running)  # fmt: skip
+        args.model,
+        config,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        threads=args.threads,
+        seed=args.seed,
+        redis_url=None if args.no_pod_tier else redis_url,
+        worker_id=worker_id,
+        deployment_key=keys.block_key,
+        tier_secret=keys.tier_key,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_running,
+    )
     worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
     if publisher is not None:
         from kvcache.vllm.events import EngineEventBridge
         from kvcache.vllm.keys import VllmKeyer
 
         keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
-        worker.vllm_events = EngineEventBridge(publisher, keyer, engine.manager, keys.pseudonym,
-                                               token_ids=args.vllm_events_token_ids)  # fmt: skip
+        worker.vllm_events = EngineEventBridge(
+            publisher, keyer, engine.manager, keys.pseudonym, token_ids=args.vllm_events_token_ids
+        )
     asyncio.run(serve_forever(worker, args.host, args.port, args.advertise))
     if worker.refused is not None:
         raise ConfigError(f"the front refused worker {worker_id}: {worker.refused}")

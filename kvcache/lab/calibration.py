@@ -58,8 +58,10 @@ def measure(
             assert cached == ctx, (cached, ctx)
             records += list(engine.step_records)[before:]
     for j, batch in enumerate(tqdm(batches, desc="decode", leave=False, disable=None)):
-        prompts = [(rng.integers(1, engine.vocab_size, size=decode_ctx).tolist(), f"calibrate-d{j}-{k}")
-                   for k in range(batch)]  # fmt: skip
+        prompts = [
+            (rng.integers(1, engine.vocab_size, size=decode_ctx).tolist(), f"calibrate-d{j}-{k}")
+            for k in range(batch)
+        ]
         before = len(engine.step_records)
         engine.generate_many(prompts, SamplingParams(max_tokens=repeats + 1))
         records += list(engine.step_records)[before:]

@@ -125,8 +125,9 @@ def run_script(
                 continue
             history = histories[tenant]
             history.append(("user", questions[turn]))
-            answer = reply(engine, tokenizer, history, Scope(tenant), max_new_tokens=max_new_tokens,
-                           baseline=baseline)  # fmt: skip
+            answer = reply(
+                engine, tokenizer, history, Scope(tenant), max_new_tokens=max_new_tokens, baseline=baseline
+            )
             history.append(("assistant", answer.text))
             turns.append(ChatTurn(tenant, turn, questions[turn], answer))
     return turns

@@ -37,10 +37,20 @@ OURS = "affinity"
 MIN_POOL_REQUESTS = 2
 HIT_SHARE, TAIL_BAND, P99_SLACK = 0.95, 1.5, 1.05
 _KEEP = (
-    "policy", "num_workers", "capacity_blocks", "token_hit_rate", "block_hit_rate",
-    "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "request_throughput",
-    "load_imbalance", "load_imbalance_60s_max", "lost",
-)  # fmt: skip
+    "policy",
+    "num_workers",
+    "capacity_blocks",
+    "token_hit_rate",
+    "block_hit_rate",
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "p90_ttft_ms",
+    "p99_ttft_ms",
+    "request_throughput",
+    "load_imbalance",
+    "load_imbalance_60s_max",
+    "lost",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,10 +224,15 @@ def plot(payload: dict[str, Any], path: str | Path) -> None:
                 ys.append(me["token_hit_rate"] / max(max(r["token_hit_rate"] for r in at), 1e-9))
             ours = policy == OURS
             ax.scatter(
-                xs, ys, label=policy, marker="*" if ours else markers[i % len(markers)],
-                s=140 if ours else 28, color="tab:red" if ours else None,
-                zorder=3 if ours else 2, alpha=1.0 if ours else 0.7,
-            )  # fmt: skip
+                xs,
+                ys,
+                label=policy,
+                marker="*" if ours else markers[i % len(markers)],
+                s=140 if ours else 28,
+                color="tab:red" if ours else None,
+                zorder=3 if ours else 2,
+                alpha=1.0 if ours else 0.7,
+            )
         ax.set_xscale("log")
         ax.set_title(f"{shape} ({len(cells)} cells)")
         ax.set_xlabel("p99 TTFT / best p99 in cell (log)")

@@ -63,9 +63,16 @@ class Result:
 
 
 def _synthetic(spec: str, vocab_size: int) -> list[TraceRequest]:
-    names = {"tenants": "num_tenants", "sessions": "sessions_per_tenant", "turns": "turns",
-             "system": "system_prompt_tokens", "user": "user_tokens", "output": "output_tokens",
-             "seed": "seed", "shared": "shared_system_prompt"}  # fmt: skip
+    names = {
+        "tenants": "num_tenants",
+        "sessions": "sessions_per_tenant",
+        "turns": "turns",
+        "system": "system_prompt_tokens",
+        "user": "user_tokens",
+        "output": "output_tokens",
+        "seed": "seed",
+        "shared": "shared_system_prompt",
+    }
     kwargs: dict[str, Any] = {}
     for item in filter(None, spec.partition(":")[2].split(",")):
         key, _, value = item.partition("=")
@@ -97,8 +104,12 @@ def load_trace(spec: str, *, block_tokens: int = 512, vocab_size: int = 256) -> 
 
 
 async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str]) -> Result:
-    body = {"prompt": req.prompt, "max_tokens": req.output_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": req.prompt,
+        "max_tokens": req.output_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     result = Result(ok=False)
     last = start
@@ -180,8 +191,10 @@ async def wait_ready(session: Any, url: str, timeout_s: float = 120.0) -> None:
         except (TimeoutError, OSError) as exc:
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if time.monotonic() > deadline:
-            raise ConfigError(f"{url}/health did not answer 200 within {timeout_s:g} s ({last}); is the "
-                              "server up at that URL?")  # fmt: skip
+            raise ConfigError(
+                f"{url}/health did not answer 200 within {timeout_s:g} s ({last}); is the "
+                "server up at that URL?"
+            )
         await asyncio.sleep(0.2)
 
 
@@ -191,10 +204,19 @@ def aiohttp_timeout(total_s: float) -> Any:
     return aiohttp.ClientTimeout(total=total_s)
 
 
-async def run_load(url: str, trace: list[TraceRequest], *, rate: float, duration_s: float,
-                   max_concurrency: int, keys: dict[str, str], seed: int = 0, progress: Any = None,
-                   api_key: str | None = None, num_prompts: int | None = None,
-                   ) -> tuple[list[Result], float]:  # fmt: skip
+async def run_load(
+    url: str,
+    trace: list[TraceRequest],
+    *,
+    rate: float,
+    duration_s: float,
+    max_concurrency: int,
+    keys: dict[str, str],
+    seed: int = 0,
+    progress: Any = None,
+    api_key: str | None = None,
+    num_prompts: int | None = None,
+) -> tuple[list[Result], float]:
     """Send the trace; returns the results and the wall time from first send to last answer.
     A request of a tenant in ``keys`` uses that key, any other ``api_key`` when given."""
     import aiohttp
@@ -279,20 +301,29 @@ def summarize(
 
 
 def table(summary: dict[str, Any]) -> str:
-    rows = [("Requests offered (rate x duration)", "offered"), ("Requests sent", "sent"),
-            ("Successful requests", "completed"), ("Failed requests", "failed"),
-            ("Offered request rate (req/s)", "request_rate"),
-            ("Achieved send rate (req/s)", "achieved_request_rate"),
-            ("Benchmark duration (s)", "duration"), ("Total input tokens", "total_input_tokens"),
-            ("Total generated tokens", "total_output_tokens"),
-            ("Request throughput (req/s)", "request_throughput"),
-            ("Output token throughput (tok/s)", "output_throughput"),
-            ("Total token throughput (tok/s)", "total_token_throughput"),
-            ("Mean TTFT (ms)", "mean_ttft_ms"), ("Median TTFT (ms)", "median_ttft_ms"),
-            ("P99 TTFT (ms)", "p99_ttft_ms"), ("Mean TPOT (ms)", "mean_tpot_ms"),
-            ("Mean ITL (ms)", "mean_itl_ms"), ("P99 ITL (ms)", "p99_itl_ms"),
-            ("Mean E2EL (ms)", "mean_e2el_ms"), ("Cached prompt tokens", "cached_tokens"),
-            ("Prefix cache hit rate", "cache_hit_rate")]  # fmt: skip
+    rows = [
+        ("Requests offered (rate x duration)", "offered"),
+        ("Requests sent", "sent"),
+        ("Successful requests", "completed"),
+        ("Failed requests", "failed"),
+        ("Offered request rate (req/s)", "request_rate"),
+        ("Achieved send rate (req/s)", "achieved_request_rate"),
+        ("Benchmark duration (s)", "duration"),
+        ("Total input tokens", "total_input_tokens"),
+        ("Total generated tokens", "total_output_tokens"),
+        ("Request throughput (req/s)", "request_throughput"),
+        ("Output token throughput (tok/s)", "output_throughput"),
+        ("Total token throughput (tok/s)", "total_token_throughput"),
+        ("Mean TTFT (ms)", "mean_ttft_ms"),
+        ("Median TTFT (ms)", "median_ttft_ms"),
+        ("P99 TTFT (ms)", "p99_ttft_ms"),
+        ("Mean TPOT (ms)", "mean_tpot_ms"),
+        ("Mean ITL (ms)", "mean_itl_ms"),
+        ("P99 ITL (ms)", "p99_itl_ms"),
+        ("Mean E2EL (ms)", "mean_e2el_ms"),
+        ("Cached prompt tokens", "cached_tokens"),
+        ("Prefix cache hit rate", "cache_hit_rate"),
+    ]
     lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
     for label, key in rows:
         value = summary[key]
@@ -301,9 +332,11 @@ def table(summary: dict[str, Any]) -> str:
     lines.append("=" * 50)
     offered_, sent = summary["offered"], summary["sent"]
     if offered_ is not None and sent < offered_:
-        lines.append(f"sent {sent} of {offered_} offered requests: the next request waits while "
-                     f"--max-concurrency {summary['max_concurrency']} are in flight, so a server that does "
-                     "not keep up with --rate is sent fewer; lower --rate to measure a load it serves")
+        lines.append(
+            f"sent {sent} of {offered_} offered requests: the next request waits while "
+            f"--max-concurrency {summary['max_concurrency']} are in flight, so a server that does "
+            "not keep up with --rate is sent fewer; lower --rate to measure a load it serves"
+        )
     ranked = sorted(summary.get("error_counts", {}).items(), key=lambda kv: -kv[1])
     for message, count in ranked[:5]:
         lines.append(f"failed x{count}: {message}")

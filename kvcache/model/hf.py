@@ -409,9 +409,14 @@ def _paged_attention_forward(
     layer = module.layer_idx
     write_kv(step.pool, layer, step.metadata, key[0].transpose(0, 1), value[0].transpose(0, 1))
     out = paged_attention(
-        query[0].transpose(0, 1), step.pool, layer, step.metadata,
-        scale=scaling, sliding_window=sliding_window, backend=step.backend,
-    )  # fmt: skip
+        query[0].transpose(0, 1),
+        step.pool,
+        layer,
+        step.metadata,
+        scale=scaling,
+        sliding_window=sliding_window,
+        backend=step.backend,
+    )
     return out.unsqueeze(0), None  # [1, N, H, D], as transformers' attention functions return
 
 

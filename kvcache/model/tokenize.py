@@ -120,9 +120,11 @@ class IncrementalDecoder:
         self.text = ""
         self._prefix = 0  # ids[_prefix:_read] decode to text already sent; they give the context
         self._read = 0
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(
-            tokenizer, ByteTokenizer
-        ) else None  # fmt: skip
+        self._bytes = (
+            codecs.getincrementaldecoder("utf-8")(errors="replace")
+            if isinstance(tokenizer, ByteTokenizer)
+            else None
+        )
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -191,12 +193,16 @@ def encode_limited(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> l
     if max_tokens is not None:
         head_chars = 16 * (max_tokens + 1)
         if len(text) > head_chars and len(tokenizer.encode(text[:head_chars])) > max_tokens + 2:
-            raise ProtocolError(f"the prompt has more than {max_tokens} tokens; this server accepts at "
-                                f"most {max_tokens} (--max-prompt-tokens): shorten it")  # fmt: skip
+            raise ProtocolError(
+                f"the prompt has more than {max_tokens} tokens; this server accepts at "
+                f"most {max_tokens} (--max-prompt-tokens): shorten it"
+            )
     token_ids = tokenizer.encode(text)
     if max_tokens is not None and len(token_ids) > max_tokens:
-        raise ProtocolError(f"the prompt has {len(token_ids)} tokens; this server accepts at most "
-                            f"{max_tokens} (--max-prompt-tokens): shorten it")  # fmt: skip
+        raise ProtocolError(
+            f"the prompt has {len(token_ids)} tokens; this server accepts at most "
+            f"{max_tokens} (--max-prompt-tokens): shorten it"
+        )
     return token_ids
 
 
@@ -211,8 +217,10 @@ def load(model: str, vocab_size: int = 256) -> Tokenizer:
         return ByteTokenizer(vocab_size)
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
-        raise ModelError(f"model {model!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                         "tokenizer.model or vocab.json) in its folder or the Hugging Face cache (is the "
-                         "name right?); save the tokenizer with the checkpoint, or serve a random-weight "
-                         "model (tiny, ...)")
+        raise ModelError(
+            f"model {model!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model or vocab.json) in its folder or the Hugging Face cache (is the "
+            "name right?); save the tokenizer with the checkpoint, or serve a random-weight "
+            "model (tiny, ...)"
+        )
     return HFTokenizer(tokenizer, model)

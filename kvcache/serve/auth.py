@@ -82,11 +82,14 @@ def _parse_secret(text: str, source: str) -> bytes:
     try:
         secret = bytes.fromhex(text.strip())
     except ValueError:
-        raise ConfigError(f"{source} must be hex (e.g. from `python -c 'import secrets; "
-                          f"print(secrets.token_hex(32))'`)") from None  # fmt: skip
+        raise ConfigError(
+            f"{source} must be hex (e.g. from `python -c 'import secrets; print(secrets.token_hex(32))'`)"
+        ) from None
     if not MIN_SECRET_BYTES <= len(secret) <= 64:
-        raise ConfigError(f"{source} holds {len(secret)} bytes; a deployment secret is "
-                          f"{MIN_SECRET_BYTES}..64 bytes (32 recommended)")  # fmt: skip
+        raise ConfigError(
+            f"{source} holds {len(secret)} bytes; a deployment secret is "
+            f"{MIN_SECRET_BYTES}..64 bytes (32 recommended)"
+        )
     return secret
 
 
@@ -118,8 +121,10 @@ def redis_url(arg: str | None, environ: Mapping[str, str]) -> str | None:
     """The Redis URL from a command-line flag (credentials refused) or ``KVCACHE_REDIS_URL``."""
     if arg:
         if urlsplit(arg).password is not None:
-            raise ConfigError(f"the Redis URL on the command line holds a password, which any local user "
-                              f"can read in `ps`; pass it in the environment as {REDIS_URL_ENV}")  # fmt: skip
+            raise ConfigError(
+                f"the Redis URL on the command line holds a password, which any local user "
+                f"can read in `ps`; pass it in the environment as {REDIS_URL_ENV}"
+            )
         return arg
     return environ.get(REDIS_URL_ENV) or None
 
@@ -139,19 +144,23 @@ def refuse_open_redis(url: str, timeout_s: float = 1.0) -> None:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.sendall(command_bytes("PING"))
             if _reply_line(sock).startswith(b"+PONG"):
-                raise ConfigError(f"Redis at {host}:{port} answers commands without a password: anyone who "
-                                  "reaches it could read block keys and forge workers. Give it an ACL user "
-                                  f"with a password (as `kvcache serve` does) and pass the URL in "
-                                  f"{REDIS_URL_ENV}")  # fmt: skip
+                raise ConfigError(
+                    f"Redis at {host}:{port} answers commands without a password: anyone who "
+                    "reaches it could read block keys and forge workers. Give it an ACL user "
+                    f"with a password (as `kvcache serve` does) and pass the URL in "
+                    f"{REDIS_URL_ENV}"
+                )
             sock.sendall(command_bytes("AUTH", user, wrong))
             authed = _reply_line(sock)
     except OSError:
         return
     if authed.startswith(b"+OK"):
-        raise ConfigError(f"Redis at {host}:{port} accepts a wrong password for user {user!r} (an ACL user "
-                          "`on nopass`?): anyone who reaches it could read block keys and forge workers. "
-                          f"Give {user!r} a password (`ACL SETUSER {user} resetpass >PASSWORD`) and pass "
-                          f"the URL in {REDIS_URL_ENV}")  # fmt: skip
+        raise ConfigError(
+            f"Redis at {host}:{port} accepts a wrong password for user {user!r} (an ACL user "
+            "`on nopass`?): anyone who reaches it could read block keys and forge workers. "
+            f"Give {user!r} a password (`ACL SETUSER {user} resetpass >PASSWORD`) and pass "
+            f"the URL in {REDIS_URL_ENV}"
+        )
 
 
 def _reply_line(sock: socket.socket, limit: int = 512) -> bytes:
@@ -186,10 +195,16 @@ class DeploymentKeys:
 
     @classmethod
     def from_secret(cls, secret: bytes) -> DeploymentKeys:
-        return cls(derive(secret, "worker-instance"), derive(secret, "block-keys"),
-                   derive(secret, "registration"), derive(secret, "heartbeat"), derive(secret, "events"),
-                   derive(secret, "scope-pseudonym"), derive(secret, "front-notice"),
-                   derive(secret, "pod-tier"))  # fmt: skip
+        return cls(
+            derive(secret, "worker-instance"),
+            derive(secret, "block-keys"),
+            derive(secret, "registration"),
+            derive(secret, "heartbeat"),
+            derive(secret, "events"),
+            derive(secret, "scope-pseudonym"),
+            derive(secret, "front-notice"),
+            derive(secret, "pod-tier"),
+        )
 
     def __repr__(self) -> str:
         return "DeploymentKeys(<redacted>)"
@@ -197,8 +212,11 @@ class DeploymentKeys:
     # ---- front <-> worker ------------------------------------------------------------------
 
     def _instance_key(self, worker_id: str, instance: str) -> bytes:
-        return hashlib.blake2b(struct.pack("<Q", len(worker_id)) + worker_id.encode() + instance.encode(),
-                               key=self.instance_root_key, digest_size=32).digest()  # fmt: skip
+        return hashlib.blake2b(
+            struct.pack("<Q", len(worker_id)) + worker_id.encode() + instance.encode(),
+            key=self.instance_root_key,
+            digest_size=32,
+        ).digest()
 
     def worker_credential(self, worker_id: str, instance: str) -> str:
         """The bearer credential that opens this one worker instance and no other."""
@@ -232,8 +250,10 @@ class DeploymentKeys:
         except (ValueError, KeyError, TypeError) as exc:
             raise AuthError(f"the answer to the challenge is not a worker's ({type(exc).__name__})") from None
         if expect is not None and (worker_id, instance) != expect:
-            raise AuthError(f"worker {expect[0]} (instance {expect[1]}) was expected; "
-                            f"{worker_id!r} (instance {instance!r}) answered")  # fmt: skip
+            raise AuthError(
+                f"worker {expect[0]} (instance {expect[1]}) was expected; "
+                f"{worker_id!r} (instance {instance!r}) answered"
+            )
         if not hmac.compare_digest(proof.encode(), self.hello_proof(worker_id, instance, challenge).encode()):
             raise AuthError("the proof does not verify: what listens there is no worker of this deployment")
         return worker_id, instance
@@ -242,8 +262,9 @@ class DeploymentKeys:
 
     def hasher(self, *, block_size: int, model_id: str, adapter_id: str | None) -> Hasher:
         """The hasher every worker's block manager uses for this model: the front routes with it."""
-        return Hasher(block_size=block_size, model_id=model_id, adapter_id=adapter_id,
-                      deployment_key=self.block_key)  # fmt: skip
+        return Hasher(
+            block_size=block_size, model_id=model_id, adapter_id=adapter_id, deployment_key=self.block_key
+        )
 
     def pseudonym(self, scope: str) -> str:
         """A chain scope as events name it: stable within the deployment, meaningless outside it."""
@@ -268,14 +289,21 @@ class DeploymentKeys:
         if not hmac.compare_digest(mac, expected):
             raise AuthError("registration MAC does not verify (another deployment, or forged)")
         if not -REGISTRATION_MAX_AGE_S <= now - signed_at <= REGISTRATION_MAX_AGE_S:
-            raise AuthError(f"registration was signed {now - signed_at:.0f} s ago; fresher than "
-                            f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
+            raise AuthError(
+                f"registration was signed {now - signed_at:.0f} s ago; fresher than "
+                f"{REGISTRATION_MAX_AGE_S:.0f} s required"
+            )
         return registration
 
     def sign_heartbeat(self, worker_id: str, instance: str, beat: int, signed_at: float) -> str:
         """A heartbeat: ``beat`` counts up from 0 in each instance, so a replayed one never advances."""
-        mac = _mac(self.heartbeat_key, worker_id.encode(), instance.encode(), str(beat).encode(),
-                   repr(signed_at).encode())  # fmt: skip
+        mac = _mac(
+            self.heartbeat_key,
+            worker_id.encode(),
+            instance.encode(),
+            str(beat).encode(),
+            repr(signed_at).encode(),
+        )
         return json.dumps({"instance": instance, "beat": beat, "signed_at": signed_at, "mac": mac.hex()})
 
     def open_heartbeat(self, worker_id: str, raw: str | bytes, now: float) -> tuple[str, int]:
@@ -289,13 +317,20 @@ class DeploymentKeys:
                 raise TypeError("instance must be a string, beat an integer and signed_at a float")
         except (ValueError, KeyError, TypeError) as exc:
             raise AuthError(f"heartbeat is not a signed envelope ({type(exc).__name__})") from None
-        expected = _mac(self.heartbeat_key, worker_id.encode(), instance.encode(), str(beat).encode(),
-                        repr(signed_at).encode())  # fmt: skip
+        expected = _mac(
+            self.heartbeat_key,
+            worker_id.encode(),
+            instance.encode(),
+            str(beat).encode(),
+            repr(signed_at).encode(),
+        )
         if not hmac.compare_digest(mac, expected):
             raise AuthError("heartbeat MAC does not verify (another deployment or worker, or forged)")
         if not -REGISTRATION_MAX_AGE_S <= now - signed_at <= REGISTRATION_MAX_AGE_S:
-            raise AuthError(f"heartbeat was signed {now - signed_at:.0f} s ago; fresher than "
-                            f"{REGISTRATION_MAX_AGE_S:.0f} s required")  # fmt: skip
+            raise AuthError(
+                f"heartbeat was signed {now - signed_at:.0f} s ago; fresher than "
+                f"{REGISTRATION_MAX_AGE_S:.0f} s required"
+            )
         return instance, beat
 
     # ---- front -> Redis -> worker --------------------------------------------------------
@@ -320,6 +355,7 @@ class DeploymentKeys:
         """The MAC of an event batch and the load it carries (``wire.WorkerLoad``)."""
         return _mac(self.events_key, worker_id.encode(), instance.encode(), str(seq).encode(), data, load)
 
-    def check_events(self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes,
-                     load: bytes = b"") -> bool:  # fmt: skip
+    def check_events(
+        self, worker_id: str, instance: str, seq: int, data: bytes, mac: bytes, load: bytes = b""
+    ) -> bool:
         return hmac.compare_digest(mac, self.sign_events(worker_id, instance, seq, data, load))

@@ -96,8 +96,11 @@ class PublicPrefixSpec:
         source = given[0]
         value = data[source]
         if source == "token_ids":
-            if not isinstance(value, list) or not value or not all(
-                    type(t) is int and 0 <= t < 2**32 for t in value):  # fmt: skip
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(type(t) is int and 0 <= t < 2**32 for t in value)
+            ):
                 raise ConfigError(f"{where}.token_ids must be a non-empty list of token ids (integers >= 0)")
             value = tuple(value)
         elif not isinstance(value, str) or not value:
@@ -172,8 +175,9 @@ class ServeConfig:
             raise ConfigError(f"{source}: 'tenants' must be a non-empty table of tenant name -> settings")
         tenants: dict[str, TenantSpec] = {}
         keys: dict[str, str] = {}
-        default_share = _share(data.get("max_share", 1.0 if len(raw_tenants) == 1 else SHARED_MAX_SHARE),
-                               f"{source}: max_share")  # fmt: skip
+        default_share = _share(
+            data.get("max_share", 1.0 if len(raw_tenants) == 1 else SHARED_MAX_SHARE), f"{source}: max_share"
+        )
         for name, spec in raw_tenants.items():
             where = f"{source}: tenants.{name}"
             if not isinstance(spec, Mapping):
@@ -205,10 +209,18 @@ class ServeConfig:
         raw_prefixes = data.get("public_prefixes", [])
         if not isinstance(raw_prefixes, list):
             raise ConfigError(f"{source}: public_prefixes must be a list of tables ([[public_prefixes]])")
-        prefixes = tuple(PublicPrefixSpec.from_dict(p, f"{source}: public_prefixes[{i}]")
-                         for i, p in enumerate(raw_prefixes))  # fmt: skip
-        return cls(host=host, k_anonymity=data.get("k_anonymity", 1), tenants=tenants, keys=keys,
-                   admin_keys=frozenset(admin), public_prefixes=prefixes)  # fmt: skip
+        prefixes = tuple(
+            PublicPrefixSpec.from_dict(p, f"{source}: public_prefixes[{i}]")
+            for i, p in enumerate(raw_prefixes)
+        )
+        return cls(
+            host=host,
+            k_anonymity=data.get("k_anonymity", 1),
+            tenants=tenants,
+            keys=keys,
+            admin_keys=frozenset(admin),
+            public_prefixes=prefixes,
+        )
 
     @classmethod
     def load(cls, path: str | Path | None) -> ServeConfig:

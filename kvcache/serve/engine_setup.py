@@ -16,11 +16,23 @@ from kvcache.errors import ConfigError
 from kvcache.serve.config import ServeConfig
 
 
-def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size: int, threads: int,
-                seed: int, redis_url: str | None, worker_id: str = "", pod_capacity_blocks: int = 1 << 20,
-                deployment_key: bytes | None = None, tier_secret: bytes | None = None,
-                dtype: str | None = None, device: str | None = None,
-                max_num_seqs: int = 64) -> tuple[Any, tuple[str, ...]]:  # fmt: skip
+def load_engine(
+    model: str,
+    config: ServeConfig,
+    *,
+    num_blocks: int,
+    block_size: int,
+    threads: int,
+    seed: int,
+    redis_url: str | None,
+    worker_id: str = "",
+    pod_capacity_blocks: int = 1 << 20,
+    deployment_key: bytes | None = None,
+    tier_secret: bytes | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    max_num_seqs: int = 64,
+) -> tuple[Any, tuple[str, ...]]:
     import torch
 
     from kvcache.engine import EngineConfig
@@ -38,9 +50,17 @@ def load_engine(model: str, config: ServeConfig, *, num_blocks: int, block_size:
     if redis_url is not None:
         index = zlib.crc32(worker_id.encode()) & 0xFFFF
         tiers = PodTieredEngine.pod_tier(redis_url, pod_capacity_blocks, index, tier_secret)
-    engine_config = EngineConfig(num_blocks=num_blocks, block_size=block_size, seed=seed, tiers=tiers,
-                                 dtype=dtype, device=device, k_anonymity=config.k_anonymity,
-                                 quotas=config.quotas(), deployment_key=deployment_key,
-                                 max_num_seqs=max_num_seqs)  # fmt: skip
+    engine_config = EngineConfig(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        seed=seed,
+        tiers=tiers,
+        dtype=dtype,
+        device=device,
+        k_anonymity=config.k_anonymity,
+        quotas=config.quotas(),
+        deployment_key=deployment_key,
+        max_num_seqs=max_num_seqs,
+    )
     engine = PodTieredEngine.load(model, engine_config)
     return engine, (POD,) if redis_url is not None else ()

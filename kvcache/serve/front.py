@@ -80,8 +80,15 @@ class HTTPFailure(Exception):
     ``code``: when more precise than the status's, ``protocol.error_body``; ``retry_after_s``: sent as
     ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message = status, message
         self.param, self.code, self.retry_after_s = param, code, retry_after_s
@@ -121,12 +128,22 @@ def _worker_error(status: int, text: str) -> HTTPFailure:
 
 
 class Front:
-    def __init__(self, *, config: ServeConfig, router: Router, tokenizer: Tokenizer, model_name: str,
-                 redis_url: str | None, route_request: Any, keys: DeploymentKeys,
-                 max_prompt_tokens: int | None = None,
-                 served_names: tuple[str, ...] = (),
-                 read_timeout_s: float = READ_TIMEOUT_S,
-                 limits: ConnectionLimits | None = None, max_running: int = 64) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        config: ServeConfig,
+        router: Router,
+        tokenizer: Tokenizer,
+        model_name: str,
+        redis_url: str | None,
+        route_request: Any,
+        keys: DeploymentKeys,
+        max_prompt_tokens: int | None = None,
+        served_names: tuple[str, ...] = (),
+        read_timeout_s: float = READ_TIMEOUT_S,
+        limits: ConnectionLimits | None = None,
+        max_running: int = 64,
+    ) -> None:
         self.config = config
         self.router = router
         self.tokenizer = tokenizer
@@ -162,9 +179,13 @@ class Front:
             return None
         h = self._hasher
         if h is None or (h.model_id, h.adapter_id, h.block_size) != (
-            reg.model_id, reg.adapter_id, reg.block_size):  # fmt: skip
-            self._hasher = h = self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
-                                                adapter_id=reg.adapter_id)  # fmt: skip
+            reg.model_id,
+            reg.adapter_id,
+            reg.block_size,
+        ):
+            self._hasher = h = self.keys.hasher(
+                block_size=reg.block_size, model_id=reg.model_id, adapter_id=reg.adapter_id
+            )
         published, version = self._published, self.public.version  # the version before the set
         if published is None or published[0] is not h or published[1] != version:
             index: hashing.Published = {}
@@ -183,9 +204,14 @@ class Front:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.pool.changed.wait(), timeout=min(left, 0.25))
 
-    async def generate(self, request_id: str, token_ids: list[int], tenant: TenantSpec,
-                       req: protocol.GenerateRequest,
-                       outcome: Outcome) -> AsyncGenerator[Step, None]:  # fmt: skip
+    async def generate(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        tenant: TenantSpec,
+        req: protocol.GenerateRequest,
+        outcome: Outcome,
+    ) -> AsyncGenerator[Step, None]:
         """Tokens from whichever worker serves the request, each index once, retried on failure.
         A worker that answers 503 with ``Retry-After`` (its waiting queue is full) is skipped for
         this request; when every worker did, the request is answered 503 with ``Retry-After``.
@@ -196,8 +222,14 @@ class Front:
         if sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
             # A seed of the front's choosing: a stream retried on another worker continues the same text.
             sampling["seed"] = secrets.randbits(63)
-        body = {"request_id": request_id, "token_ids": token_ids, "tenant": tenant.name,
-                "group": tenant.group, "max_tokens": req.max_tokens, **sampling}  # fmt: skip
+        body = {
+            "request_id": request_id,
+            "token_ids": token_ids,
+            "tenant": tenant.name,
+            "group": tenant.group,
+            "max_tokens": req.max_tokens,
+            **sampling,
+        }
         if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
             keyed = await asyncio.to_thread(self._keys, token_ids, tenant)
             payload = await asyncio.to_thread(json.dumps, body)
@@ -214,16 +246,24 @@ class Front:
             free = [w for w in self.pool.workers if w not in busy]
             if not free:
                 retry = max(busy.values(), key=lambda v: float(v) if v.replace(".", "", 1).isdigit() else 0.0)
-                raise HTTPFailure(503, f"all {len(busy)} workers have full waiting queues; retry after "
-                                  f"{retry} s", retry_after_s=retry)  # fmt: skip
+                raise HTTPFailure(
+                    503,
+                    f"all {len(busy)} workers have full waiting queues; retry after {retry} s",
+                    retry_after_s=retry,
+                )
             free = [w for w in free if self.seats.has_room(tenant, w)]
             if not free:
                 share, seats, of = tenant.max_share, self.seats.seats(tenant), self.seats.max_running
-                raise HTTPFailure(429, f"tenant {tenant.name!r} has {seats} request(s) in flight on each "
-                                  f"worker it may use, its share ({share:g} of {of} seats per worker); "
-                                  "retry when one ends", retry_after_s="1")  # fmt: skip
-            route = self.route_request(request_id, keys, len(token_ids), tenant.scope.chain_scope,
-                                       req.max_tokens)
+                raise HTTPFailure(
+                    429,
+                    f"tenant {tenant.name!r} has {seats} request(s) in flight on each "
+                    f"worker it may use, its share ({share:g} of {of} seats per worker); "
+                    "retry when one ends",
+                    retry_after_s="1",
+                )
+            route = self.route_request(
+                request_id, keys, len(token_ids), tenant.scope.chain_scope, req.max_tokens
+            )
             worker_id = self.router.route(route)
             if worker_id not in free:  # the router and the pool disagree for a moment, or it is full
                 worker_id = min(free, key=self._reported_load)
@@ -271,8 +311,9 @@ class Front:
                 self._failed(worker_id, reg.instance, request_id, exc)
                 await self.links.forget(reg.url, (worker_id, reg.instance))
             except TimeoutError as exc:  # connected, then silent: slow is not dead, it stays
-                raise HTTPFailure(504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; "
-                                  "retry later") from exc  # fmt: skip
+                raise HTTPFailure(
+                    504, f"worker {worker_id} sent nothing for {self.read_timeout_s:g} s; retry later"
+                ) from exc
             except _RETRYABLE as exc:
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
@@ -290,15 +331,22 @@ class Front:
         return (load.num_waiting, load.num_running) if load is not None else (0, 0)
 
     def _failed(self, worker_id: str, instance: str, request_id: str, exc: BaseException) -> None:
-        log.warning("worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id,
-                    type(exc).__name__)  # fmt: skip
+        log.warning(
+            "worker %s failed on %s (%s); retrying elsewhere", worker_id, request_id, type(exc).__name__
+        )
         self.pool.mark_down(worker_id, instance, failed=True)
         self.metrics.retries.inc()
 
     # ---- HTTP ----------------------------------------------------------------------------
 
-    def _error(self, status: int, message: str, param: str | None = None, code: str | None = None,
-               retry_after_s: str | None = None) -> web.Response:  # fmt: skip
+    def _error(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: str | None = None,
+    ) -> web.Response:
         self.metrics.requests.labels(str(status)).inc()
         headers = {"Retry-After": retry_after_s} if retry_after_s is not None else None
         return protocol.error_response(message, status=status, param=param, code=code, headers=headers)
@@ -312,8 +360,9 @@ class Front:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _parse(self, raw: bytes, chat: bool, vocab_size: int | None) -> tuple[protocol.GenerateRequest,
-                                                                               list[int]]:  # fmt: skip
+    def _parse(
+        self, raw: bytes, chat: bool, vocab_size: int | None
+    ) -> tuple[protocol.GenerateRequest, list[int]]:
         """Body bytes to a request and its prompt ids; every input error is an ``HTTPFailure(400)``."""
         try:
             body = protocol.loads(raw)
@@ -348,8 +397,9 @@ class Front:
         except TimeoutError as exc:
             raise HTTPFailure(408, f"the body did not arrive within {timeout_s:g} s", code="timeout") from exc
         except web.HTTPRequestEntityTooLarge as exc:
-            raise HTTPFailure(413, f"the body is larger than {self.max_body_bytes} bytes; shorten the "
-                              "prompt") from exc  # fmt: skip
+            raise HTTPFailure(
+                413, f"the body is larger than {self.max_body_bytes} bytes; shorten the prompt"
+            ) from exc
         reg = self.pool.first
         vocab_size = reg.vocab_size if reg is not None else None
         if len(raw) > INLINE_BYTES:
@@ -367,8 +417,12 @@ class Front:
         except HTTPFailure as exc:
             return self._fail(exc)
         if req.model is not None and req.model not in self.served_names:
-            return self._error(404, f"model {req.model!r} is not served here; use {self.model_name!r}",
-                               param="model", code="model_not_found")  # fmt: skip
+            return self._error(
+                404,
+                f"model {req.model!r} is not served here; use {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         prefix = "chatcmpl" if chat else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -388,8 +442,9 @@ class Front:
                     if num_out == 0:
                         self.metrics.ttft.labels(step.worker_id).observe(now - received)
                         if req.stream:
-                            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                                   "Cache-Control": "no-cache"})  # fmt: skip
+                            response = web.StreamResponse(
+                                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                            )
                             await response.prepare(request)
                     else:
                         self.metrics.itl.labels(step.worker_id).observe(now - last)
@@ -397,8 +452,14 @@ class Front:
                     num_out += 1
                     delta = stops.push(decoder.push(step.token_id))
                     if response is not None:
-                        chunk = protocol.chunk(req, request_id=request_id, model=self.model_name,
-                                               created=created, text=delta, first=num_out == 1)  # fmt: skip
+                        chunk = protocol.chunk(
+                            req,
+                            request_id=request_id,
+                            model=self.model_name,
+                            created=created,
+                            text=delta,
+                            first=num_out == 1,
+                        )
                         await response.write(protocol.sse(chunk))
                     else:
                         text_parts.append(delta)
@@ -422,16 +483,29 @@ class Front:
         usage = protocol.usage(outcome.prompt_tokens, num_out, outcome.cached_tokens)
         self._record(tenant, outcome, received)
         if response is None:
-            body = protocol.response(req, request_id=request_id, model=self.model_name, created=created,
-                                     text="".join(text_parts) + tail, finish_reason=outcome.finish_reason,
-                                     usage_=usage)  # fmt: skip
+            body = protocol.response(
+                req,
+                request_id=request_id,
+                model=self.model_name,
+                created=created,
+                text="".join(text_parts) + tail,
+                finish_reason=outcome.finish_reason,
+                usage_=usage,
+            )
             return web.json_response(body)
-        final = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
-                               text=tail, finish_reason=outcome.finish_reason)  # fmt: skip
+        final = protocol.chunk(
+            req,
+            request_id=request_id,
+            model=self.model_name,
+            created=created,
+            text=tail,
+            finish_reason=outcome.finish_reason,
+        )
         await response.write(protocol.sse(final))
         if req.include_usage:  # OpenAI's usage chunk: after the last choice, with no choices
-            usage_chunk = protocol.chunk(req, request_id=request_id, model=self.model_name, created=created,
-                                         text=None, usage_=usage)  # fmt: skip
+            usage_chunk = protocol.chunk(
+                req, request_id=request_id, model=self.model_name, created=created, text=None, usage_=usage
+            )
             await response.write(protocol.sse(usage_chunk))
         await response.write(protocol.sse("[DONE]"))
         await response.write_eof()
@@ -442,8 +516,12 @@ class Front:
         m.requests.labels("200").inc()
         m.e2e.labels(outcome.worker_id).observe(time.monotonic() - received)
         m.queue.labels(outcome.worker_id).observe(outcome.queue_s)
-        m.record_cache(outcome.worker_id, tenant.name, outcome.prompt_tokens,
-                       outcome.tier_hits or {"device": outcome.cached_tokens})  # fmt: skip
+        m.record_cache(
+            outcome.worker_id,
+            tenant.name,
+            outcome.prompt_tokens,
+            outcome.tier_hits or {"device": outcome.cached_tokens},
+        )
         if outcome.tier_errors:
             m.tier_errors.labels(outcome.worker_id).inc(outcome.tier_errors)
         m.record_public(outcome.worker_id, outcome.public_tokens, outcome.cached_tokens)
@@ -453,8 +531,12 @@ class Front:
             self.config.authenticate(request.headers.get("Authorization"))
         except AuthError as exc:
             return self._error(401, str(exc))
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvcache"}]})  # fmt: skip
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvcache"}],
+            }
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         status = 200 if self.pool.workers else 503
@@ -470,15 +552,24 @@ class Front:
     async def debug_workers(self, request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):  # internal addresses: operators on the host only
             return self._error(403, "/debug/workers answers loopback clients only")
-        return web.json_response({wid: {"url": s.reg.url, "pid": s.reg.pid, "instance": s.reg.instance,
-                                        "indexed_blocks": len(s.indexed_blocks)}
-                                  for wid, s in self.pool.workers.items()})  # fmt: skip
+        return web.json_response(
+            {
+                wid: {
+                    "url": s.reg.url,
+                    "pid": s.reg.pid,
+                    "instance": s.reg.instance,
+                    "indexed_blocks": len(s.indexed_blocks),
+                }
+                for wid, s in self.pool.workers.items()
+            }
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes,
-                              middlewares=[self.guard.middleware, protocol.json_errors])  # fmt: skip
+        app = web.Application(
+            client_max_size=self.max_body_bytes, middlewares=[self.guard.middleware, protocol.json_errors]
+        )
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -494,12 +585,19 @@ class Front:
         which closes its generation, streamed or not. On shutdown, requests in flight get
         ``wire.SHUTDOWN_GRACE_S`` to finish, then are cancelled (aiohttp's default waits 60 s).
         Its connections are held to ``limits`` (header time, connections in all and per address)."""
-        return GuardedRunner(self.app(), self.guard, access_log=None, handler_cancellation=True,
-                             shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
+        return GuardedRunner(
+            self.app(),
+            self.guard,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=wire.SHUTDOWN_GRACE_S,
+        )
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(self.pool.run()),
-                 asyncio.create_task(self.public.run(self.pool.redis_url))]  # fmt: skip
+        tasks = [
+            asyncio.create_task(self.pool.run()),
+            asyncio.create_task(self.public.run(self.pool.redis_url)),
+        ]
         with quiet_repeats():  # a flood of failing connections writes a few lines, not one each
             yield
         for task in tasks:

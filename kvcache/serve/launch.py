@@ -56,10 +56,26 @@ class WorkerArgs:
     max_running: int = 64
 
     def argv(self, worker_id: str) -> list[str]:
-        argv = [*python_argv(), "-m", "kvcache.cli", "worker", "--worker-id", worker_id,
-                "--model", self.model, "--num-blocks", str(self.num_blocks),
-                "--block-size", str(self.block_size), "--threads", str(self.threads),
-                "--max-waiting", str(self.max_waiting), "--max-running", str(self.max_running)]  # fmt: skip
+        argv = [
+            *python_argv(),
+            "-m",
+            "kvcache.cli",
+            "worker",
+            "--worker-id",
+            worker_id,
+            "--model",
+            self.model,
+            "--num-blocks",
+            str(self.num_blocks),
+            "--block-size",
+            str(self.block_size),
+            "--threads",
+            str(self.threads),
+            "--max-waiting",
+            str(self.max_waiting),
+            "--max-running",
+            str(self.max_running),
+        ]
         if self.config_path:
             argv += ["--config", self.config_path]
         if not self.pod_tier:
@@ -118,8 +134,9 @@ def check_redis(url: str, timeout_s: float = 3.0) -> None:
         client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
         where = f"{parts.hostname}:{parts.port}"  # never the password
-        raise ConfigError(f"cannot reach Redis at {where}: {exc}; start it or fix --redis/--connect "
-                          f"({auth.REDIS_URL_ENV})") from None
+        raise ConfigError(
+            f"cannot reach Redis at {where}: {exc}; start it or fix --redis/--connect ({auth.REDIS_URL_ENV})"
+        ) from None
     finally:
         client.close()
 
@@ -162,8 +179,11 @@ async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event
         for worker_id in ours:
             if worker_id not in joined and worker_id in front.pool.workers:
                 joined.add(worker_id)
-                print(f"kvcache: worker {worker_id} ready ({len(joined)}/{len(ours)})", file=sys.stderr,
-                      flush=True)  # fmt: skip
+                print(
+                    f"kvcache: worker {worker_id} ready ({len(joined)}/{len(ours)})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if not ready and len(joined) == len(ours):
             ready = True
             print(f"kvcache serving {front.model_name} on {url}", flush=True)
@@ -184,8 +204,11 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
     try:
         await web.TCPSite(runner, host, port).start()
         if workers:
-            print(f"kvcache: starting {len(workers)} worker(s) of {front.model_name}; waiting for them to "
-                  "load", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"kvcache: starting {len(workers)} worker(s) of {front.model_name}; waiting for them to load",
+                file=sys.stderr,
+                flush=True,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -200,11 +223,23 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
         await runner.cleanup()
 
 
-def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_url: str, policy: str,
-               mode: str, block_size: int, keys: auth.DeploymentKeys, served_names: tuple[str, ...] = (),
-               max_prompt_tokens: int | None = None, latency: LatencyModel | None = None,
-               max_running: int = 64, limits: ConnectionLimits | None = None,
-               read_timeout_s: float = READ_TIMEOUT_S) -> Front:  # fmt: skip
+def make_front(
+    *,
+    config: ServeConfig,
+    model: str,
+    tokenizer: Tokenizer,
+    redis_url: str,
+    policy: str,
+    mode: str,
+    block_size: int,
+    keys: auth.DeploymentKeys,
+    served_names: tuple[str, ...] = (),
+    max_prompt_tokens: int | None = None,
+    latency: LatencyModel | None = None,
+    max_running: int = 64,
+    limits: ConnectionLimits | None = None,
+    read_timeout_s: float = READ_TIMEOUT_S,
+) -> Front:
     """The front with its router running one of the router's policies; ``affinity`` prices workers
     with ``worker_latency(latency, max_running)``. ``served_names``: the names clients use (the first is
     reported; default ``model``); ``limits``: its connection limits (default ``ConnectionLimits()``);
@@ -216,7 +251,17 @@ def make_front(*, config: ServeConfig, model: str, tokenizer: Tokenizer, redis_u
     latency = worker_latency(latency, max_running)
     router = Router(policy=policy, mode=mode, block_size=block_size, latency=latency)
     names = served_names or (model,)
-    return Front(config=config, router=router, tokenizer=tokenizer, model_name=names[0], redis_url=redis_url,
-                 route_request=RouteRequest, keys=keys, served_names=names[1:],
-                 max_prompt_tokens=max_prompt_tokens, limits=limits, max_running=max_running,
-                 read_timeout_s=read_timeout_s)  # fmt: skip
+    return Front(
+        config=config,
+        router=router,
+        tokenizer=tokenizer,
+        model_name=names[0],
+        redis_url=redis_url,
+        route_request=RouteRequest,
+        keys=keys,
+        served_names=names[1:],
+        max_prompt_tokens=max_prompt_tokens,
+        limits=limits,
+        max_running=max_running,
+        read_timeout_s=read_timeout_s,
+    )

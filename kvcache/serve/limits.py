@@ -97,9 +97,11 @@ def fd_budget(max_connections: int | None) -> int:
         return want
     fits = (soft - FD_RESERVE) // 2
     if max_connections is not None or fits < 1:
-        raise ConfigError(f"--max-connections {want} needs {need} file descriptors; this process may open "
-                          f"{soft} (ulimit -n): raise the limit or give --max-connections {max(1, fits)} "
-                          "or fewer")  # fmt: skip
+        raise ConfigError(
+            f"--max-connections {want} needs {need} file descriptors; this process may open "
+            f"{soft} (ulimit -n): raise the limit or give --max-connections {max(1, fits)} "
+            "or fewer"
+        )
     return fits
 
 
@@ -217,10 +219,17 @@ class ConnectionGuard:
         shed, self._shed = self._shed, _Shed()
         self._last_summary = now
         top = sorted(shed.by_peer.items(), key=lambda kv: -kv[1])[:3]
-        log.warning("connection limits (%d in all, %d per client address): closed %d idle connection(s) to "
-                    "make room and refused %d new one(s) within %.0f s; most from %s; %d open now",
-                    self.limits.max_connections, self.limits.per_client, shed.evicted, shed.refused,
-                    SUMMARY_S, ", ".join(f"{p} ({n})" for p, n in top), len(self._conns))  # fmt: skip
+        log.warning(
+            "connection limits (%d in all, %d per client address): closed %d idle connection(s) to "
+            "make room and refused %d new one(s) within %.0f s; most from %s; %d open now",
+            self.limits.max_connections,
+            self.limits.per_client,
+            shed.evicted,
+            shed.refused,
+            SUMMARY_S,
+            ", ".join(f"{p} ({n})" for p, n in top),
+            len(self._conns),
+        )
 
 
 @dataclass(slots=True)
@@ -235,8 +244,9 @@ class RepeatFilter(logging.Filter):
     ``window_s``; the first record of a message let through after a drop says how many were
     dropped."""
 
-    def __init__(self, burst: int = 5, window_s: float = SUMMARY_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self, burst: int = 5, window_s: float = SUMMARY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
         self.burst, self.window_s, self.clock = burst, window_s, clock
         self._windows: dict[tuple[str, str], _Window] = {}

@@ -38,25 +38,68 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0)  # fmt: skip
+TTFT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-               2.5, 5.0)  # fmt: skip
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LOAD_HELP = {"num_requests_running": "Requests in the engine's running batch",
-              "num_requests_waiting": "Requests waiting for the engine to admit them",
-              "kv_cache_usage_perc": "Fraction of the KV block pool in use (0..1)"}  # fmt: skip
+_LOAD_HELP = {
+    "num_requests_running": "Requests in the engine's running batch",
+    "num_requests_waiting": "Requests waiting for the engine to admit them",
+    "kv_cache_usage_perc": "Fraction of the KV block pool in use (0..1)",
+}
 
 
 def _latency(registry: CollectorRegistry, labels: list[str], where: str) -> dict[str, Histogram]:
     """The four latency histograms as vLLM names them, measured ``where``."""
-    specs = (("ttft", "time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS),
-             ("itl", "inter_token_latency_seconds", "Time between two tokens of a stream", ITL_BUCKETS),
-             ("queue", "request_queue_time_seconds", "Time waiting for a worker's engine", QUEUE_BUCKETS),
-             ("e2e", "e2e_request_latency_seconds", "Request latency", TTFT_BUCKETS))  # fmt: skip
-    return {key: Histogram(f"kvcache:{name}", f"{text} {where}", labels, buckets=buckets, registry=registry)
-            for key, name, text, buckets in specs}  # fmt: skip
+    specs = (
+        ("ttft", "time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS),
+        ("itl", "inter_token_latency_seconds", "Time between two tokens of a stream", ITL_BUCKETS),
+        ("queue", "request_queue_time_seconds", "Time waiting for a worker's engine", QUEUE_BUCKETS),
+        ("e2e", "e2e_request_latency_seconds", "Request latency", TTFT_BUCKETS),
+    )
+    return {
+        key: Histogram(f"kvcache:{name}", f"{text} {where}", labels, buckets=buckets, registry=registry)
+        for key, name, text, buckets in specs
+    }
 
 
 class WorkerMetrics:
@@ -66,10 +109,14 @@ class WorkerMetrics:
         self.registry = r = CollectorRegistry()
         hist = _latency(r, [], "at the worker")
         self.ttft, self.itl, self.queue, self.e2e = hist["ttft"], hist["itl"], hist["queue"], hist["e2e"]
-        self.rejected = Counter("kvcache:requests_rejected", "Requests refused with 503: waiting queue full",
-                                registry=r)  # fmt: skip
-        for name, attr in (("num_requests_running", "num_running"), ("num_requests_waiting", "num_waiting"),
-                           ("kv_cache_usage_perc", "kv_usage")):  # fmt: skip
+        self.rejected = Counter(
+            "kvcache:requests_rejected", "Requests refused with 503: waiting queue full", registry=r
+        )
+        for name, attr in (
+            ("num_requests_running", "num_running"),
+            ("num_requests_waiting", "num_waiting"),
+            ("kv_cache_usage_perc", "kv_usage"),
+        ):
             gauge = Gauge(f"kvcache:{name}", _LOAD_HELP[name], registry=r)
             gauge.set_function(lambda attr=attr: float(getattr(load(), attr)))  # type: ignore[misc]
 
@@ -88,35 +135,60 @@ class ServeMetrics:
         self._cache = CollectorRegistry()  # cache counters by tier and worker: public
         self._tenant_cache = CollectorRegistry()  # the same by tenant too: admin keys only
         self.queries, self.hits = self._cache_counters(["tier", "worker"], self._cache)
-        self.tenant_queries, self.tenant_hits = self._cache_counters(["tier", "worker", "tenant"],
-                                                                     self._tenant_cache)  # fmt: skip
+        self.tenant_queries, self.tenant_hits = self._cache_counters(
+            ["tier", "worker", "tenant"], self._tenant_cache
+        )
         hist = _latency(r, ["worker"], "at the front")
         self.ttft, self.itl, self.queue, self.e2e = hist["ttft"], hist["itl"], hist["queue"], hist["e2e"]
         self.running, self.waiting, self.kv_usage = (
             Gauge(f"kvcache:{name}", f"{text}, as the worker last reported", ["worker"], registry=r)
-            for name, text in _LOAD_HELP.items())  # fmt: skip
-        self.requests = Counter("kvcache:requests", "Requests answered, by HTTP status", ["status"],
-                                registry=r)  # fmt: skip
-        self.retries = Counter("kvcache:request_retries", "Requests re-sent after a worker failed",
-                               registry=r)  # fmt: skip
-        self.busy = Counter("kvcache:worker_busy_answers", "503 + Retry-After answers from workers "
-                            "whose waiting queue was full", registry=r)  # fmt: skip
-        self.tier_errors = Counter("kvcache:tier_errors", "Lower-tier lookups that failed (counted misses)",
-                                   ["worker"], registry=r)  # fmt: skip
+            for name, text in _LOAD_HELP.items()
+        )
+        self.requests = Counter(
+            "kvcache:requests", "Requests answered, by HTTP status", ["status"], registry=r
+        )
+        self.retries = Counter(
+            "kvcache:request_retries", "Requests re-sent after a worker failed", registry=r
+        )
+        self.busy = Counter(
+            "kvcache:worker_busy_answers",
+            "503 + Retry-After answers from workers whose waiting queue was full",
+            registry=r,
+        )
+        self.tier_errors = Counter(
+            "kvcache:tier_errors", "Lower-tier lookups that failed (counted misses)", ["worker"], registry=r
+        )
         self.workers = Gauge("kvcache:workers", "Workers the router routes to", registry=r)
-        self.public_queries = Counter("kvcache:public_prefix_queries", "Prompt tokens in published public "
-                                      "prefixes", ["worker"], registry=r)  # fmt: skip
-        self.public_hits = Counter("kvcache:public_prefix_hits", "Prompt tokens in published public prefixes "
-                                   "served from the cache", ["worker"], registry=r)  # fmt: skip
-        self.indexed = Gauge("kvcache:router_indexed_blocks", "Blocks the router believes a worker caches",
-                             ["worker"], registry=r)  # fmt: skip
+        self.public_queries = Counter(
+            "kvcache:public_prefix_queries",
+            "Prompt tokens in published public prefixes",
+            ["worker"],
+            registry=r,
+        )
+        self.public_hits = Counter(
+            "kvcache:public_prefix_hits",
+            "Prompt tokens in published public prefixes served from the cache",
+            ["worker"],
+            registry=r,
+        )
+        self.indexed = Gauge(
+            "kvcache:router_indexed_blocks",
+            "Blocks the router believes a worker caches",
+            ["worker"],
+            registry=r,
+        )
 
     @staticmethod
     def _cache_counters(labels: list[str], registry: CollectorRegistry) -> tuple[Counter, Counter]:
-        queries = Counter("kvcache:prefix_cache_queries", "Prompt tokens looked up in a cache tier",
-                          labels, registry=registry)  # fmt: skip
-        hits = Counter("kvcache:prefix_cache_hits", "Prompt tokens served from a cache tier",
-                       labels, registry=registry)  # fmt: skip
+        queries = Counter(
+            "kvcache:prefix_cache_queries",
+            "Prompt tokens looked up in a cache tier",
+            labels,
+            registry=registry,
+        )
+        hits = Counter(
+            "kvcache:prefix_cache_hits", "Prompt tokens served from a cache tier", labels, registry=registry
+        )
         return queries, hits
 
     def record_cache(self, worker: str, tenant: str, prompt_tokens: int, tier_hits: dict[str, int]) -> None:

@@ -77,8 +77,9 @@ def _one_connection() -> aiohttp.TraceConfig:
 class WorkerLink:
     """Proven connections to one worker instance, one at a time; ``post`` sends on the current one."""
 
-    def __init__(self, url: str, keys: DeploymentKeys, timeout: aiohttp.ClientTimeout,
-                 expect: tuple[str, str] | None) -> None:  # fmt: skip
+    def __init__(
+        self, url: str, keys: DeploymentKeys, timeout: aiohttp.ClientTimeout, expect: tuple[str, str] | None
+    ) -> None:
         self.url, self.keys, self.timeout, self.expect = url, keys, timeout, expect
         self.session: aiohttp.ClientSession | None = None
         self.worker_id = self.instance = ""
@@ -88,12 +89,16 @@ class WorkerLink:
         """A new connection, and the challenge on it; ``UnprovenWorker`` unless the answer verifies."""
         await self.close()
         connector = aiohttp.TCPConnector(limit=1)
-        self.session = session = aiohttp.ClientSession(timeout=self.timeout, connector=connector,
-                                                       trace_configs=[_one_connection()])  # fmt: skip
+        self.session = session = aiohttp.ClientSession(
+            timeout=self.timeout, connector=connector, trace_configs=[_one_connection()]
+        )
         challenge = secrets.token_bytes(CHALLENGE_BYTES)
         try:
-            hello = session.get(self.url + HELLO_PATH, headers={CHALLENGE_HEADER: challenge.hex()},
-                                timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S))  # fmt: skip
+            hello = session.get(
+                self.url + HELLO_PATH,
+                headers={CHALLENGE_HEADER: challenge.hex()},
+                timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S),
+            )
             async with hello as resp:
                 raw = await resp.content.read(MAX_HELLO_BYTES)
                 if resp.status != 200:
@@ -137,8 +142,9 @@ class WorkerLink:
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str, keys: DeploymentKeys, *, timeout: aiohttp.ClientTimeout,
-                  expect: tuple[str, str] | None = None) -> AsyncIterator[WorkerLink]:  # fmt: skip
+async def connect(
+    url: str, keys: DeploymentKeys, *, timeout: aiohttp.ClientTimeout, expect: tuple[str, str] | None = None
+) -> AsyncIterator[WorkerLink]:
     """A link to the worker at ``url`` once it proved it is ``expect`` (worker id, instance), or any
     worker of this deployment when ``expect`` is None (``UnprovenWorker`` otherwise); closed after."""
     link = WorkerLink(url, keys, timeout, expect)
@@ -167,8 +173,15 @@ class LinkPool:
     pool only after a request that ended cleanly, at most ``max_idle`` per instance and for at most
     ``max_idle_s`` (below aiohttp's 75 s keep-alive, so a kept connection is rarely closed under it)."""
 
-    def __init__(self, keys: DeploymentKeys, timeout: aiohttp.ClientTimeout, *, max_idle: int = 32,
-                 max_idle_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        keys: DeploymentKeys,
+        timeout: aiohttp.ClientTimeout,
+        *,
+        max_idle: int = 32,
+        max_idle_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.keys, self.timeout, self.max_idle, self.max_idle_s = keys, timeout, max_idle, max_idle_s
         self.clock = clock
         self.idle: dict[tuple[str, str, str], list[tuple[WorkerLink, float]]] = {}  # newest last

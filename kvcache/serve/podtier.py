@@ -37,15 +37,20 @@ class PodTieredEngine(Engine):
     _pending: list[tuple[list[bytes], torch.Tensor]] | None = None
 
     @staticmethod
-    def pod_tier(redis_url: str, capacity_blocks: int, worker_index: int = 0,
-                 tier_secret: bytes | None = None) -> Any:  # fmt: skip
+    def pod_tier(
+        redis_url: str, capacity_blocks: int, worker_index: int = 0, tier_secret: bytes | None = None
+    ) -> Any:
         """``EngineConfig.tiers``: builds the hierarchy once the engine knows its block layout.
         ``tier_secret`` keys the blocks' MAC (``tiers.seal``): Redis cannot plant a block."""
 
         def build(layout: LayoutFingerprint) -> Hierarchy:
             seal = Seal.keyed(tier_secret) if tier_secret is not None else None
-            tier = IcmsTier(RedisBackend(redis_url, capacity_blocks), worker_id=worker_index,
-                            write_behind_blocks=64, seal=seal)  # fmt: skip
+            tier = IcmsTier(
+                RedisBackend(redis_url, capacity_blocks),
+                worker_id=worker_index,
+                write_behind_blocks=64,
+                seal=seal,
+            )
             return Hierarchy(layout, [tier])
 
         return build

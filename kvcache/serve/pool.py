@@ -70,9 +70,16 @@ class WorkerState:
 class WorkerPool:
     """Workers by id, kept in step with Redis; owns the router's ``add/remove_worker`` calls."""
 
-    def __init__(self, router: Router, metrics: ServeMetrics, redis_url: str | None,
-                 on_change: Callable[[], None] | None = None, *, keys: DeploymentKeys,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        router: Router,
+        metrics: ServeMetrics,
+        redis_url: str | None,
+        on_change: Callable[[], None] | None = None,
+        *,
+        keys: DeploymentKeys,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.router = router
         self.keys = keys
         self.clock = clock  # when beat numbers rose; time.time() only for signatures' freshness
@@ -98,17 +105,22 @@ class WorkerPool:
             return
         first = self.first
         if first is not None and (first.model_id, first.block_size) != (reg.model_id, reg.block_size):
-            reason = (f"worker {reg.worker_id} serves {reg.model_id} with block size {reg.block_size}; "
-                      f"this deployment serves {first.model_id} with block size {first.block_size}: "
-                      "refused")  # fmt: skip
+            reason = (
+                f"worker {reg.worker_id} serves {reg.model_id} with block size {reg.block_size}; "
+                f"this deployment serves {first.model_id} with block size {first.block_size}: "
+                "refused"
+            )
             self.refused[reg.instance] = reason
             log.error("%s", reason)
             return
-        mine = key_check(self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id,
-                                          adapter_id=reg.adapter_id))  # fmt: skip
+        mine = key_check(
+            self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id, adapter_id=reg.adapter_id)
+        )
         if reg.key_check != mine:
-            reason = (f"worker {reg.worker_id} keys blocks differently from this front (another deployment "
-                      "secret, model or adapter): refused")  # fmt: skip
+            reason = (
+                f"worker {reg.worker_id} keys blocks differently from this front (another deployment "
+                "secret, model or adapter): refused"
+            )
             self.refused[reg.instance] = reason
             log.error("%s", reason)
             return
@@ -272,8 +284,11 @@ class WorkerPool:
         while True:
             try:
                 if last_id == "$":
-                    info = await client.xinfo_stream(wire.EVENTS_STREAM) if await client.exists(
-                        wire.EVENTS_STREAM) else None  # fmt: skip
+                    info = (
+                        await client.xinfo_stream(wire.EVENTS_STREAM)
+                        if await client.exists(wire.EVENTS_STREAM)
+                        else None
+                    )
                     last_id = info["last-generated-id"].decode() if info else "0-0"
                 if loop.time() >= next_poll:
                     await self._sync_registrations(client)

@@ -45,8 +45,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4-6 deep; json.loads recurses once per level
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
-_IGNORED = {"user", "presence_penalty", "frequency_penalty", "metadata",
-            "store", "service_tier"}  # fmt: skip
+_IGNORED = {"user", "presence_penalty", "frequency_penalty", "metadata", "store", "service_tier"}
 # Fields that are accepted at a value that changes nothing and refused at any other value, with
 # what this server does not do (the refusal says so).
 _NOOPS: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -100,8 +99,12 @@ class GenerateRequest:
 
     def sampling(self) -> dict[str, Any]:
         """The fields a worker's ``/generate`` takes (``engine.SamplingParams``), defaults left out."""
-        out: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                               "seed": self.seed}  # fmt: skip
+        out: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
         defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
         return {k: v for k, v in out.items() if v != defaults[k] or (k == "seed" and v is not None)}
 
@@ -128,8 +131,10 @@ def _utf8(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ProtocolError(f"{where} holds {text[exc.start:exc.end]!a} at character {exc.start}, which is "
-                            "not valid Unicode (a lone surrogate); send UTF-8 text") from exc  # fmt: skip
+        raise ProtocolError(
+            f"{where} holds {text[exc.start : exc.end]!a} at character {exc.start}, which is "
+            "not valid Unicode (a lone surrogate); send UTF-8 text"
+        ) from exc
     return text
 
 
@@ -157,8 +162,11 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
         accepted, what = _NOOPS[name]
         if not any(body[name] == ok and type(body[name]) is type(ok) for ok in accepted):
             shown = " or ".join("null" if ok is None else json.dumps(ok) for ok in accepted)
-            raise ProtocolError(f"'{name}'={body[name]!r} is not supported: this server does not {what}; "
-                                f"send {shown} or leave it out", param=name)  # fmt: skip
+            raise ProtocolError(
+                f"'{name}'={body[name]!r} is not supported: this server does not {what}; "
+                f"send {shown} or leave it out",
+                param=name,
+            )
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError(f"'model'={model!r} must be a string", param="model")
@@ -167,8 +175,9 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
         raise ProtocolError(f"'n'={n!r}: only n=1 is supported", param="n")
     for name, what in _REFUSED.items():
         if body.get(name) not in (None, False, [], ""):
-            raise ProtocolError(f"'{name}' is not supported: this server does not {what}; leave it unset",
-                                param=name)  # fmt: skip
+            raise ProtocolError(
+                f"'{name}' is not supported: this server does not {what}; leave it unset", param=name
+            )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ProtocolError(f"'stream'={stream!r} must be true or false", param="stream")
@@ -176,24 +185,35 @@ def _common(body: dict[str, Any], allowed: set[str], chat: bool) -> dict[str, An
     include_usage = False
     if options is not None:
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-            raise ProtocolError("'stream_options' must be an object like {\"include_usage\": true}",
-                                param="stream_options")  # fmt: skip
+            raise ProtocolError(
+                "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options"
+            )
         include_usage = options.get("include_usage", False) is True
     limit_name = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:
         limit_name = "max_completion_tokens"
     max_tokens = _int_field(body, limit_name, MAX_TOKENS_DEFAULT, 1, MAX_TOKENS_LIMIT)
-    return {"chat": chat, "model": model, "max_tokens": max_tokens, "stream": stream,
-            "include_usage": include_usage, **_sampling(body)}  # fmt: skip
+    return {
+        "chat": chat,
+        "model": model,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "include_usage": include_usage,
+        **_sampling(body),
+    }
 
 
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float,
-            lo_open: bool = False) -> float:  # fmt: skip
+def _number(
+    body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False
+) -> float:
     value = body.get(name)
     if value is None:
         return default
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
-        lo < value <= hi if lo_open else lo <= value <= hi)  # fmt: skip
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and (lo < value <= hi if lo_open else lo <= value <= hi)
+    )
     if not ok:
         span = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
         raise ProtocolError(f"'{name}'={value!r} must be a number in {span}", param=name)
@@ -202,13 +222,16 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     """The sampling fields, each type- and range-checked (``ProtocolError`` names the field)."""
-    out: dict[str, Any] = {"temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
-                           "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)}  # fmt: skip
+    out: dict[str, Any] = {
+        "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+    }
     top_k = _int_field(body, "top_k", 0, -1, 2**31 - 1)
     out["top_k"] = max(top_k, 0)  # vLLM's -1 and 0 both mean off
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not -(2**63) <= seed < 2**64):  # fmt: skip
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+    ):
         raise ProtocolError(f"'seed'={seed!r} must be an integer", param="seed")
     out["seed"] = None if seed is None else seed % 2**63  # the engine seeds torch with a non-negative int
     stop = body.get("stop")
@@ -216,26 +239,47 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         stop = []
     if isinstance(stop, str):
         stop = [stop]
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):  # fmt: skip
-        raise ProtocolError(f"'stop'={stop!r:.80} must be a string or a list of at most {MAX_STOP} non-empty "
-                            f"strings of at most {MAX_STOP_CHARS} characters", param="stop")  # fmt: skip
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise ProtocolError(
+            f"'stop'={stop!r:.80} must be a string or a list of at most {MAX_STOP} non-empty "
+            f"strings of at most {MAX_STOP_CHARS} characters",
+            param="stop",
+        )
     out["stop"] = tuple(_utf8(s, "'stop'") for s in stop)
     return out
 
 
 def check_prompt_tokens(num_tokens: int, limit: int | None) -> None:
     if limit is not None and num_tokens > limit:
-        raise ProtocolError(f"the prompt has {num_tokens} tokens; this server accepts at most {limit} "
-                            "(--max-prompt-tokens): shorten it")  # fmt: skip
+        raise ProtocolError(
+            f"the prompt has {num_tokens} tokens; this server accepts at most {limit} "
+            "(--max-prompt-tokens): shorten it"
+        )
 
 
 def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> GenerateRequest:
     """``/v1/completions``: ``prompt`` is a string, a list of token ids, or a one-element list of either.
     A token-id prompt longer than ``max_prompt_tokens`` is refused before its ids are checked."""
     body = _require_object(body)
-    common = _common(body, {"model", "prompt", "max_tokens", "stream", "stream_options", "n",
-                            "logprobs", "echo", *_SAMPLING_FIELDS}, chat=False)  # fmt: skip
+    common = _common(
+        body,
+        {
+            "model",
+            "prompt",
+            "max_tokens",
+            "stream",
+            "stream_options",
+            "n",
+            "logprobs",
+            "echo",
+            *_SAMPLING_FIELDS,
+        },
+        chat=False,
+    )
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -249,10 +293,12 @@ def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> Generat
         if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
             return GenerateRequest(token_ids=list(prompt), **common)
         if all(isinstance(t, (str, list)) for t in prompt):
-            raise ProtocolError(f"'prompt' holds {len(prompt)} prompts; send one prompt per request",
-                                param="prompt")  # fmt: skip
-    raise ProtocolError("'prompt' must be a non-empty string or a non-empty list of token ids in 0..2**32-1",
-                        param="prompt")  # fmt: skip
+            raise ProtocolError(
+                f"'prompt' holds {len(prompt)} prompts; send one prompt per request", param="prompt"
+            )
+    raise ProtocolError(
+        "'prompt' must be a non-empty string or a non-empty list of token ids in 0..2**32-1", param="prompt"
+    )
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -272,12 +318,26 @@ def _content_text(content: Any, where: str) -> str:
 def parse_chat(body: Any) -> GenerateRequest:
     """``/v1/chat/completions``: ``messages`` is a non-empty list of ``{role, content}`` objects."""
     body = _require_object(body)
-    common = _common(body, {"model", "messages", "max_tokens", "max_completion_tokens", "stream",
-                            "stream_options", "n", "logprobs", *_SAMPLING_FIELDS}, chat=True)  # fmt: skip
+    common = _common(
+        body,
+        {
+            "model",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "stream",
+            "stream_options",
+            "n",
+            "logprobs",
+            *_SAMPLING_FIELDS,
+        },
+        chat=True,
+    )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ProtocolError('\'messages\' must be a non-empty list of {"role", "content"} objects',
-                            param="messages")  # fmt: skip
+        raise ProtocolError(
+            '\'messages\' must be a non-empty list of {"role", "content"} objects', param="messages"
+        )
     parsed: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -300,25 +360,47 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def response(
-    req: GenerateRequest, *, request_id: str, model: str, created: int, text: str, finish_reason: str,
+    req: GenerateRequest,
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str,
     usage_: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The non-streamed body."""
     if req.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": finish_reason}  # fmt: skip
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
         obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice],
-            "usage": usage_}  # fmt: skip
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage_,
+    }
 
 
 def chunk(
-    req: GenerateRequest, *, request_id: str, model: str, created: int, text: str | None,
-    finish_reason: str | None = None, usage_: dict[str, Any] | None = None, first: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    req: GenerateRequest,
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    text: str | None,
+    finish_reason: str | None = None,
+    usage_: dict[str, Any] | None = None,
+    first: bool = False,
+) -> dict[str, Any]:
     """One streamed chunk; ``text=None`` gives the usage-only final chunk (empty ``choices``). With
     ``include_usage`` the other chunks carry ``"usage": null``; without it no chunk has the field."""
     choices: list[dict[str, Any]] = []
@@ -348,8 +430,9 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def error_body(message: str, *, status: int, param: str | None = None, code: str | None = None
-               ) -> dict[str, Any]:  # fmt: skip
+def error_body(
+    message: str, *, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``, its ``type`` and
     default ``code`` chosen by ``status``."""
     fallback = ("invalid_request_error", None) if status < 500 else ("server_error", None)
@@ -357,10 +440,17 @@ def error_body(message: str, *, status: int, param: str | None = None, code: str
     return {"error": {"message": message, "type": type_, "param": param, "code": code or default_code}}
 
 
-def error_response(message: str, *, status: int, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
-    return web.json_response(error_body(message, status=status, param=param, code=code), status=status,
-                             headers=headers)  # fmt: skip
+def error_response(
+    message: str,
+    *,
+    status: int,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(
+        error_body(message, status=status, param=param, code=code), status=status, headers=headers
+    )
 
 
 @web.middleware
@@ -371,5 +461,8 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
         what = "Invalid URL" if exc.status == 404 else "Method not allowed"
-        return error_response(f"{what} ({request.method} {request.path})", status=exc.status,
-                              headers={k: v for k, v in exc.headers.items() if k == "Allow"})  # fmt: skip
+        return error_response(
+            f"{what} ({request.method} {request.path})",
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k == "Allow"},
+        )

@@ -129,8 +129,13 @@ class WorkerLoad:
     def decode(cls, raw: bytes) -> WorkerLoad:
         """``ValueError`` unless ``raw`` is what :meth:`encode` writes."""
         data = json.loads(raw)
-        if (not isinstance(data, list) or len(data) != 3 or any(type(x) is not int or x < 0 for x in data[:2])
-                or type(data[2]) not in (int, float) or not 0 <= data[2] <= 1):  # fmt: skip
+        if (
+            not isinstance(data, list)
+            or len(data) != 3
+            or any(type(x) is not int or x < 0 for x in data[:2])
+            or type(data[2]) not in (int, float)
+            or not 0 <= data[2] <= 1
+        ):
             raise ValueError(f"not a worker load: {raw[:60]!r}")
         return cls(data[0], data[1], float(data[2]))
 

@@ -92,9 +92,15 @@ def _status_of(exc: Exception) -> int:
 class Worker:
     """Serves one engine (``kvcache.engine.Engine``) over HTTP; see the module docstring."""
 
-    def __init__(self, engine: Any, worker_id: str, redis_url: str | None, keys: DeploymentKeys,
-                 tier_names: tuple[str, ...] = (),
-                 max_waiting: int = DEFAULT_MAX_WAITING) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Any,
+        worker_id: str,
+        redis_url: str | None,
+        keys: DeploymentKeys,
+        tier_names: tuple[str, ...] = (),
+        max_waiting: int = DEFAULT_MAX_WAITING,
+    ) -> None:
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ConfigError(f"max_waiting={max_waiting!r} must be an integer >= 0")
         self.engine = engine
@@ -128,8 +134,9 @@ class Worker:
     def load(self) -> WorkerLoad:
         """The engine's load now (lengths of its queues: safe to read from any thread)."""
         scheduler, pool = self.engine.scheduler, self.engine.manager.pool
-        return WorkerLoad(len(scheduler.running), len(scheduler.waiting),
-                          pool.num_used_blocks / max(pool.num_blocks, 1))  # fmt: skip
+        return WorkerLoad(
+            len(scheduler.running), len(scheduler.waiting), pool.num_used_blocks / max(pool.num_blocks, 1)
+        )
 
     def _after_step(self, outputs: list[RequestOutput]) -> None:
         """On the engine thread after each step (or abort): finish reasons, events, load."""
@@ -221,9 +228,13 @@ class Worker:
         if self.num_waiting >= self.max_waiting:
             self.metrics.rejected.inc()
             return web.json_response(
-                {"error": f"worker {self.worker_id} has {self.num_waiting} waiting request(s) "
-                          f"(--max-waiting {self.max_waiting}); retry later"},
-                status=503, headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+                {
+                    "error": f"worker {self.worker_id} has {self.num_waiting} waiting request(s) "
+                    f"(--max-waiting {self.max_waiting}); retry later"
+                },
+                status=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         received = time.monotonic()
         rid = body["request_id"]
         if self.vllm_events is not None:
@@ -243,9 +254,14 @@ class Worker:
                         waiting = False
                         hits = self._tier_hits(step)
                         queue_s = step.timings.queue_s if step.timings is not None else 0.0
-                        line.update(prompt_tokens=step.prompt_tokens, cached_tokens=sum(hits.values()),
-                                    tier_hits=hits, prefill_s=step.elapsed_s - queue_s, queue_s=queue_s,
-                                    tier_errors=self._tier_errors.pop(rid, 0))  # fmt: skip
+                        line.update(
+                            prompt_tokens=step.prompt_tokens,
+                            cached_tokens=sum(hits.values()),
+                            tier_hits=hits,
+                            prefill_s=step.elapsed_s - queue_s,
+                            queue_s=queue_s,
+                            tier_errors=self._tier_errors.pop(rid, 0),
+                        )
                         self.metrics.observe_first(now - received, queue_s)
                     else:
                         self.metrics.itl.observe(now - last)
@@ -274,8 +290,11 @@ class Worker:
         self.metrics.e2e.observe(time.monotonic() - received)
         if response is None:
             return web.json_response({"error": "no output"}, status=500)
-        done = {"done": True, "engine_s": time.monotonic() - received - queue_s,
-                "finish_reason": FINISH_REASONS.get(reason, "length")}  # fmt: skip
+        done = {
+            "done": True,
+            "engine_s": time.monotonic() - received - queue_s,
+            "finish_reason": FINISH_REASONS.get(reason, "length"),
+        }
         await response.write(json.dumps(done).encode() + b"\n")
         await response.write_eof()
         await self.aengine.call(self._write_through)  # off this request's latency, between steps
@@ -286,8 +305,9 @@ class Worker:
         """Only the front (holder of this instance's credential) gets past here, the body unread;
         the challenge (``hello``) comes first and needs none: it is how the front decides to send it."""
         if request.path != peer.HELLO_PATH:
-            status = self.keys.check_worker_call(request.headers.get("Authorization"), self.worker_id,
-                                                 self.instance)  # fmt: skip
+            status = self.keys.check_worker_call(
+                request.headers.get("Authorization"), self.worker_id, self.instance
+            )
             if status is not None:
                 message = "missing worker credential" if status == 401 else "wrong worker credential"
                 return web.json_response({"error": message}, status=status)
@@ -301,8 +321,10 @@ class Worker:
         except ValueError:
             challenge = b""
         if len(challenge) != peer.CHALLENGE_BYTES:
-            return web.json_response({"error": f"{peer.CHALLENGE_HEADER} must be {peer.CHALLENGE_BYTES} "
-                                               "random bytes in hex"}, status=400)  # fmt: skip
+            return web.json_response(
+                {"error": f"{peer.CHALLENGE_HEADER} must be {peer.CHALLENGE_BYTES} random bytes in hex"},
+                status=400,
+            )
         proof = self.keys.hello_proof(self.worker_id, self.instance, challenge)
         return web.json_response({"worker_id": self.worker_id, "instance": self.instance, "proof": proof})
 
@@ -310,16 +332,30 @@ class Worker:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"worker_id": self.worker_id, "instance": self.instance,
-                                  "dropped_event_batches": self.num_dropped_event_batches})  # fmt: skip
+        return web.json_response(
+            {
+                "worker_id": self.worker_id,
+                "instance": self.instance,
+                "dropped_event_batches": self.num_dropped_event_batches,
+            }
+        )
 
     # ---- Redis ---------------------------------------------------------------------------
 
     def registration(self) -> Registration:
         manager = self.engine.manager
-        return Registration(self.worker_id, self.url, self.instance, os.getpid(), manager.config.model_id,
-                            manager.block_size, int(self.engine.vocab_size), manager.config.adapter_id,
-                            manager.pool.num_blocks, key_check(manager.hasher))  # fmt: skip
+        return Registration(
+            self.worker_id,
+            self.url,
+            self.instance,
+            os.getpid(),
+            manager.config.model_id,
+            manager.block_size,
+            int(self.engine.vocab_size),
+            manager.config.adapter_id,
+            manager.pool.num_blocks,
+            key_check(manager.hasher),
+        )
 
     def _signed_events(self, batch: list[CacheEvent], load: WorkerLoad) -> dict[str, str | bytes]:
         data = wire.encode_events([replace(e, scope=self.keys.pseudonym(e.scope)) for e in batch])
@@ -327,8 +363,14 @@ class Worker:
         self._event_seq += 1
         raw_load = load.encode()
         mac = self.keys.sign_events(self.worker_id, self.instance, seq, data, raw_load)
-        return {"worker": self.worker_id, "instance": self.instance, "seq": str(seq), "events": data,
-                "load": raw_load, "mac": mac}  # fmt: skip
+        return {
+            "worker": self.worker_id,
+            "instance": self.instance,
+            "seq": str(seq),
+            "events": data,
+            "load": raw_load,
+            "mac": mac,
+        }
 
     async def _redis_loop(self) -> None:
         """Heartbeat and event publishing; survives Redis going away and coming back."""
@@ -343,8 +385,9 @@ class Worker:
                 if time.monotonic() >= next_beat:
                     if await self._was_refused(client):
                         return
-                    await client.hset(wire.WORKERS_KEY, self.worker_id,
-                                      self.keys.sign_registration(reg, time.time()))  # fmt: skip
+                    await client.hset(
+                        wire.WORKERS_KEY, self.worker_id, self.keys.sign_registration(reg, time.time())
+                    )
                     beat = self.keys.sign_heartbeat(self.worker_id, self.instance, self._beat, time.time())
                     await client.set(wire.alive_key(self.worker_id), beat, ex=wire.ALIVE_TTL_S)
                     self._beat += 1
@@ -411,8 +454,9 @@ class Worker:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         # handler_cancellation: a dropped connection cancels its handler, which cancels the request.
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                               shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=wire.SHUTDOWN_GRACE_S
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()

@@ -85,9 +85,7 @@ def encode_header(key: TierKey, payload: memoryview, seal: Seal = CHECKSUM_SEAL)
     return head + _CHECKSUM.pack(hashing.checksum(head))
 
 
-def decode_header(
-    header: bytes | bytearray | memoryview, key: TierKey, seal: Seal = CHECKSUM_SEAL
-) -> Header:
+def decode_header(header: bytes | bytearray | memoryview, key: TierKey, seal: Seal = CHECKSUM_SEAL) -> Header:
     """Check a header against the block the reader expects; raise ``CorruptBlockError`` if it differs."""
     if len(header) < HEADER_BYTES:
         raise CorruptBlockError(f"header is {len(header)} bytes, expected {HEADER_BYTES} (truncated)")

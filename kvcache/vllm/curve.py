@@ -64,8 +64,10 @@ def _read(path: str | Path, secret: bool) -> bytes:
         if not stat.S_ISREG(mode):
             raise ConfigError(f"CURVE certificate {path} is not a regular file")
         if secret and mode & 0o077:
-            raise ConfigError(f"CURVE secret certificate {path} has mode {stat.filemode(mode)}; "
-                              "it must be readable by its owner only: chmod 600 it")  # fmt: skip
+            raise ConfigError(
+                f"CURVE secret certificate {path} has mode {stat.filemode(mode)}; "
+                "it must be readable by its owner only: chmod 600 it"
+            )
         return f.read(64 * 1024)
 
 
@@ -82,8 +84,10 @@ def read_certificate(path: str | Path, *, secret: bool) -> tuple[bytes, bytes | 
             secret_key = key
     for what, found in (("public-key", public), ("secret-key", secret_key if secret else public)):
         if found is None or len(found) != 40:
-            raise ConfigError(f"CURVE certificate {path} has no valid {what} (40 Z85 characters); "
-                              "create one with zmq.auth.create_certificates")  # fmt: skip
+            raise ConfigError(
+                f"CURVE certificate {path} has no valid {what} (40 Z85 characters); "
+                "create one with zmq.auth.create_certificates"
+            )
     assert public is not None
     return public, secret_key
 
@@ -105,8 +109,10 @@ class CurveServer:
             raise ConfigError(f"CURVE clients folder {clients_dir} is not a folder of public certificates")
         clients = frozenset(read_certificate(p, secret=False)[0] for p in sorted(folder.glob("*.key")))
         if not clients:
-            raise ConfigError(f"CURVE clients folder {clients_dir} holds no NAME.key certificate: "
-                              "no subscriber could connect")  # fmt: skip
+            raise ConfigError(
+                f"CURVE clients folder {clients_dir} holds no NAME.key certificate: "
+                "no subscriber could connect"
+            )
         return cls(public, secret_key, clients)
 
     def __repr__(self) -> str:

@@ -113,8 +113,10 @@ class RouteProxy:
         self.upstream_headers = dict(upstream_headers or {})
         self.config = config or ServeConfig()  # callers' API keys -> tenants
         if api == "kvcache" and connect_worker is None:
-            raise ConfigError("api='kvcache' needs connect_worker (serve.peer.opener): kvcache workers "
-                              "answer only a caller that checked who they are")  # fmt: skip
+            raise ConfigError(
+                "api='kvcache' needs connect_worker (serve.peer.opener): kvcache workers "
+                "answer only a caller that checked who they are"
+            )
         # kvcache workers: url -> a link to the worker there once it proved itself (``serve.peer``).
         self.connect_worker = connect_worker
         self.api = api
@@ -126,8 +128,16 @@ class RouteProxy:
         self.subscribers = []
         for w, engine in enumerate(self.engines):
             self.router.add_worker(w)
-            self.subscribers.append(EventSubscriber(str(w), self.index, engine.events, engine.replay,
-                                                    on_change=self._mirror, curve=events_curve))  # fmt: skip
+            self.subscribers.append(
+                EventSubscriber(
+                    str(w),
+                    self.index,
+                    engine.events,
+                    engine.replay,
+                    on_change=self._mirror,
+                    curve=events_curve,
+                )
+            )
         # Events are received on each subscriber's thread and applied here, on the event loop, in
         # slices of about ``max_drain_hashes`` keys per engine between requests (``_background``).
         self.max_drain_hashes = max_drain_hashes
@@ -193,8 +203,11 @@ class RouteProxy:
         if not isinstance(body, dict):
             return protocol.error_response("the body must be a JSON object", status=400)
         if self.api == "kvcache" and not _token_ids(body.get("prompt")):
-            return protocol.error_response("kvcache workers take token ids: send 'prompt' as a list of token "
-                                           "ids", status=400, param="prompt")  # fmt: skip
+            return protocol.error_response(
+                "kvcache workers take token ids: send 'prompt' as a list of token ids",
+                status=400,
+                param="prompt",
+            )
         try:
             scope = self.scope(tenant, body)
         except ValueError as exc:
@@ -299,5 +312,6 @@ class RouteProxy:
         """The app's runner, set as ``serve.front.Front.runner``'s: a client that disconnects cancels
         its handler (``handler_cancellation``), which drops the engine's stream and so stops the
         generation there; on shutdown, requests in flight get ``wire.SHUTDOWN_GRACE_S``."""
-        return web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
-                             shutdown_timeout=wire.SHUTDOWN_GRACE_S)  # fmt: skip
+        return web.AppRunner(
+            self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=wire.SHUTDOWN_GRACE_S
+        )

@@ -88,16 +88,25 @@ class EventSubscriber:
         max_gap_batches: int = DEFAULT_MAX_GAP_BATCHES,
         max_pending_batches: int = 64,
     ) -> None:
-        bounds = {"max_batch_hashes": max_batch_hashes, "max_batch_bytes": max_batch_bytes,
-                  "max_gap_batches": max_gap_batches, "max_pending_batches": max_pending_batches,
-                  "replay_timeout_ms": replay_timeout_ms}  # fmt: skip
+        bounds = {
+            "max_batch_hashes": max_batch_hashes,
+            "max_batch_bytes": max_batch_bytes,
+            "max_gap_batches": max_gap_batches,
+            "max_pending_batches": max_pending_batches,
+            "replay_timeout_ms": replay_timeout_ms,
+        }
         for name, value in bounds.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         for name, url in (("events", endpoint), ("replay", replay_endpoint)):
             if url and curve is None and not is_loopback(url):
-                log.warning("engine %s: %s endpoint %s leaves this host without CURVE: anyone on the "
-                            "path reads and can forge its KV events", engine, name, url)  # fmt: skip
+                log.warning(
+                    "engine %s: %s endpoint %s leaves this host without CURVE: anyone on the "
+                    "path reads and can forge its KV events",
+                    engine,
+                    name,
+                    url,
+                )
         self.engine = engine
         self.index = index
         self.on_change = on_change  # (engine, keys gained, keys lost), after each change
