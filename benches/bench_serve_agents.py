@@ -49,7 +49,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,9 +64,9 @@ import pytest
 
 from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
+from kvcache.lab import serving as own_server
 from kvcache.lab.workloads import TextRequest, persistent_agents
 from kvcache.model import registry as models
-from kvcache.serve import auth
 
 CONTENDERS = ("sharing", "no-sharing", "transformers")
 
@@ -115,12 +114,6 @@ class Server:
     keys: Callable[[int, int, TextRequest], str]  # (round, index in the round, request) -> API key
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def tenant_config(tenants: int, rounds: int, requests_per_round: int) -> str:
     """The ``--config`` both kvcache contenders load: a key per tenant of the workload (``sk-tenantN``)
     and a key of its own tenant for every request of rounds 0 (the warm-up) to ``rounds``
@@ -140,12 +133,12 @@ def num_blocks_for(requests: list[TextRequest], concurrency: int, block_size: in
 
 
 def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) -> dict[str, Server]:
-    env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
+    env = own_server.own_deployment_env()
     env["OMP_NUM_THREADS"] = str(args.threads)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     servers: dict[str, Server] = {}
     for name in args.contenders:
-        port = free_port()
+        port = own_server.free_port()
         log_path = Path(args.logs) / f"serve-agents-{name}.log"
         if name == "transformers":
             folder = str(models.prepare(args.model)) if args.model in models.REGISTRY else args.model
@@ -173,28 +166,17 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
             ]
             model, keys = folder, _no_key
         else:
-            cmd = [
-                *python_argv("-m", "kvcache.cli"),
-                "serve",
-                "--model",
-                args.model,
-                "--port",
-                str(port),
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-                "--dtype",
-                args.dtype,
-                "--num-blocks",
-                str(num_blocks),
-                "--config",
-                str(config_path),
-                # Long prompts queued on a loaded CPU wait minutes for their first token; the
-                # default 60 s would turn them into 504s (transformers serve has no such limit).
-                "--read-timeout",
-                "1800",
-            ]
+            # Long prompts queued on a loaded CPU wait minutes for their first token; the default
+            # 60 s read timeout would turn them into 504s (transformers serve has no such limit).
+            extra = ("--device", args.device, "--dtype", args.dtype, "--config", str(config_path))
+            cmd = own_server.serve_command(
+                model=args.model,
+                port=port,
+                workers=1,
+                threads=args.threads,
+                num_blocks=num_blocks,
+                extra=(*extra, "--read-timeout", "1800"),
+            )
             model, keys = args.model, (_tenant_key if name == "sharing" else _request_key)
         with log_path.open("wb") as log:
             # A session of its own: a server that will not stop is killed with its workers.

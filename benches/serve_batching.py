@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,46 +26,28 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
-from kvcache.serve import auth
+from kvcache.lab import serving
 
 CONFIGS = {"batched": 64, "serial": 1}
 DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"
 KEYS = ("p50_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "output_throughput", "completed", "failed")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start(
     args: argparse.Namespace, name: str, max_running: int
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
-    port = _free_port()
-    cmd = [
-        *python_argv(),
-        "-m",
-        "kvcache.cli",
-        "serve",
-        "--model",
-        args.model,
-        "--workers",
-        str(args.workers),
-        "--port",
-        str(port),
-        "--threads",
-        str(args.threads),
-        "--num-blocks",
-        str(args.num_blocks),
-        "--max-running",
-        str(max_running),
-        "--max-waiting",
-        "256",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
+    port = serving.free_port()
+    extra = ("--max-running", str(max_running), "--max-waiting", "256")
+    cmd = serving.serve_command(
+        model=args.model,
+        port=port,
+        workers=args.workers,
+        threads=args.threads,
+        num_blocks=args.num_blocks,
+        extra=extra,
+    )
+    env = serving.own_deployment_env()
     log_path = Path(args.logs) / f"serve-batching-{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -28,8 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
+from kvcache.lab import serving
 from kvcache.redis_server import start_redis
 
 DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"
@@ -41,14 +41,6 @@ CONFIGS = [
     ("round_robin", False),
     ("least_loaded", False),
 ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -116,28 +108,17 @@ def run_config(
     probe: bool,
 ) -> dict[str, Any]:
     redis = start_redis()
-    port = _free_port()
+    port = serving.free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        *python_argv(),
-        "-m",
-        "kvcache.cli",
-        "serve",
-        "--model",
-        args.model,
-        "--workers",
-        str(args.workers),
-        "--port",
-        str(port),
-        "--policy",
-        policy,
-        "--threads",
-        str(args.threads),
-        "--num-blocks",
-        str(args.num_blocks),
-        "--config",
-        str(config_path),
-    ]
+    extra = ("--policy", policy, "--config", str(config_path))
+    cmd = serving.serve_command(
+        model=args.model,
+        port=port,
+        workers=args.workers,
+        threads=args.threads,
+        num_blocks=args.num_blocks,
+        extra=extra,
+    )
     if not pod:
         cmd.append("--no-pod-tier")
     log = open(Path(args.logs) / f"serve-{policy}-{'pod' if pod else 'nopod'}.log", "wb")  # noqa: SIM115

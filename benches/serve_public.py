@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
+from kvcache.lab import serving
 from kvcache.redis_server import start_redis
 
 ADMIN_KEY = "sk-bench-admin"
@@ -153,26 +153,16 @@ def run(args: argparse.Namespace, public: bool, logs: Path, round_: int) -> dict
     config = logs / f"serve_public_{name}.toml"
     config.write_text(config_text(args.tenants, system if public else None))
     redis = start_redis()
-    port = bench_port()
+    port = serving.free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        *python_argv(),
-        "-m",
-        "kvcache.cli",
-        "serve",
-        "--model",
-        args.model,
-        "--workers",
-        str(args.workers),
-        "--threads",
-        str(args.threads),
-        "--num-blocks",
-        str(args.num_blocks),
-        "--port",
-        str(port),
-        "--config",
-        str(config),
-    ]
+    cmd = serving.serve_command(
+        model=args.model,
+        port=port,
+        workers=args.workers,
+        threads=args.threads,
+        num_blocks=args.num_blocks,
+        extra=("--config", str(config)),
+    )
     log = open(logs / f"serve_public_{name}_{round_}.log", "wb")  # noqa: SIM115
     env = {**os.environ, "KVCACHE_REDIS_URL": redis.url}  # a password: never argv
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -201,14 +191,6 @@ def run(args: argparse.Namespace, public: bool, logs: Path, round_: int) -> dict
         server.wait(timeout=60)
         log.close()
         redis.stop()
-
-
-def bench_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> int:

@@ -36,7 +36,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import numpy as np
 from kvcache.child import python_argv
 from kvcache.costs import LatencyModel
 from kvcache.lab import serve_bench as bench
+from kvcache.lab import serving
 from kvcache.lab.replay import ReplayConfig, ReplayResult, replay
 from kvcache.lab.synth import SynthConfig, synthesize
 from kvcache.lab.trace import FORMAT_TOKENS, Trace, TraceRequest
@@ -113,12 +113,6 @@ def calibrate(model: str, threads: int, out: Path, max_running: int) -> LatencyM
     return LatencyModel.from_json(out)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _warm_up(url: str, num_workers: int, vocab_size: int) -> None:
     """Two requests per worker at once, on prompts no trace request shares: every worker runs a
     forward pass before timing starts."""
@@ -142,34 +136,19 @@ def measure(
 ) -> tuple[list[bench.Result], float, float | None]:
     """Serve ``trace`` for real under ``policy``: a fresh deployment, warm-up, one pass. With
     ``probe`` (the calibrated model), first measure the serving overhead (``probe_overhead``)."""
-    port = _free_port()
+    port = serving.free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        *python_argv(),
-        "-m",
-        "kvcache.cli",
-        "serve",
-        "--model",
-        args.model,
-        "--workers",
-        str(args.workers),
-        "--port",
-        str(port),
-        "--policy",
-        policy,
-        "--latency",
-        str(latency_path),
-        "--no-pod-tier",
-        "--threads",
-        str(args.threads),
-        "--num-blocks",
-        str(args.num_blocks),
-        "--block-size",
-        str(BLOCK_SIZE),
-        "--max-running",
-        str(args.max_running),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "KVCACHE_REDIS_URL"}  # serve starts its own Redis
+    extra = ("--policy", policy, "--latency", str(latency_path), "--no-pod-tier")
+    extra += ("--block-size", str(BLOCK_SIZE), "--max-running", str(args.max_running))
+    cmd = serving.serve_command(
+        model=args.model,
+        port=port,
+        workers=args.workers,
+        threads=args.threads,
+        num_blocks=args.num_blocks,
+        extra=extra,
+    )
+    env = serving.own_deployment_env()  # serve starts its own Redis and secret
     with (log_dir / f"serve-{policy}.log").open("wb") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
