@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -215,3 +216,44 @@ def test_make_front_sets_the_read_timeout() -> None:
         read_timeout_s=600.0,
     )
     assert front.read_timeout_s == 600.0
+
+
+def _workers_of(pgid: int) -> list[int]:
+    """Pids of the ``kvcache worker`` processes in process group ``pgid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if os.getpgid(int(entry.name)) == pgid and b"worker" in cmdline and b"kvcache.cli" in cmdline:
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+    return pids
+
+
+def test_workers_stop_by_themselves_when_serve_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves ``kvcache serve`` no chance to stop its workers: they notice and stop."""
+    port = free_port()
+    cmd = python_argv(
+        "-m", "kvcache.cli", "serve", "--port", str(port), "--workers", "1", "--model", "tiny",
+        "--num-blocks", "64",
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
+    with (tmp_path / "log").open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+    try:
+        assert process.stdout is not None
+        lines = iter(process.stdout.readline, b"")
+        assert any(x.startswith(b"kvcache serving") for x in lines), (tmp_path / "log").read_text()
+        assert len(_workers_of(process.pid)) == 1
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 60  # the worker checks its parent every second, then stops
+        while _workers_of(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _workers_of(process.pid) == [], (tmp_path / "log").read_text()[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # what else serve started (its Redis)

@@ -34,7 +34,7 @@ from kvcache.child import python_argv
 from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
 from kvcache.model.tokenize import Tokenizer
-from kvcache.serve import auth
+from kvcache.serve import auth, wire
 from kvcache.serve.config import ServeConfig
 from kvcache.serve.front import READ_TIMEOUT_S, Front
 from kvcache.serve.limits import ConnectionLimits
@@ -87,8 +87,14 @@ class WorkerArgs:
 
 
 def worker_env(redis_url: str, secret: bytes) -> dict[str, str]:
-    """The environment a worker starts with: ours plus the deployment's Redis URL and secret."""
-    return {**os.environ, auth.REDIS_URL_ENV: redis_url, auth.SECRET_ENV: secret.hex()}
+    """The environment a worker starts with: ours plus the deployment's Redis URL and secret, and our
+    pid (``wire.PARENT_PID_ENV``), so a worker stops by itself if this process dies without stopping it."""
+    return {
+        **os.environ,
+        auth.REDIS_URL_ENV: redis_url,
+        auth.SECRET_ENV: secret.hex(),
+        wire.PARENT_PID_ENV: str(os.getpid()),
+    }
 
 
 @dataclass

@@ -38,6 +38,10 @@ EVENTS_STREAM = "kvcache:events"
 EVENTS_MAXLEN = 200_000  # the stream is trimmed (approximately) past this many entries
 HEARTBEAT_S = 1.0
 ALIVE_TTL_S = 4
+# Set by ``kvcache serve`` for the workers it starts: a worker whose parent is gone (killed, so it
+# could not stop them) stops by itself instead of running on unsupervised.
+PARENT_PID_ENV = "KVCACHE_PARENT_PID"
+PARENT_CHECK_S = 1.0
 SHUTDOWN_GRACE_S = 5.0  # on SIGTERM, what a request in flight gets to finish before it is cancelled
 
 

@@ -467,6 +467,21 @@ class Worker:
         return runner
 
 
+async def _stop_when_orphaned(worker: Worker, parent_pid: str | None) -> None:
+    """Stop ``worker`` once the process that started it (``parent_pid``, from ``kvcache serve``) is no
+    longer its parent: that process died without stopping it. Nothing to watch without a pid."""
+    if parent_pid is None or not parent_pid.isdigit():
+        return
+    while os.getppid() == int(parent_pid):
+        await asyncio.sleep(wire.PARENT_CHECK_S)
+    log.warning(
+        "worker %s: the kvcache serve that started it (pid %s) is gone; stopping",
+        worker.worker_id,
+        parent_pid,
+    )
+    worker.stop.set()
+
+
 async def serve_forever(worker: Worker, host: str, port: int, advertise: str | None = None) -> None:
     """Run ``worker`` until SIGINT/SIGTERM; then deregister (best effort) and stop."""
     import signal
@@ -476,7 +491,9 @@ async def serve_forever(worker: Worker, host: str, port: int, advertise: str | N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(worker, os.environ.get(wire.PARENT_PID_ENV)))
     await worker.stop.wait()
+    orphan_watch.cancel()
     if worker._redis_task is not None:
         worker._redis_task.cancel()
         await asyncio.gather(worker._redis_task, return_exceptions=True)
