@@ -558,7 +558,7 @@ class Front:
                     "url": s.reg.url,
                     "pid": s.reg.pid,
                     "instance": s.reg.instance,
-                    "indexed_blocks": len(s.indexed_blocks),
+                    "indexed_blocks": self.pool.num_indexed(wid),
                 }
                 for wid, s in self.pool.workers.items()
             }
