@@ -43,9 +43,11 @@ _PY_DECODE_MAX = 24
 # Keys the prefix walk looks up per C-level pass; it stops after the pass where the last holder
 # dropped out, so a long prompt that few blocks of match costs at most one pass more.
 _WALK_CHUNK = 64
-# 2**b for bit plane b; float64 holds every depth below 2**53 exactly.
+# 2**b for bit plane b: float32 holds every depth below 2**24 exactly, float64 below 2**53.
 _PLANE_WEIGHTS = 2.0 ** np.arange(53)
+_PLANE_WEIGHTS_F32 = _PLANE_WEIGHTS[:24].astype(np.float32)
 _PLANE_WEIGHTS.setflags(write=False)
+_PLANE_WEIGHTS_F32.setflags(write=False)
 _KEY = attrgetter("key")
 
 
@@ -300,17 +302,23 @@ class PreciseIndex:
 
         The masks are nested, so a slot's depth is the number of masks holding it, and bit b of
         the depth is the parity of how many of the masks at positions ``j * 2**b - 1`` (j >= 1)
-        hold it. XOR-ing those masks (in C) gives the plane of slots whose depth has bit b set:
-        about ``2 * len(masks)`` big-int XORs in all, and only ``log2(len(masks)) + 1`` planes to
-        unpack and weigh, however many workers match.
+        hold it: XOR-ing those masks gives the plane of slots whose depth has bit b set. Plane b
+        is plane b + 1 XOR the masks at odd multiples of ``2**b``, less one, so all the planes
+        cost ``len(masks)`` big-int XORs (in C), and numpy unpacks and weighs only
+        ``log2(len(masks)) + 1`` rows of bits, however many workers match.
         """
-        n = len(masks)
-        planes = [reduce(xor, islice(masks, (1 << b) - 1, n, 1 << b)) for b in range(n.bit_length())]
+        num_planes = len(masks).bit_length()
+        planes = [0] * num_planes
+        plane = 0
+        for b in reversed(range(num_planes)):
+            plane ^= reduce(xor, masks[(1 << b) - 1 :: 2 << b], 0)
+            planes[b] = plane
         little: Literal["little"] = "little"
         raw = b"".join(map(int.to_bytes, planes, repeat(self._num_bytes), repeat(little)))
-        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").reshape(len(planes), -1)
-        depths = (_PLANE_WEIGHTS[: len(planes)] @ bits).astype(np.int64)
-        return depths[: self.num_slots]
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").reshape(num_planes, -1)
+        weights = _PLANE_WEIGHTS_F32 if num_planes <= len(_PLANE_WEIGHTS_F32) else _PLANE_WEIGHTS
+        depths: np.ndarray = np.dot(weights[:num_planes], bits.astype(weights.dtype))  # one BLAS product
+        return depths[: self.num_slots].astype(np.int64)
 
     def overlap(self, worker_id: WorkerId, keys: Iterable[bytes]) -> int:
         """Leading ``keys`` one worker holds."""

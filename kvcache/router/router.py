@@ -322,7 +322,8 @@ class Router:
         self._sync(worker_id, load)
 
     def on_events(self, worker_id: WorkerId, events: Sequence[CacheEvent]) -> None:
-        """A worker's block stored/removed events (precise mode; ignored in approx mode)."""
+        """A worker's block stored/removed events, in order (precise mode; ignored in approx
+        mode); past the worker's capacity the index drops its least recently stored keys."""
         if worker_id not in self.loads:
             return  # a removed worker's late events
         if isinstance(self.index, PreciseIndex):
