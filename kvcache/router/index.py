@@ -41,7 +41,7 @@ from kvcache.router.policies import WorkerId
 # one numpy pass over a few bit planes is cheaper than a Python step per worker.
 _PY_DECODE_MAX = 24
 # Keys the prefix walk looks up per C-level pass; it stops after the pass where the last holder
-# dropped out, so a long prompt that few blocks of match costs at most one pass more.
+# dropped out, so a long prompt of which only the first blocks match costs one pass, not its length.
 _WALK_CHUNK = 64
 # 2**b for bit plane b: float32 holds every depth below 2**24 exactly, float64 below 2**53.
 _PLANE_WEIGHTS = 2.0 ** np.arange(53)
