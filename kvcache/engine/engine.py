@@ -226,7 +226,10 @@ class Engine:
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
             load_prefix=self._load_prefix,
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device, config.kernel_backend)
+        # the block table is the current manager's (``manager`` can be replaced between requests)
+        self.runner = ModelRunner(
+            self.model, self.pool, self.device, lambda rid: self.manager.block_ids(rid), config.kernel_backend
+        )
         self.step_records: collections.deque[StepRecord] = collections.deque(maxlen=config.max_step_records)
         self.layout = LayoutFingerprint.of_pool(self.model_id, self.pool, loaded.weights_digest)
         tiers = config.tiers
