@@ -46,7 +46,7 @@ from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence as Seq
 from kvcache.errors import ConfigError, InvalidTokensError, ModelError, RequestError, TierError
-from kvcache.kernels.dispatch import Backend, unpack_blocks
+from kvcache.kernels.dispatch import Backend
 from kvcache.model import hf
 from kvcache.model import registry as models
 from kvcache.tiers import Hierarchy, HostTier, LayoutFingerprint
@@ -592,11 +592,9 @@ class Engine:
         with self._settle_prefetch(seq.request_id, keys) as settled:
             if last <= first or not self.tiers.lookup_prefix(keys[:1]):
                 return 0
-            packed = self.tiers.load(keys, context_tokens=first * bs)  # [n, L, 2, bs, H, D]
-            n = settled.num_loaded = packed.shape[0]
+            n = self.tiers.restore(self.pool, alloc.block_ids[first:last], keys, context_tokens=first * bs)
+            settled.num_loaded = n
         if n:
-            ids = torch.tensor(alloc.block_ids[first : first + n], dtype=torch.long, device=self.device)
-            unpack_blocks(self.pool, ids, packed.to(self.device))
             self._sync()
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now
