@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from kvcache.commands import _argtypes as argtypes
+from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "run one engine worker that registers in Redis and serves the front over HTTP"
@@ -50,7 +51,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-running",
         type=argtypes.positive_int,
-        default=64,
+        default=ENGINE_MAX_NUM_SEQS,
         help="sequences in one batch (the engine's max_num_seqs)",
     )
     parser.add_argument(

@@ -40,6 +40,7 @@ from kvcache.cache.config import CacheConfig, TenantQuota
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.cache.tenancy import Scope, as_scope
+from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
@@ -88,8 +89,8 @@ class EngineConfig:
     k_anonymity: int = 1
     quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
     deployment_key: bytes | None = None  # keys block hashes (``CacheConfig.deployment_key``)
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    max_num_batched_tokens: int = ENGINE_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS
     kernel_backend: Backend = "auto"
     max_step_records: int = 100_000
     prefetch: bool | None = None

@@ -33,14 +33,15 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from kvcache.cache.manager import Allocation, BlockManager
+from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.sequence import Sequence, Status
 from kvcache.errors import CapacityError, ConfigError, QuotaError
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    max_num_batched_tokens: int = ENGINE_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs"):
