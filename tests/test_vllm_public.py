@@ -193,6 +193,14 @@ def test_a_public_block_is_removed_under_the_key_it_was_published_with() -> None
     assert stored(events) == (KEYER.keys(other, cache_salt=salt("initech")), None)
 
 
+def test_a_bridge_needs_the_deployments_public_salt() -> None:
+    manager = BlockManager(CacheConfig(num_blocks=8, block_size=BLOCK, deployment_key=KEYS.block_key))
+    other = DeploymentKeys.from_secret(new_secret())
+    for keyer in (VllmKeyer(BLOCK), VllmKeyer(BLOCK, public_salt=public_salt(other))):
+        with pytest.raises(ConfigError, match="not this deployment's public scope salt"):
+            EngineEventBridge(Captured(), keyer, manager, KEYS.pseudonym)
+
+
 # ---- the proxy -------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ import msgspec
 import zmq
 
 from kvcache.cache.lru import LRU
+from kvcache.cache.tenancy import PUBLIC_SCOPE
 from kvcache.errors import ConfigError, KVCacheError
 from kvcache.vllm.curve import CurveServer, is_loopback
 from kvcache.vllm.keys import external_key
@@ -298,6 +299,13 @@ class EngineEventBridge:
         *,
         token_ids: bool = False,
     ) -> None:
+        if keyer.public_salt != salt_of(PUBLIC_SCOPE):
+            # Checked here, not when a prefix is published: the bridge runs on the engine thread.
+            raise ConfigError(
+                f"the keyer's public_salt={keyer.public_salt!r} is not this deployment's public scope "
+                "salt; give the keyer vllm.public.public_salt(keys), the salt the engine's public "
+                "blocks are published under"
+            )
         self.publisher = publisher
         self.keyer = keyer
         self.manager = manager
