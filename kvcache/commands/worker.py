@@ -59,7 +59,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         metavar="PUB[,REPLAY]",
         help="also publish vLLM's KV event stream on these ZMQ endpoints (a bare port is on 127.0.0.1, "
         "e.g. 5557,5558), keys as vLLM's sha256_cbor with PYTHONHASHSEED 0 salted by the tenant's "
-        "keyed pseudonym; another host needs --vllm-events-curve",
+        "keyed pseudonym (a published public prefix: by the public scope's, the same for every tenant, "
+        "as `kvcache route --engine-api kvcache` keys it); another host needs --vllm-events-curve",
     )
     parser.add_argument(
         "--vllm-events-curve",
@@ -130,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
     if publisher is not None:
         from kvcache.vllm.events import EngineEventBridge
         from kvcache.vllm.keys import VllmKeyer
+        from kvcache.vllm.public import public_salt
 
-        keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
+        keyer = VllmKeyer(args.block_size, "sha256_cbor", "0", public_salt=public_salt(keys))
         worker.vllm_events = EngineEventBridge(
             publisher, keyer, engine.manager, keys.pseudonym, token_ids=args.vllm_events_token_ids
         )
