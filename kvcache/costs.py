@@ -55,6 +55,13 @@ def step_terms(num_prefill_tokens: int, attention_work: float, num_decode_seqs: 
     ]
 
 
+# The batched engine's step limits by default (``engine.EngineConfig``): defined here, below the
+# engine, so that the front (which does not import torch) prices the workers ``kvcache serve``
+# starts with the limits they run. ``LatencyModel``'s own defaults describe a modelled GPU worker.
+ENGINE_MAX_NUM_SEQS = 64
+ENGINE_MAX_NUM_BATCHED_TOKENS = 2048
+
+
 @dataclass(frozen=True, slots=True)
 class LatencyModel:
     """Latency parameters of one simulated worker (all times in milliseconds).

@@ -21,6 +21,7 @@ from kvcache.serve.config import ServeConfig
 from kvcache.vllm.events import BlockStored, EventPublisher, index_key
 from kvcache.vllm.keys import VllmKeyer
 from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
+from kvcache.vllm.public import public_salt
 
 BLOCK = 16
 
@@ -236,7 +237,7 @@ async def _workers_scenario() -> dict[str, Any]:
     from kvcache.serve.worker import Worker
     from kvcache.vllm.events import EngineEventBridge
 
-    keyer = VllmKeyer(BLOCK, "xxhash_cbor", "7")
+    keyer = VllmKeyer(BLOCK, "xxhash_cbor", "7", public_salt=public_salt(KEYS))
     workers, runners, publishers, engines = [], [], [], []
     for name in ("w0", "w1"):
         engine = PodTieredEngine.load("tiny", EngineConfig(num_blocks=64, block_size=BLOCK, seed=0))

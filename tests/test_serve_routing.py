@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvcache.costs import LatencyModel
+from kvcache.engine import EngineConfig
 from kvcache.errors import RequestError
 from kvcache.router import Router, RouteRequest
 from kvcache.serve import launch
@@ -65,5 +66,10 @@ def test_the_front_prices_workers_with_their_concurrency(tmp_path: Path) -> None
     LATENCY.to_json(path)  # as `kvcache calibrate` writes it (max_num_seqs=128 here)
     priced = launch.worker_latency(LatencyModel.from_json(path), 8)
     assert priced.max_num_seqs == 8  # the workers' --max-running, not the file's 128
+    # and the chunk budget their engines run, not the file's 8192
+    assert (LATENCY.max_batched_tokens, priced.max_batched_tokens) == (
+        8192,
+        EngineConfig().max_num_batched_tokens,
+    )
     assert (priced.prefill_ms_per_token, priced.decode_base_ms) == (0.05, 10.0)
     assert launch.worker_latency(None, 64).prefill_ms_per_token == LatencyModel().prefill_ms_per_token

@@ -24,6 +24,7 @@ from kvcache.router.index import PreciseIndex
 from kvcache.vllm.curve import CurveClient, CurveServer, is_loopback, local_endpoint
 from kvcache.vllm.events import BlockStored, EngineEventBridge, EventPublisher, decode_batch, index_key
 from kvcache.vllm.keys import VllmKeyer
+from kvcache.vllm.public import public_salt
 from kvcache.vllm.subscriber import EventSubscriber
 
 PROMPT = [911, 912, 913, 914, 915, 916, 917, 918, 919]  # two full blocks of 4
@@ -54,7 +55,7 @@ def test_bare_ports_bind_loopback_and_a_wide_bind_needs_curve() -> None:
 def _publish_as_a_worker(token_ids: bool) -> list[list[bytes]]:
     """acme's prompt through a kvcache engine's block events, as the worker publishes them; the
     frames a plain subscriber receives."""
-    keyer = VllmKeyer(block_size=4)
+    keyer = VllmKeyer(block_size=4, public_salt=public_salt(KEYS))
     manager = BlockManager(CacheConfig(num_blocks=8, block_size=4))
     endpoint = _endpoint()
     publisher = EventPublisher(endpoint)

@@ -22,6 +22,8 @@ from ``switch = xxh3_128(private_root || last_public_key, seed=1)``; the seed ke
 links and block links in separate domains. ``publish_prefix`` records a prefix's public blocks
 and ``key_prompt`` keys a prompt through them: the block manager and the server's front key
 prompts with these two functions, so the front's routing keys are the workers' block keys.
+``public_head`` is the rule for how many leading blocks are public (``kvcache route`` counts
+them with it too, then keys them in vLLM's key space).
 
 Token ids are validated and encoded once per prompt (``tokens_to_bytes``): a list through the
 native encoder (exact ints only, range-checked), an integer array through one range check and one
@@ -291,27 +293,39 @@ def publish_prefix(hasher: Hasher, raw: bytes, published: Published) -> int:
     return len(keys)
 
 
-def key_prompt(hasher: Hasher, raw: bytes, scope: str, published: Published) -> PromptKeys:
-    """Keys of every full block of the encoded prompt ``raw`` in chain scope ``scope``: its leading
-    blocks that are a published prefix (each confirmed by parent and content) in the public scope,
-    the rest in ``scope``, chained on from the last public key through ``switch``."""
+def public_head(hasher: Hasher, raw: bytes, published: Published) -> tuple[list[bytes], list[bytes]]:
+    """Keys and contents of the encoded prompt ``raw``'s public head: the longest run of its leading
+    full blocks that belong to a published prefix, each confirmed by parent and content. This is
+    the one rule for which blocks are public; whoever keys prompts in another key space (the vLLM
+    interop) counts them here."""
     width = hasher.block_size * TOKEN_BYTES
     num_full = len(raw) // width
     keys: list[bytes] = []
     contents: list[bytes] = []
+    if not published:
+        return keys, contents
+    key = hasher.root(PUBLIC_SCOPE)
+    while len(keys) < num_full:
+        start = len(keys) * width
+        content = raw[start : start + width]
+        child = link(key, content)
+        if published.get(child) != (key, content):
+            break
+        keys.append(child)
+        contents.append(content)
+        key = child
+    return keys, contents
+
+
+def key_prompt(hasher: Hasher, raw: bytes, scope: str, published: Published) -> PromptKeys:
+    """Keys of every full block of the encoded prompt ``raw`` in chain scope ``scope``: its public
+    head (``public_head``) in the public scope, the rest in ``scope``, chained on from the last
+    public key through ``switch``."""
+    width = hasher.block_size * TOKEN_BYTES
+    num_full = len(raw) // width
     private_root = hasher.root(scope)
-    root = private_root
-    if published:
-        root = key = hasher.root(PUBLIC_SCOPE)
-        while len(keys) < num_full:
-            start = len(keys) * width
-            content = raw[start : start + width]
-            child = link(key, content)
-            if published.get(child) != (key, content):
-                break
-            keys.append(child)
-            contents.append(content)
-            key = child
+    root = hasher.root(PUBLIC_SCOPE) if published else private_root
+    keys, contents = public_head(hasher, raw, published)
     num_public = len(keys)
     private_parent = switch(private_root, keys[-1]) if num_public else private_root
     more_keys, more_contents = chain_blocks(private_parent, raw[num_public * width : num_full * width], width)

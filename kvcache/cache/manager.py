@@ -16,7 +16,7 @@ requests on workers (``kvcache.router``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Container, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,6 +187,38 @@ class BlockManager:
             scope, KIND_BLOCK_IDS, num_tokens, keys, contents, raw, width, root, root, 0, b"", self._epoch
         )
 
+    def extend(self, prompt: Prompt, tokens: Tokens) -> Prompt:
+        """``prompt`` followed by ``tokens``, keyed on from where it left off: the blocks they fill
+        continue its chain in its scope, exactly as ``append`` keys a running request's blocks,
+        so a request that must be admitted again (preempted) keeps its keys and hits the blocks
+        it cached instead of hashing its whole prompt again."""
+        if prompt.kind != KIND_TOKENS:
+            raise InvalidTokensError("a prompt hashed from block ids cannot be extended by tokens")
+        if len(tokens) == 0:
+            return prompt
+        raw = hashing.tokens_to_bytes(tokens, self.config.vocab_size)
+        width = prompt.width
+        tail = prompt.tail_raw + raw
+        full = tail[: len(tail) - len(tail) % width]
+        keys, contents = prompt.keys, prompt.contents
+        if full:
+            more_keys, more_contents = hashing.chain_blocks(prompt.parent_of(len(keys)), full, width)
+            keys, contents = keys + more_keys, contents + more_contents
+        return Prompt(
+            scope=prompt.scope,
+            kind=KIND_TOKENS,
+            num_tokens=prompt.num_tokens + len(raw) // TOKEN_BYTES,
+            keys=keys,
+            contents=contents,
+            raw=prompt.raw + full,
+            width=width,
+            root=prompt.root,
+            private_parent=prompt.private_parent,
+            num_public_blocks=prompt.num_public_blocks,
+            tail_raw=tail[len(full) :],
+            epoch=prompt.epoch,
+        )
+
     def publish(self, tokens: Tokens) -> int:
         """Publish a prefix (e.g. a system prompt) to the public scope; returns its full blocks.
 
@@ -278,19 +310,19 @@ class BlockManager:
             return eviction.plan_with_quotas(self.pool, self.config, tenant, num_new, pinned)
         return eviction.plan(self.pool, num_new, pinned)
 
-    def _reusable(self, prompt: Prompt) -> list[Block]:
-        """The cached blocks ``allocate`` reuses: the visible prefix, less the last block when it
-        would cover the whole prompt and the config asks the model to produce the last logits."""
-        hits = self._match(prompt)
-        whole = len(hits) * self.block_size >= prompt.num_tokens
-        if self.config.cap_hit_to_prompt_minus_one and hits and whole:
-            hits.pop()
-        return hits
+    def _reusable(self, prompt: Prompt, matched: list[Block]) -> list[Block]:
+        """The cached blocks ``allocate`` reuses of the ``matched`` prefix: all of them, less the
+        last when it would cover the whole prompt and the config asks the model to produce the
+        last logits."""
+        whole = len(matched) * self.block_size >= prompt.num_tokens
+        if self.config.cap_hit_to_prompt_minus_one and matched and whole:
+            return matched[:-1]
+        return matched
 
     def _prepare(
         self, request_id: Hashable, prompt: Prompt | Tokens, scope: Scope | str | None
-    ) -> tuple[Prompt, list[Block], int]:
-        """Validate an allocation: the prompt, its reusable hits and how many new blocks it needs."""
+    ) -> tuple[Prompt, list[Block]]:
+        """Validate an allocation: the prompt and its matched (visible, cached) prefix."""
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use; free it first")
         prompt = self._prompt(prompt, scope)
@@ -301,15 +333,14 @@ class BlockManager:
                 f"prompt of {prompt.num_tokens} tokens needs {num_blocks} blocks of {bs}; the "
                 f"whole pool has {self.pool.num_blocks}. Raise num_blocks or shorten the prompt"
             )
-        hits = self._reusable(prompt)
-        return prompt, hits, num_blocks - len(hits)
+        return prompt, self._match(prompt)
 
     def can_allocate(self, prompt: Prompt | Tokens, scope: Scope | str | None = None) -> bool:
         prompt = self._prompt(prompt, scope)
         num_blocks = -(-prompt.num_tokens // self.block_size)
         if num_blocks > self.pool.num_blocks:
             return False
-        hits = self._reusable(prompt)
+        hits = self._reusable(prompt, self._match(prompt))
         num_new = num_blocks - len(hits)
         try:
             self._plan(prompt.scope.tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
@@ -327,10 +358,26 @@ class BlockManager:
         hook runs for every block to be evicted before anything changes; if it raises, the error
         propagates and nothing changes either.
         """
-        prompt, hits, num_new = self._prepare(request_id, prompt, scope)
-        tenant = prompt.scope.tenant
-        plan = self._plan(tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
-        return self._commit(request_id, prompt, hits, plan)
+        prompt, matched = self._prepare(request_id, prompt, scope)
+        return self._commit(request_id, prompt, *self._place(prompt, matched))
+
+    def admit(
+        self, request_id: Hashable, prompt: Prompt | Tokens, *, unwritten: Container[bytes]
+    ) -> Allocation | None:
+        """``allocate`` for a scheduler that overlaps requests, with the prefix matched once: None
+        (nothing changed) when a block of the matched prefix has a key in ``unwritten`` (cached
+        by a running request whose KV for it is not written yet), so the caller waits rather than
+        reads it. Raises as ``allocate`` does."""
+        prompt, matched = self._prepare(request_id, prompt, None)
+        if unwritten and any(b.key in unwritten for b in matched):
+            return None
+        return self._commit(request_id, prompt, *self._place(prompt, matched))
+
+    def _place(self, prompt: Prompt, matched: list[Block]) -> tuple[list[Block], list[int | None]]:
+        """The hits a prompt reuses and where its other blocks come from; raises, changing nothing."""
+        hits = self._reusable(prompt, matched)
+        num_new = -(-prompt.num_tokens // self.block_size) - len(hits)
+        return hits, self._plan(prompt.scope.tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
 
     def try_allocate(
         self, request_id: Hashable, prompt: Prompt | Tokens, scope: Scope | str | None = None
@@ -338,9 +385,9 @@ class BlockManager:
         """``allocate``, but None (nothing changed) when the blocks cannot be found now, with the
         prefix matched once. Still raises for what waiting cannot fix: a running ``request_id``,
         bad tokens, or a prompt larger than the whole pool."""
-        prompt, hits, num_new = self._prepare(request_id, prompt, scope)
+        prompt, matched = self._prepare(request_id, prompt, scope)
         try:
-            plan = self._plan(prompt.scope.tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
+            hits, plan = self._place(prompt, matched)
         except CapacityError:
             return None
         return self._commit(request_id, prompt, hits, plan)

@@ -1,6 +1,13 @@
 """``kvcache route``: an OpenAI-compatible proxy in front of vLLM engines, placing requests by
 the engines' KV event streams. Callers authenticate with the API keys of ``--config`` (the
-format ``kvcache serve`` reads)."""
+format ``kvcache serve`` reads).
+
+With ``--engine-api kvcache`` the engines are kvcache workers, and the proxy follows their
+deployment's public prefixes from its Redis (``--connect URL`` or ``KVCACHE_REDIS_URL``, as a
+worker does): a request's published head is keyed in the public scope, the same for every tenant,
+as the workers publish it (``vllm.public``); without Redis every block is keyed privately. vLLM
+engines (``--engine-api openai``) salt block 0 with the request's salt, so public prefixes do not
+apply to them."""
 
 from __future__ import annotations
 
@@ -12,9 +19,17 @@ from typing import Any
 from kvcache.commands import _argtypes as argtypes
 
 HELP = "proxy OpenAI requests to vLLM engines, routed by what their KV event streams say they cache"
+EPILOG = (
+    "Public prefixes: with --engine-api kvcache the proxy reads the deployment's published prefixes "
+    "from its Redis (--connect or KVCACHE_REDIS_URL) and keys a request's published head in the "
+    "public scope, as the workers' --vllm-events streams publish it, so every tenant's request is "
+    "routed to the workers that hold it. vLLM engines (--engine-api openai) salt block 0 with the "
+    "request's salt: public prefixes do not apply to them."
+)
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument(
         "--engine",
         action="append",
@@ -47,6 +62,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="openai: vLLM engines; kvcache: kvcache workers started with --vllm-events",
     )
     parser.add_argument(
+        "--connect",
+        metavar="URL",
+        help="with --engine-api kvcache: the deployment's Redis, redis://host:port/db, to follow its "
+        "public prefixes (no password: a URL with credentials goes in KVCACHE_REDIS_URL, the default)",
+    )
+    parser.add_argument(
         "--events-curve",
         metavar="CERT,SERVER",
         help="subscribe with ZeroMQ CURVE: this proxy's secret certificate file (owner-only) and the "
@@ -65,15 +86,23 @@ def run(args: argparse.Namespace) -> int:
 
     headers: dict[str, str] = {}
     from kvcache.cache.tenancy import Scope
+    from kvcache.errors import ConfigError
     from kvcache.vllm.keys import scope_salt
 
     cache_salt_of: Callable[[Scope], str | None] = scope_salt  # vLLM engines: the scope's salt
     connect_worker = None
+    public = None  # vLLM engines: no public head
+    salt_of_public = None
+    if args.engine_api != "kvcache" and args.connect:
+        raise ConfigError(
+            "--connect follows a kvcache deployment's public prefixes (--engine-api kvcache); vLLM "
+            "engines salt block 0 with the request's salt, so public prefixes do not apply to them"
+        )
     if args.engine_api == "kvcache":  # kvcache workers answer only their deployment's front (and us)
         import os
 
-        from kvcache.errors import ConfigError
         from kvcache.serve import auth
+        from kvcache.vllm.public import PublicHead, public_salt
 
         secret = auth.load_secret(os.environ)
         if secret is None:
@@ -93,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
         def cache_salt_of(scope: Scope) -> str | None:  # kvcache workers: the scope's keyed pseudonym
             return keys.pseudonym(scope.chain_scope)
 
+        redis_url = auth.redis_url(args.connect, os.environ)
+        if redis_url is not None:
+            auth.refuse_open_redis(redis_url)
+        salt_of_public = public_salt(keys)
+        public = PublicHead(args.block_size, keys, redis_url)
+
     curve = None
     if args.events_curve:
         from kvcache.vllm.curve import CurveClient
@@ -100,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         cert, _, server = args.events_curve.partition(",")
         curve = CurveClient.load(cert, server)
     engines = [EngineEndpoint.parse(spec) for spec in args.engine]
-    keyer = VllmKeyer(args.block_size, args.hash, args.seed)
+    keyer = VllmKeyer(args.block_size, args.hash, args.seed, public_salt=salt_of_public)
     proxy = RouteProxy(
         engines,
         keyer,
@@ -113,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         events_curve=curve,
         cache_salt_of=cache_salt_of,
         connect_worker=connect_worker,
+        public=public,
     )
     asyncio.run(_serve(proxy.runner(), host, args.port))
     return 0

@@ -7,6 +7,7 @@ import asyncio
 import os
 
 from kvcache.commands import _argtypes as argtypes
+from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
@@ -68,7 +69,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-running",
         type=argtypes.positive_int,
-        default=64,
+        default=ENGINE_MAX_NUM_SEQS,
         help="per worker: sequences in one batch (the engine's max_num_seqs)",
     )
     parser.add_argument(

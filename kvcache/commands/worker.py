@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from kvcache.commands import _argtypes as argtypes
+from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "run one engine worker that registers in Redis and serves the front over HTTP"
@@ -50,7 +51,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-running",
         type=argtypes.positive_int,
-        default=64,
+        default=ENGINE_MAX_NUM_SEQS,
         help="sequences in one batch (the engine's max_num_seqs)",
     )
     parser.add_argument(
@@ -58,7 +59,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         metavar="PUB[,REPLAY]",
         help="also publish vLLM's KV event stream on these ZMQ endpoints (a bare port is on 127.0.0.1, "
         "e.g. 5557,5558), keys as vLLM's sha256_cbor with PYTHONHASHSEED 0 salted by the tenant's "
-        "keyed pseudonym; another host needs --vllm-events-curve",
+        "keyed pseudonym (a published public prefix: by the public scope's, the same for every tenant, "
+        "as `kvcache route --engine-api kvcache` keys it); another host needs --vllm-events-curve",
     )
     parser.add_argument(
         "--vllm-events-curve",
@@ -129,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
     if publisher is not None:
         from kvcache.vllm.events import EngineEventBridge
         from kvcache.vllm.keys import VllmKeyer
+        from kvcache.vllm.public import public_salt
 
-        keyer = VllmKeyer(args.block_size, "sha256_cbor", "0")
+        keyer = VllmKeyer(args.block_size, "sha256_cbor", "0", public_salt=public_salt(keys))
         worker.vllm_events = EngineEventBridge(
             publisher, keyer, engine.manager, keys.pseudonym, token_ids=args.vllm_events_token_ids
         )

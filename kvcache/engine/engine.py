@@ -40,13 +40,14 @@ from kvcache.cache.config import CacheConfig, TenantQuota
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.cache.tenancy import Scope, as_scope
+from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence as Seq
 from kvcache.errors import ConfigError, InvalidTokensError, ModelError, RequestError, TierError
-from kvcache.kernels.dispatch import Backend, unpack_blocks
+from kvcache.kernels.dispatch import Backend
 from kvcache.model import hf
 from kvcache.model import registry as models
 from kvcache.tiers import Hierarchy, HostTier, LayoutFingerprint
@@ -88,8 +89,8 @@ class EngineConfig:
     k_anonymity: int = 1
     quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
     deployment_key: bytes | None = None  # keys block hashes (``CacheConfig.deployment_key``)
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    max_num_batched_tokens: int = ENGINE_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS
     kernel_backend: Backend = "auto"
     max_step_records: int = 100_000
     prefetch: bool | None = None
@@ -226,7 +227,10 @@ class Engine:
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
             load_prefix=self._load_prefix,
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device, config.kernel_backend)
+        # the block table is the current manager's (``manager`` can be replaced between requests)
+        self.runner = ModelRunner(
+            self.model, self.pool, self.device, lambda rid: self.manager.block_ids(rid), config.kernel_backend
+        )
         self.step_records: collections.deque[StepRecord] = collections.deque(maxlen=config.max_step_records)
         self.layout = LayoutFingerprint.of_pool(self.model_id, self.pool, loaded.weights_digest)
         tiers = config.tiers
@@ -589,11 +593,9 @@ class Engine:
         with self._settle_prefetch(seq.request_id, keys) as settled:
             if last <= first or not self.tiers.lookup_prefix(keys[:1]):
                 return 0
-            packed = self.tiers.load(keys, context_tokens=first * bs)  # [n, L, 2, bs, H, D]
-            n = settled.num_loaded = packed.shape[0]
+            n = self.tiers.restore(self.pool, alloc.block_ids[first:last], keys, context_tokens=first * bs)
+            settled.num_loaded = n
         if n:
-            ids = torch.tensor(alloc.block_ids[first : first + n], dtype=torch.long, device=self.device)
-            unpack_blocks(self.pool, ids, packed.to(self.device))
             self._sync()
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now

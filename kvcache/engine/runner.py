@@ -11,6 +11,7 @@ Not here: which tokens run (``scheduler``), which token is chosen (``sampling``)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,15 @@ class StepBatch:
 
 class ModelRunner:
     def __init__(
-        self, model: object, pool: torch.Tensor, device: torch.device, backend: Backend = "auto"
+        self,
+        model: object,
+        pool: torch.Tensor,
+        device: torch.device,
+        block_table: Callable[[Hashable], list[int]],
+        backend: Backend = "auto",
     ) -> None:
         self.model = model
+        self.block_table = block_table  # request id -> its block ids (the block manager's)
         self.pool = pool  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.device = device
         self.block_size = pool.shape[3]
@@ -56,7 +63,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             ids += seq.tokens[start : start + n]
             positions += range(start, start + n)
-            tables.append(seq.block_ids)
+            tables.append(self.block_table(seq.request_id))
             lens.append(start + n)
             qlens.append(n)
             context += start + n

@@ -33,14 +33,15 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from kvcache.cache.manager import Allocation, BlockManager
+from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.sequence import Sequence, Status
 from kvcache.errors import CapacityError, ConfigError, QuotaError
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    max_num_batched_tokens: int = ENGINE_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs"):
@@ -117,11 +118,13 @@ class Scheduler:
             self.manager.abort(seq.request_id, min(seq.num_computed_tokens, seq.num_allocated_tokens))
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        seq.block_ids, seq.num_allocated_tokens = [], 0
+        seq.num_allocated_tokens = 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self._release(seq)
-        seq.status, seq.num_computed_tokens, seq.prompt = Status.WAITING, 0, None
+        seq.status, seq.num_computed_tokens = Status.WAITING, 0
+        if seq.prompt is not None:  # keep its keys: only the blocks its outputs filled are new
+            seq.prompt = self.manager.extend(seq.prompt, seq.tokens[seq.prompt.num_tokens :])
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -164,7 +167,7 @@ class Scheduler:
         new = seq.tokens[seq.num_allocated_tokens :]
         while True:
             try:
-                seq.block_ids += self.manager.append(seq.request_id, new)
+                self.manager.append(seq.request_id, new)
                 seq.num_allocated_tokens = seq.num_tokens
                 return True
             except QuotaError as exc:
@@ -184,15 +187,13 @@ class Scheduler:
     def _admit(self, seq: Sequence, ends: dict[int, int], out: SchedulerOutput) -> bool | None:
         """True: admitted. False: must wait. None: failed (removed from the queue)."""
         manager, bs = self.manager, self.block_size
-        if seq.prompt is None:
+        if seq.prompt is None:  # a sequence queued without keys (the engine hashes at ``add``)
             seq.prompt = manager.hash(seq.tokens, seq.scope)
-        prompt = seq.prompt
-        hit_blocks = manager.lookup(prompt) // bs
-        if hit_blocks and self._pending(ends).intersection(prompt.keys[:hit_blocks]):
-            return False
         start = time.perf_counter()
         try:
-            alloc = manager.allocate(seq.request_id, prompt)
+            # matched once: a prefix block another sequence has not written by the end of this
+            # step is not read; the sequence waits for it instead
+            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(ends))
         except CapacityError as exc:
             too_big = -(-seq.num_tokens // bs) > manager.pool.num_blocks
             if not too_big and self.running:
@@ -201,6 +202,8 @@ class Scheduler:
             seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", exc
             out.failed.append(seq)
             return None
+        if alloc is None:
+            return False
         seq.timings.setdefault("lookup_s", time.perf_counter() - start)
         loaded = 0
         if self._load_prefix is not None:
@@ -213,7 +216,6 @@ class Scheduler:
                 out.failed.append(seq)
                 return None
         seq.status = Status.RUNNING
-        seq.block_ids = list(alloc.block_ids)
         seq.num_allocated_tokens = seq.num_tokens
         seq.num_computed_tokens = alloc.num_cached_tokens + loaded
         if seq.num_cached_tokens < 0:

@@ -3,7 +3,7 @@
 ``tokens`` is the prompt followed by the outputs so far. KV exists (in the pool) for the first
 ``num_computed_tokens`` of them; the scheduler moves that mark forward, the engine appends
 sampled tokens. The block manager's request of the same id holds blocks for every token whose
-KV is being or has been computed (``num_allocated_tokens``).
+KV is being or has been computed (``num_allocated_tokens``); it alone owns the block table.
 
 Not here: who runs when (``scheduler``), the model (``runner``), token choice (``sampling``).
 """
@@ -43,8 +43,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_allocated_tokens: int = 0  # tokens the manager holds blocks for (0 while waiting)
     num_cached_tokens: int = -1  # prompt tokens not recomputed at first admission; -1 before it
-    block_ids: list[int] = field(default_factory=list)
-    prompt: Prompt | None = None  # the tokens' keys, hashed at admission
+    prompt: Prompt | None = None  # the tokens' keys: hashed once, extended on preemption
     finish_reason: str | None = None  # "length", "eos", "stop", "abort", "error"
     error: BaseException | None = None
     num_preemptions: int = 0

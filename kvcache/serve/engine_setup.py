@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.errors import ConfigError
 from kvcache.serve.config import ServeConfig
 
@@ -31,7 +32,7 @@ def load_engine(
     tier_secret: bytes | None = None,
     dtype: str | None = None,
     device: str | None = None,
-    max_num_seqs: int = 64,
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS,
 ) -> tuple[Any, tuple[str, ...]]:
     import torch
 

@@ -55,6 +55,7 @@ from aiohttp import web
 
 from kvcache.cache import hashing
 from kvcache.cache.hashing import Hasher
+from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.model.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
 from kvcache.router import Router
@@ -142,7 +143,7 @@ class Front:
         served_names: tuple[str, ...] = (),
         read_timeout_s: float = READ_TIMEOUT_S,
         limits: ConnectionLimits | None = None,
-        max_running: int = 64,
+        max_running: int = ENGINE_MAX_NUM_SEQS,
     ) -> None:
         self.config = config
         self.router = router

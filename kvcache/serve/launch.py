@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from kvcache.child import python_argv
-from kvcache.costs import LatencyModel
+from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS, LatencyModel
 from kvcache.errors import ConfigError
 from kvcache.model.tokenize import Tokenizer
 from kvcache.serve import auth, wire
@@ -53,7 +53,7 @@ class WorkerArgs:
     dtype: str | None = None
     device: str | None = None
     max_waiting: int = 64
-    max_running: int = 64
+    max_running: int = ENGINE_MAX_NUM_SEQS
 
     def argv(self, worker_id: str) -> list[str]:
         argv = [
@@ -171,8 +171,11 @@ def worker_latency(latency: LatencyModel | None, max_running: int) -> LatencyMod
     """The step-cost model the front prices workers with: ``latency`` (what ``kvcache calibrate``
     fitted for the workers' model on their machine; default ``LatencyModel()``'s figures) with the
     workers' concurrency (``--max-running``, the sequences a worker's engine runs at once) as
-    ``max_num_seqs``, whatever the calibrated file says: the model must describe the workers."""
-    return dataclasses.replace(latency or LatencyModel(), max_num_seqs=max_running)
+    ``max_num_seqs`` and their engine's chunk budget as ``max_batched_tokens``, whatever the
+    calibrated file says: the model must describe the workers."""
+    return dataclasses.replace(
+        latency or LatencyModel(), max_num_seqs=max_running, max_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS
+    )
 
 
 async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event, url: str) -> str | None:
@@ -242,7 +245,7 @@ def make_front(
     served_names: tuple[str, ...] = (),
     max_prompt_tokens: int | None = None,
     latency: LatencyModel | None = None,
-    max_running: int = 64,
+    max_running: int = ENGINE_MAX_NUM_SEQS,
     limits: ConnectionLimits | None = None,
     read_timeout_s: float = READ_TIMEOUT_S,
 ) -> Front:

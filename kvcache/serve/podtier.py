@@ -72,7 +72,8 @@ class PodTieredEngine(Engine):
         start = max(seq.num_cached_tokens, 0) // bs
         end = len(prompt.keys)  # full prompt blocks, all written to the pool by now
         if end > start:
-            ids = torch.tensor(seq.block_ids[start:end], dtype=torch.long, device=self.device)
+            table = self.manager.block_ids(seq.request_id)
+            ids = torch.tensor(table[start:end], dtype=torch.long, device=self.device)
             if self._pending is None:
                 self._pending = []
             self._pending.append((list(prompt.keys[start:end]), pack_blocks(self.pool, ids)))

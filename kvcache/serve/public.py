@@ -29,7 +29,8 @@ prefix is prefilled once (one token generated, in the scope ``WARM_TENANT``, whi
 private block) so the first request of every tenant hits it. A worker that joins later reads
 the same key. Each worker acknowledges the version it applied (``wire.public_ack_key``, signed
 too), which the admin listing reports. A set that does not verify, or an older version (a replay),
-is ignored.
+is ignored: ``PublicSetReader`` reads and checks the key for workers and for ``kvcache route``
+(``vllm.public``), which keys the public blocks of kvcache workers' vLLM event streams.
 
 The front keys prompts through the same published prefixes (``hashing.key_prompt``), so its
 router sees the public blocks every worker holds.
@@ -206,6 +207,36 @@ class PublicPrefixes:
             await client.aclose()
 
 
+class PublicSetReader:
+    """Reads the deployment's signed set from Redis (``wire.PUBLIC_KEY``): the newest one that
+    verifies. Whoever follows the set (a worker's ``PublicFollower``, ``kvcache route``) reads it
+    through this, so the check is one piece of code."""
+
+    def __init__(self, keys: DeploymentKeys) -> None:
+        self.keys = keys
+        self.version = 0  # of the newest set ``read`` returned
+        self._refused: bytes | None = None
+
+    async def read(self, client: Any) -> tuple[int, list[list[int]]] | None:
+        """The set in Redis when it is newer than the last one returned, else None: absent, the same
+        version, an older one (a replay), or one that does not verify (one error line per value)."""
+        raw = await client.get(wire.PUBLIC_KEY)
+        if raw is None:
+            return None
+        opened = open_set(self.keys, raw)
+        if opened is None:
+            if raw != self._refused:
+                log.error(
+                    "ignored public prefixes in Redis that do not verify (another deployment, or forged)"
+                )
+                self._refused = raw
+            return None
+        if opened[0] <= self.version:
+            return None
+        self.version = opened[0]
+        return opened
+
+
 class PublicFollower:
     """A worker's side: applies the newest valid set from Redis (``apply`` sets and prefills it)
     in the background, so a long prefill never delays a heartbeat, and acknowledges it."""
@@ -219,9 +250,8 @@ class PublicFollower:
     ) -> None:
         self.keys, self.worker_id, self.instance, self.apply = keys, worker_id, instance, apply
         self.version = 0  # applied
-        self._seen = 0  # taken up (being applied, or failed)
+        self.reader = PublicSetReader(keys)  # its version: taken up (being applied, or failed)
         self._task: asyncio.Task[None] | None = None
-        self._refused: bytes | None = None
         self._beats = 0
 
     async def sync(self, client: Any) -> None:
@@ -229,17 +259,9 @@ class PublicFollower:
         # The front admits a worker within a poll of its first registration and drops its events
         # until then: prefilling from the second heartbeat on, the router learns the public blocks.
         self._beats += 1
-        raw = await client.get(wire.PUBLIC_KEY) if self._beats > 1 else None
-        if raw is not None and (self._task is None or self._task.done()):
-            opened = open_set(self.keys, raw)
-            if opened is None:
-                if raw != self._refused:
-                    log.error(
-                        "ignored public prefixes in Redis that do not verify (another deployment, or forged)"
-                    )
-                    self._refused = raw
-            elif opened[0] > self._seen:
-                self._seen = opened[0]
+        if self._beats > 1 and (self._task is None or self._task.done()):
+            opened = await self.reader.read(client)
+            if opened is not None:
                 self._task = asyncio.create_task(self._apply(*opened))
         ack = json.dumps({"kind": ACK_KIND, "instance": self.instance, "version": self.version})
         await client.set(

@@ -173,11 +173,15 @@ class Worker:
         for tokens in prefixes:
             rid = f"public-warm-{uuid.uuid4().hex[:12]}"
             one = SamplingParams(max_tokens=1)
+            if self.vllm_events is not None:  # the public blocks it stores go on vLLM's stream too
+                self._prompts[rid] = (tokens, Scope(WARM_TENANT))
             try:
                 async for _ in self.aengine.stream(tokens, Scope(WARM_TENANT), one, rid):
                     pass
             except KVCacheError as exc:  # published all the same: the first request computes it
                 log.warning("a public prefix of %d tokens was not prefilled: %s", len(tokens), exc)
+            finally:
+                self._prompts.pop(rid, None)
         await self.aengine.call(self._write_through)
 
     def _tier_hits(self, step: Any) -> dict[str, int]:

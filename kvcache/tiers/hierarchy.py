@@ -201,11 +201,7 @@ class Hierarchy:
         blocks after its device hit); returns how many blocks were restored."""
         if len(block_ids) != len(keys):
             raise TierError(f"{len(block_ids)} block ids for {len(keys)} keys; pass one id per key")
-        with self.lock:
-            n = self.lookup_prefix(keys)
-            if n == 0:
-                return 0
-            packed = self.load(keys[:n], context_tokens)  # [m, L, 2, block_size, kv_heads, head_dim]
+        packed = self.load(keys, context_tokens)  # [m, L, 2, block_size, kv_heads, head_dim]
         m = packed.shape[0]
         if m:
             ids = torch.tensor(list(block_ids[:m]), dtype=torch.long, device=pool.device)

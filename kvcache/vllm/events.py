@@ -1,4 +1,4 @@
-"""vLLM's KV event stream: the wire schema, the router's per-engine index, and a publisher over ZMQ.
+"""vLLM's KV event stream: the wire schema, a publisher over ZMQ, and vLLM keys as the router indexes them.
 
 vLLM (``vllm/distributed/kv_events.py``, ``--kv-events-config``) publishes msgpack-encoded
 ``KVEventBatch(ts, events, data_parallel_rank)`` on a ZMQ PUB socket as three frames
@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from kvcache.cache.tenancy import PUBLIC_SCOPE
 from kvcache.errors import ConfigError, KVCacheError
 from kvcache.vllm.curve import CurveServer, is_loopback
 from kvcache.vllm.keys import external_key
@@ -198,8 +199,13 @@ class EngineEventBridge:
     the request produced. The i-th full block of the prompt has kvcache key ``k_i`` (the
     engine's manager, the request's scope) and vLLM key ``v_i`` (``keyer``, with
     ``salt_of(scope.chain_scope)`` as ``cache_salt``); a stored ``k_i`` is published as a stored
-    ``v_i`` and remembered, so its later removal is published too. Blocks of generated tokens
-    are not published (a router keys prompts only).
+    ``v_i`` and remembered, so its later removal is published under the same key. Blocks of
+    generated tokens are not published (a router keys prompts only).
+
+    The blocks the manager keys in the public scope (a published prefix, ``Prompt.num_public_blocks``)
+    are the keyer's public head (``keyer.public_salt``): the same vLLM keys whichever tenant's
+    request stored them, while what follows them is keyed in the tenant's scope, as ``kvcache
+    route`` keys requests (``vllm.public``).
 
     ``salt_of`` is the deployment's keyed pseudonym (``serve.auth.DeploymentKeys.pseudonym``):
     no tenant name reaches the wire, and without the deployment secret nobody can compute the
@@ -216,6 +222,13 @@ class EngineEventBridge:
         *,
         token_ids: bool = False,
     ) -> None:
+        if keyer.public_salt != salt_of(PUBLIC_SCOPE):
+            # Checked here, not when a prefix is published: the bridge runs on the engine thread.
+            raise ConfigError(
+                f"the keyer's public_salt={keyer.public_salt!r} is not this deployment's public scope "
+                "salt; give the keyer vllm.public.public_salt(keys), the salt the engine's public "
+                "blocks are published under"
+            )
         self.publisher = publisher
         self.keyer = keyer
         self.manager = manager
@@ -231,8 +244,9 @@ class EngineEventBridge:
         if not events:
             return
         salt = self.salt_of(scope.chain_scope)
-        kv_keys = self.manager.hash(token_ids, scope).keys
-        v_keys = self.keyer.keys(token_ids, cache_salt=salt)
+        keyed = self.manager.hash(token_ids, scope)
+        kv_keys = keyed.keys
+        v_keys = self.keyer.keys(token_ids, cache_salt=salt, public_blocks=keyed.num_public_blocks)
         prompt = {k: (i, v) for i, (k, v) in enumerate(zip(kv_keys, v_keys, strict=False))}
         first = len(v_keys)
         stored: list[int | bytes] = []

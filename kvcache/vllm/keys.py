@@ -19,6 +19,20 @@ as the digest's low 64 bits (big-endian); ``external_key`` maps both to that int
 router's index uses it. ``scope_salt`` is the ``cache_salt`` that stands for a kvcache scope on
 vLLM's side (the proxy sends it, a kvcache worker's event bridge keys with it). kvcache's own
 keys are ``kvcache.cache.hashing``'s; this module only reproduces an external engine's key space.
+
+kvcache's extension, the public head (``public_blocks``): a kvcache worker keys a prompt's
+leading blocks that are an operator-published prefix in the public scope, shared by every tenant
+(``hashing.key_prompt``). In vLLM's key space those blocks are keyed as a prompt of their own
+salted with ``public_salt`` (on block 0), and the tenant's ``cache_salt`` moves to the extra keys
+of the first block after them, chained on from the last public key::
+
+    key[0] = H((NONE_HASH, tokens[0:bs], (public_salt,)))         blocks < public_blocks
+    key[P] = H((key[P-1], tokens[P*bs:(P+1)*bs], (cache_salt,)))  P = public_blocks
+
+so every tenant's public head has the same keys and what follows differs by tenant. With
+``public_blocks=0`` (the default) the keys are exactly vLLM's. The extension is used only between
+kvcache workers (``kvcache worker --vllm-events``) and ``kvcache route --engine-api kvcache``: a
+real vLLM engine salts block 0 with the request's salt, so public prefixes do not apply to it.
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ import cbor2
 import xxhash
 
 from kvcache.cache.tenancy import Scope
-from kvcache.errors import ConfigError
+from kvcache.errors import ConfigError, ScopeError
 
 _MASK64 = (1 << 64) - 1
 
@@ -62,9 +76,17 @@ def external_key(key: bytes | int) -> int:
 
 
 class VllmKeyer:
-    """Block keys of one engine fleet's configuration (hash function, seed, block size)."""
+    """Block keys of one engine fleet's configuration (hash function, seed, block size) and, for
+    kvcache workers, the public scope's salt (``vllm.public.public_salt``: a deployment secret's
+    pseudonym, so no tenant's salt is it)."""
 
-    def __init__(self, block_size: int = 16, hash_name: str = "sha256_cbor", seed: str = "0") -> None:
+    def __init__(
+        self,
+        block_size: int = 16,
+        hash_name: str = "sha256_cbor",
+        seed: str = "0",
+        public_salt: str | None = None,
+    ) -> None:
         if hash_name not in HASH_FUNCTIONS:
             raise ConfigError(f"hash_name={hash_name!r} is unknown; choose one of {sorted(HASH_FUNCTIONS)}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -73,29 +95,65 @@ class VllmKeyer:
             )
         if not isinstance(seed, str):
             raise ConfigError(f"seed={seed!r} must be the engines' PYTHONHASHSEED as a string")
+        if public_salt is not None and (not isinstance(public_salt, str) or not public_salt):
+            raise ConfigError(f"public_salt={public_salt!r} must be None or a non-empty string")
         self.block_size = block_size
         self.hash_name = hash_name
         self.hash = HASH_FUNCTIONS[hash_name]
         self.none_hash = self.hash(seed)
+        self.public_salt = public_salt
+
+    def _check_public(self, num_blocks: int, cache_salt: str | None, public_blocks: int) -> None:
+        if isinstance(public_blocks, bool) or not isinstance(public_blocks, int):
+            raise ConfigError(f"public_blocks={public_blocks!r} must be an integer")
+        if not 0 <= public_blocks <= num_blocks:
+            raise ConfigError(
+                f"public_blocks={public_blocks} must be in 0..{num_blocks} (the prompt's full blocks)"
+            )
+        if cache_salt is not None and cache_salt == self.public_salt:
+            raise ScopeError("cache_salt is the public scope's salt; a request is keyed in its own scope")
+        if public_blocks and self.public_salt is None:
+            raise ConfigError(
+                f"public_blocks={public_blocks} needs the keyer's public_salt (kvcache workers and "
+                "`kvcache route --engine-api kvcache` pass vllm.public.public_salt)"
+            )
+        if public_blocks and not cache_salt:
+            # Unsalted, the first private block would be keyed as the next block of a public prefix.
+            raise ScopeError(f"public_blocks={public_blocks} needs the request's cache_salt")
 
     def block_hashes(
-        self, token_ids: Sequence[int], lora_name: str | None = None, cache_salt: str | None = None
+        self,
+        token_ids: Sequence[int],
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        public_blocks: int = 0,
     ) -> list[bytes]:
-        """The digest of every full block of ``token_ids``, as the engine computes it."""
+        """The digest of every full block of ``token_ids``, as the engine computes it; the first
+        ``public_blocks`` blocks in the public scope (the module docstring)."""
         bs = self.block_size
+        num_blocks = len(token_ids) // bs
+        self._check_public(num_blocks, cache_salt, public_blocks)
+        salt_at = {public_blocks: cache_salt}  # the scope's salt: block 0, or the first after the head
+        if public_blocks:
+            salt_at[0] = self.public_salt
         parent = self.none_hash
         out = []
-        for i in range(len(token_ids) // bs):
+        for i in range(num_blocks):
             extra: list[Any] = [lora_name] if lora_name else []
-            if i == 0 and cache_salt:
-                extra.append(cache_salt)
+            salt = salt_at.get(i)
+            if salt:
+                extra.append(salt)
             block = tuple(int(t) for t in token_ids[i * bs : (i + 1) * bs])
             parent = self.hash((parent, block, tuple(extra) if extra else None))
             out.append(parent)
         return out
 
     def keys(
-        self, token_ids: Sequence[int], lora_name: str | None = None, cache_salt: str | None = None
+        self,
+        token_ids: Sequence[int],
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        public_blocks: int = 0,
     ) -> list[int]:
         """``block_hashes`` as the 64-bit ints the router indexes."""
-        return [external_key(h) for h in self.block_hashes(token_ids, lora_name, cache_salt)]
+        return [external_key(h) for h in self.block_hashes(token_ids, lora_name, cache_salt, public_blocks)]

@@ -30,21 +30,26 @@ Request ids are random (``route-`` and 96 bits), so proxies sharing an engine ne
 
 With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
 completion with token ids becomes their ``POST /generate`` and the answer an OpenAI
-``text_completion`` carrying token ids. Not here: tokenizing, retries on another engine
-(``kvcache serve``'s front does those for kvcache's own workers); which engine holds which keys
-(the router's one index, ``router.index.PreciseIndex``: the proxy keeps no copy).
+``text_completion`` carrying token ids. Given ``public`` (``vllm.public.PublicHead``, the
+deployment's published prefixes followed from its Redis), a request's public head is keyed as the
+workers' event bridges publish it: in the public scope, the same for every tenant, and the rest in
+the caller's scope (``vllm.keys``, ``public_blocks``), so a tenant's first request goes to a worker
+that holds the public prefix another tenant's request stored. vLLM engines salt block 0 with the
+request's salt, so public prefixes never apply to them (``public`` is refused with
+``api="openai"``). Not here: tokenizing, retries on another engine (``kvcache serve``'s front does
+those for kvcache's own workers); which engine holds which keys (the router's one index,
+``router.index.PreciseIndex``: the proxy keeps no copy).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import aiohttp
 from aiohttp import web
@@ -58,6 +63,7 @@ from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.vllm.curve import CurveClient
 from kvcache.vllm.events import index_key
 from kvcache.vllm.keys import VllmKeyer, scope_salt
+from kvcache.vllm.public import PublicHead
 from kvcache.vllm.subscriber import EventSubscriber
 
 _SCOPE = "vllm"
@@ -82,7 +88,19 @@ class EngineEndpoint:
 
 
 def _token_ids(prompt: Any) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and all(type(t) is int and t >= 0 for t in prompt)
+    """Whether ``prompt`` is token ids as kvcache workers take them (uint32s)."""
+    return (
+        isinstance(prompt, list) and bool(prompt) and all(type(t) is int and 0 <= t < 2**32 for t in prompt)
+    )
+
+
+def _int_list(prompt: Any) -> TypeGuard[list[int]]:
+    """Whether ``prompt`` is token ids the proxy can key (a vLLM engine takes any ints)."""
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    )
 
 
 class RouteProxy:
@@ -101,6 +119,7 @@ class RouteProxy:
         cache_salt_of: Callable[[Scope], str | None] = scope_salt,
         max_drain_hashes: int = 2048,
         connect_worker: Callable[[str], AbstractAsyncContextManager[Any]] | None = None,
+        public: PublicHead | None = None,
     ) -> None:
         if not engines:
             raise ConfigError("kvcache route needs at least one --engine")
@@ -114,6 +133,19 @@ class RouteProxy:
                 "api='kvcache' needs connect_worker (serve.peer.opener): kvcache workers "
                 "answer only a caller that checked who they are"
             )
+        if public is not None and api != "kvcache":
+            raise ConfigError(
+                "public prefixes apply to kvcache workers only (api='kvcache'): a vLLM engine salts "
+                "block 0 with the request's salt, so no block of it is shared between tenants"
+            )
+        if public is not None and keyer.public_salt is None:
+            raise ConfigError("public prefixes need a keyer with public_salt (vllm.public.public_salt)")
+        if public is not None and public.hasher.block_size != keyer.block_size:
+            raise ConfigError(
+                f"the public head counts blocks of {public.hasher.block_size} tokens, the keyer "
+                f"keys blocks of {keyer.block_size}: give both the engines' block size"
+            )
+        self.public = public
         # kvcache workers: url -> a link to the worker there once it proved itself (``serve.peer``).
         self.connect_worker = connect_worker
         self.api = api
@@ -152,20 +184,25 @@ class RouteProxy:
         shared = self.api == "kvcache" or self.config.k_anonymity == 1  # vLLM cannot gate a group
         return Scope(tenant.name, group=tenant.group if shared else None, salt=salt)
 
+    def block_keys(self, body: dict[str, Any], scope: Scope) -> list[int]:
+        """The vLLM keys of the request ``body`` in ``scope``, as its engine publishes them once it
+        caches the prompt (with ``public``: the published head in the public scope); none for a
+        prompt that is not token ids."""
+        prompt = body.get("prompt")
+        if not _int_list(prompt):
+            return []
+        model = body.get("model")
+        lora = model if isinstance(model, str) and model in self.lora_models else None
+        num_public = self.public.num_public_blocks(prompt) if self.public is not None else 0
+        return self.keyer.keys(prompt, lora, self.cache_salt_of(scope), num_public)
+
     def place(self, body: dict[str, Any], scope: Scope) -> tuple[str, int]:
         """The request id and engine for one OpenAI request body in ``scope``."""
         request_id = f"route-{uuid.uuid4().hex[:24]}"
         prompt = body.get("prompt")
-        keys: list[bytes] = []
+        keys = [index_key(k) for k in self.block_keys(body, scope)]
         num_tokens = 1
-        if (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            model = body.get("model")
-            lora = model if isinstance(model, str) and model in self.lora_models else None
-            keys = [index_key(k) for k in self.keyer.keys(prompt, lora, self.cache_salt_of(scope))]
+        if _int_list(prompt):
             num_tokens = len(prompt)
         elif isinstance(prompt, str):
             num_tokens = max(1, len(prompt) // 4)  # a length estimate for the load model only
@@ -273,11 +310,13 @@ class RouteProxy:
 
         for sub in self.subscribers:
             sub.start()
-        task = asyncio.create_task(pump())
+        tasks = [asyncio.create_task(pump())]
+        if self.public is not None:
+            tasks.append(asyncio.create_task(self.public.follow()))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.session.close()
         for sub in self.subscribers:
             sub.close()
