@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
-from itertools import accumulate, compress, groupby, islice, repeat
-from operator import and_, attrgetter, ne, xor
+from itertools import accumulate, groupby, islice, repeat
+from operator import and_, attrgetter, xor
 from typing import Literal
 
 import numpy as np
@@ -70,19 +70,31 @@ class IndexChange:
     lost: list[bytes] = field(default_factory=list)
 
 
-def _decode_layers(masks: list[int]) -> tuple[list[int], list[int]]:
-    """(slots, depths) from the nested prefix masks, bit by bit where workers drop out:
-    cheapest for a few matching workers."""
+def _walk_few(
+    keys: Sequence[bytes], first: int, get: Callable[[bytes, int], int]
+) -> tuple[list[int], list[int]]:
+    """The prefix walk for a few matching workers (the holders of ``keys[0]``, ``first``), in
+    Python: (slots, depths), decoded bit by bit at each depth where workers drop out."""
     slots: list[int] = []
     depths: list[int] = []
-    masks = [*masks, 0]  # the last holders drop out past the end
-    for i in compress(range(len(masks) - 1), map(ne, masks, islice(masks, 1, None))):
-        m = masks[i] ^ masks[i + 1]  # the slots holding exactly i + 1 leading keys
-        while m:
-            low = m & -m
+
+    def add(layer: int, depth: int) -> None:  # the slots holding exactly ``depth`` leading keys
+        while layer:
+            low = layer & -layer
             slots.append(low.bit_length() - 1)
-            depths.append(i + 1)
-            m ^= low
+            depths.append(depth)
+            layer ^= low
+
+    mask, depth = first, 1
+    for key in islice(keys, 1, None):
+        held = mask & get(key, 0)
+        if held != mask:
+            add(mask ^ held, depth)
+            if not held:
+                return slots, depths
+            mask = held
+        depth += 1
+    add(mask, depth)
     return slots, depths
 
 
@@ -255,40 +267,41 @@ class PreciseIndex:
     def overlaps(self, keys: Sequence[bytes], now_ms: float) -> dict[WorkerId, int]:
         """{worker id: leading keys held}, for the workers holding at least the first key."""
         del now_ms  # events say when a block leaves; nothing expires
-        masks = self._prefix_masks(keys)
-        if not masks:
-            return {}
-        if masks[0].bit_count() <= _PY_DECODE_MAX:
+        found = self._depths(keys)
+        if isinstance(found, tuple):
             worker_at = self._worker_at
-            return {worker_at[s]: d for s, d in zip(*_decode_layers(masks), strict=True)}
-        depths = self._decode_planes(masks)
-        slots = np.flatnonzero(depths)
-        return dict(zip(self._worker_ids[slots].tolist(), depths[slots].tolist(), strict=True))
+            return {worker_at[s]: d for s, d in zip(*found, strict=True)}
+        slots = np.flatnonzero(found)
+        return dict(zip(self._worker_ids[slots].tolist(), found[slots].tolist(), strict=True))
 
     def overlap_by_slot(self, keys: Sequence[bytes], now_ms: float) -> np.ndarray:
         """``overlaps`` as one int64 array indexed by slot (0: no prefix held, or a free slot),
         for a caller that keeps its own arrays by slot, as the router does: one gather, no
         dict per lookup."""
         del now_ms
-        masks = self._prefix_masks(keys)
-        if masks and masks[0].bit_count() > _PY_DECODE_MAX:
-            return self._decode_planes(masks)
+        found = self._depths(keys)
+        if not isinstance(found, tuple):
+            return found
         depths = np.zeros(self.num_slots, np.int64)
-        if masks:
-            slots, layer_depths = _decode_layers(masks)
-            depths[slots] = layer_depths
+        depths[found[0]] = found[1]
         return depths
 
-    def _prefix_masks(self, keys: Sequence[bytes]) -> list[int]:
-        """The prefix walk: ``masks[i]`` holds the slots holding each of ``keys[: i + 1]``
-        (nested: each a subset of the one before), up to the first empty one or the last key;
-        empty when nobody holds ``keys[0]``. The walk runs in C (``map`` over the dict,
-        ``accumulate`` of the ANDs) a chunk of keys at a time and stops after the chunk where
-        the last holder dropped out."""
+    def _depths(self, keys: Sequence[bytes]) -> tuple[list[int], list[int]] | np.ndarray:
+        """The matching workers' (slots, depths) when they are few (``_walk_few``), else every
+        slot's depth as an array (the walk in C, then bit planes)."""
         get = self.holders.get
         first = get(keys[0], 0) if keys else 0
-        if not first:
-            return []
+        if first.bit_count() <= _PY_DECODE_MAX:
+            return _walk_few(keys, first, get) if first else ([], [])
+        return self._decode_planes(self._prefix_masks(keys, first))
+
+    def _prefix_masks(self, keys: Sequence[bytes], first: int) -> list[int]:
+        """The prefix walk in C (``map`` over the dict, ``accumulate`` of the ANDs): ``masks[i]``
+        holds the slots holding each of ``keys[: i + 1]`` (``first``: those holding ``keys[0]``;
+        nested, each a subset of the one before), up to the first empty one or the last key. It
+        runs a chunk of keys at a time and stops after the chunk where the last holder dropped
+        out."""
+        get = self.holders.get
         masks = list(accumulate(map(get, keys[1:_WALK_CHUNK], repeat(0)), and_, initial=first))
         start = _WALK_CHUNK
         while masks[-1] and start < len(keys):
