@@ -18,8 +18,8 @@ import pytest
 
 from kvcache.lab import report
 from kvcache.lab.replay import ReplayConfig, prepare, replay
-from kvcache.lab.synth import SynthConfig, synthesize
 from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace, to_block_ids
+from kvcache.lab.workloads import SynthConfig, synthesize
 from kvcache.router.policies import BASELINES, POLICIES
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"

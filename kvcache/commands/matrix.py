@@ -41,7 +41,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.lab.matrix import MatrixConfig, plot, run_matrix, summary
-    from kvcache.lab.shapes import SHAPES
+    from kvcache.lab.workloads import SHAPES
     from kvcache.router.policies import POLICIES
 
     shapes = _list(str, args.shapes)

@@ -1,7 +1,7 @@
 """The routing benchmark matrix: workload shapes x worker counts x cache capacities x policies,
 each cell replayed under every policy, and the verdict on ``affinity`` in each cell.
 
-A cell's trace comes from ``shapes.generate`` (seeded), scaled with ``shapes.scale_to_load`` so
+A cell's trace comes from ``workloads.synthesize_shape`` (seeded), scaled with ``trace.scale_to_load`` so
 every worker count sees the same offered prefill load. Its size grows with the worker count so
 that a worker's pool at the smallest capacity still holds a few requests (``requests_for``),
 and a pool never holds fewer than ``MIN_POOL_REQUESTS`` mean-sized requests (the effective
@@ -29,8 +29,8 @@ from typing import Any
 from kvcache.costs import LatencyModel
 from kvcache.lab import report
 from kvcache.lab.replay import ReplayConfig, prepare, replay
-from kvcache.lab.shapes import SHAPES, ShapeConfig, generate, scale_to_load
-from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace
+from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace, scale_to_load
+from kvcache.lab.workloads import SHAPES, ShapeConfig, synthesize_shape
 from kvcache.router.policies import BASELINES, POLICIES
 
 OURS = "affinity"
@@ -68,7 +68,7 @@ class MatrixConfig:
 
 def requests_for(shape: str, num_workers: int, cfg: MatrixConfig) -> int:
     """Enough requests that a pool at the smallest fraction holds MIN_POOL_REQUESTS requests."""
-    pilot = generate(ShapeConfig(shape, cfg.min_requests, seed=cfg.seed))
+    pilot = synthesize_shape(ShapeConfig(shape, cfg.min_requests, seed=cfg.seed))
     unique_per_request = Trace(pilot, FORMAT_MOONCAKE, 512).unique_blocks() / len(pilot)
     mean_blocks = sum(len(r.block_ids or ()) for r in pilot) / len(pilot)
     need = MIN_POOL_REQUESTS * mean_blocks * num_workers / (min(cfg.fractions) * unique_per_request)
@@ -79,7 +79,7 @@ def cell_trace(shape: str, num_workers: int, cfg: MatrixConfig) -> Trace:
     if shape == "trace":
         assert cfg.trace_path is not None
         return read_trace(cfg.trace_path)
-    reqs = generate(ShapeConfig(shape, requests_for(shape, num_workers, cfg), seed=cfg.seed))
+    reqs = synthesize_shape(ShapeConfig(shape, requests_for(shape, num_workers, cfg), seed=cfg.seed))
     return Trace(scale_to_load(reqs, num_workers, cfg.load), FORMAT_MOONCAKE, 512)
 
 
