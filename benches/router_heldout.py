@@ -29,12 +29,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvcache.lab.matrix import MatrixConfig, run_cell, verdict
+from kvcache.lab import report
+from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks, run_cell, verdict
+from kvcache.lab.replay import ReplayConfig, prepare, replay
 from kvcache.router.policies import (
     BASELINES,
     POLICIES,
     Policy,
+    RoutingInput,
+    WorkerId,
     make_affinity,
+    make_affinity_decode,
     make_affinity_output,
     make_affinity_softmax,
     make_bounded_hash,
@@ -57,6 +62,9 @@ CANDIDATES: dict[str, Callable[[], Policy]] = {
     "affinity_softmax (temperature 0.25)": lambda: make_affinity_softmax(0.5, 0.25),
     "affinity_softmax (temperature 1)": lambda: make_affinity_softmax(0.5, 1.0),
     "affinity_output": make_affinity_output,
+    "affinity_decode (decode weight 1, slack 0.5)": lambda: make_affinity_decode(1.0, 0.5),
+    "affinity_decode (decode weight 1, slack 2)": lambda: make_affinity_decode(1.0, 2.0),
+    "affinity_decode (decode weight 0.25, slack 1)": lambda: make_affinity_decode(0.25, 1.0),
 }
 
 
@@ -126,6 +134,70 @@ def table(verdicts: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Cells where affinity misses at small per-worker pools (docs/router.md "Why the default loses
+# at small per-worker pools"): (shape, workers, fraction).
+SMALL_POOLS = (("bursty", 16, 0.05), ("bursty", 64, 0.05), ("rag", 16, 0.05), ("fleet", 4, 0.05))
+
+
+def stays(shape: str, num_workers: int, fraction: float, policy: str, trace: str | None) -> dict[str, Any]:
+    """One replay of a matrix cell under ``policy``, recording each decision: of the requests
+    whose prefix some worker holds, the share sent elsewhere ("moved") and the share of their
+    prompt tokens that move leaves behind; with the replay's hit rate and TTFT percentiles."""
+    cfg = MatrixConfig(trace_path=trace)
+    tr = cell_trace(shape, num_workers, cfg)
+    assert tr.block_tokens is not None
+    prompts = prepare(tr, tr.block_tokens)
+    mean_blocks = sum(len(p.keys) for p in prompts) / len(prompts)
+    capacity = pool_blocks(fraction, tr.unique_blocks(), num_workers, mean_blocks)
+    inner, decisions = POLICIES[policy], []
+
+    def recorded(inp: RoutingInput) -> WorkerId:
+        chosen = inner(inp)
+        cols = inp.columns()
+        at = cols.worker_id.tolist().index(chosen)
+        decisions.append((int(cols.overlap_blocks.max()), int(cols.overlap_blocks[at]), inp.num_tokens))
+        return chosen
+
+    POLICIES["stays_recorded"] = recorded  # this process's registry only
+    result = replay(tr, ReplayConfig(num_workers, capacity, "stays_recorded", seed=cfg.seed), prompts=prompts)
+    m = report.metrics(result)
+    reusable = [d for d in decisions if d[0] > 0]
+    moved = [d for d in reusable if d[1] < d[0]]
+    block = tr.block_tokens
+    return {
+        "shape": shape,
+        "num_workers": num_workers,
+        "fraction": fraction,
+        "capacity_blocks": capacity,
+        "policy": policy,
+        "reusable_share": len(reusable) / len(decisions),
+        "moved_share": len(moved) / max(1, len(reusable)),
+        "left_behind_share": sum(min(n, (b - c) * block) for b, c, n in moved)
+        / max(1, sum(n for _, _, n in reusable)),
+        "token_hit_rate": m["token_hit_rate"],
+        "median_ttft_ms": m["median_ttft_ms"],
+        "p99_ttft_ms": m["p99_ttft_ms"],
+    }
+
+
+def stays_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per cell and policy: requests with a reusable prefix, the share moved off it, the prompt
+    tokens those moves leave behind, hit rate and TTFT."""
+    lines = [
+        "| cell (blocks per worker) | policy | prefix held somewhere | moved off it "
+        "| prompt tokens left behind | token hit | median TTFT ms | p99 TTFT ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} {r['num_workers']} x {r['fraction']:.0%} ({r['capacity_blocks']}) "
+            f"| {r['policy']} | "
+            f"{r['reusable_share']:.0%} | {r['moved_share']:.0%} | {r['left_behind_share']:.0%} | "
+            f"{r['token_hit_rate']:.1%} | {r['median_ttft_ms']:,.0f} | {r['p99_ttft_ms']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -135,6 +207,11 @@ def main() -> None:
     parser.add_argument("--trace", required=True, help="the Mooncake trace (a held-out shape)")
     parser.add_argument("--workers", default="4,16,64", help="comma list of worker counts")
     parser.add_argument("--json", default=None, help="write every cell's verdict per variant here")
+    parser.add_argument(
+        "--stays",
+        action="store_true",
+        help="also measure how often affinity and lpm_balanced leave a held prefix (SMALL_POOLS)",
+    )
     args = parser.parse_args()
     workers = tuple(int(w) for w in args.workers.split(","))
     started = time.perf_counter()
@@ -145,6 +222,12 @@ def main() -> None:
     print(f"chosen on the tuning shapes: {chosen}; held out: {', '.join(HELD_OUT)}", flush=True)
     held = judge(list(dict.fromkeys([DEFAULT, chosen])), HELD_OUT, workers, args.trace)
     print(table(held), end="")
+    stays_rows = []
+    if args.stays:
+        stays_rows = [
+            stays(*cell, p, args.trace) for cell in SMALL_POOLS for p in ("affinity", "lpm_balanced")
+        ]
+        print(stays_table(stays_rows), end="")
     wall_s = time.perf_counter() - started
     print(f"{wall_s / 60:.1f} min wall, one process; load average {_load()}")
     if args.json:
@@ -157,6 +240,7 @@ def main() -> None:
             "chosen": chosen,
             "tuning": tuning,
             "held_out": held,
+            "stays": stays_rows,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)

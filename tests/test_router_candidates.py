@@ -16,6 +16,7 @@ from kvcache.router.policies import (
     POLICIES,
     RoutingInput,
     WorkerView,
+    make_affinity_decode,
     make_affinity_output,
     make_affinity_softmax,
     make_bounded_hash,
@@ -47,7 +48,14 @@ def inp(
 
 
 def test_candidates_are_registered() -> None:
-    for name in ("exploit_explore", "bounded_hash", "dynamo_band", "affinity_softmax", "affinity_output"):
+    for name in (
+        "exploit_explore",
+        "bounded_hash",
+        "dynamo_band",
+        "affinity_softmax",
+        "affinity_output",
+        "affinity_decode",
+    ):
         assert name in POLICIES
 
 
@@ -145,6 +153,17 @@ def test_affinity_output_counts_the_answer_in_the_memory_wait() -> None:
     # with the answer: worker 0 waits 8 x 50 s x 32/40, worker 1 8 x 50 s x 24/40; the gap (80 s)
     # is far outside the band (half a 512-token prefill), so the worker that holds less wins
     assert policy(make(513)) == 1
+
+
+def test_affinity_decode_prices_held_decode_blocks_as_prefill_time() -> None:
+    policy = make_affinity_decode(1.0, 0.5)
+    # 64 tokens: a full prefill is 5 + 64 x 0.08 (+ context) ~ 10.1 ms, the band half of it.
+    # Worker 0 caches 2 of 4 blocks (prefill ~7.6 ms); each block its requests hold costs
+    # 16 x 0.08 = 1.28 ms more.
+    assert policy(inp([view(0, overlap=2, blocks=2), view(1)])) == 0  # 7.6 + 2.6 within the band: the match
+    assert policy(inp([view(0, overlap=2, blocks=100), view(1)])) == 1  # 7.6 + 128 ms
+    assert POLICIES["affinity"](inp([view(0, overlap=2, blocks=100), view(1)])) == 0  # affinity ignores them
+    assert make_affinity_decode(0.01, 0.5)(inp([view(0, overlap=2, blocks=100), view(1)])) == 0
 
 
 def test_the_router_hands_policies_the_request_keys_and_output() -> None:

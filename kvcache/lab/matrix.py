@@ -83,6 +83,14 @@ def cell_trace(shape: str, num_workers: int, cfg: MatrixConfig) -> Trace:
     return Trace(scale_to_load(reqs, num_workers, cfg.load), FORMAT_MOONCAKE, 512)
 
 
+def pool_blocks(fraction: float, unique_blocks: int, num_workers: int, mean_request_blocks: float) -> int:
+    """A worker's pool in a cell: ``fraction`` of the trace's unique blocks over the workers,
+    never under ``MIN_POOL_REQUESTS`` mean-sized requests."""
+    return max(
+        int(fraction * unique_blocks / num_workers), math.ceil(MIN_POOL_REQUESTS * mean_request_blocks)
+    )
+
+
 def run_cell(args: tuple[str, int, MatrixConfig]) -> list[dict[str, Any]]:
     """Every fraction x policy on one (shape, workers) trace; rows carry their cell's keys."""
     shape, num_workers, cfg = args
@@ -94,7 +102,7 @@ def run_cell(args: tuple[str, int, MatrixConfig]) -> list[dict[str, Any]]:
     mean_blocks = sum(len(p.keys) for p in prompts) / len(prompts)
     rows = []
     for fraction in cfg.fractions:
-        capacity = max(int(fraction * unique / num_workers), math.ceil(MIN_POOL_REQUESTS * mean_blocks))
+        capacity = pool_blocks(fraction, unique, num_workers, mean_blocks)
         for policy in cfg.policies:
             result = replay(
                 trace, ReplayConfig(num_workers, capacity, policy, seed=cfg.seed), prompts=prompts
