@@ -13,7 +13,12 @@ the same seven baselines, at every worker count x 5%, 10% and 30% capacity. Each
 in for ``affinity`` in the verdict, so candidates never set each other's bars. Prints the load
 average before and after, one Markdown table per half (cells passing each check, median hit /
 bar, median p99 / best baseline) and, with ``--json``, every cell's verdict per variant
-(docs/router_heldout.json). Replays are deterministic; one process.
+(docs/router_heldout.json). ``--stays`` also replays the small-pool cells of ``SMALL_POOLS``
+under affinity and lpm_balanced, recording how often each leaves the worker that holds a
+request's prefix. Replays are deterministic; one process.
+
+The candidate list grew once: the ``affinity_decode`` variants were added after a first run had
+chosen ``dynamo_band`` and shown its held-out result, so the held-out half has been seen twice.
 
 Not here: the candidates themselves (``kvcache.router.policies``), the verdict and the cells
 (``kvcache.lab.matrix``).

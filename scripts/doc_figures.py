@@ -439,7 +439,7 @@ def fleet_table() -> str:
             cells = [c for c in payload["cells"] if (c["shape"], c["num_workers"]) == (shape, workers)]
             hits = []
             for c in cells:
-                rows = {r["policy"]: r for r in payload["results"] if _same_cell(r, c)}
+                rows = {r["policy"]: r for r in payload["results"] if same_cell(r, c)}
                 hits.append(rows["affinity"]["token_hit_rate"] / max(rows["dynamo"]["token_hit_rate"], 1e-9))
             worst = max(cells, key=lambda c: c["p99_ratio"])
             lines.append(
@@ -459,7 +459,7 @@ def fleet_counts() -> dict[str, Any]:
     }
 
 
-def _same_cell(row: dict[str, Any], cell: dict[str, Any]) -> bool:
+def same_cell(row: dict[str, Any], cell: dict[str, Any]) -> bool:
     return all(row[k] == cell[k] for k in ("shape", "num_workers", "fraction"))
 
 

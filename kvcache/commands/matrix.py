@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.lab.matrix import MatrixConfig, plot, run_matrix, summary
     from kvcache.lab.shapes import SHAPES
-    from kvcache.router.policies import POLICIES
+    from kvcache.router.policies import COMPARED, POLICIES
 
     shapes = _list(str, args.shapes)
-    policies = MatrixConfig().policies if args.policy == "all" else _list(str, args.policy)
+    policies = COMPARED if args.policy == "all" else _list(str, args.policy)
     for name in shapes:
         if name not in SHAPES:
             raise ConfigError(f"--shapes {name!r} is unknown; choose from {', '.join(SHAPES)}")

@@ -31,7 +31,7 @@ from kvcache.lab import report
 from kvcache.lab.replay import ReplayConfig, prepare, replay
 from kvcache.lab.shapes import SHAPES, ShapeConfig, generate, scale_to_load
 from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace
-from kvcache.router.policies import BASELINES, POLICIES
+from kvcache.router.policies import BASELINES, COMPARED, POLICIES
 
 OURS = "affinity"
 MIN_POOL_REQUESTS = 2
@@ -58,7 +58,7 @@ class MatrixConfig:
     shapes: tuple[str, ...] = SHAPES
     workers: tuple[int, ...] = (4, 16, 64)
     fractions: tuple[float, ...] = (0.05, 0.1, 0.3)
-    policies: tuple[str, ...] = (*BASELINES, OURS)  # other registered policies only by name
+    policies: tuple[str, ...] = COMPARED  # other registered policies only by name
     load: float = 0.5
     min_requests: int = 1000
     max_requests: int = 2500

@@ -516,3 +516,6 @@ POLICIES: dict[str, Policy] = {
     "affinity_decode": make_affinity_decode(),
 }
 BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang", "lpm_balanced")
+# The baselines and the default: what "all" means on the command line (``kvcache replay``,
+# ``kvcache matrix``); the candidates are replayed only by name.
+COMPARED = (*BASELINES, "affinity")
