@@ -20,3 +20,10 @@ def test_verdict() -> None:
     v = verdict(rows)
     assert v["dominated_by"] == ["sglang"] and not v["pareto"] and not v["hit_bar"] and not v["p99_bar"]
     assert v["p99_ratio"] == pytest.approx(1000.0 / 900.0)
+
+
+def test_verdict_ignores_policies_that_are_not_baselines() -> None:
+    """A candidate replayed in the cell (``kvcache matrix --policy``) sets neither bar."""
+    rows = [_row("lpm", 0.40, 9000.0), _row("sglang", 0.30, 1100.0), _row("affinity", 0.29, 1000.0)]
+    with_candidate = [*rows, _row("dynamo_band", 0.50, 500.0)]
+    assert verdict(with_candidate) == verdict(rows)

@@ -289,6 +289,8 @@ class Router:
             self.rng,
             self.capacity_blocks,
             self.mean_service_ms,
+            request.output_tokens,
+            request.block_keys,
         )
         worker_id = self.policy(inp)
         if worker_id not in self._pos:
