@@ -155,9 +155,7 @@ REFERENCES: dict[str, Policy] = {
 
 small = st.integers(0, 6)
 views_strategy = st.lists(
-    st.tuples(
-        small, small, st.integers(0, 80), st.integers(0, 3).map(lambda n: n * 16), small, small, small
-    ),
+    st.tuples(small, small, st.integers(0, 80), st.integers(0, 3).map(lambda n: n * 16), small, small, small),
     min_size=1,
     max_size=12,
 )

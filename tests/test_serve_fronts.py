@@ -44,7 +44,11 @@ WORKERS = ("w0", "w1")
     ("env", "args", "needle"),
     [
         ({}, (), "give that deployment's Redis with --redis URL"),
-        ({auth.REDIS_URL_ENV: "redis://127.0.0.1:1/0"}, (), "give it the deployment's secret in KVCACHE_SECRET"),
+        (
+            {auth.REDIS_URL_ENV: "redis://127.0.0.1:1/0"},
+            (),
+            "give it the deployment's secret in KVCACHE_SECRET",
+        ),
         (
             {auth.REDIS_URL_ENV: "redis://127.0.0.1:1/0", auth.SECRET_ENV: "ab" * 32},
             ("--threads", "2", "--no-pod-tier"),

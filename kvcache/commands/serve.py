@@ -69,7 +69,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
     )
     parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
-    parser.add_argument("--threads", type=int, default=WORKER_FLAGS["threads"], help="torch threads per worker")
+    parser.add_argument(
+        "--threads", type=int, default=WORKER_FLAGS["threads"], help="torch threads per worker"
+    )
     parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
     parser.add_argument(
         "--max-waiting",
@@ -220,7 +222,11 @@ def _check_front_only(args: argparse.Namespace, redis_url: str | None, secret: b
             f"--workers 0 starts a front only: give it the deployment's secret in {auth.SECRET_ENV} or "
             f"{auth.SECRET_FILE_ENV}, as its workers have it (with another secret no worker would verify)"
         )
-    given = [f"--{dest.replace('_', '-')}" for dest, default in WORKER_FLAGS.items() if getattr(args, dest) != default]
+    given = [
+        f"--{dest.replace('_', '-')}"
+        for dest, default in WORKER_FLAGS.items()
+        if getattr(args, dest) != default
+    ]
     if given:
         raise ConfigError(
             f"{', '.join(given)} configure the workers this command starts, and --workers 0 starts none: "

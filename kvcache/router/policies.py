@@ -311,10 +311,10 @@ def make_affinity(
       routed-to-finished time the router observes online. Queues of long prompts in small
       pools wait for memory, not for compute, and a prefill estimate alone misses it;
     - ``prefill_ms(new, cached, in_flight)``: this request's own prefill of the tokens the worker
-      lacks, slowed by the decode batch it shares steps with (the requests in flight there); ``recompute_weight`` > 0 would
-      also charge the delay recomputation imposes on later requests (0 by default: in the
-      benchmark matrix any positive weight bought hits in long-context cells with a
-      collapsed tail).
+      lacks, slowed by the decode batch it shares steps with (the requests in flight there);
+      ``recompute_weight`` > 0 would also charge the delay recomputation imposes on later
+      requests (0 by default: in the benchmark matrix any positive weight bought hits in
+      long-context cells with a collapsed tail).
 
     Then locality: among the workers whose cost is within ``locality_slack`` x the request's
     full (uncached) prefill time of the lowest, the one holding the longest prefix wins

@@ -18,10 +18,11 @@ Two background loops keep the router current:
   read of the registrations) and hands each batch to ``router.on_events``, so a front that
   joins a running deployment learns what the current workers hold from their earlier batches
   (as far as the trimmed stream goes back). Each front reads the whole stream by itself
-  (``XREAD``, no consumer group that would split it): every front sees every batch; the load a batch carries (``wire.WorkerLoad``: running and
-  waiting requests, KV usage) is kept per worker, exported as gauges and given to the router
-  (``observe_load``). Batches from an instance that is not the current one are
-  dropped, so a dead worker's late events cannot resurrect blocks it no longer has.
+  (``XREAD``, no consumer group that would split it): every front sees every batch. The load
+  a batch carries (``wire.WorkerLoad``: running and waiting requests, KV usage) is kept per
+  worker, exported as gauges and given to the router (``observe_load``). Batches from an
+  instance that is not the current one are dropped, so a dead worker's late events cannot
+  resurrect blocks it no longer has.
 
 Redis is not trusted (see docs/serve.md, "Threat model"): a registration joins only with a valid
 MAC from a worker of this deployment, signed within ``auth.REGISTRATION_MAX_AGE_S``, and only if

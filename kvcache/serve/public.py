@@ -190,6 +190,20 @@ class PublicPrefixes:
         body = json.dumps({"kind": SET_KIND, "version": self.version, "prefixes": self.token_lists()})
         return self.keys.sign_notice(body)
 
+    def applied_by(self, raw_ack: bytes | None, instance: str) -> bool:
+        """Whether a worker's acknowledgement says its ``instance`` applied the current version."""
+        notice = self.keys.open_notice(raw_ack) if raw_ack is not None else None
+        try:
+            ack = json.loads(notice) if notice is not None else None
+        except ValueError:
+            return False
+        return (
+            isinstance(ack, dict)
+            and ack.get("kind") == ACK_KIND
+            and ack.get("instance") == instance
+            and ack.get("version") == self.version
+        )
+
     def _rebase(self, version: int, token_lists: list[list[int]]) -> None:
         """Take in another front's newer set (``version``, ``token_lists``): it replaces ours, then
         the changes made here since ``_base`` apply to it again. Only when that changes the set
