@@ -13,8 +13,8 @@ the request go out, with that instance's credential, **on the same connection**:
 session holds one connection and never sends on another, so there is no moment at which the
 request could reach another listener. A listener that answers wrongly, closes the connection
 first, or does not answer within ``HELLO_TIMEOUT_S``, raises :class:`UnprovenWorker` (a
-connection error: the front counts that
-worker as failed and retries elsewhere) and has received no prompt, tenant name or credential.
+connection error: the front counts that worker as failed and retries elsewhere) and has received
+no prompt, tenant name or credential.
 
 A proven connection stays proven while it lives, so :class:`LinkPool` keeps links between
 requests (the role of an HTTP client's connection pool), per worker instance. When a kept
