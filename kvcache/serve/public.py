@@ -32,15 +32,15 @@ writes its set where Redis lacks it (a change, a flushed or restarted Redis, an 
 a conditional write (``WATCH``/``MULTI``: a front never overwrites a set it has not read) and a
 version above the stored one: the version in Redis never goes back and never flips between two
 fronts' sets. Fronts started with different configs serve the union of their configs' prefixes;
-give every front the same config. Each worker reads the
-key on its heartbeats from the second on (so the front has admitted it and indexes the blocks
-the prefill stores): a newer, valid set replaces the engine's published prefixes and each
-prefix is prefilled once (one token generated, in the scope ``WARM_TENANT``, which creates no
-private block) so the first request of every tenant hits it. A worker that joins later reads
-the same key. Each worker acknowledges the version it applied (``wire.public_ack_key``, signed
-too), which the admin listing reports. A set that does not verify, or an older version (a replay),
-is ignored: ``PublicSetReader`` reads and checks the key for workers and for ``kvcache route``
-(``vllm.public``), which keys the public blocks of kvcache workers' vLLM event streams.
+give every front the same config. Each worker reads the key on its heartbeats from the second on
+(so the front has admitted it and indexes the blocks the prefill stores): a newer, valid set
+replaces the engine's published prefixes and each prefix is prefilled once (one token generated,
+in the scope ``WARM_TENANT``, which creates no private block) so the first request of every
+tenant hits it. A worker that joins later reads the same key. Each worker acknowledges the version
+it applied (``wire.public_ack_key``, signed too), which the admin listing reports. A set that does
+not verify, or an older version (a replay), is ignored: ``PublicSetReader`` reads and checks the
+key for workers and for ``kvcache route`` (``vllm.public``), which keys the public blocks of
+kvcache workers' vLLM event streams.
 
 The front keys prompts through the same published prefixes (``hashing.key_prompt``), so its
 router sees the public blocks every worker holds.
