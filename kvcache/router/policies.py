@@ -3,7 +3,10 @@ worker id, chosen by name from ``POLICIES``.
 
 A policy sees a ``RoutingInput`` (the request's size and one ``WorkerView`` per live worker,
 with what the router believes: prefix overlap in blocks, active requests and blocks, prefill
-work routed there and not yet done) and returns one of the views' worker ids. Ties break
+work routed there and not yet done, the worker's own report of its requests) and returns one of
+the views' worker ids. Load-aware policies count a worker's requests as ``in_flight_requests``,
+the router's own count floored by the worker's report (requests other fronts placed count;
+without reports, as in a replay, it is the router's count). Ties break
 through the seeded ``rng`` in the input, never towards the lowest id, so idle workers share
 load. Nothing here keeps state; the router owns the index and the load accounting.
 
@@ -51,6 +54,14 @@ class WorkerView:
     held_blocks: int = 0  # distinct full blocks those requests use (shared prefixes counted once)
     reported_requests: int = 0  # running + waiting as the worker last reported (lags; all fronts')
 
+    @property
+    def in_flight_requests(self) -> int:
+        """The requests the worker is believed to hold, what load-aware policies price: this
+        router's own count, floored by the worker's last report, so requests another front (or
+        anyone else) placed there count too. A floor, not a sum: a request this router routed is
+        in both figures once the worker reports it."""
+        return max(self.active_requests, self.reported_requests)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerColumns:
@@ -96,6 +107,11 @@ class WorkerColumns:
             int(self.held_blocks[i]),
             int(self.reported_requests[i]),
         )
+
+    def in_flight_requests(self) -> np.ndarray:
+        """``WorkerView.in_flight_requests`` of every worker."""
+        floored: np.ndarray = np.maximum(self.active_requests, self.reported_requests)
+        return floored
 
 
 class WorkerViews(Sequence[WorkerView]):
@@ -191,9 +207,9 @@ def random_choice(inp: RoutingInput) -> WorkerId:
 
 
 def least_loaded(inp: RoutingInput) -> WorkerId:
-    """Fewest active requests, then least pending prefill; ignores cache."""
+    """Fewest requests in flight, then least pending prefill; ignores cache."""
     cols = inp.columns()
-    return argmin_columns(inp, cols, cols.active_requests, cols.pending_prefill_tokens)
+    return argmin_columns(inp, cols, cols.in_flight_requests(), cols.pending_prefill_tokens)
 
 
 def lpm(inp: RoutingInput) -> WorkerId:
@@ -239,7 +255,7 @@ def make_sglang(
     Source: sgl-project/sglang, the sgl-router cache-aware policy (``cache_aware.rs``, router
     README for the thresholds; recent releases default ``cache_threshold`` to 0.3, older ones
     to 0.5): the system is imbalanced when ``max_load - min_load > balance_abs_threshold`` and
-    ``max_load > min_load x balance_rel_threshold`` (load = running requests); then the least
+    ``max_load > min_load x balance_rel_threshold`` (load = requests in flight); then the least
     loaded worker wins. Otherwise the worker with the highest prefix match ratio wins if that
     ratio exceeds ``cache_threshold``, else the least loaded (the gateway's own fallback picks
     the worker with the smallest cache tree; load is the fallback this project specifies).
@@ -247,7 +263,7 @@ def make_sglang(
 
     def sglang(inp: RoutingInput) -> WorkerId:
         cols = inp.columns()
-        loads = cols.active_requests
+        loads = cols.in_flight_requests()
         hi, lo = int(loads.max()), int(loads.min())
         if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
             return argmin_columns(inp, cols, loads)
@@ -275,7 +291,7 @@ def make_lpm_balanced(balance_abs_threshold: int = 32, balance_rel_threshold: fl
 
     def lpm_balanced(inp: RoutingInput) -> WorkerId:
         cols = inp.columns()
-        loads = cols.active_requests
+        loads = cols.in_flight_requests()
         hi, lo = int(loads.max()), int(loads.min())
         if hi - lo > balance_abs_threshold and hi > lo * balance_rel_threshold:
             return argmin_columns(inp, cols, loads)
@@ -302,7 +318,7 @@ def ttft_cost_column(
     # cost per worker, the operations of prefill_ms/compute_ms in their order (new >= 1)
     new = inp.new_tokens_column(cols)
     cached = inp.num_tokens - new
-    running = np.minimum(cols.active_requests, slots - 1)
+    running = np.minimum(cols.in_flight_requests(), slots - 1)
     steps = -(-new // lat.max_batched_tokens)
     compute = (
         new * lat.prefill_ms_per_token + new * (cached + new / 2) * lat.prefill_ms_per_token_per_ctx_token
@@ -346,11 +362,11 @@ def make_affinity(
       mean_service_ms x excess / capacity_blocks``, where ``mean_service_ms`` is the
       routed-to-finished time the router observes online. Queues of long prompts in small
       pools wait for memory, not for compute, and a prefill estimate alone misses it;
-    - ``prefill_ms(new, cached, active)``: this request's own prefill of the tokens the worker
-      lacks, slowed by the decode batch it shares steps with; ``recompute_weight`` > 0 would
-      also charge the delay recomputation imposes on later requests (0 by default: in the
-      benchmark matrix any positive weight bought hits in long-context cells with a
-      collapsed tail).
+    - ``prefill_ms(new, cached, in_flight)``: this request's own prefill of the tokens the worker
+      lacks, slowed by the decode batch it shares steps with (the requests in flight there);
+      ``recompute_weight`` > 0 would also charge the delay recomputation imposes on later
+      requests (0 by default: in the benchmark matrix any positive weight bought hits in
+      long-context cells with a collapsed tail).
 
     Then locality: among the workers whose cost is within ``locality_slack`` x the request's
     full (uncached) prefill time of the lowest, the one holding the longest prefix wins
@@ -406,7 +422,7 @@ def make_bounded_hash(load_factor: float = 1.25, key_blocks: int = 1) -> Policy:
     requests use their last full block, and one with no full block goes to the least loaded
     worker. Each worker ranks by ``checksum(key || repr(worker_id))`` (rendezvous hashing: every
     key gets its own order of all workers, which adding or removing a worker changes only
-    where it stood). The first worker in that order whose active requests, counting this one,
+    where it stood). The first worker in that order whose in-flight requests, counting this one,
     stay within ``ceil(load_factor x (total active + 1) / workers)`` wins: a full home spills
     to the key's next worker. Ignores overlap and queues; deterministic, no tie-break needed.
     """
@@ -416,11 +432,11 @@ def make_bounded_hash(load_factor: float = 1.25, key_blocks: int = 1) -> Policy:
     def bounded_hash(inp: RoutingInput) -> WorkerId:
         cols = inp.columns()
         if not inp.block_keys:
-            return argmin_columns(inp, cols, cols.active_requests, cols.pending_prefill_tokens)
+            return argmin_columns(inp, cols, cols.in_flight_requests(), cols.pending_prefill_tokens)
         key = inp.block_keys[min(key_blocks, len(inp.block_keys)) - 1]
         ids = cols.worker_id.tolist()
         rank = np.array([checksum(key + repr(w).encode()) for w in ids], dtype=np.uint64)
-        loads = cols.active_requests
+        loads = cols.in_flight_requests()
         cap = math.ceil(load_factor * (int(loads.sum()) + 1) / len(ids))
         order = np.argsort(rank, kind="stable")[::-1]  # highest rank first
         fits = order[loads[order] + 1 <= cap]

@@ -551,19 +551,23 @@ class Front:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def debug_workers(self, request: web.Request) -> web.Response:
+        """Each worker's address and what this front believes of it: the blocks its router indexes,
+        the requests it routed there and has not seen finish (``active_requests``) and the running
+        and waiting ones the worker last reported, every front's (``reported_requests``)."""
         if request.remote not in ("127.0.0.1", "::1"):  # internal addresses: operators on the host only
             return self._error(403, "/debug/workers answers loopback clients only")
-        return web.json_response(
-            {
-                wid: {
-                    "url": s.reg.url,
-                    "pid": s.reg.pid,
-                    "instance": s.reg.instance,
-                    "indexed_blocks": len(s.indexed_blocks),
-                }
-                for wid, s in self.pool.workers.items()
+        out = {}
+        for wid, s in self.pool.workers.items():
+            active, reported = self.router.request_counts(wid)
+            out[wid] = {
+                "url": s.reg.url,
+                "pid": s.reg.pid,
+                "instance": s.reg.instance,
+                "indexed_blocks": len(s.indexed_blocks),
+                "active_requests": active,
+                "reported_requests": reported,
             }
-        )
+        return web.json_response(out)
 
     # ---- lifecycle -----------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ and only when the proof verifies (``auth.DeploymentKeys.check_hello``: the insta
 from the deployment secret, the worker id and the instance id, so nothing else can answer) does
 the request go out, with that instance's credential, **on the same connection**: a link's
 session holds one connection and never sends on another, so there is no moment at which the
-request could reach another listener. A listener that answers wrongly, or not at all within
-``HELLO_TIMEOUT_S``, raises :class:`UnprovenWorker` (a connection error: the front counts that
-worker as failed and retries elsewhere) and has received no prompt, tenant name or credential.
+request could reach another listener. A listener that answers wrongly, closes the connection
+first, or does not answer within ``HELLO_TIMEOUT_S``, raises :class:`UnprovenWorker` (a
+connection error: the front counts that worker as failed and retries elsewhere) and has received
+no prompt, tenant name or credential.
 
 A proven connection stays proven while it lives, so :class:`LinkPool` keeps links between
 requests (the role of an HTTP client's connection pool), per worker instance. When a kept
@@ -111,6 +112,9 @@ class WorkerLink:
         except AuthError as exc:
             await self.close()
             raise UnprovenWorker(f"{self.url}: {exc}") from None
+        except _Unproven as exc:  # closed before answering, and aiohttp tried a second connection
+            await self.close()
+            raise UnprovenWorker(f"{self.url} closed the connection before answering the challenge") from exc
         except BaseException:
             await self.close()
             raise
