@@ -42,7 +42,7 @@ import json
 import secrets
 import time
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -88,7 +88,7 @@ def refusal_detail(status: int, text: str) -> str:
 
 async def generate(
     link: WorkerLink, request: wire.GenerateRequest | bytes
-) -> AsyncIterator[wire.GenerateLine]:
+) -> AsyncGenerator[wire.GenerateLine, None]:
     """The worker's answer to ``request`` (or its encoding), line by line, ending with the
     ``done`` line. ``WorkerRefused`` for a refusal (before the first token or in-band after some),
     ``aiohttp.ClientPayloadError`` for a malformed line or a stream that ends before ``done``."""
