@@ -8,12 +8,12 @@ import asyncio
 import os
 
 from kvcache.commands import _argtypes as argtypes
-from kvcache.costs import ENGINE_MAX_NUM_SEQS
+from kvcache.commands._engine_flags import add_engine_flags, given_flags
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
-# Flags of the workers this command starts (dest -> default): a front only (--workers 0) refuses them.
-WORKER_FLAGS = {"threads": 1, "dtype": None, "device": None, "no_pod_tier": False, "max_waiting": 64}
+# Flags of the workers this command starts: a front only (--workers 0) refuses them when given.
+WORKER_FLAGS = ("threads", "dtype", "device", "no_pod_tier", "max_waiting")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -56,34 +56,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "affinity prices workers with; default: LatencyModel's built-in figures",
     )
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
-    parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
-    parser.add_argument("--block-size", type=int, default=16)
+    add_engine_flags(parser, of_workers=True)
     parser.add_argument(
         "--max-prompt-tokens",
         type=int,
         help="longest prompt accepted (default: a worker's pool, num-blocks x block-size)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
-    )
-    parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
-    parser.add_argument(
-        "--threads", type=int, default=WORKER_FLAGS["threads"], help="torch threads per worker"
-    )
-    parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
-    parser.add_argument(
-        "--max-waiting",
-        type=argtypes.non_negative_int,
-        default=WORKER_FLAGS["max_waiting"],
-        help="per worker: requests waiting for their first token before it answers 503",
-    )
-    parser.add_argument(
-        "--max-running",
-        type=argtypes.positive_int,
-        default=ENGINE_MAX_NUM_SEQS,
-        help="per worker: sequences in one batch (the engine's max_num_seqs)",
     )
     parser.add_argument(
         "--header-timeout",
@@ -222,11 +199,7 @@ def _check_front_only(args: argparse.Namespace, redis_url: str | None, secret: b
             f"--workers 0 starts a front only: give it the deployment's secret in {auth.SECRET_ENV} or "
             f"{auth.SECRET_FILE_ENV}, as its workers have it (with another secret no worker would verify)"
         )
-    given = [
-        f"--{dest.replace('_', '-')}"
-        for dest, default in WORKER_FLAGS.items()
-        if getattr(args, dest) != default
-    ]
+    given = given_flags(args, WORKER_FLAGS)
     if given:
         raise ConfigError(
             f"{', '.join(given)} configure the workers this command starts, and --workers 0 starts none: "
