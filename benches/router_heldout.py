@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvcache.lab import report
-from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks, run_cell, verdict
+from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks, run_cell, verdict, verdicts_table
 from kvcache.lab.replay import ReplayConfig, prepare, replay
 from kvcache.router.policies import (
     BASELINES,
@@ -123,20 +123,7 @@ def choose(verdicts: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
-def table(verdicts: dict[str, list[dict[str, Any]]]) -> str:
-    """Per variant: cells passing each check, median hit / bar and median p99 / best baseline."""
-    lines = [
-        "| variant | passing | Pareto | hit bar | p99 bar | median hit / bar | median p99 / best baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, vs in verdicts.items():
-        lines.append(
-            f"| {label} | {sum(v['ok'] for v in vs)}/{len(vs)} | {sum(v['pareto'] for v in vs)} | "
-            f"{sum(v['hit_bar'] for v in vs)} | {sum(v['p99_bar'] for v in vs)} | "
-            f"{statistics.median(v['hit_ratio'] for v in vs):.3f} | "
-            f"{statistics.median(v['p99_ratio'] for v in vs):.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+table = verdicts_table  # the one formatter, kvcache.lab.matrix
 
 
 # Cells where affinity misses at small per-worker pools (docs/router.md "Why the default loses

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcache.lab.matrix import verdicts_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "figures.json"
 MATRIX = ROOT / "docs" / "router_matrix.json"
@@ -407,12 +409,7 @@ def ablation() -> dict[str, Any]:
 
 
 def ablation_table() -> str:
-    spec = importlib.util.spec_from_file_location("router_ablation", ROOT / "benches" / "router_ablation.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("router_ablation", module)
-    spec.loader.exec_module(module)
-    return module.table(ablation()["verdicts"])  # type: ignore[no-any-return]
+    return verdicts_table(ablation()["verdicts"])
 
 
 def ablation_counts(label_start: str) -> dict[str, int]:
@@ -479,7 +476,7 @@ def heldout(fleet: bool = False) -> dict[str, Any]:
 
 def heldout_table(half: str, fleet: bool = False) -> str:
     """The table of one half ("tuning" or "held_out") of a held-out run."""
-    return _heldout_module().table(heldout(fleet)[half])  # type: ignore[no-any-return]
+    return verdicts_table(heldout(fleet)[half])
 
 
 def heldout_counts(half: str, label_start: str, fleet: bool = False) -> dict[str, Any]:

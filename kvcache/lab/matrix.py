@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,23 @@ def verdict(rows: Sequence[dict[str, Any]], ours: str = OURS) -> dict[str, Any]:
         "best_baseline_p99_policy": best_base_p99["policy"],
         "ok": not dominators and hit_ratio >= HIT_SHARE and p99_ratio <= P99_SLACK,
     }
+
+
+def verdicts_table(verdicts: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: per variant (a policy or a configuration of one), the cells passing each check of
+    ``verdict``, the median hit / bar and the median p99 / best baseline."""
+    lines = [
+        "| variant | passing | Pareto | hit bar | p99 bar | median hit / bar | median p99 / best baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, vs in verdicts.items():
+        lines.append(
+            f"| {label} | {sum(v['ok'] for v in vs)}/{len(vs)} | {sum(v['pareto'] for v in vs)} | "
+            f"{sum(v['hit_bar'] for v in vs)} | {sum(v['p99_bar'] for v in vs)} | "
+            f"{statistics.median(v['hit_ratio'] for v in vs):.3f} | "
+            f"{statistics.median(v['p99_ratio'] for v in vs):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run_matrix(cfg: MatrixConfig, jobs: int = 1) -> dict[str, Any]:
