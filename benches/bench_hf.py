@@ -4,8 +4,9 @@ For each prompt length and hit fraction, in one run:
 
 - ``baseline_uncached``: the bare model prefills the whole prompt (what a server without a prefix
   cache does);
-- ``hand``: the bare minimum of reuse written by hand with torch: one copy of the prefix KV from a
-  contiguous store into a cache object, then the model on the suffix only;
+- ``hand``: the bare minimum of reuse written by hand with transformers: one copy
+  (``copy.deepcopy``) of the prefix's ``DynamicCache`` kept in memory, then the model on the suffix
+  only;
 - ``engine``: ``Engine.generate(max_new_tokens=1)`` through the block manager: hash, lookup and
   allocate, one gather from the paged pool, cache construction, model on the suffix, scatter of the
   new blocks, release. Its TTFT is split into engine overhead and model time (``PrefillTimings``).
@@ -25,6 +26,7 @@ BENCH_HF_ROUNDS=5 python benches/bench_hf.py`` (prompts are random token ids of 
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import statistics
@@ -96,7 +98,7 @@ def baseline_uncached(benchmark: Any, length: int, hit: float) -> None:
 
     @torch.inference_mode()
     def run() -> int:
-        token = int(hf.forward(eng.model, ids, hf.new_cache(None), 0)[0].argmax())
+        token = int(hf.forward(eng.model, ids, hf.new_cache(), 0)[0].argmax())
         sync()
         return token
 
@@ -109,14 +111,14 @@ def hand_restore(benchmark: Any, length: int, hit: float) -> None:
     eng, tokens = engine(), prompt(length)
     num_cached = cached_tokens(length, hit)
     with torch.inference_mode():
-        full = hf.new_cache(None)
-        hf.forward(eng.model, torch.tensor([tokens[:num_cached] or tokens[:1]], device=eng.device), full, 0)
-        store = hf.read_cache(full, 0, num_cached).contiguous()  # [L, 2, H, num_cached, D]
+        store = hf.new_cache()  # the prefix's cache, kept in memory
+        if num_cached:
+            hf.forward(eng.model, torch.tensor([tokens[:num_cached]], device=eng.device), store, 0)
     suffix = torch.tensor([tokens[num_cached:]], device=eng.device)
 
     @torch.inference_mode()
     def run() -> int:
-        cache = hf.new_cache(store.clone()) if num_cached else hf.new_cache(None)  # the restore: one copy
+        cache = copy.deepcopy(store)  # the restore: one copy of the prefix's K and V
         token = int(hf.forward(eng.model, suffix, cache, num_cached)[0].argmax())
         sync()
         return token

@@ -4,8 +4,8 @@ Each group is one operation on one workload; it holds three measurements of the 
 
 - ``baseline_clone``: ``clone`` of a contiguous tensor as large as the blocks moved (the device's
   copy bandwidth, the ceiling for any gather);
-- ``torch_index``: the bare torch primitive (``index_select`` for reads, ``index_copy_`` for writes,
-  both for a pool-to-pool copy) without the layout change the operation also does;
+- ``torch_index``: the bare torch primitive (``index_select`` for reads, ``index_copy_`` for writes)
+  without the layout change the operation also does;
 - ``ours``: the operation through :mod:`kvcache.kernels` (Triton on CUDA, the reference on CPU),
   given block ids on the CPU as the block manager hands them out. On CUDA the reference is measured
   too, as ``reference``.
@@ -34,14 +34,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvcache.kernels.dispatch import (
-    copy_blocks,
-    gather_kv,
-    pack_blocks,
-    scatter_kv,
-    select_backend,
-    unpack_blocks,
-)
+from kvcache.kernels.dispatch import pack_blocks, select_backend, unpack_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16
@@ -71,7 +64,7 @@ if DEVICE.type == "cuda":
 else:
     WORKLOADS = (Workload("0.5b-shape 128 blocks", 24, 2, 64, num_blocks=256, num_moved=128),)
 
-OPS = ("gather_kv", "scatter_kv", "pack_blocks", "unpack_blocks", "copy_blocks")
+OPS = ("pack_blocks", "unpack_blocks")
 IMPLS = ("baseline_clone", "torch_index", "ours") + (("reference",) if DEVICE.type == "cuda" else ())
 
 
@@ -89,9 +82,7 @@ def _make_call(op: str, impl: str, w: Workload) -> Callable[[], object]:
     ids_cpu = torch.randperm(w.num_blocks, generator=gen)[: w.num_moved]
     ids = ids_cpu.to(DEVICE)
     picked = pool.index_select(2, ids)  # [L, 2, n, bs, H, D]
-    dense = gather_kv(pool, ids, backend="reference")  # [L, 2, H, n * bs, D]
     packed = pack_blocks(pool, ids, backend="reference")  # [n, L, 2, bs, H, D]
-    tier = torch.zeros_like(pool) if op == "copy_blocks" else pool  # a second pool: no overlap
     backend = "reference" if impl == "reference" else "auto"
 
     if impl == "baseline_clone":
@@ -99,18 +90,12 @@ def _make_call(op: str, impl: str, w: Workload) -> Callable[[], object]:
         return flat.clone
     if impl == "torch_index":
         return {
-            "gather_kv": lambda: pool.index_select(2, ids),
             "pack_blocks": lambda: pool.index_select(2, ids),
-            "scatter_kv": lambda: pool.index_copy_(2, ids, picked),
             "unpack_blocks": lambda: pool.index_copy_(2, ids, picked),
-            "copy_blocks": lambda: tier.index_copy_(2, ids, pool.index_select(2, ids)),
         }[op]
     return {
-        "gather_kv": lambda: gather_kv(pool, ids_cpu, backend=backend),
         "pack_blocks": lambda: pack_blocks(pool, ids_cpu, backend=backend),
-        "scatter_kv": lambda: scatter_kv(pool, ids_cpu, dense, backend=backend),
         "unpack_blocks": lambda: unpack_blocks(pool, ids_cpu, packed, backend=backend),
-        "copy_blocks": lambda: copy_blocks(pool, ids_cpu, tier, ids_cpu, backend=backend),
     }[op]
 
 

@@ -18,9 +18,9 @@ import pytest
 
 from kvcache.lab import report
 from kvcache.lab.replay import ReplayConfig, prepare, replay
-from kvcache.lab.synth import SynthConfig, synthesize
 from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace, to_block_ids
-from kvcache.router.policies import BASELINES, POLICIES
+from kvcache.lab.workloads import SynthConfig, synthesize
+from kvcache.router.policies import BASELINES, COMPARED
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
@@ -56,11 +56,11 @@ def test_replay(benchmark: Any, trace: Trace, policy: str) -> None:
 @pytest.mark.benchmark(group="policy all, 16 workers x 10% of unique blocks")
 def test_policy_all(benchmark: Any, trace: Trace) -> None:
     cap = capacity(trace)
-    benchmark.extra_info["requests"] = len(trace.requests) * len(POLICIES)
+    benchmark.extra_info["requests"] = len(trace.requests) * len(COMPARED)
 
     def run_all() -> dict[str, dict[str, Any]]:
         prompts = prepare(trace, 512)
-        return {p: report.metrics(replay(trace, ReplayConfig(16, cap, p), prompts=prompts)) for p in POLICIES}
+        return {p: report.metrics(replay(trace, ReplayConfig(16, cap, p), prompts=prompts)) for p in COMPARED}
 
     rows = benchmark.pedantic(run_all, rounds=1, iterations=1)
     print("\n" + report.table(list(rows.values())))

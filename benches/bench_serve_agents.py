@@ -65,7 +65,8 @@ import pytest
 from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
 from kvcache.lab import serving as own_server
-from kvcache.lab.workloads import TextRequest, persistent_agents
+from kvcache.lab.trace import TraceRequest, prompt_text
+from kvcache.lab.workloads import persistent_agents
 from kvcache.model import registry as models
 
 CONTENDERS = ("sharing", "no-sharing", "transformers")
@@ -82,7 +83,7 @@ class Shape:
     answer_words: int
     max_tokens: int
 
-    def requests(self, seed: int) -> list[TextRequest]:
+    def requests(self, seed: int) -> list[TraceRequest]:
         return persistent_agents(
             num_tenants=self.tenants,
             sessions_per_tenant=self.sessions,
@@ -111,7 +112,7 @@ class Server:
     model: str  # what requests send as ``model``
     process: subprocess.Popen[bytes]
     log_path: Path
-    keys: Callable[[int, int, TextRequest], str]  # (round, index in the round, request) -> API key
+    keys: Callable[[int, int, TraceRequest], str]  # (round, index in the round, request) -> API key
 
 
 def tenant_config(tenants: int, rounds: int, requests_per_round: int) -> str:
@@ -124,10 +125,10 @@ def tenant_config(tenants: int, rounds: int, requests_per_round: int) -> str:
     return "".join(lines)
 
 
-def num_blocks_for(requests: list[TextRequest], concurrency: int, block_size: int = 16) -> int:
+def num_blocks_for(requests: list[TraceRequest], concurrency: int, block_size: int = 16) -> int:
     """A pool that holds ``concurrency`` of the longest prompts twice over (a prompt is at most one
     token per 3 characters), in multiples of 1024 blocks, at least serve's default 1024."""
-    longest = max(len(r.prompt) // 3 + r.output_tokens for r in requests)
+    longest = max(len(prompt_text(r)) // 3 + r.output_tokens for r in requests)
     blocks = 2 * concurrency * longest // block_size
     return max(1024, -(-blocks // 1024) * 1024)
 
@@ -187,15 +188,15 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
     return servers
 
 
-def _no_key(round_: int, index: int, req: TextRequest) -> str:
+def _no_key(round_: int, index: int, req: TraceRequest) -> str:
     return "none"
 
 
-def _tenant_key(round_: int, index: int, req: TextRequest) -> str:
+def _tenant_key(round_: int, index: int, req: TraceRequest) -> str:
     return f"sk-{req.tenant}"
 
 
-def _request_key(round_: int, index: int, req: TextRequest) -> str:
+def _request_key(round_: int, index: int, req: TraceRequest) -> str:
     return f"sk-r{round_}-{index}"
 
 
@@ -232,7 +233,7 @@ def stop_servers(servers: dict[str, Server]) -> None:
         server.process.wait()
 
 
-async def one_request(client: Any, model: str, req: TextRequest) -> tuple[bench.Result, bool]:
+async def one_request(client: Any, model: str, req: TraceRequest) -> tuple[bench.Result, bool]:
     """One streamed completion; the result and whether the server reported ``cached_tokens``."""
     result = bench.Result(ok=False)
     reported = False
@@ -240,7 +241,7 @@ async def one_request(client: Any, model: str, req: TextRequest) -> tuple[bench.
     try:
         stream = await client.completions.create(
             model=model,
-            prompt=req.prompt,
+            prompt=prompt_text(req),
             max_tokens=req.output_tokens,
             temperature=0.0,
             stream=True,
@@ -269,7 +270,7 @@ async def one_request(client: Any, model: str, req: TextRequest) -> tuple[bench.
 
 
 async def run_round(
-    server: Server, requests: list[TextRequest], round_: int, concurrency: int
+    server: Server, requests: list[TraceRequest], round_: int, concurrency: int
 ) -> tuple[list[bench.Result], float, bool]:
     """The requests in order through ``concurrency`` closed-loop clients; the results (in request
     order), the wall time from the first send to the last answer, and whether cached tokens were

@@ -65,7 +65,7 @@ def chat_work(salted_fraction: float = 0.0) -> Work:
     work: Work = []
     for i, r in enumerate(reqs):
         name = f"{r.tenant}#salt{i}" if salted[i] else r.tenant
-        work.append((r.tokens, Scope(name), name))
+        work.append((list(r.tokens or ()), Scope(name), name))
     return work
 
 

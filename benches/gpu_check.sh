@@ -59,7 +59,7 @@ if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory // 2**30, "GiB")
 else:
     print("device: no CUDA, dry run on", os.cpu_count(), "CPUs")
-from kvcache.kernels import select_backend
+from kvcache.kernels.dispatch import select_backend
 print("auto backend for cuda:0 ->", select_backend(torch.device("cuda", 0)))
 EOF
 cat "$OUT/env.txt"

@@ -12,6 +12,7 @@ machine's load average is printed before and after. The side-by-side against vLL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import statistics
@@ -107,14 +108,14 @@ def main() -> None:
         vocab_size=bench_manager.VOCAB,
         seed=0,
     )
-    salted = [type(r)(f"{r.tenant}/{i}", r.session, r.tokens, r.output_tokens) for i, r in enumerate(chat)]
+    salted = [dataclasses.replace(r, tenant=f"{r.tenant}/{i}") for i, r in enumerate(chat)]
     report(
         "replay 384 chat requests, 8 in flight; baseline no reuse",
         lambda: bench_manager.replay(bench_manager.fresh_manager(16_384), salted),
         lambda: bench_manager.replay(bench_manager.fresh_manager(16_384), chat),
         1,
         runs,
-        sum(len(r.tokens) for r in chat),
+        sum(r.num_tokens for r in chat),
     )
     for frac in (0.5, 1.0):
         n = 32_768

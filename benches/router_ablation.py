@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 from typing import Any
 
-from kvcache.lab.matrix import MatrixConfig, run_cell, verdict
+from kvcache.lab.matrix import MatrixConfig, run_cell, verdict, verdicts_table
 from kvcache.router.policies import BASELINES, POLICIES, make_affinity
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -77,20 +76,7 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def table(verdicts: dict[str, list[dict[str, Any]]]) -> str:
-    """The Markdown table: per variant, cells passing each check, median hit / bar and p99 ratio."""
-    lines = [
-        "| variant | passing | Pareto | hit bar | p99 bar | median hit / bar | median p99 / best baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, vs in verdicts.items():
-        lines.append(
-            f"| {label} | {sum(v['ok'] for v in vs)}/{len(vs)} | {sum(v['pareto'] for v in vs)} | "
-            f"{sum(v['hit_bar'] for v in vs)} | {sum(v['p99_bar'] for v in vs)} | "
-            f"{statistics.median(v['hit_ratio'] for v in vs):.3f} | "
-            f"{statistics.median(v['p99_ratio'] for v in vs):.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+table = verdicts_table  # the one formatter, kvcache.lab.matrix
 
 
 if __name__ == "__main__":

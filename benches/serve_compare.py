@@ -30,6 +30,7 @@ from typing import Any
 
 from kvcache.lab import serve_bench as bench
 from kvcache.lab import serving
+from kvcache.lab.trace import TraceRequest, token_request
 from kvcache.redis_server import start_redis
 
 DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"
@@ -82,11 +83,11 @@ async def _isolation_probe(url: str, num_probes: int, prompt_tokens: int) -> dic
             fresh = [rng.randrange(1, 256) for _ in range(prompt_tokens)]
             a = {"Authorization": "Bearer sk-tenant0"}
             b = {"Authorization": "Bearer sk-tenant1"}
-            await bench._one(session, url, bench.TraceRequest(secret, 1), a)
+            await bench._one(session, url, token_request(secret, 1), a)
             await asyncio.sleep(0.3)  # the router learns tenant0's blocks
-            r_probe = await bench._one(session, url, bench.TraceRequest(secret, 1), b)
-            r_miss = await bench._one(session, url, bench.TraceRequest(fresh, 1), b)
-            r_hit = await bench._one(session, url, bench.TraceRequest(secret, 1), a)
+            r_probe = await bench._one(session, url, token_request(secret, 1), b)
+            r_miss = await bench._one(session, url, token_request(fresh, 1), b)
+            r_hit = await bench._one(session, url, token_request(secret, 1), a)
             assert r_probe.cached_tokens == 0, "isolation broken: tenant1 hit tenant0's blocks"
             probe.append(r_probe.ttft_s * 1e3)
             miss.append(r_miss.ttft_s * 1e3)
@@ -102,7 +103,7 @@ def run_config(
     args: argparse.Namespace,
     policy: str,
     pod: bool,
-    trace: list[bench.TraceRequest],
+    trace: list[TraceRequest],
     keys: dict[str, str],
     config_path: Path,
     probe: bool,

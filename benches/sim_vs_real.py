@@ -4,7 +4,7 @@
     .venv/bin/python benches/sim_vs_real.py --runs 5              # medians of 5 runs
     .venv/bin/python benches/sim_vs_real.py --model smollm2-135m --requests 96 --load 0.5
 
-1. A multi-turn chat trace with one shared system prompt (``router.synth``, the generator behind
+1. A multi-turn chat trace with one shared system prompt (``lab.workloads.synthesize``, the generator behind
    ``kvcache trace --workload chat --format tokens``), token ids below ``--vocab-size`` so the real
    server takes them as they are.
 2. ``kvcache calibrate`` on this machine and model (unless ``--latency FILE``): the latency model.
@@ -50,8 +50,8 @@ from kvcache.costs import LatencyModel
 from kvcache.lab import serve_bench as bench
 from kvcache.lab import serving
 from kvcache.lab.replay import ReplayConfig, ReplayResult, replay
-from kvcache.lab.synth import SynthConfig, synthesize
-from kvcache.lab.trace import FORMAT_TOKENS, Trace, TraceRequest
+from kvcache.lab.trace import FORMAT_TOKENS, Trace, TraceRequest, token_request
+from kvcache.lab.workloads import SynthConfig, synthesize
 from kvcache.serve import launch
 
 POLICIES = ("round_robin", "least_loaded", "sglang", "affinity")
@@ -122,7 +122,7 @@ async def _warm_up(url: str, num_workers: int, vocab_size: int) -> None:
     async with aiohttp.ClientSession() as session:
         await bench.wait_ready(session, url, timeout_s=300)
         prompts = [rng.integers(1, vocab_size, size=48).tolist() for _ in range(2 * num_workers)]
-        reqs = [bench.TraceRequest(p, 2) for p in prompts]
+        reqs = [token_request(p, 2) for p in prompts]
         await asyncio.gather(*(bench._one(session, url, r, {}) for r in reqs))
 
 
@@ -159,16 +159,15 @@ def measure(
                 if probe is None
                 else asyncio.run(probe_overhead(url, probe, mean_tokens, args.vocab_size))
             )
-            requests = [bench.TraceRequest(list(r.tokens or ()), r.output_tokens) for r in trace]
             load = bench.run_load(
                 url,
-                requests,
+                trace,
                 rate=args.rate,
                 duration_s=1e9,
-                max_concurrency=len(requests),
+                max_concurrency=len(trace),
                 keys={},
                 seed=args.seed,
-                num_prompts=len(requests),
+                num_prompts=len(trace),
             )
             results, wall_s = asyncio.run(load)
             return results, wall_s, overhead
@@ -190,7 +189,7 @@ async def probe_overhead(
     gaps = []
     async with aiohttp.ClientSession() as session:
         for _ in range(num_probes):
-            req = bench.TraceRequest(rng.integers(1, vocab_size, size=num_tokens).tolist(), 2)
+            req = token_request(rng.integers(1, vocab_size, size=num_tokens).tolist(), 2)
             res = await bench._one(session, url, req, {})
             if res.ok:
                 computed = res.prompt_tokens - res.cached_tokens

@@ -1,4 +1,4 @@
-"""Argument checks shared by every block-copy backend, so all of them reject the same inputs.
+"""Argument checks of the kernels, shared by every backend, so all of them reject the same inputs.
 
 Each check raises :class:`kvcache.errors.KernelError` naming the argument, what it got, what was
 expected and how to fix it, before anything is written. The checks also normalise block ids: a
@@ -6,13 +6,14 @@ caller may pass them on the CPU or on the pool's device, as int32 or int64; the 
 receive int64 ids on the pool's device.
 
 What is checked: the pool is a contiguous 6-D tensor ``[L, 2, num_blocks, block_size, kv_heads,
-head_dim]`` of a supported float dtype; the dense caches and block-major buffers have the shapes the
-pool implies and live on its device; ids are 1-D integer tensors inside ``[0, num_blocks)``, without
-repeats when they are written to. Checking ids held on a GPU reads them back once (one
-synchronisation per call): pass CPU ids (the block manager hands out Python ints) to avoid it.
+head_dim]`` of a supported float dtype; block-major buffers have the shape the pool implies and live
+on its device; ids are 1-D integer tensors inside ``[0, num_blocks)``, without repeats when they are
+written to; the Triton decode-attention launch gets queries, block tables and lengths that fit the
+pool (``check_decode_args``). Checking ids held on a GPU reads them back once (one synchronisation
+per call): pass CPU ids (the block manager hands out Python ints) to avoid it.
 
-Not here: the copies themselves (``reference``, ``triton_kernels``) and the choice between them
-(``dispatch``).
+Not here: the copies themselves (``reference``, ``triton_kernels``), the choice between them
+(``dispatch``), attention (``paged``, ``triton_attention``).
 """
 
 from __future__ import annotations
@@ -21,15 +22,7 @@ import torch
 
 from kvcache.errors import KernelError
 
-__all__ = [
-    "SUPPORTED_DTYPES",
-    "check_block_ids",
-    "check_block_major",
-    "check_copy",
-    "check_dense_kv",
-    "check_pool",
-    "check_pool_pair",
-]
+__all__ = ["SUPPORTED_DTYPES", "check_block_ids", "check_block_major", "check_decode_args", "check_pool"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -52,25 +45,6 @@ def check_pool(pool: object, name: str = "pool") -> torch.Tensor:
             "torch.empty/zeros of its full shape and index blocks through block ids, not slices"
         )
     return pool
-
-
-def check_pool_pair(src_pool: object, dst_pool: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two pools whose blocks have the same layout and dtype (their block counts may differ)."""
-    src = check_pool(src_pool, "src_pool")
-    dst = check_pool(dst_pool, "dst_pool")
-    src_layout = (src.shape[0], *src.shape[3:])
-    dst_layout = (dst.shape[0], *dst.shape[3:])
-    if src_layout != dst_layout:
-        raise KernelError(
-            f"src_pool blocks are (num_layers, block_size, kv_heads, head_dim) = {src_layout} but "
-            f"dst_pool blocks are {dst_layout}; copy only between pools of one model layout"
-        )
-    if src.dtype != dst.dtype:
-        raise KernelError(
-            f"src_pool has dtype {src.dtype} but dst_pool has {dst.dtype}; a tier copy moves bytes "
-            "unchanged, so both pools must hold the same dtype"
-        )
-    return src, dst
 
 
 def check_block_ids(
@@ -108,33 +82,63 @@ def check_block_ids(
     return block_ids.to(device=pool.device, dtype=torch.int64)
 
 
-def check_copy(
-    src_pool: object, src_ids: object, dst_pool: object, dst_ids: object
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The arguments of a pool-to-pool copy, ids normalised onto their own pool's device."""
-    src, dst = check_pool_pair(src_pool, dst_pool)
-    src_checked = check_block_ids(src_ids, src, name="src_ids")
-    dst_checked = check_block_ids(dst_ids, dst, name="dst_ids", unique=True)
-    if src_checked.numel() != dst_checked.numel():
-        raise KernelError(
-            f"src_ids has {src_checked.numel()} ids but dst_ids has {dst_checked.numel()}; "
-            "pass one destination block per source block"
-        )
-    return src, src_checked, dst, dst_checked
-
-
-def check_dense_kv(kv: object, pool: torch.Tensor, num_ids: int, name: str = "kv") -> torch.Tensor:
-    """``kv`` once it is the dense cache ``[L, 2, kv_heads, num_ids * block_size, head_dim]`` of ``pool``."""
-    num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
-    expected = (num_layers, 2, kv_heads, num_ids * block_size, head_dim)
-    return _check_operand(kv, pool, expected, name, "[num_layers, 2, kv_heads, n * block_size, head_dim]")
-
-
 def check_block_major(packed: object, pool: torch.Tensor, num_ids: int, name: str = "packed") -> torch.Tensor:
     """``packed`` once it is the block-major buffer ``[n, L, 2, block_size, kv_heads, head_dim]``."""
     num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
     expected = (num_ids, num_layers, 2, block_size, kv_heads, head_dim)
     return _check_operand(packed, pool, expected, name, "[n, num_layers, 2, block_size, kv_heads, head_dim]")
+
+
+def check_decode_args(
+    q: object, pool: object, layer: object, block_tables: object, seq_lens: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(q, pool, block_tables, seq_lens, max_len)`` checked; tables and lengths as int64 on the
+    pool's device, ``max_len`` the longest sequence (0 for an empty batch)."""
+    pool_t = check_pool(pool)
+    num_layers, _, num_blocks, block_size, kv_heads, head_dim = pool_t.shape
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise KernelError(f"q must be a tensor [num_seqs, num_heads, head_dim], got {got}")
+    num_seqs, num_heads, q_dim = q.shape
+    if q_dim != head_dim or num_heads % kv_heads:
+        raise KernelError(
+            f"q has shape {tuple(q.shape)}; the pool has {kv_heads} KV heads of dim {head_dim}, so q needs "
+            f"head_dim {head_dim} and a multiple of {kv_heads} heads"
+        )
+    if q.dtype not in SUPPORTED_DTYPES or q.device != pool_t.device:
+        raise KernelError(f"q is {q.dtype} on {q.device}; expected a float tensor on {pool_t.device}")
+    if not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise KernelError(f"layer={layer!r} is not a layer of the pool's {num_layers}")
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2:
+        raise KernelError("block_tables must be a tensor [num_seqs, max_blocks_per_seq] of block ids")
+    if not isinstance(seq_lens, torch.Tensor) or tuple(seq_lens.shape) != (num_seqs,):
+        raise KernelError(f"seq_lens must be a tensor of {num_seqs} lengths (one per row of q)")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise KernelError(f"{name} has dtype {t.dtype}; expected int32 or int64")
+        if t.device.type != "cpu" and t.device != pool_t.device:
+            raise KernelError(f"{name} is on {t.device}; pass it on the CPU or on {pool_t.device}")
+    if block_tables.shape[0] != num_seqs:
+        raise KernelError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    lens = seq_lens.cpu()
+    capacity = block_tables.shape[1] * block_size
+    if num_seqs and (int(lens.min()) < 1 or int(lens.max()) > capacity):
+        raise KernelError(
+            f"seq_lens must lie in [1, {capacity}] (max_blocks_per_seq * block_size), got "
+            f"{int(lens.min())}..{int(lens.max())}"
+        )
+    tables = block_tables.cpu()
+    used = torch.arange(tables.shape[1])[None, :] < (lens[:, None] + block_size - 1) // block_size
+    bad = used & ((tables < 0) | (tables >= num_blocks))
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise KernelError(
+            f"block_tables row {row} lists a block outside the pool's {num_blocks} blocks "
+            f"[0, {num_blocks}) within its first {int(lens[row])} tokens"
+        )
+    device = pool_t.device
+    max_len = int(lens.max()) if num_seqs else 0
+    return q, pool_t, block_tables.to(device, torch.int64), seq_lens.to(device, torch.int64), max_len
 
 
 def _check_operand(

@@ -17,9 +17,10 @@ shared by every layer.
 Sequences with one new token (decode) are attended together in one batched call; longer chunks
 (prefill) one sequence at a time. Grouped-query attention: query head ``h`` reads KV head
 ``h // (num_heads // kv_heads)``. ``sliding_window`` ``w`` keeps keys at positions ``> q - w``
-(transformers' convention). On CUDA the decode part runs the Triton kernel of
-:mod:`kvcache.kernels.attention` when the backend is Triton and no window applies; the prefill part
-runs the Triton kernel of :mod:`kvcache.kernels.triton_paged` there.
+(transformers' convention). :func:`paged_attention_reference` is the specification in plain torch.
+On CUDA (backend Triton) the decode part runs the Triton kernel of
+:mod:`kvcache.kernels.triton_attention` when no window applies, and the prefill part the Triton
+kernel of :mod:`kvcache.kernels.triton_paged`.
 
 Not here: which sequences run or which blocks they own (``kvcache.engine``), model code (``hf``).
 """

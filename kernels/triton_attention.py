@@ -15,7 +15,8 @@ Products are broadcast multiplies and reductions rather than ``tl.dot`` (which n
 >= 16, and a decode step has a single query row per head); the kernel is bound by reading KV anyway.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
-before import). Callers use :func:`kvcache.kernels.attention.paged_decode_attention`.
+before import). Callers use :func:`kvcache.kernels.paged.paged_attention`, which sends a step's decode
+rows here on CUDA; its reference (``paged_attention_reference``) is the specification.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kvcache.errors import KernelError
-from kvcache.kernels.attention import check_decode_args
+from kvcache.kernels.checks import check_decode_args
 
 __all__ = ["interpreted", "paged_decode_attention"]
 
@@ -138,7 +139,13 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Checked launch; see :func:`kvcache.kernels.attention.paged_decode_attention`.
+    """Attention of one new token per sequence over its cached tokens in the pool, checked first.
+
+    ``q`` ``[num_seqs, num_heads, head_dim]``; ``block_tables`` ``[num_seqs, max_blocks]`` lists each
+    sequence's blocks in order (entries past its length are ignored); ``seq_lens`` ``[num_seqs]``
+    counts its cached tokens (the new token's own K/V included once written). Query head ``h``
+    reads KV head ``h // (num_heads // kv_heads)``. Returns ``[num_seqs, num_heads, head_dim]`` in
+    ``q``'s dtype.
 
     ``num_splits`` cuts each sequence's blocks into that many ranges handled by separate programs
     (flash-decoding), whose partial softmax states are then merged; by default 1 when the batch
@@ -147,8 +154,9 @@ def paged_decode_attention(
     q, pool, tables, lens, max_len = check_decode_args(q, pool, layer, block_tables, seq_lens)
     if not (pool.device.type == "cuda" or (pool.device.type == "cpu" and interpreted())):
         raise KernelError(
-            f"the Triton decode kernel needs the pool on a CUDA device, got {pool.device}; use the "
-            "reference there, or set TRITON_INTERPRET=1 before importing kvcache.kernels.triton_attention"
+            f"the Triton decode kernel needs the pool on a CUDA device, got {pool.device}; use "
+            "kvcache.kernels.paged there, or set TRITON_INTERPRET=1 before importing "
+            "kvcache.kernels.triton_attention"
         )
     num_seqs, num_heads, head_dim = q.shape
     _, _, _, block_size, kv_heads, _ = pool.shape

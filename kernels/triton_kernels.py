@@ -4,14 +4,11 @@ Every operation is one launch of one kernel, :func:`_block_copy_kernel`: a progr
 (``block_size * kv_heads * head_dim`` elements) of one layer's K or V from a source to a destination.
 Both sides are described as 6-D strided views ordered ``(layer, kv, block, token, head, dim)``; a
 side is either *indexed* (its block comes from an id array: the pool) or *dense* (block ``i`` of the
-request: the contiguous cache or the block-major buffer). The five operations are only different
-stride sets over that one kernel:
+request: the block-major buffer). The two operations are only different stride sets over that one
+kernel:
 
-    gather_kv      pool[l, k, ids[i], t, h, d]   -> out[l, k, h, i * block_size + t, d]
-    scatter_kv     kv[l, k, h, i * block_size + t, d] -> pool[l, k, ids[i], t, h, d]
     pack_blocks    pool[l, k, ids[i], t, h, d]   -> packed[i, l, k, t, h, d]
     unpack_blocks  packed[i, l, k, t, h, d]      -> pool[l, k, ids[i], t, h, d]
-    copy_blocks    src[l, k, src_ids[i], t, h, d] -> dst[l, k, dst_ids[i], t, h, d]
 
 The launch grid is ``(n, num_layers * 2)``: all blocks of a request move in one launch, never one
 copy per block. Offsets of the pool side are computed in int64 (a pool can exceed 2**31 elements).
@@ -33,7 +30,7 @@ import triton.language as tl
 from kvcache.errors import KernelError
 from kvcache.kernels import checks
 
-__all__ = ["copy_blocks", "gather_kv", "interpreted", "pack_blocks", "scatter_kv", "unpack_blocks"]
+__all__ = ["interpreted", "pack_blocks", "unpack_blocks"]
 
 # Elements one program moves per loop step; a 16 x 8 x 128 block takes 4 steps.
 _MAX_TILE = 4096
@@ -106,13 +103,6 @@ def _check_device(pool: torch.Tensor, name: str = "pool") -> None:
     )
 
 
-def _dense_cache_view(kv: torch.Tensor, num_ids: int, block_size: int) -> torch.Tensor:
-    """``[L, 2, H, n * bs, D]`` seen as ``[L, 2, n, bs, H, D]`` (a view: only strides change)."""
-    num_layers, two, kv_heads, _, head_dim = kv.shape
-    split = kv.view(num_layers, two, kv_heads, num_ids, block_size, head_dim)
-    return split.permute(0, 1, 3, 4, 2, 5)
-
-
 def _block_major_view(packed: torch.Tensor) -> torch.Tensor:
     """``[n, L, 2, bs, H, D]`` seen as ``[L, 2, n, bs, H, D]``."""
     return packed.permute(1, 2, 0, 3, 4, 5)
@@ -150,29 +140,6 @@ def _launch(
     )
 
 
-def gather_kv(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """Blocks ``block_ids`` of ``pool`` as one cache ``[L, 2, kv_heads, n * block_size, head_dim]``."""
-    checks.check_pool(pool)
-    _check_device(pool)
-    ids = checks.check_block_ids(block_ids, pool)
-    num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
-    n = ids.numel()
-    out = torch.empty(
-        (num_layers, 2, kv_heads, n * block_size, head_dim), dtype=pool.dtype, device=pool.device
-    )
-    _launch(pool, _dense_cache_view(out, n, block_size), ids, None, n)
-    return out
-
-
-def scatter_kv(pool: torch.Tensor, block_ids: torch.Tensor, kv: torch.Tensor) -> None:
-    """Write ``kv`` ``[L, 2, kv_heads, n * block_size, head_dim]`` into blocks ``block_ids`` of ``pool``."""
-    checks.check_pool(pool)
-    _check_device(pool)
-    ids = checks.check_block_ids(block_ids, pool, unique=True)
-    kv = checks.check_dense_kv(kv, pool, ids.numel()).to(pool.dtype)
-    _launch(_dense_cache_view(kv, ids.numel(), pool.shape[3]), pool, None, ids, ids.numel())
-
-
 def pack_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Blocks ``block_ids`` as a block-major buffer ``[n, L, 2, block_size, kv_heads, head_dim]``."""
     checks.check_pool(pool)
@@ -193,19 +160,3 @@ def unpack_blocks(pool: torch.Tensor, block_ids: torch.Tensor, packed: torch.Ten
     ids = checks.check_block_ids(block_ids, pool, unique=True)
     packed = checks.check_block_major(packed, pool, ids.numel()).to(pool.dtype)
     _launch(_block_major_view(packed), pool, None, ids, ids.numel())
-
-
-def copy_blocks(
-    src_pool: torch.Tensor, src_ids: torch.Tensor, dst_pool: torch.Tensor, dst_ids: torch.Tensor
-) -> None:
-    """Copy blocks ``src_ids`` of ``src_pool`` into blocks ``dst_ids`` of ``dst_pool`` (one device)."""
-    src, dst = checks.check_pool_pair(src_pool, dst_pool)
-    _check_device(src, "src_pool")
-    _check_device(dst, "dst_pool")
-    if src.device != dst.device:
-        raise KernelError(
-            f"src_pool is on {src.device} and dst_pool on {dst.device}; the Triton copy works within one "
-            "device: use kvcache.kernels.copy_blocks, which moves blocks across devices"
-        )
-    src, s_ids, dst, d_ids = checks.check_copy(src, src_ids, dst, dst_ids)
-    _launch(src, dst, s_ids, d_ids, s_ids.numel())

@@ -1,4 +1,4 @@
-"""Triton paged attention for a ragged batch: a prefill kernel plus the existing decode kernel.
+"""Triton paged attention for a ragged batch: a prefill kernel plus the decode kernel.
 
 Decode rows (one new token) go to :func:`kvcache.kernels.triton_attention.paged_decode_attention`
 (flash-decoding over the sequence's blocks) unless a sliding window applies. Prefill rows run

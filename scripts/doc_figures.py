@@ -13,7 +13,10 @@ format the recorded rows with the project's own report code (``kvcache.lab.repor
 ``kvcache.lab.spill_report``, ``kvcache.lab.matrix``); ``cog -r -I scripts FILE`` rewrites
 them. The router matrix (``kvcache matrix``, ~10 minutes) records itself in
 ``docs/router_matrix.json`` and the cost-term ablation (``benches/router_ablation.py --json``) in
-``docs/router_ablation.json``; this script reruns neither. ``kvcache tiers`` takes two seconds:
+``docs/router_ablation.json``, the matrix at 256 and 1,024 workers in
+``docs/router_matrix_fleet.json`` and the held-out choice of the default
+(``benches/router_heldout.py --json``) in ``docs/router_heldout.json`` and
+``docs/router_heldout_fleet.json``; this script reruns none of them. ``kvcache tiers`` takes two seconds:
 its block runs it directly.
 
 ``tests/test_docs_figures.py`` checks that every block matches the record and that the record is
@@ -39,10 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcache.lab.matrix import verdicts_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "figures.json"
 MATRIX = ROOT / "docs" / "router_matrix.json"
 ABLATION = ROOT / "docs" / "router_ablation.json"
+FLEET = ROOT / "docs" / "router_matrix_fleet.json"
+HELDOUT = ROOT / "docs" / "router_heldout.json"
+HELDOUT_FLEET = ROOT / "docs" / "router_heldout_fleet.json"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # The shared Mooncake trace, as the docs name it: relative to the repository root.
 TRACE = "../shared/traces/mooncake_synthetic_trace.jsonl"
@@ -297,8 +305,8 @@ def tiers_demo() -> str:
 # ---- the router matrix (docs/router_matrix.json, written by `kvcache matrix`) ----------------
 
 
-def matrix() -> dict[str, Any]:
-    return json.loads(MATRIX.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+def matrix(path: Path = MATRIX) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
 
 SHAPE_NAMES = {"trace": "Mooncake"}
@@ -401,12 +409,7 @@ def ablation() -> dict[str, Any]:
 
 
 def ablation_table() -> str:
-    spec = importlib.util.spec_from_file_location("router_ablation", ROOT / "benches" / "router_ablation.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("router_ablation", module)
-    spec.loader.exec_module(module)
-    return module.table(ablation()["verdicts"])  # type: ignore[no-any-return]
+    return verdicts_table(ablation()["verdicts"])
 
 
 def ablation_counts(label_start: str) -> dict[str, int]:
@@ -414,6 +417,91 @@ def ablation_counts(label_start: str) -> dict[str, int]:
     label = next(k for k in ablation()["verdicts"] if k.startswith(label_start))
     vs = ablation()["verdicts"][label]
     return {k: sum(v[k] for v in vs) for k in ("ok", "pareto", "hit_bar", "p99_bar")}
+
+
+# ---- the matrix at fleet scale (docs/router_matrix_fleet.json) and the held-out choice -------
+
+
+def fleet_table() -> str:
+    """Per shape and worker count of the fleet matrix: cells passing all three checks, affinity's
+    token hit over dynamo's (lowest over the fractions) and its p99 over the best baseline's
+    (highest over the fractions)."""
+    payload = matrix(FLEET)
+    lines = [
+        "| shape | workers | passing | hit / dynamo's (lowest) | p99 / best baseline (highest, policy) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for shape in payload["config"]["shapes"]:
+        for workers in payload["config"]["workers"]:
+            cells = [c for c in payload["cells"] if (c["shape"], c["num_workers"]) == (shape, workers)]
+            hits = []
+            for c in cells:
+                rows = {r["policy"]: r for r in payload["results"] if same_cell(r, c)}
+                hits.append(rows["affinity"]["token_hit_rate"] / max(rows["dynamo"]["token_hit_rate"], 1e-9))
+            worst = max(cells, key=lambda c: c["p99_ratio"])
+            lines.append(
+                f"| {SHAPE_NAMES.get(shape, shape)} | {workers:,} "
+                f"| {sum(c['ok'] for c in cells)}/{len(cells)} | "
+                f"{min(hits):.2f} | {worst['p99_ratio']:.2f} ({worst['best_baseline_p99_policy']}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def fleet_counts() -> dict[str, Any]:
+    cells = matrix(FLEET)["cells"]
+    return {
+        "cells": len(cells),
+        "ok": sum(c["ok"] for c in cells),
+        "requests": max(c["num_requests"] for c in cells),
+    }
+
+
+def same_cell(row: dict[str, Any], cell: dict[str, Any]) -> bool:
+    return all(row[k] == cell[k] for k in ("shape", "num_workers", "fraction"))
+
+
+def _heldout_module() -> Any:
+    spec = importlib.util.spec_from_file_location("router_heldout", ROOT / "benches" / "router_heldout.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("router_heldout", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def heldout(fleet: bool = False) -> dict[str, Any]:
+    """docs/router_heldout.json (or _fleet), written by ``benches/router_heldout.py --json``."""
+    return json.loads((HELDOUT_FLEET if fleet else HELDOUT).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def heldout_table(half: str, fleet: bool = False) -> str:
+    """The table of one half ("tuning" or "held_out") of a held-out run."""
+    return verdicts_table(heldout(fleet)[half])
+
+
+def heldout_counts(half: str, label_start: str, fleet: bool = False) -> dict[str, Any]:
+    """Cells passing each check and the median ratios for the variant whose label starts so."""
+    verdicts = heldout(fleet)[half]
+    vs = verdicts[next(k for k in verdicts if k.startswith(label_start))]
+    counts: dict[str, Any] = {k: sum(v[k] for v in vs) for k in ("ok", "pareto", "hit_bar", "p99_bar")}
+    counts.update(
+        cells=len(vs),
+        hit=statistics.median(v["hit_ratio"] for v in vs),
+        p99=statistics.median(v["p99_ratio"] for v in vs),
+    )
+    return counts
+
+
+def stays_table() -> str:
+    return _heldout_module().stays_table(heldout()["stays"])  # type: ignore[no-any-return]
+
+
+def stays_row(shape: str, workers: int, policy: str) -> dict[str, Any]:
+    return next(
+        r
+        for r in heldout()["stays"]
+        if (r["shape"], r["num_workers"], r["policy"]) == (shape, workers, policy)
+    )
 
 
 def count(n: int, noun: str = "") -> str:

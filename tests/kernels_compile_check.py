@@ -52,9 +52,9 @@ def main() -> None:
     p2 = triton.next_power_of_2
     # (src indexed, dst indexed, dtype, stride type, block_size, kv_heads, head_dim)
     copies = [
-        (True, False, "bf16", "i32", 16, 4, 128),  # gather_kv, pack_blocks
-        (False, True, "fp16", "i32", 16, 2, 64),  # scatter_kv, unpack_blocks
-        (True, True, "fp32", "i64", 3, 5, 12),  # copy_blocks, strides past 2**31
+        (True, False, "bf16", "i32", 16, 4, 128),  # pack_blocks
+        (False, True, "fp16", "i32", 16, 2, 64),  # unpack_blocks
+        (True, False, "fp32", "i64", 3, 5, 12),  # pack_blocks from a pool whose strides pass 2**31
     ]
     for src_ix, dst_ix, dtype, stride, bs, heads, dim in copies:
         constexprs = {

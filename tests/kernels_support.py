@@ -34,32 +34,6 @@ def ids_tensor(
     return torch.tensor(ids, dtype=dtype, device=device)
 
 
-def naive_gather(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
-    out = torch.full(
-        (num_layers, 2, kv_heads, len(ids) * block_size, head_dim), float("nan"), dtype=pool.dtype
-    )
-    for i, block in enumerate(ids):
-        for layer in range(num_layers):
-            for kv in range(2):
-                # pool block [block_size, H, D] -> cache rows [H, block_size, D]
-                out[layer, kv, :, i * block_size : (i + 1) * block_size, :] = (
-                    pool[layer, kv, block].cpu().transpose(0, 1)
-                )
-    return out
-
-
-def naive_scatter(pool: torch.Tensor, ids: list[int], kv_cache: torch.Tensor) -> torch.Tensor:
-    out = pool.cpu().clone()
-    block_size = pool.shape[3]
-    for i, block in enumerate(ids):
-        for layer in range(pool.shape[0]):
-            for kv in range(2):
-                rows = kv_cache[layer, kv, :, i * block_size : (i + 1) * block_size, :].cpu()
-                out[layer, kv, block] = rows.transpose(0, 1).to(pool.dtype)
-    return out
-
-
 def naive_pack(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
     num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
     out = torch.full(
@@ -74,13 +48,6 @@ def naive_unpack(pool: torch.Tensor, ids: list[int], packed: torch.Tensor) -> to
     out = pool.cpu().clone()
     for i, block in enumerate(ids):
         out[:, :, block] = packed[i].cpu().to(pool.dtype)
-    return out
-
-
-def naive_copy(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> torch.Tensor:
-    out = dst.cpu().clone()
-    for s, d in zip(src_ids, dst_ids, strict=True):
-        out[:, :, d] = src[:, :, s].cpu()
     return out
 
 

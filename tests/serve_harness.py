@@ -79,6 +79,7 @@ class Deployment:
     worker_pids: list[int] = field(default_factory=list)
     config_path: Path | None = None
     secret: bytes = b""
+    owns_redis: bool = True  # False for another front's handle (``start_front``): its stop leaves Redis
 
     def request(
         self,
@@ -167,6 +168,33 @@ class Deployment:
         self.extra.append(process)
         return process
 
+    def start_front(self, *args: str) -> Deployment:
+        """One more front of this deployment (``kvcache serve --workers 0`` with its Redis and
+        secret, on a port of its own), once it answers: a handle that requests go through. This
+        deployment's ``stop`` stops it too."""
+        port = free_port()
+        log_path = self.log_path.with_name(f"front-{port}.log")
+        cmd = [
+            *python_argv("-m", "kvcache.cli", "serve"),
+            *("--workers", "0", "--port", str(port), "--model", "tiny", "--num-blocks", "256", *args),
+        ]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        env = deployment_env(self.redis, self.secret)
+        process = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
+        self.extra.append(process)
+        front = Deployment(
+            f"http://127.0.0.1:{port}",
+            self.redis,
+            process,
+            log_path,
+            config_path=self.config_path,
+            secret=self.secret,
+            owns_redis=False,
+        )
+        front.wait_for("the front", lambda: _answers(front.url), STARTUP_S)
+        return front
+
     def stop(self) -> None:
         for process in [self.process, *self.extra]:
             if process.poll() is None:
@@ -179,13 +207,15 @@ class Deployment:
         for pid in self.worker_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # only if ``serve`` could not stop them itself
-        self.redis.stop()
+        if self.owns_redis:
+            self.redis.stop()
 
 
 def deploy(
     tmp: Path, *, workers: int = 2, config: str | None = None, args: tuple[str, ...] = ()
 ) -> Deployment:
-    """Redis, then ``kvcache serve --workers N`` on it; returns once every worker has joined."""
+    """Redis, then ``kvcache serve --workers N`` on it; returns once every worker has joined (with
+    ``workers=0``: a front only, once it answers; start workers with ``start_worker``)."""
     redis = start_redis()
     port = free_port()
     cmd = [

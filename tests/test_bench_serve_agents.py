@@ -1,12 +1,11 @@
-"""``benches/bench_serve_agents.py`` without a model: its workload (``workloads.persistent_agents``),
-the keys each contender sends, its ``openai``-client loop against a tiny scripted server, and the
-aggregation into medians, ratios and the table."""
+"""``benches/bench_serve_agents.py`` without a model: the keys each contender sends, its
+``openai``-client loop against a tiny scripted server, and the aggregation into medians, ratios and
+the table. Its workload, ``workloads.persistent_agents``, is tested in test_workloads.py."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-import itertools
 import json
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kvcache.lab.trace import prompt_text
 from kvcache.lab.workloads import persistent_agents
 from kvcache.serve.config import ServeConfig
 
@@ -32,55 +32,6 @@ def sa() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def test_agents_share_the_system_prompt_their_tenant_document_and_their_history() -> None:
-    reqs = persistent_agents(
-        num_tenants=2,
-        sessions_per_tenant=2,
-        turns=3,
-        system_words=64,
-        document_words=(20, 40),
-        question_words=5,
-        answer_words=6,
-        seed=3,
-    )
-    assert len(reqs) == 12
-    # Turn order, round robin over the sessions.
-    assert [(r.turn, r.session) for r in reqs[:5]] == [
-        (0, "t0s0"),
-        (0, "t0s1"),
-        (0, "t1s0"),
-        (0, "t1s1"),
-        (1, "t0s0"),
-    ]
-    system = reqs[0].prompt.split("\n\nPrivate document")[0]
-    assert system.startswith("You are an agent.") and system.count("\n- tool_") == 4
-    assert all(r.prompt.startswith(system + "\n\nPrivate document of " + r.tenant) for r in reqs)
-    doc = {r.tenant: r.prompt.split("\n\n")[1] for r in reqs}
-    assert doc["tenant0"] != doc["tenant1"]
-    assert all(20 <= len(d.split()) - 4 <= 40 for d in doc.values())  # "Private document of tenantN:"
-    # Each turn's prompt extends the session's previous one by the scripted answer and a question.
-    by_session = {s: [r for r in reqs if r.session == s] for s in ("t0s0", "t1s1")}
-    for turns in by_session.values():
-        for earlier, later in itertools.pairwise(turns):
-            assert later.prompt.startswith(earlier.prompt + " ")
-            assert later.prompt.endswith("?\nAssistant:")
-    assert {r.output_tokens for r in reqs} == {32}
-    again = persistent_agents(
-        num_tenants=2,
-        sessions_per_tenant=2,
-        turns=3,
-        system_words=64,
-        document_words=(20, 40),
-        question_words=5,
-        answer_words=6,
-        seed=3,
-    )
-    assert again == reqs
-    assert persistent_agents(seed=4)[0].prompt != persistent_agents(seed=3)[0].prompt
-    with pytest.raises(ValueError, match=r"document_words=\(5, 4\)"):
-        persistent_agents(document_words=(5, 4))
 
 
 def test_the_config_gives_every_request_of_every_round_its_own_tenant(sa: ModuleType, tmp_path: Path) -> None:
@@ -192,7 +143,7 @@ def test_a_round_through_the_openai_client_then_medians_ratios_and_table(
         for name, server in servers.items():
             results, wall_s, reported = asyncio.run(sa.run_round(server, reqs, number, concurrency=3))
             # In request order, whichever client sent each.
-            assert [r.prompt_tokens for r in results] == [len(r.prompt.split()) for r in reqs]
+            assert [r.prompt_tokens for r in results] == [len(prompt_text(r).split()) for r in reqs]
             assert all(r.ok and r.output_tokens == 2 and r.ttft_s > 0 for r in results)
             this[name] = sa.round_figures(results, wall_s, reported, 3, (1.0, 2.0))
         rounds.append(this)
@@ -202,9 +153,9 @@ def test_a_round_through_the_openai_client_then_medians_ratios_and_table(
     assert sorted(sent[8:16]) == sorted(f"sk-r1-{i}" for i in range(8))
     assert sorted(sent[24:32]) == sorted(f"sk-r2-{i}" for i in range(8))
     assert peer.keys == ["none"] * 16
-    words = sum(len(r.prompt.split()) for r in reqs)
+    words = sum(len(prompt_text(r).split()) for r in reqs)
     first = rounds[0]
-    assert first["sharing"]["cached"] == sum(len(r.prompt.split()) // 2 for r in reqs) / words
+    assert first["sharing"]["cached"] == sum(len(prompt_text(r).split()) // 2 for r in reqs) / words
     assert first["no-sharing"]["cached"] == 0.0
     assert first["transformers"]["cached"] is None  # not reported: n/a, never 0
     assert first["sharing"]["completed"] == 8 and first["sharing"]["failed"] == 0
@@ -274,7 +225,7 @@ def test_the_pool_holds_the_concurrent_longest_prompts(sa: ModuleType) -> None:
     short = sa.SHAPES[("short", False)].requests(seed=0)
     assert sa.num_blocks_for(short, 4) == 1024  # serve's default
     long = sa.SHAPES[("long", False)].requests(seed=0)
-    longest = max(len(r.prompt) // 3 + r.output_tokens for r in long)
+    longest = max(len(prompt_text(r)) // 3 + r.output_tokens for r in long)
     blocks = sa.num_blocks_for(long, 4)
     assert blocks % 1024 == 0 and blocks * 16 >= 2 * 4 * longest
 

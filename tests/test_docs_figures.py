@@ -115,3 +115,22 @@ def test_the_ablation_default_variant_is_the_matrix_verdict() -> None:
                 f"docs/router_ablation.json {v['shape']} {v['num_workers']} x {v['fraction']:.0%}: {key} "
                 "differs from docs/router_matrix.json; rerun benches/router_ablation.py (docs/router.md)"
             )
+
+
+@pytest.mark.parametrize("fleet", [False, True], ids=["4-64 workers", "256-1024 workers"])
+def test_the_heldout_default_is_the_matrix_verdict(fleet: bool) -> None:
+    """benches/router_heldout.py's affinity rows are the matrix's (the same cells, the same
+    baselines), at the matrix's worker counts and at fleet scale."""
+    payload = figures.heldout(fleet)
+    matrix = figures.matrix(figures.FLEET if fleet else figures.MATRIX)
+    cells = {(c["shape"], c["num_workers"], c["fraction"]): c for c in matrix["cells"]}
+    default = [v for half in ("tuning", "held_out") for v in payload[half]["affinity (default)"]]
+    assert len(default) == 5 * len(payload["workers"]) * len(payload["fractions"])
+    for v in default:
+        cell = cells[(v["shape"], v["num_workers"], v["fraction"])]
+        for key in ("pareto", "hit_bar", "p99_bar", "ok", "hit_ratio", "p99_ratio"):
+            assert v[key] == cell[key], (
+                f"{'docs/router_heldout_fleet.json' if fleet else 'docs/router_heldout.json'} {v['shape']} "
+                f"{v['num_workers']} x {v['fraction']:.0%}: {key} differs from the matrix; rerun "
+                "benches/router_heldout.py (docs/router.md)"
+            )

@@ -1,6 +1,8 @@
-"""Paged decode attention: the reference against torch's SDPA, the Triton kernel against the reference.
+"""The Triton decode-attention kernel (``paged_attention``'s decode rows on CUDA) against torch's SDPA
+over each sequence's gathered blocks, split or not, and its argument checks.
 
-Without CUDA the Triton kernel runs in the interpreter on CPU tensors (see test_kernels_triton.py).
+Without CUDA the kernel runs in the interpreter on CPU tensors (see test_kernels_triton.py);
+test_kernels_paged.py checks it inside ``paged_attention`` against the paged reference.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ import torch.nn.functional as F
 from kernels_support import DEVICE, make_pool, triton_module
 
 from kvcache.errors import KernelError
-from kvcache.kernels.attention import paged_decode_attention
 
 # (num_layers, num_blocks, block_size, kv_heads, head_dim, num_heads): plain MHA, GQA of 4, a group
-# of 7 with odd block size and head_dim (every tile masked).
-CASES = ((2, 10, 4, 2, 8, 2), (1, 12, 16, 2, 64, 8), (2, 9, 3, 1, 12, 7))
-# The interpreter runs a reduce step by step in Python: smaller heads and blocks keep the Triton cases fast.
+# of 7 with odd block size and head_dim (every tile masked). The interpreter runs a reduce step by
+# step in Python: small heads and blocks keep the cases fast.
 TRITON_CASES = ((2, 10, 4, 2, 8, 2), (1, 12, 8, 2, 16, 8), (2, 9, 3, 1, 12, 7))
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -43,8 +43,9 @@ def decode_batch(
 
 
 def sdpa(
-    q: torch.Tensor, pool: torch.Tensor, layer: int, tables: torch.Tensor, lens: torch.Tensor
+    q: torch.Tensor, pool: torch.Tensor, layer: int, tables: torch.Tensor, lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
+    """Each sequence's blocks gathered, softmax attention in float32, the result in ``q``'s dtype."""
     _, _, _, block_size, kv_heads, head_dim = pool.shape
     group = q.shape[1] // kv_heads
     rows = []
@@ -54,7 +55,7 @@ def sdpa(
         v = pool[layer, 1, ids].reshape(-1, kv_heads, head_dim)[:n].float()
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [num_heads, T, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-        rows.append(F.scaled_dot_product_attention(q[s].float()[:, None, :], k, v)[:, 0])
+        rows.append(F.scaled_dot_product_attention(q[s].float()[:, None, :], k, v, scale=scale)[:, 0])
     return torch.stack(rows).to(q.dtype)
 
 
@@ -65,29 +66,13 @@ def ta() -> ModuleType:
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
-@pytest.mark.parametrize("case", CASES)
-def test_reference_matches_sdpa(case: tuple[int, ...], dtype: torch.dtype) -> None:
-    q, pool, tables, lens = decode_batch(case, dtype)
-    ours = paged_decode_attention(q, pool, case[0] - 1, tables, lens, backend="reference")
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(ours, sdpa(q, pool, case[0] - 1, tables, lens), atol=tol, rtol=tol)
-
-
-def test_one_cached_token_returns_its_value_exactly() -> None:
-    q, pool, tables, lens = decode_batch(CASES[1], torch.float32)
-    out = paged_decode_attention(q, pool, 0, tables, lens, backend="reference")
-    value = pool[0, 1, int(tables[0, 0]), 0]  # [kv_heads, head_dim]
-    assert torch.equal(out[0], value.repeat_interleave(4, dim=0))
-
-
-@pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("case", TRITON_CASES)
-def test_triton_matches_reference(ta: ModuleType, case: tuple[int, ...], dtype: torch.dtype) -> None:
+def test_triton_matches_sdpa(ta: ModuleType, case: tuple[int, ...], dtype: torch.dtype) -> None:
     q, pool, tables, lens = decode_batch(case, dtype, seed=3)
     layer = case[0] - 1
     scale = 1.0 / math.sqrt(case[4])
     ours = ta.paged_decode_attention(q, pool, layer, tables, lens, scale)
-    theirs = paged_decode_attention(q, pool, layer, tables, lens, backend="reference")
+    theirs = sdpa(q, pool, layer, tables, lens, scale)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
     # one token: softmax over one score is exactly 1, so the output is that token's V bit for bit
@@ -99,27 +84,25 @@ def test_triton_matches_reference(ta: ModuleType, case: tuple[int, ...], dtype: 
     ("case", "num_splits"),
     [(TRITON_CASES[0], 2), (TRITON_CASES[0], 3), (TRITON_CASES[1], 2), (TRITON_CASES[2], 5)],
 )
-def test_split_kv_merges_to_the_reference(ta: ModuleType, case: tuple[int, ...], num_splits: int) -> None:
+def test_split_kv_merges_to_sdpa(ta: ModuleType, case: tuple[int, ...], num_splits: int) -> None:
     # Tables hold 3 blocks: 2 splits leave the 1-token sequence's second split empty, 5 become 3.
     q, pool, tables, lens = decode_batch(case, torch.float32, seed=7)
-    ours = ta.paged_decode_attention(
-        q, pool, 0, tables, lens, 1.0 / math.sqrt(case[4]), num_splits=num_splits
-    )
-    theirs = paged_decode_attention(q, pool, 0, tables, lens, backend="reference")
+    scale = 1.0 / math.sqrt(case[4])
+    ours = ta.paged_decode_attention(q, pool, 0, tables, lens, scale, num_splits=num_splits)
+    theirs = sdpa(q, pool, 0, tables, lens, scale)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_split_count_is_named(ta: ModuleType) -> None:
-    q, pool, tables, lens = decode_batch(CASES[0], torch.float32)
+    q, pool, tables, lens = decode_batch(TRITON_CASES[0], torch.float32)
     with pytest.raises(KernelError, match="num_splits=0 must be a positive int"):
         ta.paged_decode_attention(q, pool, 0, tables, lens, 1.0, num_splits=0)
 
 
-def test_triton_through_dispatch_and_custom_scale(ta: ModuleType) -> None:
-    q, pool, tables, lens = decode_batch(CASES[0], torch.float32, seed=5)
-    ours = paged_decode_attention(q, pool, 1, tables, lens, scale=0.5, backend="triton")
-    theirs = paged_decode_attention(q, pool, 1, tables, lens, scale=0.5, backend="reference")
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+def test_a_custom_scale(ta: ModuleType) -> None:
+    q, pool, tables, lens = decode_batch(TRITON_CASES[0], torch.float32, seed=5)
+    ours = ta.paged_decode_attention(q, pool, 1, tables, lens, 0.5)
+    torch.testing.assert_close(ours, sdpa(q, pool, 1, tables, lens, 0.5), atol=1e-5, rtol=1e-5)
 
 
 BAD = {
@@ -143,14 +126,10 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_decode_arguments_are_named(case: str, backend: str) -> None:
-    if backend == "triton":
-        pytest.importorskip("triton")
-        triton_module("triton_attention")
-    q, pool, tables, lens = decode_batch(CASES[0], torch.float32)
+def test_bad_decode_arguments_are_named(ta: ModuleType, case: str) -> None:
+    q, pool, tables, lens = decode_batch(TRITON_CASES[0], torch.float32)
     make, message = BAD[case]
     with pytest.raises(KernelError) as err:
-        paged_decode_attention(*make(q, pool, tables, lens), backend=backend)
+        ta.paged_decode_attention(*make(q, pool, tables, lens), 1.0)
     assert message in str(err.value)

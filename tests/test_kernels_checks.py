@@ -10,14 +10,7 @@ import torch
 from kernels_support import DEVICE, ids_tensor, make_pool, triton_module
 
 from kvcache.errors import KernelError, KVCacheError
-from kvcache.kernels.dispatch import (
-    copy_blocks,
-    gather_kv,
-    pack_blocks,
-    scatter_kv,
-    select_backend,
-    unpack_blocks,
-)
+from kvcache.kernels.dispatch import pack_blocks, select_backend, unpack_blocks
 
 SHAPE = (2, 5, 4, 3, 8)  # num_layers, num_blocks, block_size, kv_heads, head_dim
 META = torch.device("meta")  # a device that is neither the CPU nor the pool's
@@ -35,12 +28,6 @@ def pool_() -> torch.Tensor:
     return make_pool(SHAPE, torch.float16)
 
 
-def kv_(n: int, **kw: Any) -> torch.Tensor:
-    return torch.zeros(
-        2, 2, 3, n * 4, 8, dtype=kw.get("dtype", torch.float16), device=kw.get("device", DEVICE)
-    )
-
-
 def packed_(n: int, **kw: Any) -> torch.Tensor:
     return torch.zeros(
         n, 2, 2, 4, 3, 8, dtype=kw.get("dtype", torch.float16), device=kw.get("device", DEVICE)
@@ -49,12 +36,12 @@ def packed_(n: int, **kw: Any) -> torch.Tensor:
 
 BAD_CALLS: dict[str, tuple[Callable[..., Any], str]] = {
     "pool not a tensor": (
-        lambda b: gather_kv([[0.0]], ids_tensor([0]), backend=b),
+        lambda b: pack_blocks([[0.0]], ids_tensor([0]), backend=b),
         "pool must be a torch.Tensor",
     ),
-    "pool of 5 dims": (lambda b: gather_kv(pool_()[0], ids_tensor([0]), backend=b), "expected 6 dims"),
+    "pool of 5 dims": (lambda b: pack_blocks(pool_()[0], ids_tensor([0]), backend=b), "expected 6 dims"),
     "pool without K/V axis": (
-        lambda b: gather_kv(torch.zeros(2, 3, 5, 4, 3, 8, device=DEVICE), ids_tensor([0]), backend=b),
+        lambda b: pack_blocks(torch.zeros(2, 3, 5, 4, 3, 8, device=DEVICE), ids_tensor([0]), backend=b),
         "2 = (K, V)",
     ),
     "pool of ints": (
@@ -64,68 +51,45 @@ BAD_CALLS: dict[str, tuple[Callable[..., Any], str]] = {
         "pool has dtype torch.int32",
     ),
     "pool not contiguous": (
-        lambda b: gather_kv(pool_().transpose(3, 4), ids_tensor([0]), backend=b),
+        lambda b: pack_blocks(pool_().transpose(3, 4), ids_tensor([0]), backend=b),
         "pool is not contiguous",
     ),
     "ids as a list": (
-        lambda b: gather_kv(pool_(), [0, 1], backend=b),
+        lambda b: pack_blocks(pool_(), [0, 1], backend=b),
         "block_ids must be a 1-D torch.Tensor",
     ),
-    "ids of 2 dims": (lambda b: gather_kv(pool_(), ids_tensor([[0, 1]]), backend=b), "block_ids must be 1-D"),
+    "ids of 2 dims": (
+        lambda b: pack_blocks(pool_(), ids_tensor([[0, 1]]), backend=b),
+        "block_ids must be 1-D",
+    ),
     "ids of floats": (
-        lambda b: gather_kv(pool_(), torch.tensor([0.0], device=DEVICE), backend=b),
+        lambda b: pack_blocks(pool_(), torch.tensor([0.0], device=DEVICE), backend=b),
         "block_ids has dtype torch.float32",
     ),
     "id past the pool": (
         lambda b: pack_blocks(pool_(), ids_tensor([1, 5]), backend=b),
         "block id 5, outside the pool's 5 blocks",
     ),
-    "negative id": (lambda b: gather_kv(pool_(), ids_tensor([-1]), backend=b), "block id -1, outside"),
+    "negative id": (lambda b: pack_blocks(pool_(), ids_tensor([-1]), backend=b), "block id -1, outside"),
     "ids on another device": (
-        lambda b: gather_kv(pool_(), torch.tensor([0], device=META), backend=b),
+        lambda b: pack_blocks(pool_(), torch.tensor([0], device=META), backend=b),
         "block_ids is on meta",
     ),
     "repeated id in a write": (
-        lambda b: scatter_kv(pool_(), ids_tensor([2, 2]), kv_(2), backend=b),
+        lambda b: unpack_blocks(pool_(), ids_tensor([2, 2]), packed_(2), backend=b),
         "repeats a block id",
-    ),
-    "cache of the wrong length": (
-        lambda b: scatter_kv(pool_(), ids_tensor([0, 1]), kv_(3), backend=b),
-        "kv has shape (2, 2, 3, 12, 8)",
-    ),
-    "cache of ints": (
-        lambda b: scatter_kv(pool_(), ids_tensor([0]), kv_(1, dtype=torch.int64), backend=b),
-        "kv has dtype torch.int64",
-    ),
-    "cache on another device": (
-        lambda b: scatter_kv(pool_(), ids_tensor([0]), kv_(1, device=META), backend=b),
-        "kv is on meta",
     ),
     "packed of the wrong count": (
         lambda b: unpack_blocks(pool_(), ids_tensor([0, 1]), packed_(1), backend=b),
         "packed has shape (1, 2, 2, 4, 3, 8)",
     ),
-    "tier of another layout": (
-        lambda b: copy_blocks(
-            pool_(), ids_tensor([0]), make_pool((2, 5, 4, 3, 16), torch.float16), ids_tensor([0]), backend=b
-        ),
-        "copy only between pools of one model layout",
+    "packed of ints": (
+        lambda b: unpack_blocks(pool_(), ids_tensor([0]), packed_(1, dtype=torch.int64), backend=b),
+        "packed has dtype torch.int64",
     ),
-    "tier of another dtype": (
-        lambda b: copy_blocks(
-            pool_(), ids_tensor([0]), make_pool(SHAPE, torch.float32), ids_tensor([0]), backend=b
-        ),
-        "both pools must hold the same dtype",
-    ),
-    "copy with unpaired ids": (
-        lambda b: copy_blocks(pool_(), ids_tensor([0, 1]), pool_(), ids_tensor([0]), backend=b),
-        "src_ids has 2 ids but dst_ids has 1",
-    ),
-    "copy into a block past the tier": (
-        lambda b: copy_blocks(
-            pool_(), ids_tensor([0]), make_pool((2, 2, 4, 3, 8), torch.float16), ids_tensor([2]), backend=b
-        ),
-        "dst_ids holds block id 2, outside the pool's 2 blocks",
+    "packed on another device": (
+        lambda b: unpack_blocks(pool_(), ids_tensor([0]), packed_(1, device=META), backend=b),
+        "packed is on meta",
     ),
 }
 
@@ -143,7 +107,7 @@ def test_failed_write_leaves_the_pool_unchanged(backend: str) -> None:
     pool = pool_()
     before = pool.clone()
     with pytest.raises(KernelError, match="block id 9"):
-        scatter_kv(pool, ids_tensor([0, 9]), kv_(2) + 1, backend=backend)
+        unpack_blocks(pool, ids_tensor([0, 9]), packed_(2) + 1, backend=backend)
     with pytest.raises(KernelError, match="packed has shape"):
         unpack_blocks(pool, ids_tensor([0, 1]), packed_(3) + 1, backend=backend)
     assert torch.equal(pool, before)
@@ -151,7 +115,7 @@ def test_failed_write_leaves_the_pool_unchanged(backend: str) -> None:
 
 def test_unknown_backend_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KernelError, match=r"backend='cuda' is unknown; expected one of \('auto'"):
-        gather_kv(pool_(), ids_tensor([0]), backend="cuda")
+        pack_blocks(pool_(), ids_tensor([0]), backend="cuda")
     monkeypatch.setenv("KVCACHE_KERNEL_BACKEND", "fast")
     with pytest.raises(KernelError, match="KVCACHE_KERNEL_BACKEND='fast' is unknown"):
         select_backend(torch.device("cpu"))
@@ -163,6 +127,4 @@ def test_triton_refuses_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.
     monkeypatch.setattr(module, "interpreted", lambda: False)
     cpu_pool = make_pool(SHAPE, torch.float16, device=torch.device("cpu"))
     with pytest.raises(KernelError, match="need pool on a CUDA device, got cpu"):
-        module.gather_kv(cpu_pool, torch.tensor([0]))
-    with pytest.raises(KernelError, match="across devices"):
-        copy_blocks(pool_(), ids_tensor([0]), pool_().to(META), torch.tensor([0]), backend="triton")
+        module.pack_blocks(cpu_pool, torch.tensor([0]))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernels_support import DEVICE, DTYPES, make_pool, naive_gather, naive_pack, triton_module
+from kernels_support import DEVICE, DTYPES, make_pool, naive_pack, triton_module
 
-from kvcache.kernels.dispatch import gather_kv, pack_blocks, scatter_kv, unpack_blocks
+from kvcache.kernels.dispatch import pack_blocks, unpack_blocks
 
 
 @st.composite
@@ -30,18 +30,15 @@ def pool_and_ids(draw: st.DrawFn) -> tuple[torch.Tensor, list[int]]:
 def test_reference_round_trips_and_matches_loops(case: tuple[torch.Tensor, list[int]]) -> None:
     pool, ids = case
     index = torch.tensor(ids, dtype=torch.int64)
-    kv = gather_kv(pool, index, backend="reference")
-    assert torch.equal(kv.cpu(), naive_gather(pool, ids))
     packed = pack_blocks(pool, index, backend="reference")
     assert torch.equal(packed.cpu(), naive_pack(pool, ids))
 
     # Writing what was read changes nothing; writing it elsewhere reproduces it there.
     before = pool.clone()
-    scatter_kv(pool, index, kv, backend="reference")
     unpack_blocks(pool, index, packed, backend="reference")
     assert torch.equal(pool, before)
     fresh = torch.zeros_like(pool)
-    scatter_kv(fresh, index, kv, backend="reference")
+    unpack_blocks(fresh, index, packed, backend="reference")
     assert torch.equal(pack_blocks(fresh, index, backend="reference"), packed)
 
 
@@ -52,10 +49,10 @@ def test_triton_equals_reference(case: tuple[torch.Tensor, list[int]]) -> None:
     tk = triton_module()
     pool, ids = case
     index = torch.tensor(ids, dtype=torch.int64, device=DEVICE)
-    assert torch.equal(tk.gather_kv(pool, index), gather_kv(pool, index, backend="reference"))
-    assert torch.equal(tk.pack_blocks(pool, index), pack_blocks(pool, index, backend="reference"))
-    kv = torch.randn_like(gather_kv(pool, index, backend="reference"))
+    packed = pack_blocks(pool, index, backend="reference")
+    assert torch.equal(tk.pack_blocks(pool, index), packed)
+    packed = torch.randn_like(packed)
     ours, theirs = pool.clone(), pool.clone()
-    tk.scatter_kv(ours, index, kv)
-    scatter_kv(theirs, index, kv, backend="reference")
+    tk.unpack_blocks(ours, index, packed)
+    unpack_blocks(theirs, index, packed, backend="reference")
     assert torch.equal(ours, theirs)

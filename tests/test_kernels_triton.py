@@ -48,14 +48,7 @@ def test_every_op_equals_the_reference(
     ids = ids_tensor(some_ids(num_blocks, seed=1))
     n = ids.numel()
 
-    assert torch.equal(tk.gather_kv(pool, ids), reference.gather_kv(pool, ids))
     assert torch.equal(tk.pack_blocks(pool, ids), reference.pack_blocks(pool, ids))
-
-    kv = dense((num_layers, 2, kv_heads, n * block_size, head_dim), dtype, seed=2)
-    ours, theirs = pool.clone(), pool.clone()
-    tk.scatter_kv(ours, ids, kv)
-    reference.scatter_kv(theirs, ids, kv)
-    assert torch.equal(ours, theirs)
 
     packed = dense((n, num_layers, 2, block_size, kv_heads, head_dim), dtype, seed=3)
     ours, theirs = pool.clone(), pool.clone()
@@ -63,51 +56,41 @@ def test_every_op_equals_the_reference(
     reference.unpack_blocks(theirs, ids, packed)
     assert torch.equal(ours, theirs)
 
-    tier = make_pool((num_layers, num_blocks + 2, block_size, kv_heads, head_dim), dtype, seed=4)
-    dst_ids = ids_tensor(some_ids(num_blocks + 2, seed=5)[:n])
-    ours, theirs = tier.clone(), tier.clone()
-    tk.copy_blocks(pool, ids, ours, dst_ids)
-    reference.copy_blocks(pool, ids, theirs, dst_ids)
-    assert torch.equal(ours, theirs)
-
 
 def test_strided_sources_are_read_through_their_strides(tk: ModuleType) -> None:
     pool = make_pool((2, 6, 4, 3, 8), torch.float16)
     ids = ids_tensor([5, 1, 3])
-    # A cache laid out [L, 2, seq, H, D] and viewed as [L, 2, H, seq, D]: not contiguous.
-    kv = dense((2, 2, 12, 3, 8), torch.float16, seed=6).transpose(2, 3)
+    # A buffer laid out [L, 2, n, bs, H, D] and viewed as [n, L, 2, bs, H, D]: not contiguous.
     packed = dense((2, 2, 3, 4, 3, 8), torch.float16, seed=7).permute(2, 0, 1, 3, 4, 5)
-    assert not kv.is_contiguous() and not packed.is_contiguous()
-    for op, arg in ((tk.scatter_kv, kv), (tk.unpack_blocks, packed)):
-        ours, theirs = pool.clone(), pool.clone()
-        op(ours, ids, arg)
-        getattr(reference, op.__name__)(theirs, ids, arg)
-        assert torch.equal(ours, theirs)
+    assert not packed.is_contiguous()
+    ours, theirs = pool.clone(), pool.clone()
+    tk.unpack_blocks(ours, ids, packed)
+    reference.unpack_blocks(theirs, ids, packed)
+    assert torch.equal(ours, theirs)
 
 
 def test_writes_convert_dtype_like_the_reference(tk: ModuleType) -> None:
     pool = make_pool((2, 6, 4, 3, 8), torch.bfloat16)
     ids = ids_tensor([4, 0])
-    kv = dense((2, 2, 3, 8, 8), torch.float32, seed=8)
+    packed = dense((2, 2, 2, 4, 3, 8), torch.float32, seed=8)
     ours, theirs = pool.clone(), pool.clone()
-    tk.scatter_kv(ours, ids, kv)
-    reference.scatter_kv(theirs, ids, kv)
+    tk.unpack_blocks(ours, ids, packed)
+    reference.unpack_blocks(theirs, ids, packed)
     assert torch.equal(ours, theirs)
 
 
 def test_int32_ids_held_on_the_cpu(tk: ModuleType) -> None:
     pool = make_pool((2, 6, 4, 3, 8), torch.float32)
-    ids = torch.tensor([2, 5, 2], dtype=torch.int32)  # a gather may repeat a block
-    assert torch.equal(tk.gather_kv(pool, ids), reference.gather_kv(pool, ids.long().to(DEVICE)))
+    ids = torch.tensor([2, 5, 2], dtype=torch.int32)  # a read may repeat a block
+    assert torch.equal(tk.pack_blocks(pool, ids), reference.pack_blocks(pool, ids.long().to(DEVICE)))
 
 
 def test_empty_ids_launch_nothing(tk: ModuleType) -> None:
     pool = make_pool((2, 6, 4, 3, 8), torch.float32)
     before = pool.clone()
     empty = ids_tensor([])
-    assert tk.gather_kv(pool, empty).shape == (2, 2, 3, 0, 8)
     assert tk.pack_blocks(pool, empty).shape == (0, 2, 2, 4, 3, 8)
-    tk.scatter_kv(pool, empty, torch.empty(2, 2, 3, 0, 8, device=DEVICE))
+    tk.unpack_blocks(pool, empty, torch.empty(0, 2, 2, 4, 3, 8, device=DEVICE))
     assert torch.equal(pool, before)
 
 

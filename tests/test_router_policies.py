@@ -96,7 +96,7 @@ def test_lpm_balanced_rules() -> None:
 # with ``argmin``: the specification the column arithmetic must reproduce exactly, seeded
 # tie-breaks included.
 def ref_least_loaded(i: RoutingInput) -> int:
-    return argmin(i, lambda v: (v.active_requests, v.pending_prefill_tokens))
+    return argmin(i, lambda v: (v.in_flight_requests, v.pending_prefill_tokens))
 
 
 def ref_lpm(i: RoutingInput) -> int:
@@ -112,13 +112,13 @@ def ref_dynamo(i: RoutingInput) -> int:
 
 def ref_balanced(abs_t: int, rel_t: float, cache_t: float | None) -> Policy:
     def policy(i: RoutingInput) -> int:
-        loads = [v.active_requests for v in i.workers]
+        loads = [v.in_flight_requests for v in i.workers]
         if max(loads) - min(loads) > abs_t and max(loads) > min(loads) * rel_t:
-            return argmin(i, lambda v: v.active_requests)
+            return argmin(i, lambda v: v.in_flight_requests)
         best = max(v.overlap_blocks for v in i.workers)
         if cache_t is not None and not (best and best * i.block_size / i.num_tokens > cache_t):
-            return argmin(i, lambda v: v.active_requests)
-        return argmin(i, lambda v: (-v.overlap_blocks, v.active_requests))
+            return argmin(i, lambda v: v.in_flight_requests)
+        return argmin(i, lambda v: (-v.overlap_blocks, v.in_flight_requests))
 
     return policy
 
@@ -128,7 +128,7 @@ def ref_affinity(i: RoutingInput) -> int:
 
     def cost(v: WorkerView) -> float:
         new = i.new_tokens(v)
-        prefill = lat.prefill_ms(new, i.num_tokens - new, min(v.active_requests, slots - 1))
+        prefill = lat.prefill_ms(new, i.num_tokens - new, min(v.in_flight_requests, slots - 1))
         wait = v.queued_prefill_ms
         if cap and service:
             excess = v.held_blocks + i.num_blocks - v.overlap_blocks - cap
@@ -155,7 +155,7 @@ REFERENCES: dict[str, Policy] = {
 
 small = st.integers(0, 6)
 views_strategy = st.lists(
-    st.tuples(small, small, st.integers(0, 80), st.integers(0, 3).map(lambda n: n * 16), small, small),
+    st.tuples(small, small, st.integers(0, 80), st.integers(0, 3).map(lambda n: n * 16), small, small, small),
     min_size=1,
     max_size=12,
 )
@@ -164,12 +164,13 @@ views_strategy = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(views_strategy, st.integers(1, 120), st.sampled_from([None, 8, 40]), st.sampled_from([0.0, 900.0]))
 def test_column_policies_choose_as_their_per_view_formulas(
-    rows: list[tuple[int, int, int, int, int, int]], num_tokens: int, cap: int | None, service: float
+    rows: list[tuple[int, int, int, int, int, int, int]], num_tokens: int, cap: int | None, service: float
 ) -> None:
-    """Small integer ranges make ties common, so the seeded tie-break is exercised too."""
+    """Small integer ranges make ties common, so the seeded tie-break is exercised too; reports
+    below, equal to and above the router's own count exercise the in-flight floor."""
     views = [
-        WorkerView(w, min(o, -(-num_tokens // 16)), a, b, p, q * 250.0, h)
-        for w, (o, a, b, p, q, h) in enumerate(rows)
+        WorkerView(w, min(o, -(-num_tokens // 16)), a, b, p, q * 250.0, h, r)
+        for w, (o, a, b, p, q, h, r) in enumerate(rows)
     ]
 
     def make(seed: int) -> RoutingInput:

@@ -10,8 +10,8 @@ import pytest
 from kvcache import ConfigError
 from kvcache.lab import report
 from kvcache.lab.replay import ReplayConfig, prepare, replay
-from kvcache.lab.synth import SynthConfig, synthesize
 from kvcache.lab.trace import FORMAT_MOONCAKE, FORMAT_TOKENS, Trace, to_block_ids
+from kvcache.lab.workloads import SynthConfig, synthesize
 
 
 def mooncake(

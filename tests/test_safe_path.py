@@ -56,10 +56,10 @@ def test_a_model_builds_from_the_repository_root() -> None:
 def test_our_kernels_still_import_as_kvcache_kernels() -> None:
     got = run_in_root(
         "from kvcache.kernels.dispatch import pack_blocks\n"
-        "from kvcache.kernels.attention import paged_decode_attention\n"
-        "print(pack_blocks.__module__, paged_decode_attention.__module__)"
+        "from kvcache.kernels.paged import paged_attention\n"
+        "print(pack_blocks.__module__, paged_attention.__module__)"
     )
-    assert got == "kvcache.kernels.dispatch kvcache.kernels.attention"
+    assert got == "kvcache.kernels.dispatch kvcache.kernels.paged"
 
 
 def test_kernels_folder_is_a_namespace_package() -> None:

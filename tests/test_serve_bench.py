@@ -27,12 +27,16 @@ def test_token_and_mooncake_lines(tmp_path: Path) -> None:
     path.write_text("\n".join(json.dumps(x) for x in tokens) + "\n\n")
     trace = load_trace(str(path), block_tokens=16, vocab_size=256)
     assert [(r.output_tokens, r.tenant) for r in trace] == [(3, "acme"), (16, "bob")]
-    assert trace[0].prompt == list(b"hi") and trace[1].prompt == [1, 2, 3]
+    assert trace[0].tokens == tuple(b"hi") and trace[1].tokens == (1, 2, 3)
     path.write_text("\n".join(json.dumps(x) for x in mooncake) + "\n")
     trace = load_trace(str(path), block_tokens=16, vocab_size=256)
-    assert [(r.output_tokens, r.tenant) for r in trace] == [(2, None), (1, None)]
-    a, b = trace[0].prompt, trace[1].prompt
-    assert isinstance(a, list) and isinstance(b, list)
+    # Mooncake lines have no tenant: "default", as in a replay
+    assert [(r.output_tokens, r.tenant, r.timestamp_ms) for r in trace] == [
+        (2, "default", 0),
+        (1, "default", 5),
+    ]
+    a, b = trace[0].tokens, trace[1].tokens
+    assert a is not None and b is not None
     assert len(a) == 20 and len(b) == 12 and a[:12] == b  # equal hash ids, equal blocks
     assert all(1 <= t < 256 for t in a)
 
@@ -40,8 +44,9 @@ def test_token_and_mooncake_lines(tmp_path: Path) -> None:
 def test_synthetic_trace_is_the_multi_tenant_chat_workload() -> None:
     trace = load_trace("synthetic:tenants=2,sessions=1,turns=2,system=32,user=8,output=4")
     assert [r.tenant for r in trace] == ["tenant0", "tenant1", "tenant0", "tenant1"]
-    assert [len(r.prompt) for r in trace] == [40, 40, 52, 52]
-    assert trace[0].prompt[:32] == trace[1].prompt[:32]  # the shared system prompt
+    assert [r.num_tokens for r in trace] == [40, 40, 52, 52]
+    assert trace[0].tokens is not None and trace[1].tokens is not None
+    assert trace[0].tokens[:32] == trace[1].tokens[:32]  # the shared system prompt
 
 
 @pytest.mark.parametrize(

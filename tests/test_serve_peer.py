@@ -140,3 +140,24 @@ def test_links_kept_too_long_are_closed() -> None:
         assert pool.idle == {}
 
     run(worker, scenario)
+
+
+def test_a_listener_that_closes_before_answering_the_challenge_is_a_failed_worker() -> None:
+    """A worker dying as it is challenged: aiohttp retries the challenge on a second connection,
+    which the link refuses; the caller gets ``UnprovenWorker`` (a connection error it retries
+    elsewhere), and the listener saw one connection and nothing on it."""
+    accepted = []
+
+    async def main() -> None:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(await reader.read(1))
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            with pytest.raises(peer.UnprovenWorker, match="closed the connection before answering"):
+                await peer.WorkerLink(f"http://127.0.0.1:{port}", KEYS, TIMEOUT, W0).prove()
+
+    asyncio.run(main())
+    assert len(accepted) == 1

@@ -12,8 +12,8 @@ from kvcache.costs import LatencyModel
 from kvcache.lab import report
 from kvcache.lab.replay import ReplayConfig, prepare, replay
 from kvcache.lab.sim_tiers import SimTiers, TierSizes
-from kvcache.lab.synth import SynthConfig, synthesize
 from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, to_block_ids
+from kvcache.lab.workloads import SynthConfig, synthesize
 
 
 def small_trace() -> Trace:

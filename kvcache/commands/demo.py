@@ -25,7 +25,7 @@ from kvcache.cache.config import CacheConfig
 from kvcache.cache.manager import BlockManager
 from kvcache.cache.tenancy import Scope
 from kvcache.commands import _argtypes as argtypes
-from kvcache.lab.workloads import multi_turn_chat, system_prompt
+from kvcache.lab.workloads import SynthConfig, multi_turn_chat, synthesize, system_prompt
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "a tour on embedded defaults: block manager hit rates, routing policies, a real model's chat and TTFT"
@@ -74,7 +74,6 @@ def _router(seed: int) -> None:
     """What ``kvcache trace --workload mix`` and ``kvcache replay --policy all`` print, on 8 workers."""
     from kvcache.lab import report
     from kvcache.lab.replay import ReplayConfig, prepare, replay
-    from kvcache.lab.synth import SynthConfig, synthesize
     from kvcache.lab.trace import Trace, to_block_ids
     from kvcache.router.policies import POLICIES
 
@@ -157,6 +156,7 @@ def _manager(args: argparse.Namespace) -> None:
     if not outsiders:
         return  # every tenant shares one scope: there is no isolation to show
     other = outsiders[-1]
+    assert probe.tokens is not None, "multi_turn_chat requests are token-level"
     own = manager.lookup(probe.tokens, scopes[probe.tenant])
     probed = manager.lookup(probe.tokens, scopes[other])
     print(

@@ -26,7 +26,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default="0.05,0.1,0.3",
         help="total capacity as fractions of each trace's unique blocks",
     )
-    parser.add_argument("--policy", default="all", help="comma list of policies, or 'all'")
+    parser.add_argument(
+        "--policy", default="all", help="comma list of policies, or 'all' (the seven baselines and affinity)"
+    )
     parser.add_argument(
         "--load", type=float, default=0.5, help="offered prefill load per worker (1.0 = saturated)"
     )
@@ -41,11 +43,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.lab.matrix import MatrixConfig, plot, run_matrix, summary
-    from kvcache.lab.shapes import SHAPES
-    from kvcache.router.policies import POLICIES
+    from kvcache.lab.workloads import SHAPES
+    from kvcache.router.policies import COMPARED, POLICIES
 
     shapes = _list(str, args.shapes)
-    policies = tuple(POLICIES) if args.policy == "all" else _list(str, args.policy)
+    policies = COMPARED if args.policy == "all" else _list(str, args.policy)
     for name in shapes:
         if name not in SHAPES:
             raise ConfigError(f"--shapes {name!r} is unknown; choose from {', '.join(SHAPES)}")

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.lab import report
     from kvcache.lab.replay import ReplayConfig, prepare, replay
     from kvcache.lab.trace import read_trace
-    from kvcache.router.policies import POLICIES
+    from kvcache.router.policies import COMPARED, POLICIES
 
     if args.plot:  # before the replay, not after it
         try:
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if trace.block_tokens is not None:
         block_size = trace.block_tokens
     block_size = block_size or 16
-    policies = list(POLICIES) if args.policy == "all" else args.policy.split(",")
+    policies = list(COMPARED) if args.policy == "all" else args.policy.split(",")
     for name in policies:
         if name not in POLICIES:
             raise ConfigError(f"--policy {name!r} is unknown; choose from {', '.join(POLICIES)} or 'all'")

@@ -1,4 +1,5 @@
-"""``kvcache serve``: an OpenAI-compatible server over N worker processes sharing Redis."""
+"""``kvcache serve``: an OpenAI-compatible server over N worker processes sharing Redis, or, with
+``--workers 0``, one more front of a running deployment (``launch``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import asyncio
 import os
 
 from kvcache.commands import _argtypes as argtypes
-from kvcache.costs import ENGINE_MAX_NUM_SEQS
+from kvcache.commands._engine_flags import add_engine_flags, given_flags
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
+# Flags of the workers this command starts: a front only (--workers 0) refuses them when given.
+WORKER_FLAGS = ("threads", "dtype", "device", "no_pod_tier", "max_waiting")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +26,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="names clients send as 'model' (the first is reported; default: --model)",
     )
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes to start (default 1); 0: front only: join the running deployment at "
+        "--redis (or KVCACHE_REDIS_URL) with its secret (KVCACHE_SECRET or KVCACHE_SECRET_FILE), "
+        "starting neither Redis nor workers; give it the deployment's --model, --block-size, "
+        "--max-running, --num-blocks and --config",
+    )
     parser.add_argument(
         "--redis",
         help="use this Redis (redis://host:port/db, no password: give a URL with "
@@ -45,32 +56,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "affinity prices workers with; default: LatencyModel's built-in figures",
     )
     parser.add_argument("--mode", default="precise", choices=["precise", "approx"])
-    parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
-    parser.add_argument("--block-size", type=int, default=16)
+    add_engine_flags(parser, of_workers=True)
     parser.add_argument(
         "--max-prompt-tokens",
         type=int,
         help="longest prompt accepted (default: a worker's pool, num-blocks x block-size)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
-    )
-    parser.add_argument("--device", help="torch device of the workers (default: cuda if present)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--no-pod-tier", action="store_true", help="workers do not share blocks via Redis")
-    parser.add_argument(
-        "--max-waiting",
-        type=argtypes.non_negative_int,
-        default=64,
-        help="per worker: requests waiting for their first token before it answers 503",
-    )
-    parser.add_argument(
-        "--max-running",
-        type=argtypes.positive_int,
-        default=ENGINE_MAX_NUM_SEQS,
-        help="per worker: sequences in one batch (the engine's max_num_seqs)",
     )
     parser.add_argument(
         "--header-timeout",
@@ -119,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.serve import auth, launch, limits
     from kvcache.serve.config import ServeConfig
 
+    if args.workers < 0:
+        raise ConfigError(f"--workers={args.workers} must be >= 0 (0: a front only, joining a deployment)")
     for flag, value in (
-        ("--workers", args.workers),
         ("--num-blocks", args.num_blocks),
         ("--block-size", args.block_size),
         ("--threads", args.threads),
@@ -130,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     max_prompt_tokens = args.max_prompt_tokens or args.num_blocks * args.block_size
     if max_prompt_tokens < 1:
         raise ConfigError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
+    secret = auth.load_secret(os.environ)  # KVCACHE_SECRET(_FILE)
+    given = auth.redis_url(args.redis, os.environ)
+    if args.workers == 0:
+        _check_front_only(args, given, secret)
     launch.check_policy(args.policy)
     latency = LatencyModel.from_json(args.latency) if args.latency else None
     config = ServeConfig.load(args.config)
@@ -143,9 +138,8 @@ def run(args: argparse.Namespace) -> int:
     # a model without a tokenizer fails here, before any worker starts.
     argtypes.check_port_free(args.host or config.host, args.port)
     tokenizer = tokenize.load(args.model)
-    secret = auth.load_secret(os.environ) or auth.new_secret()  # KVCACHE_SECRET(_FILE), else a new one
+    secret = secret or auth.new_secret()
     keys = auth.DeploymentKeys.from_secret(secret)
-    given = auth.redis_url(args.redis, os.environ)
     if given is not None:
         auth.refuse_open_redis(given)
         launch.check_redis(given)
@@ -188,3 +182,26 @@ def run(args: argparse.Namespace) -> int:
         if redis is not None:
             redis.stop()
     return 0
+
+
+def _check_front_only(args: argparse.Namespace, redis_url: str | None, secret: bytes | None) -> None:
+    """``ConfigError`` naming what a front only (``--workers 0``) lacks or cannot use."""
+    from kvcache.errors import ConfigError
+    from kvcache.serve import auth
+
+    if redis_url is None:
+        raise ConfigError(
+            "--workers 0 starts a front only, which joins a running deployment: give that deployment's "
+            f"Redis with --redis URL (or {auth.REDIS_URL_ENV}, where the URL holds a password)"
+        )
+    if secret is None:
+        raise ConfigError(
+            f"--workers 0 starts a front only: give it the deployment's secret in {auth.SECRET_ENV} or "
+            f"{auth.SECRET_FILE_ENV}, as its workers have it (with another secret no worker would verify)"
+        )
+    given = given_flags(args, WORKER_FLAGS)
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} configure the workers this command starts, and --workers 0 starts none: "
+            "drop them (the deployment's workers keep their own)"
+        )

@@ -10,8 +10,7 @@ HELP = "generate a seeded synthetic request trace (chat, agents, documents, RAG,
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    from kvcache.lab.shapes import SHAPES
-    from kvcache.lab.synth import WORKLOADS
+    from kvcache.lab.workloads import SHAPES, WORKLOADS
 
     parser.add_argument("output", type=argtypes.output_path, help="JSONL file to write")
     parser.add_argument(
@@ -46,14 +45,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
-    from kvcache.lab.shapes import SHAPES, ShapeConfig, generate, scale_to_load
-    from kvcache.lab.synth import SynthConfig, synthesize
-    from kvcache.lab.trace import to_block_ids, write_trace
+    from kvcache.lab.trace import scale_to_load, to_block_ids, write_trace
+    from kvcache.lab.workloads import SHAPES, ShapeConfig, SynthConfig, synthesize, synthesize_shape
 
     if args.workload in SHAPES:
         if args.format != "mooncake":
             raise ConfigError(f"--workload {args.workload} is written in Mooncake format only; drop --format")
-        requests = generate(
+        requests = synthesize_shape(
             ShapeConfig(args.workload, args.requests, args.block_tokens, args.tenants or 40, seed=args.seed)
         )
         if args.load is not None:

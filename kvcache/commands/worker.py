@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from kvcache.commands import _argtypes as argtypes
-from kvcache.costs import ENGINE_MAX_NUM_SEQS
+from kvcache.commands._engine_flags import add_engine_flags
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "run one engine worker that registers in Redis and serves the front over HTTP"
@@ -31,29 +31,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=argtypes.port, default=0, help="0 = any free port")
     parser.add_argument("--advertise", help="host the front should connect to (default: --host)")
     parser.add_argument("--config", help="the server config, for tenant quotas and k-anonymity")
-    parser.add_argument("--num-blocks", type=int, default=1024)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
-    )
-    parser.add_argument("--device", help="torch device, e.g. cpu, cuda (default: cuda if present)")
+    add_engine_flags(parser, of_workers=False)
     parser.add_argument("--seed", type=int, default=0, help="weights of random models (same on every worker)")
-    parser.add_argument("--no-pod-tier", action="store_true", help="do not share blocks through Redis")
-    parser.add_argument(
-        "--max-waiting",
-        type=argtypes.non_negative_int,
-        default=64,
-        help="requests waiting for their first token before new ones get 503 + Retry-After",
-    )
-    parser.add_argument(
-        "--max-running",
-        type=argtypes.positive_int,
-        default=ENGINE_MAX_NUM_SEQS,
-        help="sequences in one batch (the engine's max_num_seqs)",
-    )
     parser.add_argument(
         "--vllm-events",
         metavar="PUB[,REPLAY]",

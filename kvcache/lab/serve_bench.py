@@ -9,7 +9,9 @@ A trace is a JSON-lines file in either format of ``kvcache.lab.trace`` (the repl
   equal blocks (shared prefixes) and the prompt is cut to ``input_length``;
 
 or ``synthetic[:key=value,...]`` for ``kvcache.lab.workloads.multi_turn_chat`` (keys: tenants,
-sessions, turns, system, user, output, seed, shared).
+sessions, turns, system, user, output, seed, shared). Either way the requests are the replay's
+``TraceRequest``s with token ids; a request of a tenant ``--config`` names is sent with that tenant's
+key (Mooncake requests are tenant ``default``, as in a replay), any other with ``api_key``.
 
 Requests are sent in trace order (wrapping around) with Poisson arrivals at ``rate`` per second
 (``poisson_gaps``), at most ``max_concurrency`` in flight, until ``duration_s`` has passed or
@@ -37,16 +39,8 @@ from typing import Any
 import numpy as np
 
 from kvcache.errors import ConfigError, TraceError
-from kvcache.lab.trace import TraceRequest as RouterTraceRequest
-from kvcache.lab.trace import read_trace
+from kvcache.lab.trace import TraceRequest, read_trace, token_request
 from kvcache.lab.workloads import multi_turn_chat
-
-
-@dataclass(frozen=True, slots=True)
-class TraceRequest:
-    prompt: str | list[int]
-    output_tokens: int
-    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -79,20 +73,19 @@ def _synthetic(spec: str, vocab_size: int) -> list[TraceRequest]:
         if key not in names or not value.isdigit():
             raise TraceError(f"synthetic trace option {item!r}: use key=integer with keys {sorted(names)}")
         kwargs[names[key]] = bool(int(value)) if key == "shared" else int(value)
-    reqs = multi_turn_chat(vocab_size=vocab_size, **kwargs)
-    return [TraceRequest(r.tokens, r.output_tokens, r.tenant) for r in reqs]
+    return multi_turn_chat(vocab_size=vocab_size, **kwargs)
 
 
-def _expand(req: RouterTraceRequest, block_tokens: int, vocab_size: int) -> TraceRequest:
-    """A trace request as prompt token ids; each Mooncake hash id becomes ``block_tokens`` ids drawn
+def _expand(req: TraceRequest, block_tokens: int, vocab_size: int) -> TraceRequest:
+    """A trace request with token ids; each Mooncake hash id becomes ``block_tokens`` ids drawn
     from a generator seeded by it, so equal ids give equal blocks (shared prefixes)."""
     if req.tokens is not None:
-        return TraceRequest(list(req.tokens), req.output_tokens, req.tenant)
+        return req
     assert req.block_ids is not None
     tokens: list[int] = []
     for h in req.block_ids:
         tokens += np.random.default_rng(h).integers(1, vocab_size, size=block_tokens).tolist()
-    return TraceRequest(tokens[: req.num_tokens], req.output_tokens, None)
+    return token_request(tokens[: req.num_tokens], req.output_tokens, timestamp_ms=req.timestamp_ms)
 
 
 def load_trace(spec: str, *, block_tokens: int = 512, vocab_size: int = 256) -> list[TraceRequest]:
@@ -104,8 +97,9 @@ def load_trace(spec: str, *, block_tokens: int = 512, vocab_size: int = 256) -> 
 
 
 async def _one(session: Any, url: str, req: TraceRequest, headers: dict[str, str]) -> Result:
+    assert req.tokens is not None, "expand block ids into tokens first (load_trace)"
     body = {
-        "prompt": req.prompt,
+        "prompt": list(req.tokens),
         "max_tokens": req.output_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -228,7 +222,7 @@ async def run_load(
 
     async def bounded(req: TraceRequest) -> Result:
         async with limit:
-            key = keys.get(req.tenant, api_key) if req.tenant is not None else api_key
+            key = keys.get(req.tenant, api_key)
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             sent_s = time.perf_counter() - start
             result = await _one(session, url, req, headers)

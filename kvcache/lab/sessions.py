@@ -56,7 +56,7 @@ def uncached_ttft(engine: Engine, tokens: Sequence[int]) -> float:
     """Seconds for the bare model to prefill ``tokens`` from scratch and pick the first token."""
     start = time.perf_counter()
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=engine.device)
-    int(hf.forward(engine.model, ids, hf.new_cache(None), 0)[0].argmax())
+    int(hf.forward(engine.model, ids, hf.new_cache(), 0)[0].argmax())
     return time.perf_counter() - start
 
 

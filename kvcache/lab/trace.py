@@ -9,8 +9,11 @@ Two formats, told apart line by line from the fields present (so a file is auto-
   ``output_length``). ``text`` becomes its UTF-8 bytes, one token per byte (a stand-in tokenizer
   that needs no model files; pass real token ids in ``tokens`` when they matter).
 
-A bad line raises ``TraceError`` naming the file, the line number and the field. Writing traces
-is here too (``write_trace``); generating them is ``synth``'s job.
+A bad line raises ``TraceError`` naming the file, the line number and the field. Also here:
+writing traces (``write_trace``), token-level requests as Mooncake ones (``to_block_ids``, over
+``prefix_chain``), and a trace's clock rescaled to an offered prefill load (``scale_to_load``).
+
+Not here: generating traces (``workloads``), replaying them (``replay``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvcache.errors import TraceError
+from kvcache.costs import LatencyModel
+from kvcache.errors import ConfigError, TraceError
 
 MOONCAKE_BLOCK_TOKENS = 512
 FORMAT_MOONCAKE = "mooncake"
@@ -39,6 +43,25 @@ class TraceRequest:
     session: str = ""
     block_ids: tuple[int, ...] | None = None
     tokens: tuple[int, ...] | None = None
+
+
+def token_request(
+    tokens: Iterable[int],
+    output_tokens: int,
+    *,
+    tenant: str = "default",
+    session: str = "",
+    timestamp_ms: float = 0.0,
+) -> TraceRequest:
+    """A token-level request of ``tokens`` (copied)."""
+    prompt = tuple(tokens)
+    return TraceRequest(timestamp_ms, len(prompt), output_tokens, tenant, session, tokens=prompt)
+
+
+def prompt_text(req: TraceRequest) -> str:
+    """The text of a request whose tokens are UTF-8 bytes (a trace's ``text`` field)."""
+    assert req.tokens is not None, "a block-id request has no text"
+    return bytes(req.tokens).decode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +142,7 @@ def parse_line(obj: Any, where: str, block_tokens: int = MOONCAKE_BLOCK_TOKENS) 
         tokens = tuple(text.encode("utf-8"))
     else:
         raise TraceError(f"{where}: field 'tokens' (or 'text', or Mooncake's 'hash_ids') is missing")
-    return TraceRequest(timestamp, len(tokens), output, tenant, session, tokens=tokens)
+    return token_request(tokens, output, tenant=tenant, session=session, timestamp_ms=timestamp)
 
 
 def read_trace(path: str | Path, block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> Trace:
@@ -185,24 +208,59 @@ def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> int:
     return count
 
 
+def prefix_chain(
+    items: Sequence[int], items_per_block: int, ids: dict[tuple[int, tuple[int, ...]], int]
+) -> tuple[int, ...]:
+    """Ids of ``items`` cut into blocks of ``items_per_block``, chained by prefix: a block's id is
+    looked up in ``ids`` (shared by every request of a trace) by its parent's id and its items, and
+    new ones are numbered in first-seen order, so equal ids at a position mean equal prefixes."""
+    parent = -1
+    chain: list[int] = []
+    for start in range(0, len(items), items_per_block):
+        parent = ids.setdefault((parent, tuple(items[start : start + items_per_block])), len(ids))
+        chain.append(parent)
+    return tuple(chain)
+
+
 def to_block_ids(
     requests: Sequence[TraceRequest], block_tokens: int = MOONCAKE_BLOCK_TOKENS
 ) -> list[TraceRequest]:
-    """Token-level requests as Mooncake ones: equal prefix blocks get equal ids.
+    """Token-level requests as Mooncake ones: equal prefix blocks get equal ids (``prefix_chain``).
 
-    Ids are assigned in first-seen order over (parent id, block tokens), so they are
-    prefix-chained the way Mooncake's are. Mooncake traces have no tenants: equal prefixes get
-    equal ids whoever sent them (the tenant is dropped).
+    Mooncake traces have no tenants: equal prefixes get equal ids whoever sent them (the tenant is
+    dropped).
     """
     ids: dict[tuple[int, tuple[int, ...]], int] = {}
     out: list[TraceRequest] = []
     for req in requests:
         assert req.tokens is not None, "already a block-id request"
-        parent = -1
-        chain: list[int] = []
-        for start in range(0, len(req.tokens), block_tokens):
-            key = (parent, req.tokens[start : start + block_tokens])
-            parent = ids.setdefault(key, len(ids))
-            chain.append(parent)
-        out.append(TraceRequest(req.timestamp_ms, req.num_tokens, req.output_tokens, block_ids=tuple(chain)))
+        chain = prefix_chain(req.tokens, block_tokens, ids)
+        out.append(TraceRequest(req.timestamp_ms, req.num_tokens, req.output_tokens, block_ids=chain))
     return out
+
+
+def offered_load(requests: Sequence[TraceRequest], num_workers: int, latency: LatencyModel) -> float:
+    """Fraction of the workers' prefill time the trace asks for if nothing were cached."""
+    if len(requests) < 2:
+        return 0.0
+    work_ms = sum(latency.prefill_ms(r.num_tokens, 0, 0) for r in requests)
+    span_ms = requests[-1].timestamp_ms - requests[0].timestamp_ms
+    return work_ms / (num_workers * max(span_ms, 1e-9))
+
+
+def scale_to_load(
+    requests: Sequence[TraceRequest], num_workers: int, load: float, latency: LatencyModel | None = None
+) -> list[TraceRequest]:
+    """The same Mooncake requests on a clock stretched so that ``offered_load`` is ``load``."""
+    if load <= 0:
+        raise ConfigError(f"load={load} must be > 0 (1.0 = every prefill engine busy without caching)")
+    if num_workers < 1:
+        raise ConfigError(f"num_workers={num_workers} must be >= 1")
+    now = offered_load(requests, num_workers, latency or LatencyModel())
+    if now == 0.0:
+        return list(requests)
+    factor = now / load
+    return [
+        TraceRequest(round(r.timestamp_ms * factor, 3), r.num_tokens, r.output_tokens, block_ids=r.block_ids)
+        for r in requests
+    ]

@@ -7,11 +7,11 @@
 - :func:`convert_gguf` dequantizes a GGUF file (weights, tokenizer, chat template) into a plain
   safetensors checkpoint folder that :func:`load_model` then loads fast. Which GGUF, and where the
   folder lives, is ``kvcache.model.registry``' business.
-- :func:`new_cache` / :func:`read_cache` convert between the contiguous KV layout the block kernels
-  produce, ``[num_layers, 2, kv_heads, seq, head_dim]``, and the model's cache object, for both the
-  transformers 4.5x legacy helpers (``DynamicCache.from_legacy_cache``, ``key_cache``) and the 5.x
-  Cache API (``cache.layers[i].keys``). A transformers upgrade is this file's problem only.
-- :func:`forward` runs the model on new tokens at explicit positions after whatever the cache holds.
+- :func:`new_cache` makes an empty cache object, and :func:`forward` runs the model on new tokens at
+  explicit positions after whatever the cache holds (an uncached baseline, the KV geometry probe),
+  for both transformers 4.5x (legacy ``key_cache``, models that take tuples) and 5.x (the Cache
+  API's ``cache.layers[i].keys``, the ``cache=`` argument). A transformers upgrade is this file's
+  problem only.
 - :func:`weights_digest` names the exact weights a model holds (computed once in :func:`load_model`,
   kept in ``LoadedModel.weights_digest``), so spill tiers never mix KV of two checkpoints that
   share a name and a shape.
@@ -274,59 +274,32 @@ def load_tokenizer(name_or_path: str) -> Any | None:
 @torch.inference_mode()
 def _probe_shape(model: Any, device: torch.device) -> KVShape:
     """Read the KV geometry off one real forward, so every family reports it the same way."""
-    cache = new_cache(None)
+    cache = new_cache()
     ids = torch.zeros((1, 1), dtype=torch.long, device=device)
     logits = forward(model, ids, cache, 0)
-    kv = read_cache(cache, 0, 1)  # [L, 2, H, 1, D]
-    return KVShape(kv.shape[0], kv.shape[2], kv.shape[4], logits.shape[-1])
+    layers = _cache_layers(cache)
+    keys = layers[0][0]  # [1, kv_heads, 1, head_dim]
+    return KVShape(len(layers), keys.shape[1], keys.shape[3], logits.shape[-1])
 
 
 # ---- the cache object ------------------------------------------------------------------------
 
 
-def new_cache(kv: torch.Tensor | None) -> Any:
-    """A cache object holding ``kv`` ``[num_layers, 2, kv_heads, seq, head_dim]`` (batch 1), or an
-    empty one. Layer tensors are views of ``kv``: no copy beyond the gather that produced it.
+def new_cache() -> Any:
+    """An empty cache object; :func:`forward` grows it in place.
 
     Layers are full-attention even for sliding-window models: the model's mask still applies the
-    window, and the whole prefix stays readable for the pool.
+    window.
     """
-    if kv is None:
-        return DynamicCache()
-    return _cache_from_pairs([(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])])
+    return DynamicCache()
 
 
-def _cache_from_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    if hasattr(DynamicCache, "from_legacy_cache"):  # transformers 4.5x
-        return DynamicCache.from_legacy_cache(tuple(pairs))
-    cache = DynamicCache()
-    for layer_idx, (k, v) in enumerate(pairs):
-        # Set the layer's tensors directly: ``update`` would concatenate onto an empty tensor,
-        # copying the whole prefix a second time.
-        cache.update(k[:, :, :0], v[:, :, :0], layer_idx)
-        layer: Any = cache.layers[layer_idx]
-        layer.keys, layer.values = k, v
-    return cache
-
-
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer ``(keys, values)``, each ``[batch, kv_heads, seq, head_dim]``."""
     if hasattr(cache, "layers"):  # transformers >= 4.56
         layers: list[Any] = list(cache.layers)
         return [(layer.keys, layer.values) for layer in layers]
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
-
-
-def read_cache(cache: Any, start: int, end: int, batch_index: int = 0) -> torch.Tensor:
-    """Positions ``start:end`` of one sequence as ``[num_layers, 2, kv_heads, end - start, head_dim]``."""
-    layers = cache_layers(cache)
-    return torch.stack(
-        [torch.stack((k[batch_index, :, start:end], v[batch_index, :, start:end])) for k, v in layers]
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +327,7 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any, start_pos: int) -> 
     args = _forward_args(model.__class__)
     kwargs: dict[str, Any] = {"logits_to_keep": 1} if args.logits_to_keep else {}
     if args.legacy_tuples:
-        past = cache.to_legacy_cache() if cache_length(cache) else None
+        past = cache.to_legacy_cache() if cache.get_seq_length() else None
         out = model(
             input_ids=input_ids, position_ids=positions, past_key_values=past, use_cache=True, **kwargs
         )
@@ -364,12 +337,6 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any, start_pos: int) -> 
         kwargs[args.cache_kwarg] = cache
         out = model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
     return out.logits[:, -1].float()  # type: ignore[no-any-return]
-
-
-def batch_cache(kv: torch.Tensor, batch: int) -> Any:
-    """A cache holding the same ``kv`` ``[L, 2, H, seq, D]`` for ``batch`` sequences (calibration)."""
-    expanded = kv.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1).contiguous()  # [L, 2, B, H, seq, D]
-    return _cache_from_pairs([(expanded[layer, 0], expanded[layer, 1]) for layer in range(kv.shape[0])])
 
 
 # ---- paged attention over the engine's pool -------------------------------------------------

@@ -13,7 +13,8 @@ schedule per worker built from the latency model: a request's estimated prefill 
 previous estimate ends and, on a worker whose ``max_num_seqs`` sequence slots are all taken,
 when the earliest modelled finish frees one; a request is modelled to finish ``output_tokens - 1``
 decode steps after its prefill). It never reads a worker's internals; what a worker reports of
-its own load (``observe_load``) is passed to policies beside the router's count. Policies get
+its own load (``observe_load``) is passed to policies beside the router's count, and floors it
+(``WorkerView.in_flight_requests``): requests other routers placed count. Policies get
 the per-worker figures as columns the router updates where a load changes (a route, a finish,
 a report, a modelled prefill end), so routing costs array operations over the fleet, not a
 Python step per worker. Choosing is the policy's job (``policies``); simulating workers is
@@ -193,13 +194,23 @@ class Router:
 
     def observe_load(self, worker_id: WorkerId, num_requests: int) -> None:
         """The requests a worker reports it runs and queues (from every front, not only this
-        router's), shown to policies as ``WorkerView.reported_requests``. It is not added to
-        ``active_requests``: a report lags the worker by a Redis round trip, and a request this
-        router already saw finish would be counted again until the next report."""
+        router's), shown to policies as ``WorkerView.reported_requests``; load-aware policies
+        price ``WorkerView.in_flight_requests``, the router's own ``active_requests`` floored by
+        it, so requests this router did not place count. A floor, not a sum: a report lags the
+        worker by a Redis round trip, and adding it would count a request twice (routed here
+        and reported) or again after this router saw it finish."""
         load = self.loads.get(worker_id)
         if load is not None:
             load.reported = num_requests
             self._cols["reported_requests"][self._pos[worker_id]] = num_requests
+
+    def request_counts(self, worker_id: WorkerId) -> tuple[int, int]:
+        """A worker's ``(active_requests, reported_requests)``: routed here and not finished, and
+        running + waiting as it last reported (``observe_load``; 0 before any report)."""
+        load = self.loads.get(worker_id)
+        if load is None:
+            raise ConfigError(f"worker {worker_id} is not known to the router")
+        return len(load.active), load.reported
 
     def _sync(self, worker_id: WorkerId, load: _Load) -> None:
         """Copy ``load``'s figures into the columns (after it changed)."""
@@ -284,6 +295,8 @@ class Router:
             self.rng,
             self.capacity_blocks,
             self.mean_service_ms,
+            request.output_tokens,
+            request.block_keys,
         )
         worker_id = self.policy(inp)
         if worker_id not in self._pos:
@@ -301,7 +314,7 @@ class Router:
         load = self.loads[worker_id]
         new = inp.new_tokens(view)
         lat = self.latency
-        running = min(view.active_requests, lat.max_num_seqs - 1)
+        running = min(view.in_flight_requests, lat.max_num_seqs - 1)
         prefill = lat.prefill_ms(new, request.num_tokens - new, running)
         load.prefill_free_ms = load.start_ms(now, lat.max_num_seqs) + prefill
         load.finish_ms[request.request_id] = load.prefill_free_ms + (

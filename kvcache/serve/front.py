@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import secrets
 import time
@@ -115,17 +114,6 @@ class Outcome:
     tier_errors: int = 0
     finish_reason: str = "length"
     public_tokens: int = 0  # of the prompt, in published public blocks (as the front keyed it)
-
-
-def _worker_error(status: int, text: str) -> HTTPFailure:
-    """A worker's non-200 answer as the client's error, whether its body is JSON or not."""
-    try:
-        detail = json.loads(text).get("error")
-    except (ValueError, AttributeError):
-        detail = None
-    if not isinstance(detail, str) or not detail:
-        detail = text.strip()[:300] or f"worker answered HTTP {status}"
-    return HTTPFailure(status, detail)
 
 
 class Front:
@@ -223,23 +211,17 @@ class Front:
         if sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
             # A seed of the front's choosing: a stream retried on another worker continues the same text.
             sampling["seed"] = secrets.randbits(63)
-        body = {
-            "request_id": request_id,
-            "token_ids": token_ids,
-            "tenant": tenant.name,
-            "group": tenant.group,
-            "max_tokens": req.max_tokens,
-            **sampling,
-        }
+        request = wire.GenerateRequest(
+            request_id, token_ids, tenant.name, req.max_tokens, group=tenant.group, **sampling
+        )
         if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
             keyed = await asyncio.to_thread(self._keys, token_ids, tenant)
-            payload = await asyncio.to_thread(json.dumps, body)
+            payload = await asyncio.to_thread(wire.encode_request, request)
         else:
-            keyed, payload = self._keys(token_ids, tenant), json.dumps(body)
+            keyed, payload = self._keys(token_ids, tenant), wire.encode_request(request)
         keys = keyed.keys if keyed is not None else []
         if keyed is not None and self._hasher is not None:
             outcome.public_tokens = keyed.num_public_blocks * self._hasher.block_size
-        headers = {"Content-Type": "application/json"}
         busy: dict[str, str] = {}  # workers that answered 503 + Retry-After -> its value
         failures = 0
         while failures < MAX_ATTEMPTS:
@@ -272,41 +254,32 @@ class Front:
             self.seats.take(tenant.name, worker_id)
             try:
                 link = self.links.link(reg.url, (worker_id, reg.instance))
-                async with link as worker, worker.post("/generate", data=payload, headers=headers) as resp:
-                    if resp.status == 503 and "Retry-After" in resp.headers:
-                        busy[worker_id] = resp.headers["Retry-After"][:16]
-                        self.metrics.busy.inc()
-                        continue
-                    if resp.status != 200:
-                        # The worker is alive and refused this request: answer, never retry.
-                        raise _worker_error(resp.status, await resp.text(errors="replace"))
-                    done = False
-                    async for raw in resp.content:
-                        try:
-                            line = json.loads(raw)
-                        except ValueError as exc:
-                            raise aiohttp.ClientPayloadError(f"worker sent a malformed line: {exc}") from exc
-                        if "error" in line:  # the worker refused to go on (e.g. quota reached while decoding)
-                            raise HTTPFailure(line["status"], line["error"])
-                        if line.get("done"):
-                            done = True
-                            outcome.finish_reason = line.get("finish_reason", "length")
-                            break
-                        if line["index"] == 0:
-                            outcome.prompt_tokens = line["prompt_tokens"]
-                            outcome.cached_tokens = line["cached_tokens"]
-                            outcome.tier_hits = line["tier_hits"]
-                            outcome.queue_s = line["queue_s"]
-                            outcome.prefill_s = line.get("prefill_s", 0.0)
-                            outcome.tier_errors = line.get("tier_errors", 0)
+                async with link as worker, contextlib.aclosing(peer.generate(worker, payload)) as lines:
+                    async for line in lines:
+                        if line.done:
+                            outcome.finish_reason = line.finish_reason or "length"
+                            return
+                        assert line.token_id is not None and line.index is not None  # wire checks it
+                        if line.index == 0:
+                            outcome.prompt_tokens = line.prompt_tokens or 0
+                            outcome.cached_tokens = line.cached_tokens or 0
+                            outcome.tier_hits = line.tier_hits
+                            outcome.queue_s = line.queue_s or 0.0
+                            outcome.prefill_s = line.prefill_s or 0.0
+                            outcome.tier_errors = line.tier_errors or 0
                             outcome.worker_id = worker_id
-                        if line["index"] < sent:
+                        if line.index < sent:
                             continue  # the client has it from the failed worker
                         sent += 1
-                        yield Step(line["token_id"], line["index"], worker_id)
-                    if not done:
-                        raise aiohttp.ClientPayloadError("worker stream ended early")
-                    return
+                        yield Step(line.token_id, line.index, worker_id)
+            except peer.WorkerRefused as exc:
+                if exc.status == 503 and exc.retry_after is not None and not exc.in_band:
+                    busy[worker_id] = exc.retry_after  # its waiting queue is full: try another
+                    self.metrics.busy.inc()
+                    continue
+                # The worker is alive and refused this request (before its first token, or in-band
+                # after some, e.g. quota reached while decoding): answer, never retry.
+                raise HTTPFailure(exc.status, exc.detail) from None
             except aiohttp.ConnectionTimeoutError as exc:  # could not connect: as good as refused
                 failures += 1
                 self._failed(worker_id, reg.instance, request_id, exc)
@@ -551,19 +524,23 @@ class Front:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def debug_workers(self, request: web.Request) -> web.Response:
+        """Each worker's address and what this front believes of it: the blocks its router indexes,
+        the requests it routed there and has not seen finish (``active_requests``) and the running
+        and waiting ones the worker last reported, every front's (``reported_requests``)."""
         if request.remote not in ("127.0.0.1", "::1"):  # internal addresses: operators on the host only
             return self._error(403, "/debug/workers answers loopback clients only")
-        return web.json_response(
-            {
-                wid: {
-                    "url": s.reg.url,
-                    "pid": s.reg.pid,
-                    "instance": s.reg.instance,
-                    "indexed_blocks": self.pool.num_indexed(wid),
-                }
-                for wid, s in self.pool.workers.items()
+        out = {}
+        for wid, s in self.pool.workers.items():
+            active, reported = self.router.request_counts(wid)
+            out[wid] = {
+                "url": s.reg.url,
+                "pid": s.reg.pid,
+                "instance": s.reg.instance,
+                "indexed_blocks": self.pool.num_indexed(wid),
+                "active_requests": active,
+                "reported_requests": reported,
             }
-        )
+        return web.json_response(out)
 
     # ---- lifecycle -----------------------------------------------------------------------
 

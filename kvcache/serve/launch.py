@@ -12,6 +12,13 @@ the workers, then the Redis it started. A worker that exits before it ever joine
 does not load, a bad flag, a refusal by the front) stops the whole deployment with a
 ``ConfigError`` carrying the worker's last error lines, as ``vllm serve`` exits when its engine
 cannot start; a worker that dies after joining is a fault the front routes around.
+
+With no workers to start (``kvcache serve --workers 0``) it is a front only: one more front of a
+running deployment, which it joins through the deployment's Redis with the deployment's secret
+(both from the environment, as a worker takes them). It starts neither Redis nor workers, its
+``serving`` line comes once it sees one of the deployment's workers, and it stops with a
+``ConfigError`` when their block size is not its own (the front must be started with the
+deployment's flags). Stopping it stops nothing else.
 """
 
 from __future__ import annotations
@@ -179,8 +186,10 @@ def worker_latency(latency: LatencyModel | None, max_running: int) -> LatencyMod
 
 
 async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event, url: str) -> str | None:
-    """Until ``stop``: the failure of a worker that exited before it joined, if one does. Reports each
-    worker as it joins, and ``url`` once all have."""
+    """Until ``stop``: the failure of a worker that exited before it joined, or of a front whose
+    block size is not the deployment's (its first worker's), if one does. Reports each worker as
+    it joins, and ``url`` once all have (a front without workers of its own: once the pool holds
+    one of the deployment's)."""
     ours = [w.worker_id for w in workers]
     joined: set[str] = set()
     ready = False
@@ -193,7 +202,14 @@ async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event
                     file=sys.stderr,
                     flush=True,
                 )
-        if not ready and len(joined) == len(ours):
+        first = front.pool.first
+        if first is not None and first.block_size != front.router.block_size:
+            return (
+                f"the deployment's workers key blocks of {first.block_size} tokens (worker "
+                f"{first.worker_id}); this front was started with --block-size {front.router.block_size}: "
+                "start it with the deployment's --model, --block-size and --max-running"
+            )
+        if not ready and len(joined) == len(ours) and front.pool.workers:
             ready = True
             print(f"kvcache serving {front.model_name} on {url}", flush=True)
         for worker in workers:
@@ -206,7 +222,8 @@ async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event
 
 async def run_front(front: Front, host: str, port: int, workers: list[WorkerProcess] | None = None) -> None:
     """Serve ``front`` on ``host:port`` until SIGINT/SIGTERM, or until one of ``workers`` exits
-    before joining (then ``ConfigError`` with its error)."""
+    before joining (then ``ConfigError`` with its error). Without ``workers`` it is a front only,
+    one more front of the deployment whose Redis it follows (``kvcache serve --workers 0``)."""
     workers = workers or []
     runner = front.runner()
     await runner.setup()
@@ -215,6 +232,14 @@ async def run_front(front: Front, host: str, port: int, workers: list[WorkerProc
         if workers:
             print(
                 f"kvcache: starting {len(workers)} worker(s) of {front.model_name}; waiting for them to load",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            where = urlsplit(front.pool.redis_url or "")
+            print(
+                f"kvcache: front only: joining the deployment at Redis {where.hostname}:{where.port}; "
+                "waiting for one of its workers",
                 file=sys.stderr,
                 flush=True,
             )

@@ -11,9 +11,10 @@ and only when the proof verifies (``auth.DeploymentKeys.check_hello``: the insta
 from the deployment secret, the worker id and the instance id, so nothing else can answer) does
 the request go out, with that instance's credential, **on the same connection**: a link's
 session holds one connection and never sends on another, so there is no moment at which the
-request could reach another listener. A listener that answers wrongly, or not at all within
-``HELLO_TIMEOUT_S``, raises :class:`UnprovenWorker` (a connection error: the front counts that
-worker as failed and retries elsewhere) and has received no prompt, tenant name or credential.
+request could reach another listener. A listener that answers wrongly, closes the connection
+first, or does not answer within ``HELLO_TIMEOUT_S``, raises :class:`UnprovenWorker` (a
+connection error: the front counts that worker as failed and retries elsewhere) and has received
+no prompt, tenant name or credential.
 
 A proven connection stays proven while it lives, so :class:`LinkPool` keeps links between
 requests (the role of an HTTP client's connection pool), per worker instance. When a kept
@@ -26,22 +27,29 @@ byte), done with the keys the deployment already has; it does not encrypt, so it
 against someone who takes a worker's address, not against someone who reads the network
 (docs/serve.md, "Threat model").
 
-Not here: the keys (``auth``), what is sent (``front``, ``router.proxy``).
+``generate`` is the one client of a worker's ``POST /generate`` (``wire.GenerateRequest`` in,
+``wire.GenerateLine`` records out), used by the front and by ``kvcache route``: a refusal is a
+:class:`WorkerRefused` with the worker's status and reason, a broken stream an aiohttp payload
+error (the caller may retry it elsewhere).
+
+Not here: the keys (``auth``), what is sent and what it is answered with (``front``, ``vllm.proxy``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import time
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 
-from kvcache.errors import AuthError
+from kvcache.errors import AuthError, KVCacheError, ProtocolError
+from kvcache.serve import wire
 from kvcache.serve.auth import DeploymentKeys
 
 CHALLENGE_HEADER = "X-Kvcache-Challenge"
@@ -53,6 +61,57 @@ MAX_HELLO_BYTES = 1024
 
 class UnprovenWorker(aiohttp.ServerConnectionError):
     """What listens at a worker's address did not prove it is that worker (or any of ours)."""
+
+
+class WorkerRefused(KVCacheError):
+    """The worker is alive and refused the request: ``status`` is its HTTP status (400 bad input,
+    429 quota, 503 full), ``detail`` its reason, ``retry_after`` its ``Retry-After`` (a full
+    waiting queue) or None. Before the first token or in-band after some (``in_band``)."""
+
+    def __init__(
+        self, status: int, detail: str, retry_after: str | None = None, in_band: bool = False
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after, self.in_band = status, detail, retry_after, in_band
+
+
+def refusal_detail(status: int, text: str) -> str:
+    """A worker's non-200 answer as one line, whether its body is JSON or not."""
+    try:
+        detail = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        detail = None
+    if not isinstance(detail, str) or not detail:
+        detail = text.strip()[:300] or f"worker answered HTTP {status}"
+    return detail
+
+
+async def generate(
+    link: WorkerLink, request: wire.GenerateRequest | bytes
+) -> AsyncGenerator[wire.GenerateLine, None]:
+    """The worker's answer to ``request`` (or its encoding), line by line, ending with the
+    ``done`` line. ``WorkerRefused`` for a refusal (before the first token or in-band after some),
+    ``aiohttp.ClientPayloadError`` for a malformed line or a stream that ends before ``done``."""
+    payload = request if isinstance(request, bytes) else wire.encode_request(request)
+    async with link.post("/generate", data=payload, headers={"Content-Type": "application/json"}) as resp:
+        if resp.status != 200:
+            retry_after = resp.headers.get("Retry-After")
+            text = await resp.text(errors="replace")
+            raise WorkerRefused(
+                resp.status, refusal_detail(resp.status, text), retry_after and retry_after[:16]
+            )
+        async for raw in resp.content:
+            try:
+                line = wire.decode_line(raw)
+            except ProtocolError as exc:
+                raise aiohttp.ClientPayloadError(str(exc)) from None
+            if line.error is not None:
+                assert line.status is not None  # decode_line checks it
+                raise WorkerRefused(line.status, line.error, in_band=True)
+            yield line
+            if line.done:
+                return
+    raise aiohttp.ClientPayloadError("worker stream ended early")
 
 
 class _Unproven(Exception):
@@ -111,6 +170,9 @@ class WorkerLink:
         except AuthError as exc:
             await self.close()
             raise UnprovenWorker(f"{self.url}: {exc}") from None
+        except _Unproven as exc:  # closed before answering, and aiohttp tried a second connection
+            await self.close()
+            raise UnprovenWorker(f"{self.url} closed the connection before answering the challenge") from exc
         except BaseException:
             await self.close()
             raise

@@ -14,11 +14,15 @@ Two background loops keep the router current:
 - a worker that serves another model or block size than the first one is refused once: one
   error line here, and a ``kvcache:refused:<id>`` key naming its instance and the reason, on
   which the worker logs the reason and stops.
-- events: the pool follows the ``kvcache:events`` stream from the point it started and hands
-  each batch to ``router.on_events``; the load a batch carries (``wire.WorkerLoad``: running and
-  waiting requests, KV usage) is kept per worker, exported as gauges and given to the router
-  (``observe_load``). Batches from an instance that is not the current one are
-  dropped, so a dead worker's late events cannot resurrect blocks it no longer has.
+- events: the pool reads the ``kvcache:events`` stream from its first entry (after a first
+  read of the registrations) and hands each batch to ``router.on_events``, so a front that
+  joins a running deployment learns what the current workers hold from their earlier batches
+  (as far as the trimmed stream goes back). Each front reads the whole stream by itself
+  (``XREAD``, no consumer group that would split it): every front sees every batch. The load
+  a batch carries (``wire.WorkerLoad``: running and waiting requests, KV usage) is kept per
+  worker, exported as gauges and given to the router (``observe_load``). Batches from an
+  instance that is not the current one are dropped, so a dead worker's late events cannot
+  resurrect blocks it no longer has.
 
 Redis is not trusted (see docs/serve.md, "Threat model"): a registration joins only with a valid
 MAC from a worker of this deployment, signed within ``auth.REGISTRATION_MAX_AGE_S``, and only if
@@ -275,18 +279,11 @@ class WorkerPool:
         if self.redis_url is None:
             return
         client: Any = aioredis.Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
-        last_id = "$"
-        next_poll = 0.0
+        last_id = "0-0"  # the first entry on: batches of instances that are gone are skipped
+        next_poll = 0.0  # registrations first, so the current workers' earlier batches apply
         loop = asyncio.get_running_loop()
         while True:
             try:
-                if last_id == "$":
-                    info = (
-                        await client.xinfo_stream(wire.EVENTS_STREAM)
-                        if await client.exists(wire.EVENTS_STREAM)
-                        else None
-                    )
-                    last_id = info["last-generated-id"].decode() if info else "0-0"
                 if loop.time() >= next_poll:
                     await self._sync_registrations(client)
                     next_poll = loop.time() + POLL_S

@@ -11,8 +11,11 @@ front's admin endpoint (admin keys only)::
     DELETE /admin/public-prefixes/{id}
 
 An id is a digest of the prefix's token ids, so adding the same prefix twice changes nothing and
-answers the same id; removing an absent id answers ``"deleted": false``. Changes live until the
-front restarts, which declares the config's prefixes again.
+answers the same id; removing an absent id answers ``"deleted": false``. The set is the
+deployment's, kept in Redis (below): a change through any front applies to every front, and
+outlives a front's restart as long as Redis keeps it (``kvcache serve`` without ``--redis`` starts
+a new Redis each time). A front that starts adds its config's prefixes to the set (nothing changes
+when they are there already); a prefix taken out of a config stays until it is deleted here.
 
 Rendering: ``system`` is a system message as chat requests render it (the chat template), cut
 to the tokens every conversation starting with that message shares, whatever comes next (the
@@ -20,17 +23,24 @@ common prefix of several continuations), so a chat request whose messages start 
 it token for token; ``text`` is tokenized as a completion prompt is; ``token_ids`` are taken as
 given.
 
-Distribution: the front holds the set and writes it to Redis (``wire.PUBLIC_KEY``) as a notice
-signed with the deployment's notice key (``auth``), with a version that only grows; it rewrites
-it every ``wire.HEARTBEAT_S``, so a flushed or restarted Redis gets it back. Each worker reads the
-key on its heartbeats from the second on (so the front has admitted it and indexes the blocks
-the prefill stores): a newer, valid set replaces the engine's published prefixes and each
-prefix is prefilled once (one token generated, in the scope ``WARM_TENANT``, which creates no
-private block) so the first request of every tenant hits it. A worker that joins later reads
-the same key. Each worker acknowledges the version it applied (``wire.public_ack_key``, signed
-too), which the admin listing reports. A set that does not verify, or an older version (a replay),
-is ignored: ``PublicSetReader`` reads and checks the key for workers and for ``kvcache route``
-(``vllm.public``), which keys the public blocks of kvcache workers' vLLM event streams.
+Distribution: each front holds the set and keeps it in step with Redis (``wire.PUBLIC_KEY``: a
+notice signed with the deployment's notice key, ``auth``, with a version that only grows), at once
+on a change of its own and every ``wire.HEARTBEAT_S``. A newer set another front wrote replaces
+its own, and the changes made here since apply to it again, so two fronts' concurrent changes
+both hold (where they leave the set as stored, the front takes the stored version). A front
+writes its set where Redis lacks it (a change, a flushed or restarted Redis, an older set) with
+a conditional write (``WATCH``/``MULTI``: a front never overwrites a set it has not read) and a
+version above the stored one: the version in Redis never goes back and never flips between two
+fronts' sets. Fronts started with different configs serve the union of their configs' prefixes;
+give every front the same config. Each worker reads the key on its heartbeats from the second on
+(so the front has admitted it and indexes the blocks the prefill stores): a newer, valid set
+replaces the engine's published prefixes and each prefix is prefilled once (one token generated,
+in the scope ``WARM_TENANT``, which creates no private block) so the first request of every
+tenant hits it. A worker that joins later reads the same key. Each worker acknowledges the version
+it applied (``wire.public_ack_key``, signed too), which the admin listing reports. A set that does
+not verify, or an older version (a replay), is ignored: ``PublicSetReader`` reads and checks the
+key for workers and for ``kvcache route`` (``vllm.public``), which keys the public blocks of
+kvcache workers' vLLM event streams.
 
 The front keys prompts through the same published prefixes (``hashing.key_prompt``), so its
 router sees the public blocks every worker holds.
@@ -135,12 +145,17 @@ def open_set(keys: DeploymentKeys, raw: bytes | str) -> tuple[int, list[list[int
 
 
 class PublicPrefixes:
-    """The front's set of public prefixes, by id, and its Redis copy; see the module docstring."""
+    """The deployment's public prefixes as this front holds them, by id, kept in step with the
+    set in Redis (shared by every front of the deployment); see the module docstring."""
 
     def __init__(self, keys: DeploymentKeys) -> None:
         self.keys = keys
         self.prefixes: dict[str, PublicPrefix] = {}
         self.version = 0
+        self._base = 0  # the version of the Redis set that ``prefixes`` last took in
+        # Changes made here since: (True: added | False: removed, the prefix), in order; applied
+        # again on the newer set of another front when Redis holds one (``_rebase``).
+        self._unsynced: list[tuple[bool, PublicPrefix]] = []
         self._changed: asyncio.Event | None = None  # made on the event loop, by ``run``
 
     def add(self, prefix: PublicPrefix) -> bool:
@@ -148,19 +163,22 @@ class PublicPrefixes:
         if prefix.prefix_id in self.prefixes:
             return False
         self.prefixes[prefix.prefix_id] = prefix
+        self._unsynced.append((True, prefix))
         self._bump()
         return True
 
     def remove(self, prefix_id: str) -> bool:
-        if self.prefixes.pop(prefix_id, None) is None:
+        prefix = self.prefixes.pop(prefix_id, None)
+        if prefix is None:
             return False
+        self._unsynced.append((False, prefix))
         self._bump()
         return True
 
-    def _bump(self) -> None:
+    def _bump(self, above: int = 0) -> None:
         # Grows across front restarts too (wall-clock nanoseconds), so workers take a restarted
-        # front's set and refuse an older one replayed into Redis.
-        self.version = max(self.version + 1, time.time_ns())
+        # front's set and refuse an older one replayed into Redis; above ``above``: the set in Redis.
+        self.version = max(self.version + 1, above + 1, time.time_ns())
         if self._changed is not None:
             self._changed.set()
 
@@ -186,8 +204,59 @@ class PublicPrefixes:
             and ack.get("version") == self.version
         )
 
+    def _rebase(self, version: int, token_lists: list[list[int]]) -> None:
+        """Take in another front's newer set (``version``, ``token_lists``): it replaces ours, then
+        the changes made here since ``_base`` apply to it again. Only when that changes the set
+        does it get a new version (above both); else this front adopts the stored version."""
+        known = self.prefixes
+        stored: dict[str, PublicPrefix] = {}
+        for tokens in token_lists:
+            ids = tuple(tokens)
+            pid = prefix_id(ids)
+            stored[pid] = known.get(pid) or PublicPrefix(pid, "token_ids", ids)
+        merged = dict(stored)
+        for added, prefix in self._unsynced:
+            if added:
+                merged.setdefault(prefix.prefix_id, prefix)
+            else:
+                merged.pop(prefix.prefix_id, None)
+        self.prefixes, self._base = merged, version
+        if merged.keys() == stored.keys():
+            self.version = version
+            self._unsynced.clear()
+        else:
+            self._bump(above=version)
+
+    async def sync(self, client: Any) -> bool:
+        """One exchange with Redis: take in a newer set another front wrote there (with the changes
+        made here since applied again), and write ours where Redis lacks it: a changed set, a
+        flushed Redis, an older set (replayed, or written by a front that had not yet taken ours
+        in). The write is conditional (``WATCH``): when another front wrote between the read and
+        it, nothing is written and this answers False (start over from that front's set); True
+        when Redis holds this front's set."""
+        import redis
+
+        async with client.pipeline(transaction=True) as pipe:
+            await pipe.watch(wire.PUBLIC_KEY)
+            raw = await pipe.get(wire.PUBLIC_KEY)
+            opened = open_set(self.keys, raw) if raw is not None else None
+            if opened is not None and opened[0] > self._base:
+                self._rebase(*opened)
+            if opened is not None and opened[0] == self.version:
+                return True
+            version, num_changes = self.version, len(self._unsynced)
+            pipe.multi()
+            pipe.set(wire.PUBLIC_KEY, self.signed())
+            try:
+                await pipe.execute()
+            except redis.WatchError:
+                return False
+        self._base = version
+        del self._unsynced[:num_changes]  # those made while writing go out on the next exchange
+        return True
+
     async def run(self, redis_url: str | None) -> None:
-        """Write the signed set to Redis at once on every change and every heartbeat period."""
+        """``sync`` at once on every change and every heartbeat period (a lost race at once again)."""
         import redis.asyncio as aioredis
 
         self._changed = asyncio.Event()
@@ -198,9 +267,10 @@ class PublicPrefixes:
             while True:
                 self._changed.clear()
                 try:
-                    await client.set(wire.PUBLIC_KEY, self.signed())
+                    if not await self.sync(client):
+                        continue  # another front wrote meanwhile: take its set in now
                 except Exception as exc:  # Redis down: the next period tries again
-                    log.debug("public prefixes not written (%s)", type(exc).__name__)
+                    log.debug("public prefixes not synced (%s)", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=wire.HEARTBEAT_S)
         finally:

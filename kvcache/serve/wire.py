@@ -27,6 +27,8 @@ import json
 import struct
 from dataclasses import dataclass
 
+import msgspec
+
 from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.cache.hashing import KEY_BYTES
 from kvcache.errors import ProtocolError
@@ -166,3 +168,75 @@ class Registration:
     def from_json(cls, text: str | bytes) -> Registration:
         data = json.loads(text)
         return cls(**{f: data[f] for f in cls.__dataclass_fields__})
+
+
+# ---- POST /generate: what the front (and ``kvcache route``) and a worker exchange -------------
+
+
+class GenerateRequest(msgspec.Struct, omit_defaults=True, gc=False):
+    """The body of ``POST /generate``: the prompt's token ids, the scope it runs in (tenant, share
+    group, salt) and how to generate (``engine.SamplingParams``' fields)."""
+
+    request_id: str
+    token_ids: list[int]
+    tenant: str
+    max_tokens: int
+    group: str | None = None
+    salt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+class GenerateLine(msgspec.Struct, omit_defaults=True, gc=False):
+    """One NDJSON line of a worker's ``/generate`` answer (``serve.worker``), in one of three kinds:
+
+    - a token: ``token_id`` and ``index``; the first (index 0) also carries the prompt's figures
+      (``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s``, ``queue_s``, ``tier_errors``);
+    - the end: ``done`` with ``engine_s`` and ``finish_reason`` (``stop`` or ``length``);
+    - an error after tokens were sent: ``error`` and ``status`` (the HTTP status it would have had).
+    """
+
+    token_id: int | None = None
+    index: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    tier_hits: dict[str, int] | None = None
+    prefill_s: float | None = None
+    queue_s: float | None = None
+    tier_errors: int | None = None
+    done: bool = False
+    engine_s: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+_line_encoder = msgspec.json.Encoder()
+
+
+def encode_request(request: GenerateRequest) -> bytes:
+    return _line_encoder.encode(request)
+
+
+_line_decoder = msgspec.json.Decoder(GenerateLine)
+
+
+def encode_line(line: GenerateLine) -> bytes:
+    return _line_encoder.encode(line) + b"\n"
+
+
+def decode_line(raw: bytes) -> GenerateLine:
+    """A line as ``GenerateLine``; ``ProtocolError`` naming what is wrong when it is not one, or
+    when it is none of the three kinds (a token without its index, an error without a status)."""
+    try:
+        line = _line_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"worker sent a malformed /generate line: {exc}") from None
+    if line.error is not None:
+        if line.status is None:
+            raise ProtocolError("worker sent an error line without its status")
+    elif not line.done and (line.token_id is None or line.index is None):
+        raise ProtocolError("worker sent a /generate line that is neither a token, the end nor an error")
+    return line

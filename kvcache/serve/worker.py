@@ -2,8 +2,9 @@
 
 ``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}``, optionally a
 ``salt`` (the scope is ``tenancy.Scope(tenant, group, salt)``: a salt narrows it) and the
-sampling fields ``temperature``, ``top_p``, ``top_k`` and ``seed`` (``engine.SamplingParams``); it
-answers with newline-delimited JSON: one line per generated token ``{"token_id", "index"}`` (the
+sampling fields ``temperature``, ``top_p``, ``top_k`` and ``seed`` (``engine.SamplingParams``;
+all of it ``wire.GenerateRequest``); it answers with newline-delimited JSON, each line a
+``wire.GenerateLine``: one line per generated token ``{"token_id", "index"}`` (the
 first also carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and
 ``queue_s``), then ``{"done": true, "engine_s", "finish_reason"}`` (``engine_s``: the engine time
 the request took, queueing excluded; ``finish_reason``: ``stop`` at the model's end of sequence,
@@ -252,20 +253,18 @@ class Worker:
             async with contextlib.aclosing(stream) as steps:
                 async for step in steps:
                     now = time.monotonic()
-                    line: dict[str, Any] = {"token_id": int(step.token_id), "index": step.index}
+                    line = wire.GenerateLine(token_id=int(step.token_id), index=step.index)
                     if step.index == 0:
                         self.num_waiting -= 1
                         waiting = False
                         hits = self._tier_hits(step)
                         queue_s = step.timings.queue_s if step.timings is not None else 0.0
-                        line.update(
-                            prompt_tokens=step.prompt_tokens,
-                            cached_tokens=sum(hits.values()),
-                            tier_hits=hits,
-                            prefill_s=step.elapsed_s - queue_s,
-                            queue_s=queue_s,
-                            tier_errors=self._tier_errors.pop(rid, 0),
-                        )
+                        line.prompt_tokens = step.prompt_tokens
+                        line.cached_tokens = sum(hits.values())
+                        line.tier_hits = hits
+                        line.prefill_s = step.elapsed_s - queue_s
+                        line.queue_s = queue_s
+                        line.tier_errors = self._tier_errors.pop(rid, 0)
                         self.metrics.observe_first(now - received, queue_s)
                     else:
                         self.metrics.itl.observe(now - last)
@@ -273,7 +272,7 @@ class Worker:
                     if response is None:
                         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                         await response.prepare(request)
-                    await response.write(json.dumps(line).encode() + b"\n")
+                    await response.write(wire.encode_line(line))
             reason = self._finished.pop(rid, "length")
         except Exception as exc:  # a request must never take the worker down
             if not isinstance(exc, KVCacheError):
@@ -281,8 +280,8 @@ class Worker:
             status = _status_of(exc)
             if response is None:
                 return web.json_response({"error": str(exc)}, status=status)
-            error = {"error": str(exc), "status": status}
-            await response.write(json.dumps(error).encode() + b"\n")  # in-band, after the first token
+            error = wire.GenerateLine(error=str(exc), status=status)
+            await response.write(wire.encode_line(error))  # in-band, after the first token
             await response.write_eof()
             return response
         finally:
@@ -294,12 +293,12 @@ class Worker:
         self.metrics.e2e.observe(time.monotonic() - received)
         if response is None:
             return web.json_response({"error": "no output"}, status=500)
-        done = {
-            "done": True,
-            "engine_s": time.monotonic() - received - queue_s,
-            "finish_reason": FINISH_REASONS.get(reason, "length"),
-        }
-        await response.write(json.dumps(done).encode() + b"\n")
+        done = wire.GenerateLine(
+            done=True,
+            engine_s=time.monotonic() - received - queue_s,
+            finish_reason=FINISH_REASONS.get(reason, "length"),
+        )
+        await response.write(wire.encode_line(done))
         await response.write_eof()
         await self.aengine.call(self._write_through)  # off this request's latency, between steps
         return response
