@@ -7,9 +7,11 @@ Two comparisons, each measured side by side in one run, with the machine's load:
    by both (``find_matches`` / ``overlaps``). The per-worker overlap scores must be identical.
    Printed: events applied per CPU-second and lookup microseconds for both, and the ratios.
    Two lookups on each side: the one a router calls (Dynamo's ``find_matches``, which returns
-   a Rust object; kvcache's ``overlap_slots``, two arrays of the matching workers' slots and
-   overlaps, which the router scatters into its columns) and the answer as a Python dict
-   (Dynamo's ``find_matches(...).scores``; kvcache's ``overlaps``).
+   a Rust object; kvcache's ``overlap_by_slot``, one array of every worker's overlap by index
+   slot, which the router gathers into its columns) and the answer as a Python dict (Dynamo's
+   ``find_matches(...).scores``; kvcache's ``overlaps``). kvcache's index is bounded as the
+   router bounds it (``capacity_blocks``: here the blocks each worker stores, so the bound is
+   checked on every event and evicts nothing, and the scores stay comparable).
 2. **Replay**: the shared Mooncake trace through Dynamo's offline replay (its mocker engines
    behind the real ``kv_router``, and ``round_robin``) and through ``kvcache.lab.replay``
    under the project's policies, at 16 / 64 / 256 / 1,024 workers. Printed: token hit rate
@@ -132,7 +134,7 @@ class EventStream:
 
 
 def build_ours(stream: EventStream) -> PreciseIndex:
-    index = PreciseIndex()
+    index = PreciseIndex(capacity_blocks=PROMPT_BLOCKS + OWN_CHAINS * OWN_CHAIN_BLOCKS)
     for w, events in stream.ours:
         index.apply(w, events)
     return index
@@ -177,10 +179,8 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
         raise AssertionError(f"overlap scores differ at {num_workers} workers: kvcache {got} dynamo {want}")
     apply_ours = _cpu_best(lambda: build_ours(stream), 3)
     apply_dynamo = _cpu_best(lambda: build_dynamo(core, stream), 3)
-    slots, depths = ours.overlap_slots(stream.prompt, 0.0)
-    assert {ours.slot(w): n for w, n in got.items()} == dict(
-        zip(slots.tolist(), depths.tolist(), strict=True)
-    )
+    by_slot = ours.overlap_by_slot(stream.prompt, 0.0)
+    assert {ours.slot(w): n for w, n in got.items()} == {s: int(by_slot[s]) for s in by_slot.nonzero()[0]}
     calls = max(20, 20_000 // num_workers)
     return {
         "workers": num_workers,
@@ -188,7 +188,7 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
         "matching_workers": len(got),
         "ours_events_per_cpu_s": stream.num_block_events / apply_ours,
         "dynamo_events_per_cpu_s": stream.num_block_events / apply_dynamo,
-        "ours_lookup_us": _lookup_us(lambda: ours.overlap_slots(stream.prompt, 0.0), calls),
+        "ours_lookup_us": _lookup_us(lambda: ours.overlap_by_slot(stream.prompt, 0.0), calls),
         "ours_dict_us": _lookup_us(lambda: ours.overlaps(stream.prompt, 0.0), calls),
         "dynamo_lookup_us": _lookup_us(lambda: tree.find_matches(prompt_u64), calls),
         # the same answer as a Python dict, as ``overlaps`` returns it
@@ -199,7 +199,7 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
 def index_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| workers | block events | matching | events/CPU-s kvcache | Dynamo | ratio "
-        "| lookup us kvcache `overlap_slots` | Dynamo `find_matches` | ratio "
+        "| lookup us kvcache `overlap_by_slot` | Dynamo `find_matches` | ratio "
         "| as a dict: kvcache `overlaps` | Dynamo `.scores` | ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -369,7 +369,7 @@ def test_index_lookup_1024_workers(benchmark: Any, core: Any, side: str) -> None
         scores = dynamo_scores(tree, keys)
     else:
         index = build_ours(stream)
-        benchmark(lambda: index.overlap_slots(stream.prompt, 0.0))  # what the router calls
+        benchmark(lambda: index.overlap_by_slot(stream.prompt, 0.0))  # what the router calls
         scores = index.overlaps(stream.prompt, 0.0)
     assert scores == stream.held
     benchmark.extra_info["load"] = os.getloadavg()[0]

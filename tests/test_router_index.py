@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache import BlockRemoved, BlockStored
-from kvcache.router.index import ApproxIndex, PreciseIndex
+from kvcache import BlockRemoved, BlockStored, ConfigError
+from kvcache.router import Router, RouteRequest
+from kvcache.router.index import ApproxIndex, IndexChange, PreciseIndex
 
 K = [bytes([i]) * 16 for i in range(6)]
 
@@ -57,6 +58,14 @@ def brute_overlaps(held: dict[int, set[bytes]], keys: list[bytes]) -> dict[int, 
     return {w: n for w, keys_held in held.items() if (n := brute_overlap(keys_held, keys))}
 
 
+def by_slot(index: PreciseIndex, overlaps: dict[int, int]) -> list[int]:
+    """``overlaps`` as ``overlap_by_slot`` gives it: a list by slot, 0 where nothing matches."""
+    out = [0] * index.num_slots
+    for w, n in overlaps.items():
+        out[index.slot(w)] = n
+    return out
+
+
 def test_precise_overlap_at_fleet_scale_decodes_every_layer() -> None:
     """300 workers (past the Python decoding threshold), each holding its own prefix depth."""
     index = PreciseIndex()
@@ -65,10 +74,7 @@ def test_precise_overlap_at_fleet_scale_decodes_every_layer() -> None:
     for w, mine in held.items():
         index.apply(w, stored(*keys[: len(mine)]))
     assert index.overlaps(keys, 0.0) == brute_overlaps(held, keys)
-    slots, depths = index.overlap_slots(keys, 0.0)
-    assert sorted(zip(slots.tolist(), depths.tolist(), strict=True)) == sorted(
-        (index.slot(w), n) for w, n in brute_overlaps(held, keys).items()
-    )
+    assert index.overlap_by_slot(keys, 0.0).tolist() == by_slot(index, brute_overlaps(held, keys))
     assert index.overlaps(keys[:1], 0.0) == {w: 1 for w in range(300) if w % 41}
     assert index.overlaps([], 0.0) == {} and index.overlaps([K[5]], 0.0) == {}
 
@@ -113,10 +119,7 @@ def test_precise_overlap_matches_brute_force(ops: list[tuple[int, int, bool]], r
     keys = [bytes([k]) * 16 for k in request]
     want = brute_overlaps(held, keys)
     assert index.overlaps(keys, 0.0) == want
-    slots, depths = index.overlap_slots(keys, 0.0)
-    assert dict(zip(slots.tolist(), depths.tolist(), strict=True)) == {
-        index.slot(w): n for w, n in want.items()
-    }
+    assert index.overlap_by_slot(keys, 0.0).tolist() == by_slot(index, want)
 
 
 @pytest.mark.parametrize("name", [lambda w: f"w{w}", lambda w: ("host", w)])
@@ -128,3 +131,156 @@ def test_precise_overlap_keeps_worker_ids_as_given(name: Callable[[int], object]
         index.apply(name, stored(*K[: 1 + w % 3]))  # type: ignore[arg-type]
     assert index.overlaps(K[:3], 0.0) == {name: 1 + w % 3 for w, name in enumerate(names)}
     assert index.overlaps(K[2:3], 0.0) == {name: 1 for w, name in enumerate(names) if w % 3 == 2}
+
+
+# ---- the bound: each worker's keys in least-recently-stored order, at most its capacity -----
+
+
+def test_bounded_worker_drops_its_least_recently_stored_keys_first() -> None:
+    index = PreciseIndex(capacity_blocks=3)
+    change = index.apply(0, stored(K[0], K[1], K[2], K[3], K[4]))
+    assert change == IndexChange(gained=K[:5], lost=[K[0], K[1]])  # bound enforced after the batch
+    assert list(index.keys_of[0]) == [K[2], K[3], K[4]]
+    assert set(index.holders) == {K[2], K[3], K[4]}
+    index.check()
+    assert index.apply(0, stored(K[2])) == IndexChange()  # held: only refreshed, now the newest
+    assert list(index.keys_of[0]) == [K[3], K[4], K[2]]
+    assert index.apply(0, stored(K[5])) == IndexChange(gained=[K[5]], lost=[K[3]])
+    assert list(index.keys_of[0]) == [K[4], K[2], K[5]]
+    index.check()
+
+
+def test_bound_is_enforced_after_the_batch_so_a_late_removal_costs_nothing() -> None:
+    """A worker at its bound stores a block before reporting the eviction that made room for it."""
+    index = PreciseIndex(capacity_blocks=2)
+    index.apply(0, stored(K[0], K[1]))
+    change = index.apply(0, [BlockStored(K[2], b"", 0, "s"), BlockRemoved(K[0], 0, "s")])
+    assert change == IndexChange(gained=[K[2]], lost=[K[0]])
+    assert list(index.keys_of[0]) == [K[1], K[2]]
+    # the removal of a key stored in the same batch: in both lists, in the order it happened
+    change = index.apply(0, [BlockStored(K[3], b"", 0, "s"), BlockRemoved(K[3], 0, "s")])
+    assert change == IndexChange(gained=[K[3]], lost=[K[3]])
+    assert list(index.keys_of[0]) == [K[1], K[2]]
+    index.check()
+
+
+def test_a_forged_flood_never_grows_a_worker_past_its_own_bound() -> None:
+    index = PreciseIndex(capacity_blocks=4)
+    index.add_worker("small", capacity_blocks=2)
+    index.add_worker("default")
+    flood = [bytes([9, i % 256, i // 256]) * 5 + b"x" for i in range(1000)]
+    for worker in ("small", "default"):
+        change = index.apply(worker, stored(*flood))
+        assert len(change.gained) == 1000 and change.lost == flood[: 1000 - index.num_keys(worker)]
+    assert list(index.keys_of["small"]) == flood[-2:] and list(index.keys_of["default"]) == flood[-4:]
+    assert index.overlaps(flood[-2:], 0.0) == {"small": 2, "default": 2}
+    index.check()
+    index.add_worker("default", capacity_blocks=3)  # a smaller bound: its oldest key goes at once
+    assert list(index.keys_of["default"]) == flood[-3:]
+    index.check()
+
+
+def test_clear_and_forget_keep_the_slot_and_return_the_oldest_first() -> None:
+    index = PreciseIndex()
+    index.apply(0, stored(K[0], K[1], K[2], K[3]))
+    index.apply(1, stored(K[0]))
+    slot = index.slot(0)
+    assert index.forget(0, 2) == [K[0], K[1]]
+    assert index.overlaps(K[:1], 0.0) == {1: 1}
+    assert index.forget(0, 0) == [] and index.forget("unknown", 5) == []
+    assert index.clear(0) == [K[2], K[3]] and index.num_keys(0) == 0
+    assert index.slot(0) == slot and set(index.holders) == {K[0]}
+    index.check()
+
+
+def test_a_removed_workers_slot_and_bound_are_not_inherited() -> None:
+    index = PreciseIndex(capacity_blocks=8)
+    index.add_worker("a", capacity_blocks=1)
+    index.apply("a", stored(K[0]))
+    slot = index.slot("a")
+    index.remove_worker("a")
+    assert index.keys_of.keys() == set() and index.holders == {}
+    index.apply("b", stored(K[0], K[1], K[2]))  # takes a's slot, with the index's bound (8), not a's (1)
+    assert index.slot("b") == slot and index.overlaps(K[:3], 0.0) == {"b": 3}
+    index.check()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "64"])
+def test_a_bad_capacity_is_refused_naming_the_value_before_anything_changes(bad: object) -> None:
+    with pytest.raises(ConfigError, match=f"capacity_blocks={bad!r}"):
+        PreciseIndex(capacity_blocks=bad)  # type: ignore[arg-type]
+    index = PreciseIndex()
+    with pytest.raises(ConfigError, match=f"capacity_blocks={bad!r}"):
+        index.add_worker("w", capacity_blocks=bad)  # type: ignore[arg-type]
+    assert index.num_slots == 0 and index.keys_of == {}
+    router = Router("lpm", "precise", 4)
+    with pytest.raises(ConfigError, match=f"capacity_blocks={bad!r}"):
+        router.add_worker("w", capacity_blocks=bad)  # type: ignore[arg-type]
+    assert router.workers == []
+
+
+def test_the_router_bounds_its_index_per_worker() -> None:
+    router = Router("lpm", "precise", 4, capacity_blocks=3, clock=lambda: 0.0)
+    router.add_worker("a")
+    router.add_worker("b", capacity_blocks=1)
+    router.on_events("a", stored(*K[:5]))
+    router.on_events("b", stored(*K[:5]))
+    assert router.index.overlaps(K[2:5], 0.0) == {"a": 3}
+    assert router.index.overlaps(K[4:5], 0.0) == {"a": 1, "b": 1}
+    assert router.route(RouteRequest("r", K[2:5], 12)) == "a"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=6))),
+    st.integers(1, 5),
+)
+def test_bounded_index_matches_a_reference_lru_per_worker(
+    batches: list[tuple[int, list[tuple[int, bool]]]], capacity: int
+) -> None:
+    """Each batch applied in order, then the oldest past the bound dropped: as a plain list says,
+    keys and the gained and lost lists alike."""
+    index = PreciseIndex(capacity_blocks=capacity)
+    model: dict[int, list[bytes]] = {}
+    for worker, ops in batches:
+        held = model.setdefault(worker, [])
+        want = IndexChange()
+        events: list[BlockStored | BlockRemoved] = []
+        for key, store in ops:
+            k = bytes([key]) * 16
+            if store:
+                events.append(BlockStored(k, b"", 0, "s"))
+                if k in held:
+                    held.remove(k)  # refreshed: moves to the newest end
+                else:
+                    want.gained.append(k)
+                held.append(k)
+            else:
+                events.append(BlockRemoved(k, 0, "s"))
+                if k in held:
+                    held.remove(k)
+                    want.lost.append(k)
+        over = max(0, len(held) - capacity)
+        want.lost += held[:over]
+        del held[:over]
+        assert index.apply(worker, events) == want
+        assert list(index.keys_of[worker]) == held
+        index.check()
+    for worker, held in model.items():
+        assert index.num_keys(worker) == len(held)
+
+
+def test_long_prompts_walk_in_chunks_and_decode_every_depth() -> None:
+    """Prompts past one walk chunk (64 keys), depths on both sides of its edges, both decoders."""
+    keys = [bytes([2, i % 256, i // 256]) * 5 + b"y" for i in range(200)]
+    depths = [0, 1, 63, 64, 65, 127, 128, 129, 199, 200]
+    for num_workers in (len(depths), 100):  # a few workers (Python decoding), and many (numpy)
+        index = PreciseIndex()
+        held = {w: set(keys[: depths[w % len(depths)]]) for w in range(num_workers)}
+        for w, mine in held.items():
+            index.apply(w, stored(*keys[: len(mine)]))
+        for prompt in (keys, keys[:64], keys[:65], keys[:130]):
+            want = brute_overlaps(held, prompt)
+            assert index.overlaps(prompt, 0.0) == want
+            assert index.overlap_by_slot(prompt, 0.0).tolist() == by_slot(index, want)
+            assert all(index.overlap(w, prompt) == want.get(w, 0) for w in held)

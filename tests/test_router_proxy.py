@@ -18,7 +18,7 @@ from kvcache import ConfigError
 from kvcache.cache.tenancy import Scope
 from kvcache.serve import peer
 from kvcache.serve.config import ServeConfig
-from kvcache.vllm.events import BlockStored, EventPublisher
+from kvcache.vllm.events import BlockStored, EventPublisher, index_key
 from kvcache.vllm.keys import VllmKeyer
 from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 from kvcache.vllm.public import public_salt
@@ -91,7 +91,7 @@ async def _scenario() -> dict[str, Any]:
 
         async def indexed(engine: int, keys: list[int]) -> None:
             deadline = time.monotonic() + 10
-            while proxy.index.overlap(str(engine), keys) < len(keys):
+            while proxy.index.overlap(engine, [index_key(k) for k in keys]) < len(keys):
                 await asyncio.sleep(0.02)
                 assert time.monotonic() < deadline
 
@@ -111,7 +111,7 @@ async def _scenario() -> dict[str, Any]:
         out["first"] = first
         # cache_salt changes every key: nothing is indexed for the salted prompt
         salted = keyer.keys(prompt, cache_salt="tenant-9")
-        out["salted_overlap"] = max(proxy.index.overlap(str(w), salted) for w in (0, 1))
+        out["salted_overlap"] = max(proxy.index.overlap(w, [index_key(k) for k in salted]) for w in (0, 1))
         out["text"] = await ask({"model": "m", "prompt": "hello there", "max_tokens": 4})
         bad = await client.post("/v1/completions", data=b"{not json")
         out["bad"] = bad.status, await bad.json()
@@ -279,7 +279,7 @@ async def _workers_scenario() -> dict[str, Any]:
         first, cached0 = await ask(prompt)
         deadline = time.monotonic() + 10
         keys = keyer.keys(prompt, cache_salt=_salt_of(Scope("default")))
-        while proxy.index.overlap(first, keys) < 4:  # the worker's events arrived
+        while proxy.index.overlap(int(first), [index_key(k) for k in keys]) < 4:  # its events arrived
             await asyncio.sleep(0.02)
             assert time.monotonic() < deadline
         followups = []
@@ -289,7 +289,7 @@ async def _workers_scenario() -> dict[str, Any]:
         out.update(first=first, followups=followups, cached0=cached0)
         # the same tokens under a salt (another tenant on the worker) share no key
         salted = keyer.keys(prompt, cache_salt=_salt_of(Scope("default", salt="acme")))
-        out["salted_overlap"] = proxy.index.overlap(first, salted)
+        out["salted_overlap"] = proxy.index.overlap(int(first), [index_key(k) for k in salted])
         _, out["salted_cached"] = await ask(prompt, salt="acme")
         bad = await client.post("/v1/completions", json={"model": "tiny", "prompt": "text", "max_tokens": 2})
         out["text_status"] = bad.status

@@ -1,6 +1,7 @@
 """vLLM compatibility: block keys against vectors encoded by hand from the documented algorithm
 (canonical CBOR per RFC 8949, then SHA-256 or XXH3-128), and the KV event stream (schema,
-sequence numbers, replay after a gap, AllBlocksCleared, the capacity bound) over loopback ZMQ."""
+sequence numbers, replay after a gap, AllBlocksCleared, the capacity bound of the router's index)
+over loopback ZMQ."""
 
 from __future__ import annotations
 
@@ -13,19 +14,20 @@ import pytest
 import xxhash
 
 from kvcache import ConfigError
+from kvcache.router.index import IndexChange, PreciseIndex
 from kvcache.vllm.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
-    EngineIndex,
     EventPublisher,
     EventStreamError,
     KVEventBatch,
     decode_batch,
     encode_batch,
+    index_key,
 )
 from kvcache.vllm.keys import VllmKeyer, external_key
-from kvcache.vllm.subscriber import EventSubscriber
+from kvcache.vllm.subscriber import EventSubscriber, apply_batch
 
 
 def cbor_block(parent: bytes, tokens: bytes, extra: bytes) -> bytes:
@@ -106,17 +108,27 @@ def test_decode_schema() -> None:
         decode_batch(msgspec.msgpack.encode([1.0, [["BlockEvicted", [1]]]]))
 
 
-def test_index_bounded_and_cleared() -> None:
-    index = EngineIndex(capacity_blocks=3)
-    index.apply("a", KVEventBatch(0.0, [BlockStored([1, 2, 3, 4], None, [], 4, None, None)]))
-    assert index.num_keys("a") == 3 and index.overlap("a", [2, 3, 4]) == 3  # 1 forgotten first
-    index.apply("a", KVEventBatch(0.0, [BlockRemoved([3], None)]))
-    assert index.overlap("a", [2, 3, 4]) == 1
+def vkeys(*keys: int) -> list[bytes]:
+    return [index_key(k) for k in keys]
+
+
+def test_batches_enter_the_routers_index_bounded_and_cleared() -> None:
+    index = PreciseIndex(capacity_blocks=3)
+    change = apply_batch(index, "a", KVEventBatch(0.0, [BlockStored([1, 2, 3, 4], None, [], 4, None, None)]))
+    assert change == IndexChange(gained=vkeys(1, 2, 3, 4), lost=vkeys(1))  # 1 forgotten first
+    assert index.num_keys("a") == 3 and index.overlap("a", vkeys(2, 3, 4)) == 3
+    change = apply_batch(index, "a", KVEventBatch(0.0, [BlockRemoved([3, 99], None)]))
+    assert change == IndexChange(gained=[], lost=vkeys(3))  # 99 was never held
+    assert index.overlap("a", vkeys(2, 3, 4)) == 1
     digest = bytes(24) + (2).to_bytes(8, "big")  # a key sent as digest bytes, not as an int
-    index.apply("b", KVEventBatch(0.0, [BlockStored([digest], None, [], 4, None, None)]))
-    assert index.holders[2] == {"a", "b"}
-    index.apply("a", KVEventBatch(0.0, [AllBlocksCleared()]))
-    assert index.num_keys("a") == 0 and index.holders == {2: {"b"}}
+    apply_batch(index, "b", KVEventBatch(0.0, [BlockStored([digest], None, [], 4, None, None)]))
+    assert index.overlaps(vkeys(2), 0.0) == {"a": 1, "b": 1}
+    with pytest.raises(EventStreamError, match="AllBlocksCleared"):  # a subscriber's reset instead
+        apply_batch(index, "a", KVEventBatch(0.0, [AllBlocksCleared()]))
+    assert index.clear("a") == vkeys(2, 4)  # what a reset does, oldest first
+    assert index.num_keys("a") == 0 and index.overlaps(vkeys(2), 0.0) == {"b": 1}
+    assert set(index.holders) == set(vkeys(2))
+    index.check()
 
 
 def _ports() -> tuple[int, int]:
@@ -138,7 +150,7 @@ def _drain(sub: EventSubscriber, want: int) -> None:
 def test_gap_is_replayed_then_resync_when_buffer_moved_on() -> None:
     pub_port, replay_port = _ports()
     pub = EventPublisher(f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}", buffer_steps=2)
-    index = EngineIndex(capacity_blocks=100)
+    index = PreciseIndex(capacity_blocks=100)
     sub = EventSubscriber("e0", index, f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}")
     try:
         # PUB/SUB joins asynchronously: publish until the first message arrives.
@@ -153,13 +165,13 @@ def test_gap_is_replayed_then_resync_when_buffer_moved_on() -> None:
         pub.publish([BlockStored([3], None, [], 4, None, None)])
         _drain(sub, first + 2)
         assert sub.num_gaps == 1 and sub.num_resyncs == 0
-        assert index.overlap("e0", [1, 2, 3]) == 3  # the lost batch came back by replay
+        assert index.overlap("e0", vkeys(1, 2, 3)) == 3  # the lost batch came back by replay
         for k in (4, 5, 6):  # three lost: the 2-batch buffer no longer holds the first
             pub.publish([BlockStored([k], None, [], 4, None, None)], send=False)
         pub.publish([BlockStored([7], None, [], 4, None, None)])
         _drain(sub, first + 6)
         assert sub.num_gaps == 2 and sub.num_resyncs == 1
-        assert index.overlap("e0", [1]) == 0 and index.overlap("e0", [7]) == 1  # resynced from new events
+        assert index.overlap("e0", vkeys(1)) == 0 and index.overlap("e0", vkeys(7)) == 1  # resynced
     finally:
         sub.close()
         pub.close()

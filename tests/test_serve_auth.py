@@ -23,6 +23,7 @@ from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.cache.tenancy import Scope
 from kvcache.errors import AuthError, ConfigError
 from kvcache.router import Router, RouteRequest
+from kvcache.router.index import PreciseIndex
 from kvcache.serve import auth, launch, wire
 from kvcache.serve.metrics import ServeMetrics
 from kvcache.serve.pool import WorkerPool
@@ -309,14 +310,31 @@ def test_a_workers_index_never_exceeds_its_capacity_and_drops_the_oldest() -> No
         pool, router = make_pool()
         reg = registration(num_blocks=64)
         pool.add(reg)
+        index = router.index
+        assert isinstance(index, PreciseIndex)  # the router's one index, bounded per worker
         pool.apply_events(entry(reg, 0, [stored(i) for i in range(5000)]))
-        assert router.index.num_keys("w0") == 64
-        assert list(pool.workers["w0"].indexed_blocks) == [stored(i).key for i in range(4936, 5000)]
-        assert router.index.holders.keys() == {stored(i).key for i in range(4936, 5000)}
+        assert index.num_keys("w0") == 64 and pool.num_indexed("w0") == 64
+        assert list(index.keys_of["w0"]) == [stored(i).key for i in range(4936, 5000)]
+        assert index.holders.keys() == {stored(i).key for i in range(4936, 5000)}
         pool.apply_events(entry(reg, 1, [stored(4936)]))  # stored again: now the newest
         pool.apply_events(entry(reg, 2, [stored(7000)]))
-        assert next(iter(pool.workers["w0"].indexed_blocks)) == stored(4938).key
-        assert router.index.num_keys("w0") == 64
+        assert next(iter(index.keys_of["w0"])) == stored(4938).key
+        assert list(index.keys_of["w0"])[-2:] == [stored(4936).key, stored(7000).key]
+        assert index.num_keys("w0") == 64
+        assert pool.metrics.value("kvcache:router_indexed_blocks", {"worker": "w0"}) == 64
+        index.check()
+
+    asyncio.run(scenario())
+
+
+def test_a_registration_without_a_valid_pool_size_is_refused() -> None:
+    async def scenario() -> None:
+        pool, router = make_pool()
+        for bad in (0, -3):
+            reg = registration(f"w{-bad}", num_blocks=bad)
+            pool.add(reg)
+            assert f"num_blocks={bad}," in pool.refused[reg.instance]
+        assert pool.workers == {} and router.workers == []
 
     asyncio.run(scenario())
 

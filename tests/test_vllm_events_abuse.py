@@ -15,14 +15,15 @@ import zmq
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from kvcache.router.index import PreciseIndex
 from kvcache.vllm.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
-    EngineIndex,
     EventPublisher,
     KVEventBatch,
     encode_batch,
+    index_key,
 )
 from kvcache.vllm.keys import VllmKeyer
 from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
@@ -36,6 +37,10 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def vkeys(*keys: int) -> list[bytes]:
+    return [index_key(k) for k in keys]
 
 
 def _stored(*keys: int) -> list[BlockStored | BlockRemoved]:
@@ -66,7 +71,7 @@ def _join(pub: EventPublisher, sub: EventSubscriber) -> None:
 
 def test_an_engine_restart_resets_its_view() -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
-    index = EngineIndex(capacity_blocks=100)
+    index = PreciseIndex(capacity_blocks=100)
     sub = EventSubscriber("e0", index, endpoint)
     old = EventPublisher(endpoint)
     try:
@@ -76,21 +81,21 @@ def test_an_engine_restart_resets_its_view() -> None:
         old.publish(_stored(1, 2, 3))
         old.publish(_stored(4))
         _wait(sub, lambda: sub.next_seq == old.seq)
-        assert index.overlap("e0", [1, 2, 3, 4]) == 4
+        assert index.overlap("e0", vkeys(1, 2, 3, 4)) == 4
     finally:
         old.close()
     # The engine restarts: its blocks are gone and its sequence starts again at 0.
     new = EventPublisher(endpoint)
     try:
         deadline = time.monotonic() + 10.0
-        while index.overlap("e0", [10]) == 0:
+        while index.overlap("e0", vkeys(10)) == 0:
             new.publish(_stored(10))
             sub.poll(50)
             assert time.monotonic() < deadline, "the restarted engine's events were ignored"
         assert sub.num_resets == 1 and sub.num_gaps == 0
-        assert index.overlap("e0", [1]) == 0 and index.num_keys("e0") == 1  # only what it now holds
+        assert index.overlap("e0", vkeys(1)) == 0 and index.num_keys("e0") == 1  # only what it now holds
         new.publish(_stored(11))
-        _wait(sub, lambda: index.overlap("e0", [10, 11]) == 2)
+        _wait(sub, lambda: index.overlap("e0", vkeys(10, 11)) == 2)
     finally:
         sub.close()
         new.close()
@@ -98,7 +103,7 @@ def test_an_engine_restart_resets_its_view() -> None:
 
 def test_an_absurd_sequence_jump_resets_and_does_not_silence_the_engine() -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
-    index = EngineIndex(capacity_blocks=100)
+    index = PreciseIndex(capacity_blocks=100)
     sub = EventSubscriber("e0", index, endpoint)
     pub = EventPublisher(endpoint)
     try:
@@ -110,14 +115,14 @@ def test_an_absurd_sequence_jump_resets_and_does_not_silence_the_engine() -> Non
         pub.publish(_stored(50))
         _wait(sub, lambda: sub.next_seq == 2**64)
         assert sub.num_resets == 1 and sub.num_gaps == 0  # no replay of 2^64 batches asked for
-        assert index.overlap("e0", [1]) == 0 and index.overlap("e0", [50]) == 1
+        assert index.overlap("e0", vkeys(1)) == 0 and index.overlap("e0", vkeys(50)) == 1
         pub.seq = normal  # the engine goes on as before
         pub.publish(_stored(60))
         pub.publish(_stored(70))
         _wait(sub, lambda: sub.next_seq == normal + 2)
         assert sub.num_resets == 2
-        assert index.overlap("e0", [50]) == 0  # never over-reports what the jump claimed
-        assert index.overlap("e0", [60]) == 1 and index.overlap("e0", [70]) == 1
+        assert index.overlap("e0", vkeys(50)) == 0  # never over-reports what the jump claimed
+        assert index.overlap("e0", vkeys(60)) == 1 and index.overlap("e0", vkeys(70)) == 1
     finally:
         sub.close()
         pub.close()
@@ -125,7 +130,7 @@ def test_an_absurd_sequence_jump_resets_and_does_not_silence_the_engine() -> Non
 
 def test_an_oversize_batch_is_dropped_counted_and_resets() -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
-    index = EngineIndex(capacity_blocks=100)
+    index = PreciseIndex(capacity_blocks=100)
     sub = EventSubscriber("e0", index, endpoint, max_batch_hashes=8, max_batch_bytes=1000)
     pub = EventPublisher(endpoint)
     try:
@@ -137,8 +142,8 @@ def test_an_oversize_batch_is_dropped_counted_and_resets() -> None:
         _wait(sub, lambda: sub.next_seq == pub.seq)
         assert sub.num_oversize == 2 and sub.num_bad == 0
         # what the dropped batches did is unknown: the view restarted after them
-        assert index.overlap("e0", [1]) == 0 and index.overlap("e0", [100]) == 0
-        assert index.overlap("e0", [7]) == 0 and index.overlap("e0", [2]) == 1
+        assert index.overlap("e0", vkeys(1)) == 0 and index.overlap("e0", vkeys(100)) == 0
+        assert index.overlap("e0", vkeys(7)) == 0 and index.overlap("e0", vkeys(2)) == 1
     finally:
         sub.close()
         pub.close()
@@ -146,7 +151,7 @@ def test_an_oversize_batch_is_dropped_counted_and_resets() -> None:
 
 def test_a_clear_is_applied_in_slices_before_what_follows_it() -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
-    index = EngineIndex(capacity_blocks=100)
+    index = PreciseIndex(capacity_blocks=100)
     sub = EventSubscriber("e0", index, endpoint)
     pub = EventPublisher(endpoint)
     sub.start()  # received on its own thread, applied here with drain
@@ -166,7 +171,7 @@ def test_a_clear_is_applied_in_slices_before_what_follows_it() -> None:
         pub.publish([AllBlocksCleared(), BlockStored([99], None, [], 16, None, None)])
         _wait(sub, lambda: sub.pending.qsize() == 2, poll=False)  # the clear, then the batch after it
         assert [(sub.drain(3), index.num_keys("e0")) for _ in range(4)] == [(0, 7), (0, 4), (0, 1), (2, 1)]
-        assert index.overlap("e0", [99]) == 1 and index.overlap("e0", [10]) == 0
+        assert index.overlap("e0", vkeys(99)) == 1 and index.overlap("e0", vkeys(10)) == 0
     finally:
         sub.close()
         pub.close()
@@ -242,7 +247,7 @@ def test_a_huge_batch_does_not_stall_the_proxy() -> None:
         pub.publish(_stored(5))
 
     scenario = _Scenario()
-    sub, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap("0", [5]) == 1))
+    sub, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap(0, vkeys(5)) == 1))
     print(f"loop lag {lag * 1000:.0f} ms, request {request * 1000:.0f} ms")
     assert lag < STALL_S and request < STALL_S, (lag, request)
     assert sub.num_oversize == 1
@@ -264,7 +269,7 @@ def test_a_flooding_publisher_does_not_starve_the_proxy() -> None:
             time.sleep(0.05)
 
     scenario = _Scenario()
-    _, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap("0", [2**50]) == 1))
+    _, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap(0, vkeys(2**50)) == 1))
     print(f"loop lag {lag * 1000:.0f} ms, request {request * 1000:.0f} ms")
     assert lag < FLOOD_S / 3 and request < FLOOD_S / 3, (lag, request)
 
@@ -282,7 +287,7 @@ def test_gaps_with_a_silent_replay_socket_do_not_block_the_proxy() -> None:
 
     scenario = _Scenario(replay=f"tcp://127.0.0.1:{port}")
     try:
-        sub, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap("0", [300]) == 1))
+        sub, lag, request = asyncio.run(scenario.run(abuse, lambda p: p.index.overlap(0, vkeys(300)) == 1))
     finally:
         silent.close(linger=0)
     print(f"loop lag {lag * 1000:.0f} ms, request {request * 1000:.0f} ms")

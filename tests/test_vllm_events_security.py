@@ -20,8 +20,9 @@ from kvcache.cache.config import CacheConfig
 from kvcache.cache.manager import BlockManager
 from kvcache.cache.tenancy import Scope
 from kvcache.child import python_argv
+from kvcache.router.index import PreciseIndex
 from kvcache.vllm.curve import CurveClient, CurveServer, is_loopback, local_endpoint
-from kvcache.vllm.events import BlockStored, EngineEventBridge, EngineIndex, EventPublisher, decode_batch
+from kvcache.vllm.events import BlockStored, EngineEventBridge, EventPublisher, decode_batch, index_key
 from kvcache.vllm.keys import VllmKeyer
 from kvcache.vllm.public import public_salt
 from kvcache.vllm.subscriber import EventSubscriber
@@ -108,13 +109,13 @@ def _certificates(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def _received(sub: EventSubscriber, publisher: EventPublisher, index: EngineIndex, seconds: float) -> bool:
+def _received(sub: EventSubscriber, publisher: EventPublisher, index: PreciseIndex, seconds: float) -> bool:
     """Publish a stored key for ``seconds``; whether the subscriber's index got it."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         publisher.publish([BlockStored([42], None, [], 4, None, None)])
         sub.poll(50)
-        if index.overlap(sub.engine, [42]):
+        if index.overlap(sub.engine, [index_key(42)]):
             return True
     return False
 
@@ -124,7 +125,7 @@ def test_curve_publisher_accepts_only_listed_subscribers_with_its_key(tmp_path: 
     server = CurveServer.load(certs["server"], certs["clients"])
     events, replay = _endpoint(), _endpoint()
     publisher = EventPublisher(events, replay, curve=server)
-    index = EngineIndex(capacity_blocks=10)
+    index = PreciseIndex(capacity_blocks=10)
     trusted = EventSubscriber(
         "trusted", index, events, curve=CurveClient.load(certs["router"], certs["server.public"])
     )

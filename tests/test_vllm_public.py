@@ -27,7 +27,7 @@ from kvcache.serve import peer, wire
 from kvcache.serve.auth import DeploymentKeys, new_secret
 from kvcache.serve.config import PublicPrefixSpec
 from kvcache.serve.public import PublicPrefixes, render
-from kvcache.vllm.events import BlockRemoved, BlockStored, EngineEventBridge, EventPublisher
+from kvcache.vllm.events import BlockRemoved, BlockStored, EngineEventBridge, EventPublisher, index_key
 from kvcache.vllm.keys import VllmKeyer
 from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 from kvcache.vllm.public import PublicHead, public_salt
@@ -37,6 +37,11 @@ SYSTEM = [(5 * i) % 200 + 11 for i in range(40)]  # the published prefix: 2 full
 PUBLIC_SALT = public_salt(KEYS)
 KEYER = VllmKeyer(BLOCK, "sha256_cbor", "0", public_salt=PUBLIC_SALT)
 PUBLIC_KEYS = VllmKeyer(BLOCK).keys(SYSTEM[:32], cache_salt=PUBLIC_SALT)  # the head: a prompt of its own
+
+
+def held(proxy: RouteProxy, engine: int, keys: list[int]) -> int:
+    """Leading vLLM ``keys`` the router's index holds for the proxy's engine ``engine``."""
+    return proxy.index.overlap(engine, [index_key(k) for k in keys])
 
 
 def tail(seed: int, n: int) -> list[int]:
@@ -229,7 +234,7 @@ async def joined(proxy: RouteProxy, publishers: list[EventPublisher]) -> None:
 
 async def indexed(proxy: RouteProxy, engine: int, keys: list[int]) -> None:
     deadline = time.monotonic() + 10
-    while proxy.index.overlap(str(engine), keys) < len(keys):
+    while held(proxy, engine, keys) < len(keys):
         await asyncio.sleep(0.02)
         assert time.monotonic() < deadline, "the engine's events did not arrive"
 
@@ -257,22 +262,22 @@ def test_the_proxy_keys_requests_as_the_bridge_published_them(caplog: pytest.Log
             # Before the proxy knows the set it keys acme's prompt privately: no match anywhere.
             private_a = proxy.block_keys({"prompt": prompt_a}, Scope("acme"))
             assert private_a == KEYER.keys(prompt_a, cache_salt=salt("acme"))
-            assert proxy.index.overlap("1", private_a) == 0
+            assert held(proxy, 1, private_a) == 0
             head.set(1, [SYSTEM])
             assert proxy.block_keys({"prompt": prompt_a}, Scope("acme")) == keys_a  # as published
-            assert proxy.index.overlap("1", keys_a) == 5  # positive control: acme's own repeat
+            assert held(proxy, 1, keys_a) == 5  # positive control: acme's own repeat
             for n, tenant in enumerate(["globex", "initech", "hooli", "umbrella", "wonka", "stark"]):
                 await asyncio.sleep(0.1)  # past the prefill the router models for the one before
                 body = {"prompt": SYSTEM + tail(10 + n, 40)}
                 keys = proxy.block_keys(body, Scope(tenant))
-                assert keys[:2] == PUBLIC_KEYS and proxy.index.overlap("1", keys) == 2
-                assert proxy.index.overlap("0", keys) == 0
+                assert keys[:2] == PUBLIC_KEYS and held(proxy, 1, keys) == 2
+                assert held(proxy, 0, keys) == 0
                 request_id, engine = proxy.place(body, Scope(tenant))
                 proxy.router.on_finished(request_id)
                 assert engine == 1, tenant  # where the public blocks are
             # Negative control: globex sending acme's very prompt matches the public head only.
             keys_ga = proxy.block_keys({"prompt": prompt_a}, Scope("globex"))
-            assert proxy.index.overlap("1", keys_ga) == 2 and set(keys_ga[2:]).isdisjoint(keys_a)
+            assert held(proxy, 1, keys_ga) == 2 and set(keys_ga[2:]).isdisjoint(keys_a)
             # A salt narrows globex's own scope: the head stays public, the rest is the sub-scope's.
             salted = proxy.block_keys({"prompt": prompt_a}, Scope("globex", salt="s"))
             assert salted[:2] == PUBLIC_KEYS and set(salted[2:]).isdisjoint(keys_ga + keys_a)

@@ -21,7 +21,7 @@ from kvcache.redis_server import start_redis
 from kvcache.serve import peer, wire
 from kvcache.serve.config import PublicPrefixSpec, ServeConfig
 from kvcache.serve.public import PublicPrefixes, render
-from kvcache.vllm.events import EngineEventBridge, EventPublisher
+from kvcache.vllm.events import EngineEventBridge, EventPublisher, index_key
 from kvcache.vllm.keys import VllmKeyer
 from kvcache.vllm.proxy import EngineEndpoint, RouteProxy
 from kvcache.vllm.public import PublicHead, public_salt
@@ -32,6 +32,11 @@ KEYER = VllmKeyer(BLOCK, "xxhash_cbor", "7", public_salt=public_salt(KEYS))
 PUBLIC_KEYS = VllmKeyer(BLOCK, "xxhash_cbor", "7").keys(SYSTEM[:32], cache_salt=public_salt(KEYS))
 TENANTS = ("acme", "globex", "initech")
 CONFIG = ServeConfig.from_dict({"tenants": {t: {"keys": [f"sk-{t}"]} for t in TENANTS}})
+
+
+def held(proxy: RouteProxy, engine: int, keys: list[int]) -> int:
+    """Leading vLLM ``keys`` the router's index holds for the proxy's engine ``engine``."""
+    return proxy.index.overlap(engine, [index_key(k) for k in keys])
 
 
 def tail(seed: int, n: int) -> list[int]:
@@ -94,8 +99,8 @@ async def scenario(redis_url: str) -> dict[str, Any]:
             await warm.public.sync(redis)
         await wait_until("warm did not apply the set", lambda: warm.public.version == public.version)
         await wait_until("the proxy did not read the set", lambda: proxy.public.version == public.version)
-        await wait_until("warm's public blocks", lambda: proxy.index.overlap("1", PUBLIC_KEYS) == 2)
-        out["cold_public"] = proxy.index.overlap("0", PUBLIC_KEYS)
+        await wait_until("warm's public blocks", lambda: held(proxy, 1, PUBLIC_KEYS) == 2)
+        out["cold_public"] = held(proxy, 0, PUBLIC_KEYS)
 
         async def ask(tenant: str, prompt: list[int]) -> tuple[str, int]:
             await asyncio.sleep(0.1)  # past the prefill the router models for the request before
@@ -109,7 +114,7 @@ async def scenario(redis_url: str) -> dict[str, Any]:
         prompt_a = SYSTEM + tail(1, 30)  # 70 tokens: 4 full blocks, 2 of them public
         out["acme"] = await ask("acme", prompt_a)
         keys_a = KEYER.keys(prompt_a, cache_salt=KEYS.pseudonym("tenant:acme"), public_blocks=2)
-        await wait_until("acme's blocks", lambda: proxy.index.overlap("1", keys_a) == 4)
+        await wait_until("acme's blocks", lambda: held(proxy, 1, keys_a) == 4)
         out["globex"] = await ask("globex", SYSTEM + tail(2, 30))
         out["initech_sends_acmes_prompt"] = await ask("initech", prompt_a)
         out["acme_again"] = await ask("acme", prompt_a)

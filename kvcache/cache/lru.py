@@ -74,9 +74,10 @@ class LRU(Generic[K, V]):
     def extend(self, entries: Iterable[tuple[K, V]]) -> list[tuple[K, V]]:
         """``put`` each entry in order, then evict once for the whole batch."""
         items = self._items
+        move_to_end = items.move_to_end
         for key, value in entries:
             items[key] = value
-            items.move_to_end(key)
+            move_to_end(key)
         return self._evict()
 
     def pop(self, key: K) -> V | None:

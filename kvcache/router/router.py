@@ -18,9 +18,14 @@ its own load (``observe_load``) is passed to policies beside the router's count,
 the per-worker figures as columns the router updates where a load changes (a route, a finish,
 a report, a modelled prefill end), so routing costs array operations over the fleet, not a
 Python step per worker. Choosing is the policy's job (``policies``); simulating workers is
-``kvcache.lab.replay``'s. In approximate mode,
-``capacity_blocks`` (each worker's pool size, if known) lets the index forget what a worker
-must have evicted.
+``kvcache.lab.replay``'s. ``capacity_blocks`` (each worker's pool size, if known) bounds what
+the index believes of a worker: in precise mode it never holds more of a worker's keys than
+that, dropping the least recently stored first (``add_worker`` takes a worker's own size), and
+in approximate mode it forgets what a worker must have evicted.
+
+The router owns the one index of which workers hold which keys: ``kvcache serve``'s front
+(``serve.pool``) and ``kvcache route`` (``vllm.proxy``) apply their workers' events to it. Not
+here: the index itself (``index``), transports and their trust checks.
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ class Router:
         self.block_size = block_size
         self.latency = latency or LatencyModel()
         self.index: PreciseIndex | ApproxIndex = (
-            PreciseIndex() if mode == "precise" else ApproxIndex(ttl_ms, capacity_blocks)
+            PreciseIndex(capacity_blocks) if mode == "precise" else ApproxIndex(ttl_ms, capacity_blocks)
         )
         self.clock = clock
         self.rng = random.Random(seed)
@@ -143,16 +148,23 @@ class Router:
         self._prefill_free = np.zeros(0, dtype=np.float64)
         self._full: set[WorkerId] = set()  # workers whose sequence slots are all taken
         self._wake: list[tuple[float, int, WorkerId, _Load]] = []  # (prefill end, seq, worker, load)
-        self._pos_of_slot = np.zeros(0, dtype=np.int64)  # precise index slot -> position, -1: none
+        self._slot_at = np.zeros(0, dtype=np.int64)  # position -> the worker's precise index slot
         self._seq = itertools.count()
 
     @property
     def workers(self) -> list[WorkerId]:
         return list(self.loads)
 
-    def add_worker(self, worker_id: WorkerId) -> None:
+    def add_worker(self, worker_id: WorkerId, capacity_blocks: int | None = None) -> None:
+        """Route to ``worker_id`` from now on. ``capacity_blocks``: its pool size, if it differs
+        from the router's, bounding what the precise index holds for it (approximate mode
+        bounds every worker by the router's)."""
         if worker_id in self.loads:
             raise ConfigError(f"worker {worker_id} is already added")
+        # validated before anything changes; -1: approximate mode has no slots
+        slot = (
+            self.index.add_worker(worker_id, capacity_blocks) if isinstance(self.index, PreciseIndex) else -1
+        )
         self.loads[worker_id] = _Load()
         self._pos[worker_id] = len(self._ids)
         ids = np.empty(len(self._ids) + 1, dtype=object)
@@ -160,12 +172,7 @@ class Router:
         self._ids = ids
         self._cols = {name: np.append(col, 0) for name, col in self._cols.items()}
         self._prefill_free = np.append(self._prefill_free, 0.0)
-        if isinstance(self.index, PreciseIndex):
-            slot = self.index.slot(worker_id)
-            grow = slot + 1 - len(self._pos_of_slot)
-            if grow > 0:
-                self._pos_of_slot = np.append(self._pos_of_slot, np.full(grow, -1, dtype=np.int64))
-            self._pos_of_slot[slot] = self._pos[worker_id]
+        self._slot_at = np.append(self._slot_at, slot)
 
     def remove_worker(self, worker_id: WorkerId) -> list[Hashable]:
         """Forget a worker (its index entries and load); returns its unfinished request ids."""
@@ -177,8 +184,8 @@ class Router:
         self._ids = np.delete(self._ids, i)
         self._cols = {name: np.delete(col, i) for name, col in self._cols.items()}
         self._prefill_free = np.delete(self._prefill_free, i)
+        self._slot_at = np.delete(self._slot_at, i)
         self._pos = {w: j for j, w in enumerate(self.loads)}
-        self._map_slots()
         self._full.discard(worker_id)
         for request_id in load.active:
             del self.where[request_id]
@@ -204,13 +211,6 @@ class Router:
         if load is None:
             raise ConfigError(f"worker {worker_id} is not known to the router")
         return len(load.active), load.reported
-
-    def _map_slots(self) -> None:
-        """Where each worker's precise-index slot sits in the columns (after adds/removals)."""
-        if isinstance(self.index, PreciseIndex):
-            slots = [self.index.slot(w) for w in self._pos]
-            self._pos_of_slot = np.full(self.index.num_slots, -1, dtype=np.int64)
-            self._pos_of_slot[slots] = list(self._pos.values())
 
     def _sync(self, worker_id: WorkerId, load: _Load) -> None:
         """Copy ``load``'s figures into the columns (after it changed)."""
@@ -240,16 +240,11 @@ class Router:
 
     def _columns(self, request: RouteRequest, now: float) -> WorkerColumns:
         self._expire_pending(now)
-        overlap = np.zeros(len(self._ids), dtype=np.int64)
         pos = self._pos
         if isinstance(self.index, PreciseIndex):
-            slots, blocks = self.index.overlap_slots(request.block_keys, now)  # matching only
-            if len(self._pos_of_slot) < self.index.num_slots:
-                self._map_slots()  # a slot handed out outside add_worker (index used directly)
-            at = self._pos_of_slot[slots]
-            known = at >= 0
-            overlap[at[known]] = blocks[known]
+            overlap = self.index.overlap_by_slot(request.block_keys, now)[self._slot_at]
         else:
+            overlap = np.zeros(len(self._ids), dtype=np.int64)
             for w, n in self.index.overlaps(request.block_keys, now).items():  # matching only
                 i = pos.get(w)
                 if i is not None:
@@ -340,7 +335,8 @@ class Router:
         self._sync(worker_id, load)
 
     def on_events(self, worker_id: WorkerId, events: Sequence[CacheEvent]) -> None:
-        """A worker's block stored/removed events (precise mode; ignored in approx mode)."""
+        """A worker's block stored/removed events, in order (precise mode; ignored in approx
+        mode); past the worker's capacity the index drops its least recently stored keys."""
         if worker_id not in self.loads:
             return  # a removed worker's late events
         if isinstance(self.index, PreciseIndex):

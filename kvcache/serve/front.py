@@ -536,7 +536,7 @@ class Front:
                 "url": s.reg.url,
                 "pid": s.reg.pid,
                 "instance": s.reg.instance,
-                "indexed_blocks": len(s.indexed_blocks),
+                "indexed_blocks": self.pool.num_indexed(wid),
                 "active_requests": active,
                 "reported_requests": reported,
             }

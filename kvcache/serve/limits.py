@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kvcache.cache.lru import LRU
 from kvcache.errors import ConfigError
 
 log = logging.getLogger("kvcache.front")
@@ -129,8 +129,8 @@ class ConnectionGuard:
         self.limits = limits
         self.clock = clock
         self._conns: dict[Any, _Conn] = {}  # request handler (one per connection) -> its state
-        self._idle: OrderedDict[Any, None] = OrderedDict()  # idle handlers, least recently active first
-        self._by_peer: dict[str, OrderedDict[Any, None]] = {}  # address -> its handlers, oldest first
+        self._idle: LRU[Any, None] = LRU()  # idle handlers, least recently active first
+        self._by_peer: dict[str, LRU[Any, None]] = {}  # address -> its handlers, oldest first
         self._shed = _Shed()
         self._last_summary = -SUMMARY_S  # the first close is reported at once, then one line per window
         self.num_evicted = 0
@@ -162,13 +162,13 @@ class ConnectionGuard:
         if conn is None:
             return await handler(request)
         conn.busy = True
-        self._idle.pop(request.protocol, None)
+        self._idle.pop(request.protocol)
         try:
             return await handler(request)
         finally:
             if self._conns.get(request.protocol) is conn:
                 conn.busy = False
-                self._idle[request.protocol] = None  # most recently active: evicted last
+                self._idle.put(request.protocol, None)  # most recently active: evicted last
 
     # ---- bookkeeping -----------------------------------------------------------------------------
 
@@ -176,9 +176,11 @@ class ConnectionGuard:
         peername = transport.get_extra_info("peername")
         peer = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
         self._conns[handler] = _Conn(peer, transport)
-        self._idle[handler] = None
-        mine = self._by_peer.setdefault(peer, OrderedDict())
-        mine[handler] = None
+        self._idle.put(handler, None)
+        mine = self._by_peer.get(peer)
+        if mine is None:
+            mine = self._by_peer[peer] = LRU()
+        mine.put(handler, None)
         if len(mine) > self.limits.per_client:
             self._make_room(handler, (h for h in mine if h in self._idle))
         if handler in self._conns and len(self._conns) > self.limits.max_connections:
@@ -205,10 +207,10 @@ class ConnectionGuard:
         conn = self._conns.pop(handler, None)
         if conn is None:
             return
-        self._idle.pop(handler, None)
+        self._idle.pop(handler)
         mine = self._by_peer.get(conn.peer)
         if mine is not None:
-            mine.pop(handler, None)
+            mine.pop(handler)
             if not mine:
                 del self._by_peer[conn.peer]
 

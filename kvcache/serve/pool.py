@@ -33,11 +33,16 @@ clock), and while its registration stays freshly signed: re-writing an old heart
 registration into Redis keeps nobody alive; an event batch
 (events and load) counts only with a valid MAC and a sequence number above the last one seen
 from that instance.
-A worker's indexed keys never exceed the pool capacity it registered: past it the oldest are
-dropped (and removed from the router), whatever a worker or a forger publishes.
+A worker's indexed keys never exceed the pool capacity it registered (its ``num_blocks``, the
+bound its router index slot is given): past it the least recently stored are dropped, whatever a
+worker or a forger publishes.
 
 When Redis is unreachable both loops wait and retry; the pool keeps the workers it knows, so
 serving continues with the router's last view.
+
+Not here: which worker holds which keys, and its bound: that is the router's one index
+(``router.index.PreciseIndex``, owned by ``Router``); the pool only verifies batches and hands
+them to ``router.on_events``.
 """
 
 from __future__ import annotations
@@ -46,12 +51,10 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.errors import AuthError, KVCacheError
 from kvcache.router import Router
 from kvcache.serve import wire
@@ -66,7 +69,6 @@ POLL_S = 0.25
 @dataclass(slots=True)
 class WorkerState:
     reg: Registration
-    indexed_blocks: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # oldest first
     last_seq: int = -1
     load: WorkerLoad | None = None  # as its last event batch reported it
 
@@ -107,34 +109,42 @@ class WorkerPool:
             return
         if reg.instance in self.refused:
             return
-        first = self.first
-        if first is not None and (first.model_id, first.block_size) != (reg.model_id, reg.block_size):
-            reason = (
-                f"worker {reg.worker_id} serves {reg.model_id} with block size {reg.block_size}; "
-                f"this deployment serves {first.model_id} with block size {first.block_size}: "
-                "refused"
-            )
-            self.refused[reg.instance] = reason
-            log.error("%s", reason)
-            return
-        mine = key_check(
-            self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id, adapter_id=reg.adapter_id)
-        )
-        if reg.key_check != mine:
-            reason = (
-                f"worker {reg.worker_id} keys blocks differently from this front (another deployment "
-                "secret, model or adapter): refused"
-            )
+        reason = self._refusal(reg)
+        if reason is not None:
             self.refused[reg.instance] = reason
             log.error("%s", reason)
             return
         if known is not None:
             self.router.remove_worker(reg.worker_id)  # a restart: forget the old instance's blocks
-        self.router.add_worker(reg.worker_id)
+        self.router.add_worker(reg.worker_id, capacity_blocks=reg.num_blocks)
         self.workers[reg.worker_id] = WorkerState(reg)
         self.metrics.indexed.labels(reg.worker_id).set(0)
         self._changed()
         log.info("worker %s joined at %s (instance %s)", reg.worker_id, reg.url, reg.instance)
+
+    def _refusal(self, reg: Registration) -> str | None:
+        """Why ``reg`` cannot join this deployment, or None."""
+        if isinstance(reg.num_blocks, bool) or not isinstance(reg.num_blocks, int) or reg.num_blocks < 1:
+            return (
+                f"worker {reg.worker_id} registered num_blocks={reg.num_blocks!r}, not a pool size "
+                ">= 1 (its index bound): refused"
+            )
+        first = self.first
+        if first is not None and (first.model_id, first.block_size) != (reg.model_id, reg.block_size):
+            return (
+                f"worker {reg.worker_id} serves {reg.model_id} with block size {reg.block_size}; "
+                f"this deployment serves {first.model_id} with block size {first.block_size}: "
+                "refused"
+            )
+        mine = key_check(
+            self.keys.hasher(block_size=reg.block_size, model_id=reg.model_id, adapter_id=reg.adapter_id)
+        )
+        if reg.key_check != mine:
+            return (
+                f"worker {reg.worker_id} keys blocks differently from this front (another deployment "
+                "secret, model or adapter): refused"
+            )
+        return None
 
     def mark_down(self, worker_id: str, instance: str | None = None, failed: bool = False) -> None:
         state = self.workers.get(worker_id)
@@ -183,8 +193,8 @@ class WorkerPool:
         except KVCacheError as exc:
             log.error("dropped a malformed event batch from %s: %s", worker_id, exc)
             return
-        self.router.on_events(worker_id, self._bounded(state, events))
-        self.metrics.indexed.labels(worker_id).set(len(state.indexed_blocks))
+        self.router.on_events(worker_id, events)  # bounded there, to the registered num_blocks
+        self.metrics.indexed.labels(worker_id).set(self.num_indexed(worker_id))
         if raw_load:
             try:
                 load = WorkerLoad.decode(raw_load)
@@ -198,22 +208,9 @@ class WorkerPool:
             m.waiting.labels(worker_id).set(load.num_waiting)
             m.kv_usage.labels(worker_id).set(load.kv_usage)
 
-    @staticmethod
-    def _bounded(state: WorkerState, events: list[CacheEvent]) -> list[CacheEvent]:
-        """``events`` plus a ``BlockRemoved`` for each oldest key pushed past the worker's capacity."""
-        indexed, cap = state.indexed_blocks, state.reg.num_blocks
-        out: list[CacheEvent] = []
-        for event in events:
-            out.append(event)
-            if isinstance(event, BlockStored):
-                indexed[event.key] = None
-                indexed.move_to_end(event.key)
-                while len(indexed) > cap:
-                    old, _ = indexed.popitem(last=False)
-                    out.append(BlockRemoved(old, 0, ""))
-            elif isinstance(event, BlockRemoved):
-                indexed.pop(event.key, None)
-        return out
+    def num_indexed(self, worker_id: str) -> int:
+        """Blocks the router's index holds for the worker (at most its registered ``num_blocks``)."""
+        return self.router.index.num_keys(worker_id)
 
     async def _sync_registrations(self, client: Any) -> None:
         regs = await client.hgetall(wire.WORKERS_KEY)

@@ -1,4 +1,4 @@
-"""vLLM's KV event stream: the wire schema, the router's per-engine index, and a publisher over ZMQ.
+"""vLLM's KV event stream: the wire schema, a publisher over ZMQ, and vLLM keys as the router indexes them.
 
 vLLM (``vllm/distributed/kv_events.py``, ``--kv-events-config``) publishes msgpack-encoded
 ``KVEventBatch(ts, events, data_parallel_rank)`` on a ZMQ PUB socket as three frames
@@ -11,8 +11,11 @@ ignored on decode; fields an earlier one lacks default to None.
 
 ``EventPublisher`` speaks this protocol (loopback only, unless secured with CURVE: ``curve``),
 and ``EngineEventBridge`` feeds it a kvcache engine's block events re-keyed as vLLM keys
-(``vllm.keys``), so a kvcache worker looks like a vLLM engine. ``EngineIndex`` is what a router
-knows each engine holds; ``vllm.subscriber`` fills it from a stream. Routing is ``router``'s job.
+(``vllm.keys``), so a kvcache worker looks like a vLLM engine. ``index_key`` is a vLLM key as the
+router's index holds it.
+
+Not here: what each engine holds, which is the router's one index (``router.index.PreciseIndex``,
+bounded per engine; ``vllm.subscriber`` applies a stream to it); routing (``router``).
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
 import zmq
 
-from kvcache.cache.lru import LRU
 from kvcache.cache.tenancy import PUBLIC_SCOPE
 from kvcache.errors import ConfigError, KVCacheError
 from kvcache.vllm.curve import CurveServer, is_loopback
@@ -91,90 +93,11 @@ def decode_batch(payload: bytes) -> KVEventBatch:
         ) from exc
 
 
-class EngineIndex:
-    """Which vLLM block keys each engine holds, at most ``capacity_blocks`` per engine.
-
-    Keys are the 64-bit ints of ``vllm.keys.external_key``. An engine over its bound (events
-    lost, or forged) forgets its least recently stored keys first, so the index never holds
-    more than an engine's pool could.
-    """
-
-    def __init__(self, capacity_blocks: int) -> None:
-        if capacity_blocks < 1:
-            raise ConfigError(f"capacity_blocks={capacity_blocks} must be >= 1 (the engines' KV blocks)")
-        self.capacity_blocks = capacity_blocks
-        self.keys_of: dict[str, LRU[int, None]] = {}
-        self.holders: dict[int, set[str]] = {}
-
-    def _keys(self, engine: str) -> LRU[int, None]:
-        keys = self.keys_of.get(engine)
-        if keys is None:
-            keys = self.keys_of[engine] = LRU(self.capacity_blocks)
-        return keys
-
-    def _drop(self, engine: str, key: int) -> None:
-        held = self.holders.get(key)
-        if held is not None:
-            held.discard(engine)
-            if not held:
-                del self.holders[key]
-
-    def apply(self, engine: str, batch: KVEventBatch) -> tuple[list[int], list[int]]:
-        """Apply one batch; returns the keys the engine gained and lost in this index."""
-        keys = self._keys(engine)
-        stored: list[int] = []
-        removed: list[int] = []
-        for event in batch.events:
-            if isinstance(event, BlockStored):
-                batch_keys = [external_key(raw) for raw in event.block_hashes]
-                stored += [key for key in dict.fromkeys(batch_keys) if key not in keys]
-                for key in batch_keys:
-                    self.holders.setdefault(key, set()).add(engine)
-                for old, _ in keys.extend((key, None) for key in batch_keys):
-                    self._drop(engine, old)
-                    removed.append(old)
-            elif isinstance(event, BlockRemoved):
-                for raw in event.block_hashes:
-                    key = external_key(raw)
-                    if key in keys:
-                        keys.pop(key)
-                        self._drop(engine, key)
-                        removed.append(key)
-            else:
-                removed += self.clear(engine)
-                keys = self._keys(engine)
-        return stored, removed
-
-    def clear(self, engine: str) -> list[int]:
-        """Forget everything the engine holds; returns the keys forgotten."""
-        gone = list(self.keys_of.pop(engine, ()))
-        for key in gone:
-            self._drop(engine, key)
-        return gone
-
-    def forget(self, engine: str, max_keys: int) -> list[int]:
-        """Forget up to ``max_keys`` of the engine's keys, least recently stored first (a clear
-        in slices); returns the keys forgotten."""
-        keys = self.keys_of.get(engine)
-        gone: list[int] = []
-        while keys and len(gone) < max_keys:
-            key, _ = keys.pop_oldest()
-            self._drop(engine, key)
-            gone.append(key)
-        return gone
-
-    def overlap(self, engine: str, keys: Iterable[int]) -> int:
-        """Leading ``keys`` the engine holds."""
-        mine: Container[int] = self.keys_of.get(engine, ())
-        n = 0
-        for key in keys:
-            if key not in mine:
-                break
-            n += 1
-        return n
-
-    def num_keys(self, engine: str) -> int:
-        return len(self.keys_of.get(engine, ()))
+def index_key(key: int | bytes) -> bytes:
+    """A vLLM block key (digest bytes or a 64-bit int, as events and ``VllmKeyer.keys`` give it)
+    as the router's index keys it: the 64-bit int as 8 big-endian bytes, converted once, as a
+    key enters the index or a request is keyed."""
+    return external_key(key).to_bytes(8, "big")
 
 
 class EventPublisher:

@@ -4,8 +4,9 @@ their KV event streams say they cache.
 Each engine is an HTTP base URL (``/v1/completions``, ``/v1/chat/completions``) with its ZMQ
 event endpoint and, optionally, its replay endpoint. The proxy subscribes to every stream
 (``vllm.events``; each received on a thread of its own, applied on the event loop in bounded
-slices between requests), keeps a per-engine index bounded by the engines' pool size, mirrors it into
-a ``Router`` (worker id = engine position), keys each request with ``vllm.keys`` and forwards
+slices between requests) straight into its ``Router``'s index (worker id = engine position; each
+engine bounded to the engines' pool size, ``capacity_blocks``), keys each request with ``vllm.keys``
+(as ``vllm.events.index_key``) and forwards
 the request body to the engine the policy picks, streaming its answer back. Keys need token
 ids: a completion whose ``prompt`` is a list of token ids is keyed (in the caller's scope and,
 when ``--lora`` names it, with the LoRA adapter of its ``model``); text prompts and chat
@@ -36,7 +37,8 @@ the caller's scope (``vllm.keys``, ``public_blocks``), so a tenant's first reque
 that holds the public prefix another tenant's request stored. vLLM engines salt block 0 with the
 request's salt, so public prefixes never apply to them (``public`` is refused with
 ``api="openai"``). Not here: tokenizing, retries on another engine (``kvcache serve``'s front does
-those for kvcache's own workers).
+those for kvcache's own workers); which engine holds which keys (the router's one index,
+``router.index.PreciseIndex``: the proxy keeps no copy).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, TypeGuard, cast
@@ -52,15 +54,14 @@ from typing import Any, TypeGuard, cast
 import aiohttp
 from aiohttp import web
 
-from kvcache.cache.events import BlockRemoved as KVRemoved
-from kvcache.cache.events import BlockStored as KVStored
 from kvcache.cache.tenancy import MAX_SALT_CHARS, Scope
 from kvcache.errors import AuthError, ConfigError
+from kvcache.router.index import PreciseIndex
 from kvcache.router.router import Router, RouteRequest
 from kvcache.serve import protocol, wire
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.vllm.curve import CurveClient
-from kvcache.vllm.events import EngineIndex
+from kvcache.vllm.events import index_key
 from kvcache.vllm.keys import VllmKeyer, scope_salt
 from kvcache.vllm.public import PublicHead
 from kvcache.vllm.subscriber import EventSubscriber
@@ -100,10 +101,6 @@ def _int_list(prompt: Any) -> TypeGuard[list[int]]:
         and bool(prompt)
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     )
-
-
-def _key_bytes(key: int) -> bytes:
-    return key.to_bytes(8, "big")
 
 
 class RouteProxy:
@@ -156,19 +153,14 @@ class RouteProxy:
         self.keyer = keyer
         self.lora_models = lora_models
         self.router = Router(policy, "precise", keyer.block_size, capacity_blocks=capacity_blocks)
-        self.index = EngineIndex(capacity_blocks)
+        index = self.router.index
+        assert isinstance(index, PreciseIndex)  # precise mode
+        self.index = index  # the router's, which the subscribers fill: the proxy keeps no copy
         self.subscribers = []
         for w, engine in enumerate(self.engines):
             self.router.add_worker(w)
             self.subscribers.append(
-                EventSubscriber(
-                    str(w),
-                    self.index,
-                    engine.events,
-                    engine.replay,
-                    on_change=self._mirror,
-                    curve=events_curve,
-                )
+                EventSubscriber(w, index, engine.events, engine.replay, curve=events_curve)
             )
         # Events are received on each subscriber's thread and applied here, on the event loop, in
         # slices of about ``max_drain_hashes`` keys per engine between requests (``_background``).
@@ -178,17 +170,6 @@ class RouteProxy:
         # pseudonym of the scope, which the caller of the constructor passes here.
         self.cache_salt_of = cache_salt_of
         self.session: aiohttp.ClientSession | None = None
-
-    def _mirror(self, engine: str, stored: list[int], removed: list[int]) -> None:
-        w = int(engine)
-        held: Container[int] = self.index.keys_of.get(engine, ())
-        events: list[KVStored | KVRemoved] = []
-        for key in dict.fromkeys([*stored, *removed]):  # net effect of the batch
-            if key in held:
-                events.append(KVStored(_key_bytes(key), b"", 0, _SCOPE))
-            else:
-                events.append(KVRemoved(_key_bytes(key), 0, _SCOPE))
-        self.router.on_events(w, events)
 
     def poll_events(self) -> int:
         """Apply what the subscribers received, a bounded slice per engine; returns batches applied."""
@@ -219,7 +200,7 @@ class RouteProxy:
         """The request id and engine for one OpenAI request body in ``scope``."""
         request_id = f"route-{uuid.uuid4().hex[:24]}"
         prompt = body.get("prompt")
-        keys = [_key_bytes(k) for k in self.block_keys(body, scope)]
+        keys = [index_key(k) for k in self.block_keys(body, scope)]
         num_tokens = 1
         if _int_list(prompt):
             num_tokens = len(prompt)

@@ -1,5 +1,5 @@
-"""The router's side of vLLM's KV event stream: one engine's batches, in order, into an
-``EngineIndex``.
+"""The router's side of vLLM's KV event stream: one engine's batches, in order, into the
+router's index (``router.index.PreciseIndex``), each key as ``events.index_key`` keys it.
 
 ``EventSubscriber`` applies batches in sequence, asks the replay socket for a gap, and whenever
 the engine's view is unknown (a gap the replay cannot fill, a batch over its bounds, a sequence
@@ -8,7 +8,8 @@ index then under-reports until new events arrive, never over-reports. It can rec
 thread and leave the applying to its owner in bounded slices, so a publisher's volume never
 stalls a router's requests.
 
-Not here: the wire schema and the publisher (``vllm.events``), keys (``vllm.keys``), CURVE
+Not here: the index and its per-engine bound (``router.index``: the router's one index, which
+this fills), the wire schema and the publisher (``vllm.events``), keys (``vllm.keys``), CURVE
 (``curve``), routing (``router``).
 """
 
@@ -18,11 +19,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 
 import zmq
 
 from kvcache.errors import ConfigError
+from kvcache.router.index import IndexChange, PreciseIndex
+from kvcache.router.policies import WorkerId
 from kvcache.vllm.curve import CurveClient, is_loopback
 from kvcache.vllm.events import (
     DEFAULT_TOPIC,
@@ -30,10 +33,10 @@ from kvcache.vllm.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
-    EngineIndex,
     EventStreamError,
     KVEventBatch,
     decode_batch,
+    index_key,
 )
 
 log = logging.getLogger(__name__)
@@ -51,12 +54,26 @@ def num_hashes(batch: KVEventBatch) -> int:
     return sum(len(e.block_hashes) for e in batch.events if not isinstance(e, AllBlocksCleared))
 
 
+def apply_batch(index: PreciseIndex, engine: WorkerId, batch: KVEventBatch) -> IndexChange:
+    """One batch into ``index`` as worker ``engine``, each key as ``index_key`` keys it, then the
+    engine's bound; what the engine gained and lost there. The batch has no ``AllBlocksCleared``:
+    a subscriber splits those out as resets, to apply them in slices."""
+    return index.apply_keys(engine, _runs(batch))
+
+
+def _runs(batch: KVEventBatch) -> Iterator[tuple[bool, Iterable[bytes]]]:
+    for event in batch.events:
+        if isinstance(event, AllBlocksCleared):
+            raise EventStreamError("AllBlocksCleared is applied as a reset of the engine, not in a batch")
+        yield isinstance(event, BlockStored), map(index_key, event.block_hashes)
+
+
 class EventSubscriber:
     """The router's side for one engine: receive its batches in order, fill gaps by replay, apply
-    them to the index.
+    them to the index as worker ``engine`` (the id the router knows the engine by).
 
-    Receiving (socket reads, sequence checks, decoding, replay requests) and applying (the index
-    and ``on_change``) are apart, so a router can receive on a thread of its own (``start``) and
+    Receiving (socket reads, sequence checks, decoding, replay requests) and applying (to the
+    index) are apart, so a router can receive on a thread of its own (``start``) and
     apply on its event loop in bounded slices (``drain``); ``poll`` does both on the caller's
     thread. Every bound is a count of what one message or one call may cost: a payload over
     ``max_batch_bytes`` or a batch over ``max_batch_hashes`` keys is dropped (``num_oversize``),
@@ -74,13 +91,12 @@ class EventSubscriber:
 
     def __init__(
         self,
-        engine: str,
-        index: EngineIndex,
+        engine: WorkerId,
+        index: PreciseIndex,
         endpoint: str,
         replay_endpoint: str | None = None,
         topic: str = DEFAULT_TOPIC,
         replay_timeout_ms: int = 500,
-        on_change: Callable[[str, list[int], list[int]], None] | None = None,
         *,
         curve: CurveClient | None = None,
         max_batch_hashes: int = DEFAULT_MAX_BATCH_HASHES,
@@ -109,7 +125,6 @@ class EventSubscriber:
                 )
         self.engine = engine
         self.index = index
-        self.on_change = on_change  # (engine, keys gained, keys lost), after each change
         self.curve = curve
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sub = self.ctx.socket(zmq.SUB)
@@ -256,15 +271,11 @@ class EventSubscriber:
     # ---- applying (the index's owner) ------------------------------------------------------
 
     def _apply_op(self, op: KVEventBatch | None) -> int:
-        """Apply one batch, or clear the engine for ``RESET``; returns the keys it touched."""
+        """Apply one batch (then the engine's bound), or clear the engine for ``RESET``; returns
+        the keys it touched."""
         if op is RESET:
-            removed = self.index.clear(self.engine)
-            if self.on_change is not None and removed:
-                self.on_change(self.engine, [], removed)
-            return len(removed)
-        stored, removed = self.index.apply(self.engine, op)
-        if self.on_change is not None and (stored or removed):
-            self.on_change(self.engine, stored, removed)
+            return len(self.index.clear(self.engine))
+        apply_batch(self.index, self.engine, op)
         return num_hashes(op)
 
     def drain(self, max_hashes: int = DEFAULT_MAX_BATCH_HASHES) -> int:
@@ -274,10 +285,7 @@ class EventSubscriber:
         applied = touched = 0
         while touched < max_hashes:
             if self._clearing:
-                removed = self.index.forget(self.engine, max_hashes - touched)
-                if self.on_change is not None and removed:
-                    self.on_change(self.engine, [], removed)
-                touched += len(removed)
+                touched += len(self.index.forget(self.engine, max_hashes - touched))
                 if not self.index.num_keys(self.engine):
                     self._clearing = False
                     applied += 1
