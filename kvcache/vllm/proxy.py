@@ -29,8 +29,9 @@ kvcache worker aborts the request within a step, as it does for ``kvcache serve`
 Request ids are random (``route-`` and 96 bits), so proxies sharing an engine never collide.
 
 With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
-completion with token ids becomes their ``POST /generate`` and the answer an OpenAI
-``text_completion`` carrying token ids. Given ``public`` (``vllm.public.PublicHead``, the
+completion with token ids becomes their ``POST /generate`` (through ``serve.peer.generate``, the
+one client of it, which the front uses too) and the answer an OpenAI ``text_completion`` carrying
+token ids and the worker's finish reason. Given ``public`` (``vllm.public.PublicHead``, the
 deployment's published prefixes followed from its Redis), a request's public head is keyed as the
 workers' event bridges publish it: in the public scope, the same for every tenant, and the rest in
 the caller's scope (``vllm.keys``, ``public_blocks``), so a tenant's first request goes to a worker
@@ -44,6 +45,7 @@ those for kvcache's own workers); which engine holds which keys (the router's on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -58,7 +60,7 @@ from kvcache.cache.tenancy import MAX_SALT_CHARS, Scope
 from kvcache.errors import AuthError, ConfigError
 from kvcache.router.index import PreciseIndex
 from kvcache.router.router import Router, RouteRequest
-from kvcache.serve import protocol, wire
+from kvcache.serve import peer, protocol, wire
 from kvcache.serve.config import ServeConfig, TenantSpec
 from kvcache.vllm.curve import CurveClient
 from kvcache.vllm.events import index_key
@@ -259,40 +261,42 @@ class RouteProxy:
         """One completion on a kvcache worker (``POST /generate``, NDJSON) in ``scope``, answered as
         OpenAI's ``text_completion`` with the token ids and vLLM's ``prompt_tokens_details.cached_tokens``."""
         assert self.session is not None
-        request = {
-            "request_id": request_id,
-            "token_ids": body["prompt"],
-            "tenant": scope.tenant,
-            "group": scope.group,
-            "salt": scope.salt,
-            "max_tokens": body.get("max_tokens", 16),
-        }
+        request = wire.GenerateRequest(
+            request_id,
+            body["prompt"],
+            scope.tenant,
+            body.get("max_tokens", 16),
+            group=scope.group,
+            salt=scope.salt,
+        )
         assert self.connect_worker is not None
-        link = self.connect_worker(self.engines[w].url)
-        async with link as worker, worker.post("/generate", json=request) as upstream:
-            if upstream.status != 200:
-                detail = str((await upstream.json()).get("error", "engine error"))
-                return protocol.error_response(detail, status=upstream.status)
-            tokens: list[int] = []
-            first: dict[str, Any] = {}
-            async for raw in upstream.content:
-                line = json.loads(raw)
-                if "error" in line:
-                    return protocol.error_response(str(line["error"]), status=int(line.get("status", 500)))
-                if "token_id" in line:
+        tokens: list[int] = []
+        first: wire.GenerateLine | None = None
+        finish_reason = "length"
+        try:
+            link = self.connect_worker(self.engines[w].url)
+            async with link as worker, contextlib.aclosing(peer.generate(worker, request)) as lines:
+                async for line in lines:
+                    if line.done:
+                        finish_reason = line.finish_reason or "length"
+                        break
+                    assert line.token_id is not None  # wire checks it
                     first = first or line
-                    tokens.append(int(line["token_id"]))
-        prompt_tokens = int(first.get("prompt_tokens", len(body["prompt"])))
+                    tokens.append(line.token_id)
+        except peer.WorkerRefused as exc:
+            return protocol.error_response(exc.detail, status=exc.status)
+        prompt_tokens = first.prompt_tokens if first is not None and first.prompt_tokens is not None else 0
+        cached_tokens = first.cached_tokens if first is not None and first.cached_tokens is not None else 0
         answer = {
             "id": request_id,
             "object": "text_completion",
             "model": body.get("model"),
-            "choices": [{"index": 0, "text": "", "token_ids": tokens, "finish_reason": "length"}],
+            "choices": [{"index": 0, "text": "", "token_ids": tokens, "finish_reason": finish_reason}],
             "usage": {
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": prompt_tokens or len(body["prompt"]),
                 "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens),
-                "prompt_tokens_details": {"cached_tokens": int(first.get("cached_tokens", 0))},
+                "total_tokens": (prompt_tokens or len(body["prompt"])) + len(tokens),
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
             },
         }
         return web.json_response(answer, headers={"x-kvcache-engine": str(w)})
