@@ -70,6 +70,11 @@ from kvcache.lab.workloads import persistent_agents
 from kvcache.model import registry as models
 
 CONTENDERS = ("sharing", "no-sharing", "transformers")
+# ``public``: sharing on, with each round's system prompt (the tool catalogue every tenant's prompt
+# opens with) declared a public prefix through the admin endpoint before the round, so every
+# tenant reuses one copy of it; not run unless named in ``--contenders``.
+OPTIONAL = ("public",)
+ADMIN_KEY = "sk-bench-admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +124,8 @@ def tenant_config(tenants: int, rounds: int, requests_per_round: int) -> str:
     """The ``--config`` both kvcache contenders load: a key per tenant of the workload (``sk-tenantN``)
     and a key of its own tenant for every request of rounds 0 (the warm-up) to ``rounds``
     (``sk-r{round}-{index}``)."""
-    lines = [f'[tenants.tenant{t}]\nkeys = ["sk-tenant{t}"]\n' for t in range(tenants)]
+    lines = [f'admin_keys = ["{ADMIN_KEY}"]\n']
+    lines += [f'[tenants.tenant{t}]\nkeys = ["sk-tenant{t}"]\n' for t in range(tenants)]
     for r in range(rounds + 1):
         lines += [f'[tenants.r{r}-{i}]\nkeys = ["sk-r{r}-{i}"]\n' for i in range(requests_per_round)]
     return "".join(lines)
@@ -178,7 +184,7 @@ def start_servers(args: argparse.Namespace, config_path: Path, num_blocks: int) 
                 num_blocks=num_blocks,
                 extra=(*extra, "--read-timeout", "1800"),
             )
-            model, keys = args.model, (_tenant_key if name == "sharing" else _request_key)
+            model, keys = args.model, (_request_key if name == "no-sharing" else _tenant_key)
         with log_path.open("wb") as log:
             # A session of its own: a server that will not stop is killed with its workers.
             process = subprocess.Popen(
@@ -218,6 +224,37 @@ def wait_ready(server: Server, timeout_s: float = 600.0) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"{server.name}: {server.url}/health did not answer 200 in {timeout_s:g} s")
+
+
+def system_prompt(requests: list[TraceRequest]) -> str:
+    """The system prompt every request of a round opens with: ``persistent_agents`` puts it before
+    the first blank line."""
+    return prompt_text(requests[0]).split("\n\n", 1)[0]
+
+
+def publish(server: Server, text: str, timeout_s: float = 600.0) -> None:
+    """Declare ``text`` a public prefix (``POST /admin/public-prefixes``), then wait until every
+    worker applied it (and prefilled it), so the round that follows is timed without that."""
+
+    def call(method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            server.url + "/admin/public-prefixes",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    call("POST", {"text": text})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        applied = call("GET")["applied"]
+        if applied and all(applied.values()):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"{server.name}: the public prefix was not applied by every worker in {timeout_s:g} s")
 
 
 def stop_servers(servers: dict[str, Server]) -> None:
@@ -363,6 +400,9 @@ def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float]:
     on, off, peer = m.get("sharing"), m.get("no-sharing"), m.get("transformers")
     if on and off and off["req_s"]:
         out["sharing_over_no_sharing_req_s"] = on["req_s"] / off["req_s"]
+    public = m.get("public")
+    if public and off and off["req_s"]:
+        out["public_over_no_sharing_req_s"] = public["req_s"] / off["req_s"]
     if on and peer and peer["req_s"]:
         out["kvcache_over_transformers_req_s"] = on["req_s"] / peer["req_s"]
         for key in ("ttft_p50_s", "ttft_p99_s"):
@@ -380,6 +420,7 @@ def table(m: dict[str, dict[str, Any]]) -> list[str]:
     ]
     names = {
         "sharing": "`kvcache serve`, defaults (sharing on)",
+        "public": "`kvcache serve`, sharing on, system prompt declared public",
         "no-sharing": "`kvcache serve`, sharing impossible (a key and tenant per request)",
         "transformers": "`transformers serve --continuous-batching`",
     }
@@ -407,6 +448,8 @@ def run_shape(
         order = names[r % len(names) :] + names[: r % len(names)]
         this: dict[str, dict[str, Any]] = {}
         for name in order:
+            if name == "public":
+                publish(servers[name], system_prompt(requests))
             before = os.getloadavg()[0]
             load = run_round(servers[name], requests, number, args.concurrency)
             results, wall_s, reported = asyncio.run(load)
@@ -456,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small version of each shape")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated subset of {','.join(CONTENDERS + OPTIONAL)}",
     )
     parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name or a folder")
     parser.add_argument("--device", default="cpu")
@@ -474,9 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="serve_agents.json")
     args = parser.parse_args(argv)
     args.contenders = [c for c in args.contenders.split(",") if c]
-    unknown = sorted(set(args.contenders) - set(CONTENDERS))
+    unknown = sorted(set(args.contenders) - set(CONTENDERS + OPTIONAL))
     if unknown or args.rounds < 1:
-        parser.error(f"--contenders {unknown}: use {CONTENDERS}" if unknown else "--rounds must be >= 1")
+        parser.error(
+            f"--contenders {unknown}: use {CONTENDERS + OPTIONAL}" if unknown else "--rounds must be >= 1"
+        )
     shapes = ["short", "long"] if args.shape == "both" else [args.shape]
     plan = {name: SHAPES[(name, args.quick)] for name in shapes}
     requests = {name: shape.requests(seed=args.seed) for name, shape in plan.items()}
