@@ -16,7 +16,10 @@ The benchmark starts every contender itself on the same weights (``--model``, de
   the order and everything else are the same;
 - ``transformers``: ``transformers serve --continuous-batching`` (needs ``transformers[serving]``,
   pyproject's ``bench-serve`` extra), which shares prefixes between requests too but has no tenants;
-  its KV cache gets the same capacity in tokens as kvcache's pool (``--cb-num-blocks``).
+  its KV cache gets the same capacity in tokens as kvcache's pool (``--cb-num-blocks``);
+- ``public`` (only when named in ``--contenders``): ``sharing``, with each round's system prompt
+  declared a public prefix (``POST /admin/public-prefixes``) before the round, timed once every
+  worker applied and prefilled it, so each tenant's first request reuses that one copy.
 
 Every request goes through the official ``openai`` client to ``/v1/completions`` (text prompts:
 ``transformers serve`` takes no token ids), greedy, streaming with usage, in a closed loop of
