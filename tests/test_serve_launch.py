@@ -240,7 +240,11 @@ def test_workers_stop_by_themselves_when_serve_is_killed(tmp_path: Path) -> None
         "-m", "kvcache.cli", "serve", "--port", str(port), "--workers", "1", "--model", "tiny",
         "--num-blocks", "64",
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in (auth.REDIS_URL_ENV, auth.SECRET_ENV)}
+    # The test's own Redis, stopped at its end: a Redis that serve started itself would outlive
+    # the SIGKILL below (it runs in a session of its own).
+    redis = start_redis()
+    env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
+    env[auth.REDIS_URL_ENV] = redis.url
     with (tmp_path / "log").open("wb") as log:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
     try:
@@ -256,4 +260,5 @@ def test_workers_stop_by_themselves_when_serve_is_killed(tmp_path: Path) -> None
         assert _workers_of(process.pid) == [], (tmp_path / "log").read_text()[-2000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # what else serve started (its Redis)
+            os.killpg(process.pid, signal.SIGKILL)  # whatever else serve started
+        redis.stop()
