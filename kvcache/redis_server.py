@@ -12,6 +12,13 @@ every command except administration (``CONFIG``, ``SHUTDOWN``, ``ACL``, ``FLUSHA
 line, where ``ps`` shows it); ``url`` carries it, so treat the URL as a secret.
 Failure to start raises :class:`RedisUnavailable` with the reason; callers that need Redis must let
 it propagate (tests fail loudly rather than skip).
+
+Redis runs in a session of its own (a Ctrl-C aimed at the caller's terminal does not reach it), so
+a caller killed with SIGKILL could not stop it. ``start_redis(stop_with_parent=True)`` closes that
+gap on Linux: the server is started through util-linux's ``setpriv --pdeathsig TERM``, and the
+kernel sends it SIGTERM when the thread that started it ends, however it ends. Call it from a
+thread that lives as long as the server should (``kvcache serve`` does, from its main thread).
+Without ``setpriv`` the server starts unguarded and ``RedisServer.stops_with_parent`` says so.
 """
 
 from __future__ import annotations
@@ -119,6 +126,7 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     workdir: tempfile.TemporaryDirectory[str] = field(repr=False)
     password: str = field(default="", repr=False)
+    stops_with_parent: bool = False  # the kernel stops it when the starting thread ends
 
     @property
     def url(self) -> str:
@@ -152,11 +160,18 @@ class RedisServer:
 
 
 def start_redis(
-    port: int | None = None, *, maxmemory: str | None = None, install: bool = True, timeout: float = 10.0
+    port: int | None = None,
+    *,
+    maxmemory: str | None = None,
+    install: bool = True,
+    timeout: float = 10.0,
+    stop_with_parent: bool = False,
 ) -> RedisServer:
     """Start ``redis-server`` on 127.0.0.1 (a free port unless ``port``), persistence off.
 
     ``maxmemory`` (e.g. ``"256mb"``) caps it with LRU eviction of keys, as a capacity-bounded tier wants.
+    ``stop_with_parent``: the server gets SIGTERM when the calling thread ends, even by SIGKILL
+    (see the module docstring; needs ``setpriv``).
     """
     if maxmemory is not None and not re.fullmatch(r"[0-9]+(b|kb|mb|gb)?", maxmemory.lower()):
         raise RedisUnavailable(f"maxmemory={maxmemory!r} must be a size such as '256mb'")
@@ -181,10 +196,10 @@ def start_redis(
         lines += [f"maxmemory {maxmemory}", "maxmemory-policy allkeys-lru"]
     config = Path(workdir.name, "redis.conf")
     _write_config(config, lines)
+    guard = shutil.which("setpriv") if stop_with_parent else None
+    argv = [binary, str(config)] if guard is None else [guard, "--pdeathsig", "TERM", binary, str(config)]
     with Path(workdir.name, "redis.log").open("wb") as log:
-        process = subprocess.Popen(
-            [binary, str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -192,7 +207,13 @@ def start_redis(
             workdir.cleanup()
             raise RedisUnavailable(f"redis-server exited with code {process.returncode}: {text}")
         if _ping(port, password):
-            return RedisServer(port=port, process=process, workdir=workdir, password=password)
+            return RedisServer(
+                port=port,
+                process=process,
+                workdir=workdir,
+                password=password,
+                stops_with_parent=guard is not None,
+            )
         time.sleep(0.02)
     process.kill()
     process.wait()

@@ -216,7 +216,7 @@ def deploy(
 ) -> Deployment:
     """Redis, then ``kvcache serve --workers N`` on it; returns once every worker has joined (with
     ``workers=0``: a front only, once it answers; start workers with ``start_worker``)."""
-    redis = start_redis()
+    redis = start_redis(stop_with_parent=True)
     port = free_port()
     cmd = [
         *python_argv(),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from kvcache.child import python_argv
 from kvcache.redis_server import RedisUnavailable, command_bytes, start_redis
 
 
@@ -59,3 +62,43 @@ def test_config_injection_through_maxmemory_is_refused() -> None:
 def test_busy_port_is_a_clear_error() -> None:
     with start_redis() as first, pytest.raises(RedisUnavailable, match=r"port \d+ on 127.0.0.1 is in use"):
         start_redis(first.port, timeout=3)
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts: it no longer runs)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith(("Z", "X"))
+    except FileNotFoundError:
+        return True
+
+
+def test_a_server_started_to_stop_with_its_parent_stops_when_the_parent_is_killed() -> None:
+    """SIGKILL gives the caller no chance to stop Redis; the kernel's parent-death signal does."""
+    child = subprocess.Popen(
+        python_argv(
+            "-c",
+            "import sys, time\n"
+            "from kvcache.redis_server import start_redis\n"
+            "server = start_redis(stop_with_parent=True)\n"
+            "print(server.process.pid, server.stops_with_parent, flush=True)\n"
+            "time.sleep(120)\n",
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        pid_text, guarded = child.stdout.readline().split()
+        redis_pid = int(pid_text)
+        assert guarded == "True"
+        assert not _gone(redis_pid)
+        assert b"redis-server" in Path(f"/proc/{redis_pid}/cmdline").read_bytes()
+        child.kill()
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not _gone(redis_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(redis_pid)
+    finally:
+        child.kill()
+        child.wait()

@@ -175,6 +175,10 @@ def test_read_timeout_reaches_the_front(
 
     class FakeRedis:
         url = "redis://127.0.0.1:1/0"
+        stops_with_parent = True
+
+        def __init__(self, **kwargs: object) -> None:
+            pass
 
         def stop(self) -> None:
             pass
@@ -233,32 +237,56 @@ def _workers_of(pgid: int) -> list[int]:
     return pids
 
 
-def test_workers_stop_by_themselves_when_serve_is_killed(tmp_path: Path) -> None:
-    """SIGKILL leaves ``kvcache serve`` no chance to stop its workers: they notice and stop."""
+def _redis_children(pid: int) -> list[int]:
+    """Pids of the ``redis-server`` processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name, rest = (entry / "stat").read_text().split(") ", 1)
+            if name.endswith("(redis-server") and int(rest.split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith(("Z", "X"))
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_and_redis_stop_by_themselves_when_serve_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves ``kvcache serve`` no chance to stop its workers or its Redis: they stop anyway."""
     port = free_port()
     cmd = python_argv(
         "-m", "kvcache.cli", "serve", "--port", str(port), "--workers", "1", "--model", "tiny",
         "--num-blocks", "64",
     )  # fmt: skip
-    # The test's own Redis, stopped at its end: a Redis that serve started itself would outlive
-    # the SIGKILL below (it runs in a session of its own).
-    redis = start_redis()
-    env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
-    env[auth.REDIS_URL_ENV] = redis.url
+    env = {k: v for k, v in os.environ.items() if k not in (auth.SECRET_ENV, auth.REDIS_URL_ENV)}
     with (tmp_path / "log").open("wb") as log:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+    redis: list[int] = []
     try:
         assert process.stdout is not None
         lines = iter(process.stdout.readline, b"")
         assert any(x.startswith(b"kvcache serving") for x in lines), (tmp_path / "log").read_text()
         assert len(_workers_of(process.pid)) == 1
+        redis = _redis_children(process.pid)
+        assert len(redis) == 1, "serve starts one Redis of its own"
         process.kill()
         process.wait(timeout=30)
         deadline = time.monotonic() + 60  # the worker checks its parent every second, then stops
-        while _workers_of(process.pid) and time.monotonic() < deadline:
+        while (_workers_of(process.pid) or _running(redis[0])) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _workers_of(process.pid) == [], (tmp_path / "log").read_text()[-2000:]
+        assert not _running(redis[0]), "the Redis serve started outlived it"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever else serve started
-        redis.stop()
+        for pid in redis:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

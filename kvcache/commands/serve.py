@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
 from kvcache.commands import _argtypes as argtypes
 from kvcache.commands._engine_flags import add_engine_flags, given_flags
@@ -143,7 +144,15 @@ def run(args: argparse.Namespace) -> int:
     if given is not None:
         auth.refuse_open_redis(given)
         launch.check_redis(given)
-    redis = None if given else start_redis()
+    # started from this (main) thread, which lives as long as serve: a serve killed with SIGKILL
+    # takes its Redis with it, as its workers stop by themselves
+    redis = None if given else start_redis(stop_with_parent=True)
+    if redis is not None and not redis.stops_with_parent:
+        print(
+            "kvcache serve: setpriv (util-linux) not found, so the Redis this command started would outlive "
+            "a SIGKILL of it",
+            file=sys.stderr,
+        )
     redis_url = given or redis.url  # type: ignore[union-attr]
     workers: list[launch.WorkerProcess] = []
     try:

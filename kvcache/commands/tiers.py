@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         from kvcache.redis_server import start_redis
         from kvcache.tiers import RedisBackend
 
-        server = start_redis()
+        server = start_redis(stop_with_parent=True)
         backend: Any = RedisBackend(server.url, args.icms_blocks)
     else:
         backend = InProcessBackend(args.icms_blocks)
