@@ -3,8 +3,8 @@
     .venv/bin/python benches/serve_batching.py --workers 2 --model tiny --rate 8 --duration 15 --rounds 5
 
 Starts two deployments side by side (each ``kvcache serve`` with its own Redis): ``batched`` runs
-up to ``--max-running 64`` sequences per engine step, ``serial`` caps the engine at one
-(``--max-running 1``: the worker of before, one request after another). Both let 256 requests
+up to ``--max-num-seqs 64`` sequences per engine step, ``serial`` caps the engine at one
+(``--max-num-seqs 1``: the worker of before, one request after another). Both let 256 requests
 wait per worker, so neither refuses load. Then ``rounds`` times, alternating which goes first,
 replays the same trace at the same Poisson rate with ``bench-serve``'s loop against each, and
 prints per-round figures, the median of the rounds, the ratio serial / batched of p50 and p99
@@ -35,10 +35,10 @@ KEYS = ("p50_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "output_throughput", "compl
 
 
 def _start(
-    args: argparse.Namespace, name: str, max_running: int
+    args: argparse.Namespace, name: str, max_num_seqs: int
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = serving.free_port()
-    extra = ("--max-running", str(max_running), "--max-waiting", "256")
+    extra = ("--max-num-seqs", str(max_num_seqs), "--max-waiting", "256")
     cmd = serving.serve_command(
         model=args.model,
         port=port,

@@ -14,7 +14,7 @@
    at once if need be, exactly one pass over the trace). Each request's send time is kept.
 4. The same requests through ``kvcache replay``'s simulator with N workers of the same pool size,
    arriving when they were really sent, decoding as many tokens as they really did, on the
-   calibrated latency model with the served workers' concurrency (``--max-running``,
+   calibrated latency model with the served workers' concurrency (``--max-num-seqs``,
    ``launch.worker_latency``) and the serving overhead outside the engine
    (``request_overhead_ms``), measured once on the first policy's server while it is idle: the
    median over a few requests sent one at a time of TTFT minus the model's prefill
@@ -93,7 +93,7 @@ def offered_rate(trace: list[TraceRequest], latency: LatencyModel, num_workers: 
     return load * num_workers * 1000.0 / float(np.mean(service_ms))
 
 
-def calibrate(model: str, threads: int, out: Path, max_running: int) -> LatencyModel:
+def calibrate(model: str, threads: int, out: Path, max_num_seqs: int) -> LatencyModel:
     cmd = [
         *python_argv(),
         "-m",
@@ -106,7 +106,7 @@ def calibrate(model: str, threads: int, out: Path, max_running: int) -> LatencyM
         "--threads",
         str(threads),
         "--max-num-seqs",
-        str(max_running),
+        str(max_num_seqs),
     ]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -139,7 +139,7 @@ def measure(
     port = serving.free_port()
     url = f"http://127.0.0.1:{port}"
     extra = ("--policy", policy, "--latency", str(latency_path), "--no-pod-tier")
-    extra += ("--block-size", str(BLOCK_SIZE), "--max-running", str(args.max_running))
+    extra += ("--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(args.max_num_seqs))
     cmd = serving.serve_command(
         model=args.model,
         port=port,
@@ -206,7 +206,7 @@ def model(
     num_workers: int,
     num_blocks: int,
     latency: LatencyModel,
-    max_running: int,
+    max_num_seqs: int,
 ) -> ReplayResult:
     """The same requests in the simulator: arriving when they were sent, decoding as many tokens
     as the server returned (the requested number for a request that failed)."""
@@ -219,7 +219,7 @@ def model(
         for r, res in zip(trace, results, strict=True)
     ]
     timed.sort(key=lambda r: r.timestamp_ms)
-    served = launch.worker_latency(latency, max_running)
+    served = launch.worker_latency(latency, max_num_seqs)
     config = ReplayConfig(num_workers, num_blocks, policy, latency=served)
     return replay(Trace(timed, FORMAT_TOKENS, None), config, block_size=BLOCK_SIZE)
 
@@ -357,10 +357,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker and for calibrate")
     parser.add_argument("--num-blocks", type=int, default=1024, help="device pool blocks per worker")
     parser.add_argument(
-        "--max-running",
+        "--max-num-seqs",
         type=int,
         default=64,
-        help="sequences each served worker batches (serve --max-running); 1 = one at a time",
+        help="sequences each served worker batches (serve --max-num-seqs); 1 = one at a time",
     )
     parser.add_argument("--requests", type=int, default=96, help="trace length")
     parser.add_argument("--system-tokens", type=int, default=512)
@@ -404,7 +404,7 @@ def main() -> int:
     if args.latency:
         latency = LatencyModel.from_json(latency_path)
     else:
-        latency = calibrate(args.model, args.threads, latency_path, args.max_running)
+        latency = calibrate(args.model, args.threads, latency_path, args.max_num_seqs)
     if args.rate is None:
         args.rate = offered_rate(trace, latency, args.workers, args.load)
     print(
@@ -432,7 +432,7 @@ def main() -> int:
                     f"request ({how})",
                     flush=True,
                 )
-            sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_running)
+            sim = model(trace, results, policy, args.workers, args.num_blocks, latency, args.max_num_seqs)
             rows[policy] = {"measured": measured_stats(results, wall_s), "modelled": modelled_stats(sim)}
             failed = rows[policy]["measured"]["failed"]
             took = time.monotonic() - started
@@ -451,7 +451,7 @@ def main() -> int:
         f"measured (serve + bench-serve) vs modelled (replay, calibrated)"
     )
     plot(rows, args.plot, title)
-    served = launch.worker_latency(base, args.max_running)
+    served = launch.worker_latency(base, args.max_num_seqs)
     report = {
         "args": vars(args),
         "latency": dataclasses.asdict(served),

@@ -2,7 +2,7 @@
 is ``test_serve_faults``), backpressure, client abort,
 sampling fields and stop strings, over a real ``kvcache serve`` with one worker process and Redis.
 
-The worker runs at most 3 sequences per step (``--max-running 3``) and lets 1 request wait for
+The worker runs at most 3 sequences per step (``--max-num-seqs 3``) and lets 1 request wait for
 its first token (``--max-waiting 1``); a fourth request at once waits, the ones after it are
 answered 503 + Retry-After. Overlap is shown by the worker's own running-request gauge, never by
 timing: long streams (2,000 tokens) are held open while the gauge is read.
@@ -36,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         tmp_path_factory.mktemp("batching"),
         workers=1,
         config=CONFIG,
-        args=("--max-running", "3", "--max-waiting", "1", "--num-blocks", "1024"),
+        args=("--max-num-seqs", "3", "--max-waiting", "1", "--num-blocks", "1024"),
     )
     yield dep
     dep.stop()
@@ -172,6 +172,11 @@ def test_the_worker_flags_are_checked(tmp_path: Path) -> None:
     import subprocess
 
     out = subprocess.run(
-        [*python_argv(), "-m", "kvcache.cli", "worker", "--max-running", "0"], capture_output=True, text=True
+        [*python_argv(), "-m", "kvcache.cli", "worker", "--max-num-seqs", "0"], capture_output=True, text=True
     )
-    assert out.returncode != 0 and "--max-running" in out.stderr
+    assert out.returncode != 0 and "--max-num-seqs" in out.stderr
+    renamed = subprocess.run(
+        [*python_argv(), "-m", "kvcache.cli", "worker", "--max-running", "4"], capture_output=True, text=True
+    )
+    assert renamed.returncode == 2
+    assert "--max-running was renamed --max-num-seqs" in renamed.stderr

@@ -2,7 +2,7 @@
 share of each worker's running seats, so another tenant's request is admitted while it floods.
 
 The first test runs the front against a scripted in-process worker; the second floods a real
-``kvcache serve`` with two batched workers (``--max-running 4 --max-waiting 4``)."""
+``kvcache serve`` with two batched workers (``--max-num-seqs 4 --max-waiting 4``)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ CONFIG = '[tenants.acme]\nkeys = ["sk-acme"]\n[tenants.globex]\nkeys = ["sk-glob
 TWO = ServeConfig.from_dict({"tenants": {"acme": {"keys": ["sk-acme"]}, "globex": {"keys": ["sk-globex"]}}})
 
 
-def test_seats_are_a_share_of_max_running_and_at_least_one() -> None:
-    seats = TenantSeats(max_running=4)
+def test_seats_are_a_share_of_max_num_seqs_and_at_least_one() -> None:
+    seats = TenantSeats(max_num_seqs=4)
     acme, globex = TWO.tenants["acme"], TWO.tenants["globex"]
-    assert seats.seats(acme) == 2 and TenantSeats(max_running=1).seats(acme) == 1
+    assert seats.seats(acme) == 2 and TenantSeats(max_num_seqs=1).seats(acme) == 1
     assert seats.seats(ServeConfig().tenants["default"]) is None  # a share of 1: no cap
     seats.take("acme", "w0")
     seats.take("acme", "w0")
@@ -72,7 +72,7 @@ def test_a_tenant_at_its_share_is_429_and_another_tenant_is_served_at_once() -> 
             status, body = await post(path, {"prompt": "hi", "max_tokens": 3}, headers=acme)
             assert status == 200 and body["choices"][0]["text"] == "abc"
 
-    run_front(worker, scenario, config=TWO, max_running=4)
+    run_front(worker, scenario, config=TWO, max_num_seqs=4)
 
 
 class Stream:
@@ -120,7 +120,7 @@ def test_a_flooding_tenant_leaves_another_tenants_time_to_first_token_bounded(tm
     while acme's streams run, get their first token without waiting for those to end (bound:
     30 s, generous on a loaded machine; without the share acme holds all 16 seats and globex is
     503, and with only the running seats capped globex waited 13-15 s for acme's streams)."""
-    dep = deploy(tmp_path, workers=2, config=CONFIG, args=("--max-running", "4", "--max-waiting", "4"))
+    dep = deploy(tmp_path, workers=2, config=CONFIG, args=("--max-num-seqs", "4", "--max-waiting", "4"))
     streams: list[Stream] = []
     try:
         with ThreadPoolExecutor(16) as pool:

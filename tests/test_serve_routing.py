@@ -65,7 +65,7 @@ def test_the_front_prices_workers_with_their_concurrency(tmp_path: Path) -> None
     path = tmp_path / "latency.json"
     LATENCY.to_json(path)  # as `kvcache calibrate` writes it (max_num_seqs=128 here)
     priced = launch.worker_latency(LatencyModel.from_json(path), 8)
-    assert priced.max_num_seqs == 8  # the workers' --max-running, not the file's 128
+    assert priced.max_num_seqs == 8  # the workers' --max-num-seqs, not the file's 128
     # and the chunk budget their engines run, not the file's 8192
     assert (LATENCY.max_batched_tokens, priced.max_batched_tokens) == (
         8192,

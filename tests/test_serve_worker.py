@@ -24,15 +24,15 @@ CALL = KEYS.call_headers("w0", INSTANCE)  # what the front presents to worker w0
 
 class FakeEngine:
     """The engine surface a worker drives (``add_request``/``step``/``abort``): each step takes
-    ``step_s``, runs up to ``max_running`` requests, and waits for a running request's gate."""
+    ``step_s``, runs up to ``max_num_seqs`` requests, and waits for a running request's gate."""
 
-    def __init__(self, step_s: float = 0.005, max_running: int = 64) -> None:
+    def __init__(self, step_s: float = 0.005, max_num_seqs: int = 64) -> None:
         pool = SimpleNamespace(num_blocks=1024, num_used_blocks=0)
         self.manager = SimpleNamespace(block_size=16, pool=pool, config=SimpleNamespace(model_id="fake"))
         self.scheduler = SimpleNamespace(running=[], waiting=deque())
         self.vocab_size = 256
         self.step_s = step_s
-        self.max_running = max_running
+        self.max_num_seqs = max_num_seqs
         self._seqs: dict[str, Any] = {}
         self.started: list[str] = []
         self.produced: dict[str, int] = {}
@@ -68,7 +68,7 @@ class FakeEngine:
 
     def step(self) -> list[RequestOutput]:
         running, waiting = self.scheduler.running, self.scheduler.waiting
-        while waiting and len(running) < self.max_running:
+        while waiting and len(running) < self.max_num_seqs:
             running.append(waiting.popleft())
             self.started.append(running[-1])
         for rid in running:
@@ -128,7 +128,7 @@ def test_a_dropped_connection_stops_decoding_after_the_step_in_progress() -> Non
 
 
 def test_a_request_dropped_while_queued_never_starts() -> None:
-    engine = FakeEngine(max_running=1)  # "queued" waits behind "busy"
+    engine = FakeEngine(max_num_seqs=1)  # "queued" waits behind "busy"
     engine.gates["busy"] = threading.Event()
 
     async def scenario(url: str) -> None:
@@ -174,7 +174,7 @@ def test_admission_counts_the_blocks_the_engine_needs() -> None:
 
 
 def test_a_full_waiting_queue_answers_503_with_retry_after_and_the_page_shows_the_load() -> None:
-    engine = FakeEngine(step_s=0.01, max_running=1)
+    engine = FakeEngine(step_s=0.01, max_num_seqs=1)
 
     async def scenario(url: str) -> None:
         async with aiohttp.ClientSession(headers=CALL) as session:

@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_engine_flags(parser: argparse.ArgumentParser, *, of_workers: bool) -> None:
     """``--num-blocks --block-size --dtype --device --threads --no-pod-tier --max-waiting
-    --max-running``; ``of_workers``: the help says "per worker" (``kvcache serve``)."""
+    --max-num-seqs``; ``of_workers``: the help says "per worker" (``kvcache serve``)."""
     each = "per worker: " if of_workers else ""
     parser.add_argument("--num-blocks", type=int, default=1024, help=f"{each}device pool blocks")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -30,11 +30,29 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, of_workers: bool) -> No
         help=f"{each}requests waiting for their first token before new ones get 503 + Retry-After",
     )
     parser.add_argument(
-        "--max-running",
+        "--max-num-seqs",
         type=argtypes.positive_int,
         default=ENGINE_MAX_NUM_SEQS,
         help=f"{each}sequences in one batch (the engine's max_num_seqs)",
     )
+    parser.add_argument("--max-running", action=_Renamed, new="--max-num-seqs", help=argparse.SUPPRESS)
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it is an error that names the new flag."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        ns: argparse.Namespace,
+        value: object,
+        option: str | None = None,
+    ) -> None:
+        parser.error(f"{option} was renamed {self.new} (the engine's knob has one name everywhere)")
 
 
 def given_flags(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:

@@ -34,7 +34,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="worker processes to start (default 1); 0: front only: join the running deployment at "
         "--redis (or KVCACHE_REDIS_URL) with its secret (KVCACHE_SECRET or KVCACHE_SECRET_FILE), "
         "starting neither Redis nor workers; give it the deployment's --model, --block-size, "
-        "--max-running, --num-blocks and --config",
+        "--max-num-seqs, --num-blocks and --config",
     )
     parser.add_argument(
         "--redis",
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             served_names=tuple(args.served_model_name or ()),
             max_prompt_tokens=max_prompt_tokens,
             latency=latency,
-            max_running=args.max_running,
+            max_num_seqs=args.max_num_seqs,
             limits=connection_limits,
             read_timeout_s=args.read_timeout,
         )
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             max_waiting=args.max_waiting,
-            max_running=args.max_running,
+            max_num_seqs=args.max_num_seqs,
         )
         workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
         asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))

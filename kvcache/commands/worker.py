@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         tier_secret=keys.tier_key,
         dtype=args.dtype,
         device=args.device,
-        max_num_seqs=args.max_running,
+        max_num_seqs=args.max_num_seqs,
     )
     worker = Worker(engine, worker_id, redis_url, keys, tier_names, max_waiting=args.max_waiting)
     if publisher is not None:

@@ -13,10 +13,10 @@ optional share group and optional block floor/cap. ``k_anonymity`` applies to ev
 
     [tenants.globex]
     keys = ["sk-globex"]
-    max_share = 0.25             # at most a quarter of each worker's --max-running seats
+    max_share = 0.25             # at most a quarter of each worker's --max-num-seqs seats
 
 ``max_share`` (per tenant, or at the top level for every tenant) is the fraction of each
-worker's running seats (``--max-running``) that one tenant's requests may hold at once, waiting
+worker's running seats (``--max-num-seqs``) that one tenant's requests may hold at once, waiting
 ones included; the front answers 429 past it (``fairness``); 1 is no cap. Default: 1 when the
 file defines one tenant, 0.5 otherwise, so one tenant never holds every seat while others exist.
 ``admin_keys = ["..."]`` (top level) lists the keys that may read the per-tenant series of

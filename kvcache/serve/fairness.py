@@ -1,11 +1,11 @@
 """Seats per tenant: how many requests one tenant may have in flight on one worker.
 
-A worker runs ``max_running`` sequences per step and lets ``--max-waiting`` more wait; neither
+A worker runs ``max_num_seqs`` sequences per step and lets ``--max-waiting`` more wait; neither
 knows tenants, so without a rule one tenant's long streams take every running seat and every
 waiting one, and another tenant waits for them to end or is refused. The front therefore counts
 each tenant's requests in flight on each worker (from the call to the worker until its answer
 ends, waiting on the worker included) and sends a request only to a worker where its tenant
-holds fewer than ``seats(tenant)``: ``max_share x max_running``, at least 1 (a share of 1 is no
+holds fewer than ``seats(tenant)``: ``max_share x max_num_seqs``, at least 1 (a share of 1 is no
 cap: the tenant may take every running seat and every waiting one). With shares below 1,
 every worker keeps running seats that one tenant cannot take, so another tenant's request is
 admitted at the worker's next step instead of after the flood. A tenant at its seats on every
@@ -30,16 +30,16 @@ from kvcache.serve.config import TenantSpec
 class TenantSeats:
     """In-flight requests by (tenant, worker) against each tenant's per-worker seats."""
 
-    def __init__(self, max_running: int) -> None:
-        assert max_running >= 1
-        self.max_running = max_running
+    def __init__(self, max_num_seqs: int) -> None:
+        assert max_num_seqs >= 1
+        self.max_num_seqs = max_num_seqs
         self._held: dict[tuple[str, str], int] = {}
 
     def seats(self, tenant: TenantSpec) -> int | None:
         """The tenant's requests in flight allowed on one worker; ``None``: no cap."""
         if tenant.max_share >= 1:
             return None
-        return max(1, math.floor(tenant.max_share * self.max_running + 1e-9))
+        return max(1, math.floor(tenant.max_share * self.max_num_seqs + 1e-9))
 
     def held(self, tenant: str, worker_id: str) -> int:
         return self._held.get((tenant, worker_id), 0)

@@ -19,7 +19,7 @@ request without one, and every worker loads the same weights, so the retried str
 the same text). A worker whose waiting queue is full answers 503 with ``Retry-After``: the
 request goes to another worker, and when every worker did so the client gets 503 with
 ``Retry-After``. A tenant is sent only to workers where it holds fewer requests than its seats
-(``fairness``: its ``max_share`` of ``--max-running``), else answered 429, so one tenant never
+(``fairness``: its ``max_share`` of ``--max-num-seqs``), else answered 429, so one tenant never
 takes every seat. Errors the caller caused (400/401/404/429) are never retried, and a worker's
 other error answers keep their status whatever their body (JSON or plain text). ``stop`` strings
 are applied here, on the decoded text: the answer ends before the first one (``finish_reason``
@@ -131,7 +131,7 @@ class Front:
         served_names: tuple[str, ...] = (),
         read_timeout_s: float = READ_TIMEOUT_S,
         limits: ConnectionLimits | None = None,
-        max_running: int = ENGINE_MAX_NUM_SEQS,
+        max_num_seqs: int = ENGINE_MAX_NUM_SEQS,
     ) -> None:
         self.config = config
         self.router = router
@@ -143,7 +143,7 @@ class Front:
         self.max_body_bytes = max(2**20, 32 * (max_prompt_tokens or 2**19))
         self.read_timeout_s = read_timeout_s
         self.guard = ConnectionGuard(limits or ConnectionLimits())
-        self.seats = TenantSeats(max_running)  # the workers' --max-running
+        self.seats = TenantSeats(max_num_seqs)  # the workers' --max-num-seqs
         self.metrics = ServeMetrics()
         self.keys = keys
         self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
@@ -236,7 +236,7 @@ class Front:
                 )
             free = [w for w in free if self.seats.has_room(tenant, w)]
             if not free:
-                share, seats, of = tenant.max_share, self.seats.seats(tenant), self.seats.max_running
+                share, seats, of = tenant.max_share, self.seats.seats(tenant), self.seats.max_num_seqs
                 raise HTTPFailure(
                     429,
                     f"tenant {tenant.name!r} has {seats} request(s) in flight on each "

@@ -60,7 +60,7 @@ class WorkerArgs:
     dtype: str | None = None
     device: str | None = None
     max_waiting: int = 64
-    max_running: int = ENGINE_MAX_NUM_SEQS
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS
 
     def argv(self, worker_id: str) -> list[str]:
         argv = [
@@ -80,8 +80,8 @@ class WorkerArgs:
             str(self.threads),
             "--max-waiting",
             str(self.max_waiting),
-            "--max-running",
-            str(self.max_running),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
         ]
         if self.config_path:
             argv += ["--config", self.config_path]
@@ -174,14 +174,14 @@ def check_policy(policy: str) -> None:
         raise ConfigError(f"--policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
 
 
-def worker_latency(latency: LatencyModel | None, max_running: int) -> LatencyModel:
+def worker_latency(latency: LatencyModel | None, max_num_seqs: int) -> LatencyModel:
     """The step-cost model the front prices workers with: ``latency`` (what ``kvcache calibrate``
     fitted for the workers' model on their machine; default ``LatencyModel()``'s figures) with the
-    workers' concurrency (``--max-running``, the sequences a worker's engine runs at once) as
+    workers' concurrency (``--max-num-seqs``, the sequences a worker's engine runs at once) as
     ``max_num_seqs`` and their engine's chunk budget as ``max_batched_tokens``, whatever the
     calibrated file says: the model must describe the workers."""
     return dataclasses.replace(
-        latency or LatencyModel(), max_num_seqs=max_running, max_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS
+        latency or LatencyModel(), max_num_seqs=max_num_seqs, max_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS
     )
 
 
@@ -207,7 +207,7 @@ async def _watch(front: Front, workers: list[WorkerProcess], stop: asyncio.Event
             return (
                 f"the deployment's workers key blocks of {first.block_size} tokens (worker "
                 f"{first.worker_id}); this front was started with --block-size {front.router.block_size}: "
-                "start it with the deployment's --model, --block-size and --max-running"
+                "start it with the deployment's --model, --block-size and --max-num-seqs"
             )
         if not ready and len(joined) == len(ours) and front.pool.workers:
             ready = True
@@ -270,19 +270,19 @@ def make_front(
     served_names: tuple[str, ...] = (),
     max_prompt_tokens: int | None = None,
     latency: LatencyModel | None = None,
-    max_running: int = ENGINE_MAX_NUM_SEQS,
+    max_num_seqs: int = ENGINE_MAX_NUM_SEQS,
     limits: ConnectionLimits | None = None,
     read_timeout_s: float = READ_TIMEOUT_S,
 ) -> Front:
     """The front with its router running one of the router's policies; ``affinity`` prices workers
-    with ``worker_latency(latency, max_running)``. ``served_names``: the names clients use (the first is
+    with ``worker_latency(latency, max_num_seqs)``. ``served_names``: the names clients use (the first is
     reported; default ``model``); ``limits``: its connection limits (default ``ConnectionLimits()``);
     ``read_timeout_s``: how long a worker may stay silent on a request (its first token included)
     before the client gets a 504."""
     from kvcache.router import Router, RouteRequest
 
     check_policy(policy)
-    latency = worker_latency(latency, max_running)
+    latency = worker_latency(latency, max_num_seqs)
     router = Router(policy=policy, mode=mode, block_size=block_size, latency=latency)
     names = served_names or (model,)
     return Front(
@@ -296,6 +296,6 @@ def make_front(
         served_names=names[1:],
         max_prompt_tokens=max_prompt_tokens,
         limits=limits,
-        max_running=max_running,
+        max_num_seqs=max_num_seqs,
         read_timeout_s=read_timeout_s,
     )
