@@ -395,10 +395,17 @@ def _hit_cpu(cell: dict[str, Any]) -> str:
 
 
 def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
-    head = "| shape | workers | requests | fraction | pool: matrix -> run | Dynamo kv_router hit / CPU-s | "
-    head += " | ".join(f"kvcache `{p}`" for p in policies) + " | affinity / Dynamo | load |"
-    lines = [head, "|---|---:|---:|---:|---:|---|" + "---|" * len(policies) + "---:|---:|"]
+    """One line per replayed pool: fractions of a (shape, workers) trace that share a pool share
+    a line. A pool raised by the floor shows as ``matrix -> run``."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
+        groups.setdefault((r["shape"], r["workers"], r["capacity"]), []).append(r)
+    head = "| shape | workers | requests | fractions | pool: matrix -> run | Dynamo kv_router hit / CPU-s "
+    head += "| its p99 TTFT s (its mocker's timing) | "
+    head += " | ".join(f"kvcache `{p}`" for p in policies) + " | affinity / Dynamo | load |"
+    lines = [head, "|---|---:|---:|---|---:|---|---:|" + "---|" * len(policies) + "---:|---:|"]
+    for group in groups.values():
+        r = group[0]
         ref, me = r["dynamo kv_router"], r.get("affinity", {})
         ratio = (
             f"{me['token_hit_rate'] / ref['token_hit_rate']:.2f}x"
@@ -406,14 +413,13 @@ def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
             else "-"
         )
         dropped = ref.get("requests", 0) - ref.get("completed", 0)
-        pool = (
-            f"{r['matrix_pool']} -> {r['capacity']}"
-            if r["capacity"] != r["matrix_pool"]
-            else str(r["capacity"])
-        )
+        pools = sorted({g["matrix_pool"] for g in group})
+        pool = "/".join(map(str, pools)) + (f" -> {r['capacity']}" if r["capacity"] != pools[0] else "")
+        fractions = ", ".join(f"{g['fraction']:.0%}" for g in group)
         lines.append(
-            f"| {r['shape']} | {r['workers']:,} | {r['requests']:,} | {r['fraction']:.0%} | {pool} "
-            f"| {_hit_cpu(ref)}{f' ({dropped} dropped)' if dropped > 0 else ''} | "
+            f"| {r['shape']} | {r['workers']:,} | {r['requests']:,} | {fractions} | {pool} "
+            f"| {_hit_cpu(ref)}{f' ({dropped} dropped)' if dropped > 0 else ''} "
+            f"| {ref['p99_ttft_ms'] / 1000 if 'p99_ttft_ms' in ref else float('nan'):,.1f} | "
             + " | ".join(_hit_cpu(r[p]) for p in policies)
             + f" | {ratio} | {r['load']:.2f} |"
         )
