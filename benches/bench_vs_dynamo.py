@@ -68,6 +68,7 @@ import pytest
 
 from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.child import python_argv
+from kvcache.lab.trace import Trace
 from kvcache.router.index import PreciseIndex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,7 +282,7 @@ def replay_capacity(unique_blocks: int, longest_blocks: int, workers: int) -> in
     return floored(max(1, int(0.1 * unique_blocks / workers)), longest_blocks)
 
 
-def longest_blocks(trace: Any) -> int:
+def longest_blocks(trace: Trace) -> int:
     """The longest request of a trace, prompt and output, in 512-token blocks (the floor of
     ``floored``): a pool of only the prompt's blocks still aborts Dynamo's replay when the output
     needs one more (bursty at 16 workers: 17 prompt blocks, 18 with the output)."""
