@@ -16,6 +16,11 @@ Two comparisons, each measured side by side in one run, with the machine's load:
    behind the real ``kv_router``, and ``round_robin``) and through ``kvcache.lab.replay``
    under the project's policies, at 16 / 64 / 256 / 1,024 workers. Printed: token hit rate
    and CPU seconds of each, and the ratios.
+3. **Matrix shapes** (``--shapes``, instead of 2): each of ``kvcache matrix``'s cells (the
+   same ``matrix.cell_trace``, written to a temporary Mooncake file; the matrix's pool per
+   fraction, ``matrix.pool_blocks``, raised by the floor below) through Dynamo's kv_router and
+   through the project's replay under ``affinity`` and its ``dynamo`` policy. Printed per cell:
+   token hit and CPU seconds of each, affinity's hit over Dynamo's, the load average.
 
 Event stream (index): the 64-block prompt is one key chain; of every 8 workers 7 hold a prefix
 of it (lengths spread over 1..64), one holds none; every worker also stores 4 chains of 16
@@ -25,18 +30,21 @@ project's keys are 16-byte block keys; Dynamo's hashes are the same numbers as 6
 its events as the JSON bytes its event plane carries (encoded outside the timing); kvcache
 receives ``BlockStored``/``BlockRemoved`` records. "Block events" counts one per block on both.
 
-Capacity (replay): per worker ``max(0.1 x unique blocks / workers, longest prompt in blocks)``.
-The first term is ``kvcache replay``'s ``--capacity-fraction 0.1`` rule; the floor is there
-because Dynamo's offline replay drops a request longer than a worker's whole pool, and with
-pools much smaller than the longest prompts it aborts ("effect-free zero-duration pass"; on the
-shared trace at 64 workers x 68 blocks, 256 x 17, 1,024 x 4). With the floor every request
-completes on both sides, so the hit rates cover the same requests. ``--capacity-blocks``
-overrides it. Dynamo's hit rate is its ``prefix_cache_reused_ratio`` (reused / prompt tokens);
-its kv_router is not deterministic (about +-1.5% between identical runs). CPU seconds:
-``time.process_time()`` (every thread of the process) around the replay call on both sides;
-Dynamo runs in a child process per replay, kvcache in this one, excluding reading the trace.
+Capacity (replay): per worker ``max(0.1 x unique blocks / workers, longest request in blocks)``
+(prompt and output; ``floored``). The first term is ``kvcache replay``'s ``--capacity-fraction
+0.1`` rule (with ``--shapes``, the matrix's pool); the floor is there because Dynamo's offline
+replay drops a request longer than a worker's whole pool, and with pools much smaller than the
+longest requests it aborts ("effect-free zero-duration pass"; on the shared trace at 64 workers
+x 68 blocks, 256 x 17, 1,024 x 4; on bursty at 16 workers x 17 blocks, the longest prompt, as
+its output needs an 18th). With the floor every request completes on both sides, so the hit
+rates cover the same requests. ``--capacity-blocks`` overrides it for the shared trace. Dynamo's
+hit rate is its ``prefix_cache_reused_ratio`` (reused / prompt tokens); its kv_router is not
+deterministic (about +-1.5% between identical runs). CPU seconds: ``time.process_time()`` (every
+thread of the process) around the replay call on both sides; Dynamo runs in a child process per
+replay, kvcache in this one, excluding reading the trace.
 
     python benches/bench_vs_dynamo.py [TRACE] [--workers 16,64,256,1024] [--policies ...]
+    python benches/bench_vs_dynamo.py --skip-index --shapes all [--fractions 0.05,0.1,0.3] [--json F]
     pytest benches/bench_vs_dynamo.py --benchmark-only        # the index lookup at 1,024 workers
 
 Needs ``pip install kvcache[bench-dynamo]`` (the ``ai-dynamo-runtime`` wheel); without it the
@@ -50,6 +58,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +68,7 @@ import pytest
 
 from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.child import python_argv
+from kvcache.lab.trace import Trace
 from kvcache.router.index import PreciseIndex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,8 +271,22 @@ def ours_replay(trace: Any, prompts: Any, workers: int, capacity: int, policy: s
     return {"cpu_s": cpu_s, "token_hit_rate": m["token_hit_rate"], "completed": m["completed"]}
 
 
+def floored(capacity_blocks: int, longest_blocks: int) -> int:
+    """A worker's pool raised to the longest request (``longest_blocks``), so Dynamo's offline
+    replay drops no request and never aborts on a pool far smaller than the requests (see the
+    module docstring)."""
+    return max(capacity_blocks, longest_blocks)
+
+
 def replay_capacity(unique_blocks: int, longest_blocks: int, workers: int) -> int:
-    return max(max(1, int(0.1 * unique_blocks / workers)), longest_blocks)
+    return floored(max(1, int(0.1 * unique_blocks / workers)), longest_blocks)
+
+
+def longest_blocks(trace: Trace) -> int:
+    """The longest request of a trace, prompt and output, in 512-token blocks (the floor of
+    ``floored``): a pool of only the prompt's blocks still aborts Dynamo's replay when the output
+    needs one more (bursty at 16 workers: 17 prompt blocks, 18 with the output)."""
+    return max(-(-(r.num_tokens + r.output_tokens) // 512) for r in trace.requests)
 
 
 def replay_rows(
@@ -274,7 +298,7 @@ def replay_rows(
     trace = read_trace(trace_path, 512)
     prompts = prepare(trace, 512)
     unique = trace.unique_blocks(512)
-    longest = max(-(-r.num_tokens // 512) for r in trace.requests)
+    longest = longest_blocks(trace)
     rows = []
     for w in workers:
         cap = capacity or replay_capacity(unique, longest, w)
@@ -313,13 +337,114 @@ def replay_table(rows: list[dict[str, Any]], policies: list[str], modes: list[st
     return "\n".join(lines)
 
 
+def shape_rows(
+    shapes: list[str], workers: list[int], fractions: list[float], policies: list[str]
+) -> list[dict[str, Any]]:
+    """Every matrix cell (shape x workers x fraction) through Dynamo's kv_router and the project's
+    replay under ``policies``, at the matrix's pool raised by ``floored``. Fractions whose pools
+    come out equal share one replay of each side (the row says so with ``shared_with``)."""
+    from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks
+    from kvcache.lab.replay import prepare
+    from kvcache.lab.trace import write_trace
+
+    cfg = MatrixConfig(shapes=tuple(shapes), workers=tuple(workers), fractions=tuple(fractions))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            for w in workers:
+                trace = cell_trace(shape, w, cfg)
+                path = Path(tmp) / f"{shape}-{w}.jsonl"
+                write_trace(path, trace.requests)
+                prompts = prepare(trace, 512)
+                unique = trace.unique_blocks()
+                mean_blocks = sum(len(p.keys) for p in prompts) / len(prompts)
+                longest = longest_blocks(trace)
+                done: dict[int, dict[str, Any]] = {}  # capacity -> the row that replayed it
+                for fraction in fractions:
+                    pool = pool_blocks(fraction, unique, w, mean_blocks)
+                    cap = floored(pool, longest)
+                    row: dict[str, Any] = {
+                        "shape": shape,
+                        "workers": w,
+                        "fraction": fraction,
+                        "requests": len(trace.requests),
+                        "matrix_pool": pool,
+                        "capacity": cap,
+                        "longest": longest,
+                    }
+                    if cap in done:
+                        first = done[cap]
+                        row.update({k: first[k] for k in ["dynamo kv_router", *policies, "load"]})
+                        row["shared_with"] = first["fraction"]
+                    else:
+                        row["dynamo kv_router"] = dynamo_replay(path, w, cap, "kv_router")
+                        for policy in policies:
+                            row[policy] = ours_replay(trace, prompts, w, cap, policy)
+                        row["load"] = os.getloadavg()[0]
+                        done[cap] = row
+                    rows.append(row)
+                    print(shape_table([row], policies).splitlines()[-1], flush=True)
+    return rows
+
+
+def _hit_cpu(cell: dict[str, Any]) -> str:
+    return (
+        f"error: {cell['error']}"
+        if "error" in cell
+        else f"{cell['token_hit_rate']:.1%} / {cell['cpu_s']:.1f}"
+    )
+
+
+def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
+    """One line per replayed pool: fractions of a (shape, workers) trace that share a pool share
+    a line. A pool raised by the floor shows as ``matrix -> run``."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["workers"], r["capacity"]), []).append(r)
+    head = "| shape | workers | requests | fractions | pool: matrix -> run | Dynamo kv_router hit / CPU-s "
+    head += "| its p99 TTFT s (its mocker's timing) | "
+    head += " | ".join(f"kvcache `{p}`" for p in policies) + " | affinity / Dynamo | load |"
+    lines = [head, "|---|---:|---:|---|---:|---|---:|" + "---|" * len(policies) + "---:|---:|"]
+    for group in groups.values():
+        r = group[0]
+        ref, me = r["dynamo kv_router"], r.get("affinity", {})
+        ratio = (
+            f"{me['token_hit_rate'] / ref['token_hit_rate']:.2f}x"
+            if "token_hit_rate" in ref and "token_hit_rate" in me and ref["token_hit_rate"]
+            else "-"
+        )
+        dropped = ref.get("requests", 0) - ref.get("completed", 0)
+        pools = sorted({g["matrix_pool"] for g in group})
+        pool = "/".join(map(str, pools)) + (f" -> {r['capacity']}" if r["capacity"] != pools[0] else "")
+        fractions = ", ".join(f"{g['fraction']:.0%}" for g in group)
+        lines.append(
+            f"| {r['shape']} | {r['workers']:,} | {r['requests']:,} | {fractions} | {pool} "
+            f"| {_hit_cpu(ref)}{f' ({dropped} dropped)' if dropped > 0 else ''} "
+            f"| {ref['p99_ttft_ms'] / 1000 if 'p99_ttft_ms' in ref else float('nan'):,.1f} | "
+            + " | ".join(_hit_cpu(r[p]) for p in policies)
+            + f" | {ratio} | {r['load']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE, help="Mooncake JSONL trace")
     parser.add_argument("--workers", default=",".join(map(str, WORKERS)))
-    parser.add_argument("--policies", default="round_robin,dynamo,affinity", help="kvcache policies")
+    parser.add_argument(
+        "--policies",
+        default=None,
+        help="kvcache policies (default: round_robin,dynamo,affinity; with --shapes affinity,dynamo)",
+    )
+    parser.add_argument(
+        "--shapes", default=None, help="replay these matrix shapes ('all': every one) instead of TRACE"
+    )
+    parser.add_argument(
+        "--fractions", default="0.05,0.1,0.3", help="with --shapes: the matrix's pool fractions"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="with --shapes: write every row here")
     parser.add_argument("--dynamo-modes", default="kv_router,round_robin")
     parser.add_argument("--capacity-blocks", type=int, default=None, help="override the capacity rule")
     parser.add_argument("--skip-index", action="store_true")
@@ -336,11 +461,24 @@ def main(argv: list[str] | None = None) -> int:
         rows = [index_row(core, w) for w in workers]
         print(f"\nindex: {PROMPT_BLOCKS}-block prompt, identical overlap scores at every size")
         print(index_table(rows))
-    if not args.skip_replay:
+    if args.shapes:
+        from kvcache.lab.workloads import SHAPES
+
+        shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+        policies = (args.policies or "affinity,dynamo").split(",")
+        print(
+            "\nmatrix shapes through Dynamo's kv_router and kvcache's replay"
+            " (pools floored at the longest request)"
+        )
+        rows = shape_rows(shapes, workers, [float(f) for f in args.fractions.split(",")], policies)
+        print(shape_table(rows, policies))
+        if args.json:
+            args.json.write_text(json.dumps({"load_before": load, "rows": rows}, indent=1) + "\n")
+    elif not args.skip_replay:
         if not args.trace.is_file():
             print(f"trace {args.trace} not found; pass its path", file=sys.stderr)
             return 2
-        policies = args.policies.split(",")
+        policies = (args.policies or "round_robin,dynamo,affinity").split(",")
         modes = args.dynamo_modes.split(",")
         print(f"\nreplay of {args.trace}")
         rows = replay_rows(args.trace, workers, policies, modes, args.capacity_blocks)
