@@ -37,7 +37,14 @@ from types import TracebackType
 
 from kvcache.errors import KVCacheError
 
-__all__ = ["RedisServer", "RedisUnavailable", "command_bytes", "find_redis_server", "start_redis"]
+__all__ = [
+    "RedisServer",
+    "RedisUnavailable",
+    "command_bytes",
+    "find_redis_server",
+    "is_memory_size",
+    "start_redis",
+]
 
 
 class RedisUnavailable(KVCacheError):
@@ -159,6 +166,11 @@ class RedisServer:
         self.stop()
 
 
+def is_memory_size(text: str) -> bool:
+    """``text`` is a size Redis' ``maxmemory`` takes: digits and an optional b, kb, mb or gb."""
+    return re.fullmatch(r"[0-9]+(b|kb|mb|gb)?", text.lower()) is not None and int(re.sub(r"\D", "", text)) > 0
+
+
 def start_redis(
     port: int | None = None,
     *,
@@ -173,7 +185,7 @@ def start_redis(
     ``stop_with_parent``: the server gets SIGTERM when the calling thread ends, even by SIGKILL
     (see the module docstring; needs ``setpriv``).
     """
-    if maxmemory is not None and not re.fullmatch(r"[0-9]+(b|kb|mb|gb)?", maxmemory.lower()):
+    if maxmemory is not None and not is_memory_size(maxmemory):
         raise RedisUnavailable(f"maxmemory={maxmemory!r} must be a size such as '256mb'")
     binary = find_redis_server(install=install)
     if port is not None and _port_in_use(port):

@@ -73,6 +73,10 @@ def test_a_worker_that_cannot_start_stops_serve_with_its_error() -> None:
         (("--latency", "/nonexistent/lat.json"), "cannot read a latency model from /nonexistent/lat.json"),
         (("--redis", "redis://127.0.0.1:{port}/0"), "cannot reach Redis at 127.0.0.1:"),
         (("--model", "nosuch-model"), "model 'nosuch-model' has no tokenizer files"),
+        (
+            ("--redis", "redis://127.0.0.1:{port}/0", "--pod-tier-memory", "1gb"),
+            "--pod-tier-memory sizes the Redis serve starts",
+        ),
     ],
 )
 def test_bad_settings_fail_before_any_worker_starts(
@@ -80,6 +84,18 @@ def test_bad_settings_fail_before_any_worker_starts(
 ) -> None:
     args = tuple(a.format(port=free_port()) for a in args)
     assert needle in serve(capsys, *args)
+
+
+@pytest.mark.parametrize("size", ["0", "2tb", "lots", "-1gb"])
+def test_a_bad_pod_tier_memory_is_refused_while_parsing(
+    capsys: pytest.CaptureFixture[str], size: str
+) -> None:
+    with pytest.raises(SystemExit, match="2"):
+        main(["serve", f"--pod-tier-memory={size}"])
+    assert (
+        f"--pod-tier-memory: {size!r} must be a size above 0 such as '512mb' or '2gb'"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_checkpoint_without_tokenizer_files_is_an_error(tmp_path: Path) -> None:
@@ -277,6 +293,8 @@ def test_workers_and_redis_stop_by_themselves_when_serve_is_killed(tmp_path: Pat
         assert len(_workers_of(process.pid)) == 1
         redis = _redis_children(process.pid)
         assert len(redis) == 1, "serve starts one Redis of its own"
+        config = Path(f"/proc/{redis[0]}/cwd/redis.conf").read_text()  # its folder is its working dir
+        assert "maxmemory 2gb\n" in config and "maxmemory-policy allkeys-lru\n" in config  # bounded
         process.kill()
         process.wait(timeout=30)
         deadline = time.monotonic() + 60  # the worker checks its parent every second, then stops

@@ -27,6 +27,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def memory_size(text: str) -> str:
+    """A memory size as Redis writes it: ``512mb``, ``2gb`` (digits, then b, kb, mb or gb)."""
+    from kvcache.redis_server import is_memory_size
+
+    if not is_memory_size(text):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a size above 0 such as '512mb' or '2gb'")
+    return text.lower()
+
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (token counts that may be empty)."""
     value = _int(text)

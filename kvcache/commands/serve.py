@@ -15,6 +15,10 @@ from kvcache.model.registry import DEFAULT_MODEL
 HELP = "serve a model over HTTP (OpenAI API) with prefix-affinity routing over N worker processes"
 # Flags of the workers this command starts: a front only (--workers 0) refuses them when given.
 WORKER_FLAGS = ("threads", "dtype", "device", "no_pod_tier", "max_waiting")
+# The Redis serve starts holds the pod tier's blocks (and the small, hot keys of registrations,
+# heartbeats, events and the public set): bounded, least recently used first, so traffic can never
+# grow it until the machine runs out of memory.
+POD_TIER_MEMORY = "2gb"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +44,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--redis",
         help="use this Redis (redis://host:port/db, no password: give a URL with "
         "credentials in KVCACHE_REDIS_URL) instead of starting one",
+    )
+    parser.add_argument(
+        "--pod-tier-memory",
+        type=argtypes.memory_size,
+        default=POD_TIER_MEMORY,
+        metavar="SIZE",
+        help=f"memory of the Redis this command starts (default {POD_TIER_MEMORY}): the pod tier's blocks "
+        "are evicted least recently used beyond it; with --redis, set maxmemory on that server instead",
     )
     parser.add_argument("--config", help="tenants and API keys (.toml or .json); none = keyless loopback")
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
@@ -124,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-prompt-tokens={args.max_prompt_tokens} must be >= 1")
     secret = auth.load_secret(os.environ)  # KVCACHE_SECRET(_FILE)
     given = auth.redis_url(args.redis, os.environ)
+    if given is not None and args.pod_tier_memory != POD_TIER_MEMORY:
+        raise ConfigError(
+            "--pod-tier-memory sizes the Redis serve starts, and --redis / KVCACHE_REDIS_URL names one that "
+            "runs already: set maxmemory (with maxmemory-policy allkeys-lru) on that server instead"
+        )
     if args.workers == 0:
         _check_front_only(args, given, secret)
     launch.check_policy(args.policy)
@@ -146,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         launch.check_redis(given)
     # started from this (main) thread, which lives as long as serve: a serve killed with SIGKILL
     # takes its Redis with it, as its workers stop by themselves
-    redis = None if given else start_redis(stop_with_parent=True)
+    redis = None if given else start_redis(maxmemory=args.pod_tier_memory, stop_with_parent=True)
     if redis is not None and not redis.stops_with_parent:
         print(
             "kvcache serve: setpriv (util-linux) not found, so the Redis this command started would outlive "
