@@ -2,6 +2,8 @@
 
     .venv/bin/python -u benches/bench_serve_agents.py --shape both --quick --rounds 1   # a few minutes
     .venv/bin/python -u benches/bench_serve_agents.py --shape long --rounds 3
+    .venv/bin/python -u benches/bench_serve_agents.py --shape long --tenants 2 --rounds 5 \
+        --contenders sharing,public,no-sharing       # half the requests, the same share per tenant
     .venv/bin/pytest benches/bench_serve_agents.py --benchmark-only   # the quick short shape, kvcache only
 
 The benchmark starts every contender itself on the same weights (``--model``, default the registry's
@@ -517,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARGS",
         help="more transformers serve options: '--cb-max-memory-percent 0.2'",
     )
+    parser.add_argument(
+        "--tenants",
+        type=int,
+        help="tenants of each shape instead of its own (each tenant keeps its sessions and turns, so the "
+        "share of every tenant's prompts that can be reused stays; fewer tenants, shorter rounds)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logs", default="/tmp/serve-agents")
     parser.add_argument("--out", default="serve_agents.json")
@@ -527,8 +535,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--contenders {unknown}: use {CONTENDERS + OPTIONAL}" if unknown else "--rounds must be >= 1"
         )
+    if args.tenants is not None and args.tenants < 1:
+        parser.error(f"--tenants {args.tenants} must be >= 1")
     shapes = ["short", "long"] if args.shape == "both" else [args.shape]
     plan = {name: SHAPES[(name, args.quick)] for name in shapes}
+    if args.tenants is not None:
+        plan = {name: dataclasses.replace(shape, tenants=args.tenants) for name, shape in plan.items()}
     requests = {name: shape.requests(seed=args.seed) for name, shape in plan.items()}
     most = max(len(r) for r in requests.values())
     tenants = max(shape.tenants for shape in plan.values())
