@@ -242,26 +242,29 @@ class Scheduler:
         driver whose sampled tokens do not matter (a simulation) may skip steps; the caller keeps
         ``num_steps <= decode_slack()`` and stops at the first step a sequence finishes."""
         assert 0 <= num_steps <= self.decode_slack()
+        if not num_steps:
+            return
+        filler = [token] * num_steps
         for seq in self.running:
             assert seq.num_computed_tokens + 1 == seq.num_tokens == seq.num_allocated_tokens + 1
-            seq.tokens.extend([token] * num_steps)
-            self._append(seq, seq.tokens[seq.num_allocated_tokens : -1])
-            seq.num_allocated_tokens = seq.num_tokens - 1
+            seq.tokens += filler
+            self._append(seq, seq.num_allocated_tokens, seq.num_tokens - 1)
+            seq.num_allocated_tokens += num_steps
             seq.num_computed_tokens += num_steps
 
-    def _append(self, seq: Sequence, new: list[int]) -> None:
+    def _append(self, seq: Sequence, start: int, stop: int) -> None:
+        """Give ``seq.tokens[start:stop]`` slots (the manager holds ``start`` of them)."""
         prompt = seq.prompt
         if prompt is not None and prompt.kind == KIND_BLOCK_IDS:
-            self.manager.append_unkeyed(seq.request_id, len(new))  # no content to key
+            self.manager.append_unkeyed(seq.request_id, stop - start)  # no content to key
         else:
-            self.manager.append(seq.request_id, new)
+            self.manager.append(seq.request_id, seq.tokens[start:stop])
 
     def _grow(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Give a decoding sequence's last sampled token a slot; preempt the newest on a full pool."""
-        new = seq.tokens[seq.num_allocated_tokens :]
         while True:
             try:
-                self._append(seq, new)
+                self._append(seq, seq.num_allocated_tokens, seq.num_tokens)
                 seq.num_allocated_tokens = seq.num_tokens
                 return True
             except QuotaError as exc:

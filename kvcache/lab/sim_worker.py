@@ -162,15 +162,27 @@ class SimWorker:
         (their blocks stay cached) and the next step starts. Returns the finished jobs."""
         out = self._out
         assert out is not None and self.busy_until_ms == now_ms
-        finished: list[Job] = []
         end_ms = self._start_ms + self._step_ms
+        overhead_ms = self.latency.request_overhead_ms  # serving time outside the engine
+        done: list[Sequence] = []
         for seq in self.scheduler.complete(out):
             seq.tokens.append(PLACEHOLDER_TOKEN)
-            self._sampled(seq, end_ms, finished)
-        if self._num_steps > 1:
+            num_outputs = seq.num_tokens - seq.num_prompt_tokens
+            if num_outputs == 1:
+                self.jobs[seq.request_id].first_token_ms = end_ms + overhead_ms
+            if num_outputs >= seq.params.max_tokens:
+                done.append(seq)
+        if self._num_steps > 1:  # nobody finished before the run's last step, nobody starts in it
             self.scheduler.skip_decode_steps(self._num_steps - 1, PLACEHOLDER_TOKEN)
-            for seq in list(self.scheduler.running):
-                self._sampled(seq, now_ms, finished)
+            running = self.scheduler.running
+            done = [s for s in running if s.num_tokens - s.num_prompt_tokens >= s.params.max_tokens]
+        finished: list[Job] = []
+        for seq in done:
+            self.scheduler.finish(seq, "length")
+            job = self.jobs.pop(seq.request_id)
+            self._uncached.pop(seq.request_id, None)
+            job.finish_ms = now_ms + overhead_ms
+            finished.append(job)
         self._start(now_ms)
         return finished
 
@@ -225,20 +237,6 @@ class SimWorker:
             num_steps = max(1, min(left, self.scheduler.decode_slack() + 1))
         self._out, self._step_ms, self._num_steps = out, step_ms, num_steps
         self.busy_until_ms = now_ms + num_steps * step_ms
-
-    def _sampled(self, seq: Sequence, at_ms: float, finished: list[Job]) -> None:
-        """``seq`` sampled a token at ``at_ms``: its first one is the job's first token, its last
-        one ends it."""
-        job = self.jobs[seq.request_id]
-        num_outputs = seq.num_tokens - seq.num_prompt_tokens
-        if num_outputs == 1:
-            job.first_token_ms = at_ms + self.latency.request_overhead_ms  # serving time outside the engine
-        if num_outputs >= seq.params.max_tokens:
-            self.scheduler.finish(seq, "length")
-            del self.jobs[seq.request_id]
-            self._uncached.pop(seq.request_id, None)
-            job.finish_ms = at_ms + self.latency.request_overhead_ms
-            finished.append(job)
 
     def _sequence(self, job: Job) -> Sequence:
         """The scheduler's view of ``job``: its keyed prompt (cut to the pool when needed) and
