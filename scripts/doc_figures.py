@@ -388,19 +388,34 @@ def lpm_balanced_lead() -> dict[str, Any]:
     return {"max_hit_ratio": max(ratios), "p99_below": lower}
 
 
-def dynamo_on_long_agents(workers: Sequence[int] = (16, 64)) -> dict[str, float]:
+def dominated_count(policy: str) -> int:
+    """Matrix cells where ``policy`` has both a higher token hit rate and a lower p99 than affinity."""
+    return sum(policy in c["dominated_by"] for c in matrix()["cells"])
+
+
+def dynamo_on_long_agents(workers: Sequence[int] = (16, 64)) -> dict[str, Any]:
     """long_agent cells at these worker counts where affinity misses the p99 bar against dynamo:
-    affinity's p99 over dynamo's, and dynamo's hit deficit, as ranges."""
-    p99, fewer = [], []
+    affinity's p99 over dynamo's, and dynamo's hit deficit, as ranges, and the worker counts
+    (``where``, e.g. "16-64" or "16")."""
+    p99, fewer, sizes = [], [], set()
     for c in matrix()["cells"]:
         if c["shape"] != "long_agent" or c["num_workers"] not in workers or c["p99_bar"]:
             continue
-        assert c["best_baseline_p99_policy"] == "dynamo"
+        if c["best_baseline_p99_policy"] != "dynamo":
+            continue
         key = (c["shape"], c["num_workers"], c["fraction"])
         me, dyn = matrix_row(*key, "affinity"), matrix_row(*key, "dynamo")
         p99.append(c["p99_ratio"])
         fewer.append(1 - dyn["token_hit_rate"] / me["token_hit_rate"])
-    return {"p99_lo": min(p99), "p99_hi": max(p99), "fewer_lo": min(fewer), "fewer_hi": max(fewer)}
+        sizes.add(c["num_workers"])
+    where = "-".join(str(n) for n in sorted({min(sizes), max(sizes)}))
+    return {
+        "p99_lo": min(p99),
+        "p99_hi": max(p99),
+        "fewer_lo": min(fewer),
+        "fewer_hi": max(fewer),
+        "where": where,
+    }
 
 
 def ablation() -> dict[str, Any]:

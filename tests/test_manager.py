@@ -276,3 +276,22 @@ def test_crafted_key_collision_is_a_miss(make_manager: MakeManager, monkeypatch:
     # parent is the root; the second block's stored parent differs, so it stops there.
     assert m.lookup(toks(0, 9), "alice") == 4
     m.check_invariants()
+
+
+def test_a_block_id_request_grows_by_unkeyed_blocks_and_keeps_its_written_prefix() -> None:
+    m = BlockManager(CacheConfig(num_blocks=4, block_size=4))
+    p = m.hash_block_ids([1, 2], 6, "t")  # 1 full block, keyed, and a partial one
+    assert m.allocate("a", p).block_ids == [0, 1]
+    assert m.append_unkeyed("a", 3) == [2]  # 9 tokens: a third block, never keyed
+    assert m.append_unkeyed("a", 2) == []
+    assert [e.block_id for e in m.drain_events() if isinstance(e, BlockStored)] == [0]
+    m.abort("a", num_computed_tokens=8)
+    longer = m.extend_unkeyed(p, 5)
+    assert (longer.keys, longer.num_tokens) == (p.keys, 11)
+    assert m.lookup(longer) == 4  # the written prefix block stays cached
+    with pytest.raises(InvalidTokensError, match="extended by its tokens"):
+        m.extend_unkeyed(m.hash([1, 2, 3, 4, 5], "t"), 1)
+    m.allocate("b", [1, 2, 3, 4, 5], "t")
+    with pytest.raises(InvalidTokensError, match="grow it by tokens"):
+        m.append_unkeyed("b", 1)
+    m.check_invariants()

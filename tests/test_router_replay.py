@@ -115,3 +115,32 @@ def test_bad_configs() -> None:
         ReplayConfig(1, 10, failures=((0, 1.0),))
     with pytest.raises(ConfigError, match="block_size=16 differs"):
         replay(mooncake(n=5), ReplayConfig(1, 10), block_size=16)
+
+
+@pytest.mark.parametrize("kind", ["block ids", "tokens"])
+def test_runs_of_decode_steps_taken_at_once_equal_the_steps_one_by_one(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulated workers' fast path (a steady run of decode steps in one call, cut by
+    arrivals) against the reference (every step scheduled), with a failure re-routing mid-run."""
+    from kvcache.engine.scheduler import Scheduler
+
+    if kind == "tokens":
+        trace = Trace(synthesize(SynthConfig(workload="mix", num_requests=80, seed=3)), FORMAT_TOKENS, None)
+    else:
+        trace = mooncake(n=120, rate=4.0)
+    config = ReplayConfig(3, 30 if kind == "block ids" else 60, "affinity", failures=((1, 10.0),))
+    fast = replay(trace, config)
+    monkeypatch.setattr(Scheduler, "is_steady", lambda self, out: False)
+    slow = replay(trace, config)
+    assert fast.num_lost == slow.num_lost == 0 and fast.num_rerouted == slow.num_rerouted > 0
+    for f, s in zip(fast.jobs, slow.jobs, strict=True):
+        assert (f.worker_id, f.attempts, f.cached_tokens, f.loaded_tokens, f.prefill_tokens) == (
+            s.worker_id,
+            s.attempts,
+            s.cached_tokens,
+            s.loaded_tokens,
+            s.prefill_tokens,
+        )
+        times = (f.start_ms, f.first_token_ms, f.finish_ms)
+        assert times == pytest.approx((s.start_ms, s.first_token_ms, s.finish_ms), rel=1e-9, abs=1e-6)

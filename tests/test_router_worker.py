@@ -1,10 +1,9 @@
-"""The simulated worker: admission, prefix reuse, capacity waits, long prompts, spill, failure."""
+"""The simulated worker runs the engine's scheduler: chunked prefill beside decodes, seats, FCFS,
+preemption, prefix reuse, long prompts, spill, failure, runs of decode steps cut by an arrival."""
 
 from __future__ import annotations
 
 import dataclasses
-
-import pytest
 
 from kvcache import BlockRemoved, BlockStored
 from kvcache.costs import LatencyModel
@@ -12,6 +11,7 @@ from kvcache.lab.replay import prepare
 from kvcache.lab.sim_worker import Job, SimWorker
 from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, TraceRequest
 
+# a step costs its prefill tokens (1 ms each) when it computes any, else 1 ms (a decode step)
 LAT = LatencyModel(
     prefill_base_ms=0.0,
     prefill_ms_per_token=1.0,
@@ -23,69 +23,135 @@ LAT = LatencyModel(
 )
 
 
-def jobs(*ids: tuple[int, ...], num_tokens: list[int] | None = None) -> list[Job]:
-    reqs = [
-        TraceRequest(0.0, (num_tokens or [4 * len(b) for b in ids])[i], 3, block_ids=b)
-        for i, b in enumerate(ids)
-    ]
+def jobs(*ids: tuple[int, ...], outputs: int = 3) -> list[Job]:
+    reqs = [TraceRequest(0.0, 4 * len(b), outputs, block_ids=b) for b in ids]
     trace = Trace(reqs, FORMAT_MOONCAKE, 4)
     return [Job(i, f"r{i}", r, p, 0.0) for i, (r, p) in enumerate(zip(reqs, prepare(trace, 4), strict=True))]
+
+
+def drive(w: SimWorker, until_ms: float = float("inf")) -> list[tuple[str, float]]:
+    """Advance ``w`` step by step while its work in flight ends by ``until_ms``; the jobs that
+    finished, with their finish times."""
+    done = []
+    while w.busy_until_ms is not None and w.busy_until_ms <= until_ms:
+        done += [(job.request_id, job.finish_ms) for job in w.advance(w.busy_until_ms)]
+    return done
 
 
 def test_prefix_reuse_and_timing() -> None:
     w = SimWorker(0, num_blocks=8, block_size=4, latency=LAT)
     a, b = jobs((1, 2, 3), (1, 2, 4))
-    w.submit(a)
-    w.submit(b)
-    started = w.try_start(0.0)
-    assert started is not None and started.job is a and started.prefill_done_ms == 12.0
-    assert [type(e) for e in started.events] == [BlockStored] * 3
-    assert w.try_start(0.0) is None  # one prefill at a time
-    assert w.prefill_done(a, 12.0) == 12.0 + 2 * 1.0  # 3 output tokens: first with prefill, 2 steps
-    second = w.try_start(12.0)
-    assert second is not None and second.job is b
-    assert (b.cached_tokens, b.prefill_tokens, b.hit_blocks, b.query_blocks) == (8, 4, 2, 3)
-    assert second.prefill_done_ms == 12.0 + 4.0
-    w.finish(a, 14.0)
-    assert a.finish_ms == 14.0 and list(w.running) == ["r1"]
+    w.submit(a, 0.0)  # idle: a's prefill step starts now
+    w.submit(b, 0.0)  # busy: b waits for the next step
+    assert w.busy_until_ms == 12.0 and w.running == ["r0"] and w.waiting == ["r1"]
+    assert [type(e) for e in w.take_events()] == [BlockStored] * 3
+    assert drive(w, 12.0) == []
+    # step 2: a decodes beside b's prefill of its 4 uncached tokens
+    assert (b.start_ms, b.cached_tokens, b.prefill_tokens, b.hit_blocks, b.query_blocks) == (12.0, 8, 4, 2, 3)
+    assert w.busy_until_ms == 16.0
+    assert drive(w) == [("r0", 17.0), ("r1", 18.0)]
+    assert (a.first_token_ms, b.first_token_ms) == (12.0, 16.0)
+    w.manager.check_invariants()
 
 
 def test_request_overhead_adds_to_first_token_and_finish_but_not_to_the_steps() -> None:
     w = SimWorker(0, num_blocks=8, block_size=4, latency=dataclasses.replace(LAT, request_overhead_ms=5.0))
     a, b = jobs((1, 2, 3), (1, 2, 4))
-    w.submit(a)
-    w.submit(b)
-    started = w.try_start(0.0)
-    assert started is not None and started.prefill_done_ms == 12.0  # the engine's time is unchanged
-    assert w.prefill_done(a, 12.0) == 14.0  # and so is the decode
-    assert a.first_token_ms == 17.0
-    second = w.try_start(12.0)  # the next prefill starts when the engine is free, not 5 ms later
-    assert second is not None and second.job is b
-    w.finish(a, 14.0)
-    assert a.finish_ms == 19.0
+    w.submit(a, 0.0)
+    w.submit(b, 0.0)
+    drive(w, 12.0)
+    assert a.first_token_ms == 17.0 and b.start_ms == 12.0  # the next step starts when the engine is free
+    assert drive(w) == [("r0", 22.0), ("r1", 23.0)]
+
+
+def test_a_long_prompt_is_chunked_while_another_request_decodes() -> None:
+    w = SimWorker(0, num_blocks=16, block_size=4, latency=dataclasses.replace(LAT, max_batched_tokens=8))
+    short, long = jobs((1,), (2, 3, 4, 5, 6, 7), outputs=5)
+    w.submit(short, 0.0)
+    w.submit(long, 0.0)
+    drive(w, 4.0)  # short's prefill: 4 tokens
+    assert short.first_token_ms == 4.0 and long.start_ms == 4.0
+    # each step: short's decode token and 7 of long's 24 prompt tokens (8 a step), then the last 3
+    ends = []
+    while w.busy_until_ms is not None and w.busy_until_ms < 28.0:
+        ends.append(w.busy_until_ms)
+        assert w.advance(w.busy_until_ms) == []
+    assert ends == [11.0, 18.0, 25.0] and w.busy_until_ms == 28.0
+    assert drive(w, 28.0) == [("r0", 28.0)]  # short's 5th token comes with long's first
+    assert long.first_token_ms == 28.0
+
+
+def test_seats_cap_admissions() -> None:
+    w = SimWorker(0, num_blocks=8, block_size=4, latency=dataclasses.replace(LAT, max_num_seqs=1))
+    a, b = jobs((1,), (2,))
+    w.submit(a, 0.0)
+    w.submit(b, 0.0)
+    drive(w, 4.0)
+    assert w.running == ["r0"] and w.waiting == ["r1"]  # the only seat decodes a
+    assert drive(w) == [("r0", 6.0), ("r1", 12.0)]
+    assert b.start_ms == 6.0 and b.first_token_ms == 10.0
+
+
+def test_fcfs_the_head_of_the_queue_is_never_overtaken() -> None:
+    w = SimWorker(0, num_blocks=5, block_size=4, latency=LAT)
+    a, b, c = jobs((1, 2), (3, 4, 5), (6,))
+    for job in (a, b, c):
+        w.submit(job, 0.0)
+    drive(w, 8.0)
+    # a holds 3 blocks once it grows; b needs 3 of the 2 left and waits, c (1 block) waits behind it
+    assert w.running == ["r0"] and w.waiting == ["r1", "r2"]
+    assert drive(w, 10.0) == [("r0", 10.0)]
+    assert w.running == ["r1", "r2"] and b.start_ms == c.start_ms == 10.0
+
+
+def test_a_full_pool_preempts_the_newest_and_its_written_blocks_stay_cached() -> None:
+    w = SimWorker(0, num_blocks=4, block_size=4, latency=LAT)
+    a, b = jobs((1, 2), (3,), outputs=6)
+    w.submit(a, 0.0)
+    w.submit(b, 0.0)
+    drive(w, 12.0)  # a's prefill (8 ms), then b's beside a's decode (4 ms)
+    assert b.first_token_ms == 12.0
+    # a grows into a third block, b into a second: no block is free, so b (the newest) goes back
+    assert w.running == ["r0"] and w.waiting == ["r1"] and w.scheduler.num_preemptions == 1
+    assert w.manager.lookup(b.prompt) == 4  # the block b wrote stays cached
+    finished = drive(w)
+    assert [rid for rid, _ in finished] == ["r0", "r1"]
+    assert b.first_token_ms == 12.0 and (b.cached_tokens, b.prefill_tokens) == (0, 4)  # its first admission
+    w.manager.check_invariants()
+
+
+def test_an_arrival_cuts_a_run_of_decode_steps_at_the_step_in_progress() -> None:
+    w = SimWorker(0, num_blocks=8, block_size=4, latency=LAT)
+    a, b = jobs((1,), (2,), outputs=10)
+    w.submit(a, 0.0)
+    drive(w, 4.0)
+    assert w.busy_until_ms == 8.0  # 4 decode steps at once: a's second block then fills up
+    version = w.version
+    w.submit(b, 5.5)
+    assert w.busy_until_ms == 6.0 and w.version != version
+    drive(w, 6.0)
+    assert b.start_ms == 6.0 and w.running == ["r0", "r1"]
 
 
 def test_waits_for_blocks_then_evicts() -> None:
     w = SimWorker(0, num_blocks=4, block_size=4, latency=LAT)
-    a, b = jobs((1, 2, 3), (5, 6))
-    w.submit(a)
-    w.submit(b)
-    assert w.try_start(0.0) is not None
-    w.prefill_done(a, 12.0)
-    assert w.try_start(12.0) is None  # 3 of 4 blocks held by a: b waits
-    assert w.finish(a, 14.0) == []
-    started = w.try_start(14.0)
-    assert started is not None
-    assert [type(e) for e in started.events] == [BlockRemoved, BlockStored, BlockStored]
+    a, b = jobs((1, 2, 3), (5, 6), outputs=1)
+    w.submit(a, 0.0)
+    w.submit(b, 0.0)
+    w.take_events()
+    assert drive(w, 12.0) == [("r0", 12.0)]  # b waited: 3 of 4 blocks were a's
+    assert b.start_ms == 12.0
+    assert [type(e) for e in w.take_events()] == [BlockRemoved, BlockStored, BlockStored]
 
 
 def test_prompt_longer_than_pool_caches_its_head() -> None:
     w = SimWorker(0, num_blocks=2, block_size=4, latency=LAT)
     (a,) = jobs((1, 2, 3, 4))
-    w.submit(a)
-    started = w.try_start(0.0)
-    assert started is not None and started.prefill_done_ms == 16.0
-    assert [e.block_id for e in started.events if isinstance(e, BlockStored)] == [0, 1]
+    w.submit(a, 0.0)
+    # 6 of 16 prompt tokens fit beside 2 computed outputs; the other 10 are computed, not cached
+    assert w.busy_until_ms == 6.0 + 10.0
+    assert [e.block_id for e in w.take_events() if isinstance(e, BlockStored)] == [0]
+    assert drive(w) == [("r0", 18.0)]
 
 
 class FakeTier:
@@ -111,40 +177,23 @@ class FakeTier:
 def test_spill_hook_offloads_and_loads() -> None:
     tier = FakeTier()
     w = SimWorker(0, num_blocks=3, block_size=4, latency=LAT, spill=tier)
-    a, b, c = jobs((1, 2), (7, 8, 9), (1, 2, 5))
+    a, b, c = jobs((1, 2), (7, 8, 9), (1, 2, 5), outputs=1)
     for job, t in ((a, 0.0), (b, 10.0)):
-        w.submit(job)
-        assert w.try_start(t) is not None
-        w.prefill_done(job, t)
-        w.finish(job, t)
+        w.submit(job, t)
+        drive(w)
     assert tier.evicted == [a.prompt.keys[1], a.prompt.keys[0]]  # tail first
     w.submit(c, 20.0)
     # c's blocks 1, 2 are no longer on the device: all 3 of its blocks are offered for prestaging.
     assert tier.prestaged[-1] == (0, 3, 20.0)
-    started = w.try_start(20.0)
-    assert started is not None
     assert (c.cached_tokens, c.loaded_tokens, c.prefill_tokens) == (0, 8, 4)
-    assert started.prefill_done_ms == 20.0 + 1.0 + 4.0  # transfer of 2 blocks + 4 tokens
+    assert w.busy_until_ms == 20.0 + 4.0 + 1.0  # 4 tokens computed, and the transfer of 2 blocks
 
 
 def test_fail_returns_every_job() -> None:
     w = SimWorker(0, num_blocks=8, block_size=4, latency=LAT)
     a, b = jobs((1,), (2,))
-    w.submit(a)
-    w.submit(b)
-    assert w.try_start(0.0) is not None
+    w.submit(a, 0.0)
+    w.submit(b, 0.0)
     assert w.fail() == [a, b]
-    assert not w.alive and w.manager.num_running == 0
+    assert not w.alive and w.manager.num_running == 0 and w.busy_until_ms is None
     w.manager.check_invariants()
-
-
-def test_latency_limits_slots() -> None:
-    lat = LatencyModel(max_num_seqs=1)
-    w = SimWorker(0, num_blocks=8, block_size=4, latency=lat)
-    a, b = jobs((1,), (2,))
-    w.submit(a)
-    w.submit(b)
-    assert w.try_start(0.0) is not None
-    w.prefill_done(a, 1.0)
-    assert w.try_start(1.0) is None  # the only sequence slot is decoding a
-    assert pytest.approx(a.first_token_ms) == 1.0

@@ -34,11 +34,8 @@ def seq(rid: str, n: int, start: int = 1, max_tokens: int = 4, tenant: str = "a"
 
 def advance(sched: Scheduler, token: int = 7) -> None:
     """What the engine does after a forward: computed marks move; finished chunks sample a token."""
-    out = sched.schedule()
-    for s in out.scheduled:
-        s.seq.num_computed_tokens += s.num_new_tokens
-        if s.seq.num_computed_tokens == s.seq.num_tokens:
-            s.seq.tokens.append(token)
+    for seq in sched.complete(sched.schedule()):
+        seq.tokens.append(token)
 
 
 def make(num_blocks: int = 8, budget: int = 8, max_seqs: int = 4) -> Scheduler:

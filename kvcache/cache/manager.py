@@ -16,6 +16,7 @@ requests on workers (``kvcache.router``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Container, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -218,6 +219,16 @@ class BlockManager:
             tail_raw=tail[len(full) :],
             epoch=prompt.epoch,
         )
+
+    def extend_unkeyed(self, prompt: Prompt, num_tokens: int) -> Prompt:
+        """``prompt`` (hashed from block ids) followed by ``num_tokens`` whose content is unknown (a
+        replayed trace's outputs): the same keys, more tokens. A block-id prompt's partial last
+        block and what follows it have no content to key, so they are never cached or shared."""
+        if prompt.kind != KIND_BLOCK_IDS:
+            raise InvalidTokensError("a prompt hashed from tokens is extended by its tokens (extend)")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise InvalidTokensError(f"num_tokens={num_tokens!r} must be an int >= 0")
+        return dataclasses.replace(prompt, num_tokens=prompt.num_tokens + num_tokens)
 
     def publish(self, tokens: Tokens) -> int:
         """Publish a prefix (e.g. a system prompt) to the public scope; returns its full blocks.
@@ -510,6 +521,30 @@ class BlockManager:
             tail = tail[num_full * width :]
         req.tail_raw = tail
         req.num_tokens = num_tokens
+        return new_ids
+
+    def append_unkeyed(self, request_id: Hashable, num_tokens: int) -> list[int]:
+        """Grow a running request allocated from block ids by ``num_tokens`` of unknown content (a
+        replayed trace's outputs); returns the ids of any new blocks. They are allocated as
+        ``append`` allocates and never keyed (see ``extend_unkeyed``)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise RequestError(f"request id {request_id!r} is not running (unknown or freed)")
+        if req.kind != KIND_BLOCK_IDS:
+            raise InvalidTokensError(f"request {request_id!r} was allocated from tokens; grow it by tokens")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise InvalidTokensError(f"num_tokens={num_tokens!r} must be an int >= 0")
+        total = req.num_tokens + num_tokens
+        num_new = -(-total // self.block_size) - len(req.block_ids)
+        new_ids: list[int] = []
+        if num_new > 0:
+            pool = self.pool
+            plan = self._plan(req.scope.tenant, num_new, set())
+            if pool.evict_hook is not None:
+                pool.notify_evictions([v for v in plan if v is not None])  # may raise: nothing changed
+            new_ids = [b.block_id for b in pool.take(req.scope.tenant, plan)]
+            req.block_ids += new_ids
+        req.num_tokens = total
         return new_ids
 
     def free(self, request_id: Hashable) -> None:

@@ -399,15 +399,13 @@ class Engine:
                     self.scheduler.fail(s.seq, exc)
             raise
         model_s = clock() - t_sched
-        for s in out.scheduled:
-            seq = s.seq
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                seq.timings["model_s"] = seq.timings.get("model_s", 0.0) + model_s
-                if seq.num_computed_tokens + s.num_new_tokens >= seq.num_prompt_tokens:
-                    seq.num_computed_tokens += s.num_new_tokens
-                    self._prefill_done(seq)
-                    continue
-            seq.num_computed_tokens += s.num_new_tokens
+        prefilling = [s.seq for s in out.scheduled if s.seq.num_computed_tokens < s.seq.num_prompt_tokens]
+        for seq in prefilling:
+            seq.timings["model_s"] = seq.timings.get("model_s", 0.0) + model_s
+        self.scheduler.complete(out)
+        for seq in prefilling:
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._prefill_done(seq)
         rows = [out.scheduled[j].seq for j in batch.sample_rows]
         tokens = sample(batch.logits, [q.params for q in rows], [q.generator for q in rows])
         now = clock()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.engine.scheduler import Scheduled
+from kvcache.engine.scheduler import Scheduled, step_shape
 from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata
 from kvcache.model import hf
@@ -56,8 +56,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         tables, lens, qlens, logits_at, rows = [], [], [], [], []
-        prefill = decode = context = 0
-        work = 0.0
+        shape = step_shape(scheduled)
         for j, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
@@ -66,12 +65,6 @@ class ModelRunner:
             tables.append(self.block_table(seq.request_id))
             lens.append(start + n)
             qlens.append(n)
-            context += start + n
-            if n == 1 and start >= seq.num_prompt_tokens:
-                decode += 1
-            else:
-                prefill += n
-                work += n * (start + n / 2)
             if start + n == seq.num_tokens:
                 logits_at.append(len(ids) - 1)
                 rows.append(j)
@@ -85,4 +78,12 @@ class ModelRunner:
         logits = hf.paged_forward(self.model, input_ids, position_ids, step, logits_indices)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return StepBatch(logits, rows, prefill, decode, context, work, time.perf_counter() - t0)
+        return StepBatch(
+            logits,
+            rows,
+            shape.num_prefill_tokens,
+            shape.num_decode_seqs,
+            shape.num_context_tokens,
+            shape.attention_work,
+            time.perf_counter() - t0,
+        )

@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,8 @@ class SamplingParams:
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """``logits`` ``[vocab]`` scaled by temperature with top-k / top-p cut to -inf."""
+    import torch  # here, not at the top: the parameters load without torch (see ``sample``)
+
     scores = logits / params.temperature
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -69,9 +73,13 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
     """One token per row of ``logits`` ``[rows, vocab]`` (float32)."""
+    # torch is imported where tokens are drawn, so a sequence's parameters (and the scheduler that
+    # reads them, which the replay's simulated workers run) load without it
+    import torch
+
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:

@@ -21,8 +21,15 @@ A block is a hit only once its KV is written: a waiting sequence whose prefix hi
 that a running sequence will not have written by the end of this step waits (in the same step is
 fine: every layer writes the step's KV before it attends).
 
-Decisions come back as a :class:`SchedulerOutput`, so tests assert them without a model. Not here:
-running the model, sampling, streaming (``engine``).
+Decisions come back as a :class:`SchedulerOutput`, so tests assert them without a model; once the
+step ran, ``complete`` moves every scheduled sequence's computed mark forward and names those that
+sample a token. ``step_shape`` is what a step computes (prefill tokens, decoding sequences,
+attention work): the runner records it and ``LatencyModel.step_ms`` prices it. A driver without a
+model (the replay's ``SimWorker``) runs this same scheduler with placeholder output tokens; a
+prompt hashed from block ids grows through ``BlockManager.append_unkeyed``, and a run of identical
+decode steps (``is_steady``, ``decode_slack``) goes by at once through ``skip_decode_steps``.
+
+Not here: running the model, sampling, streaming (``engine``); a step's time (``costs``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from kvcache.cache.hashing import KIND_BLOCK_IDS
 from kvcache.cache.manager import Allocation, BlockManager
 from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.sequence import Sequence, Status
@@ -54,6 +62,38 @@ class SchedulerConfig:
 class Scheduled:
     seq: Sequence
     num_new_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What one step computes. ``attention_work`` = sum over its prefill chunks of
+    ``n x (context before + n / 2)``; ``num_context_tokens`` sums every scheduled sequence's context
+    after the step."""
+
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_context_tokens: int
+    attention_work: float
+
+
+def is_decode(seq: Sequence, num_new_tokens: int) -> bool:
+    """One token after the prompt: a decode (a recomputed preempted sequence is a prefill)."""
+    return num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+
+def step_shape(scheduled: list[Scheduled]) -> StepShape:
+    """The shape of a step, read before ``Scheduler.complete`` moves the computed marks."""
+    prefill = decode = context = 0
+    work = 0.0
+    for s in scheduled:
+        start, n = s.seq.num_computed_tokens, s.num_new_tokens
+        context += start + n
+        if is_decode(s.seq, n):
+            decode += 1
+        else:
+            prefill += n
+            work += n * (start + n / 2)
+    return StepShape(prefill, decode, context, work)
 
 
 @dataclass(slots=True)
@@ -123,8 +163,12 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self._release(seq)
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
-        if seq.prompt is not None:  # keep its keys: only the blocks its outputs filled are new
-            seq.prompt = self.manager.extend(seq.prompt, seq.tokens[seq.prompt.num_tokens :])
+        prompt = seq.prompt
+        if prompt is not None:  # keep its keys: only the blocks its outputs filled are new
+            if prompt.kind == KIND_BLOCK_IDS:
+                seq.prompt = self.manager.extend_unkeyed(prompt, seq.num_tokens - prompt.num_tokens)
+            else:
+                seq.prompt = self.manager.extend(prompt, seq.tokens[prompt.num_tokens :])
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -162,12 +206,65 @@ class Scheduler:
             budget -= n
         return out
 
+    def complete(self, out: SchedulerOutput) -> list[Sequence]:
+        """The step ran: the KV of every scheduled token is written. Returns the sequences that
+        sample a token now (all their tokens computed), in scheduled order."""
+        sampling = []
+        for s in out.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+        return sampling
+
+    # ---- runs of identical decode steps (a driver without a model) ---------------------------
+
+    def is_steady(self, out: SchedulerOutput) -> bool:
+        """Whether the steps after ``out`` schedule what it did until a sequence finishes, a request
+        arrives or a sequence needs a new block (``decode_slack``): every running sequence decodes,
+        nothing was admitted, preempted or failed, so the head of the queue (if any) meets the same
+        budget, seats and pool next step."""
+        if out.admitted or out.preempted or out.failed or len(out.scheduled) != len(self.running):
+            return False
+        return all(is_decode(s.seq, s.num_new_tokens) for s in out.scheduled)
+
+    def decode_slack(self) -> int:
+        """Tokens every running sequence can still grow by without a new block."""
+        bs = self.block_size
+        return min(
+            (-(-s.num_allocated_tokens // bs) * bs - s.num_allocated_tokens for s in self.running), default=0
+        )
+
+    def skip_decode_steps(self, num_steps: int, token: int) -> None:
+        """``num_steps`` steady decode steps at once, after ``complete`` of the one that made them
+        steady and the append of its sampled tokens: each running sequence's pending token gets
+        its slot and is computed, and ``token`` (a placeholder) is sampled, every step. Only a
+        driver whose sampled tokens do not matter (a simulation) may skip steps; the caller keeps
+        ``num_steps <= decode_slack()`` and stops at the first step a sequence finishes."""
+        assert 0 <= num_steps <= self.decode_slack()
+        if not num_steps:
+            return
+        filler = [token] * num_steps
+        for seq in self.running:
+            assert seq.num_computed_tokens + 1 == seq.num_tokens == seq.num_allocated_tokens + 1
+            seq.tokens += filler
+            self._append(seq, seq.num_allocated_tokens, seq.num_tokens - 1)
+            seq.num_allocated_tokens += num_steps
+            seq.num_computed_tokens += num_steps
+
+    def _append(self, seq: Sequence, start: int, stop: int) -> None:
+        """Give ``seq.tokens[start:stop]`` slots (the manager holds ``start`` of them)."""
+        prompt = seq.prompt
+        if prompt is not None and prompt.kind == KIND_BLOCK_IDS:
+            self.manager.append_unkeyed(seq.request_id, stop - start)  # no content to key
+        else:
+            self.manager.append(seq.request_id, seq.tokens[start:stop])
+
     def _grow(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Give a decoding sequence's last sampled token a slot; preempt the newest on a full pool."""
-        new = seq.tokens[seq.num_allocated_tokens :]
         while True:
             try:
-                self.manager.append(seq.request_id, new)
+                self._append(seq, seq.num_allocated_tokens, seq.num_tokens)
                 seq.num_allocated_tokens = seq.num_tokens
                 return True
             except QuotaError as exc:

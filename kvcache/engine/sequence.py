@@ -14,13 +14,14 @@ import enum
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kvcache.cache.manager import Prompt
 from kvcache.cache.tenancy import Scope
 from kvcache.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the scheduler loads without torch
+    import torch
 
 
 class Status(enum.Enum):
@@ -37,7 +38,7 @@ class Sequence:
     num_prompt_tokens: int
     scope: Scope
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator | None  # None: no draws of its own (greedy, or a simulation)
     arrival_s: float
     status: Status = Status.WAITING
     num_computed_tokens: int = 0

@@ -1,5 +1,6 @@
 """Discrete-event replay: a trace's requests arrive at their timestamps, a ``Router`` places
-them, simulated ``SimWorker``s queue, prefill and decode them on a virtual clock.
+them, simulated ``SimWorker``s schedule them step by step (the engine's scheduler) on a virtual
+clock.
 
 Events are (time, sequence) ordered, so a replay is deterministic for a given seed: the same
 trace, config and seed give the same placement and the same latencies on every machine.
@@ -30,7 +31,7 @@ from kvcache.lab.trace import Trace
 from kvcache.router.policies import POLICIES
 from kvcache.router.router import Router, RouteRequest
 
-_ARRIVE, _EVENTS, _FAIL, _PREFILLED, _FINISH = range(5)
+_ARRIVE, _EVENTS, _FAIL, _STEP = range(4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,7 @@ class _Replay:
         ]
         self.done = 0
         self.rerouted = 0
+        self.pushed = [0] * config.num_workers  # the worker version whose step end is queued
 
     def push(self, t: float, kind: int, a: object, b: object = None) -> None:
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
@@ -138,16 +140,15 @@ class _Replay:
         req = RouteRequest(job.request_id, job.prompt.keys, r.num_tokens, job.prompt.scope, r.output_tokens)
         w = cast(int, self.router.route(req))  # the replay numbers its workers 0..n-1
         self.workers[w].submit(job, self.now)
-        self.kick(w)
+        self.settle(w)
 
-    def kick(self, w: int) -> None:
-        started = self.workers[w].try_start(self.now)
-        if started is not None:
-            self.push(started.prefill_done_ms, _PREFILLED, started.job, started.job.attempts)
-            self.send_events(w, started.events)
-
-    def live(self, job: Job, attempt: object) -> bool:
-        return job.attempts == attempt and self.workers[job.worker_id].alive
+    def settle(self, w: int) -> None:
+        """Forward the worker's pool events and queue the end of its work in flight if it moved."""
+        worker = self.workers[w]
+        self.send_events(w, worker.take_events())
+        if worker.busy_until_ms is not None and worker.version != self.pushed[w]:
+            self.pushed[w] = worker.version
+            self.push(worker.busy_until_ms, _STEP, w, worker.version)
 
     def run(self, progress: bool) -> None:
         for job in self.jobs:
@@ -163,25 +164,21 @@ class _Replay:
             disable=None if progress else True,
         )
         heap = self.heap
+        workers = self.workers
         while heap:
             self.now, _, kind, a, b = heapq.heappop(heap)
-            if kind == _ARRIVE:
+            if kind == _STEP:
+                assert isinstance(a, int)
+                worker = workers[a]
+                if worker.alive and worker.version == b:
+                    for job in worker.advance(self.now):
+                        self.router.on_finished(job.request_id)
+                        self.done += 1
+                        bar.update()
+                    self.settle(a)
+            elif kind == _ARRIVE:
                 assert isinstance(a, Job)
                 self.route(a)
-            elif kind == _PREFILLED:
-                assert isinstance(a, Job)
-                if self.live(a, b):
-                    worker = self.workers[a.worker_id]
-                    self.push(worker.prefill_done(a, self.now), _FINISH, a, b)
-                    self.kick(a.worker_id)
-            elif kind == _FINISH:
-                assert isinstance(a, Job)
-                if self.live(a, b):
-                    self.send_events(a.worker_id, self.workers[a.worker_id].finish(a, self.now))
-                    self.router.on_finished(a.request_id)
-                    self.done += 1
-                    bar.update()
-                    self.kick(a.worker_id)
             elif kind == _EVENTS:
                 assert isinstance(a, int) and isinstance(b, list)
                 self.router.on_events(a, b)

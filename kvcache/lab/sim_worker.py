@@ -1,29 +1,49 @@
-"""A simulated GPU worker: a real block manager, a request queue, batching limits and a
+"""A simulated GPU worker: the engine's own scheduler and block manager, each step priced by the
 latency model.
 
-The worker admits requests first come first served: the head of the queue starts when the
-prefill engine is idle, fewer than ``max_num_seqs`` sequences run, and its blocks can be
-allocated (reusing its cached prefix); otherwise it waits. Prefills run one at a time; decoding
-sequences overlap. A request's blocks stay referenced until it finishes, then stay cached until
-evicted. A prompt longer than the whole pool caches only its first ``num_blocks`` blocks and
-computes the rest without caching it.
+Every step the worker asks ``kvcache.engine.scheduler.Scheduler`` (the class the real engine runs,
+with a ``SchedulerConfig`` of ``LatencyModel.max_batched_tokens`` and ``max_num_seqs``, over a
+real ``BlockManager``) what runs: FCFS over waiting and running, a per-step token budget (long
+prompts are chunked while others decode), a seat cap, decode growth, preemption of the newest
+running sequence on a full pool (its written blocks stay cached), waits on prefix blocks another
+sequence has not written yet. ``LatencyModel.step_ms`` prices the step from its shape
+(``scheduler.step_shape``). Output tokens are placeholders: a prompt hashed from block ids grows
+by unkeyed blocks, a token prompt by blocks keyed on the prompt's chain.
 
-The worker only changes state when the replay calls it (``submit``, ``try_start``,
-``prefill_done``, ``finish``); it has no clock. Routing is not here (``router``), nor event
-timing (``replay``). Lower memory tiers plug in through ``SpillHook``.
+A run of identical decode steps (nothing admissible, nobody finishing, no block to allocate) goes
+by in one call; a request arriving during the run cuts it at the step in progress, so the
+scheduler sees it at the next step boundary exactly as if every step had been taken.
+
+A request longer than the whole pool (its prompt and outputs) is cut: the scheduler sees the
+prompt's first tokens that fit with the outputs, and the rest is computed without being cached,
+priced in the step its prefill ends (the engine would refuse such a request).
+
+The worker has no clock: the replay calls ``submit`` when a request is placed on it and
+``advance`` when its work in flight ends (``busy_until_ms``; ``version`` changes whenever that
+moves). Lower memory tiers plug in through ``SpillHook``: evicted keys go to ``on_evict``, the
+scheduler's ``load_prefix`` callback is ``fetch`` (its transfer time is added to the step).
+
+Not here: routing (``router``), event timing (``replay``), the scheduling rules themselves
+(``engine.scheduler``), step prices (``costs``).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvcache.cache.config import CacheConfig
-from kvcache.cache.events import BlockRemoved, CacheEvent
-from kvcache.cache.manager import BlockManager, Prompt
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.costs import LatencyModel
+from kvcache.engine.sampling import SamplingParams
+from kvcache.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, step_shape
+from kvcache.engine.sequence import Sequence
 from kvcache.lab.trace import TraceRequest
+
+PLACEHOLDER_TOKEN = 0  # every simulated token: its value is never read
 
 
 class SpillHook(Protocol):
@@ -52,23 +72,14 @@ class Job:
     arrival_ms: float
     worker_id: int = -1
     attempts: int = 0
-    start_ms: float = 0.0
+    start_ms: float = 0.0  # first admitted (the step it starts in)
     first_token_ms: float = 0.0
     finish_ms: float = 0.0
-    cached_tokens: int = 0  # reused from the device pool
+    cached_tokens: int = 0  # reused from the device pool at first admission
     loaded_tokens: int = 0  # loaded from lower tiers
     hit_blocks: int = 0
     query_blocks: int = 0
     prefill_tokens: int = 0  # computed
-
-
-@dataclass(slots=True)
-class Started:
-    """A job the worker just admitted: when its prefill ends and what its pool emitted."""
-
-    job: Job
-    prefill_done_ms: float
-    events: list[CacheEvent] = field(default_factory=list)
 
 
 class SimWorker:
@@ -86,94 +97,200 @@ class SimWorker:
         self.manager = BlockManager(CacheConfig(num_blocks=num_blocks, block_size=block_size))
         self.latency = latency
         self.spill = spill
-        self.queue: deque[Job] = deque()
-        self.running: dict[str, Job] = {}  # prefilling or decoding
-        self.prefilling: Job | None = None
+        self.scheduler = Scheduler(
+            self.manager,
+            SchedulerConfig(latency.max_batched_tokens, latency.max_num_seqs),
+            load_prefix=self._load_prefix,
+        )
+        self.jobs: dict[Hashable, Job] = {}  # waiting or running here, by request id
         self.alive = True
+        self.busy_until_ms: float | None = None  # when the step (or run of steps) in flight ends
+        self.version = 0  # changes whenever busy_until_ms moves
+        self._out: SchedulerOutput | None = None
+        self._start_ms = 0.0
+        self._step_ms = 0.0
+        self._num_steps = 0
+        self._uncached: dict[Hashable, int] = {}  # request id -> prompt tokens cut off (never cached)
+        self._events: list[CacheEvent] = []
+        self._evicted: list[bytes] = []
+        self._transfer_ms = 0.0
+        if spill is not None:
+            self.manager.set_evict_hook(lambda _block_id, key: self._evicted.append(key))
 
     @property
     def num_blocks(self) -> int:
         return self.manager.pool.num_blocks
 
-    def submit(self, job: Job, now_ms: float = 0.0) -> None:
+    @property
+    def running(self) -> list[Hashable]:
+        return [s.request_id for s in self.scheduler.running]
+
+    @property
+    def waiting(self) -> list[Hashable]:
+        return [s.request_id for s in self.scheduler.waiting]
+
+    def take_events(self) -> list[CacheEvent]:
+        """The pool's events since the last call (for the router's index)."""
+        events, self._events = self._events, []
+        return events
+
+    # ---- the replay's calls ------------------------------------------------------------------
+
+    def submit(self, job: Job, now_ms: float) -> None:
+        """Queue ``job``. An idle worker starts a step now; a run of decode steps is cut at the
+        step in progress, so the scheduler considers the job at the next step boundary."""
         job.worker_id = self.worker_id
         job.attempts += 1
-        self.queue.append(job)
+        self.jobs[job.request_id] = job
+        self.scheduler.add(self._sequence(job))
         if self.spill is not None:
             hit = self.manager.lookup(job.prompt) // self.manager.block_size
             if hit < len(job.prompt.keys):
-                self.spill.prestage(self.worker_id, list(job.prompt.keys[hit:]), now_ms)
+                self.spill.prestage(self.worker_id, job.prompt.keys[hit:], now_ms)
+        if self.busy_until_ms is None:
+            self._start(now_ms)
+        elif self._num_steps > 1:
+            begun = math.ceil((now_ms - self._start_ms) / self._step_ms) if self._step_ms > 0 else 1
+            begun = max(1, begun)
+            if begun < self._num_steps:
+                self._num_steps = begun
+                self.busy_until_ms = self._start_ms + begun * self._step_ms
+                self.version += 1
 
-    def _fit(self, job: Job) -> Prompt:
-        """The job's prompt, cut to the pool size when the whole pool could not hold it."""
-        prompt, bs, n = job.prompt, self.manager.block_size, self.num_blocks
-        if -(-prompt.num_tokens // bs) <= n:
-            return prompt
-        req = job.request
-        if req.block_ids is not None:
-            return self.manager.hash_block_ids(req.block_ids[:n], n * bs, prompt.scope)
-        assert req.tokens is not None
-        return self.manager.hash(req.tokens[: n * bs], prompt.scope)
-
-    def try_start(self, now_ms: float) -> Started | None:
-        """Admit the head of the queue if the prefill engine, a sequence slot and its blocks
-        are free; returns None (and changes nothing) otherwise."""
-        if self.prefilling is not None or not self.queue or len(self.running) >= self.latency.max_num_seqs:
-            return None
-        job = self.queue[0]
-        prompt = self._fit(job)
-        alloc = self.manager.try_allocate(job.request_id, prompt)
-        if alloc is None:
-            return None  # blocks are held by running requests; retried when one finishes
-        self.queue.popleft()
-        bs = self.manager.block_size
-        total = job.request.num_tokens
-        cached = alloc.num_cached_tokens
-        events = self.manager.drain_events()
-        transfer_ms = 0.0
-        loaded = 0
-        if self.spill is not None:
-            evicted = [e.key for e in events if isinstance(e, BlockRemoved)]
-            if evicted:
-                self.spill.on_evict(self.worker_id, evicted, now_ms)
-            rest = prompt.keys[cached // bs :]
-            if rest:
-                num_held, transfer_ms = self.spill.fetch(self.worker_id, rest, now_ms)
-                loaded = max(0, min(num_held * bs, total - 1 - cached))
-        job.cached_tokens = cached
-        job.loaded_tokens = loaded
-        job.hit_blocks = cached // bs
-        job.query_blocks = total // bs
-        job.prefill_tokens = total - cached - loaded
-        job.start_ms = now_ms
-        self.prefilling = job
-        self.running[job.request_id] = job
-        num_decoding = len(self.running) - 1
-        prefill = self.latency.prefill_ms(job.prefill_tokens, cached + loaded, num_decoding)
-        return Started(job, now_ms + transfer_ms + prefill, events)
-
-    def prefill_done(self, job: Job, now_ms: float) -> float:
-        """The job's first token is out; returns when its last token will be."""
-        assert self.prefilling is job
-        self.prefilling = None
-        job.first_token_ms = now_ms + self.latency.request_overhead_ms  # serving time outside the engine
-        steps = job.request.output_tokens - 1
-        return now_ms + steps * self.latency.decode_step_ms(len(self.running))
-
-    def finish(self, job: Job, now_ms: float) -> list[CacheEvent]:
-        """The job is done: its blocks are released (they stay cached until evicted)."""
-        del self.running[job.request_id]
-        self.manager.free(job.request_id)
-        job.finish_ms = now_ms + self.latency.request_overhead_ms
-        return self.manager.drain_events()
+    def advance(self, now_ms: float) -> list[Job]:
+        """The work in flight ended at ``now_ms``: its tokens are sampled, finished jobs leave
+        (their blocks stay cached) and the next step starts. Returns the finished jobs."""
+        out = self._out
+        assert out is not None and self.busy_until_ms == now_ms
+        end_ms = self._start_ms + self._step_ms
+        overhead_ms = self.latency.request_overhead_ms  # serving time outside the engine
+        done: list[Sequence] = []
+        for seq in self.scheduler.complete(out):
+            seq.tokens.append(PLACEHOLDER_TOKEN)
+            num_outputs = seq.num_tokens - seq.num_prompt_tokens
+            if num_outputs == 1:
+                self.jobs[seq.request_id].first_token_ms = end_ms + overhead_ms
+            if num_outputs >= seq.params.max_tokens:
+                done.append(seq)
+        if self._num_steps > 1:  # nobody finished before the run's last step, nobody starts in it
+            self.scheduler.skip_decode_steps(self._num_steps - 1, PLACEHOLDER_TOKEN)
+            running = self.scheduler.running
+            done = [s for s in running if s.num_tokens - s.num_prompt_tokens >= s.params.max_tokens]
+        finished: list[Job] = []
+        for seq in done:
+            self.scheduler.finish(seq, "length")
+            job = self.jobs.pop(seq.request_id)
+            self._uncached.pop(seq.request_id, None)
+            job.finish_ms = now_ms + overhead_ms
+            finished.append(job)
+        self._start(now_ms)
+        return finished
 
     def fail(self) -> list[Job]:
-        """The worker is gone: every job it had (queued or running) comes back to be re-routed."""
+        """The worker is gone: every job it had (running or waiting) comes back to be re-routed."""
         self.alive = False
-        jobs = [*self.running.values(), *self.queue]
-        for job in self.running.values():
-            self.manager.free(job.request_id)
-        self.running.clear()
-        self.queue.clear()
-        self.prefilling = None
+        order = [*self.scheduler.running, *self.scheduler.waiting]
+        jobs = [self.jobs[s.request_id] for s in order]
+        for seq in self.scheduler.running:
+            self.manager.free(seq.request_id)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        self.jobs.clear()
+        self._out, self.busy_until_ms = None, None
+        self.version += 1
         return jobs
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _start(self, now_ms: float) -> None:
+        """Schedule the next step at ``now_ms`` and price it (a run of them when steady)."""
+        self._start_ms, self._transfer_ms = now_ms, 0.0
+        out = self.scheduler.schedule()
+        self._flush_evicted(now_ms)
+        self._events += self.manager.drain_events()
+        for seq in out.failed:  # cannot fit even alone: lost (the replay counts it)
+            del self.jobs[seq.request_id]
+        self.version += 1
+        if not out.scheduled:
+            self._out, self.busy_until_ms = None, None
+            return
+        shape = step_shape(out.scheduled)
+        lat = self.latency
+        step_ms = lat.step_ms(shape.num_prefill_tokens, shape.attention_work, shape.num_decode_seqs)
+        if self._uncached:
+            for s in out.scheduled:
+                seq, cut = s.seq, self._uncached.get(s.seq.request_id, 0)
+                if (
+                    cut
+                    and seq.num_computed_tokens
+                    < seq.num_prompt_tokens
+                    <= seq.num_computed_tokens + s.num_new_tokens
+                ):
+                    step_ms += lat.compute_ms(cut, seq.num_prompt_tokens)
+        step_ms += self._transfer_ms
+        num_steps = 1
+        if self.scheduler.is_steady(out):
+            # every sequence samples once a step: the run ends at the first one's last token
+            left = min(
+                s.params.max_tokens - (s.num_tokens - s.num_prompt_tokens) for s in self.scheduler.running
+            )
+            num_steps = max(1, min(left, self.scheduler.decode_slack() + 1))
+        self._out, self._step_ms, self._num_steps = out, step_ms, num_steps
+        self.busy_until_ms = now_ms + num_steps * step_ms
+
+    def _sequence(self, job: Job) -> Sequence:
+        """The scheduler's view of ``job``: its keyed prompt (cut to the pool when needed) and
+        placeholder tokens."""
+        req, prompt = job.request, job.prompt
+        bs, num_outputs = self.manager.block_size, max(1, req.output_tokens)
+        room = self.num_blocks * bs - (num_outputs - 1)  # the last output is never computed
+        num_prompt = prompt.num_tokens
+        if num_prompt > room:
+            num_prompt = max(1, room)
+            self._uncached[job.request_id] = prompt.num_tokens - num_prompt
+            if req.block_ids is not None:
+                ids = req.block_ids[: -(-num_prompt // bs)]
+                prompt = self.manager.hash_block_ids(ids, num_prompt, prompt.scope)
+            else:
+                assert req.tokens is not None
+                prompt = self.manager.hash(req.tokens[:num_prompt], prompt.scope)
+        return Sequence(
+            request_id=job.request_id,
+            tokens=[PLACEHOLDER_TOKEN] * num_prompt,
+            num_prompt_tokens=num_prompt,
+            scope=prompt.scope,
+            params=SamplingParams(max_tokens=num_outputs),
+            generator=None,
+            arrival_s=job.arrival_ms / 1000.0,
+            prompt=prompt,
+        )
+
+    # ---- the scheduler's and the pool's callbacks ----------------------------------------------
+
+    def _load_prefix(self, seq: Sequence, alloc: Allocation) -> int:
+        """At admission: the prefix lower tiers hold after the pool's hit (its transfer time is
+        added to the step); the job's cache figures at its first admission."""
+        bs = self.manager.block_size
+        cached = alloc.num_cached_tokens
+        loaded = 0
+        if self.spill is not None:
+            self._flush_evicted(self._start_ms)
+            assert seq.prompt is not None
+            rest = seq.prompt.keys[cached // bs :]
+            if rest:
+                num_held, transfer_ms = self.spill.fetch(self.worker_id, rest, self._start_ms)
+                loaded = max(0, min(num_held * bs, seq.num_tokens - 1 - cached))
+                self._transfer_ms += transfer_ms
+        if not seq.num_preemptions:
+            job = self.jobs[seq.request_id]
+            total = job.request.num_tokens
+            job.start_ms = self._start_ms
+            job.cached_tokens, job.loaded_tokens = cached, loaded
+            job.hit_blocks, job.query_blocks = cached // bs, total // bs
+            job.prefill_tokens = total - cached - loaded
+        return loaded
+
+    def _flush_evicted(self, now_ms: float) -> None:
+        if self._evicted and self.spill is not None:
+            evicted, self._evicted = self._evicted, []
+            self.spill.on_evict(self.worker_id, evicted, now_ms)
