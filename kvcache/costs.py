@@ -9,7 +9,7 @@ decides between loading a block and recomputing it (``tiers.policy``).
     prefill_ms(new, cached, running) =
         steps x (prefill_base_ms + decode_ms_per_token_per_seq x running)   (per forward step)
       + compute_ms(new, cached)
-    steps = ceil(new / max_batched_tokens)
+    steps = ceil(new / max_num_batched_tokens)
     decode_step_ms(seqs) = decode_base_ms + decode_ms_per_token_per_seq x seqs
     a served request's TTFT and end-to-end time also carry request_overhead_ms
 
@@ -74,7 +74,7 @@ class LatencyModel:
     - ``decode_base_ms``: one decode step with a batch of one (weights read once per step).
     - ``decode_ms_per_token_per_seq``: extra step time per sequence in the batch.
     - ``max_num_seqs``: sequences a worker runs at once (prefilling or decoding); more wait.
-    - ``max_batched_tokens``: prompt tokens per forward step (the chunked-prefill budget).
+    - ``max_num_batched_tokens``: prompt tokens per forward step (the chunked-prefill budget).
     - ``request_overhead_ms``: time a served request spends outside the engine before its first
       token (HTTP hops, tokenizing, routing, streaming back); it never occupies a worker's steps.
       0 describes the engine alone (what ``kvcache calibrate`` measures); ``benches/sim_vs_real.py``
@@ -87,7 +87,7 @@ class LatencyModel:
     decode_base_ms: float = 8.0
     decode_ms_per_token_per_seq: float = 0.15
     max_num_seqs: int = 128
-    max_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 8192
     request_overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -97,7 +97,7 @@ class LatencyModel:
                 raise ConfigError(f"{f.name}={value!r} must be a finite number")
             if value < 0:
                 raise ConfigError(f"{f.name}={value!r} must be >= 0")
-        for name in ("max_num_seqs", "max_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
@@ -107,7 +107,7 @@ class LatencyModel:
         sharing steps with ``num_running`` decoding sequences."""
         if num_new_tokens <= 0:
             return 0.0
-        steps = -(-num_new_tokens // self.max_batched_tokens)
+        steps = -(-num_new_tokens // self.max_num_batched_tokens)
         return steps * (
             self.prefill_base_ms + self.decode_ms_per_token_per_seq * num_running
         ) + self.compute_ms(num_new_tokens, num_cached_tokens)
@@ -153,6 +153,11 @@ class LatencyModel:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         missing = sorted(names - set(data) - _OPTIONAL)
+        if "max_batched_tokens" in unknown:
+            raise ConfigError(
+                f"{path}: the key max_batched_tokens was renamed max_num_batched_tokens (the engine's name "
+                "for the chunk budget); rename it in the file"
+            )
         if unknown or missing:
             raise ConfigError(
                 f"{path}: unknown keys {unknown}, missing keys {missing}; expected exactly {sorted(names)}"

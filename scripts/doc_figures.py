@@ -63,7 +63,7 @@ LAT70 = {
     "decode_base_ms": 20.0,
     "decode_ms_per_token_per_seq": 0.3,
     "max_num_seqs": 128,
-    "max_batched_tokens": 8192,
+    "max_num_batched_tokens": 8192,
 }
 TIERS = "g2=4x,g3=16x,icms=16x"
 NONE = "\u2013"  # an en dash: a tier a row does not have

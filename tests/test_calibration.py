@@ -20,7 +20,7 @@ KEYS = [
     "decode_base_ms",
     "decode_ms_per_token_per_seq",
     "max_num_seqs",
-    "max_batched_tokens",
+    "max_num_batched_tokens",
     "request_overhead_ms",  # 0 from calibrate: it measures the engine alone
 ]
 
@@ -40,13 +40,13 @@ def test_fit_recovers_exact_linear_costs_from_mixed_steps() -> None:
                 work = n * (c + n / 2)
                 records.append(step(n, d, work, 2.0 + 0.5 * n + 0.001 * work + 0.25 * d))
     records += [step(0, b, 0.0, 3.0 + 0.25 * b) for b in (1, 2, 8)]
-    got = fit(records, max_num_seqs=8, max_batched_tokens=2048)
+    got = fit(records, max_num_seqs=8, max_num_batched_tokens=2048)
     assert got.prefill_base_ms == pytest.approx(2.0, abs=1e-9)
     assert got.prefill_ms_per_token == pytest.approx(0.5, abs=1e-9)
     assert got.prefill_ms_per_token_per_ctx_token == pytest.approx(0.001, abs=1e-12)
     assert got.decode_base_ms == pytest.approx(3.0, abs=1e-9)
     assert got.decode_ms_per_token_per_seq == pytest.approx(0.25, abs=1e-9)
-    assert (got.max_num_seqs, got.max_batched_tokens) == (8, 2048)
+    assert (got.max_num_seqs, got.max_num_batched_tokens) == (8, 2048)
     # the fitted model prices a chunked-prefill step exactly as the router's LatencyModel does
     model = LatencyModel(**dataclasses.asdict(got))
     mixed = step(50, 3, 50 * (100 + 25), 0.0)
@@ -61,7 +61,7 @@ def test_json_has_exactly_the_latency_model_fields(tmp_path: Path) -> None:
     assert list(data) == KEYS
     assert data["max_num_seqs"] == 16 and data["prefill_ms_per_token"] == 0.1
     model = LatencyModel.from_json(path)  # what ``kvcache replay --latency`` reads
-    assert (model.prefill_ms_per_token_per_ctx_token, model.decode_base_ms, model.max_batched_tokens) == (
+    assert (model.prefill_ms_per_token_per_ctx_token, model.decode_base_ms, model.max_num_batched_tokens) == (
         0.001,
         2.0,
         4096,
@@ -92,3 +92,11 @@ def test_the_tier_cost_rule_reads_the_fitted_latency_model(tmp_path: Path) -> No
     for load_ms, expected in ((2.0, 1), (2.5, 0)):
         link = TransferModel(bandwidth_bytes_per_s=1e12, base_latency_ms=load_ms)
         assert best_load_prefix([link], 0, 16, 32, latency)[0] == expected
+
+
+def test_the_old_chunk_budget_flag_names_its_new_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvcache.cli import main
+
+    with pytest.raises(SystemExit, match="2"):
+        main(["calibrate", "--max-batched-tokens", "2048"])
+    assert "--max-batched-tokens was renamed --max-num-batched-tokens" in capsys.readouterr().err

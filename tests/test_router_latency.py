@@ -19,7 +19,7 @@ def test_prefill_and_decode_formula() -> None:
         decode_base_ms=4.0,
         decode_ms_per_token_per_seq=1.0,
         max_num_seqs=8,
-        max_batched_tokens=10,
+        max_num_batched_tokens=10,
     )
     # 2 steps x (2 + 1 x 3 running) + 20 x 0.5 + 20 x (30 + 10) x 0.01
     assert m.prefill_ms(20, 30, 3) == pytest.approx(10 + 10 + 8)
@@ -56,3 +56,13 @@ def test_request_overhead_is_optional_in_json(tmp_path: Path) -> None:
     assert LatencyModel.from_json(tmp_path / "old.json").request_overhead_ms == 0.0
     with pytest.raises(ConfigError, match=r"request_overhead_ms=-1 must be >= 0"):
         LatencyModel(request_overhead_ms=-1)
+
+
+def test_a_file_with_the_old_chunk_budget_key_names_the_rename(tmp_path: Path) -> None:
+    m = LatencyModel(max_num_batched_tokens=2048)
+    m.to_json(tmp_path / "lat.json")
+    data = json.loads((tmp_path / "lat.json").read_text())
+    data["max_batched_tokens"] = data.pop("max_num_batched_tokens")
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="max_batched_tokens was renamed max_num_batched_tokens"):
+        LatencyModel.from_json(tmp_path / "old.json")

@@ -19,7 +19,7 @@ LAT = LatencyModel(
     decode_base_ms=1.0,
     decode_ms_per_token_per_seq=0.0,
     max_num_seqs=4,
-    max_batched_tokens=1000,
+    max_num_batched_tokens=1000,
 )
 
 
@@ -65,7 +65,7 @@ def test_request_overhead_adds_to_first_token_and_finish_but_not_to_the_steps() 
 
 
 def test_a_long_prompt_is_chunked_while_another_request_decodes() -> None:
-    w = SimWorker(0, num_blocks=16, block_size=4, latency=dataclasses.replace(LAT, max_batched_tokens=8))
+    w = SimWorker(0, num_blocks=16, block_size=4, latency=dataclasses.replace(LAT, max_num_batched_tokens=8))
     short, long = jobs((1,), (2, 3, 4, 5, 6, 7), outputs=5)
     w.submit(short, 0.0)
     w.submit(long, 0.0)

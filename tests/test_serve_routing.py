@@ -67,7 +67,7 @@ def test_the_front_prices_workers_with_their_concurrency(tmp_path: Path) -> None
     priced = launch.worker_latency(LatencyModel.from_json(path), 8)
     assert priced.max_num_seqs == 8  # the workers' --max-num-seqs, not the file's 128
     # and the chunk budget their engines run, not the file's 8192
-    assert (LATENCY.max_batched_tokens, priced.max_batched_tokens) == (
+    assert (LATENCY.max_num_batched_tokens, priced.max_num_batched_tokens) == (
         8192,
         EngineConfig().max_num_batched_tokens,
     )

@@ -120,3 +120,20 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+class Renamed(argparse.Action):
+    """A flag that was renamed (``new=``): using it is an error that names the new flag."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        ns: argparse.Namespace,
+        value: object,
+        option: str | None = None,
+    ) -> None:
+        parser.error(f"{option} was renamed {self.new} (the engine's knob has one name everywhere)")

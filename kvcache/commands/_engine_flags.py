@@ -35,24 +35,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, of_workers: bool) -> No
         default=ENGINE_MAX_NUM_SEQS,
         help=f"{each}sequences in one batch (the engine's max_num_seqs)",
     )
-    parser.add_argument("--max-running", action=_Renamed, new="--max-num-seqs", help=argparse.SUPPRESS)
-
-
-class _Renamed(argparse.Action):
-    """A flag that was renamed: using it is an error that names the new flag."""
-
-    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
-        self.new = new
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        ns: argparse.Namespace,
-        value: object,
-        option: str | None = None,
-    ) -> None:
-        parser.error(f"{option} was renamed {self.new} (the engine's knob has one name everywhere)")
+    parser.add_argument(
+        "--max-running", action=argtypes.Renamed, new="--max-num-seqs", help=argparse.SUPPRESS
+    )
 
 
 def given_flags(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:

@@ -41,10 +41,16 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="written as-is: the worker's batch cap",
     )
     parser.add_argument(
-        "--max-batched-tokens",
+        "--max-num-batched-tokens",
         type=argtypes.positive_int,
         default=8192,
         help="written as-is: tokens per step cap",
+    )
+    parser.add_argument(
+        "--max-batched-tokens",
+        action=argtypes.Renamed,
+        new="--max-num-batched-tokens",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         decode_ctx=args.decode_ctx,
         repeats=args.repeats,
     )
-    latency = fit(samples, max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens)
+    latency = fit(samples, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     print(
         f"model {engine.model_id} on {engine.device} {str(engine.dtype).removeprefix('torch.')}, "
         f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}"

@@ -73,7 +73,7 @@ def predict_ms(latency: LatencyModel, record: StepRecord) -> float:
     return latency.step_ms(record.num_prefill_tokens, record.attention_work, record.num_decode_seqs)
 
 
-def fit(records: Sequence[StepRecord], *, max_num_seqs: int, max_batched_tokens: int) -> LatencyModel:
+def fit(records: Sequence[StepRecord], *, max_num_seqs: int, max_num_batched_tokens: int) -> LatencyModel:
     """Least-squares fit of every step's seconds to the latency model's terms (clamped at 0: time
     never shrinks). A step's base is ``prefill_base_ms`` when it computes any prompt token, else
     ``decode_base_ms``; each decoding sequence adds ``decode_ms_per_token_per_seq`` in both, as
@@ -82,4 +82,4 @@ def fit(records: Sequence[StepRecord], *, max_num_seqs: int, max_batched_tokens:
     y = np.array([r.seconds * 1000 for r in records])
     c = np.clip(np.linalg.lstsq(a, y, rcond=None)[0], 0.0, None)
     fitted = {name: float(x) for name, x in zip(STEP_TERMS, c, strict=True)}
-    return LatencyModel(**fitted, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
+    return LatencyModel(**fitted, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)

@@ -2,7 +2,7 @@
 latency model.
 
 Every step the worker asks ``kvcache.engine.scheduler.Scheduler`` (the class the real engine runs,
-with a ``SchedulerConfig`` of ``LatencyModel.max_batched_tokens`` and ``max_num_seqs``, over a
+with a ``SchedulerConfig`` of ``LatencyModel.max_num_batched_tokens`` and ``max_num_seqs``, over a
 real ``BlockManager``) what runs: FCFS over waiting and running, a per-step token budget (long
 prompts are chunked while others decode), a seat cap, decode growth, preemption of the newest
 running sequence on a full pool (its written blocks stay cached), waits on prefix blocks another
@@ -99,7 +99,7 @@ class SimWorker:
         self.spill = spill
         self.scheduler = Scheduler(
             self.manager,
-            SchedulerConfig(latency.max_batched_tokens, latency.max_num_seqs),
+            SchedulerConfig(latency.max_num_batched_tokens, latency.max_num_seqs),
             load_prefix=self._load_prefix,
         )
         self.jobs: dict[Hashable, Job] = {}  # waiting or running here, by request id

@@ -319,7 +319,7 @@ def ttft_cost_column(
     new = inp.new_tokens_column(cols)
     cached = inp.num_tokens - new
     running = np.minimum(cols.in_flight_requests(), slots - 1)
-    steps = -(-new // lat.max_batched_tokens)
+    steps = -(-new // lat.max_num_batched_tokens)
     compute = (
         new * lat.prefill_ms_per_token + new * (cached + new / 2) * lat.prefill_ms_per_token_per_ctx_token
     )

@@ -178,10 +178,12 @@ def worker_latency(latency: LatencyModel | None, max_num_seqs: int) -> LatencyMo
     """The step-cost model the front prices workers with: ``latency`` (what ``kvcache calibrate``
     fitted for the workers' model on their machine; default ``LatencyModel()``'s figures) with the
     workers' concurrency (``--max-num-seqs``, the sequences a worker's engine runs at once) as
-    ``max_num_seqs`` and their engine's chunk budget as ``max_batched_tokens``, whatever the
+    ``max_num_seqs`` and their engine's chunk budget as ``max_num_batched_tokens``, whatever the
     calibrated file says: the model must describe the workers."""
     return dataclasses.replace(
-        latency or LatencyModel(), max_num_seqs=max_num_seqs, max_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS
+        latency or LatencyModel(),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=ENGINE_MAX_NUM_BATCHED_TOKENS,
     )
 
 
