@@ -18,12 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from kvcache.cache.tenancy import Scope
 from kvcache.engine import Engine, SamplingParams
+from kvcache.lab.workloads import Draws
 from kvcache.model import hf
 
 
@@ -62,11 +62,11 @@ def uncached_ttft(engine: Engine, tokens: Sequence[int]) -> float:
 
 def run_chat(engine: Engine, config: ChatConfig, *, baseline: bool = True) -> list[TurnResult]:
     """Run every session's turns, turn by turn, ``concurrency`` sessions at a time."""
-    rng = np.random.default_rng(config.seed)
+    draws = Draws(config.seed)  # the workloads' one seeded stream, so the same seed draws the same tokens
     vocab = engine.vocab_size
 
     def draw(n: int) -> list[int]:
-        return rng.integers(1, vocab, size=n, dtype=np.int64).tolist()  # type: ignore[no-any-return]
+        return draws.tokens(n, vocab)
 
     tenants = [f"tenant{t}" for t in range(config.num_tenants)]
     if config.shared_system_prompt:

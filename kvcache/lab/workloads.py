@@ -1,7 +1,7 @@
 """Seeded synthetic workloads: every request stream the benchmarks, demos, tests and ``kvcache trace`` use.
 
 Every workload is a list of ``trace.TraceRequest``, the record a replay consumes, and every one is
-built the same way: one seeded stream of draws (``_Draws``, numpy's PCG64 from ``seed``, so a call
+built the same way: one seeded stream of draws (``Draws``, numpy's PCG64 from ``seed``, so a call
 gives the same requests on every machine) feeds sessions, each a generator of requests, and one of
 two schedules plays them:
 
@@ -78,7 +78,7 @@ _MIXES = {
 P = TypeVar("P")
 
 
-class _Draws:
+class Draws:
     """The one seeded stream every workload draws from, in a fixed order."""
 
     def __init__(self, seed: int) -> None:
@@ -128,14 +128,14 @@ def _turn_order(sessions: list[Iterator[TraceRequest]]) -> list[TraceRequest]:
     return [req for turn in zip(*sessions, strict=True) for req in turn]
 
 
-def _poisson(draws: _Draws, rate_per_s: float) -> Iterator[float]:
+def _poisson(draws: Draws, rate_per_s: float) -> Iterator[float]:
     t_s = 0.0
     while True:
         t_s += float(draws.rng.exponential(1.0 / rate_per_s))
         yield t_s
 
 
-def _bursty(draws: _Draws, rate_per_s: float, factor: float, fraction: float) -> Iterator[float]:
+def _bursty(draws: Draws, rate_per_s: float, factor: float, fraction: float) -> Iterator[float]:
     """Poisson arrivals at ``rate_per_s``, ``factor`` times faster in a ``fraction`` of the windows."""
     t_s, window_end, current = 0.0, 0.0, rate_per_s
     while True:
@@ -198,7 +198,7 @@ def multi_turn_chat(
     else one per tenant); each turn re-sends the whole history plus a new user message, and the
     model's reply becomes part of the next turn's prompt.
     """
-    draws = _Draws(seed)
+    draws = Draws(seed)
     common = draws.tokens(system_prompt_tokens, vocab_size)
     systems = [
         common if shared_system_prompt else draws.tokens(system_prompt_tokens, vocab_size)
@@ -218,7 +218,7 @@ def multi_turn_chat(
 
 def system_prompt(*, system_prompt_tokens: int = 256, vocab_size: int = 32_000, seed: int = 0) -> list[int]:
     """The shared system prompt ``multi_turn_chat`` uses for the same seed and vocabulary."""
-    return _Draws(seed).tokens(system_prompt_tokens, vocab_size)
+    return Draws(seed).tokens(system_prompt_tokens, vocab_size)
 
 
 # Common English words: with a BPE tokenizer (SmolLM2's, Llama's, Qwen's) each is one token after a
@@ -262,7 +262,7 @@ def persistent_agents(
     low, high = document_words
     if not 0 < low <= high:
         raise ConfigError(f"document_words={document_words}: need 0 < low <= high")
-    draws = _Draws(seed)
+    draws = Draws(seed)
     tools = [f"- tool_{k}(query, limit): {draws.sentence(13)}." for k in range(max(1, system_words // 16))]
     system = "You are an agent. Answer with one tool call. Tools:\n" + "\n".join(tools)
     documents = [
@@ -333,7 +333,7 @@ class SynthConfig:
 def synthesize(config: SynthConfig) -> list[TraceRequest]:
     """Token-level requests in timestamp order, exactly ``config.num_requests`` of them."""
     cfg = config
-    draws = _Draws(cfg.seed)
+    draws = Draws(cfg.seed)
     systems = [draws.tokens(cfg.system_prompt_tokens, cfg.vocab_size) for _ in range(cfg.num_system_prompts)]
     documents: dict[int, list[int]] = {}
     numbers = itertools.count()
@@ -411,7 +411,7 @@ _Units = tuple[list[int], int]  # a request's prompt in units, its output tokens
 def synthesize_shape(config: ShapeConfig) -> list[TraceRequest]:
     """Exactly ``config.num_requests`` Mooncake-format requests in timestamp order."""
     cfg = config
-    draws = _Draws(cfg.seed)
+    draws = Draws(cfg.seed)
     block_units = cfg.block_tokens // UNIT_TOKENS
     rag_systems = [draws.units(block_units * draws.between(1, 4)) for _ in range(cfg.num_tenants)]
     chat_systems = [draws.units(block_units * draws.between(2, 6)) for _ in range(20)]
