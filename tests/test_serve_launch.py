@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -238,34 +239,35 @@ def test_make_front_sets_the_read_timeout() -> None:
     assert front.read_timeout_s == 600.0
 
 
-def _workers_of(pgid: int) -> list[int]:
-    """Pids of the ``kvcache worker`` processes in process group ``pgid``."""
+def _pids(match: Callable[[int, list[bytes], str, int], bool]) -> list[int]:
+    """Pids of the processes for which ``match(pid, argv, name, parent pid)`` holds."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            if os.getpgid(int(entry.name)) == pgid and b"worker" in cmdline and b"kvcache.cli" in cmdline:
-                pids.append(int(entry.name))
-        except (OSError, ProcessLookupError):
+            pid = int(entry.name)
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            name, rest = (entry / "stat").read_text().split(") ", 1)
+            if match(pid, argv, name.split("(", 1)[1], int(rest.split()[1])):
+                pids.append(pid)
+        except (OSError, ProcessLookupError, ValueError, IndexError):
             continue  # gone meanwhile
     return pids
 
 
+def _workers_of(pgid: int) -> list[int]:
+    """Pids of the ``kvcache worker`` processes in process group ``pgid``."""
+    return _pids(
+        lambda pid, argv, _name, _ppid: (
+            os.getpgid(pid) == pgid and b"worker" in argv and b"kvcache.cli" in argv
+        )
+    )
+
+
 def _redis_children(pid: int) -> list[int]:
     """Pids of the ``redis-server`` processes whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            name, rest = (entry / "stat").read_text().split(") ", 1)
-            if name.endswith("(redis-server") and int(rest.split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    return found
+    return _pids(lambda _pid, _argv, name, ppid: name == "redis-server" and ppid == pid)
 
 
 def _running(pid: int) -> bool:
