@@ -529,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default="/tmp/serve-agents")
     parser.add_argument("--out", default="serve_agents.json")
     args = parser.parse_args(argv)
+    # SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so the servers this run started are stopped
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     args.contenders = [c for c in args.contenders.split(",") if c]
     unknown = sorted(set(args.contenders) - set(CONTENDERS + OPTIONAL))
     if unknown or args.rounds < 1:
