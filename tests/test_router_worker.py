@@ -157,14 +157,16 @@ def test_prompt_longer_than_pool_caches_its_head() -> None:
 class FakeTier:
     def __init__(self) -> None:
         self.evicted: list[bytes] = []
-        self.asked: list[int] = []
+        self.asked: list[tuple[int, int]] = []  # (keys, context tokens in front of them)
         self.prestaged: list[tuple[int, int, float]] = []  # (worker, keys, now_ms)
 
     def on_evict(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
         self.evicted += keys
 
-    def fetch(self, worker_id: int, keys: list[bytes], now_ms: float) -> tuple[int, float]:
-        self.asked.append(len(keys))
+    def fetch(
+        self, worker_id: int, keys: list[bytes], now_ms: float, context_tokens: int
+    ) -> tuple[int, float]:
+        self.asked.append((len(keys), context_tokens))
         held = 0
         while held < len(keys) and keys[held] in self.evicted:
             held += 1
@@ -186,6 +188,7 @@ def test_spill_hook_offloads_and_loads() -> None:
     # c's blocks 1, 2 are no longer on the device: all 3 of its blocks are offered for prestaging.
     assert tier.prestaged[-1] == (0, 3, 20.0)
     assert (c.cached_tokens, c.loaded_tokens, c.prefill_tokens) == (0, 8, 4)
+    assert tier.asked[-1] == (3, 0)  # nothing of c on the device: all of it asked, after no context
     assert w.busy_until_ms == 20.0 + 4.0 + 1.0  # 4 tokens computed, and the transfer of 2 blocks
 
 

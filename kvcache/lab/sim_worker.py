@@ -52,9 +52,11 @@ class SpillHook(Protocol):
     def on_evict(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
         """``keys`` just left the worker's device pool (offload them, or drop them)."""
 
-    def fetch(self, worker_id: int, keys: list[bytes], now_ms: float) -> tuple[int, float]:
-        """Of ``keys`` (the prompt's blocks after the device hit), how many leading ones lower
-        tiers hold, and the milliseconds to load them."""
+    def fetch(
+        self, worker_id: int, keys: list[bytes], now_ms: float, context_tokens: int
+    ) -> tuple[int, float]:
+        """Of ``keys`` (the prompt's blocks after the device hit of ``context_tokens``), how many
+        leading ones lower tiers hold and are worth loading, and the milliseconds to load them."""
 
     def prestage(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
         """A request needing ``keys`` (its blocks after the device's current hit) was just placed
@@ -278,7 +280,7 @@ class SimWorker:
             assert seq.prompt is not None
             rest = seq.prompt.keys[cached // bs :]
             if rest:
-                num_held, transfer_ms = self.spill.fetch(self.worker_id, rest, self._start_ms)
+                num_held, transfer_ms = self.spill.fetch(self.worker_id, rest, self._start_ms, cached)
                 loaded = max(0, min(num_held * bs, seq.num_tokens - 1 - cached))
                 self._transfer_ms += transfer_ms
         if not seq.num_preemptions:

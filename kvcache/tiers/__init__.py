@@ -2,7 +2,8 @@
 pod-shared tier (ICMS).
 
 Import from here; the modules behind it are private. ``Hierarchy`` is what an engine uses; the
-tiers can also be used one by one. ``kvcache.lab.sim_tiers`` models the same tiers for the trace replay.
+tiers can also be used one by one. ``kvcache.lab.sim_tiers`` runs this hierarchy over key-only
+tiers for the trace replay.
 """
 
 from kvcache.tiers.backends import BackendUnavailable, InProcessBackend, RedisBackend

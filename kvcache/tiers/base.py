@@ -160,9 +160,14 @@ EvictFn = Callable[[TierKey, torch.Tensor], None]
 
 
 class Tier(ABC):
-    """One level of the spill hierarchy, holding whole blocks of any number of layouts."""
+    """One level of the spill hierarchy, holding whole blocks of any number of layouts.
+
+    ``shared``: every worker of a pod reads the tier (ICMS). The hierarchy writes every offloaded
+    block behind to it, and a prefetch on routing stages its blocks (``prestage``) instead of
+    copying them up; a private tier (G2, G3) is a link in the demotion chain instead."""
 
     name: str = "tier"
+    shared: bool = False
 
     def __init__(self, capacity_blocks: int) -> None:
         if not isinstance(capacity_blocks, int) or capacity_blocks <= 0:
@@ -230,6 +235,17 @@ class Tier(ABC):
 
     def remove_many(self, keys: Sequence[TierKey]) -> int:
         return sum(self.remove(key) for key in keys)
+
+    # ---- shared tiers ---------------------------------------------------------------------------
+
+    def prestage(self, keys: Sequence[TierKey]) -> int:
+        """Fetch ``keys`` ahead of need (a routed request); returns how many are now staged. A
+        private tier stages nothing."""
+        return 0
+
+    def flush(self) -> int:
+        """Finish buffered writes; returns how many blocks were written. Nothing by default."""
+        return 0
 
     @property
     def stats(self) -> TierStats:

@@ -43,7 +43,6 @@ import torch
 from kvcache.errors import TierError
 from kvcache.kernels.dispatch import unpack_blocks
 from kvcache.tiers.base import LayoutFingerprint, Tier, TierKey, TierStats, TransferModel
-from kvcache.tiers.icms import IcmsTier
 from kvcache.tiers.policy import TierPolicy, best_load_prefix
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,7 @@ class Hierarchy:
         policy: TierPolicy | None = None,
         transfer: Sequence[TransferModel] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        block_nbytes: int | None = None,
     ) -> None:
         if not tiers:
             raise TierError("a hierarchy needs at least one tier")
@@ -96,14 +96,17 @@ class Hierarchy:
         self.tiers = list(tiers)
         self.policy = policy
         self.transfer = list(transfer) if transfer is not None else None
+        # Bytes one block moves over a tier's link, for the cost rule: the layout's, unless the
+        # tiers stand for blocks of another size (the replay's simulated tiers hold keys only).
+        self.block_nbytes = layout.block_nbytes if block_nbytes is None else block_nbytes
         self._clock = clock
         self._stats = HierarchyStats(tiers={})
         # Guards every tier and the counters: held by each public method for its whole run.
         self.lock = threading.RLock()
         # Private tiers form a chain: a full one demotes its oldest block to the next. Shared
         # tiers (ICMS) get every offloaded block written behind, so other workers can load it.
-        private = [t for t in self.tiers if not isinstance(t, IcmsTier)]
-        self.shared = [t for t in self.tiers if isinstance(t, IcmsTier)]
+        private = [t for t in self.tiers if not t.shared]
+        self.shared = [t for t in self.tiers if t.shared]
         for upper, lower in itertools.pairwise(private):
             upper.on_evict = lower.store
         if private:
@@ -155,7 +158,7 @@ class Hierarchy:
         if where and self.policy.prefill is not None and self.transfer is not None:
             sources = [self.transfer[t] for t in where]
             n, _ = best_load_prefix(
-                sources, self.layout.block_nbytes, self.layout.block_size, context_tokens, self.policy.prefill
+                sources, self.block_nbytes, self.layout.block_size, context_tokens, self.policy.prefill
             )
             stats.blocks_declined += len(where) - n
             where = where[:n]
@@ -277,7 +280,7 @@ class Hierarchy:
             idx = [i for i, w in enumerate(where) if w == t]
             if t == 0 or not idx:
                 continue
-            if stage_shared and isinstance(tier, IcmsTier):
+            if stage_shared and tier.shared:
                 moved += idx[: tier.prestage([tkeys[i] for i in idx])]
                 continue
             for i, block in zip(idx, tier.load_many([tkeys[i] for i in idx]), strict=True):
@@ -298,8 +301,7 @@ class Hierarchy:
         """Finish write-behind (the shared tier's buffered stores)."""
         with self.lock:
             for tier in self.tiers:
-                if isinstance(tier, IcmsTier):
-                    tier.flush()
+                tier.flush()
 
     def stats(self) -> HierarchyStats:
         with self.lock:

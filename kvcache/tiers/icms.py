@@ -84,6 +84,7 @@ def _name(key: TierKey) -> bytes:
 
 class IcmsTier(Tier):
     name = "ICMS"
+    shared = True
 
     def __init__(
         self,
