@@ -17,8 +17,13 @@ bar, median p99 / best baseline) and, with ``--json``, every cell's verdict per 
 under affinity and lpm_balanced, recording how often each leaves the worker that holds a
 request's prefix. Replays are deterministic; one process.
 
-The candidate list grew once: the ``affinity_decode`` variants were added after a first run had
-chosen ``dynamo_band`` and shown its held-out result, so the held-out half has been seen twice.
+The candidate list grew twice: the ``affinity_decode`` variants were added after a first run had
+chosen ``dynamo_band`` and shown its held-out result, and ``affinity_release`` after that, so the
+held-out half has been seen three times.
+
+``--compare LABEL,...`` (labels as in ``CANDIDATES``, or a prefix of one) skips the protocol: it
+judges the default and the named candidates on every shape, tuning and held-out alike, and
+prints one table (a look at a candidate, not a choice).
 
 Not here: the candidates themselves (``kvcache.router.policies``), the verdict and the cells
 (``kvcache.lab.matrix``).
@@ -46,6 +51,7 @@ from kvcache.router.policies import (
     make_affinity,
     make_affinity_decode,
     make_affinity_output,
+    make_affinity_release,
     make_affinity_softmax,
     make_bounded_hash,
     make_dynamo_band,
@@ -70,6 +76,7 @@ CANDIDATES: dict[str, Callable[[], Policy]] = {
     "affinity_decode (decode weight 1, slack 0.5)": lambda: make_affinity_decode(1.0, 0.5),
     "affinity_decode (decode weight 1, slack 2)": lambda: make_affinity_decode(1.0, 2.0),
     "affinity_decode (decode weight 0.25, slack 1)": lambda: make_affinity_decode(0.25, 1.0),
+    "affinity_release (modelled memory release)": make_affinity_release,
 }
 
 
@@ -194,6 +201,29 @@ def _load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def compare(prefixes: Sequence[str], workers: Sequence[int], trace: str, path: str | None) -> None:
+    """``--compare``: the default and the candidates named by ``prefixes`` on every shape."""
+    labels = [DEFAULT]
+    for prefix in prefixes:
+        found = [label for label in CANDIDATES if label.startswith(prefix)]
+        if len(found) != 1:
+            raise SystemExit(
+                f"--compare {prefix!r} names {len(found)} candidates; pick one of {list(CANDIDATES)}"
+            )
+        labels.append(found[0])
+    print(f"load average {_load()}; comparing {', '.join(labels)} x {', '.join(map(str, workers))} workers")
+    verdicts = judge(labels, (*TUNING, *HELD_OUT), workers, trace)
+    print(table(verdicts), end="")
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(
+                {"trace": trace, "workers": list(workers), "fractions": list(FRACTIONS), **verdicts},
+                f,
+                indent=1,
+            )
+        print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", required=True, help="the Mooncake trace (a held-out shape)")
@@ -204,9 +234,14 @@ def main() -> None:
         action="store_true",
         help="also measure how often affinity and lpm_balanced leave a held prefix (SMALL_POOLS)",
     )
+    parser.add_argument("--compare", default=None, help="judge only these candidates on every shape")
     args = parser.parse_args()
     workers = tuple(int(w) for w in args.workers.split(","))
     started = time.perf_counter()
+    if args.compare:
+        compare(args.compare.split(","), workers, args.trace, args.json)
+        print(f"{(time.perf_counter() - started) / 60:.1f} min wall, one process; load average {_load()}")
+        return
     print(f"load average {_load()}; tuning on {', '.join(TUNING)} x {args.workers} workers", flush=True)
     tuning = judge(list(CANDIDATES), TUNING, workers, args.trace)
     print(table(tuning), end="")

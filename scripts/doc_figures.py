@@ -51,6 +51,8 @@ ABLATION = ROOT / "docs" / "router_ablation.json"
 FLEET = ROOT / "docs" / "router_matrix_fleet.json"
 HELDOUT = ROOT / "docs" / "router_heldout.json"
 HELDOUT_FLEET = ROOT / "docs" / "router_heldout_fleet.json"
+FORECAST = ROOT / "docs" / "router_forecast.json"
+RELEASE = ROOT / "docs" / "router_release.json"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # The shared Mooncake trace, as the docs name it: relative to the repository root.
 TRACE = "../shared/traces/mooncake_synthetic_trace.jsonl"
@@ -475,13 +477,17 @@ def same_cell(row: dict[str, Any], cell: dict[str, Any]) -> bool:
     return all(row[k] == cell[k] for k in ("shape", "num_workers", "fraction"))
 
 
-def _heldout_module() -> Any:
-    spec = importlib.util.spec_from_file_location("router_heldout", ROOT / "benches" / "router_heldout.py")
+def _bench_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benches" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("router_heldout", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def _heldout_module() -> Any:
+    return _bench_module("router_heldout")
 
 
 def heldout(fleet: bool = False) -> dict[str, Any]:
@@ -585,6 +591,29 @@ def rewrite_docs(check: bool = False) -> list[str]:
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     return stale
+
+
+def forecast() -> dict[str, Any]:
+    """docs/router_forecast.json, written by ``benches/router_forecast.py --json``."""
+    return json.loads(FORECAST.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def forecast_table() -> str:
+    return _bench_module("router_forecast").table(forecast()["rows"])  # type: ignore[no-any-return]
+
+
+def forecast_row(cell: str) -> dict[str, Any]:
+    return next(r for r in forecast()["rows"] if r["cell"] == cell)
+
+
+def release() -> dict[str, list[dict[str, Any]]]:
+    """The verdicts of docs/router_release.json (``benches/router_heldout.py --compare``)."""
+    payload = json.loads(RELEASE.read_text(encoding="utf-8"))
+    return {k: v for k, v in payload.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+
+
+def release_table() -> str:
+    return verdicts_table(release())
 
 
 def main() -> None:

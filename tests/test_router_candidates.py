@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
 from kvcache.cache.hashing import checksum
@@ -18,6 +19,7 @@ from kvcache.router.policies import (
     WorkerView,
     make_affinity_decode,
     make_affinity_output,
+    make_affinity_release,
     make_affinity_softmax,
     make_bounded_hash,
     make_dynamo_band,
@@ -55,6 +57,7 @@ def test_candidates_are_registered() -> None:
         "affinity_softmax",
         "affinity_output",
         "affinity_decode",
+        "affinity_release",
     ):
         assert name in POLICIES
 
@@ -198,3 +201,60 @@ def test_bounded_hash_in_the_router_keeps_a_key_home_until_the_cap() -> None:
 def test_bounded_hash_rejects_bad_constants(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         make_bounded_hash(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_router_models_when_finishing_requests_free_blocks() -> None:
+    lat = LatencyModel(
+        prefill_base_ms=0.0,
+        prefill_ms_per_token=1.0,
+        prefill_ms_per_token_per_ctx_token=0.0,
+        decode_base_ms=10.0,
+        decode_ms_per_token_per_seq=0.0,
+    )
+    seen: list[list[float]] = []
+
+    def first_worker(inp: RoutingInput) -> int:
+        if inp.release_wait is not None:
+            seen.append([float(inp.release_wait(np.array([excess]))[0]) for excess in (-1, 3, 5, 9, 40)])
+        return 0
+
+    now = [0.0]
+    router = Router(first_worker, block_size=16, latency=lat, capacity_blocks=8, clock=lambda: now[0])
+    router.add_worker(0)
+    keys = [bytes([i]) * 16 for i in range(12)]
+    # r1: 4 blocks, prefill 64 ms, then 9 decode steps: modelled to finish at 154 ms.
+    router.route(RouteRequest("r1", keys[:4], 64, output_tokens=10))
+    # r2: 8 blocks, prefill 128 ms after r1's, then 99 steps: finishes at 64 + 128 + 990 = 1,182 ms.
+    router.route(RouteRequest("r2", keys[4:12], 128, output_tokens=100))
+    now[0] = 100.0
+    router.route(RouteRequest("r3", keys[:1], 16))
+    # Per excess: nothing to free; 3 and 4 blocks freed by r1's end (54 ms from now); 5 to
+    # 12 blocks by r2's (1,082 ms); more than both hold: the last modelled finish.
+    assert seen[-1] == [0.0, 54.0, 1082.0, 1082.0, 1082.0]
+
+
+def test_affinity_release_waits_for_the_modelled_release_not_a_weighted_guess() -> None:
+    # Worker 0 holds 3 of the request's 4 blocks but its pool is full (8 held of 8): one block
+    # must be freed first. Worker 1 is idle and holds nothing.
+    views = [view(0, overlap=3, active=2, blocks=8, held=8), view(1)]
+
+    def with_release(wait_ms: float) -> RoutingInput:
+        return RoutingInput(
+            64,
+            16,
+            views,
+            LAT,
+            0,
+            random.Random(0),
+            8,
+            1000.0,
+            1,
+            (),
+            lambda excess: np.where(excess > 0, wait_ms, 0.0),
+        )
+
+    policy = make_affinity_release()
+    assert policy(with_release(1.0)) == 0  # a block frees at once: the held prefix wins
+    assert policy(with_release(60_000.0)) == 1  # not for a minute: the idle worker
+    # affinity's weighted wait (8 x 1,000 ms x 1 / 8 = 1 s) sends it away whatever the release
+    assert POLICIES["affinity"](with_release(1.0)) == 1

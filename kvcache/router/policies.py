@@ -150,6 +150,9 @@ class RoutingInput:
     mean_service_ms: float = 0.0  # observed mean time from routing to finishing (0: none yet)
     output_tokens: int = 1  # tokens the request will decode (1: unknown)
     block_keys: Sequence[bytes] = ()  # the request's block keys (the router's, not copied)
+    # Per worker, the modelled ms until the requests routed there that finish first free the
+    # given number of blocks (0 where it is <= 0); None when the router models no schedule.
+    release_wait: Callable[[np.ndarray], np.ndarray] | None = None
 
     def new_tokens(self, view: WorkerView) -> int:
         """Prompt tokens the worker would compute, given its overlap (at least one, as engines do)."""
@@ -306,11 +309,15 @@ def ttft_cost_column(
     recompute_weight: float = 0.0,
     memory_weight: float = 8.0,
     output_blocks: int = 0,
+    modelled_release: bool = False,
 ) -> np.ndarray:
     """``affinity``'s modelled TTFT of the request on every worker: ``queued_prefill_ms +
     memory_wait_ms + (1 + recompute_weight) x prefill_ms(new, cached, active)`` (the terms are
     described at ``make_affinity``). ``output_blocks`` more blocks count in the memory wait's
-    footprint, for the blocks the request's output will fill."""
+    footprint, for the blocks the request's output will fill. With ``modelled_release`` the
+    memory wait is the router's modelled schedule instead (``RoutingInput.release_wait``: until
+    the requests finishing first free the excess), and the prefill starts after the later of
+    the queue and the memory wait."""
     lat = inp.latency
     slots = lat.max_num_seqs
     cap = inp.capacity_blocks if memory_weight > 0 else None
@@ -325,7 +332,11 @@ def ttft_cost_column(
     )
     prefill = steps * (lat.prefill_base_ms + lat.decode_ms_per_token_per_seq * running) + compute
     wait = cols.queued_prefill_ms
-    if cap and service:
+    if modelled_release:
+        if inp.capacity_blocks and inp.release_wait is not None:
+            need = inp.num_blocks + output_blocks - inp.capacity_blocks
+            wait = np.maximum(wait, inp.release_wait(cols.held_blocks - cols.overlap_blocks + need))
+    elif cap and service:
         excess = cols.held_blocks + inp.num_blocks + output_blocks - cols.overlap_blocks - cap
         wait = np.where(excess > 0, wait + memory_weight * service * excess / cap, wait)
     cost: np.ndarray = wait + (1.0 + recompute_weight) * prefill
@@ -515,6 +526,20 @@ def make_affinity_decode(decode_weight: float = 1.0, locality_slack: float = 0.5
     return affinity_decode
 
 
+def make_affinity_release(locality_slack: float = 0.5) -> Policy:
+    """Affinity whose memory wait is modelled, not weighted: where the routed, unfinished
+    requests and this one's missing blocks exceed the pool, the prefill starts once the
+    requests modelled to finish first have freed the excess (the engine admits a request when
+    its blocks fit), or after the modelled queue if that is later. No constant to choose."""
+
+    def affinity_release(inp: RoutingInput) -> WorkerId:
+        cols = inp.columns()
+        cost = ttft_cost_column(inp, cols, modelled_release=True)
+        return nearest_longest(inp, cols, cost, locality_slack * inp.latency.prefill_ms(inp.num_tokens, 0, 0))
+
+    return affinity_release
+
+
 POLICIES: dict[str, Policy] = {
     "round_robin": round_robin,
     "random": random_choice,
@@ -530,6 +555,7 @@ POLICIES: dict[str, Policy] = {
     "affinity_softmax": make_affinity_softmax(),
     "affinity_output": make_affinity_output(),
     "affinity_decode": make_affinity_decode(),
+    "affinity_release": make_affinity_release(),
 }
 BASELINES = ("round_robin", "random", "least_loaded", "lpm", "dynamo", "sglang", "lpm_balanced")
 # The baselines and the default: what "all" means on the command line (``kvcache replay``,

@@ -91,6 +91,18 @@ class _Load:
             start = max(start, heapq.nsmallest(over + 1, self.finish_ms.values())[-1])
         return start
 
+    def memory_free_ms(self, excess: int, now: float) -> float:
+        """When the routed requests modelled to finish first have freed ``excess`` blocks (each
+        frees the blocks it was charged); ``now`` when nothing must be freed, the last modelled
+        finish when they never would."""
+        freed, free_at = 0, now
+        if excess > 0:
+            for request_id, end in sorted(self.finish_ms.items(), key=lambda item: item[1]):
+                freed, free_at = freed + self.active[request_id], end
+                if freed >= excess:
+                    break
+        return free_at
+
 
 _COUNTS = ("active_requests", "active_blocks", "pending_prefill_tokens", "held_blocks", "reported_requests")
 
@@ -264,6 +276,16 @@ class Router:
             cols["reported_requests"],
         )
 
+    def _release_wait(self, excess: np.ndarray, now: float) -> np.ndarray:
+        """Per worker, the modelled ms from ``now`` until the requests routed there that finish
+        first (``finish_ms``) have freed ``excess`` blocks (each frees the blocks it was charged);
+        0 where ``excess`` <= 0, the last modelled finish where they never would."""
+        wait = np.zeros(len(excess), dtype=np.float64)
+        ids = self._ids
+        for i in np.flatnonzero(excess > 0).tolist():
+            wait[i] = max(0.0, self.loads[ids[i]].memory_free_ms(int(excess[i]), now) - now)
+        return wait
+
     def _views(self, request: RouteRequest, now: float) -> list[WorkerView]:
         """What a policy would be shown for ``request`` at ``now``, one view per worker."""
         return list(WorkerViews(self._columns(request, now)))
@@ -297,6 +319,7 @@ class Router:
             self.mean_service_ms,
             request.output_tokens,
             request.block_keys,
+            lambda excess: self._release_wait(excess, now),
         )
         worker_id = self.policy(inp)
         if worker_id not in self._pos:
