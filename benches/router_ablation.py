@@ -23,6 +23,9 @@ from kvcache.router.policies import BASELINES, POLICIES, make_affinity
 VARIANTS: dict[str, dict[str, float]] = {
     "affinity (default: memory wait 8, locality slack 0.5, recompute weight 0)": {},
     "no memory wait": {"memory_weight": 0.0},
+    "memory wait 1": {"memory_weight": 1.0},
+    "memory wait 2": {"memory_weight": 2.0},
+    "memory wait 4": {"memory_weight": 4.0},
     "no locality slack": {"locality_slack": 0.0},
     "recompute weight 1.5": {"recompute_weight": 1.5},
     "earlier default (recompute 1.5, no memory wait, no slack)": {
