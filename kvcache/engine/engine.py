@@ -598,7 +598,6 @@ class Engine:
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now
             t["tier_tokens"] = n * bs
-            t["prefetch_hits"] = settled.hits
         return n * bs
 
 
