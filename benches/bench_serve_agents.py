@@ -67,6 +67,7 @@ from typing import Any
 
 import pytest
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
 from kvcache.lab import serving as own_server
@@ -136,7 +137,9 @@ def tenant_config(tenants: int, rounds: int, requests_per_round: int) -> str:
     return "".join(lines)
 
 
-def num_blocks_for(requests: list[TraceRequest], concurrency: int, block_size: int = 16) -> int:
+def num_blocks_for(
+    requests: list[TraceRequest], concurrency: int, block_size: int = DEFAULT_BLOCK_SIZE
+) -> int:
     """A pool that holds ``concurrency`` of the longest prompts twice over (a prompt is at most one
     token per 3 characters), in multiples of 1024 blocks, at least serve's default 1024."""
     longest = max(len(prompt_text(r)) // 3 + r.output_tokens for r in requests)

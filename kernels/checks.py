@@ -9,8 +9,10 @@ What is checked: the pool is a contiguous 6-D tensor ``[L, 2, num_blocks, block_
 head_dim]`` of a supported float dtype; block-major buffers have the shape the pool implies and live
 on its device; ids are 1-D integer tensors inside ``[0, num_blocks)``, without repeats when they are
 written to; the Triton decode-attention launch gets queries, block tables and lengths that fit the
-pool (``check_decode_args``). Checking ids held on a GPU reads them back once (one synchronisation
-per call): pass CPU ids (the block manager hands out Python ints) to avoid it.
+pool (``check_decode_args``); a Triton kernel gets tensors on a CUDA device, or on the CPU when it
+was built for Triton's interpreter (``check_triton_device``, ``interpreted``). Checking ids held on a
+GPU reads them back once (one synchronisation per call): pass CPU ids (the block manager hands out
+Python ints) to avoid it.
 
 Not here: the copies themselves (``reference``, ``triton_kernels``), the choice between them
 (``dispatch``), attention (``paged``, ``triton_attention``).
@@ -22,7 +24,15 @@ import torch
 
 from kvcache.errors import KernelError
 
-__all__ = ["SUPPORTED_DTYPES", "check_block_ids", "check_block_major", "check_decode_args", "check_pool"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "check_block_ids",
+    "check_block_major",
+    "check_decode_args",
+    "check_pool",
+    "check_triton_device",
+    "interpreted",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -139,6 +149,24 @@ def check_decode_args(
     device = pool_t.device
     max_len = int(lens.max()) if num_seqs else 0
     return q, pool_t, block_tables.to(device, torch.int64), seq_lens.to(device, torch.int64), max_len
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` (a ``triton.jit`` function) was built for Triton's interpreter, as it is
+    when ``TRITON_INTERPRET=1`` is set while its module is imported: it then takes CPU tensors."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_triton_device(tensor: torch.Tensor, kernel: object, module: str, name: str = "pool") -> None:
+    """``tensor`` where ``kernel``, of the Triton module ``module``, can read it: on a CUDA device,
+    or on the CPU when the kernel was built for the interpreter."""
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpreted(kernel)):
+        return
+    raise KernelError(
+        f"the Triton kernels of {module} need {name} on a CUDA device, got {tensor.device}; use the "
+        f"reference there, or set TRITON_INTERPRET=1 before importing {module} to run them on CPU "
+        "tensors in the interpreter"
+    )
 
 
 def _check_operand(

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from kvcache.errors import KernelError
-from kvcache.kernels.checks import check_decode_args
+from kvcache.kernels.checks import check_decode_args, check_triton_device
 
-__all__ = ["interpreted", "paged_decode_attention"]
+__all__ = ["paged_decode_attention"]
 
 
 # Reductions go through tl.reduce with this module's combine functions and constants come from
@@ -125,11 +125,6 @@ def _paged_decode_kernel(
         tl.store(out_ptr + seq * out_s_seq + heads[:, None] * out_s_head + d[None, :], result, mask=out_mask)
 
 
-def interpreted() -> bool:
-    """Whether the kernel was built for the Triton interpreter (it then takes CPU tensors)."""
-    return type(_paged_decode_kernel).__name__ == "InterpretedFunction"
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     pool: torch.Tensor,
@@ -152,12 +147,7 @@ def paged_decode_attention(
     already gives every SM a program, else enough splits for about two programs per SM.
     """
     q, pool, tables, lens, max_len = check_decode_args(q, pool, layer, block_tables, seq_lens)
-    if not (pool.device.type == "cuda" or (pool.device.type == "cpu" and interpreted())):
-        raise KernelError(
-            f"the Triton decode kernel needs the pool on a CUDA device, got {pool.device}; use "
-            "kvcache.kernels.paged there, or set TRITON_INTERPRET=1 before importing "
-            "kvcache.kernels.triton_attention"
-        )
+    check_triton_device(pool, _paged_decode_kernel, __name__)
     num_seqs, num_heads, head_dim = q.shape
     _, _, _, block_size, kv_heads, _ = pool.shape
     group = num_heads // kv_heads

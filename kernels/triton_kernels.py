@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcache.errors import KernelError
 from kvcache.kernels import checks
 
-__all__ = ["interpreted", "pack_blocks", "unpack_blocks"]
+__all__ = ["pack_blocks", "unpack_blocks"]
 
 # Elements one program moves per loop step; a 16 x 8 x 128 block takes 4 steps.
 _MAX_TILE = 4096
@@ -86,23 +85,6 @@ def _block_copy_kernel(
         tl.store(dst_base + tok * dst_s_tok + head * dst_s_head + dim * dst_s_dim, values, mask=mask)
 
 
-def interpreted() -> bool:
-    """Whether this module's kernels were built for the Triton interpreter (they then take CPU tensors)."""
-    return type(_block_copy_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_device(pool: torch.Tensor, name: str = "pool") -> None:
-    if pool.device.type == "cuda":
-        return
-    if pool.device.type == "cpu" and interpreted():
-        return
-    raise KernelError(
-        f"the Triton kernels need {name} on a CUDA device, got {pool.device}; use the reference "
-        "backend there, or set TRITON_INTERPRET=1 before importing kvcache.kernels.triton_kernels "
-        "to run them on CPU tensors in the interpreter"
-    )
-
-
 def _block_major_view(packed: torch.Tensor) -> torch.Tensor:
     """``[n, L, 2, bs, H, D]`` seen as ``[L, 2, n, bs, H, D]``."""
     return packed.permute(1, 2, 0, 3, 4, 5)
@@ -143,7 +125,7 @@ def _launch(
 def pack_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Blocks ``block_ids`` as a block-major buffer ``[n, L, 2, block_size, kv_heads, head_dim]``."""
     checks.check_pool(pool)
-    _check_device(pool)
+    checks.check_triton_device(pool, _block_copy_kernel, __name__)
     ids = checks.check_block_ids(block_ids, pool)
     num_layers, _, _, block_size, kv_heads, head_dim = pool.shape
     out = torch.empty(
@@ -156,7 +138,7 @@ def pack_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 def unpack_blocks(pool: torch.Tensor, block_ids: torch.Tensor, packed: torch.Tensor) -> None:
     """Write a block-major buffer ``[n, L, 2, block_size, kv_heads, head_dim]`` into ``block_ids``."""
     checks.check_pool(pool)
-    _check_device(pool)
+    checks.check_triton_device(pool, _block_copy_kernel, __name__)
     ids = checks.check_block_ids(block_ids, pool, unique=True)
     packed = checks.check_block_major(packed, pool, ids.numel()).to(pool.dtype)
     _launch(_block_major_view(packed), pool, None, ids, ids.numel())

@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcache.errors import KernelError
 from kvcache.kernels import triton_attention
+from kvcache.kernels.checks import check_triton_device
 from kvcache.kernels.paged import PagedMetadata, paged_attention_reference
 
-__all__ = ["interpreted", "paged_attention"]
+__all__ = ["paged_attention"]
 
 BLOCK_M = 16
 
@@ -115,11 +115,6 @@ def _paged_prefill_kernel(
     )
 
 
-def interpreted() -> bool:
-    """Whether the kernel was built for the Triton interpreter (it then takes CPU tensors)."""
-    return type(_paged_prefill_kernel).__name__ == "InterpretedFunction"
-
-
 def paged_attention(
     q: torch.Tensor,
     pool: torch.Tensor,
@@ -129,11 +124,7 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """See :func:`kvcache.kernels.paged.paged_attention` (arguments already checked there)."""
-    if not (pool.device.type == "cuda" or (pool.device.type == "cpu" and interpreted())):
-        raise KernelError(
-            f"the Triton paged attention needs the pool on a CUDA device, got {pool.device}; use the "
-            "reference there, or set TRITON_INTERPRET=1 before importing kvcache.kernels.triton_paged"
-        )
+    check_triton_device(pool, _paged_prefill_kernel, __name__)
     md = metadata
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, _, _, block_size, kv_heads, _ = pool.shape

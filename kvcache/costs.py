@@ -18,8 +18,10 @@ Each prefill chunk shares its step with the ``running`` decoding sequences (chun
 vLLM schedules it), which is how decode pressure slows a prefill down. ``max_num_seqs`` is the
 worker's concurrency: 1 describes a worker that serves one request at a time. The defaults are
 the rough shape of an 8B-parameter model in bf16 on one H100-class GPU; ``kvcache calibrate``
-fits real ones from the engine's recorded steps and writes them with ``to_json``. This module
-only computes times; queueing is the worker's job (simulated) and the router's estimate.
+fits real ones from the engine's recorded steps and writes them with ``to_json``. ``prefill_ms``
+and ``compute_ms`` take numpy arrays as well as numbers, elementwise and bit-identical to the
+numbers' results, so the router prices every worker with them at once. This module only
+computes times; queueing is the worker's job (simulated) and the router's estimate.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from kvcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Token counts (or times, which follow their type): a number, or a numpy array of them priced
+# elementwise. Numbers are typed float so that ints bind to it; numpy is not imported at run time.
+Counts = TypeVar("Counts", float, "np.ndarray")
 
 _OPTIONAL = {"request_overhead_ms"}  # keys a file may omit (it then takes the default)
 # The fields one engine step's time is linear in, in the order of ``step_terms``.
@@ -102,23 +112,28 @@ class LatencyModel:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
 
-    def prefill_ms(self, num_new_tokens: int, num_cached_tokens: int = 0, num_running: int = 0) -> float:
-        """Time to compute ``num_new_tokens`` after ``num_cached_tokens`` of reused context,
-        sharing steps with ``num_running`` decoding sequences."""
-        if num_new_tokens <= 0:
-            return 0.0
-        steps = -(-num_new_tokens // self.max_num_batched_tokens)
-        return steps * (
-            self.prefill_base_ms + self.decode_ms_per_token_per_seq * num_running
-        ) + self.compute_ms(num_new_tokens, num_cached_tokens)
+    # prefill_ms and compute_ms take Python numbers or numpy arrays, elementwise with broadcasting
+    # (the router prices every worker in one call): the same operations in the same order, so each
+    # element of an array's result is bit-identical to the number's. A count <= 0 costs 0, clamped
+    # by ``n * (n > 0)``, which both take, rather than by a branch, which an array cannot take.
 
-    def compute_ms(self, num_new_tokens: int, num_cached_tokens: int = 0) -> float:
+    def prefill_ms(
+        self, num_new_tokens: Counts, num_cached_tokens: Counts | int = 0, num_running: Counts | int = 0
+    ) -> Counts:
+        """Time to compute ``num_new_tokens`` after ``num_cached_tokens`` of reused context,
+        sharing steps with ``num_running`` decoding sequences; numbers, or arrays elementwise."""
+        n = num_new_tokens * (num_new_tokens > 0)
+        steps = -(-n // self.max_num_batched_tokens)
+        ms: Counts = steps * (
+            self.prefill_base_ms + self.decode_ms_per_token_per_seq * num_running
+        ) + self.compute_ms(n, num_cached_tokens)
+        return ms
+
+    def compute_ms(self, num_new_tokens: Counts, num_cached_tokens: Counts | int = 0) -> Counts:
         """The per-token part of a prefill: the time computing ``num_new_tokens`` after
         ``num_cached_tokens`` adds to the steps it runs in. It is what a cached block saves, so
-        the tier rule weighs it against a block's transfer time."""
-        if num_new_tokens <= 0:
-            return 0.0
-        n = num_new_tokens
+        the tier rule weighs it against a block's transfer time. Numbers, or arrays elementwise."""
+        n = num_new_tokens * (num_new_tokens > 0)
         return (
             n * self.prefill_ms_per_token
             + n * (num_cached_tokens + n / 2) * self.prefill_ms_per_token_per_ctx_token

@@ -12,6 +12,8 @@ from types import ModuleType
 
 import torch
 
+from kvcache.kernels import checks
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (num_layers, num_blocks, block_size, kv_heads, head_dim): degenerate, odd, and a real head_dim.
@@ -58,7 +60,7 @@ def triton_module(name: str = "triton_kernels") -> ModuleType:
     when a kernel is decorated, so it is set for the import only and restored afterwards.
     """
     module = importlib.import_module(f"kvcache.kernels.{name}")
-    if DEVICE.type == "cuda" or module.interpreted():
+    if DEVICE.type == "cuda" or _interpreted(module):
         return module
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -69,5 +71,14 @@ def triton_module(name: str = "triton_kernels") -> ModuleType:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    assert module.interpreted()
+    assert _interpreted(module)
     return module
+
+
+def _interpreted(module: ModuleType) -> bool:
+    """Whether every Triton kernel ``module`` holds (those it borrows from another module too) was
+    built for the interpreter."""
+    from triton.runtime.jit import KernelInterface
+
+    kernels = [value for value in vars(module).values() if isinstance(value, KernelInterface)]
+    return all(checks.interpreted(kernel) for kernel in kernels)

@@ -25,10 +25,15 @@ from kvcache.child import python_argv
 TOKENS = list(range(100, 164))  # 64 tokens = 4 blocks of 16
 
 
+def keys_of(hasher: Hasher, tokens: list[int], scope: str) -> list[bytes]:
+    """Keys of every full block of ``tokens`` in ``scope``, nothing published."""
+    return key_prompt(hasher, tokens_to_bytes(tokens), scope, {}).keys
+
+
 def test_key_is_xxh3_128_of_parent_and_little_endian_uint32_tokens() -> None:
     hasher = Hasher(block_size=16)
     root = hasher.root("tenant:a")
-    keys = hasher.token_keys(TOKENS, "tenant:a")
+    keys = keys_of(hasher, TOKENS, "tenant:a")
     assert len(keys) == 4
     expected = xxhash.xxh3_128_digest(root + np.asarray(TOKENS[:16], dtype="<u4").tobytes())
     assert keys[0] == expected
@@ -37,9 +42,9 @@ def test_key_is_xxh3_128_of_parent_and_little_endian_uint32_tokens() -> None:
 
 def test_only_full_blocks_get_keys() -> None:
     hasher = Hasher(block_size=16)
-    assert len(hasher.token_keys(TOKENS[:15], "s")) == 0
-    assert len(hasher.token_keys(TOKENS[:31], "s")) == 1
-    assert hasher.token_keys(TOKENS[:31], "s") == hasher.token_keys(TOKENS[:16], "s")
+    assert len(keys_of(hasher, TOKENS[:15], "s")) == 0
+    assert len(keys_of(hasher, TOKENS[:31], "s")) == 1
+    assert keys_of(hasher, TOKENS[:31], "s") == keys_of(hasher, TOKENS[:16], "s")
 
 
 def test_keys_depend_on_every_namespace_field() -> None:
@@ -51,11 +56,11 @@ def test_keys_depend_on_every_namespace_field() -> None:
         Hasher(block_size=16, model_id="m", deployment_key=b"secret"),
         Hasher(block_size=8, model_id="m"),
     ]
-    ref = base.token_keys(TOKENS, "tenant:a")
-    assert ref == Hasher(block_size=16, model_id="m").token_keys(TOKENS, "tenant:a")
-    assert base.token_keys(TOKENS, "tenant:b") != ref
+    ref = keys_of(base, TOKENS, "tenant:a")
+    assert ref == keys_of(Hasher(block_size=16, model_id="m"), TOKENS, "tenant:a")
+    assert keys_of(base, TOKENS, "tenant:b") != ref
     for other in variants:
-        assert other.token_keys(TOKENS, "tenant:a")[0] != ref[0]
+        assert keys_of(other, TOKENS, "tenant:a")[0] != ref[0]
 
 
 def test_namespace_encoding_is_length_prefixed() -> None:
@@ -91,12 +96,14 @@ def test_native_chain_equals_reference(width: int) -> None:
 def test_keys_identical_in_a_fresh_process() -> None:
     code = (
         "from kvcache import Hasher;"
+        "from kvcache.cache.hashing import key_prompt, tokens_to_bytes;"
         "h = Hasher(block_size=16, model_id='m', adapter_id='a', deployment_key=b'k');"
-        f"print(','.join(k.hex() for k in h.token_keys({TOKENS!r}, 'tenant:x')))"
+        f"keys = key_prompt(h, tokens_to_bytes({TOKENS!r}), 'tenant:x', {{}}).keys;"
+        "print(','.join(k.hex() for k in keys))"
     )
     out = subprocess.run([*python_argv(), "-c", code], capture_output=True, text=True, check=True)
     here = Hasher(block_size=16, model_id="m", adapter_id="a", deployment_key=b"k")
-    assert out.stdout.strip() == ",".join(k.hex() for k in here.token_keys(TOKENS, "tenant:x"))
+    assert out.stdout.strip() == ",".join(k.hex() for k in keys_of(here, TOKENS, "tenant:x"))
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 from kernels_support import DEVICE, ids_tensor, make_pool, triton_module
 
 from kvcache.errors import KernelError, KVCacheError
+from kvcache.kernels import checks
 from kvcache.kernels.dispatch import pack_blocks, select_backend, unpack_blocks
 
 SHAPE = (2, 5, 4, 3, 8)  # num_layers, num_blocks, block_size, kv_heads, head_dim
@@ -124,7 +125,7 @@ def test_unknown_backend_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> N
 def test_triton_refuses_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
     module = triton_module()
-    monkeypatch.setattr(module, "interpreted", lambda: False)
+    monkeypatch.setattr(checks, "interpreted", lambda kernel: False)
     cpu_pool = make_pool(SHAPE, torch.float16, device=torch.device("cpu"))
     with pytest.raises(KernelError, match="need pool on a CUDA device, got cpu"):
         module.pack_blocks(cpu_pool, torch.tensor([0]))

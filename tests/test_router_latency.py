@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvcache import ConfigError
@@ -26,6 +27,25 @@ def test_prefill_and_decode_formula() -> None:
     assert m.prefill_ms(0, 100) == 0.0
     assert m.decode_step_ms(5) == 9.0
     assert m.decode_step_ms(0) == 5.0
+
+
+def test_prefill_and_compute_price_arrays_elementwise_bit_for_bit() -> None:
+    # The router prices every worker at once; each element must be exactly the scalar figure,
+    # counts <= 0 included (they cost 0).
+    m = LatencyModel(prefill_ms_per_token=0.07, prefill_ms_per_token_per_ctx_token=3.3e-6)
+    new = np.array([-5, 0, 1, 511, 8192, 8193, 40_000])
+    cached = np.array([7, 0, 100_000, 3, 0, 12_345, 99])
+    running = np.array([2, 0, 127, 5, 64, 1, 0])
+    prefill = m.prefill_ms(new, cached, running)
+    compute = m.compute_ms(new, cached)
+    triples = list(zip(new.tolist(), cached.tolist(), running.tolist(), strict=True))
+    expected_prefill = [m.prefill_ms(n, c, r) for n, c, r in triples]
+    expected_compute = [m.compute_ms(n, c) for n, c, _ in triples]
+    assert prefill.tolist() == expected_prefill
+    assert compute.tolist() == expected_compute
+    assert expected_prefill[:2] == expected_compute[:2] == [0.0, 0.0]
+    # broadcast: one cached count and one running count for every worker
+    assert m.prefill_ms(new, 10, 3).tolist() == [m.prefill_ms(n, 10, 3) for n in new.tolist()]
 
 
 def test_json_round_trip_and_errors(tmp_path: Path) -> None:

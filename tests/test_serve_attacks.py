@@ -19,7 +19,7 @@ import redis
 from serve_harness import Deployment, ids, shared
 
 from kvcache.cache.events import BlockStored
-from kvcache.cache.hashing import Hasher
+from kvcache.cache.hashing import Hasher, key_prompt, tokens_to_bytes
 from kvcache.cache.tenancy import Scope
 from kvcache.serve import auth, wire
 from kvcache.serve.wire import Registration
@@ -93,12 +93,10 @@ def test_redis_readers_cannot_test_a_guess_of_a_tenants_prompt(server: Deploymen
     client = redis.Redis.from_url(server.redis.url)
     raw = next(iter(client.hgetall(wire.WORKERS_KEY).values()))
     reg = Registration.from_json(keys.open_registration(raw, time.time()))
-    keyed = set(
-        keys.hasher(block_size=16, model_id=reg.model_id, adapter_id=None).token_keys(
-            prompt, Scope("acme").chain_scope
-        )
-    )
-    guess = set(Hasher(block_size=16, model_id=reg.model_id).token_keys(prompt, Scope("acme").chain_scope))
+    scope, prompt_bytes = Scope("acme").chain_scope, tokens_to_bytes(prompt)
+    keyed_hasher = keys.hasher(block_size=16, model_id=reg.model_id, adapter_id=None)
+    keyed = set(key_prompt(keyed_hasher, prompt_bytes, scope, {}).keys)
+    guess = set(key_prompt(Hasher(block_size=16, model_id=reg.model_id), prompt_bytes, scope, {}).keys)
 
     def published() -> tuple[set[bytes], set[str]]:
         event_keys, scopes = set(), set()

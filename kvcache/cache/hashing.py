@@ -365,7 +365,3 @@ class Hasher:
         if len(self._roots) < MAX_CACHED_ROOTS:
             self._roots[(scope, kind)] = root
         return root
-
-    def token_keys(self, tokens: Sequence[int], scope: str) -> list[bytes]:
-        """Keys of every full block of ``tokens`` in ``scope`` (no public prefix: ``key_prompt``)."""
-        return key_prompt(self, tokens_to_bytes(tokens), scope, {}).keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
 from kvcache.costs import ENGINE_MAX_NUM_SEQS
 
@@ -16,7 +17,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, of_workers: bool) -> No
     --max-num-seqs``; ``of_workers``: the help says "per worker" (``kvcache serve``)."""
     each = "per worker: " if of_workers else ""
     parser.add_argument("--num-blocks", type=int, default=1024, help=f"{each}device pool blocks")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
     parser.add_argument(
         "--dtype", choices=DTYPES, help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )

@@ -1,7 +1,9 @@
 """``kvcache calibrate``: fit the router's latency JSON to the engine's real batched steps.
 
 The JSON has exactly the fields of ``kvcache.costs.LatencyModel``; ``kvcache replay
---latency FILE`` reads it, so simulated workers run at this model's measured speed.
+--latency FILE`` reads it, so simulated workers run at this model's measured speed. Its batching
+limits are written as given, by default the batched engine's (``costs.ENGINE_MAX_NUM_SEQS``,
+``costs.ENGINE_MAX_NUM_BATCHED_TOKENS``): the file describes the engine it was fitted on.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import argparse
 import os
 import statistics
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
+from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.model.registry import DEFAULT_MODEL
 
 HELP = "measure a model's prefill and decode speed through the engine; write the router's latency JSON"
@@ -37,14 +41,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-seqs",
         type=argtypes.positive_int,
-        default=128,
-        help="written as-is: the worker's batch cap",
+        default=ENGINE_MAX_NUM_SEQS,
+        help="written as-is: the worker's batch cap (the engine's)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
         type=argtypes.positive_int,
-        default=8192,
-        help="written as-is: tokens per step cap",
+        default=ENGINE_MAX_NUM_BATCHED_TOKENS,
+        help="written as-is: tokens per step cap (the engine's)",
     )
     parser.add_argument(
         "--max-batched-tokens",
@@ -65,10 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     longest = max(args.contexts) + max(args.new_tokens)
-    num_blocks = 2 * (len(args.contexts) * len(args.new_tokens) * (args.repeats + 2)) * (longest // 16 + 1)
-    num_blocks += max(args.batches) * (args.decode_ctx + args.repeats + 16) // 16
+    block_size = DEFAULT_BLOCK_SIZE
+    num_blocks = len(args.contexts) * len(args.new_tokens) * (args.repeats + 2)
+    num_blocks *= 2 * (longest // block_size + 1)
+    num_blocks += max(args.batches) * (args.decode_ctx + args.repeats + block_size) // block_size
     config = EngineConfig(
         num_blocks=num_blocks,
+        block_size=block_size,
         device=args.device,
         dtype=args.dtype,
         max_num_batched_tokens=max(max(args.new_tokens), args.decode_ctx),

@@ -21,7 +21,7 @@ from collections import deque
 
 from tqdm import tqdm
 
-from kvcache.cache.config import CacheConfig
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE, CacheConfig
 from kvcache.cache.manager import BlockManager
 from kvcache.cache.tenancy import Scope
 from kvcache.commands import _argtypes as argtypes
@@ -38,7 +38,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=argtypes.positive_int, default=4)
     parser.add_argument("--system-prompt-tokens", type=argtypes.non_negative_int, default=512)
     parser.add_argument("--num-blocks", type=argtypes.positive_int, default=2048)
-    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--in-flight", type=argtypes.positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the model of part 3 (tiny: random weights)")

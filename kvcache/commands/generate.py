@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
 from kvcache.model.registry import DEFAULT_MODEL
 
@@ -48,7 +49,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--private-system-prompts", action="store_true", help="one per tenant, not shared")
     parser.add_argument("--num-blocks", type=argtypes.positive_int, default=4096)
-    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=argtypes.positive_int, default=1, help="torch CPU threads")

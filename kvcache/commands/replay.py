@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
 
 HELP = "replay a request trace over simulated GPU workers and compare routing policies"
@@ -53,7 +54,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--block-size",
         type=argtypes.positive_int,
         default=None,
-        help="tokens per block for token traces (default 16); Mooncake traces use 512",
+        help=f"tokens per block for token traces (default {DEFAULT_BLOCK_SIZE}); Mooncake traces use 512",
     )
     parser.add_argument("--latency", default=None, help="latency model JSON (LatencyModel.to_json)")
     parser.add_argument(
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
     from kvcache.lab import report
     from kvcache.lab.replay import ReplayConfig, prepare, replay
-    from kvcache.lab.trace import read_trace
+    from kvcache.lab.trace import MOONCAKE_BLOCK_TOKENS, read_trace
     from kvcache.router.policies import COMPARED, POLICIES
 
     if args.plot:  # before the replay, not after it
@@ -168,10 +169,10 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise ConfigError("--plot needs matplotlib: pip install matplotlib (or kvcache[dev])") from None
     block_size = args.block_size
-    trace = read_trace(args.trace, block_size or 512)
+    trace = read_trace(args.trace, block_size or MOONCAKE_BLOCK_TOKENS)
     if trace.block_tokens is not None:
         block_size = trace.block_tokens
-    block_size = block_size or 16
+    block_size = block_size or DEFAULT_BLOCK_SIZE
     policies = list(COMPARED) if args.policy == "all" else args.policy.split(",")
     for name in policies:
         if name not in POLICIES:

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
 
 HELP = "proxy OpenAI requests to vLLM engines, routed by what their KV event streams say they cache"
@@ -44,7 +45,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", help="bind address (default: the config's host, else 127.0.0.1)")
     parser.add_argument("--port", type=argtypes.port, default=8080)
-    parser.add_argument("--block-size", type=int, default=16, help="the engines' --block-size")
+    parser.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="the engines' --block-size"
+    )
     parser.add_argument(
         "--hash",
         choices=("sha256_cbor", "xxhash_cbor"),

@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
 
 HELP = "demo and measure the spill tiers (G1 device, G2 host, G3 disk, shared ICMS) on this machine"
@@ -35,7 +36,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=argtypes.positive_int, default=24)
     parser.add_argument("--kv-heads", type=argtypes.positive_int, default=2)
     parser.add_argument("--head-dim", type=argtypes.positive_int, default=64)
-    parser.add_argument("--block-size", type=argtypes.positive_int, default=16)
+    parser.add_argument("--block-size", type=argtypes.positive_int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--redis", action="store_true", help="back ICMS with a private redis-server")
     parser.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache.cache.config import CacheConfig, TenantQuota
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE, CacheConfig, TenantQuota
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.cache.tenancy import Scope, as_scope
@@ -81,7 +81,7 @@ class EngineConfig:
     """
 
     num_blocks: int = 1024
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
@@ -598,7 +598,6 @@ class Engine:
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now
             t["tier_tokens"] = n * bs
-            t["prefetch_hits"] = settled.hits
         return n * bs
 
 

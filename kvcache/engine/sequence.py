@@ -42,7 +42,10 @@ class Sequence:
     arrival_s: float
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
-    num_allocated_tokens: int = 0  # tokens the manager holds blocks for (0 while waiting)
+    # Tokens the manager holds blocks for (0 while waiting): the manager's own count for this
+    # request, mirrored because the scheduler changes it (admit, append, abort, free) and it
+    # reads it for every running sequence each step, where a lookup by request id costs more.
+    num_allocated_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens not recomputed at first admission; -1 before it
     prompt: Prompt | None = None  # the tokens' keys: hashed once, extended on preemption
     finish_reason: str | None = None  # "length", "eos", "stop", "abort", "error"

@@ -21,7 +21,7 @@ from typing import cast
 
 from tqdm import tqdm
 
-from kvcache.cache.config import CacheConfig
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE, CacheConfig
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import BlockManager, Prompt
 from kvcache.costs import LatencyModel
@@ -208,8 +208,9 @@ def replay(
     progress: bool = False,
 ) -> ReplayResult:
     """Replay ``trace`` under ``config``. ``block_size`` defaults to the trace's block tokens
-    (Mooncake) or 16 (token traces); pass ``prompts`` from ``prepare`` to hash only once."""
-    bs = block_size or trace.block_tokens or 16
+    (Mooncake) or ``DEFAULT_BLOCK_SIZE`` (token traces); pass ``prompts`` from ``prepare`` to hash
+    only once."""
+    bs = block_size or trace.block_tokens or DEFAULT_BLOCK_SIZE
     if trace.block_tokens is not None and bs != trace.block_tokens:
         raise ConfigError(
             f"block_size={bs} differs from the trace's {trace.block_tokens} tokens per block id"

@@ -322,15 +322,9 @@ def ttft_cost_column(
     slots = lat.max_num_seqs
     cap = inp.capacity_blocks if memory_weight > 0 else None
     service = inp.mean_service_ms
-    # cost per worker, the operations of prefill_ms/compute_ms in their order (new >= 1)
     new = inp.new_tokens_column(cols)
-    cached = inp.num_tokens - new
     running = np.minimum(cols.in_flight_requests(), slots - 1)
-    steps = -(-new // lat.max_num_batched_tokens)
-    compute = (
-        new * lat.prefill_ms_per_token + new * (cached + new / 2) * lat.prefill_ms_per_token_per_ctx_token
-    )
-    prefill = steps * (lat.prefill_base_ms + lat.decode_ms_per_token_per_seq * running) + compute
+    prefill = lat.prefill_ms(new, inp.num_tokens - new, running)  # every worker's, elementwise
     wait = cols.queued_prefill_ms
     if modelled_release:
         if inp.capacity_blocks and inp.release_wait is not None:

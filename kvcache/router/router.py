@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.tenancy import Scope
 from kvcache.costs import LatencyModel
@@ -118,7 +119,7 @@ class Router:
         self,
         policy: str | Policy = "affinity",
         mode: str = "precise",
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         *,
         latency: LatencyModel | None = None,
         ttl_ms: float = 120_000.0,

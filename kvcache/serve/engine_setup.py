@@ -10,11 +10,14 @@ device pool, in lookup order, for the per-tier metrics.
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.errors import ConfigError
 from kvcache.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from kvcache.engine import Engine
 
 
 def load_engine(
@@ -33,7 +36,7 @@ def load_engine(
     dtype: str | None = None,
     device: str | None = None,
     max_num_seqs: int = ENGINE_MAX_NUM_SEQS,
-) -> tuple[Any, tuple[str, ...]]:
+) -> tuple[Engine, tuple[str, ...]]:
     import torch
 
     from kvcache.engine import EngineConfig

@@ -47,7 +47,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -57,7 +56,7 @@ from kvcache.cache.hashing import Hasher
 from kvcache.costs import ENGINE_MAX_NUM_SEQS
 from kvcache.errors import AuthError, KVCacheError, ProtocolError, RequestError
 from kvcache.model.tokenize import IncrementalDecoder, StopText, Tokenizer, encode_limited
-from kvcache.router import Router
+from kvcache.router import Router, RouteRequest
 from kvcache.serve import peer, protocol, wire
 from kvcache.serve.auth import DeploymentKeys
 from kvcache.serve.config import ServeConfig, TenantSpec
@@ -125,7 +124,7 @@ class Front:
         tokenizer: Tokenizer,
         model_name: str,
         redis_url: str | None,
-        route_request: Any,
+        route_request: type[RouteRequest],
         keys: DeploymentKeys,
         max_prompt_tokens: int | None = None,
         served_names: tuple[str, ...] = (),
@@ -147,7 +146,7 @@ class Front:
         self.metrics = ServeMetrics()
         self.keys = keys
         self.pool = WorkerPool(router, self.metrics, redis_url, keys=keys)
-        self.route_request = route_request  # kvcache.router.RouteRequest
+        self.route_request = route_request
         self._ids = itertools.count()
         self._hasher: Hasher | None = None
         # Connections to workers, each proven before its first request and kept between requests.

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.child import python_argv
 from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS, LatencyModel
 from kvcache.errors import ConfigError
@@ -53,7 +54,7 @@ class WorkerArgs:
 
     model: str = "tiny"
     num_blocks: int = 1024
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     threads: int = 1
     config_path: str | None = None
     pod_tier: bool = True

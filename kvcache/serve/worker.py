@@ -54,16 +54,16 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.tenancy import Scope
 from kvcache.engine.aio import AsyncEngine
-from kvcache.engine.engine import RequestOutput
+from kvcache.engine.engine import Engine, RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import CapacityError, ConfigError, InvalidTokensError, KVCacheError, QuotaError
 from kvcache.serve import peer, wire
@@ -90,12 +90,21 @@ def _status_of(exc: Exception) -> int:
     return 500
 
 
+class EngineEventSink(Protocol):
+    """Where a worker also sends its engine's block events, request by request:
+    ``vllm.events.EngineEventBridge`` (``kvcache worker --vllm-events``), a layer above this one."""
+
+    def publish_engine_events(
+        self, token_ids: list[int], scope: Scope, events: Iterable[CacheEvent]
+    ) -> None: ...
+
+
 class Worker:
     """Serves one engine (``kvcache.engine.Engine``) over HTTP; see the module docstring."""
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         worker_id: str,
         redis_url: str | None,
         keys: DeploymentKeys,
@@ -127,7 +136,7 @@ class Worker:
         self.stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis_task: asyncio.Task[None] | None = None
-        self.vllm_events: Any = None  # a vllm_events.EngineEventBridge, set by --vllm-events
+        self.vllm_events: EngineEventSink | None = None  # set by --vllm-events
         self.public = PublicFollower(keys, worker_id, self.instance, self._publish)
 
     # ---- the engine thread ---------------------------------------------------------------

@@ -29,10 +29,13 @@ from typing import Any
 import msgspec
 import zmq
 
-from kvcache.cache.tenancy import PUBLIC_SCOPE
+from kvcache.cache.events import BlockStored as KVStored
+from kvcache.cache.events import CacheEvent
+from kvcache.cache.manager import BlockManager
+from kvcache.cache.tenancy import PUBLIC_SCOPE, Scope
 from kvcache.errors import ConfigError, KVCacheError
 from kvcache.vllm.curve import CurveServer, is_loopback
-from kvcache.vllm.keys import external_key
+from kvcache.vllm.keys import VllmKeyer, external_key
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"
@@ -216,8 +219,8 @@ class EngineEventBridge:
     def __init__(
         self,
         publisher: EventPublisher,
-        keyer: Any,
-        manager: Any,
+        keyer: VllmKeyer,
+        manager: BlockManager,
         salt_of: Callable[[str], str],
         *,
         token_ids: bool = False,
@@ -236,10 +239,8 @@ class EngineEventBridge:
         self.token_ids = token_ids
         self.vllm_of: dict[bytes, int] = {}  # kvcache key -> vLLM key, for blocks the engine holds
 
-    def publish_engine_events(self, token_ids: list[int], scope: Any, events: Iterable[Any]) -> None:
-        """``scope``: the request's ``kvcache.cache.tenancy.Scope`` (its pseudonym becomes the salt)."""
-        from kvcache.cache.events import BlockStored as KVStored
-
+    def publish_engine_events(self, token_ids: list[int], scope: Scope, events: Iterable[CacheEvent]) -> None:
+        """``scope``: the request's scope (its pseudonym becomes the salt)."""
         events = list(events)
         if not events:
             return

@@ -44,6 +44,7 @@ from typing import Any
 import cbor2
 import xxhash
 
+from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.cache.tenancy import Scope
 from kvcache.errors import ConfigError, ScopeError
 
@@ -82,7 +83,7 @@ class VllmKeyer:
 
     def __init__(
         self,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         hash_name: str = "sha256_cbor",
         seed: str = "0",
         public_salt: str | None = None,
