@@ -197,7 +197,7 @@ class Front:
         request_id: str,
         token_ids: list[int],
         tenant: TenantSpec,
-        req: protocol.GenerateRequest,
+        req: protocol.OpenAIRequest,
         outcome: Outcome,
     ) -> AsyncGenerator[Step, None]:
         """Tokens from whichever worker serves the request, each index once, retried on failure.
@@ -335,7 +335,7 @@ class Front:
 
     def _parse(
         self, raw: bytes, chat: bool, vocab_size: int | None
-    ) -> tuple[protocol.GenerateRequest, list[int]]:
+    ) -> tuple[protocol.OpenAIRequest, list[int]]:
         """Body bytes to a request and its prompt ids; every input error is an ``HTTPFailure(400)``."""
         try:
             body = protocol.loads(raw)
@@ -362,7 +362,7 @@ class Front:
             raise HTTPFailure(400, f"token id {top} is not below the model's vocab_size {vocab_size}")
         return req, token_ids
 
-    async def _read(self, request: web.Request, chat: bool) -> tuple[protocol.GenerateRequest, list[int]]:
+    async def _read(self, request: web.Request, chat: bool) -> tuple[protocol.OpenAIRequest, list[int]]:
         timeout_s = self.guard.limits.body_timeout_s
         try:
             async with asyncio.timeout(timeout_s):

@@ -1,6 +1,6 @@
 """The OpenAI wire format: validate request bodies, build responses, stream chunks and errors.
 
-``parse_completion`` / ``parse_chat`` turn a decoded JSON body into a ``GenerateRequest`` or
+``parse_completion`` / ``parse_chat`` turn a decoded JSON body into an ``OpenAIRequest`` or
 raise ``ProtocolError`` naming the field; nothing reaches a worker unvalidated. The builders
 produce ``/v1/completions`` and ``/v1/chat/completions`` bodies (and their ``chunk`` forms for
 server-sent events) with ``usage.prompt_tokens_details.cached_tokens``.
@@ -80,8 +80,9 @@ _DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
 
 
 @dataclass(frozen=True, slots=True)
-class GenerateRequest:
-    """A validated request: exactly one of ``text``, ``token_ids`` or ``messages`` is set."""
+class OpenAIRequest:
+    """A validated ``/v1/completions`` or ``/v1/chat/completions`` body: exactly one of ``text``,
+    ``token_ids`` or ``messages`` is set. (What a worker is sent is ``wire.GenerateRequest``.)"""
 
     chat: bool
     model: str | None
@@ -261,7 +262,7 @@ def check_prompt_tokens(num_tokens: int, limit: int | None) -> None:
         )
 
 
-def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> GenerateRequest:
+def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> OpenAIRequest:
     """``/v1/completions``: ``prompt`` is a string, a list of token ids, or a one-element list of either.
     A token-id prompt longer than ``max_prompt_tokens`` is refused before its ids are checked."""
     body = _require_object(body)
@@ -286,12 +287,12 @@ def parse_completion(body: Any, max_prompt_tokens: int | None = None) -> Generat
     if isinstance(prompt, str):
         if not prompt:
             raise ProtocolError("'prompt' is empty; send at least one character", param="prompt")
-        return GenerateRequest(text=_utf8(prompt, "'prompt'"), **common)
+        return OpenAIRequest(text=_utf8(prompt, "'prompt'"), **common)
     if isinstance(prompt, list) and prompt:
         if not isinstance(prompt[0], (str, list)):
             check_prompt_tokens(len(prompt), max_prompt_tokens)
         if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
-            return GenerateRequest(token_ids=list(prompt), **common)
+            return OpenAIRequest(token_ids=list(prompt), **common)
         if all(isinstance(t, (str, list)) for t in prompt):
             raise ProtocolError(
                 f"'prompt' holds {len(prompt)} prompts; send one prompt per request", param="prompt"
@@ -315,7 +316,7 @@ def _content_text(content: Any, where: str) -> str:
     raise ProtocolError(f"{where}.content must be a string or a list of text parts")
 
 
-def parse_chat(body: Any) -> GenerateRequest:
+def parse_chat(body: Any) -> OpenAIRequest:
     """``/v1/chat/completions``: ``messages`` is a non-empty list of ``{role, content}`` objects."""
     body = _require_object(body)
     common = _common(
@@ -347,7 +348,7 @@ def parse_chat(body: Any) -> GenerateRequest:
         if role not in CHAT_ROLES:
             raise ProtocolError(f"{where}.role={role!r} must be one of {list(CHAT_ROLES)}")
         parsed.append((role, _content_text(message.get("content"), where)))
-    return GenerateRequest(messages=parsed, **common)
+    return OpenAIRequest(messages=parsed, **common)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -360,7 +361,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def response(
-    req: GenerateRequest,
+    req: OpenAIRequest,
     *,
     request_id: str,
     model: str,
@@ -391,7 +392,7 @@ def response(
 
 
 def chunk(
-    req: GenerateRequest,
+    req: OpenAIRequest,
     *,
     request_id: str,
     model: str,
