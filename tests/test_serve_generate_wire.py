@@ -49,3 +49,37 @@ def test_each_kind_of_line_decodes() -> None:
 def test_malformed_lines_are_refused(raw: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         wire.decode_line(raw)
+
+
+def test_a_request_decodes_as_the_type_it_was_encoded_as() -> None:
+    request = wire.GenerateRequest("r1", [1, 2], "acme", 4, group="team", salt="s", temperature=0.5, seed=-3)
+    assert wire.decode_request(wire.encode_request(request)) == request
+    # The front's JSON null for an absent group is the default, as the sender's omitted field.
+    raw = b'{"request_id":"r1","token_ids":[1],"tenant":"acme","group":null,"max_tokens":1}'
+    assert wire.decode_request(raw) == wire.GenerateRequest("r1", [1], "acme", 1)
+
+
+BODY = b'"request_id":"r1","token_ids":[1,2],"tenant":"acme","max_tokens":2'
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "message"),
+    [
+        (b"{" + BODY + b',"top_k":1.5}', "top_k", "'top_k'=1.5 is refused: Expected `int | null`"),
+        (b"{" + BODY + b',"seed":"x"}', "seed", "'seed'='x' is refused: Expected `int | null`, got `str`"),
+        (b"{" + BODY + b',"temperature":true}', "temperature", "'temperature'=True is refused"),
+        (b"{" + BODY + b',"salt":7}', "salt", "'salt'=7 is refused: Expected `str | null`, got `int`"),
+        (b"{" + BODY.replace(b"[1,2]", b'[1,"x"]') + b"}", "token_ids", "'token_ids'=[1, 'x'] is refused"),
+        (b"{" + BODY.replace(b'"r1"', b"7") + b"}", "request_id", "'request_id'=7 is refused"),
+        (b"{" + BODY.replace(b'"tenant":"acme",', b"") + b"}", "tenant", "'tenant' is missing"),
+        (b"[1, 2]", None, "the /generate body must be a JSON object"),
+        (b"{" + BODY + b',"extra":' + b"[" * 100_000 + b"}", None, "is not valid JSON"),
+        (b'{"request_id":"\\ud800"}', None, "is not valid JSON"),
+    ],
+)
+def test_a_request_that_is_not_one_is_refused_naming_the_field(
+    raw: bytes, param: str | None, message: str
+) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        wire.decode_request(raw)
+    assert message in str(refused.value) and refused.value.param == param

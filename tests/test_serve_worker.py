@@ -229,3 +229,24 @@ def test_sampling_fields_are_checked_before_the_engine_sees_them() -> None:
         assert engine.started == []
 
     run_worker(engine, scenario)
+
+
+def test_a_body_that_is_not_a_generate_request_is_a_400_naming_the_field() -> None:
+    engine = FakeEngine()
+
+    async def scenario(url: str) -> None:
+        good = json.dumps(body("r", 8, 2))
+        bad = (
+            (json.dumps({**body("r", 8, 2), "tenant": 7}), "'tenant'=7 is refused"),
+            (json.dumps({**body("r", 8, 2), "group": ""}), "group='' must be None or a non-empty string"),
+            (json.dumps({"request_id": "r", "token_ids": [5], "max_tokens": 2}), "'tenant' is missing"),
+            (good[:-1] + ', "extra": ' + "[" * 100_000 + "}", "the /generate body is not valid JSON"),
+            ("[]", "the /generate body must be a JSON object"),
+        )
+        async with aiohttp.ClientSession(headers=CALL) as session:
+            for raw, needle in bad:
+                async with session.post(url + "/generate", data=raw) as resp:
+                    assert resp.status == 400 and needle in (await resp.json())["error"], needle
+        assert engine.started == []
+
+    run_worker(engine, scenario)

@@ -11,6 +11,11 @@ little-endian throughout. Decoding checks every length and tag and raises ``Prot
 naming the offset, so a corrupt or hostile stream entry can never be mistaken for events.
 No pickle: the format is the same for every language and version of Python.
 
+``POST /generate`` (front or ``kvcache route`` to a worker) is typed records, encoded and decoded
+here only: ``GenerateRequest`` in (``encode_request`` / ``decode_request``, which refuses a body
+that is not one with a ``ProtocolError`` naming the field), ``GenerateLine`` records out
+(``encode_line`` / ``decode_line``).
+
 Redis layout (one deployment per Redis database):
 - ``kvcache:workers`` hash: worker id -> JSON registration (url, instance, pid, model, ...);
 - ``kvcache:alive:<worker id>``: the worker's signed heartbeat (``auth.sign_heartbeat``), set with a TTL;
@@ -24,8 +29,10 @@ Redis layout (one deployment per Redis database):
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -175,7 +182,10 @@ class Registration:
 
 class GenerateRequest(msgspec.Struct, omit_defaults=True, gc=False):
     """The body of ``POST /generate``: the prompt's token ids, the scope it runs in (tenant, share
-    group, salt) and how to generate (``engine.SamplingParams``' fields)."""
+    group, salt) and how to generate (``engine.SamplingParams``' fields). Encoded by the sender
+    (``encode_request``) and decoded by the worker (``decode_request``) as this one type; types
+    are checked here, ranges where the values are used (``SamplingParams``, ``Scope``, the engine's
+    token check)."""
 
     request_id: str
     token_ids: list[int]
@@ -218,6 +228,38 @@ _line_encoder = msgspec.json.Encoder()
 
 def encode_request(request: GenerateRequest) -> bytes:
     return _line_encoder.encode(request)
+
+
+_request_decoder = msgspec.json.Decoder(GenerateRequest)
+_FIELD_AT = re.compile(r"at `\$\.(\w+)")
+_MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
+
+
+def decode_request(raw: bytes) -> GenerateRequest:
+    """A ``POST /generate`` body as ``GenerateRequest``; ``ProtocolError`` when it is not one,
+    naming the field (``param``) and the value sent, or saying the body is not a JSON object."""
+    try:
+        return _request_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        at, missing = _FIELD_AT.search(str(exc)), _MISSING_FIELD.search(str(exc))
+        if missing is not None:
+            name = missing.group(1)
+            raise ProtocolError(f"'{name}' is missing from the /generate body", param=name) from None
+        if at is None:
+            raise ProtocolError(f"the /generate body must be a JSON object: {exc}") from None
+        name = at.group(1)
+        raise ProtocolError(f"'{name}'={_sent(raw, name)!r:.80} is refused: {exc}", param=name) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"the /generate body is not valid JSON: {exc}") from None
+
+
+def _sent(raw: bytes, name: str) -> Any:
+    """The value ``raw`` (a JSON object the typed decoder refused) holds at ``name``, for the message."""
+    try:
+        body = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return body.get(name) if isinstance(body, dict) else None
 
 
 _line_decoder = msgspec.json.Decoder(GenerateLine)

@@ -3,7 +3,8 @@
 ``POST /generate`` takes ``{request_id, token_ids, tenant, group, max_tokens}``, optionally a
 ``salt`` (the scope is ``tenancy.Scope(tenant, group, salt)``: a salt narrows it) and the
 sampling fields ``temperature``, ``top_p``, ``top_k`` and ``seed`` (``engine.SamplingParams``;
-all of it ``wire.GenerateRequest``); it answers with newline-delimited JSON, each line a
+all of it ``wire.GenerateRequest``, decoded as that type by ``wire.decode_request``: a body that
+is not one is a 400 naming the field); it answers with newline-delimited JSON, each line a
 ``wire.GenerateLine``: one line per generated token ``{"token_id", "index"}`` (the
 first also carries ``prompt_tokens``, ``cached_tokens``, ``tier_hits``, ``prefill_s`` and
 ``queue_s``), then ``{"done": true, "engine_s", "finish_reason"}`` (``engine_s``: the engine time
@@ -75,7 +76,6 @@ from kvcache.serve.wire import Registration, WorkerLoad
 log = logging.getLogger("kvcache.worker")
 DEFAULT_MAX_WAITING = 64
 RETRY_AFTER_S = 1
-_SAMPLING = (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int), ("seed", int))
 # The engine's reasons as OpenAI's: the end-of-sequence token and stop sequences are "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -204,40 +204,35 @@ class Worker:
 
     # ---- HTTP ----------------------------------------------------------------------------
 
-    def _parse(self, body: Any) -> SamplingParams:
-        """The request's sampling parameters; ``KVCacheError`` naming the bad field."""
-        if not isinstance(body, dict):
-            raise InvalidTokensError("body must be a JSON object")
-        fields = (("request_id", str), ("token_ids", list), ("tenant", str), ("max_tokens", int))
-        for name, kind in fields:
-            if not isinstance(body.get(name), kind):
-                raise InvalidTokensError(f"'{name}' must be a {kind.__name__}")
-        options: dict[str, Any] = {}
-        for name, kinds in _SAMPLING:
-            value = body.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                raise ConfigError(f"'{name}'={value!r} must be a number")
-            options[name] = value
-        params = SamplingParams(max_tokens=body["max_tokens"], **options)
+    def _admit(self, body: wire.GenerateRequest) -> tuple[SamplingParams, Scope]:
+        """The request's sampling parameters and scope; ``KVCacheError`` naming the bad field, or
+        saying how many blocks the request needs when the pool cannot hold it."""
+        sampling: dict[str, Any] = {
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "seed": body.seed,
+        }  # a field left out is SamplingParams' default
+        params = SamplingParams(
+            max_tokens=body.max_tokens, **{k: v for k, v in sampling.items() if v is not None}
+        )
+        scope = Scope(body.tenant, group=body.group, salt=body.salt)
         manager = self.engine.manager
         # The last generated token is returned, never fed back: its KV is not stored.
-        needed = -(-(len(body["token_ids"]) + body["max_tokens"] - 1) // manager.block_size)
+        needed = -(-(len(body.token_ids) + body.max_tokens - 1) // manager.block_size)
         if needed > manager.pool.num_blocks:
             raise InvalidTokensError(
-                f"{len(body['token_ids'])} prompt tokens + max_tokens={body['max_tokens']} need "
+                f"{len(body.token_ids)} prompt tokens + max_tokens={body.max_tokens} need "
                 f"{needed} blocks; a worker's pool holds {manager.pool.num_blocks}: shorten the "
                 "prompt or max_tokens"
             )
-        return params
+        return params, scope
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
-            params = self._parse(body)
-            scope = Scope(body["tenant"], group=body.get("group"), salt=body.get("salt"))
-        except (ValueError, KVCacheError) as exc:
+            body = wire.decode_request(await request.read())
+            params, scope = self._admit(body)
+        except KVCacheError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if self.num_waiting >= self.max_waiting:
             self.metrics.rejected.inc()
@@ -250,15 +245,15 @@ class Worker:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         received = time.monotonic()
-        rid = body["request_id"]
+        rid = body.request_id
         if self.vllm_events is not None:
-            self._prompts[rid] = (body["token_ids"], scope)
+            self._prompts[rid] = (body.token_ids, scope)
         self.num_waiting += 1
         waiting = True
         response: web.StreamResponse | None = None
         queue_s, last = 0.0, received
         try:
-            stream = self.aengine.stream(body["token_ids"], scope, params, rid)
+            stream = self.aengine.stream(body.token_ids, scope, params, rid)
             async with contextlib.aclosing(stream) as steps:
                 async for step in steps:
                     now = time.monotonic()
