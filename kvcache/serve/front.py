@@ -206,13 +206,9 @@ class Front:
         Only workers where the tenant holds fewer than its seats are tried (``fairness``); when it
         holds them on every worker, the request is answered 429 with ``Retry-After``."""
         sent = 0
-        sampling = req.sampling()
-        if sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
-            # A seed of the front's choosing: a stream retried on another worker continues the same text.
-            sampling["seed"] = secrets.randbits(63)
-        request = wire.GenerateRequest(
-            request_id, token_ids, tenant.name, req.max_tokens, group=tenant.group, **sampling
-        )
+        # A seed of the front's choosing for a sampled request without one: a stream retried on
+        # another worker continues the same text.
+        request = protocol.worker_request(req, request_id, token_ids, tenant.scope, seed=secrets.randbits(63))
         if len(token_ids) > INLINE_BYTES:  # hashing and serializing a long prompt take milliseconds
             keyed = await asyncio.to_thread(self._keys, token_ids, tenant)
             payload = await asyncio.to_thread(wire.encode_request, request)
@@ -466,21 +462,16 @@ class Front:
                 usage_=usage,
             )
             return web.json_response(body)
-        final = protocol.chunk(
+        end = protocol.stream_end(
             req,
             request_id=request_id,
             model=self.model_name,
             created=created,
             text=tail,
             finish_reason=outcome.finish_reason,
+            usage_=usage,
         )
-        await response.write(protocol.sse(final))
-        if req.include_usage:  # OpenAI's usage chunk: after the last choice, with no choices
-            usage_chunk = protocol.chunk(
-                req, request_id=request_id, model=self.model_name, created=created, text=None, usage_=usage
-            )
-            await response.write(protocol.sse(usage_chunk))
-        await response.write(protocol.sse("[DONE]"))
+        await response.write(end)
         await response.write_eof()
         return response
 

@@ -1,9 +1,12 @@
 """The OpenAI wire format: validate request bodies, build responses, stream chunks and errors.
 
 ``parse_completion`` / ``parse_chat`` turn a decoded JSON body into an ``OpenAIRequest`` or
-raise ``ProtocolError`` naming the field; nothing reaches a worker unvalidated. The builders
-produce ``/v1/completions`` and ``/v1/chat/completions`` bodies (and their ``chunk`` forms for
-server-sent events) with ``usage.prompt_tokens_details.cached_tokens``.
+raise ``ProtocolError`` naming the field; nothing reaches a worker unvalidated, and
+``worker_request`` is what a worker is sent for one (``wire.GenerateRequest``). The builders
+produce ``/v1/completions`` and ``/v1/chat/completions`` bodies (``response``; and their ``chunk``
+forms for server-sent events, a stream ending with ``stream_end``) with
+``usage.prompt_tokens_details.cached_tokens``; they are the only ones, used by ``kvcache serve``'s
+front and by ``kvcache route`` (which adds the generated ``token_ids``, having no tokenizer).
 
 Sampling: ``temperature`` (0..2, 0 = greedy, the default), ``top_p`` (0..1], ``top_k`` (vLLM's
 extra field, -1 or 0 = off), ``seed`` (reproducible draws), ``max_tokens`` and ``stop`` (a string or
@@ -37,7 +40,9 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from kvcache.cache.tenancy import Scope
 from kvcache.errors import ProtocolError
+from kvcache.serve import wire
 
 MAX_TOKENS_DEFAULT = 16
 MAX_TOKENS_LIMIT = 4096
@@ -351,6 +356,19 @@ def parse_chat(body: Any) -> OpenAIRequest:
     return OpenAIRequest(messages=parsed, **common)
 
 
+def worker_request(
+    req: OpenAIRequest, request_id: str, token_ids: list[int], scope: Scope, *, seed: int | None = None
+) -> wire.GenerateRequest:
+    """What a worker's ``POST /generate`` is sent for ``req``: ``token_ids`` in ``scope``, with its
+    ``max_tokens`` and sampling fields; ``seed`` is used when ``req`` samples and names none."""
+    sampling = req.sampling()
+    if seed is not None and sampling.get("temperature", 0.0) > 0 and "seed" not in sampling:
+        sampling["seed"] = seed
+    return wire.GenerateRequest(
+        request_id, token_ids, scope.tenant, req.max_tokens, group=scope.group, salt=scope.salt, **sampling
+    )
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -369,8 +387,10 @@ def response(
     text: str,
     finish_reason: str,
     usage_: dict[str, Any],
+    token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The non-streamed body."""
+    """The non-streamed body; with ``token_ids`` (the generated ids, as vLLM's ``return_token_ids``
+    adds them) its choice carries them too."""
     if req.chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -381,6 +401,8 @@ def response(
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
         obj = "text_completion"
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     return {
         "id": request_id,
         "object": obj,
@@ -401,9 +423,11 @@ def chunk(
     finish_reason: str | None = None,
     usage_: dict[str, Any] | None = None,
     first: bool = False,
+    token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk; ``text=None`` gives the usage-only final chunk (empty ``choices``). With
-    ``include_usage`` the other chunks carry ``"usage": null``; without it no chunk has the field."""
+    ``include_usage`` the other chunks carry ``"usage": null``; without it no chunk has the field.
+    ``token_ids``: the ids this chunk adds, carried by its choice (as in :func:`response`)."""
     choices: list[dict[str, Any]] = []
     if text is not None:
         if req.chat:
@@ -413,6 +437,8 @@ def chunk(
             choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
         else:
             choices = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        if token_ids is not None:
+            choices[0]["token_ids"] = token_ids
     out: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk" if req.chat else "text_completion",
@@ -429,6 +455,37 @@ def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event: ``data: <json>\\n\\n`` (or a literal such as ``[DONE]``)."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
+
+
+def stream_end(
+    req: OpenAIRequest,
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str,
+    usage_: dict[str, Any],
+    token_ids: list[int] | None = None,
+) -> bytes:
+    """How a streamed answer ends, as server-sent events: the last choice chunk (``text``, the
+    ``finish_reason``), OpenAI's usage chunk (after the last choice, with no choices) when the
+    request asked for it (``include_usage``), then ``[DONE]``."""
+    last = chunk(
+        req,
+        request_id=request_id,
+        model=model,
+        created=created,
+        text=text,
+        finish_reason=finish_reason,
+        token_ids=token_ids,
+    )
+    events = [sse(last)]
+    if req.include_usage:
+        usage_only = chunk(req, request_id=request_id, model=model, created=created, text=None, usage_=usage_)
+        events.append(sse(usage_only))
+    events.append(sse("[DONE]"))
+    return b"".join(events)
 
 
 def error_body(

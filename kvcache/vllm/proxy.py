@@ -29,13 +29,17 @@ kvcache worker aborts the request within a step, as it does for ``kvcache serve`
 Request ids are random (``route-`` and 96 bits), so proxies sharing an engine never collide.
 
 With ``api="kvcache"`` the engines are kvcache workers (``kvcache worker --vllm-events``): a
-completion with token ids becomes their ``POST /generate`` (through ``serve.peer.generate``, the
-one client of it, which the front uses too) and the answer an OpenAI ``text_completion`` carrying
-token ids and the worker's finish reason. Given ``public`` (``vllm.public.PublicHead``, the
-deployment's published prefixes followed from its Redis), a request's public head is keyed as the
-workers' event bridges publish it: in the public scope, the same for every tenant, and the rest in
-the caller's scope (``vllm.keys``, ``public_blocks``), so a tenant's first request goes to a worker
-that holds the public prefix another tenant's request stored. vLLM engines salt block 0 with the
+completion with token ids is checked as ``kvcache serve`` checks it (``protocol.parse_completion``;
+``stop`` strings are refused, there being no text to match them in), becomes their
+``POST /generate`` (``protocol.worker_request``, sent through ``serve.peer.generate``: the front's
+wire format and client) and is answered by the front's builders (``protocol.response``, or
+``chunk`` events and ``stream_end`` with ``stream``), streamed or not, carrying the generated
+``token_ids``, the worker's finish reason and its cached tokens. Given ``public``
+(``vllm.public.PublicHead``, the deployment's published prefixes followed from its Redis), a
+request's public head is keyed as the workers' event bridges publish it: in the public scope, the
+same for every tenant, and the rest in the caller's scope (``vllm.keys``, ``public_blocks``), so a
+tenant's first request goes to a worker that holds the public prefix another tenant's request
+stored. vLLM engines salt block 0 with the
 request's salt, so public prefixes never apply to them (``public`` is refused with
 ``api="openai"``). Not here: tokenizing, retries on another engine (``kvcache serve``'s front does
 those for kvcache's own workers); which engine holds which keys (the router's one index,
@@ -47,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -57,7 +62,7 @@ import aiohttp
 from aiohttp import web
 
 from kvcache.cache.tenancy import MAX_SALT_CHARS, Scope
-from kvcache.errors import AuthError, ConfigError
+from kvcache.errors import AuthError, ConfigError, ProtocolError
 from kvcache.router.index import PreciseIndex
 from kvcache.router.router import Router, RouteRequest
 from kvcache.serve import peer, protocol, wire
@@ -94,6 +99,20 @@ def _token_ids(prompt: Any) -> bool:
     return (
         isinstance(prompt, list) and bool(prompt) and all(type(t) is int and 0 <= t < 2**32 for t in prompt)
     )
+
+
+def completion(body: dict[str, Any]) -> protocol.OpenAIRequest:
+    """A completion for kvcache workers, checked as ``kvcache serve`` checks it
+    (``protocol.parse_completion``; ``cache_salt`` is the proxy's, ``scope``); ``ProtocolError``
+    naming the field, and for ``stop`` strings: with no tokenizer there is no text to match them in."""
+    req = protocol.parse_completion({k: v for k, v in body.items() if k != "cache_salt"})
+    if req.stop:
+        raise ProtocolError(
+            f"'stop'={list(req.stop)!r:.80}: kvcache route has no tokenizer, so it cannot match stop "
+            "strings; leave 'stop' out (or send the request to kvcache serve)",
+            param="stop",
+        )
+    return req
 
 
 def _int_list(prompt: Any) -> TypeGuard[list[int]]:
@@ -232,11 +251,17 @@ class RouteProxy:
             scope = self.scope(tenant, body)
         except ValueError as exc:
             return protocol.error_response(str(exc), status=400, param="cache_salt")
+        req: protocol.OpenAIRequest | None = None
+        if self.api == "kvcache":
+            try:
+                req = completion(body)
+            except ProtocolError as exc:
+                return protocol.error_response(str(exc), status=400, param=exc.param)
         request_id, w = self.place(body, scope)
         assert self.session is not None
         try:
-            if self.api == "kvcache":
-                return await self._generate(request_id, w, body, scope)
+            if req is not None:
+                return await self._generate(request, request_id, w, req, scope)
             body.pop("cache_salt", None)  # the engine's salt is the caller's scope, never the caller's word
             salt = self.cache_salt_of(scope)
             if salt is not None:
@@ -253,29 +278,29 @@ class RouteProxy:
                 await response.write_eof()
                 return response
         except aiohttp.ClientError as exc:
-            return protocol.error_response(f"engine {w} ({self.engines[w].url}): {exc}", status=502)
+            return protocol.error_response(self._engine_failed(w, exc), status=502)
         finally:
             self.router.on_finished(request_id)
 
-    async def _generate(self, request_id: str, w: int, body: dict[str, Any], scope: Scope) -> web.Response:
-        """One completion on a kvcache worker (``POST /generate``, NDJSON) in ``scope``, answered as
-        OpenAI's ``text_completion`` with the token ids and vLLM's ``prompt_tokens_details.cached_tokens``."""
-        assert self.session is not None
-        request = wire.GenerateRequest(
-            request_id,
-            body["prompt"],
-            scope.tenant,
-            body.get("max_tokens", 16),
-            group=scope.group,
-            salt=scope.salt,
-        )
-        assert self.connect_worker is not None
+    async def _generate(
+        self, request: web.Request, request_id: str, w: int, req: protocol.OpenAIRequest, scope: Scope
+    ) -> web.StreamResponse:
+        """One completion on a kvcache worker (``POST /generate``) in ``scope``, answered by the
+        OpenAI builders ``kvcache serve`` answers with (``protocol``), streamed or not, with the
+        generated ``token_ids`` and the worker's finish reason and cached tokens. A refusal before
+        the first token keeps the worker's status; after it (streamed), it is the stream's last event."""
+        assert self.connect_worker is not None and req.token_ids is not None
+        created = int(time.time())
+        model = req.model or ""  # the proxy serves whatever model its engines load
+        headers = {"x-kvcache-engine": str(w)}
         tokens: list[int] = []
         first: wire.GenerateLine | None = None
         finish_reason = "length"
+        response: web.StreamResponse | None = None
         try:
             link = self.connect_worker(self.engines[w].url)
-            async with link as worker, contextlib.aclosing(peer.generate(worker, request)) as lines:
+            job = protocol.worker_request(req, request_id, req.token_ids, scope)
+            async with link as worker, contextlib.aclosing(peer.generate(worker, job)) as lines:
                 async for line in lines:
                     if line.done:
                         finish_reason = line.finish_reason or "length"
@@ -283,23 +308,74 @@ class RouteProxy:
                     assert line.token_id is not None  # wire checks it
                     first = first or line
                     tokens.append(line.token_id)
-        except peer.WorkerRefused as exc:
-            return protocol.error_response(exc.detail, status=exc.status)
-        prompt_tokens = first.prompt_tokens if first is not None and first.prompt_tokens is not None else 0
-        cached_tokens = first.cached_tokens if first is not None and first.cached_tokens is not None else 0
-        answer = {
-            "id": request_id,
-            "object": "text_completion",
-            "model": body.get("model"),
-            "choices": [{"index": 0, "text": "", "token_ids": tokens, "finish_reason": finish_reason}],
-            "usage": {
-                "prompt_tokens": prompt_tokens or len(body["prompt"]),
-                "completion_tokens": len(tokens),
-                "total_tokens": (prompt_tokens or len(body["prompt"])) + len(tokens),
-                "prompt_tokens_details": {"cached_tokens": cached_tokens},
-            },
-        }
-        return web.json_response(answer, headers={"x-kvcache-engine": str(w)})
+                    if req.stream:
+                        response = response or await self._start_stream(request, headers)
+                        piece = protocol.chunk(
+                            req,
+                            request_id=request_id,
+                            model=model,
+                            created=created,
+                            text="",
+                            token_ids=[line.token_id],
+                        )
+                        await response.write(protocol.sse(piece))
+        except (peer.WorkerRefused, aiohttp.ClientError) as exc:
+            if response is None:
+                if isinstance(exc, peer.WorkerRefused):
+                    return protocol.error_response(exc.detail, status=exc.status)
+                raise  # forward answers it: 502
+            status, detail = (
+                (exc.status, exc.detail)
+                if isinstance(exc, peer.WorkerRefused)
+                else (502, self._engine_failed(w, exc))
+            )
+            await response.write(protocol.sse(protocol.error_body(detail, status=status)))
+            await response.write_eof()
+            return response
+        except ConnectionResetError:
+            if response is None:
+                raise
+            return response  # the client went away mid-stream; leaving closed the worker's stream
+        num_prompt = (first.prompt_tokens if first is not None else None) or len(req.token_ids)
+        num_cached = (first.cached_tokens if first is not None else None) or 0
+        usage = protocol.usage(num_prompt, len(tokens), num_cached)
+        if not req.stream:
+            body = protocol.response(
+                req,
+                request_id=request_id,
+                model=model,
+                created=created,
+                text="",
+                finish_reason=finish_reason,
+                usage_=usage,
+                token_ids=tokens,
+            )
+            return web.json_response(body, headers=headers)
+        response = response or await self._start_stream(request, headers)
+        end = protocol.stream_end(
+            req,
+            request_id=request_id,
+            model=model,
+            created=created,
+            text="",
+            finish_reason=finish_reason,
+            usage_=usage,
+            token_ids=[],
+        )
+        await response.write(end)
+        await response.write_eof()
+        return response
+
+    def _engine_failed(self, w: int, exc: aiohttp.ClientError) -> str:
+        return f"engine {w} ({self.engines[w].url}): {exc}"
+
+    @staticmethod
+    async def _start_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        return response
 
     async def _background(self, app: web.Application) -> AsyncIterator[None]:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
