@@ -4,7 +4,11 @@ Two simulated engines (workers) share one ICMS tier; each has a block manager ov
 pool (G1), its own host tier (G2) and disk tier (G3). Worker 0 serves a set of prompts twice: the
 first pass computes every block (random KV) and the device pool spills; the second pass loads the
 spilled blocks back and checks every byte. Worker 1 then serves the same prompts and finds them in
-the shared tier. Prints each tier's counters and the measured load rates.
+the shared tier. Each load is the engine's own admission step (``engine.prefix_load``: the rules
+on what is loaded are the engine's); only the forward is replaced by random blocks, so any KV
+layout can be measured without a model. Prints each tier's counters and the measured load rates.
+
+Not here: a model, scheduling (``kvcache generate`` runs the engine whole).
 """
 
 from __future__ import annotations
@@ -87,22 +91,24 @@ def run(args: argparse.Namespace) -> int:
         workers.append((manager, pool, hierarchy))
 
     def serve(w: int, tokens: list[int], rid: str) -> tuple[int, int, float]:
+        from kvcache.engine.prefix_load import load_prefix
         from kvcache.kernels.dispatch import unpack_blocks
 
         manager, pool, hierarchy = workers[w]
-        alloc = manager.allocate(rid, tokens)
-        keys = manager.hash(tokens).keys
-        start = alloc.num_cached_tokens // bs
-        rest, ids = keys[start:], alloc.block_ids[start : len(keys)]
+        prompt = manager.hash(tokens)
+        alloc = manager.allocate(rid, prompt)
         t0 = time.perf_counter()
-        n = hierarchy.restore(pool, ids, rest)  # as an engine loads a prefix after its device hit
+        loaded = load_prefix(hierarchy, pool, manager.config, prompt, alloc)  # as the engine admits it
         load_s = time.perf_counter() - t0
-        for i, key in enumerate(rest[:n]):
-            if not torch.equal(pool[:, :, ids[i]].view(torch.uint8), expected[key].view(torch.uint8)):
-                raise AssertionError(f"block {start + i} of {rid} came back different")
-        fresh = [expected.setdefault(k, _random_block(layout, gen)) for k in rest[n:]]
-        if fresh:  # what a forward would compute
-            unpack_blocks(pool, torch.tensor(ids[n:]), torch.stack(fresh))
+        start, n = loaded.first_block, loaded.num_blocks
+        keys, ids = prompt.keys, alloc.block_ids
+        for i in range(start, start + n):
+            if not torch.equal(pool[:, :, ids[i]].view(torch.uint8), expected[keys[i]].view(torch.uint8)):
+                raise AssertionError(f"block {i} of {rid} came back different")
+        # What a forward would compute: the rest of the prompt's full blocks.
+        fresh = [expected.setdefault(k, _random_block(layout, gen)) for k in keys[start + n :]]
+        if fresh:
+            unpack_blocks(pool, torch.tensor(ids[start + n : len(keys)]), torch.stack(fresh))
         manager.free(rid)
         hierarchy.flush()
         return start, n, load_s

@@ -14,8 +14,9 @@ runs them as ONE forward whose attention reads and writes KV straight in the poo
 ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`` (``runner``), samples
 (``sampling``), and finishes or streams. A cached prefix costs nothing to load: it is read in place.
 Prefix blocks that spill tiers hold after the pool's hit are loaded into the sequence's own blocks
-at admission; while a request waits, the ones in G3 or the pod tier are prefetched into host
-memory on a background thread (``prefetch``), so that load runs at host-memory speed.
+at admission (``prefix_load``: its rules, the one implementation); while a request waits, the
+ones in G3 or the pod tier are prefetched into host memory on a background thread
+(``prefetch``), so that load runs at host-memory speed.
 Every step's cost is recorded (:class:`StepRecord`), which ``kvcache calibrate`` fits.
 
 Models must route attention through transformers' ``AttentionInterface`` (Llama, Qwen2, Mistral
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -42,6 +44,7 @@ from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.cache.tenancy import Scope, as_scope
 from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
+from kvcache.engine.prefix_load import load_prefix, loadable_blocks, tiers_gated
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig
@@ -493,7 +496,7 @@ class Engine:
     def tiers_gated(self, prompt: Prompt) -> bool:
         """Whether ``prompt`` must not use the spill tiers: a share group under k-anonymity. A tier
         cannot tell how many tenants wrote a block, so a load could reveal what one tenant sent."""
-        return self.manager.config.k_anonymity > 1 and prompt.scope.is_shared
+        return tiers_gated(self.manager.config, prompt)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -549,9 +552,8 @@ class Engine:
         prompt = seq.prompt
         if self.prefetcher is None or prompt is None or self.tiers_gated(prompt):
             return
-        first = self.manager.lookup(prompt) // self.block_size
-        last = min(len(prompt.keys), (prompt.num_tokens - 1) // self.block_size)
-        if last > first and self.prefetcher.submit(seq.request_id, prompt.keys[first:last]):
+        span = loadable_blocks(prompt, self.manager.lookup(prompt), self.block_size)
+        if span and self.prefetcher.submit(seq.request_id, prompt.keys[span.start : span.stop]):
             self._prefetching.add(seq.request_id)
 
     def _cancel_prefetch(self, request_id: Hashable) -> None:
@@ -574,31 +576,26 @@ class Engine:
 
     def _load_prefix(self, seq: Seq, alloc: Allocation) -> int:
         """At admission: load the prefix blocks the spill tiers hold right after the pool's hit
-        into the sequence's own (fresh) blocks, in one unpack; returns the tokens loaded."""
+        into the sequence's own (fresh) blocks (``prefix_load.load_prefix``), settling its prefetch
+        job; returns the tokens loaded and records the time it took."""
         now = self._clock()
         t = seq.timings
         t.setdefault("queue_s", now - seq.arrival_s - t.get("hash_s", 0.0))
         prompt = seq.prompt
         assert prompt is not None
-        if self.tiers is None or self.tiers_gated(prompt):
+        if self.tiers is None:
             return 0
-        bs = self.block_size
-        first = alloc.num_cached_tokens // bs
-        # Leave at least one token to compute: the model must produce the last logits.
-        last = min(len(prompt.keys), (prompt.num_tokens - 1) // bs)
-        keys = prompt.keys[first:last]
-        # A prefetch job stops here; its hits are counted under the tier lock the load runs in.
-        with self._settle_prefetch(seq.request_id, keys) as settled:
-            if last <= first or not self.tiers.lookup_prefix(keys[:1]):
-                return 0
-            n = self.tiers.restore(self.pool, alloc.block_ids[first:last], keys, context_tokens=first * bs)
-            settled.num_loaded = n
-        if n:
+        settle = functools.partial(self._settle_prefetch, seq.request_id)
+        loaded = load_prefix(self.tiers, self.pool, self.manager.config, prompt, alloc, settle)
+        if not loaded.restored:
+            return 0
+        if loaded.num_blocks:
             self._sync()
+        num_tokens = loaded.num_blocks * self.block_size
         if seq.num_cached_tokens < 0:
             t["tier_s"] = self._clock() - now
-            t["tier_tokens"] = n * bs
-        return n * bs
+            t["tier_tokens"] = num_tokens
+        return num_tokens
 
 
 def _collect_generation(steps: list[GenerationStep]) -> Generation:
