@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.costs import LatencyModel
-from kvcache.lab import report
+from kvcache.lab import report, tables
 from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, read_trace, scale_to_load
 from kvcache.lab.workloads import SHAPES, ShapeConfig, synthesize_shape
 from kvcache.router.policies import BASELINES, COMPARED, POLICIES
@@ -151,21 +152,21 @@ def verdict(rows: Sequence[dict[str, Any]], ours: str = OURS) -> dict[str, Any]:
     }
 
 
+VERDICT_COLUMNS = (  # one row per variant: (label, its verdicts)
+    Column("variant", 0, align="<"),
+    Column("passing", lambda v: f"{sum(x['ok'] for x in v[1])}/{len(v[1])}"),
+    Column("Pareto", lambda v: sum(x["pareto"] for x in v[1])),
+    Column("hit bar", lambda v: sum(x["hit_bar"] for x in v[1])),
+    Column("p99 bar", lambda v: sum(x["p99_bar"] for x in v[1])),
+    Column("median hit / bar", lambda v: statistics.median(x["hit_ratio"] for x in v[1]), ".3f"),
+    Column("median p99 / best baseline", lambda v: statistics.median(x["p99_ratio"] for x in v[1]), ".3f"),
+)
+
+
 def verdicts_table(verdicts: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: per variant (a policy or a configuration of one), the cells passing each check of
     ``verdict``, the median hit / bar and the median p99 / best baseline."""
-    lines = [
-        "| variant | passing | Pareto | hit bar | p99 bar | median hit / bar | median p99 / best baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, vs in verdicts.items():
-        lines.append(
-            f"| {label} | {sum(v['ok'] for v in vs)}/{len(vs)} | {sum(v['pareto'] for v in vs)} | "
-            f"{sum(v['hit_bar'] for v in vs)} | {sum(v['p99_bar'] for v in vs)} | "
-            f"{statistics.median(v['hit_ratio'] for v in vs):.3f} | "
-            f"{statistics.median(v['p99_ratio'] for v in vs):.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return tables.markdown(VERDICT_COLUMNS, verdicts.items()) + "\n"
 
 
 def run_matrix(cfg: MatrixConfig, jobs: int = 1) -> dict[str, Any]:
@@ -210,22 +211,36 @@ def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def _missed(passed: bool) -> str:
+    return "" if passed else " MISS"
+
+
+SUMMARY_COLUMNS = (  # one row per judged cell
+    Column("shape", "shape", align="<"),
+    Column("workers", "num_workers"),
+    Column("cap", "fraction", ".0%"),
+    Column("pareto", lambda c: "yes" if c["pareto"] else "NO " + ",".join(c["dominated_by"]), align="<"),
+    Column(
+        "hit/bar (bar policy)",
+        lambda c: f"{c['hit_ratio']:.3f} ({c['hit_bar_policy']}){_missed(c['hit_bar'])}",
+        align="<",
+    ),
+    Column(
+        "p99/best baseline",
+        lambda c: f"{c['p99_ratio']:.3f} ({c['best_baseline_p99_policy']}){_missed(c['p99_bar'])}",
+        align="<",
+    ),
+)
+
+
 def summary(payload: dict[str, Any]) -> str:
     """One line per cell: the verdict and the ratios behind it."""
-    lines = [f"{'shape':<11}{'workers':>8}{'cap':>6}  pareto  hit/bar (bar policy)       p99/best baseline"]
-    for c in payload["cells"]:
-        if "ok" not in c:
-            continue
-        lines.append(
-            f"{c['shape']:<11}{c['num_workers']:>8}{c['fraction']:>6.0%}  "
-            f"{'yes' if c['pareto'] else 'NO ' + ','.join(c['dominated_by']):<7} "
-            f"{c['hit_ratio']:>6.3f} ({c['hit_bar_policy']}){'' if c['hit_bar'] else ' MISS':<5}"
-            f"{'':>6}{c['p99_ratio']:>6.3f} ({c['best_baseline_p99_policy']})"
-            f"{'' if c['p99_bar'] else ' MISS'}"
-        )
+    judged = [c for c in payload["cells"] if "ok" in c]
     ok = sum(1 for c in payload["cells"] if c.get("ok"))
-    lines.append(f"affinity meets all three checks in {ok} of {len(payload['cells'])} cells")
-    return "\n".join(lines)
+    return (
+        tables.plain(SUMMARY_COLUMNS, judged)
+        + f"\naffinity meets all three checks in {ok} of {len(payload['cells'])} cells"
+    )
 
 
 def plot(payload: dict[str, Any], path: str | Path) -> None:

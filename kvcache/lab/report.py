@@ -12,7 +12,7 @@ trace through one shared cache (same total capacity, then unbounded) with no que
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ import numpy as np
 
 from kvcache.cache.config import CacheConfig
 from kvcache.cache.manager import BlockManager, Prompt
+from kvcache.lab import tables
 from kvcache.lab.replay import ReplayResult
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import Trace
 
 WINDOW_MS = 60_000.0
@@ -124,66 +126,68 @@ def upper_bounds(
     return out
 
 
-COLUMNS = (  # title, metric key, width, format spec
-    ("policy", "policy", 16, "s"),
-    ("tok hit", "token_hit_rate", 8, ".1%"),
-    ("blk hit", "block_hit_rate", 8, ".1%"),
-    ("prefill Mtok", "prefill_tokens_computed", 13, ".2f"),
-    ("TTFT mean", "mean_ttft_ms", 10, ".0f"),
-    ("p50", "median_ttft_ms", 7, ".0f"),
-    ("p90", "p90_ttft_ms", 7, ".0f"),
-    ("p99 ms", "p99_ttft_ms", 8, ".0f"),
-    ("req/s", "request_throughput", 7, ".2f"),
-    ("imbal", "load_imbalance", 6, ".2f"),
-    ("60s mean", "load_imbalance_60s_mean", 9, ".2f"),
-    ("60s max", "load_imbalance_60s_max", 8, ".2f"),
-    ("lost", "lost", 5, "d"),
+def _mtok(key: str) -> Callable[[dict[str, Any]], float]:
+    return lambda row: row[key] / 1e6
+
+
+COLUMNS = (  # the terminal table; Markdown (MARKDOWN_COLUMNS) spells the titles out
+    Column("policy", "policy", align="<"),
+    Column("tok hit", "token_hit_rate", ".1%"),
+    Column("blk hit", "block_hit_rate", ".1%"),
+    Column("prefill Mtok", _mtok("prefill_tokens_computed"), ".2f"),
+    Column("TTFT mean", "mean_ttft_ms", ".0f"),
+    Column("p50", "median_ttft_ms", ".0f"),
+    Column("p90", "p90_ttft_ms", ".0f"),
+    Column("p99 ms", "p99_ttft_ms", ".0f"),
+    Column("req/s", "request_throughput", ".2f"),
+    Column("imbal", "load_imbalance", ".2f"),
+    Column("60s mean", "load_imbalance_60s_mean", ".2f"),
+    Column("60s max", "load_imbalance_60s_max", ".2f"),
+    Column("lost", "lost", "d"),
+)
+MARKDOWN_COLUMNS = tables.retitled(
+    COLUMNS,
+    (
+        "policy",
+        "token hit",
+        "block hit",
+        "prefill Mtok",
+        "mean TTFT ms",
+        "p50",
+        "p90",
+        "p99 TTFT ms",
+        "req/s",
+        "imbalance",
+        "60 s mean",
+        "60 s worst",
+        "lost",
+    ),
+)
+WORKER_COLUMNS = (
+    Column("worker", "worker_id"),
+    Column("completed", "completed"),
+    Column("input Mtok", _mtok("input_tokens"), ".2f"),
+    Column("prefill Mtok", _mtok("prefill_tokens"), ".2f"),
+    Column("token hit", "token_hit_rate", ".1%"),
 )
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table, one row per replay (TTFT in ms; imbalance = max/mean prefill tokens
     per worker, over the run, then the mean and the worst of the 60 s windows)."""
-    lines = ["".join(t.ljust(w) if k == "policy" else t.rjust(w) for t, k, w, _ in COLUMNS)]
-    for row in rows:
-        cells = []
-        for _title, key, width, spec in COLUMNS:
-            value = row[key] / 1e6 if key == "prefill_tokens_computed" else row[key]
-            text = format(value, spec)
-            cells.append(text.ljust(width) if key == "policy" else text.rjust(width))
-        lines.append("".join(cells))
-    return "\n".join(lines)
+    return tables.plain(COLUMNS, rows)
 
 
 def worker_table(row: dict[str, Any]) -> str:
-    """One policy's per-worker breakdown."""
-    lines = [f"  {row['policy']}: worker  completed  input Mtok  prefill Mtok  token hit"]
-    for w in row["per_worker"]:
-        lines.append(
-            f"  {'':>{len(row['policy'])}}  {w['worker_id']:>6}  {w['completed']:>9}"
-            f"  {w['input_tokens'] / 1e6:>10.2f}  {w['prefill_tokens'] / 1e6:>12.2f}"
-            f"  {w['token_hit_rate']:>9.1%}"
-        )
-    return "\n".join(lines)
+    """One policy's per-worker breakdown, the policy's name leading the titles."""
+    lead = f"  {row['policy']}: "
+    lines = tables.plain(WORKER_COLUMNS, row["per_worker"]).splitlines()
+    return "\n".join([lead + lines[0], *(" " * len(lead) + line for line in lines[1:])])
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The same table in Markdown, for docs."""
-    lines = [
-        "| policy | token hit | block hit | prefill Mtok | mean TTFT ms | p50 | p90 | p99 TTFT ms | req/s "
-        "| imbalance | 60 s mean | 60 s worst | lost |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['policy']} | {r['token_hit_rate']:.1%} | {r['block_hit_rate']:.1%} | "
-            f"{r['prefill_tokens_computed'] / 1e6:.2f} | {r['mean_ttft_ms']:.0f} | "
-            f"{r['median_ttft_ms']:.0f} | "
-            f"{r['p90_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | {r['request_throughput']:.2f} | "
-            f"{r['load_imbalance']:.2f} | {r['load_imbalance_60s_mean']:.2f} | "
-            f"{r['load_imbalance_60s_max']:.2f} | {r['lost']} |"
-        )
-    return "\n".join(lines)
+    return tables.markdown(MARKDOWN_COLUMNS, rows)
 
 
 OWN_POLICY = "affinity"  # kvcache's policy: marked in every plot, the rest are baselines

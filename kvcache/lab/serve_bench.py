@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from kvcache.errors import ConfigError, TraceError
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import TraceRequest, read_trace, token_request
 from kvcache.lab.workloads import multi_turn_chat
 
@@ -294,36 +296,45 @@ def summarize(
     return out
 
 
+SUMMARY_ROWS = (  # (label, summary key), in the order ``vllm bench serve`` prints them
+    ("Requests offered (rate x duration)", "offered"),
+    ("Requests sent", "sent"),
+    ("Successful requests", "completed"),
+    ("Failed requests", "failed"),
+    ("Offered request rate (req/s)", "request_rate"),
+    ("Achieved send rate (req/s)", "achieved_request_rate"),
+    ("Benchmark duration (s)", "duration"),
+    ("Total input tokens", "total_input_tokens"),
+    ("Total generated tokens", "total_output_tokens"),
+    ("Request throughput (req/s)", "request_throughput"),
+    ("Output token throughput (tok/s)", "output_throughput"),
+    ("Total token throughput (tok/s)", "total_token_throughput"),
+    ("Mean TTFT (ms)", "mean_ttft_ms"),
+    ("Median TTFT (ms)", "median_ttft_ms"),
+    ("P99 TTFT (ms)", "p99_ttft_ms"),
+    ("Mean TPOT (ms)", "mean_tpot_ms"),
+    ("Mean ITL (ms)", "mean_itl_ms"),
+    ("P99 ITL (ms)", "p99_itl_ms"),
+    ("Mean E2EL (ms)", "mean_e2el_ms"),
+    ("Cached prompt tokens", "cached_tokens"),
+    ("Prefix cache hit rate", "cache_hit_rate"),
+)
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else "unbounded" if value is None else str(value)
+
+
 def table(summary: dict[str, Any]) -> str:
-    rows = [
-        ("Requests offered (rate x duration)", "offered"),
-        ("Requests sent", "sent"),
-        ("Successful requests", "completed"),
-        ("Failed requests", "failed"),
-        ("Offered request rate (req/s)", "request_rate"),
-        ("Achieved send rate (req/s)", "achieved_request_rate"),
-        ("Benchmark duration (s)", "duration"),
-        ("Total input tokens", "total_input_tokens"),
-        ("Total generated tokens", "total_output_tokens"),
-        ("Request throughput (req/s)", "request_throughput"),
-        ("Output token throughput (tok/s)", "output_throughput"),
-        ("Total token throughput (tok/s)", "total_token_throughput"),
-        ("Mean TTFT (ms)", "mean_ttft_ms"),
-        ("Median TTFT (ms)", "median_ttft_ms"),
-        ("P99 TTFT (ms)", "p99_ttft_ms"),
-        ("Mean TPOT (ms)", "mean_tpot_ms"),
-        ("Mean ITL (ms)", "mean_itl_ms"),
-        ("P99 ITL (ms)", "p99_itl_ms"),
-        ("Mean E2EL (ms)", "mean_e2el_ms"),
-        ("Cached prompt tokens", "cached_tokens"),
-        ("Prefix cache hit rate", "cache_hit_rate"),
-    ]
-    lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
-    for label, key in rows:
-        value = summary[key]
-        text = f"{value:.2f}" if isinstance(value, float) else "unbounded" if value is None else str(value)
-        lines.append(f"{label:<38}{text:>12}")
-    lines.append("=" * 50)
+    """The summary as ``vllm bench serve`` prints it (a label and a value per line, between rules),
+    then why fewer requests were sent than offered, and the commonest errors."""
+    columns = (
+        Column("", 0, align="<"),
+        Column("", lambda r: _value_text(summary[r[1]])),
+    )
+    body = tables.plain(columns, SUMMARY_ROWS, header=False)
+    width = max(len(line) for line in body.splitlines())
+    lines = [f"{' Serving Benchmark Result ':=^{width}}", body, "=" * width]
     offered_, sent = summary["offered"], summary["sent"]
     if offered_ is not None and sent < offered_:
         lines.append(

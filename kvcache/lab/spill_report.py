@@ -9,11 +9,13 @@ loaded are shared among tiers in proportion to the blocks each one served.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvcache.lab import tables
 from kvcache.lab.sim_tiers import TIER_NAMES, SimTiers
+from kvcache.lab.tables import Column
 
 
 def tier_metrics(sim: SimTiers, row: dict[str, Any]) -> dict[str, Any]:
@@ -54,46 +56,64 @@ def _pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[st
     ]
 
 
+Pair = tuple[dict[str, Any], dict[str, Any]]  # (G1-only row, the same replay with tiers)
+
+
+def _tier_hit(tier: str) -> Callable[[Pair], float]:
+    return lambda p: p[1]["tiers"][tier]["token_hit_rate"]
+
+
+def _p99_change(p: Pair) -> str:
+    return _change(p[0]["p99_ttft_ms"], p[1]["p99_ttft_ms"])
+
+
+def _mean_change(p: Pair) -> str:
+    return _change(p[0]["mean_ttft_ms"], p[1]["mean_ttft_ms"])
+
+
+COLUMNS = (  # the terminal table; Markdown (MARKDOWN_COLUMNS) spells the titles out
+    Column("policy", lambda p: p[0]["policy"], align="<"),
+    Column("G1-only hit", lambda p: p[0]["token_hit_rate"], ".1%"),
+    Column("tiers hit", lambda p: p[1]["token_hit_rate"], ".1%"),
+    Column("G1", lambda p: p[1]["tiers"]["device_token_hit_rate"], ".1%"),
+    Column("G2", _tier_hit("g2"), ".1%"),
+    Column("G3", _tier_hit("g3"), ".1%"),
+    Column("ICMS", _tier_hit("icms"), ".1%"),
+    Column("x-worker", lambda p: p[1]["tiers"]["icms"]["cross_worker_hits"], "d"),
+    Column("staged", lambda p: p[1]["tiers"]["prestaged_blocks"], "d"),
+    Column("p99 G1-only", lambda p: p[0]["p99_ttft_ms"], ".0f"),
+    Column("p99 tiers", lambda p: p[1]["p99_ttft_ms"], ".0f"),
+    Column("p99 change", _p99_change),
+    Column("mean change", _mean_change),
+)
+MARKDOWN_COLUMNS = tables.retitled(
+    COLUMNS,
+    (
+        "policy",
+        "G1-only token hit",
+        "with tiers",
+        "from G1",
+        "G2",
+        "G3",
+        "ICMS",
+        "ICMS cross-worker blocks",
+        "prestaged blocks",
+        "p99 TTFT G1-only ms",
+        "p99 TTFT tiers ms",
+        "p99 change",
+        "mean TTFT change",
+    ),
+)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per policy: G1-only vs with tiers, hit rate by tier, p99 TTFT change."""
-    head = (
-        f"{'policy':<13}{'G1-only hit':>12}{'tiers hit':>10}{'G1':>7}{'G2':>7}{'G3':>7}{'ICMS':>7}"
-        f"{'x-worker':>9}{'staged':>8}{'p99 G1-only':>12}{'p99 tiers':>10}{'p99 change':>11}"
-        f"{'mean change':>12}"
-    )
-    lines = [head]
-    for base, tiered in _pairs(rows):
-        t = tiered["tiers"]
-        device = t["device_token_hit_rate"]
-        lines.append(
-            f"{base['policy']:<13}{base['token_hit_rate']:>12.1%}{tiered['token_hit_rate']:>10.1%}"
-            f"{device:>7.1%}{t['g2']['token_hit_rate']:>7.1%}{t['g3']['token_hit_rate']:>7.1%}"
-            f"{t['icms']['token_hit_rate']:>7.1%}{t['icms']['cross_worker_hits']:>9d}"
-            f"{t['prestaged_blocks']:>8d}{base['p99_ttft_ms']:>12.0f}{tiered['p99_ttft_ms']:>10.0f}"
-            f"{_change(base['p99_ttft_ms'], tiered['p99_ttft_ms']):>11}"
-            f"{_change(base['mean_ttft_ms'], tiered['mean_ttft_ms']):>12}"
-        )
-    return "\n".join(lines)
+    return tables.plain(COLUMNS, _pairs(rows))
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| policy | G1-only token hit | with tiers | from G1 | G2 | G3 | ICMS | ICMS cross-worker blocks "
-        "| prestaged blocks | p99 TTFT G1-only ms | p99 TTFT tiers ms | p99 change | mean TTFT change |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for base, tiered in _pairs(rows):
-        t = tiered["tiers"]
-        device = t["device_token_hit_rate"]
-        lines.append(
-            f"| {base['policy']} | {base['token_hit_rate']:.1%} | {tiered['token_hit_rate']:.1%} | "
-            f"{device:.1%} | {t['g2']['token_hit_rate']:.1%} | {t['g3']['token_hit_rate']:.1%} | "
-            f"{t['icms']['token_hit_rate']:.1%} | {t['icms']['cross_worker_hits']} | "
-            f"{t['prestaged_blocks']} | {base['p99_ttft_ms']:.0f} | {tiered['p99_ttft_ms']:.0f} | "
-            f"{_change(base['p99_ttft_ms'], tiered['p99_ttft_ms'])} | "
-            f"{_change(base['mean_ttft_ms'], tiered['mean_ttft_ms'])} |"
-        )
-    return "\n".join(lines)
+    """The same table in Markdown, for docs."""
+    return tables.markdown(MARKDOWN_COLUMNS, _pairs(rows))
 
 
 def _change(before: float, after: float) -> str:
