@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from typing import Any
 
 from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.commands import _argtypes as argtypes
@@ -65,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvcache.engine import Engine, EngineConfig
+    from kvcache.lab import tables
     from kvcache.lab.calibration import fit, measure, predict_ms
+    from kvcache.lab.tables import Column
 
     torch.set_num_threads(args.threads)
     longest = max(args.contexts) + max(args.new_tokens)
@@ -96,19 +99,19 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}"
     )
     print(f"{len(samples)} steps; by shape (median measured vs fitted ms):")
-    head = f"{'prompt tok':>11}{'decode seqs':>12}{'context tok':>12}{'steps':>7}"
-    print(head + f"{'measured ms':>13}{'fitted ms':>11}")
-    groups: dict[tuple[int, int, int], list[float]] = {}
+    shapes: dict[tuple[int, int, int], tuple[Any, list[float]]] = {}  # shape -> (first step, seconds)
     for r in samples:
-        groups.setdefault((r.num_prefill_tokens, r.num_decode_seqs, r.num_context_tokens), []).append(
-            r.seconds
-        )
-    for (p, d, c), secs in sorted(groups.items()):
-        rec = next(
-            r for r in samples if (r.num_prefill_tokens, r.num_decode_seqs, r.num_context_tokens) == (p, d, c)
-        )
-        measured = 1000 * statistics.median(secs)
-        print(f"{p:>11}{d:>12}{c:>12}{len(secs):>7}{measured:>13.2f}{predict_ms(latency, rec):>11.2f}")
+        shape = (r.num_prefill_tokens, r.num_decode_seqs, r.num_context_tokens)
+        shapes.setdefault(shape, (r, []))[1].append(r.seconds)
+    columns = (
+        Column("prompt tok", lambda s: s[0].num_prefill_tokens),
+        Column("decode seqs", lambda s: s[0].num_decode_seqs),
+        Column("context tok", lambda s: s[0].num_context_tokens),
+        Column("steps", lambda s: len(s[1])),
+        Column("measured ms", lambda s: 1000 * statistics.median(s[1]), ".2f"),
+        Column("fitted ms", lambda s: predict_ms(latency, s[0]), ".2f"),
+    )
+    print(tables.plain(columns, [shapes[k] for k in sorted(shapes)]))
     latency.to_json(args.out)
     print(f"wrote {args.out}: {latency}")
     return 0

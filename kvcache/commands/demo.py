@@ -25,6 +25,8 @@ from kvcache.cache.config import DEFAULT_BLOCK_SIZE, CacheConfig
 from kvcache.cache.manager import BlockManager
 from kvcache.cache.tenancy import Scope
 from kvcache.commands import _argtypes as argtypes
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 from kvcache.lab.workloads import SynthConfig, multi_turn_chat, synthesize, system_prompt
 from kvcache.model.registry import DEFAULT_MODEL
 
@@ -141,15 +143,16 @@ def _manager(args: argparse.Namespace) -> None:
 
     stats = manager.stats()
     print(f"published system prompt: {published} blocks of {args.block_size} tokens")
-    print(f"{'tenant':<10}{'scope':<16}{'requests':>9}{'prompt tok':>12}{'hit tok':>10}{'hit rate':>10}")
-    for tenant, s in sorted(stats.tenants.items()):
-        print(
-            f"{tenant:<10}{scopes[tenant].chain_scope:<16}{s.requests:>9}{s.query_tokens:>12}"
-            f"{s.hit_tokens:>10}{s.hit_rate:>10.1%}"
-        )
-    print(
-        f"{'all':<26}{stats.requests:>9}{stats.query_tokens:>12}{stats.hit_tokens:>10}{stats.hit_rate:>10.1%}"
+    columns = (
+        Column("tenant", 0, align="<"),
+        Column("scope", 1, align="<"),
+        Column("requests", lambda r: r[2].requests),
+        Column("prompt tok", lambda r: r[2].query_tokens),
+        Column("hit tok", lambda r: r[2].hit_tokens),
+        Column("hit rate", lambda r: r[2].hit_rate, ".1%"),
     )
+    per_tenant = [(t, scopes[t].chain_scope, s) for t, s in sorted(stats.tenants.items())]
+    print(tables.plain(columns, [*per_tenant, ("all", "", stats)]))
     print(f"evictions {stats.evictions}, blocks cached {stats.cached_free_blocks} of {stats.num_blocks}")
     probe = requests[-1]
     outsiders = [t for t in scopes if scopes[t].chain_scope != scopes[probe.tenant].chain_scope]

@@ -156,17 +156,27 @@ def _token_sessions(engine: Any, args: argparse.Namespace) -> list[_Row]:
 
 
 def _print_table(engine: Any, results: list[_Row]) -> None:
+    from kvcache.lab import tables
+    from kvcache.lab.tables import Column
+
     stats = engine.manager.stats()
-    header = f"{'tenant':<10}{'requests':>9}{'prompt tok':>12}{'hit tok':>10}{'hit rate':>10}"
-    print(header + f"{'TTFT reuse ms':>15}{'TTFT no reuse ms':>18}{'speedup':>9}")
-    rows = [*sorted({r.tenant for r in results}), "all"]
-    for tenant in rows:
+
+    def ttfts(tenant: str) -> tuple[float, float]:  # medians in ms: with reuse, without
         mine = [r for r in results if tenant in ("all", r.tenant)]
-        s = stats if tenant == "all" else stats.tenants[tenant]
-        reuse = _ms([r.ttft_s for r in mine])
-        bare = _ms([r.uncached_ttft_s for r in mine if r.uncached_ttft_s is not None])
-        print(
-            f"{tenant:<10}{s.requests:>9}{s.query_tokens:>12}{s.hit_tokens:>10}{s.hit_rate:>10.1%}"
-            f"{reuse:>15.2f}{bare:>18.2f}{bare / reuse:>8.2f}x"
-        )
+        bare = [r.uncached_ttft_s for r in mine if r.uncached_ttft_s is not None]
+        return _ms([r.ttft_s for r in mine]), _ms(bare)
+
+    columns = (
+        Column("tenant", 0, align="<"),
+        Column("requests", lambda r: r[1].requests),
+        Column("prompt tok", lambda r: r[1].query_tokens),
+        Column("hit tok", lambda r: r[1].hit_tokens),
+        Column("hit rate", lambda r: r[1].hit_rate, ".1%"),
+        Column("TTFT reuse ms", lambda r: r[2][0], ".2f"),
+        Column("TTFT no reuse ms", lambda r: r[2][1], ".2f"),
+        Column("speedup", lambda r: f"{r[2][1] / r[2][0]:.2f}x"),
+    )
+    tenants = sorted({r.tenant for r in results})
+    rows = [(t, stats.tenants[t], ttfts(t)) for t in tenants] + [("all", stats, ttfts("all"))]
+    print(tables.plain(columns, rows))
     print("TTFT figures are medians per request; speedup = no reuse / reuse.")

@@ -18,6 +18,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.errors import ConfigError
+    from kvcache.lab import tables
+    from kvcache.lab.tables import Column
     from kvcache.model import registry as models
 
     if args.action == "prepare":
@@ -30,14 +32,28 @@ def run(args: argparse.Namespace) -> int:
     if args.name is not None:
         raise ConfigError(f"kvcache models takes a name only after 'prepare', got {args.name!r}")
     print(f"converted checkpoints live in {models.home()} (set KVCACHE_HOME to move them)")
-    print(f"{'name':<18}{'weights':<12}{'converted':<11}{'size MiB':>9}  description")
+    columns = (
+        Column("name", 0, align="<"),
+        Column("weights", 1, align="<"),
+        Column("converted", 2, align="<"),
+        Column("size MiB", 3),
+        Column("description", 4, align="<"),
+    )
+    rows, hints = [], []  # hints[i]: how to install rows[i]'s weights, "" when installed
     for name in models.REGISTRY:
         s = models.status(name)
-        weights = "installed" if s.installed else "missing"
         size = f"{s.size_bytes / 2**20:.0f}" if s.prepared else "-"
-        print(f"{name:<18}{weights:<12}{'yes' if s.prepared else 'no':<11}{size:>9}  {s.description}")
-        if not s.installed:
-            print(f"{'':<18}install with: {models.spec(name).install_hint}")
+        weights = "installed" if s.installed else "missing"
+        rows.append((name, weights, "yes" if s.prepared else "no", size, s.description))
+        hints.append("" if s.installed else models.spec(name).install_hint)
     for name in models.random_weight_names():
-        print(f"{name:<18}{'random':<12}{'-':<11}{'-':>9}  random weights from a config, for tests")
+        rows.append((name, "random", "-", "-", "random weights from a config, for tests"))
+        hints.append("")
+    head, *lines = tables.plain(columns, rows).splitlines()
+    indent = head.index("weights")  # the hint starts under the weights column
+    print(head)
+    for line, hint in zip(lines, hints, strict=True):
+        print(line)
+        if hint:
+            print(f"{'':<{indent}}install with: {hint}")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import textwrap
 import time
 from typing import Any
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     from kvcache.cache.config import CacheConfig
     from kvcache.cache.manager import BlockManager
+    from kvcache.lab import tables
+    from kvcache.lab.tables import Column
     from kvcache.tiers import DiskTier, Hierarchy, HostTier, IcmsTier, InProcessBackend, LayoutFingerprint
 
     torch.set_num_threads(1)
@@ -132,10 +135,29 @@ def run(args: argparse.Namespace) -> int:
         f"{bs} tokens {layout.dtype}: {layout.block_nbytes / 1024:.0f} KiB per block; G3 under {root}; "
         f"ICMS {'redis ' + server.url if server else 'in-process'}; every loaded block verified bit-exact"
     )
-    print(f"{'pass':<24}{'device hit':>11}{'tier loads':>11}{'load MiB/s':>11}")
-    for label, device, loaded, load_s in rows:
-        rate = f"{loaded * mib / load_s:.0f}" if loaded and load_s else "-"
-        print(f"{label:<24}{device:>11}{loaded:>11}{rate:>11}")
+    pass_columns = (
+        Column("pass", 0, align="<"),
+        Column("device hit", 1),
+        Column("tier loads", 2),
+        Column("load MiB/s", lambda r: f"{r[2] * mib / r[3]:.0f}" if r[2] and r[3] else "-"),
+    )
+    print(tables.plain(pass_columns, rows))
+    tier_columns = (
+        Column("tier", 0, align="<"),
+        Column("hits", lambda r: r[1].hits),
+        Column("misses", lambda r: r[1].misses),
+        Column("in", lambda r: r[1].blocks_in),
+        Column("out", lambda r: r[1].blocks_out),
+        Column("MiB in", lambda r: r[1].bytes_in / 2**20, ".1f"),
+        Column("MiB out", lambda r: r[1].bytes_out / 2**20, ".1f"),
+        Column("evict", lambda r: r[1].evictions),
+        Column("held", lambda r: r[1].occupancy_blocks),
+        Column("cap", lambda r: r[1].capacity_blocks),
+        Column("corrupt", lambda r: r[1].corrupt),
+        Column("errors", lambda r: r[1].errors),
+        Column("x-worker", lambda r: r[1].cross_worker_hits),
+        Column("stall ms", lambda r: r[1].stall_ms, ".2f"),
+    )
     for w, (_, _, hierarchy) in enumerate(workers):
         hs = hierarchy.stats()
         print(
@@ -143,17 +165,7 @@ def run(args: argparse.Namespace) -> int:
             f"{hs.blocks_promoted}, prefill tokens saved {hs.prefill_tokens_saved}, "
             f"load time {hs.stall_ms:.1f} ms"
         )
-        print(
-            f"  {'tier':<6}{'hits':>6}{'misses':>7}{'in':>6}{'out':>6}{'MiB in':>8}{'MiB out':>8}{'evict':>6}"
-            f"{'held':>7}{'cap':>6}{'corrupt':>8}{'errors':>7}{'x-worker':>9}{'stall ms':>9}"
-        )
-        for name, t in hs.tiers.items():
-            print(
-                f"  {name:<6}{t.hits:>6}{t.misses:>7}{t.blocks_in:>6}{t.blocks_out:>6}"
-                f"{t.bytes_in / 2**20:>8.1f}{t.bytes_out / 2**20:>8.1f}{t.evictions:>6}"
-                f"{t.occupancy_blocks:>7}{t.capacity_blocks:>6}{t.corrupt:>8}{t.errors:>7}"
-                f"{t.cross_worker_hits:>9}{t.stall_ms:>9.2f}"
-            )
+        print(textwrap.indent(tables.plain(tier_columns, hs.tiers.items()), "  "))
     if server is not None:
         server.stop()
     if tmp is not None:
