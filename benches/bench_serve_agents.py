@@ -71,6 +71,8 @@ from kvcache.cache.config import DEFAULT_BLOCK_SIZE
 from kvcache.child import python_argv
 from kvcache.lab import serve_bench as bench
 from kvcache.lab import serving as own_server
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import TraceRequest, prompt_text
 from kvcache.lab.workloads import persistent_agents
 from kvcache.model import registry as models
@@ -419,28 +421,29 @@ def ratios(m: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+CONTENDER_NAMES = {  # a contender's key in the figures -> how the table names it
+    "sharing": "`kvcache serve`, defaults (sharing on)",
+    "public": "`kvcache serve`, sharing on, system prompt declared public",
+    "no-sharing": "`kvcache serve`, sharing impossible (a key and tenant per request)",
+    "transformers": "`transformers serve --continuous-batching`",
+}
+TABLE_COLUMNS = (  # one row per contender: (key, its medians)
+    Column("contender", lambda r: CONTENDER_NAMES.get(r[0], r[0]), align="<"),
+    Column("wall s", lambda r: r[1]["wall_s"], ".0f"),
+    Column("req/s", lambda r: r[1]["req_s"], ".3f"),
+    Column("TTFT p50 s", lambda r: r[1]["ttft_p50_s"], ".2f"),
+    Column("TTFT p99 s", lambda r: r[1]["ttft_p99_s"], ".2f"),
+    Column("TPOT ms", lambda r: r[1]["tpot_ms"], ".0f"),
+    Column("TTFT share", lambda r: f"{100 * r[1]['ttft_share']:.0f}%"),
+    Column("cached", lambda r: "n/a" if r[1]["cached"] is None else f"{100 * r[1]['cached']:.1f}%"),
+    Column("prompt tokens", lambda r: r[1]["prompt_tokens"], ".0f"),
+    Column("load", lambda r: f"{r[1]['load_before']:.1f}-{r[1]['load_after']:.1f}"),
+)
+
+
 def table(m: dict[str, dict[str, Any]]) -> list[str]:
     """The Markdown table README.md and docs/serve.md show."""
-    lines = [
-        "| contender | wall s | req/s | TTFT p50 s | TTFT p99 s | TPOT ms | TTFT share | cached | "
-        "prompt tokens | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    names = {
-        "sharing": "`kvcache serve`, defaults (sharing on)",
-        "public": "`kvcache serve`, sharing on, system prompt declared public",
-        "no-sharing": "`kvcache serve`, sharing impossible (a key and tenant per request)",
-        "transformers": "`transformers serve --continuous-batching`",
-    }
-    for name, f in m.items():
-        cached = "n/a" if f["cached"] is None else f"{100 * f['cached']:.1f}%"
-        lines.append(
-            f"| {names.get(name, name)} | {f['wall_s']:.0f} | {f['req_s']:.3f} | "
-            f"{f['ttft_p50_s']:.2f} | {f['ttft_p99_s']:.2f} | {f['tpot_ms']:.0f} | "
-            f"{100 * f['ttft_share']:.0f}% | {cached} | {f['prompt_tokens']:.0f} | "
-            f"{f['load_before']:.1f}-{f['load_after']:.1f} |"
-        )
-    return lines
+    return tables.markdown(TABLE_COLUMNS, m.items()).splitlines()
 
 
 def run_shape(

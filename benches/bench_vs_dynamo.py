@@ -68,6 +68,8 @@ import pytest
 
 from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.child import python_argv
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import Trace
 from kvcache.router.index import PreciseIndex
 
@@ -206,24 +208,24 @@ def index_row(core: Any, num_workers: int) -> dict[str, Any]:
     }
 
 
+INDEX_COLUMNS = (
+    Column("workers", "workers", ","),
+    Column("block events", "block_events", ","),
+    Column("matching", "matching_workers", ","),
+    Column("events/CPU-s kvcache", lambda r: f"{r['ours_events_per_cpu_s'] / 1e6:.2f} M"),
+    Column("Dynamo", lambda r: f"{r['dynamo_events_per_cpu_s'] / 1e6:.2f} M"),
+    Column("ratio", lambda r: f"{r['ours_events_per_cpu_s'] / r['dynamo_events_per_cpu_s']:.2f}x"),
+    Column("lookup us kvcache `overlap_by_slot`", "ours_lookup_us", ".1f"),
+    Column("Dynamo `find_matches`", "dynamo_lookup_us", ".1f"),
+    Column("ratio", lambda r: f"{r['ours_lookup_us'] / r['dynamo_lookup_us']:.2f}x"),
+    Column("as a dict: kvcache `overlaps`", "ours_dict_us", ".1f"),
+    Column("Dynamo `.scores`", "dynamo_scores_us", ".1f"),
+    Column("ratio", lambda r: f"{r['ours_dict_us'] / r['dynamo_scores_us']:.2f}x"),
+)
+
+
 def index_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| workers | block events | matching | events/CPU-s kvcache | Dynamo | ratio "
-        "| lookup us kvcache `overlap_by_slot` | Dynamo `find_matches` | ratio "
-        "| as a dict: kvcache `overlaps` | Dynamo `.scores` | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['workers']:,} | {r['block_events']:,} | {r['matching_workers']:,} "
-            f"| {r['ours_events_per_cpu_s'] / 1e6:.2f} M | {r['dynamo_events_per_cpu_s'] / 1e6:.2f} M "
-            f"| {r['ours_events_per_cpu_s'] / r['dynamo_events_per_cpu_s']:.2f}x "
-            f"| {r['ours_lookup_us']:.1f} | {r['dynamo_lookup_us']:.1f} "
-            f"| {r['ours_lookup_us'] / r['dynamo_lookup_us']:.2f}x "
-            f"| {r['ours_dict_us']:.1f} | {r['dynamo_scores_us']:.1f} "
-            f"| {r['ours_dict_us'] / r['dynamo_scores_us']:.2f}x |"
-        )
-    return "\n".join(lines)
+    return tables.markdown(INDEX_COLUMNS, rows)
 
 
 # Run in a child per replay: Dynamo's runtime starts threads, and its CPU time is its own.
@@ -315,26 +317,22 @@ def replay_rows(
 
 def replay_table(rows: list[dict[str, Any]], policies: list[str], modes: list[str]) -> str:
     names = [f"dynamo {m}" for m in modes] + policies
-    head = "| workers (blocks each; 0.1 rule) | " + " | ".join(f"{n} hit / CPU-s" for n in names)
-    head += " | kvcache CPU / Dynamo kv_router CPU | load |"
-    lines = [head, "|---" * (len(names) + 3) + "|"]
-    for r in rows:
-        cells = []
-        for n in names:
-            c = r[n]
-            cells.append(
-                f"error: {c['error']}" if "error" in c else f"{c['token_hit_rate']:.1%} / {c['cpu_s']:.1f}"
-            )
+
+    def cpu_ratios(r: dict[str, Any]) -> str:
         ref = r.get("dynamo kv_router", {})
-        ratio = " / ".join(
-            f"{r[p]['cpu_s'] / ref['cpu_s']:.2f}x" if "cpu_s" in ref else "-" for p in policies
-        )
-        lines.append(
-            f"| {r['workers']:,} ({r['capacity']}; {r['rule']}) | "
-            + " | ".join(cells)
-            + f" | {ratio} | {r['load']:.2f} |"
-        )
-    return "\n".join(lines)
+        return " / ".join(f"{r[p]['cpu_s'] / ref['cpu_s']:.2f}x" if "cpu_s" in ref else "-" for p in policies)
+
+    columns = [
+        Column(
+            "workers (blocks each; 0.1 rule)",
+            lambda r: f"{r['workers']:,} ({r['capacity']}; {r['rule']})",
+            align="<",
+        ),
+        *(Column(f"{n} hit / CPU-s", lambda r, n=n: _hit_cpu(r[n]), align="<") for n in names),
+        Column("kvcache CPU / Dynamo kv_router CPU", cpu_ratios, align="<"),
+        Column("load", "load", ".2f", align="<"),
+    ]
+    return tables.markdown(columns, rows)
 
 
 def shape_rows(
@@ -401,30 +399,40 @@ def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["shape"], r["workers"], r["capacity"]), []).append(r)
-    head = "| shape | workers | requests | fractions | pool: matrix -> run | Dynamo kv_router hit / CPU-s "
-    head += "| its p99 TTFT s (its mocker's timing) | "
-    head += " | ".join(f"kvcache `{p}`" for p in policies) + " | affinity / Dynamo | load |"
-    lines = [head, "|---|---:|---:|---|---:|---|---:|" + "---|" * len(policies) + "---:|---:|"]
-    for group in groups.values():
-        r = group[0]
-        ref, me = r["dynamo kv_router"], r.get("affinity", {})
-        ratio = (
-            f"{me['token_hit_rate'] / ref['token_hit_rate']:.2f}x"
-            if "token_hit_rate" in ref and "token_hit_rate" in me and ref["token_hit_rate"]
-            else "-"
-        )
-        dropped = ref.get("requests", 0) - ref.get("completed", 0)
+
+    def pool(group: list[dict[str, Any]]) -> str:
         pools = sorted({g["matrix_pool"] for g in group})
-        pool = "/".join(map(str, pools)) + (f" -> {r['capacity']}" if r["capacity"] != pools[0] else "")
-        fractions = ", ".join(f"{g['fraction']:.0%}" for g in group)
-        lines.append(
-            f"| {r['shape']} | {r['workers']:,} | {r['requests']:,} | {fractions} | {pool} "
-            f"| {_hit_cpu(ref)}{f' ({dropped} dropped)' if dropped > 0 else ''} "
-            f"| {ref['p99_ttft_ms'] / 1000 if 'p99_ttft_ms' in ref else float('nan'):,.1f} | "
-            + " | ".join(_hit_cpu(r[p]) for p in policies)
-            + f" | {ratio} | {r['load']:.2f} |"
-        )
-    return "\n".join(lines)
+        capacity = group[0]["capacity"]
+        return "/".join(map(str, pools)) + (f" -> {capacity}" if capacity != pools[0] else "")
+
+    def dynamo(group: list[dict[str, Any]]) -> str:
+        ref = group[0]["dynamo kv_router"]
+        dropped = ref.get("requests", 0) - ref.get("completed", 0)
+        return _hit_cpu(ref) + (f" ({dropped} dropped)" if dropped > 0 else "")
+
+    def hit_ratio(group: list[dict[str, Any]]) -> str:
+        ref, me = group[0]["dynamo kv_router"], group[0].get("affinity", {})
+        if "token_hit_rate" in ref and "token_hit_rate" in me and ref["token_hit_rate"]:
+            return f"{me['token_hit_rate'] / ref['token_hit_rate']:.2f}x"
+        return "-"
+
+    columns = [
+        Column("shape", lambda g: g[0]["shape"], align="<"),
+        Column("workers", lambda g: g[0]["workers"], ","),
+        Column("requests", lambda g: g[0]["requests"], ","),
+        Column("fractions", lambda g: ", ".join(f"{x['fraction']:.0%}" for x in g), align="<"),
+        Column("pool: matrix -> run", pool),
+        Column("Dynamo kv_router hit / CPU-s", dynamo, align="<"),
+        Column(
+            "its p99 TTFT s (its mocker's timing)",
+            lambda g: g[0]["dynamo kv_router"].get("p99_ttft_ms", float("nan")) / 1000,
+            ",.1f",
+        ),
+        *(Column(f"kvcache `{p}`", lambda g, p=p: _hit_cpu(g[0][p]), align="<") for p in policies),
+        Column("affinity / Dynamo", hit_ratio),
+        Column("load", lambda g: g[0]["load"], ".2f"),
+    ]
+    return tables.markdown(columns, groups.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
+
 NUM_THREADS = 2
 
 
@@ -43,22 +46,41 @@ def _groups(session: Any) -> dict[str, list[Any]]:
     return {g: sorted(b, key=lambda x: "baseline" not in x.name) for g, b in groups.items()}
 
 
+def _base_cell(base: Any) -> str:
+    return f"{_ms(base.stats.median)} ms, {_rate(base)}".rstrip(", ") if base else ""
+
+
+def _ours_cell(ours: list[Any]) -> str:
+    text = " / ".join(_ms(b.stats.median) for b in ours) + " ms"
+    return text + (f", {_rate(ours[0])}" if len(ours) == 1 and _rate(ours[0]) else "")
+
+
+SUMMARY_COLUMNS = (  # one row per group: (name, baseline or None, ours)
+    Column("benchmark", 0, align="<"),
+    Column(
+        "baseline",
+        lambda g: f"{_ms(g[1].stats.median)} ms, {_rate(g[1])}".rstrip(", ") if g[1] else "",
+        align="<",
+    ),
+    Column("kvcache", lambda g: _ours_cell(g[2]), align="<"),
+    Column(
+        "ratio",
+        lambda g: " / ".join(f"{g[1].stats.median / b.stats.median:.2f}x" for b in g[2]) if g[1] else "",
+        align="<",
+    ),
+)
+
+
 def markdown_table(session: Any) -> list[str]:
     """The README's performance table: per group, the baseline's median and rate, ours, the ratio.
 
     A group with several of ours (allocate+free at 50% and 100% cached) joins them with " / ".
     """
-    lines = ["| benchmark | baseline | kvcache | ratio |", "|---|---|---|---|"]
+    rows = []
     for group, benches in _groups(session).items():
         base = benches[0] if "baseline" in benches[0].name else None
-        ours = [b for b in benches if b is not base]
-        base_cell = f"{_ms(base.stats.median)} ms, {_rate(base)}".rstrip(", ") if base else ""
-        ours_cell = " / ".join(_ms(b.stats.median) for b in ours) + " ms"
-        if len(ours) == 1 and _rate(ours[0]):
-            ours_cell += f", {_rate(ours[0])}"
-        ratio = " / ".join(f"{base.stats.median / b.stats.median:.2f}x" for b in ours) if base else ""
-        lines.append(f"| {group} | {base_cell} | {ours_cell} | {ratio} |")
-    return lines
+        rows.append((group, base, [b for b in benches if b is not base]))
+    return tables.markdown(SUMMARY_COLUMNS, rows).splitlines()
 
 
 @pytest.hookimpl(trylast=True)

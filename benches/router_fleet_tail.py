@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from kvcache.lab import tables
 from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks, run_cell, verdict
 from kvcache.lab.replay import ReplayConfig, ReplayResult, prepare, replay
+from kvcache.lab.tables import Column
 
 FRACTION = 0.05
 
@@ -118,26 +120,39 @@ def tail_cell(
     return rows
 
 
+TAIL_COLUMNS = (
+    Column(
+        "cell (cap; blocks per worker)",
+        lambda r: f"{r['shape']} {r['num_workers']:,} x 5% ({r['max_requests']:,}; {r['capacity_blocks']})",
+        align="<",
+    ),
+    Column("arrivals span s (last first token)", lambda r: f"{r['span_s']:.1f} ({r['drained_s']:.1f})"),
+    Column(
+        "verdict: p99 / best baseline",
+        lambda r: f"{r['p99_ratio']:.2f} ({r['best_baseline_p99_policy']}){'' if r['ok'] else ' miss'}",
+        align="<",
+    ),
+    Column("policy", "policy", align="<"),
+    Column(
+        "requests per worker (workers used; max)",
+        lambda r: f"{r['mean_per_worker']:.1f} ({r['workers_used']:,}; {r['max_per_worker']})",
+    ),
+    Column("waited", "waited_share", ".0%"),
+    Column("p99 TTFT ms", "p99_ttft_ms", ",.0f"),
+    Column("tail requests (waited)", lambda r: f"{r['tail']} ({r['tail_waited']})"),
+    Column("tail wait / TTFT", "tail_wait_share", ".0%"),
+    Column("requests ahead", "tail_ahead", ".0f"),
+    Column(
+        "tail prompt tokens (all)",
+        lambda r: f"{r['tail_prompt_tokens']:,.0f} ({r['median_prompt_tokens']:,.0f})",
+    ),
+    Column("tail on workers (most on one)", lambda r: f"{r['tail_workers']} ({r['tail_top_worker']})"),
+    Column("p99 without that worker ms", "p99_without_top_worker_ms", ",.0f"),
+)
+
+
 def tail_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| cell (cap; blocks per worker) | arrivals span s (last first token) | verdict: p99 / best "
-        "baseline | policy | requests per worker (workers used; max) | waited | p99 TTFT ms "
-        "| tail requests (waited) | tail wait / TTFT | requests ahead | tail prompt tokens (all) "
-        "| tail on workers (most on one) | p99 without that worker ms |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} {r['num_workers']:,} x 5% ({r['max_requests']:,}; {r['capacity_blocks']}) "
-            f"| {r['span_s']:.1f} ({r['drained_s']:.1f}) "
-            f"| {r['p99_ratio']:.2f} ({r['best_baseline_p99_policy']}){'' if r['ok'] else ' miss'} "
-            f"| {r['policy']} | {r['mean_per_worker']:.1f} ({r['workers_used']:,}; {r['max_per_worker']}) "
-            f"| {r['waited_share']:.0%} | {r['p99_ttft_ms']:,.0f} | {r['tail']} ({r['tail_waited']}) "
-            f"| {r['tail_wait_share']:.0%} | {r['tail_ahead']:.0f} "
-            f"| {r['tail_prompt_tokens']:,.0f} ({r['median_prompt_tokens']:,.0f}) "
-            f"| {r['tail_workers']} ({r['tail_top_worker']}) | {r['p99_without_top_worker_ms']:,.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return tables.markdown(TAIL_COLUMNS, rows) + "\n"
 
 
 def _load() -> str:

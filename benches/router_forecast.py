@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from kvcache.lab import tables
 from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks
 from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import Trace, read_trace
 from kvcache.router.policies import RoutingInput, WorkerId, ttft_cost_column
 from kvcache.router.router import Router, RouteRequest
@@ -124,22 +126,30 @@ def forecast_cell(name: str, trace: Trace, num_workers: int, capacity: int) -> d
     }
 
 
+TABLE_COLUMNS = (
+    Column("cell (blocks per worker)", lambda r: f"{r['cell']} ({r['capacity_blocks']})", align="<"),
+    Column("requests", "requests", ","),
+    Column("waited", "waited_share", ".0%"),
+    Column(
+        "forecast / simulated TTFT p10 / p50 / p90",
+        lambda r: f"{r['ratio_p10']:.2f} / {r['ratio_p50']:.2f} / {r['ratio_p90']:.2f}",
+        align="<",
+    ),
+    Column(
+        "median abs error ms (relative)",
+        lambda r: f"{r['median_abs_error_ms']:,.0f} ({r['median_rel_error']:.0%})",
+    ),
+    Column("rank correlation", "spearman", ".2f"),
+    Column(
+        "affinity cost / simulated p50 (rank correlation)",
+        lambda r: f"{r['cost_ratio_p50']:.2f} ({r['cost_spearman']:.2f})",
+    ),
+    Column("simulated median TTFT ms", "median_ttft_ms", ",.0f"),
+)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| cell (blocks per worker) | requests | waited | forecast / simulated TTFT p10 / p50 / p90 "
-        "| median abs error ms (relative) | rank correlation | affinity cost / simulated p50 "
-        "(rank correlation) | simulated median TTFT ms |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['cell']} ({r['capacity_blocks']}) | {r['requests']:,} | {r['waited_share']:.0%} "
-            f"| {r['ratio_p10']:.2f} / {r['ratio_p50']:.2f} / {r['ratio_p90']:.2f} "
-            f"| {r['median_abs_error_ms']:,.0f} ({r['median_rel_error']:.0%}) | {r['spearman']:.2f} "
-            f"| {r['cost_ratio_p50']:.2f} ({r['cost_spearman']:.2f}) "
-            f"| {r['median_ttft_ms']:,.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return tables.markdown(TABLE_COLUMNS, rows) + "\n"
 
 
 def _load() -> str:

@@ -39,9 +39,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvcache.lab import report
+from kvcache.lab import report, tables
 from kvcache.lab.matrix import MatrixConfig, cell_trace, pool_blocks, run_cell, verdict, verdicts_table
 from kvcache.lab.replay import ReplayConfig, prepare, replay
+from kvcache.lab.tables import Column
 from kvcache.router.policies import (
     BASELINES,
     POLICIES,
@@ -179,22 +180,26 @@ def stays(shape: str, num_workers: int, fraction: float, policy: str, trace: str
     }
 
 
+STAYS_COLUMNS = (
+    Column(
+        "cell (blocks per worker)",
+        lambda r: f"{r['shape']} {r['num_workers']} x {r['fraction']:.0%} ({r['capacity_blocks']})",
+        align="<",
+    ),
+    Column("policy", "policy", align="<"),
+    Column("prefix held somewhere", "reusable_share", ".0%"),
+    Column("moved off it", "moved_share", ".0%"),
+    Column("prompt tokens left behind", "left_behind_share", ".0%"),
+    Column("token hit", "token_hit_rate", ".1%"),
+    Column("median TTFT ms", "median_ttft_ms", ",.0f"),
+    Column("p99 TTFT ms", "p99_ttft_ms", ",.0f"),
+)
+
+
 def stays_table(rows: Sequence[dict[str, Any]]) -> str:
     """Per cell and policy: requests with a reusable prefix, the share moved off it, the prompt
     tokens those moves leave behind, hit rate and TTFT."""
-    lines = [
-        "| cell (blocks per worker) | policy | prefix held somewhere | moved off it "
-        "| prompt tokens left behind | token hit | median TTFT ms | p99 TTFT ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} {r['num_workers']} x {r['fraction']:.0%} ({r['capacity_blocks']}) "
-            f"| {r['policy']} | "
-            f"{r['reusable_share']:.0%} | {r['moved_share']:.0%} | {r['left_behind_share']:.0%} | "
-            f"{r['token_hit_rate']:.1%} | {r['median_ttft_ms']:,.0f} | {r['p99_ttft_ms']:,.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return tables.markdown(STAYS_COLUMNS, rows) + "\n"
 
 
 def _load() -> str:
