@@ -37,6 +37,8 @@ import pytest
 import torch
 
 from kvcache.engine import Engine, EngineConfig
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 from kvcache.model import hf
 
 MODEL = os.environ.get("BENCH_HF_MODEL", "small-qwen2")
@@ -181,19 +183,22 @@ def report_lines() -> list[str]:
         f"HF TTFT: {eng.model_id} on {device_name()} {str(eng.dtype).removeprefix('torch.')}, torch threads "
         f"{torch.get_num_threads()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
         f"medians of {ROUNDS}",
-        f"{'tokens':>7}{'hit':>6}{'cached':>8}{'uncached ms':>13}{'hand ms':>10}{'engine ms':>11}"
-        f"{'overhead ms':>13}{'overhead %':>12}{'engine/hand':>13}{'(min)':>7}{'speedup':>9}",
     ]
-    for (length, hit), r in sorted(_results.items()):
-        if not {"uncached", "hand", "engine"} <= r.keys():
-            continue
-        lines.append(
-            f"{length:>7}{hit:>6.0%}{cached_tokens(length, hit):>8}{r['uncached'] * 1e3:>13.2f}"
-            f"{r['hand'] * 1e3:>10.2f}{r['engine'] * 1e3:>11.2f}{r['overhead'] * 1e3:>13.2f}"
-            f"{r['overhead'] / r['engine']:>12.1%}{r['engine'] / r['hand']:>12.2f}x"
-            f"{r['engine_min'] / r['hand_min']:>6.2f}x"
-            f"{r['uncached'] / r['engine']:>8.2f}x"
-        )
+    columns = (  # one row per (prompt length, hit fraction): ((length, hit), its timings)
+        Column("tokens", lambda r: r[0][0]),
+        Column("hit", lambda r: r[0][1], ".0%"),
+        Column("cached", lambda r: cached_tokens(*r[0])),
+        Column("uncached ms", lambda r: r[1]["uncached"] * 1e3, ".2f"),
+        Column("hand ms", lambda r: r[1]["hand"] * 1e3, ".2f"),
+        Column("engine ms", lambda r: r[1]["engine"] * 1e3, ".2f"),
+        Column("overhead ms", lambda r: r[1]["overhead"] * 1e3, ".2f"),
+        Column("overhead %", lambda r: r[1]["overhead"] / r[1]["engine"], ".1%"),
+        Column("engine/hand", lambda r: f"{r[1]['engine'] / r[1]['hand']:.2f}x"),
+        Column("(min)", lambda r: f"{r[1]['engine_min'] / r[1]['hand_min']:.2f}x"),
+        Column("speedup", lambda r: f"{r[1]['uncached'] / r[1]['engine']:.2f}x"),
+    )
+    measured = [(k, r) for k, r in sorted(_results.items()) if {"uncached", "hand", "engine"} <= r.keys()]
+    lines += tables.plain(columns, measured).splitlines()
     lines.append(
         "targets: overhead % <= 20%, engine/hand <= 1.25x (medians; (min): fastest runs, less exposed to "
         "a busy machine); speedup = uncached / engine"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ import pytest
 import torch
 
 from kvcache.kernels.dispatch import pack_blocks, select_backend, unpack_blocks
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16
@@ -133,17 +136,25 @@ def _report(request: pytest.FixtureRequest) -> None:
     lines = [
         f"block copies on {_device_name()} ({backend} backend), GB/s of payload, median (best); "
         "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        f"  {'group':<36}{'ours':>15}{'index':>15}{'clone':>15}{'ours/index':>15}{'ours/clone':>15}",
     ]
-    for group in sorted(rates):
-        r, b = rates[group], best[group]
-        if not {"ours", "torch_index", "baseline_clone"} <= r.keys():
-            continue
-        cells = [f"{r[i]:.2f} ({b[i]:.2f})" for i in ("ours", "torch_index", "baseline_clone")]
-        cells += [
-            f"{r['ours'] / r[i]:.2f} ({b['ours'] / b[i]:.2f})" for i in ("torch_index", "baseline_clone")
-        ]
-        lines.append(f"  {group:<36}" + "".join(f"{c:>15}" for c in cells))
+    impls = ("ours", "torch_index", "baseline_clone")
+
+    def rate(impl: str) -> Callable[[str], str]:  # median (best) GB/s
+        return lambda g: f"{rates[g][impl]:.2f} ({best[g][impl]:.2f})"
+
+    def ratio(impl: str) -> Callable[[str], str]:  # ours over impl, median (best)
+        return lambda g: f"{rates[g]['ours'] / rates[g][impl]:.2f} ({best[g]['ours'] / best[g][impl]:.2f})"
+
+    columns = (
+        Column("group", lambda g: g, align="<"),
+        Column("ours", rate("ours")),
+        Column("index", rate("torch_index")),
+        Column("clone", rate("baseline_clone")),
+        Column("ours/index", ratio("torch_index")),
+        Column("ours/clone", ratio("baseline_clone")),
+    )
+    groups = [g for g in sorted(rates) if set(impls) <= rates[g].keys()]
+    lines += textwrap.indent(tables.plain(columns, groups), "  ").splitlines()
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print("\n" + "\n".join(lines))

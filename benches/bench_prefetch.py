@@ -39,6 +39,8 @@ import torch
 
 from kvcache.engine import Engine, EngineConfig, SamplingParams
 from kvcache.kernels.dispatch import pack_blocks
+from kvcache.lab import tables
+from kvcache.lab.tables import Column
 from kvcache.model import registry as models
 from kvcache.redis_server import start_redis
 from kvcache.tiers import (
@@ -62,6 +64,12 @@ BUSY = int(os.environ.get("BENCH_PREFETCH_BUSY", "2"))
 BUSY_TOKENS = int(os.environ.get("BENCH_PREFETCH_BUSY_TOKENS", "8"))
 BS = 16
 POLICY = TierPolicy(offload_on_evict=False)
+COUNTS = ("TTFT ms", "admitted ms", "load ms", "loaded tok", "prefetched", "hits", "wasted", "errors")
+COLUMNS = (  # rows of cell texts by title
+    Column("tier", "tier", align="<"),
+    Column("prefetch", "prefetch"),
+    *(Column(title, title) for title in COUNTS),
+)
 
 
 def toks(seed: int, n: int, vocab: int) -> list[int]:
@@ -175,10 +183,7 @@ def main() -> None:
             f"with a {PREFIX}-token prefix in the tier, {BUSY} busy requests; load average "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
-        print(
-            f"{'tier':6}{'prefetch':>9}{'TTFT ms':>10}{'admitted ms':>13}{'load ms':>10}{'loaded tok':>12}"
-            f"{'prefetched':>12}{'hits':>6}{'wasted':>8}{'errors':>8}"
-        )
+        table: list[dict[str, str]] = []  # cell texts by title
         for tier in ("disk", "pod"):
             med = {}
             for on in (False, True):
@@ -189,14 +194,31 @@ def main() -> None:
                 loaded = statistics.median(x[3] for x in rows)
                 med[on] = (ttft, after, stall)
                 p = engines[(tier, on)].prefetch_stats()
-                print(
-                    f"{tier:6}{'on' if on else 'off':>9}{ttft:>10.1f}{after:>13.1f}{stall:>10.2f}"
-                    f"{loaded:>12.0f}{p.blocks:>12}{p.hits:>6}{p.wasted:>8}{p.errors:>8}"
+                table.append(
+                    {
+                        "tier": tier,
+                        "prefetch": "on" if on else "off",
+                        "TTFT ms": f"{ttft:.1f}",
+                        "admitted ms": f"{after:.1f}",
+                        "load ms": f"{stall:.2f}",
+                        "loaded tok": f"{loaded:.0f}",
+                        "prefetched": str(p.blocks),
+                        "hits": str(p.hits),
+                        "wasted": str(p.wasted),
+                        "errors": str(p.errors),
+                    }
                 )
-            print(
-                f"{tier:6}{'off/on':>9}{med[False][0] / med[True][0]:>9.2f}x"
-                f"{med[False][1] / med[True][1]:>12.2f}x{med[False][2] / max(med[True][2], 1e-9):>9.1f}x"
+            table.append(  # the ratios of the medians; the counts left blank
+                dict.fromkeys(COUNTS, "")
+                | {
+                    "tier": tier,
+                    "prefetch": "off/on",
+                    "TTFT ms": f"{med[False][0] / med[True][0]:.2f}x",
+                    "admitted ms": f"{med[False][1] / med[True][1]:.2f}x",
+                    "load ms": f"{med[False][2] / max(med[True][2], 1e-9):.1f}x",
+                }
             )
+        print(tables.plain(COLUMNS, table))
         for engine in engines.values():
             engine.close()
     finally:

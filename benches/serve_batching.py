@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.lab import serve_bench as bench
-from kvcache.lab import serving
+from kvcache.lab import serving, tables
+from kvcache.lab.tables import Column
 
 CONFIGS = {"batched": 64, "serial": 1}
 DEFAULT_TRACE = "synthetic:tenants=4,sessions=8,turns=5,system=256,user=64,output=16"
@@ -129,9 +130,8 @@ def main() -> int:
         f"rate {args.rate}/s, {args.duration:g} s each; load average before {load_before[0]:.2f}, "
         f"after {load_after[0]:.2f}"
     )
-    print(f"{'server':10s} " + " ".join(f"{k:>18s}" for k in KEYS))
-    for name, m in medians.items():
-        print(f"{name:10s} " + " ".join(f"{m[k]:18.1f}" for k in KEYS))
+    columns = [Column("server", "server", align="<"), *(Column(k, k, ".1f") for k in KEYS)]
+    print(tables.plain(columns, [{"server": name, **m} for name, m in medians.items()]))
     ratios = {
         f"serial_over_batched_{k}": medians["serial"][k] / max(medians["batched"][k], 1e-9)
         for k in ("p50_ttft_ms", "p99_ttft_ms")

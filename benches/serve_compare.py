@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.lab import serve_bench as bench
-from kvcache.lab import serving
+from kvcache.lab import serving, tables
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import TraceRequest, token_request
 from kvcache.redis_server import start_redis
 
@@ -235,22 +236,35 @@ def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _pod_share(s: dict[str, Any]) -> float:
+    """Device-pool queries answered by the pod tier."""
+    t = s["tiers"]
+    return t.get("hits:pod", 0.0) / t["queries:device"] if t.get("queries:device") else 0.0
+
+
+def _max_share(s: dict[str, Any]) -> float:
+    """The busiest worker's share of the requests."""
+    per_worker = [v for k, v in s["tiers"].items() if k.startswith("requests:")]
+    return max(per_worker) / sum(per_worker) if per_worker else 0.0
+
+
+TABLE_COLUMNS = (  # one row per configuration: (name, its summary)
+    Column("config", 0, align="<"),
+    Column("done", lambda r: r[1]["completed"]),
+    Column("req/s", lambda r: r[1]["request_throughput"], ".2f"),
+    Column("tok/s", lambda r: r[1]["output_throughput"], ".1f"),
+    Column("TTFT ms", lambda r: r[1]["mean_ttft_ms"], ".1f"),
+    Column("p99", lambda r: r[1]["p99_ttft_ms"], ".1f"),
+    Column("ITL ms", lambda r: r[1]["mean_itl_ms"], ".1f"),
+    Column("hit%", lambda r: 100 * r[1]["cache_hit_rate"], ".1f"),
+    Column("pod%", lambda r: 100 * _pod_share(r[1]), ".1f"),
+    Column("queue ms", lambda r: r[1]["tiers"]["queue_ms"], ".1f"),
+    Column("max share", lambda r: _max_share(r[1]), ".2f"),
+)
+
+
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    head = f"{'config':<22}{'done':>6}{'req/s':>8}{'tok/s':>8}{'TTFT ms':>9}{'p99':>8}{'ITL ms':>8}"
-    head += f"{'hit%':>7}{'pod%':>6}{'queue ms':>9}{'max share':>10}"
-    lines = [head]
-    for name, s in results.items():
-        t = s["tiers"]
-        per_worker = [v for k, v in t.items() if k.startswith("requests:")]
-        share = max(per_worker) / sum(per_worker) if per_worker else 0.0
-        pod = t.get("hits:pod", 0.0) / t["queries:device"] if t.get("queries:device") else 0.0
-        lines.append(
-            f"{name:<22}{s['completed']:>6}{s['request_throughput']:>8.2f}{s['output_throughput']:>8.1f}"
-            f"{s['mean_ttft_ms']:>9.1f}{s['p99_ttft_ms']:>8.1f}{s['mean_itl_ms']:>8.1f}"
-            f"{100 * s['cache_hit_rate']:>7.1f}{100 * pod:>6.1f}{t['queue_ms']:>9.1f}"
-            f"{share:>10.2f}"
-        )
-    return "\n".join(lines)
+    return tables.plain(TABLE_COLUMNS, results.items())
 
 
 def _plot(results: dict[str, dict[str, Any]], path: str) -> None:

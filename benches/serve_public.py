@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.lab import serve_bench as bench
-from kvcache.lab import serving
+from kvcache.lab import serving, tables
+from kvcache.lab.tables import Column
 from kvcache.redis_server import start_redis
 
 ADMIN_KEY = "sk-bench-admin"
@@ -242,12 +243,15 @@ def main() -> int:
         f"{args.turns} turns, {args.max_tokens} tokens per answer; "
         f"medians of {args.rounds} interleaved rounds"
     )
-    print(f"{'tool prompt':<12}{'reuse':>8}{'req/s':>8}{'TTFT ms':>9}{'prompt tok':>12}{'cached tok':>12}")
-    for name, m in medians.items():
-        print(
-            f"{name:<12}{m['cache_hit_rate']:>8.3f}{m['request_throughput']:>8.3f}{m['median_ttft_ms']:>9.0f}"
-            f"{m['total_input_tokens']:>12.0f}{m['cached_tokens']:>12.0f}"
-        )
+    columns = (  # one row per tool prompt: (private or public, its medians)
+        Column("tool prompt", 0, align="<"),
+        Column("reuse", lambda r: r[1]["cache_hit_rate"], ".3f"),
+        Column("req/s", lambda r: r[1]["request_throughput"], ".3f"),
+        Column("TTFT ms", lambda r: r[1]["median_ttft_ms"], ".0f"),
+        Column("prompt tok", lambda r: r[1]["total_input_tokens"], ".0f"),
+        Column("cached tok", lambda r: r[1]["cached_tokens"], ".0f"),
+    )
+    print(tables.plain(columns, medians.items()))
     print(f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     report = {
         "args": vars(args),

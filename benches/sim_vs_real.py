@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,9 @@ import numpy as np
 from kvcache.child import python_argv
 from kvcache.costs import LatencyModel
 from kvcache.lab import serve_bench as bench
-from kvcache.lab import serving
+from kvcache.lab import serving, tables
 from kvcache.lab.replay import ReplayConfig, ReplayResult, replay
+from kvcache.lab.tables import Column
 from kvcache.lab.trace import FORMAT_TOKENS, Trace, TraceRequest, token_request
 from kvcache.lab.workloads import SynthConfig, synthesize
 from kvcache.serve import launch
@@ -280,27 +282,53 @@ def median_rows(runs: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, d
     return out
 
 
+TABLE_METRICS = (  # (key, title): each one's group of columns, measured, modelled, their ratio
+    ("mean_ttft_ms", "mean TTFT ms"),
+    ("p50_ttft_ms", "p50 TTFT ms"),
+    ("p90_ttft_ms", "p90 TTFT ms"),
+    ("mean_e2e_ms", "mean E2E ms"),
+    ("output_tok_s", "output tok/s"),
+)
+
+
+_Row = tuple[str, dict[str, dict[str, Any]]]  # (policy, {"measured": stats, "modelled": stats})
+
+
+def _hit_pct(row: _Row, side: str) -> float:
+    return 100 * float(row[1][side]["token_hit_rate"])
+
+
+def _metric(side: str, key: str) -> Callable[[_Row], float]:
+    return lambda r: float(r[1][side][key])
+
+
+def _metric_ratio(key: str) -> Callable[[_Row], float]:
+    """Modelled over measured."""
+
+    def ratio(r: _Row) -> float:
+        measured = r[1]["measured"][key]
+        return float(r[1]["modelled"][key] / measured) if measured else float("nan")
+
+    return ratio
+
+
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One line per policy: measured, modelled and modelled/measured per metric."""
-    keys = [
-        ("mean_ttft_ms", "mean TTFT ms"),
-        ("p50_ttft_ms", "p50 TTFT ms"),
-        ("p90_ttft_ms", "p90 TTFT ms"),
-        ("mean_e2e_ms", "mean E2E ms"),
-        ("output_tok_s", "output tok/s"),
+
+    columns = [
+        Column("policy", 0, align="<"),
+        Column("hit% real", lambda r: _hit_pct(r, "measured"), ".1f"),
+        Column("model", lambda r: _hit_pct(r, "modelled"), ".1f"),
+        Column("diff", lambda r: _hit_pct(r, "modelled") - _hit_pct(r, "measured"), "+.1f"),
     ]
-    head = f"{'policy':<13}{'hit% real':>10}{'model':>7}{'diff':>6}"
-    for _, label in keys:
-        head += f" | {label:>13}{'model':>8}{'ratio':>6}"
-    lines = [head]
-    for policy, row in rows.items():
-        real, sim = row["measured"], row["modelled"]
-        hit_r, hit_m = 100 * real["token_hit_rate"], 100 * sim["token_hit_rate"]
-        line = f"{policy:<13}{hit_r:>10.1f}{hit_m:>7.1f}{hit_m - hit_r:>+6.1f}"
-        for key, _ in keys:
-            ratio = sim[key] / real[key] if real[key] else float("nan")
-            line += f" | {real[key]:>13.1f}{sim[key]:>8.1f}{ratio:>6.2f}"
-        lines.append(line)
+    for key, title in TABLE_METRICS:
+        columns += [
+            Column("|", lambda r: "|", align="<"),  # between metrics
+            Column(title, _metric("measured", key), ".1f"),
+            Column("model", _metric("modelled", key), ".1f"),
+            Column("ratio", _metric_ratio(key), ".2f"),
+        ]
+    lines = [tables.plain(columns, rows.items())]
     lines.append("ranking by mean TTFT, measured: " + " < ".join(ranking(rows, "measured")))
     lines.append("ranking by mean TTFT, modelled: " + " < ".join(ranking(rows, "modelled")))
     return "\n".join(lines)
