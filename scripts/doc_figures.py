@@ -37,12 +37,14 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcache.lab import tables
 from kvcache.lab.matrix import verdicts_table
+from kvcache.lab.tables import Column
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "figures.json"
@@ -266,25 +268,29 @@ def change(before: float, after: float) -> float:
 def tiers_by_spec_table() -> str:
     """docs/tiers.md: affinity with each combination of tiers, against G1-only."""
     g1 = row("mooncake", "affinity")
-    lines = [
-        f"| tiers | token hit (G1-only {g1['token_hit_rate']:.1%}) | G2 | G3 | ICMS "
-        f"| ICMS cross-worker blocks | p99 TTFT ms (G1-only {g1['p99_ttft_ms']:.0f}) | mean TTFT change |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for spec in ("g2=4x", "g2=4x,g3=16x", "icms=16x", TIERS, "g2=4x,g3=16x,icms=100x"):
-        r = row("tiers" if spec == TIERS else f"tiers_{spec}", "affinity+tiers")
-        sizes = r["tiers"]["sizes"]
 
-        def cell(tier: str, r: dict[str, Any] = r, sizes: dict[str, int] = sizes) -> str:
-            return f"{tier_share(r, tier):.1%}" if sizes[tier] else NONE
+    def share(tier: str) -> Callable[[tuple[str, dict[str, Any]]], str]:
+        return lambda s: f"{tier_share(s[1], tier):.1%}" if s[1]["tiers"]["sizes"][tier] else NONE
 
-        xw = r["tiers"]["icms"]["cross_worker_hits"] if sizes["icms"] else NONE
-        lines.append(
-            f"| `{spec}` | {r['token_hit_rate']:.1%} | {cell('g2')} | {cell('g3')} | {cell('icms')} | {xw} | "
-            f"{r['p99_ttft_ms']:.0f} ({change(g1['p99_ttft_ms'], r['p99_ttft_ms']):+.0%}) | "
-            f"{change(g1['mean_ttft_ms'], r['mean_ttft_ms']):+.0%} |"
-        )
-    return "\n".join(lines) + "\n"
+    columns = (  # one row per tier spec: (spec, affinity+tiers' row)
+        Column("tiers", lambda s: f"`{s[0]}`", align="<"),
+        Column(f"token hit (G1-only {g1['token_hit_rate']:.1%})", lambda s: s[1]["token_hit_rate"], ".1%"),
+        Column("G2", share("g2")),
+        Column("G3", share("g3")),
+        Column("ICMS", share("icms")),
+        Column(
+            "ICMS cross-worker blocks",
+            lambda s: s[1]["tiers"]["icms"]["cross_worker_hits"] if s[1]["tiers"]["sizes"]["icms"] else NONE,
+        ),
+        Column(
+            f"p99 TTFT ms (G1-only {g1['p99_ttft_ms']:.0f})",
+            lambda s: f"{s[1]['p99_ttft_ms']:.0f} ({change(g1['p99_ttft_ms'], s[1]['p99_ttft_ms']):+.0%})",
+        ),
+        Column("mean TTFT change", lambda s: change(g1["mean_ttft_ms"], s[1]["mean_ttft_ms"]), "+.0%"),
+    )
+    specs = ("g2=4x", "g2=4x,g3=16x", "icms=16x", TIERS, "g2=4x,g3=16x,icms=100x")
+    rows = [(spec, row("tiers" if spec == TIERS else f"tiers_{spec}", "affinity+tiers")) for spec in specs]
+    return tables.markdown(columns, rows) + "\n"
 
 
 def tiers_demo() -> str:
@@ -353,22 +359,32 @@ def best_baseline_p99(shape: str, workers: int, fraction: float, ours: str = "af
     return min(others, key=lambda r: r["p99_ttft_ms"])
 
 
+def _ratio_and_bar(ratio: float, passed: bool, policy: str) -> str:
+    """``0.87``, with the policy that sets the bar when the check fails: ``0.87 (dynamo)``."""
+    return f"{ratio:.2f}" + ("" if passed else f" ({policy})")
+
+
+MISSES_COLUMNS = (  # one row per matrix cell
+    Column(
+        "cell (workers x capacity, blocks per worker)",
+        lambda c: (
+            f"{SHAPE_NAMES.get(c['shape'], c['shape'])} {c['num_workers']} x {c['fraction']:.0%} "
+            f"({c['capacity_blocks']})"
+        ),
+        align="<",
+    ),
+    Column("Pareto", lambda c: "yes" if c["pareto"] else "no: " + ", ".join(c["dominated_by"]), align="<"),
+    Column("hit / bar", lambda c: _ratio_and_bar(c["hit_ratio"], c["hit_bar"], c["hit_bar_policy"])),
+    Column(
+        "p99 / best baseline",
+        lambda c: _ratio_and_bar(c["p99_ratio"], c["p99_bar"], c["best_baseline_p99_policy"]),
+    ),
+)
+
+
 def matrix_misses_table() -> str:
     """One row per cell where affinity misses a check: the verdict and the ratios behind it."""
-    lines = [
-        "| cell (workers x capacity, blocks per worker) | Pareto | hit / bar | p99 / best baseline |",
-        "|---|---|---:|---:|",
-    ]
-    misses = [c for c in matrix()["cells"] if not c["ok"]]
-    for c in misses:
-        pareto = "yes" if c["pareto"] else "no: " + ", ".join(c["dominated_by"])
-        hit = f"{c['hit_ratio']:.2f}" + ("" if c["hit_bar"] else f" ({c['hit_bar_policy']})")
-        p99 = f"{c['p99_ratio']:.2f}" + ("" if c["p99_bar"] else f" ({c['best_baseline_p99_policy']})")
-        lines.append(
-            f"| {SHAPE_NAMES.get(c['shape'], c['shape'])} {c['num_workers']} x {c['fraction']:.0%} "
-            f"({c['capacity_blocks']}) | {pareto} | {hit} | {p99} |"
-        )
-    return "\n".join(lines) + "\n"
+    return tables.markdown(MISSES_COLUMNS, [c for c in matrix()["cells"] if not c["ok"]]) + "\n"
 
 
 def lpm_balanced_lead() -> dict[str, Any]:
@@ -444,24 +460,31 @@ def fleet_table() -> str:
     token hit over dynamo's (lowest over the fractions) and its p99 over the best baseline's
     (highest over the fractions)."""
     payload = matrix(FLEET)
-    lines = [
-        "| shape | workers | passing | hit / dynamo's (lowest) | p99 / best baseline (highest, policy) |",
-        "|---|---:|---:|---:|---:|",
+
+    def hit_over_dynamo(cells: list[dict[str, Any]]) -> float:
+        hits = []
+        for c in cells:
+            rows = {r["policy"]: r for r in payload["results"] if same_cell(r, c)}
+            hits.append(rows["affinity"]["token_hit_rate"] / max(rows["dynamo"]["token_hit_rate"], 1e-9))
+        return min(hits)
+
+    def worst_p99(cells: list[dict[str, Any]]) -> str:
+        worst = max(cells, key=lambda c: c["p99_ratio"])
+        return f"{worst['p99_ratio']:.2f} ({worst['best_baseline_p99_policy']})"
+
+    columns = (  # one row per (shape, workers): (shape, workers, the cells at its fractions)
+        Column("shape", lambda g: SHAPE_NAMES.get(g[0], g[0]), align="<"),
+        Column("workers", 1, ","),
+        Column("passing", lambda g: f"{sum(c['ok'] for c in g[2])}/{len(g[2])}"),
+        Column("hit / dynamo's (lowest)", lambda g: hit_over_dynamo(g[2]), ".2f"),
+        Column("p99 / best baseline (highest, policy)", lambda g: worst_p99(g[2])),
+    )
+    groups = [
+        (shape, workers, [c for c in payload["cells"] if (c["shape"], c["num_workers"]) == (shape, workers)])
+        for shape in payload["config"]["shapes"]
+        for workers in payload["config"]["workers"]
     ]
-    for shape in payload["config"]["shapes"]:
-        for workers in payload["config"]["workers"]:
-            cells = [c for c in payload["cells"] if (c["shape"], c["num_workers"]) == (shape, workers)]
-            hits = []
-            for c in cells:
-                rows = {r["policy"]: r for r in payload["results"] if same_cell(r, c)}
-                hits.append(rows["affinity"]["token_hit_rate"] / max(rows["dynamo"]["token_hit_rate"], 1e-9))
-            worst = max(cells, key=lambda c: c["p99_ratio"])
-            lines.append(
-                f"| {SHAPE_NAMES.get(shape, shape)} | {workers:,} "
-                f"| {sum(c['ok'] for c in cells)}/{len(cells)} | "
-                f"{min(hits):.2f} | {worst['p99_ratio']:.2f} ({worst['best_baseline_p99_policy']}) |"
-            )
-    return "\n".join(lines) + "\n"
+    return tables.markdown(columns, groups) + "\n"
 
 
 def fleet_counts() -> dict[str, Any]:
