@@ -1,5 +1,5 @@
 """The laboratory: traces, synthetic workloads, replay over simulated workers and tiers, the policy
-matrix, reports, calibration and serve benchmarks.
+matrix, reports and the tables they print (``tables``), calibration and serve benchmarks.
 
 Replay traces with ``replay`` and score policies with ``report``; nothing below this package imports
 it. See docs/router.md.
