@@ -38,6 +38,7 @@ from kvcache.cache.config import CacheConfig
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.costs import LatencyModel
+from kvcache.engine.prefix_load import loadable_blocks
 from kvcache.engine.sampling import SamplingParams
 from kvcache.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, step_shape
 from kvcache.engine.sequence import Sequence
@@ -55,8 +56,9 @@ class SpillHook(Protocol):
     def fetch(
         self, worker_id: int, keys: list[bytes], now_ms: float, context_tokens: int
     ) -> tuple[int, float]:
-        """Of ``keys`` (the prompt's blocks after the device hit of ``context_tokens``), how many
-        leading ones lower tiers hold and are worth loading, and the milliseconds to load them."""
+        """Of ``keys`` (the blocks an admission may load after the device hit of
+        ``context_tokens``: ``engine.prefix_load.loadable_blocks``), how many leading ones lower
+        tiers hold and are worth loading, and the milliseconds to load them."""
 
     def prestage(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
         """A request needing ``keys`` (its blocks after the device's current hit) was just placed
@@ -278,10 +280,11 @@ class SimWorker:
         if self.spill is not None:
             self._flush_evicted(self._start_ms)
             assert seq.prompt is not None
-            rest = seq.prompt.keys[cached // bs :]
-            if rest:
-                num_held, transfer_ms = self.spill.fetch(self.worker_id, rest, self._start_ms, cached)
-                loaded = max(0, min(num_held * bs, seq.num_tokens - 1 - cached))
+            span = loadable_blocks(seq.prompt, cached, bs)  # the engine's rule: whole blocks, not the last
+            if span:
+                keys = seq.prompt.keys[span.start : span.stop]
+                num_held, transfer_ms = self.spill.fetch(self.worker_id, keys, self._start_ms, cached)
+                loaded = num_held * bs
                 self._transfer_ms += transfer_ms
         if not seq.num_preemptions:
             job = self.jobs[seq.request_id]
