@@ -170,6 +170,19 @@ def load_tokenizer(name: str) -> Any | None:
     return hf.load_tokenizer(name)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(name_or_path: str) -> bool:
+    """Whether a local folder, or a model name in the Hugging Face cache, holds tokenizer files; it
+    looks at file names only, importing neither torch nor transformers."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.path.isdir(name_or_path):
+        return any(os.path.exists(os.path.join(name_or_path, f)) for f in _TOKENIZER_FILES)
+    return any(isinstance(try_to_load_from_cache(name_or_path, f), str) for f in _TOKENIZER_FILES)
+
+
 # ---- the converted folder ----------------------------------------------------------------------
 
 
