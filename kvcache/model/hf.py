@@ -46,6 +46,7 @@ from kvcache.model.registry import QWEN25_7B_SHAPE, SMALL_QWEN2, has_tokenizer_f
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.
 _AutoModel: Any = transformers.AutoModelForCausalLM
+_CAUSAL_LM_CLASSES: Any = transformers.MODEL_FOR_CAUSAL_LM_MAPPING  # config class -> model class
 _hf_logging: Any = _transformers_logging
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -190,6 +191,18 @@ def load_model(
     model.eval()
     shape = _probe_shape(model, dev)
     return LoadedModel(model, tokenizer, shape, model_id, dev, dt, weights_digest(model))
+
+
+def import_model_code(path: str) -> None:
+    """Import transformers' code for the model class ``path``'s config names, reading no weights:
+    the seconds a process's first load spends importing (holding the GIL), taken where a caller
+    has work outside the GIL to overlap with them. Does nothing when the config cannot be read or
+    names no causal LM: the load that follows reports that."""
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        _CAUSAL_LM_CLASSES[type(config)]  # the lookup imports the modeling module
+    except (OSError, ValueError, KeyError):
+        return
 
 
 def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Any:
