@@ -112,7 +112,10 @@ def test_load_checks_the_manifest_and_rebuilds_a_damaged_folder(
     weights.write_bytes(bytes([good[0] ^ 1]) + good[1:])  # same size: only the digest sees it
     assert models.load(FAKE.name, show_progress=False) == "loaded"
     assert len(registry) == 2 and weights.read_bytes() == good
-    assert loads == [(str(folder), FAKE.name)] * 3
+    (folder / "config.json").write_text('{"model_type": "llama", "rope_parameters": 7}')
+    assert models.load(FAKE.name, show_progress=False) == "loaded"  # transformers' TypeError: rebuilt
+    assert len(registry) == 3
+    assert loads == [(str(folder), FAKE.name)] * 4
     assert only_entries(models.home()) == [FAKE.name]
 
 

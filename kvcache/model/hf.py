@@ -197,12 +197,13 @@ def load_model(
 def import_model_code(path: str) -> None:
     """Import transformers' code for the model class ``path``'s config names, reading no weights:
     the seconds a process's first load spends importing (holding the GIL), taken where a caller
-    has work outside the GIL to overlap with them. Does nothing when the config cannot be read or
-    names no causal LM: the load that follows reports that."""
+    has work outside the GIL to overlap with them. It never raises: a config that is missing,
+    damaged (transformers then raises anything from ``OSError`` to ``TypeError``) or names no
+    causal LM is reported by the check or the load that follows, and only the head start is lost."""
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         _CAUSAL_LM_CLASSES[type(config)]  # the lookup imports the modeling module
-    except (OSError, ValueError, KeyError):
+    except Exception:
         return
 
 
