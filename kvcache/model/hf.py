@@ -82,10 +82,9 @@ class LoadedModel:
 def weights_digest(model: Any) -> bytes:
     """16 bytes naming a model's weights: BLAKE3 over every state-dict entry in name order (its
     name, dtype, shape and bytes, as loaded: after any dtype conversion). Reads every weight once,
-    about 1 s per 5 GB per CPU core (BLAKE3 hashes one large input on all cores, outside the GIL,
-    with the same result as on one) plus the device-to-host copy for a model on a GPU; buffers
+    about 1 s per 5 GB on one CPU core plus the device-to-host copy for a model on a GPU; buffers
     derived from the config (rotary tables) are included, which only makes the name stricter."""
-    digest = blake3.blake3(b"kvcache weights v1", max_threads=blake3.blake3.AUTO)
+    digest = blake3.blake3(b"kvcache weights v1")
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach()
         header = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode()
