@@ -90,6 +90,35 @@ def test_damaged_folder_is_rebuilt(registry: list[str], damage: str) -> None:
     assert only_entries(models.home()) == [FAKE.name]
 
 
+def test_load_checks_the_manifest_and_rebuilds_a_damaged_folder(
+    registry: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load`` runs the digest check in a thread beside importing the model's code; the model is
+    read only from a folder that passed it, rebuilt first when it did not."""
+    loads: list[tuple[str, str]] = []
+
+    def load_model(path: str, **kwargs: object) -> str:
+        loads.append((path, str(kwargs["model_id"])))
+        return "loaded"
+
+    monkeypatch.setattr(hf, "load_model", load_model)
+    folder = models.checkpoint_dir(FAKE.name)
+    assert models.load(FAKE.name, show_progress=False) == "loaded"  # first use: converted
+    assert len(registry) == 1
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    assert models.load(FAKE.name, show_progress=False) == "loaded"
+    assert len(registry) == 1  # it passed: not rebuilt
+    weights.write_bytes(bytes([good[0] ^ 1]) + good[1:])  # same size: only the digest sees it
+    assert models.load(FAKE.name, show_progress=False) == "loaded"
+    assert len(registry) == 2 and weights.read_bytes() == good
+    (folder / "config.json").write_text('{"model_type": "llama", "rope_parameters": 7}')
+    assert models.load(FAKE.name, show_progress=False) == "loaded"  # transformers' TypeError: rebuilt
+    assert len(registry) == 3
+    assert loads == [(str(folder), FAKE.name)] * 4
+    assert only_entries(models.home()) == [FAKE.name]
+
+
 def test_failed_conversion_leaves_nothing(registry: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(gguf_path: str, out_dir: str, *, show_progress: bool) -> None:
         Path(out_dir, "model.safetensors").write_bytes(b"half")

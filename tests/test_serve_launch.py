@@ -104,7 +104,13 @@ def test_a_checkpoint_without_tokenizer_files_is_an_error(tmp_path: Path) -> Non
 
     tiny_config("tiny").save_pretrained(tmp_path)  # config.json only, no tokenizer files
     with pytest.raises(ModelError, match="has no tokenizer files"):
+        tokenize.check(str(tmp_path))  # what serve runs before starting workers: names only
+    with pytest.raises(ModelError, match="has no tokenizer files"):
         tokenize.load(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    tokenize.check(str(tmp_path))  # a file by that name is there: the load will tell the rest
+    for name in ("tiny", "tiny-gpt2", "small-qwen2"):
+        tokenize.check(name)  # random-weight models need no files
 
 
 def test_redis_script_stops_its_server_on_sigterm(tmp_path: Path) -> None:
@@ -181,6 +187,54 @@ def test_worker_flags_carry_dtype_and_device() -> None:
     assert "--dtype" not in WorkerArgs().argv("w3")
 
 
+class FakeRedis:
+    """Stands in for ``redis_server.start_redis`` where serve stops before anything uses Redis."""
+
+    url = "redis://127.0.0.1:1/0"
+    stops_with_parent = True
+
+    def __init__(self, **kwargs: object) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_the_front_builds_its_tokenizer_while_the_workers_load(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both sides import transformers' model code (seconds): the workers are started first and the
+    front builds its tokenizer meanwhile. A model without tokenizer files is still refused before
+    any worker starts, and a registry model is converted (``tokenize.check``) before they start."""
+    from kvcache import redis_server
+    from kvcache.errors import ConfigError
+    from kvcache.serve import launch
+
+    calls: list[str] = []
+    load = tokenize.load
+
+    def spawn_workers(args: launch.WorkerArgs, redis_url: str, secret: bytes, n: int) -> list[object]:
+        calls.append(f"start {n} worker(s) of {args.model}")
+        return []
+
+    def load_tokenizer(model: str, vocab_size: int = 256) -> tokenize.Tokenizer:
+        calls.append(f"tokenizer of {model}")
+        return load(model, vocab_size)
+
+    def make_front(**kwargs: object) -> None:
+        raise ConfigError("stopped before serving")
+
+    monkeypatch.setattr(redis_server, "start_redis", FakeRedis)
+    monkeypatch.setattr(launch, "spawn_workers", spawn_workers)
+    monkeypatch.setattr(tokenize, "load", load_tokenizer)
+    monkeypatch.setattr(launch, "make_front", make_front)
+    assert "stopped before serving" in serve(capsys, "--model", "tiny", "--workers", "2")
+    assert calls == ["start 2 worker(s) of tiny", "tokenizer of tiny"]
+    calls.clear()
+    assert "model 'nosuch-model' has no tokenizer files" in serve(capsys, "--model", "nosuch-model")
+    assert calls == []
+
+
 def test_read_timeout_reaches_the_front(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,16 +244,6 @@ def test_read_timeout_reaches_the_front(
     from kvcache.errors import ConfigError
     from kvcache.serve import launch
 
-    class FakeRedis:
-        url = "redis://127.0.0.1:1/0"
-        stops_with_parent = True
-
-        def __init__(self, **kwargs: object) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
-
     seen: dict[str, object] = {}
 
     def make_front(**kwargs: object) -> None:
@@ -207,6 +251,7 @@ def test_read_timeout_reaches_the_front(
         raise ConfigError("stopped before serving")
 
     monkeypatch.setattr(redis_server, "start_redis", FakeRedis)
+    monkeypatch.setattr(launch, "spawn_workers", lambda *args: [])
     monkeypatch.setattr(launch, "make_front", make_front)
     assert "stopped before serving" in serve(capsys, "--model", "tiny", "--read-timeout", "600")
     assert seen["read_timeout_s"] == 600.0

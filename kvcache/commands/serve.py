@@ -152,10 +152,12 @@ def run(args: argparse.Namespace) -> int:
         max_connections=limits.fd_budget(args.max_connections),
         max_connections_per_client=args.max_connections_per_client,
     )
-    # The tokenizer first: a registry model is converted once here, not by every worker at once;
-    # a model without a tokenizer fails here, before any worker starts.
+    # Before any worker starts: a registry model is converted once here, not by every worker at
+    # once, and a model without tokenizer files fails here. The tokenizer itself is built once the
+    # workers are started, while they load: building it imports transformers' model code (seconds),
+    # which the workers do as well, so the two overlap instead of one waiting for the other.
     argtypes.check_port_free(args.host or config.host, args.port)
-    tokenizer = tokenize.load(args.model)
+    tokenize.check(args.model)
     secret = secret or auth.new_secret()
     keys = auth.DeploymentKeys.from_secret(secret)
     if given is not None:
@@ -173,6 +175,20 @@ def run(args: argparse.Namespace) -> int:
     redis_url = given or redis.url  # type: ignore[union-attr]
     workers: list[launch.WorkerProcess] = []
     try:
+        worker_args = launch.WorkerArgs(
+            model=args.model,
+            num_blocks=args.num_blocks,
+            block_size=args.block_size,
+            threads=args.threads,
+            config_path=args.config,
+            pod_tier=not args.no_pod_tier,
+            dtype=args.dtype,
+            device=args.device,
+            max_waiting=args.max_waiting,
+            max_num_seqs=args.max_num_seqs,
+        )
+        workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
+        tokenizer = tokenize.load(args.model)
         front = launch.make_front(
             config=config,
             model=args.model,
@@ -189,19 +205,6 @@ def run(args: argparse.Namespace) -> int:
             limits=connection_limits,
             read_timeout_s=args.read_timeout,
         )
-        worker_args = launch.WorkerArgs(
-            model=args.model,
-            num_blocks=args.num_blocks,
-            block_size=args.block_size,
-            threads=args.threads,
-            config_path=args.config,
-            pod_tier=not args.no_pod_tier,
-            dtype=args.dtype,
-            device=args.device,
-            max_waiting=args.max_waiting,
-            max_num_seqs=args.max_num_seqs,
-        )
-        workers = launch.spawn_workers(worker_args, redis_url, secret, args.workers)
         asyncio.run(launch.run_front(front, args.host or config.host, args.port, workers))
     finally:
         launch.stop_processes([w.process for w in workers])

@@ -36,17 +36,17 @@ from typing import Any
 import blake3
 import torch
 import transformers
-from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 from transformers.utils import logging as _transformers_logging
 
 from kvcache.errors import ConfigError, ModelError
 from kvcache.kernels.dispatch import Backend
 from kvcache.kernels.paged import PagedMetadata, paged_attention, write_kv
-from kvcache.model.registry import QWEN25_7B_SHAPE, SMALL_QWEN2, random_weight_names
+from kvcache.model.registry import QWEN25_7B_SHAPE, SMALL_QWEN2, has_tokenizer_files, random_weight_names
 
 # Untyped entry points of transformers, named once so the rest of the module type-checks.
 _AutoModel: Any = transformers.AutoModelForCausalLM
+_CAUSAL_LM_CLASSES: Any = transformers.MODEL_FOR_CAUSAL_LM_MAPPING  # config class -> model class
 _hf_logging: Any = _transformers_logging
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -193,6 +193,19 @@ def load_model(
     return LoadedModel(model, tokenizer, shape, model_id, dev, dt, weights_digest(model))
 
 
+def import_model_code(path: str) -> None:
+    """Import transformers' code for the model class ``path``'s config names, reading no weights:
+    the seconds a process's first load spends importing (holding the GIL), taken where a caller
+    has work outside the GIL to overlap with them. It never raises: a config that is missing,
+    damaged (transformers then raises anything from ``OSError`` to ``TypeError``) or names no
+    causal LM is reported by the check or the load that follows, and only the head start is lost."""
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        _CAUSAL_LM_CLASSES[type(config)]  # the lookup imports the modeling module
+    except Exception:
+        return
+
+
 def _from_pretrained(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Any:
     dtype_kw = "dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
     try:
@@ -251,19 +264,10 @@ def convert_gguf(gguf_path: str, out_dir: str, *, show_progress: bool) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
 def load_tokenizer(name_or_path: str) -> Any | None:
     """The tokenizer stored with a model, or None (random-weight models and checkpoints saved
     without one: transformers would otherwise build an empty tokenizer from the config)."""
-    if name_or_path in random_weight_names():
-        return None
-    if os.path.isdir(name_or_path):
-        stored = any(os.path.exists(os.path.join(name_or_path, f)) for f in _TOKENIZER_FILES)
-    else:
-        stored = any(isinstance(try_to_load_from_cache(name_or_path, f), str) for f in _TOKENIZER_FILES)
-    if not stored:
+    if name_or_path in random_weight_names() or not has_tokenizer_files(name_or_path):
         return None
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)

@@ -10,6 +10,13 @@ into place, so a half-written folder is never used; a manifest lists every file 
 digest, and a folder whose files do not match it is rebuilt. The digest is a whole-file integrity
 check (xxh3-128, ~7 GB/s), unrelated to the block hashes of ``kvcache.cache.hashing``.
 
+Every :func:`load` checks every digest, in a thread beside the seconds a fresh process spends
+importing transformers and the model's code: reading (from disk, on a cold page cache) and hashing
+release the GIL, importing holds it, so with a free core the check costs no wall time. The model
+is read only once the check passed (else the folder is rebuilt first); the import only looks at
+the folder's ``config.json``. :func:`has_tokenizer_files` tells whether a model comes with a
+tokenizer from file names alone, so a server can refuse one before it starts workers.
+
 Other names pass through to ``kvcache.model.hf``: random-weight configs (``tiny``...) and local folders.
 Not here: transformers calls (``hf``), KV caching (``engine``).
 """
@@ -22,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,12 +161,21 @@ def load(
 ) -> Any:
     """A ``kvcache.model.hf.LoadedModel``: a registry model (converted on first use; keyed by its registry
     name) or anything ``hf.load_model`` takes (``tiny``..., a local folder)."""
-    from kvcache.model import hf
+    if name not in REGISTRY:
+        from kvcache.model import hf
 
-    if name in REGISTRY:
-        folder = prepare(name, show_progress=show_progress)
-        return hf.load_model(str(folder), device=device, dtype=dtype, seed=seed, model_id=name)
-    return hf.load_model(name, device=device, dtype=dtype, seed=seed)
+        return hf.load_model(name, device=device, dtype=dtype, seed=seed)
+    folder = checkpoint_dir(name)
+    # The digest check beside the imports (module docstring); prepare() would run it before them.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-manifest") as pool:
+        checked = pool.submit(_check, folder, digests=True)
+        from kvcache.model import hf
+
+        hf.import_model_code(str(folder))  # what the config names: any problem is the check's
+        problem = checked.result()
+    if problem is not None:
+        folder = prepare(name, show_progress=show_progress)  # checks again, then rebuilds
+    return hf.load_model(str(folder), device=device, dtype=dtype, seed=seed, model_id=name)
 
 
 def load_tokenizer(name: str) -> Any | None:
@@ -168,6 +185,19 @@ def load_tokenizer(name: str) -> Any | None:
     if name in REGISTRY:
         return hf.load_tokenizer(str(prepare(name)))
     return hf.load_tokenizer(name)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(name_or_path: str) -> bool:
+    """Whether a local folder, or a model name in the Hugging Face cache, holds tokenizer files; it
+    looks at file names only, importing neither torch nor transformers."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.path.isdir(name_or_path):
+        return any(os.path.exists(os.path.join(name_or_path, f)) for f in _TOKENIZER_FILES)
+    return any(isinstance(try_to_load_from_cache(name_or_path, f), str) for f in _TOKENIZER_FILES)
 
 
 # ---- the converted folder ----------------------------------------------------------------------

@@ -22,7 +22,9 @@ for every tokenizer. ``encode_limited`` refuses a text with more than a limit of
 tokenizing a bounded head of it, not the whole text.
 
 A model that is not a random-weight one must come with its tokenizer: ``load`` raises
-``ModelError`` rather than serve a real model through the byte tokenizer.
+``ModelError`` rather than serve a real model through the byte tokenizer. ``check`` finds that out
+(and converts a registry model once) without importing transformers, so a server can refuse a model
+before it starts workers and build the tokenizer while they load.
 Not here: loading models (``kvcache.model.hf``), request validation (``protocol``).
 """
 
@@ -206,21 +208,45 @@ def encode_limited(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> l
     return token_ids
 
 
+def _random_weights(model: str) -> bool:
+    if model.startswith("tiny") and not Path(model).exists():
+        return True  # decided without importing the registry's lists
+    from kvcache.model.registry import random_weight_names
+
+    return model in random_weight_names()
+
+
+def _no_tokenizer(model: str) -> ModelError:
+    return ModelError(
+        f"model {model!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+        "tokenizer.model or vocab.json) in its folder or the Hugging Face cache (is the "
+        "name right?); save the tokenizer with the checkpoint, or serve a random-weight "
+        "model (tiny, ...)"
+    )
+
+
+def check(model: str) -> None:
+    """That :func:`load` will find its files, in a fraction of its time: a registry model is
+    converted now if it is not yet (once converted, this imports neither torch nor transformers),
+    and a model without tokenizer files raises :func:`load`'s ``ModelError``."""
+    if _random_weights(model):
+        return
+    from kvcache.model import registry
+
+    if model in registry.REGISTRY:
+        registry.prepare(model)  # a converted folder holds the tokenizer's files
+    elif not registry.has_tokenizer_files(model):
+        raise _no_tokenizer(model)
+
+
 def load(model: str, vocab_size: int = 256) -> Tokenizer:
     """``ByteTokenizer(vocab_size)`` for a random-weight model, else the model's HF tokenizer (a
     registry name's is converted on first use); ``ModelError`` for a model without one."""
-    if model.startswith("tiny") and not Path(model).exists():
+    if _random_weights(model):
         return ByteTokenizer(vocab_size)  # random-weight models: no need to import transformers
-    from kvcache.model.registry import load_tokenizer, random_weight_names
+    from kvcache.model.registry import load_tokenizer
 
-    if model in random_weight_names():
-        return ByteTokenizer(vocab_size)
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
-        raise ModelError(
-            f"model {model!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
-            "tokenizer.model or vocab.json) in its folder or the Hugging Face cache (is the "
-            "name right?); save the tokenizer with the checkpoint, or serve a random-weight "
-            "model (tiny, ...)"
-        )
+        raise _no_tokenizer(model)
     return HFTokenizer(tokenizer, model)
