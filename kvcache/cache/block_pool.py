@@ -251,11 +251,26 @@ class BlockPool:
     def drain_events(self) -> list[CacheEvent]:
         """Buffered events, oldest first, as records; the buffer is emptied."""
         out: list[CacheEvent] = []
-        for entry in self.events:
+        for entry in self._take_entries():
             out += _records(entry)
+        return out
+
+    def drain_key_runs(self) -> list[tuple[bool, list[bytes]]]:
+        """``drain_events`` as runs of keys, oldest first: ``(True, keys)`` stored, ``(False,
+        keys)`` removed, for a consumer that reads only the keys (``PreciseIndex.apply_keys``),
+        without a record per block; the buffer is emptied."""
+        out: list[tuple[bool, list[bytes]]] = []
+        for entry in self._take_entries():
+            out += _key_runs(entry)
+        return out
+
+    def _take_entries(self) -> list[tuple[Any, ...]]:
+        if not self.events:
+            return []
+        entries = list(self.events)
         self.events.clear()
         self._num_buffered = 0
-        return out
+        return entries
 
     def _buffer(self, entry: tuple[Any, ...], num_events: int) -> None:
         self.events.append(entry)
@@ -323,6 +338,17 @@ def _skip(entry: tuple[Any, ...], count: int) -> tuple[Any, ...]:
         _, keys, ids, scopes = entry
         return ("removed", keys[count:], ids[count:], scopes[count:])
     return ("records", _records(entry)[count:])
+
+
+def _key_runs(entry: tuple[Any, ...]) -> list[tuple[bool, list[bytes]]]:
+    """The entry's events as runs of keys (``_records`` without the records)."""
+    kind = entry[0]
+    if kind == "stored":
+        keys, dups = entry[2], entry[5]
+        return [(True, keys if dups is None else [k for k in keys if k not in dups])]
+    if kind == "removed":
+        return [(False, entry[1])]
+    return [(type(e) is BlockStored, [e.key]) for e in entry[1]]
 
 
 def _records(entry: tuple[Any, ...]) -> list[CacheEvent]:

@@ -113,7 +113,6 @@ class SimWorker:
         self._step_ms = 0.0
         self._num_steps = 0
         self._uncached: dict[Hashable, int] = {}  # request id -> prompt tokens cut off (never cached)
-        self._events: list[CacheEvent] = []
         self._evicted: list[bytes] = []
         self._transfer_ms = 0.0
         if spill is not None:
@@ -133,8 +132,11 @@ class SimWorker:
 
     def take_events(self) -> list[CacheEvent]:
         """The pool's events since the last call (for the router's index)."""
-        events, self._events = self._events, []
-        return events
+        return self.manager.drain_events()
+
+    def take_key_runs(self) -> list[tuple[bool, list[bytes]]]:
+        """``take_events`` as runs of keys (``BlockManager.drain_key_runs``), for ``Router.on_key_runs``."""
+        return self.manager.drain_key_runs()
 
     # ---- the replay's calls ------------------------------------------------------------------
 
@@ -209,7 +211,6 @@ class SimWorker:
         self._start_ms, self._transfer_ms = now_ms, 0.0
         out = self.scheduler.schedule()
         self._flush_evicted(now_ms)
-        self._events += self.manager.drain_events()
         for seq in out.failed:  # cannot fit even alone: lost (the replay counts it)
             del self.jobs[seq.request_id]
         self.version += 1
