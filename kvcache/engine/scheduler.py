@@ -168,7 +168,7 @@ class Scheduler:
             if prompt.kind == KIND_BLOCK_IDS:
                 seq.prompt = self.manager.extend_unkeyed(prompt, seq.num_tokens - prompt.num_tokens)
             else:
-                seq.prompt = self.manager.extend(prompt, seq.tokens[prompt.num_tokens :])
+                seq.prompt = self.manager.extend(prompt, seq.tokens_between(prompt.num_tokens))
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -178,30 +178,37 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        scheduled = out.scheduled
         budget = self.config.max_num_batched_tokens
         ends: dict[int, int] = {}  # id(seq) -> computed tokens at the end of this step
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_allocated_tokens < seq.num_tokens and not self._grow(seq, out):
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_tokens = seq.num_tokens
+            if seq.num_allocated_tokens < num_tokens and not self._grow(seq, out):
                 continue  # it left the running list (preempted or failed)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            out.scheduled.append(Scheduled(seq, n))
-            ends[id(seq)] = seq.num_computed_tokens + n
+            computed = seq.num_computed_tokens
+            n = num_tokens - computed
+            if n > budget:
+                n = budget
+            scheduled.append(Scheduled(seq, n))
+            ends[id(seq)] = computed + n
             budget -= n
             i += 1
         max_seqs = self.config.max_num_seqs
-        while self.waiting and budget > 0 and len(self.running) < max_seqs and not out.preempted:
-            seq = self.waiting[0]
+        waiting = self.waiting
+        while waiting and budget > 0 and len(running) < max_seqs and not out.preempted:
+            seq = waiting[0]
             admitted = self._admit(seq, ends, out)
             if admitted is None:
                 continue  # it failed; look at the next one
             if not admitted:
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
-            self.running.append(seq)
+            waiting.popleft()
+            running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            out.scheduled.append(Scheduled(seq, n))
+            scheduled.append(Scheduled(seq, n))
             ends[id(seq)] = seq.num_computed_tokens + n
             budget -= n
         return out
@@ -212,8 +219,9 @@ class Scheduler:
         sampling = []
         for s in out.scheduled:
             seq = s.seq
-            seq.num_computed_tokens += s.num_new_tokens
-            if seq.num_computed_tokens == seq.num_tokens:
+            computed = seq.num_computed_tokens + s.num_new_tokens
+            seq.num_computed_tokens = computed
+            if computed == seq.num_tokens:
                 sampling.append(seq)
         return sampling
 
@@ -231,9 +239,8 @@ class Scheduler:
     def decode_slack(self) -> int:
         """Tokens every running sequence can still grow by without a new block."""
         bs = self.block_size
-        return min(
-            (-(-s.num_allocated_tokens // bs) * bs - s.num_allocated_tokens for s in self.running), default=0
-        )
+        # the free slots of a sequence's last block: ceil(a / bs) * bs - a == -a mod bs
+        return min([-s.num_allocated_tokens % bs for s in self.running], default=0)
 
     def skip_decode_steps(self, num_steps: int, token: int) -> None:
         """``num_steps`` steady decode steps at once, after ``complete`` of the one that made them
@@ -253,12 +260,12 @@ class Scheduler:
             seq.num_computed_tokens += num_steps
 
     def _append(self, seq: Sequence, start: int, stop: int) -> None:
-        """Give ``seq.tokens[start:stop]`` slots (the manager holds ``start`` of them)."""
+        """Give the tokens at ``start:stop`` slots (the manager holds ``start`` of them)."""
         prompt = seq.prompt
         if prompt is not None and prompt.kind == KIND_BLOCK_IDS:
             self.manager.append_unkeyed(seq.request_id, stop - start)  # no content to key
         else:
-            self.manager.append(seq.request_id, seq.tokens[start:stop])
+            self.manager.append(seq.request_id, seq.tokens_between(start, stop))
 
     def _grow(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Give a decoding sequence's last sampled token a slot; preempt the newest on a full pool."""
@@ -285,7 +292,7 @@ class Scheduler:
         """True: admitted. False: must wait. None: failed (removed from the queue)."""
         manager, bs = self.manager, self.block_size
         if seq.prompt is None:  # a sequence queued without keys (the engine hashes at ``add``)
-            seq.prompt = manager.hash(seq.tokens, seq.scope)
+            seq.prompt = manager.hash(seq.tokens_between(0), seq.scope)
         start = time.perf_counter()
         try:
             # matched once: a prefix block another sequence has not written by the end of this
