@@ -11,7 +11,7 @@ import torch
 from kvcache import BlockManager, CacheConfig, Scope
 from kvcache.engine import SamplingParams, Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence, Status
-from kvcache.errors import InvalidTokensError
+from kvcache.errors import CapacityError, InvalidTokensError
 
 BS = 4
 
@@ -66,6 +66,30 @@ def test_admit_waits_on_an_unwritten_prefix_block_and_changes_nothing() -> None:
     alloc = m.admit("second", prompt, unwritten={b"\0" * 16})
     assert alloc is not None and alloc.num_cached_tokens == 12
     assert alloc.block_ids[:3] == first.block_ids
+    m.check_invariants()
+
+
+def test_admit_with_wait_refuses_room_without_an_error_and_asks_again_once_the_pool_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m = manager(num_blocks=4)
+    m.allocate("held", list(range(1, 13)), "a")  # 3 of the 4 blocks
+    prompt = m.hash(list(range(50, 58)), "a")  # needs 2
+    with pytest.raises(CapacityError, match="need 2 free blocks, only 1"):
+        m.admit("r", prompt, unwritten=set())
+    before = m.stats()
+    calls: list[int] = []
+    match = m._match
+    monkeypatch.setattr(m, "_match", lambda p: calls.append(1) or match(p))
+    assert m.admit("r", prompt, unwritten=set(), wait=True) is None
+    assert m.admit("r", prompt, unwritten=set(), wait=True) is None  # nothing changed: not matched again
+    assert calls == [1] and m.stats() == before and m.num_running == 1
+    again = m.hash(list(range(50, 58)), "a")  # the same tokens, another prompt object: matched
+    assert m.admit("r", again, unwritten=set(), wait=True) is None
+    assert calls == [1, 1]
+    m.free("held")  # the pool changed: asked again, it fits (evicting the LRU block)
+    alloc = m.admit("r", prompt, unwritten=set(), wait=True)
+    assert alloc is not None and alloc.num_cached_tokens == 0 and calls == [1, 1, 1]
     m.check_invariants()
 
 

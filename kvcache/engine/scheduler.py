@@ -296,8 +296,10 @@ class Scheduler:
         start = time.perf_counter()
         try:
             # matched once: a prefix block another sequence has not written by the end of this
-            # step is not read; the sequence waits for it instead
-            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(ends))
+            # step is not read; the sequence waits for it instead, as it waits for room while
+            # others run (their blocks come back as they finish)
+            running = bool(self.running)
+            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(ends), wait=running)
         except CapacityError as exc:
             too_big = -(-seq.num_tokens // bs) > manager.pool.num_blocks
             if not too_big and self.running:
