@@ -5,13 +5,19 @@ owner, the block manager."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvcache import BlockManager, CacheConfig, Scope
+from kvcache import BlockManager, CacheConfig, Scope, TenantQuota
+from kvcache.cache.manager import Prompt
 from kvcache.engine import SamplingParams, Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence, Status
-from kvcache.errors import CapacityError, InvalidTokensError
+from kvcache.errors import CapacityError, InvalidTokensError, RequestError
 
 BS = 4
 
@@ -137,3 +143,53 @@ def test_a_preempted_sequence_keeps_its_keys_and_is_not_hashed_again(monkeypatch
     assert b.num_computed_tokens == 4  # its first block hit; its second went to a (tail first)
     assert m.block_ids("b") and len(m.block_ids("b")) == 3  # the manager owns b's block table
     m.check_invariants()
+
+
+OPS = ["allocate", "append", "free", "abort", "admit"]
+OP = st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(1, 9))
+
+
+@settings(max_examples=120, deadline=None)
+@given(ops=st.lists(OP, max_size=40), quotas=st.booleans(), by_ids=st.booleans())
+def test_a_remembered_refusal_is_what_asking_again_would_answer(
+    ops: list[tuple[str, int, int]], quotas: bool, by_ids: bool
+) -> None:
+    """Whatever runs between two asks (allocations that evict, growth, frees, aborts), a refusal
+    the manager remembers is the answer a manager without the memory gives."""
+    config = CacheConfig(num_blocks=6, block_size=BS, vocab_size=1000)
+    if quotas:
+        config = dataclasses.replace(config, quotas={"t0": TenantQuota(floor_blocks=2, cap_blocks=4)})
+    m = BlockManager(config)
+    scopes = [Scope(f"t{i % 2}") for i in range(4)]  # two tenants, so quotas bind
+
+    def prompt(i: int, n: int) -> Prompt:  # requests 0..3 share their first block
+        if by_ids:
+            ids = [7, *range(10 * i, 10 * i + (n - 1) // BS)]
+            return m.hash_block_ids(ids, n + BS - 1, scopes[i])
+        return m.hash([7] * BS + list(range(10 * i, 10 * i + n)), scopes[i])
+
+    asked: dict[str, Prompt] = {}
+    for op, i, n in ops:
+        rid = f"r{i}"
+        try:
+            if op == "allocate":
+                m.allocate(rid, prompt(i, n))
+            elif op == "append":
+                if by_ids:
+                    m.append_unkeyed(rid, n)
+                else:
+                    m.append(rid, [500 + n] * n)
+            elif op in ("free", "abort"):
+                m.free(rid) if op == "free" else m.abort(rid)
+            else:
+                asked[rid] = asked.get(rid) or prompt(i, n)
+                if m.admit(rid, asked[rid], unwritten=(), wait=True) is not None:
+                    del asked[rid]
+        except (CapacityError, RequestError, InvalidTokensError):
+            pass
+        for rid, p in asked.items():
+            if m.still_refused(rid, p):
+                fresh = copy.deepcopy(m)
+                fresh._refused = None
+                assert fresh.admit(rid, p, unwritten=(), wait=True) is None
+        m.check_invariants()

@@ -79,9 +79,12 @@ class BlockPool:
         self._num_buffered = 0  # events (not entries) in ``events``
         self.num_events_dropped = 0
         self._tick = 0
-        # Moves with every operation that changes a block, the free queue or the LRU order: equal
-        # versions, the same answer to an allocation (a manager remembers a refusal by it).
-        self.version = 0
+        # Moves with every operation that can let through an allocation the planner refused (a
+        # manager remembers a refusal by it): blocks released, blocks cached (a longer prefix may
+        # match), and with per-owner queues any change (quota floors move with ownership). Taking,
+        # touching or un-caching blocks without quotas only leaves less to find: a prefix match
+        # can shrink, but each hit it loses frees at most the one block it no longer saves.
+        self.room_version = 0
         # Called with (block_id, key) for every block an operation is about to evict, before the
         # operation changes anything, while the bytes are intact (write-back to a spill tier).
         # If it raises, the operation raises and leaves the pool as it was.
@@ -126,7 +129,8 @@ class BlockPool:
 
     def touch(self, hits: list[Block]) -> None:
         """Take a reference on each block; a cached block with no references leaves the LRU."""
-        self.version += 1
+        if self.track_owners:
+            self.room_version += 1
         lru = self.lru
         by_owner = self.lru_by_owner if self.track_owners else None
         for block in hits:
@@ -140,7 +144,8 @@ class BlockPool:
         """Hand out one block per ``plan`` entry, charged to ``owner``: a cached block id to
         evict, or None for the next never-cached free block. The caller checked the plan and ran
         ``notify_evictions`` for its victims."""
-        self.version += 1
+        if self.track_owners:
+            self.room_version += 1
         blocks, popleft, lru, index, owned = self.blocks, self.free.popleft, self.lru, self.index, self.owned
         by_owner = self.lru_by_owner if self.track_owners else None
         with_events = self.max_events > 0
@@ -196,7 +201,7 @@ class BlockPool:
     ) -> list[bytes]:
         """Make full, referenced blocks reusable under their keys. Returns the keys another block
         already held (those blocks stay private to their request)."""
-        self.version += 1
+        self.room_version += 1
         index = self.index
         duplicates: list[bytes] = []
         # Callers pass referenced, unkeyed blocks (fresh from ``take``); ``check_invariants``
@@ -222,7 +227,8 @@ class BlockPool:
     def uncache(self, block: Block) -> None:
         """Drop a referenced block's key (its contents were never written, e.g. a failed request);
         it stays with its request and returns to the free queue when released."""
-        self.version += 1
+        if self.track_owners:
+            self.room_version += 1
         key = block.key
         assert key is not None and block.ref_count > 0 and self.index[key] == block.block_id
         del self.index[key]
@@ -234,7 +240,7 @@ class BlockPool:
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block. Callers pass a request's blocks tail first, so
         that its tail blocks sit nearest the front of the LRU queue and are evicted first."""
-        self.version += 1
+        self.room_version += 1
         blocks, lru, free, owned = self.blocks, self.lru, self.free, self.owned
         by_owner = self.lru_by_owner if self.track_owners else None
         for block_id in block_ids:

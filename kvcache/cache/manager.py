@@ -130,8 +130,8 @@ class BlockManager:
         self._epoch = 0
         self._requests: dict[Hashable, _Request] = {}
         self._tenants: dict[str, TenantStats] = {}
-        # The last refusal for room (``wait``): request id, the caller's prompt object, pool
-        # version, epoch. While none of them moved, asking again gets the same None at once.
+        # The last refusal for room (``wait``): request id, the caller's prompt object, the pool's
+        # room version, epoch. While none of them moved, asking again gets the same None at once.
         self._refused: tuple[Hashable, Prompt | Tokens, int, int] | None = None
 
     # ---- hashing -------------------------------------------------------------------------
@@ -391,27 +391,29 @@ class BlockManager:
         reads it; with ``wait``, None too when the blocks cannot be found now (``try_allocate``;
         asked again for the same prompt object before the pool changed, it answers None without
         matching). Raises as ``allocate`` does otherwise."""
-        if wait and self._still_refused(request_id, prompt):
+        if wait and self.still_refused(request_id, prompt):
             return None
         keyed, matched = self._prepare(request_id, prompt, None)
         if unwritten and any(b.key in unwritten for b in matched):
             return None
         placed = self._place(keyed, matched, wait)
         if placed is None:
-            self._refused = (request_id, prompt, self.pool.version, self._epoch)
+            self._refused = (request_id, prompt, self.pool.room_version, self._epoch)
             return None
         return self._commit(request_id, keyed, *placed)
 
-    def _still_refused(self, request_id: Hashable, prompt: Prompt | Tokens) -> bool:
-        """Whether ``request_id`` with this very ``prompt`` was refused room and nothing changed
-        since (no pool operation, no publish): the same question gets the same answer."""
+    def still_refused(self, request_id: Hashable, prompt: Prompt | Tokens) -> bool:
+        """Whether ``admit(request_id, prompt, wait=True)`` refused this very prompt object room
+        and nothing that could make room happened since (``BlockPool.room_version``, no publish):
+        asked again, it would refuse again."""
         refused = self._refused
         return (
             refused is not None
             and refused[1] is prompt
-            and refused[2] == self.pool.version
+            and refused[2] == self.pool.room_version
             and refused[3] == self._epoch
             and refused[0] == request_id
+            and request_id not in self._requests  # else asking again raises: the id is in use
         )
 
     def _place(

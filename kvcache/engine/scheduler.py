@@ -186,7 +186,7 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             num_tokens = seq.num_tokens
-            if seq.num_allocated_tokens < num_tokens and not self._grow(seq, out):
+            if seq.num_allocated_tokens < num_tokens and not self._grow(seq, num_tokens, out):
                 continue  # it left the running list (preempted or failed)
             computed = seq.num_computed_tokens
             n = num_tokens - computed
@@ -248,16 +248,18 @@ class Scheduler:
         its slot and is computed, and ``token`` (a placeholder) is sampled, every step. Only a
         driver whose sampled tokens do not matter (a simulation) may skip steps; the caller keeps
         ``num_steps <= decode_slack()`` and stops at the first step a sequence finishes."""
-        assert 0 <= num_steps <= self.decode_slack()
+        assert num_steps >= 0
         if not num_steps:
             return
         filler = [token] * num_steps
+        bs = self.block_size
         for seq in self.running:
-            assert seq.num_computed_tokens + 1 == seq.num_tokens == seq.num_allocated_tokens + 1
+            allocated = seq.num_allocated_tokens
+            # within decode_slack(): no sequence needs a new block
+            assert seq.num_computed_tokens == allocated == seq.num_tokens - 1 and -allocated % bs >= num_steps
             seq.tokens += filler
-            self._append(seq, seq.num_allocated_tokens, seq.num_tokens - 1)
-            seq.num_allocated_tokens += num_steps
-            seq.num_computed_tokens += num_steps
+            self._append(seq, allocated, allocated + num_steps)
+            seq.num_allocated_tokens = seq.num_computed_tokens = allocated + num_steps
 
     def _append(self, seq: Sequence, start: int, stop: int) -> None:
         """Give the tokens at ``start:stop`` slots (the manager holds ``start`` of them)."""
@@ -267,12 +269,13 @@ class Scheduler:
         else:
             self.manager.append(seq.request_id, seq.tokens_between(start, stop))
 
-    def _grow(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """Give a decoding sequence's last sampled token a slot; preempt the newest on a full pool."""
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Give a decoding sequence's last sampled token a slot (``num_tokens``: its length);
+        preempt the newest on a full pool."""
         while True:
             try:
-                self._append(seq, seq.num_allocated_tokens, seq.num_tokens)
-                seq.num_allocated_tokens = seq.num_tokens
+                self._append(seq, seq.num_allocated_tokens, num_tokens)
+                seq.num_allocated_tokens = num_tokens
                 return True
             except QuotaError as exc:
                 self.fail(seq, exc)
@@ -293,6 +296,8 @@ class Scheduler:
         manager, bs = self.manager, self.block_size
         if seq.prompt is None:  # a sequence queued without keys (the engine hashes at ``add``)
             seq.prompt = manager.hash(seq.tokens_between(0), seq.scope)
+        if self.running and manager.still_refused(seq.request_id, seq.prompt):
+            return False  # refused room at an earlier step, and nothing since could make room
         start = time.perf_counter()
         try:
             # matched once: a prefix block another sequence has not written by the end of this

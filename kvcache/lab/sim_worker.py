@@ -102,9 +102,10 @@ class SimSequence(Sequence):
         """Placeholders for the prompt's positions, then the outputs'."""
         num_prompt, num_tokens = self.num_prompt_tokens, self.num_tokens
         stop = num_tokens if stop is None else min(stop, num_tokens)
-        assert 0 <= start, "positions from the start of the sequence"
+        assert start >= 0, "positions from the start of the sequence"
         in_prompt = max(0, min(stop, num_prompt) - start)
-        return [PLACEHOLDER_TOKEN] * in_prompt + self.tokens[max(0, start - num_prompt) : max(0, stop - num_prompt)]
+        outputs = self.tokens[max(0, start - num_prompt) : max(0, stop - num_prompt)]
+        return [PLACEHOLDER_TOKEN] * in_prompt + outputs
 
 
 class SimWorker:
