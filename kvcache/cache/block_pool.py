@@ -274,6 +274,8 @@ class BlockPool:
         keys)`` removed, for a consumer that reads only the keys (``PreciseIndex.apply_keys``),
         without a record per block; the buffer is emptied."""
         out: list[tuple[bool, list[bytes]]] = []
+        if not self.events:  # most steps store and evict nothing
+            return out
         for entry in self._take_entries():
             out += _key_runs(entry)
         return out

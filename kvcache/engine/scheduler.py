@@ -180,7 +180,6 @@ class Scheduler:
         out = SchedulerOutput()
         scheduled = out.scheduled
         budget = self.config.max_num_batched_tokens
-        ends: dict[int, int] = {}  # id(seq) -> computed tokens at the end of this step
         running = self.running
         i = 0
         while i < len(running) and budget > 0:
@@ -193,14 +192,13 @@ class Scheduler:
             if n > budget:
                 n = budget
             scheduled.append(Scheduled(seq, n))
-            ends[id(seq)] = computed + n
             budget -= n
             i += 1
         max_seqs = self.config.max_num_seqs
         waiting = self.waiting
         while waiting and budget > 0 and len(running) < max_seqs and not out.preempted:
             seq = waiting[0]
-            admitted = self._admit(seq, ends, out)
+            admitted = self._admit(seq, out)
             if admitted is None:
                 continue  # it failed; look at the next one
             if not admitted:
@@ -209,7 +207,6 @@ class Scheduler:
             running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             scheduled.append(Scheduled(seq, n))
-            ends[id(seq)] = seq.num_computed_tokens + n
             budget -= n
         return out
 
@@ -291,7 +288,7 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _admit(self, seq: Sequence, ends: dict[int, int], out: SchedulerOutput) -> bool | None:
+    def _admit(self, seq: Sequence, out: SchedulerOutput) -> bool | None:
         """True: admitted. False: must wait. None: failed (removed from the queue)."""
         manager, bs = self.manager, self.block_size
         if seq.prompt is None:  # a sequence queued without keys (the engine hashes at ``add``)
@@ -304,7 +301,7 @@ class Scheduler:
             # step is not read; the sequence waits for it instead, as it waits for room while
             # others run (their blocks come back as they finish)
             running = bool(self.running)
-            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(ends), wait=running)
+            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(out), wait=running)
         except CapacityError as exc:
             too_big = -(-seq.num_tokens // bs) > manager.pool.num_blocks
             if not too_big and self.running:
@@ -334,8 +331,9 @@ class Scheduler:
         out.admitted.append(seq.request_id)
         return True
 
-    def _pending(self, ends: dict[int, int]) -> set[bytes]:
-        """Keys of prompt blocks whose KV will not be written by the end of this step."""
+    def _pending(self, out: SchedulerOutput) -> set[bytes]:
+        """Keys of prompt blocks whose KV will not be written by the end of this step (``out``)."""
+        ends = {id(s.seq): s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled}
         pending: set[bytes] = set()
         for seq in self.running:
             if seq.prompt is None:

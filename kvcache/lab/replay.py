@@ -145,10 +145,14 @@ class _Replay:
     def settle(self, w: int) -> None:
         """Forward the worker's pool events and queue the end of its work in flight if it moved."""
         worker = self.workers[w]
-        self.send_events(w, worker.take_key_runs())
-        if worker.busy_until_ms is not None and worker.version != self.pushed[w]:
-            self.pushed[w] = worker.version
-            self.push(worker.busy_until_ms, _STEP, w, worker.version)
+        runs = worker.take_key_runs()
+        if runs:
+            self.send_events(w, runs)
+        version = worker.version
+        if worker.busy_until_ms is not None and version != self.pushed[w]:
+            self.pushed[w] = version
+            heapq.heappush(self.heap, (worker.busy_until_ms, self.seq, _STEP, w, version))
+            self.seq += 1
 
     def run(self, progress: bool) -> None:
         for job in self.jobs:
