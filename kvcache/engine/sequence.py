@@ -34,7 +34,7 @@ class Status(enum.Enum):
     ABORTED = "aborted"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a request's state: equal only to itself (list.remove, ``in``)
 class Sequence:
     request_id: Hashable
     tokens: list[int]

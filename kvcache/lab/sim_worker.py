@@ -84,7 +84,7 @@ class Job:
     prefill_tokens: int = 0  # computed
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class SimSequence(Sequence):
     """A simulated request as the scheduler sees it: ``tokens`` holds only its placeholder outputs
     and the prompt is a count (its keys are ``prompt``; its tokens are never read), so a
@@ -137,6 +137,7 @@ class SimWorker:
         self._step_ms = 0.0
         self._num_steps = 0
         self._uncached: dict[Hashable, int] = {}  # request id -> prompt tokens cut off (never cached)
+        self._params: dict[int, SamplingParams] = {}  # by max_tokens: frozen, so shared
         self._evicted: list[bytes] = []
         self._transfer_ms = 0.0
         if spill is not None:
@@ -237,12 +238,16 @@ class SimWorker:
         """Schedule the next step at ``now_ms`` and price it (a run of them when steady)."""
         self._start_ms, self._transfer_ms = now_ms, 0.0
         scheduler = self.scheduler
+        self.version += 1
+        if not scheduler.running and not scheduler.waiting:  # idle: there is nothing to schedule
+            self._flush_evicted(now_ms)
+            self._out, self.busy_until_ms = None, None
+            return
         out = scheduler.schedule()
         if self._evicted:
             self._flush_evicted(now_ms)
         for seq in out.failed:  # cannot fit even alone: lost (the replay counts it)
             del self.jobs[seq.request_id]
-        self.version += 1
         scheduled = out.scheduled
         if not scheduled:
             self._out, self.busy_until_ms = None, None
@@ -286,12 +291,15 @@ class SimWorker:
             else:
                 assert req.tokens is not None
                 prompt = self.manager.hash(req.tokens[:num_prompt], prompt.scope)
+        params = self._params.get(num_outputs)
+        if params is None:
+            params = self._params[num_outputs] = SamplingParams(max_tokens=num_outputs)
         return SimSequence(
             request_id=job.request_id,
             tokens=[],
             num_prompt_tokens=num_prompt,
             scope=prompt.scope,
-            params=SamplingParams(max_tokens=num_outputs),
+            params=params,
             generator=None,
             arrival_s=job.arrival_ms / 1000.0,
             prompt=prompt,
