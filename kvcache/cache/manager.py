@@ -577,6 +577,9 @@ class BlockManager:
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise InvalidTokensError(f"num_tokens={num_tokens!r} must be an int >= 0")
         total = req.num_tokens + num_tokens
+        if total <= len(req.block_ids) * self.block_size:  # decode growth: within its last block
+            req.num_tokens = total
+            return []
         num_new = -(-total // self.block_size) - len(req.block_ids)
         new_ids: list[int] = []
         if num_new > 0:

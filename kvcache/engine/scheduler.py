@@ -333,11 +333,15 @@ class Scheduler:
 
     def _pending(self, out: SchedulerOutput) -> set[bytes]:
         """Keys of prompt blocks whose KV will not be written by the end of this step (``out``)."""
-        ends = {id(s.seq): s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled}
+        bs = self.block_size
         pending: set[bytes] = set()
+        ends: dict[int, int] | None = None
         for seq in self.running:
-            if seq.prompt is None:
-                continue
+            prompt = seq.prompt
+            if prompt is None or seq.num_computed_tokens >= len(prompt.keys) * bs:
+                continue  # every keyed block of it is written (a decoding sequence)
+            if ends is None:
+                ends = {id(s.seq): s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled}
             end = ends.get(id(seq), seq.num_computed_tokens)
-            pending.update(seq.prompt.keys[end // self.block_size :])
+            pending.update(prompt.keys[end // bs :])
         return pending

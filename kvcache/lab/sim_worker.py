@@ -267,7 +267,7 @@ class SimWorker:
                     step_ms += lat.compute_ms(cut, seq.num_prompt_tokens)
         step_ms += self._transfer_ms
         num_steps = 1
-        if scheduler.is_steady(out):
+        if shape.num_decode_seqs == len(scheduled) and scheduler.is_steady(out):  # a prefill never is
             # every sequence samples once a step: the run ends at the first one's last token
             left = min([s.params.max_tokens - len(s.tokens) for s in scheduler.running])
             if left > 1:
