@@ -58,13 +58,13 @@ class SchedulerConfig:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Scheduled:
     seq: Sequence
     num_new_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepShape:
     """What one step computes. ``attention_work`` = sum over its prefill chunks of
     ``n x (context before + n / 2)``; ``num_context_tokens`` sums every scheduled sequence's context
