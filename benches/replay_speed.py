@@ -179,7 +179,12 @@ def main() -> None:
         for t in trees:
             totals[t] += med[t]
         line = f"{label:<34}{runs_by['ours'][0][i]['capacity']:>5}  {med['ours']:>7.3f}"
-        row = {"case": label, "cpu_s": med, "digest": {t: next(iter(d)) for t, d in digests.items()}}
+        row = {
+            "case": label,
+            "cpu_s": med,
+            "samples_s": {t: [run[i]["cpu_s"] for run in runs_by[t]] for t in trees},
+            "digest": {t: next(iter(d)) for t, d in digests.items()},
+        }
         if args.baseline:
             same = digests["ours"] == digests["baseline"]
             line += f"  {med['baseline']:>7.3f}  {med['ours'] / med['baseline']:>6.2f}  "
