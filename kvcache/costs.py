@@ -149,9 +149,17 @@ class LatencyModel:
         ``num_decode_seqs`` decoding sequences. The base is ``prefill_base_ms`` when the step computes
         any prompt token, else ``decode_base_ms``; the terms are those of ``prefill_ms`` and
         ``decode_step_ms`` (what ``kvcache calibrate`` fits, ``STEP_TERMS`` in order)."""
-        coefficients: list[float] = [getattr(self, name) for name in STEP_TERMS]
-        terms = step_terms(num_prefill_tokens, attention_work, num_decode_seqs)
-        return sum(c * x for c, x in zip(coefficients, terms, strict=True))
+        # sum(coefficient x term) over ``STEP_TERMS`` and ``step_terms``, written out (a replay prices
+        # every step): the same products added in the same order from 0, so the same float
+        prefill, decode = (1.0, 0.0) if num_prefill_tokens > 0 else (0.0, 1.0)
+        return (
+            0.0
+            + self.prefill_base_ms * prefill
+            + self.prefill_ms_per_token * float(num_prefill_tokens)
+            + self.prefill_ms_per_token_per_ctx_token * float(attention_work)
+            + self.decode_base_ms * decode
+            + self.decode_ms_per_token_per_seq * float(num_decode_seqs)
+        )
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")

@@ -5,13 +5,19 @@ owner, the block manager."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvcache import BlockManager, CacheConfig, Scope
+from kvcache import BlockManager, CacheConfig, Scope, TenantQuota
+from kvcache.cache.manager import Prompt
 from kvcache.engine import SamplingParams, Scheduler, SchedulerConfig
 from kvcache.engine.sequence import Sequence, Status
-from kvcache.errors import InvalidTokensError
+from kvcache.errors import CapacityError, InvalidTokensError, RequestError
 
 BS = 4
 
@@ -69,6 +75,30 @@ def test_admit_waits_on_an_unwritten_prefix_block_and_changes_nothing() -> None:
     m.check_invariants()
 
 
+def test_admit_with_wait_refuses_room_without_an_error_and_asks_again_once_the_pool_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m = manager(num_blocks=4)
+    m.allocate("held", list(range(1, 13)), "a")  # 3 of the 4 blocks
+    prompt = m.hash(list(range(50, 58)), "a")  # needs 2
+    with pytest.raises(CapacityError, match="need 2 free blocks, only 1"):
+        m.admit("r", prompt, unwritten=set())
+    before = m.stats()
+    calls: list[int] = []
+    match = m._match
+    monkeypatch.setattr(m, "_match", lambda p: calls.append(1) or match(p))
+    assert m.admit("r", prompt, unwritten=set(), wait=True) is None
+    assert m.admit("r", prompt, unwritten=set(), wait=True) is None  # nothing changed: not matched again
+    assert calls == [1] and m.stats() == before and m.num_running == 1
+    again = m.hash(list(range(50, 58)), "a")  # the same tokens, another prompt object: matched
+    assert m.admit("r", again, unwritten=set(), wait=True) is None
+    assert calls == [1, 1]
+    m.free("held")  # the pool changed: asked again, it fits (evicting the LRU block)
+    alloc = m.admit("r", prompt, unwritten=set(), wait=True)
+    assert alloc is not None and alloc.num_cached_tokens == 0 and calls == [1, 1, 1]
+    m.check_invariants()
+
+
 def test_admission_matches_the_prefix_once(monkeypatch: pytest.MonkeyPatch) -> None:
     m = manager()
     m.allocate("warm", list(range(1, 9)), "a")
@@ -113,3 +143,53 @@ def test_a_preempted_sequence_keeps_its_keys_and_is_not_hashed_again(monkeypatch
     assert b.num_computed_tokens == 4  # its first block hit; its second went to a (tail first)
     assert m.block_ids("b") and len(m.block_ids("b")) == 3  # the manager owns b's block table
     m.check_invariants()
+
+
+OPS = ["allocate", "append", "free", "abort", "admit"]
+OP = st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(1, 9))
+
+
+@settings(max_examples=120, deadline=None)
+@given(ops=st.lists(OP, max_size=40), quotas=st.booleans(), by_ids=st.booleans())
+def test_a_remembered_refusal_is_what_asking_again_would_answer(
+    ops: list[tuple[str, int, int]], quotas: bool, by_ids: bool
+) -> None:
+    """Whatever runs between two asks (allocations that evict, growth, frees, aborts), a refusal
+    the manager remembers is the answer a manager without the memory gives."""
+    config = CacheConfig(num_blocks=6, block_size=BS, vocab_size=1000)
+    if quotas:
+        config = dataclasses.replace(config, quotas={"t0": TenantQuota(floor_blocks=2, cap_blocks=4)})
+    m = BlockManager(config)
+    scopes = [Scope(f"t{i % 2}") for i in range(4)]  # two tenants, so quotas bind
+
+    def prompt(i: int, n: int) -> Prompt:  # requests 0..3 share their first block
+        if by_ids:
+            ids = [7, *range(10 * i, 10 * i + (n - 1) // BS)]
+            return m.hash_block_ids(ids, n + BS - 1, scopes[i])
+        return m.hash([7] * BS + list(range(10 * i, 10 * i + n)), scopes[i])
+
+    asked: dict[str, Prompt] = {}
+    for op, i, n in ops:
+        rid = f"r{i}"
+        try:
+            if op == "allocate":
+                m.allocate(rid, prompt(i, n))
+            elif op == "append":
+                if by_ids:
+                    m.append_unkeyed(rid, n)
+                else:
+                    m.append(rid, [500 + n] * n)
+            elif op in ("free", "abort"):
+                m.free(rid) if op == "free" else m.abort(rid)
+            else:
+                asked[rid] = asked.get(rid) or prompt(i, n)
+                if m.admit(rid, asked[rid], unwritten=(), wait=True) is not None:
+                    del asked[rid]
+        except (CapacityError, RequestError, InvalidTokensError):
+            pass
+        for rid, p in asked.items():
+            if m.still_refused(rid, p):
+                fresh = copy.deepcopy(m)
+                fresh._refused = None
+                assert fresh.admit(rid, p, unwritten=(), wait=True) is None
+        m.check_invariants()

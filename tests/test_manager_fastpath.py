@@ -165,3 +165,35 @@ def test_python_fallbacks_give_the_same_keys_and_errors(monkeypatch: pytest.Monk
 
 def hashing_config() -> CacheConfig:
     return CacheConfig(num_blocks=8, block_size=4, vocab_size=1000)
+
+
+@pytest.mark.parametrize("bound", [0, 3, 65_536])
+def test_key_runs_are_the_events_keys_in_order(make_manager: MakeManager, bound: int) -> None:
+    def run(m: BlockManager) -> None:
+        m.allocate("a", toks(0, 16), Scope("x", group="g"))
+        m.allocate("b", toks(0, 16), Scope("y", group="g"))  # duplicates of a's blocks: not stored
+        m.free("a")
+        m.free("b")
+        m.allocate("c", toks(100, 12), "t")  # evicts
+        m.append("c", toks(200, 8))
+        m.abort("c")  # un-indexes the blocks it cached (one record each)
+
+    events = make_manager(num_blocks=8, k_anonymity=2, max_events=bound)
+    runs = make_manager(num_blocks=8, k_anonymity=2, max_events=bound)
+    run(events)
+    run(runs)
+    records = events.drain_events()
+    drained = runs.drain_key_runs()
+    assert [(isinstance(e, BlockStored), e.key) for e in records] == [
+        (stored, key) for stored, keys in drained for key in keys
+    ]
+    assert runs.stats().events_dropped == events.stats().events_dropped
+    assert runs.drain_key_runs() == [] and runs.drain_events() == []
+    if bound == 65_536:  # a's 4 stored; c's 3; 1 evicted and 2 stored by the append; 5 un-indexed
+        assert [(stored, len(keys)) for stored, keys in drained] == [
+            (True, 4),
+            (True, 3),
+            (False, 1),
+            (True, 2),
+            *[(False, 1)] * 5,
+        ]

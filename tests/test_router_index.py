@@ -230,6 +230,29 @@ def test_the_router_bounds_its_index_per_worker() -> None:
     assert router.route(RouteRequest("r", K[2:5], 12)) == "a"
 
 
+def test_key_runs_change_the_router_as_their_events_do() -> None:
+    by_events = Router("lpm", "precise", 4, capacity_blocks=3, clock=lambda: 0.0)
+    by_runs = Router("lpm", "precise", 4, capacity_blocks=3, clock=lambda: 0.0)
+    batches = [
+        ("a", [*stored(K[0], K[1]), BlockRemoved(K[0], 0, "s"), *stored(K[2], K[3])]),
+        ("b", stored(*K[:5])),  # past the bound: K[0] and K[1] are dropped
+        ("a", [BlockRemoved(K[5], 5, "s"), *stored(K[0])]),  # a key it does not hold is ignored
+        ("gone", stored(K[0])),  # not a worker: ignored
+    ]
+    for router in (by_events, by_runs):
+        router.add_worker("a")
+        router.add_worker("b")
+    for worker, events in batches:
+        by_events.on_events(worker, events)
+        runs = [(isinstance(e, BlockStored), [e.key]) for e in events]
+        by_runs.on_key_runs(worker, runs)
+    for keys in (K[:4], K[1:4], K[2:5], K[0:1]):
+        assert by_runs.index.overlaps(keys, 0.0) == by_events.index.overlaps(keys, 0.0)
+    assert by_runs.index.overlaps(K[2:5], 0.0) == {"a": 2, "b": 3}
+    assert [list(by_runs.index.keys_of[w]) for w in "ab"] == [[K[2], K[3], K[0]], K[2:5]]
+    assert [list(by_runs.index.keys_of[w]) for w in "ab"] == [list(by_events.index.keys_of[w]) for w in "ab"]
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 5), st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=6))),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvcache import ConfigError
-from kvcache.costs import LatencyModel
+from kvcache.costs import STEP_TERMS, LatencyModel, step_terms
 
 
 def test_prefill_and_decode_formula() -> None:
@@ -46,6 +46,16 @@ def test_prefill_and_compute_price_arrays_elementwise_bit_for_bit() -> None:
     assert expected_prefill[:2] == expected_compute[:2] == [0.0, 0.0]
     # broadcast: one cached count and one running count for every worker
     assert m.prefill_ms(new, 10, 3).tolist() == [m.prefill_ms(n, 10, 3) for n in new.tolist()]
+
+
+@pytest.mark.parametrize("shape", [(0, 0.0, 7), (300, 4.5e4, 0), (2048, 3.25e6, 12), (1, 0.5, 1)])
+def test_a_step_costs_the_sum_of_its_terms_exactly(shape: tuple[int, float, int]) -> None:
+    m = LatencyModel(decode_base_ms=7, prefill_ms_per_token=0.0831, prefill_ms_per_token_per_ctx_token=1.7e-6)
+    total = 0.0
+    for name, term in zip(STEP_TERMS, step_terms(*shape), strict=True):
+        total += getattr(m, name) * term
+    assert m.step_ms(*shape) == total  # the same float, not an approximation
+    assert m.step_ms(0, 0.0, 7) == 7 + 0.15 * 7
 
 
 def test_json_round_trip_and_errors(tmp_path: Path) -> None:

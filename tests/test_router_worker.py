@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvcache import BlockRemoved, BlockStored
+from kvcache import BlockRemoved, BlockStored, Scope
 from kvcache.costs import LatencyModel
+from kvcache.engine.sampling import SamplingParams
+from kvcache.engine.sequence import Sequence
 from kvcache.lab.replay import prepare
-from kvcache.lab.sim_worker import Job, SimWorker
-from kvcache.lab.trace import FORMAT_MOONCAKE, Trace, TraceRequest
+from kvcache.lab.sim_worker import PLACEHOLDER_TOKEN, Job, SimSequence, SimWorker
+from kvcache.lab.trace import FORMAT_MOONCAKE, FORMAT_TOKENS, Trace, TraceRequest
 
 # a step costs its prefill tokens (1 ms each) when it computes any, else 1 ms (a decode step)
 LAT = LatencyModel(
@@ -118,6 +120,39 @@ def test_a_full_pool_preempts_the_newest_and_its_written_blocks_stay_cached() ->
     assert [rid for rid, _ in finished] == ["r0", "r1"]
     assert b.first_token_ms == 12.0 and (b.cached_tokens, b.prefill_tokens) == (0, 4)  # its first admission
     w.manager.check_invariants()
+
+
+def test_a_preempted_token_prompt_comes_back_keyed_by_its_placeholder_outputs() -> None:
+    reqs = [
+        TraceRequest(0.0, 8, 6, tokens=list(range(1, 9)), tenant="a"),
+        TraceRequest(0.0, 4, 6, tokens=[50, 51, 52, 53], tenant="a"),
+    ]
+    prompts = prepare(Trace(reqs, FORMAT_TOKENS, None), 4)
+    a, b = (Job(i, f"r{i}", r, p, 0.0) for i, (r, p) in enumerate(zip(reqs, prompts, strict=True)))
+    w = SimWorker(0, num_blocks=4, block_size=4, latency=LAT)
+    w.submit(a, 0.0)
+    w.submit(b, 0.0)
+    drive(w, 12.0)
+    assert w.running == ["r0"] and w.waiting == ["r1"] and w.scheduler.num_preemptions == 1
+    assert drive(w) == [("r0", 16.0), ("r1", 25.0)]
+    assert (b.first_token_ms, b.start_ms, b.cached_tokens, b.prefill_tokens) == (12.0, 8.0, 0, 4)
+    # its prompt and the block its placeholder outputs filled stay cached under their keys
+    assert w.manager.lookup(w.manager.extend(b.prompt, [PLACEHOLDER_TOKEN] * 5)) == 8
+    w.manager.check_invariants()
+
+
+def test_a_simulated_sequence_reads_as_its_placeholder_tokens_would() -> None:
+    def make(cls: type[Sequence], tokens: list[int]) -> Sequence:
+        return cls("r", tokens, 5, Scope("a"), SamplingParams(max_tokens=8), None, 0.0)
+
+    sim = make(SimSequence, [PLACEHOLDER_TOKEN] * 3)  # its outputs only
+    full = make(Sequence, [PLACEHOLDER_TOKEN] * 8)
+    assert sim.num_tokens == full.num_tokens == 8 and sim.output_tokens == full.output_tokens
+    for start in range(10):
+        for stop in (None, *range(start, 11)):
+            assert sim.tokens_between(start, stop) == full.tokens_between(start, stop), (start, stop)
+    sim.tokens.append(PLACEHOLDER_TOKEN)
+    assert sim.num_tokens == 9 and sim.check_stop(PLACEHOLDER_TOKEN, ()) is None
 
 
 def test_an_arrival_cuts_a_run_of_decode_steps_at_the_step_in_progress() -> None:

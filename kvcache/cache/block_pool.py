@@ -79,6 +79,12 @@ class BlockPool:
         self._num_buffered = 0  # events (not entries) in ``events``
         self.num_events_dropped = 0
         self._tick = 0
+        # Moves with every operation that can let through an allocation the planner refused (a
+        # manager remembers a refusal by it): blocks released, blocks cached (a longer prefix may
+        # match), and with per-owner queues any change (quota floors move with ownership). Taking,
+        # touching or un-caching blocks without quotas only leaves less to find: a prefix match
+        # can shrink, but each hit it loses frees at most the one block it no longer saves.
+        self.room_version = 0
         # Called with (block_id, key) for every block an operation is about to evict, before the
         # operation changes anything, while the bytes are intact (write-back to a spill tier).
         # If it raises, the operation raises and leaves the pool as it was.
@@ -123,6 +129,8 @@ class BlockPool:
 
     def touch(self, hits: list[Block]) -> None:
         """Take a reference on each block; a cached block with no references leaves the LRU."""
+        if self.track_owners:
+            self.room_version += 1
         lru = self.lru
         by_owner = self.lru_by_owner if self.track_owners else None
         for block in hits:
@@ -136,6 +144,8 @@ class BlockPool:
         """Hand out one block per ``plan`` entry, charged to ``owner``: a cached block id to
         evict, or None for the next never-cached free block. The caller checked the plan and ran
         ``notify_evictions`` for its victims."""
+        if self.track_owners:
+            self.room_version += 1
         blocks, popleft, lru, index, owned = self.blocks, self.free.popleft, self.lru, self.index, self.owned
         by_owner = self.lru_by_owner if self.track_owners else None
         with_events = self.max_events > 0
@@ -191,6 +201,7 @@ class BlockPool:
     ) -> list[bytes]:
         """Make full, referenced blocks reusable under their keys. Returns the keys another block
         already held (those blocks stay private to their request)."""
+        self.room_version += 1
         index = self.index
         duplicates: list[bytes] = []
         # Callers pass referenced, unkeyed blocks (fresh from ``take``); ``check_invariants``
@@ -216,6 +227,8 @@ class BlockPool:
     def uncache(self, block: Block) -> None:
         """Drop a referenced block's key (its contents were never written, e.g. a failed request);
         it stays with its request and returns to the free queue when released."""
+        if self.track_owners:
+            self.room_version += 1
         key = block.key
         assert key is not None and block.ref_count > 0 and self.index[key] == block.block_id
         del self.index[key]
@@ -227,6 +240,7 @@ class BlockPool:
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block. Callers pass a request's blocks tail first, so
         that its tail blocks sit nearest the front of the LRU queue and are evicted first."""
+        self.room_version += 1
         blocks, lru, free, owned = self.blocks, self.lru, self.free, self.owned
         by_owner = self.lru_by_owner if self.track_owners else None
         for block_id in block_ids:
@@ -251,11 +265,28 @@ class BlockPool:
     def drain_events(self) -> list[CacheEvent]:
         """Buffered events, oldest first, as records; the buffer is emptied."""
         out: list[CacheEvent] = []
-        for entry in self.events:
+        for entry in self._take_entries():
             out += _records(entry)
+        return out
+
+    def drain_key_runs(self) -> list[tuple[bool, list[bytes]]]:
+        """``drain_events`` as runs of keys, oldest first: ``(True, keys)`` stored, ``(False,
+        keys)`` removed, for a consumer that reads only the keys (``PreciseIndex.apply_keys``),
+        without a record per block; the buffer is emptied."""
+        out: list[tuple[bool, list[bytes]]] = []
+        if not self.events:  # most steps store and evict nothing
+            return out
+        for entry in self._take_entries():
+            out += _key_runs(entry)
+        return out
+
+    def _take_entries(self) -> list[tuple[Any, ...]]:
+        if not self.events:
+            return []
+        entries = list(self.events)
         self.events.clear()
         self._num_buffered = 0
-        return out
+        return entries
 
     def _buffer(self, entry: tuple[Any, ...], num_events: int) -> None:
         self.events.append(entry)
@@ -323,6 +354,17 @@ def _skip(entry: tuple[Any, ...], count: int) -> tuple[Any, ...]:
         _, keys, ids, scopes = entry
         return ("removed", keys[count:], ids[count:], scopes[count:])
     return ("records", _records(entry)[count:])
+
+
+def _key_runs(entry: tuple[Any, ...]) -> list[tuple[bool, list[bytes]]]:
+    """The entry's events as runs of keys (``_records`` without the records)."""
+    kind = entry[0]
+    if kind == "stored":
+        keys, dups = entry[2], entry[5]
+        return [(True, keys if dups is None else [k for k in keys if k not in dups])]
+    if kind == "removed":
+        return [(False, entry[1])]
+    return [(type(e) is BlockStored, [e.key]) for e in entry[1]]
 
 
 def _records(entry: tuple[Any, ...]) -> list[CacheEvent]:

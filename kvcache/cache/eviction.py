@@ -23,13 +23,22 @@ from kvcache.errors import CapacityError, QuotaError
 def plan(pool: BlockPool, num_new: int, pinned: set[int]) -> list[int | None]:
     """Without quotas: never-cached free blocks first, then the least recently used cached ones.
     ``pinned``: cached blocks about to be reused, never evicted."""
-    num_free = len(pool.free)
-    available = num_free + len(pool.lru) - len(pinned)
-    if num_new > available:
+    out = try_plan(pool, num_new, pinned)
+    if out is None:
+        available = len(pool.free) + len(pool.lru) - len(pinned)
         raise CapacityError(
             f"need {num_new} free blocks, only {available} of {pool.num_blocks} can be "
             "freed (the rest are in use by running requests); nothing was allocated"
         )
+    return out
+
+
+def try_plan(pool: BlockPool, num_new: int, pinned: set[int]) -> list[int | None] | None:
+    """``plan``, or None when the blocks cannot all be found: for a caller that waits and tries
+    again (a scheduler's head of queue, every step), without an error built each time."""
+    num_free = len(pool.free)
+    if num_new > num_free + len(pool.lru) - len(pinned):
+        return None
     out: list[int | None] = [None] * min(num_free, num_new)
     num_evict = num_new - len(out)
     if num_evict:

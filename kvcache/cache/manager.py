@@ -130,6 +130,9 @@ class BlockManager:
         self._epoch = 0
         self._requests: dict[Hashable, _Request] = {}
         self._tenants: dict[str, TenantStats] = {}
+        # The last refusal for room (``wait``): request id, the caller's prompt object, the pool's
+        # room version, epoch. While none of them moved, asking again gets the same None at once.
+        self._refused: tuple[Hashable, Prompt | Tokens, int, int] | None = None
 
     # ---- hashing -------------------------------------------------------------------------
 
@@ -370,25 +373,67 @@ class BlockManager:
         propagates and nothing changes either.
         """
         prompt, matched = self._prepare(request_id, prompt, scope)
-        return self._commit(request_id, prompt, *self._place(prompt, matched))
+        placed = self._place(prompt, matched)
+        assert placed is not None  # without ``wait`` it raises instead
+        return self._commit(request_id, prompt, *placed)
 
     def admit(
-        self, request_id: Hashable, prompt: Prompt | Tokens, *, unwritten: Container[bytes]
+        self,
+        request_id: Hashable,
+        prompt: Prompt | Tokens,
+        *,
+        unwritten: Container[bytes],
+        wait: bool = False,
     ) -> Allocation | None:
         """``allocate`` for a scheduler that overlaps requests, with the prefix matched once: None
         (nothing changed) when a block of the matched prefix has a key in ``unwritten`` (cached
         by a running request whose KV for it is not written yet), so the caller waits rather than
-        reads it. Raises as ``allocate`` does."""
-        prompt, matched = self._prepare(request_id, prompt, None)
+        reads it; with ``wait``, None too when the blocks cannot be found now (``try_allocate``;
+        asked again for the same prompt object before the pool changed, it answers None without
+        matching). Raises as ``allocate`` does otherwise."""
+        if wait and self.still_refused(request_id, prompt):
+            return None
+        keyed, matched = self._prepare(request_id, prompt, None)
         if unwritten and any(b.key in unwritten for b in matched):
             return None
-        return self._commit(request_id, prompt, *self._place(prompt, matched))
+        placed = self._place(keyed, matched, wait)
+        if placed is None:
+            self._refused = (request_id, prompt, self.pool.room_version, self._epoch)
+            return None
+        return self._commit(request_id, keyed, *placed)
 
-    def _place(self, prompt: Prompt, matched: list[Block]) -> tuple[list[Block], list[int | None]]:
-        """The hits a prompt reuses and where its other blocks come from; raises, changing nothing."""
+    def still_refused(self, request_id: Hashable, prompt: Prompt | Tokens) -> bool:
+        """Whether ``admit(request_id, prompt, wait=True)`` refused this very prompt object room
+        and nothing that could make room happened since (``BlockPool.room_version``, no publish):
+        asked again, it would refuse again."""
+        refused = self._refused
+        return (
+            refused is not None
+            and refused[1] is prompt
+            and refused[2] == self.pool.room_version
+            and refused[3] == self._epoch
+            and refused[0] == request_id
+            and request_id not in self._requests  # else asking again raises: the id is in use
+        )
+
+    def _place(
+        self, prompt: Prompt, matched: list[Block], wait: bool = False
+    ) -> tuple[list[Block], list[int | None]] | None:
+        """The hits a prompt reuses and where its other blocks come from. When the blocks cannot
+        be found: None with ``wait`` (a caller that tries again later), else the planner's error;
+        nothing changes either way."""
         hits = self._reusable(prompt, matched)
         num_new = -(-prompt.num_tokens // self.block_size) - len(hits)
-        return hits, self._plan(prompt.scope.tenant, num_new, {b.block_id for b in hits if b.ref_count == 0})
+        pinned = {b.block_id for b in hits if b.ref_count == 0}
+        if not wait:
+            return hits, self._plan(prompt.scope.tenant, num_new, pinned)
+        if self._has_quotas:
+            try:
+                return hits, self._plan(prompt.scope.tenant, num_new, pinned)
+            except CapacityError:
+                return None
+        plan = eviction.try_plan(self.pool, num_new, pinned)
+        return None if plan is None else (hits, plan)
 
     def try_allocate(
         self, request_id: Hashable, prompt: Prompt | Tokens, scope: Scope | str | None = None
@@ -397,11 +442,8 @@ class BlockManager:
         prefix matched once. Still raises for what waiting cannot fix: a running ``request_id``,
         bad tokens, or a prompt larger than the whole pool."""
         prompt, matched = self._prepare(request_id, prompt, scope)
-        try:
-            hits, plan = self._place(prompt, matched)
-        except CapacityError:
-            return None
-        return self._commit(request_id, prompt, hits, plan)
+        placed = self._place(prompt, matched, wait=True)
+        return None if placed is None else self._commit(request_id, prompt, *placed)
 
     def _commit(
         self, request_id: Hashable, prompt: Prompt, hits: list[Block], plan: list[int | None]
@@ -535,6 +577,9 @@ class BlockManager:
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise InvalidTokensError(f"num_tokens={num_tokens!r} must be an int >= 0")
         total = req.num_tokens + num_tokens
+        if total <= len(req.block_ids) * self.block_size:  # decode growth: within its last block
+            req.num_tokens = total
+            return []
         num_new = -(-total // self.block_size) - len(req.block_ids)
         new_ids: list[int] = []
         if num_new > 0:
@@ -623,6 +668,12 @@ class BlockManager:
         """Blocks stored and removed since the last drain, in order (at most ``max_events``; the
         oldest beyond that were dropped and counted in ``stats().events_dropped``)."""
         return self.pool.drain_events()
+
+    def drain_key_runs(self) -> list[tuple[bool, list[bytes]]]:
+        """``drain_events`` as runs of block keys, ``(True, keys)`` stored and ``(False, keys)``
+        removed, in order: what a router index reads (``PreciseIndex.apply_keys``), at no cost
+        per block."""
+        return self.pool.drain_key_runs()
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()

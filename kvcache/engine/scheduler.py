@@ -58,13 +58,13 @@ class SchedulerConfig:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Scheduled:
     seq: Sequence
     num_new_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepShape:
     """What one step computes. ``attention_work`` = sum over its prefill chunks of
     ``n x (context before + n / 2)``; ``num_context_tokens`` sums every scheduled sequence's context
@@ -168,7 +168,7 @@ class Scheduler:
             if prompt.kind == KIND_BLOCK_IDS:
                 seq.prompt = self.manager.extend_unkeyed(prompt, seq.num_tokens - prompt.num_tokens)
             else:
-                seq.prompt = self.manager.extend(prompt, seq.tokens[prompt.num_tokens :])
+                seq.prompt = self.manager.extend(prompt, seq.tokens_between(prompt.num_tokens))
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -178,31 +178,35 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        scheduled = out.scheduled
         budget = self.config.max_num_batched_tokens
-        ends: dict[int, int] = {}  # id(seq) -> computed tokens at the end of this step
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_allocated_tokens < seq.num_tokens and not self._grow(seq, out):
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_tokens = seq.num_tokens
+            if seq.num_allocated_tokens < num_tokens and not self._grow(seq, num_tokens, out):
                 continue  # it left the running list (preempted or failed)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            out.scheduled.append(Scheduled(seq, n))
-            ends[id(seq)] = seq.num_computed_tokens + n
+            computed = seq.num_computed_tokens
+            n = num_tokens - computed
+            if n > budget:
+                n = budget
+            scheduled.append(Scheduled(seq, n))
             budget -= n
             i += 1
         max_seqs = self.config.max_num_seqs
-        while self.waiting and budget > 0 and len(self.running) < max_seqs and not out.preempted:
-            seq = self.waiting[0]
-            admitted = self._admit(seq, ends, out)
+        waiting = self.waiting
+        while waiting and budget > 0 and len(running) < max_seqs and not out.preempted:
+            seq = waiting[0]
+            admitted = self._admit(seq, out)
             if admitted is None:
                 continue  # it failed; look at the next one
             if not admitted:
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
-            self.running.append(seq)
+            waiting.popleft()
+            running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            out.scheduled.append(Scheduled(seq, n))
-            ends[id(seq)] = seq.num_computed_tokens + n
+            scheduled.append(Scheduled(seq, n))
             budget -= n
         return out
 
@@ -212,8 +216,9 @@ class Scheduler:
         sampling = []
         for s in out.scheduled:
             seq = s.seq
-            seq.num_computed_tokens += s.num_new_tokens
-            if seq.num_computed_tokens == seq.num_tokens:
+            computed = seq.num_computed_tokens + s.num_new_tokens
+            seq.num_computed_tokens = computed
+            if computed == seq.num_tokens:
                 sampling.append(seq)
         return sampling
 
@@ -231,9 +236,8 @@ class Scheduler:
     def decode_slack(self) -> int:
         """Tokens every running sequence can still grow by without a new block."""
         bs = self.block_size
-        return min(
-            (-(-s.num_allocated_tokens // bs) * bs - s.num_allocated_tokens for s in self.running), default=0
-        )
+        # the free slots of a sequence's last block: ceil(a / bs) * bs - a == -a mod bs
+        return min([-s.num_allocated_tokens % bs for s in self.running], default=0)
 
     def skip_decode_steps(self, num_steps: int, token: int) -> None:
         """``num_steps`` steady decode steps at once, after ``complete`` of the one that made them
@@ -241,31 +245,34 @@ class Scheduler:
         its slot and is computed, and ``token`` (a placeholder) is sampled, every step. Only a
         driver whose sampled tokens do not matter (a simulation) may skip steps; the caller keeps
         ``num_steps <= decode_slack()`` and stops at the first step a sequence finishes."""
-        assert 0 <= num_steps <= self.decode_slack()
+        assert num_steps >= 0
         if not num_steps:
             return
         filler = [token] * num_steps
+        bs = self.block_size
         for seq in self.running:
-            assert seq.num_computed_tokens + 1 == seq.num_tokens == seq.num_allocated_tokens + 1
+            allocated = seq.num_allocated_tokens
+            # within decode_slack(): no sequence needs a new block
+            assert seq.num_computed_tokens == allocated == seq.num_tokens - 1 and -allocated % bs >= num_steps
             seq.tokens += filler
-            self._append(seq, seq.num_allocated_tokens, seq.num_tokens - 1)
-            seq.num_allocated_tokens += num_steps
-            seq.num_computed_tokens += num_steps
+            self._append(seq, allocated, allocated + num_steps)
+            seq.num_allocated_tokens = seq.num_computed_tokens = allocated + num_steps
 
     def _append(self, seq: Sequence, start: int, stop: int) -> None:
-        """Give ``seq.tokens[start:stop]`` slots (the manager holds ``start`` of them)."""
+        """Give the tokens at ``start:stop`` slots (the manager holds ``start`` of them)."""
         prompt = seq.prompt
         if prompt is not None and prompt.kind == KIND_BLOCK_IDS:
             self.manager.append_unkeyed(seq.request_id, stop - start)  # no content to key
         else:
-            self.manager.append(seq.request_id, seq.tokens[start:stop])
+            self.manager.append(seq.request_id, seq.tokens_between(start, stop))
 
-    def _grow(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """Give a decoding sequence's last sampled token a slot; preempt the newest on a full pool."""
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Give a decoding sequence's last sampled token a slot (``num_tokens``: its length);
+        preempt the newest on a full pool."""
         while True:
             try:
-                self._append(seq, seq.num_allocated_tokens, seq.num_tokens)
-                seq.num_allocated_tokens = seq.num_tokens
+                self._append(seq, seq.num_allocated_tokens, num_tokens)
+                seq.num_allocated_tokens = num_tokens
                 return True
             except QuotaError as exc:
                 self.fail(seq, exc)
@@ -281,16 +288,20 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _admit(self, seq: Sequence, ends: dict[int, int], out: SchedulerOutput) -> bool | None:
+    def _admit(self, seq: Sequence, out: SchedulerOutput) -> bool | None:
         """True: admitted. False: must wait. None: failed (removed from the queue)."""
         manager, bs = self.manager, self.block_size
         if seq.prompt is None:  # a sequence queued without keys (the engine hashes at ``add``)
-            seq.prompt = manager.hash(seq.tokens, seq.scope)
+            seq.prompt = manager.hash(seq.tokens_between(0), seq.scope)
+        if self.running and manager.still_refused(seq.request_id, seq.prompt):
+            return False  # refused room at an earlier step, and nothing since could make room
         start = time.perf_counter()
         try:
             # matched once: a prefix block another sequence has not written by the end of this
-            # step is not read; the sequence waits for it instead
-            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(ends))
+            # step is not read; the sequence waits for it instead, as it waits for room while
+            # others run (their blocks come back as they finish)
+            running = bool(self.running)
+            alloc = manager.admit(seq.request_id, seq.prompt, unwritten=self._pending(out), wait=running)
         except CapacityError as exc:
             too_big = -(-seq.num_tokens // bs) > manager.pool.num_blocks
             if not too_big and self.running:
@@ -320,12 +331,17 @@ class Scheduler:
         out.admitted.append(seq.request_id)
         return True
 
-    def _pending(self, ends: dict[int, int]) -> set[bytes]:
-        """Keys of prompt blocks whose KV will not be written by the end of this step."""
+    def _pending(self, out: SchedulerOutput) -> set[bytes]:
+        """Keys of prompt blocks whose KV will not be written by the end of this step (``out``)."""
+        bs = self.block_size
         pending: set[bytes] = set()
+        ends: dict[int, int] | None = None
         for seq in self.running:
-            if seq.prompt is None:
-                continue
+            prompt = seq.prompt
+            if prompt is None or seq.num_computed_tokens >= len(prompt.keys) * bs:
+                continue  # every keyed block of it is written (a decoding sequence)
+            if ends is None:
+                ends = {id(s.seq): s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled}
             end = ends.get(id(seq), seq.num_computed_tokens)
-            pending.update(seq.prompt.keys[end // self.block_size :])
+            pending.update(prompt.keys[end // bs :])
         return pending

@@ -2,7 +2,10 @@
 
 ``tokens`` is the prompt followed by the outputs so far. KV exists (in the pool) for the first
 ``num_computed_tokens`` of them; the scheduler moves that mark forward, the engine appends
-sampled tokens. The block manager's request of the same id holds blocks for every token whose
+sampled tokens. The scheduler reads a sequence's length through ``num_tokens`` and its tokens
+through ``tokens_between`` only, so a driver that never reads prompt tokens may hold them
+otherwise (the replay's simulated sequences, ``lab.sim_worker.SimSequence``, hold only their
+outputs). The block manager's request of the same id holds blocks for every token whose
 KV is being or has been computed (``num_allocated_tokens``); it alone owns the block table.
 
 Not here: who runs when (``scheduler``), the model (``runner``), token choice (``sampling``).
@@ -31,7 +34,7 @@ class Status(enum.Enum):
     ABORTED = "aborted"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a request's state: equal only to itself (list.remove, ``in``)
 class Sequence:
     request_id: Hashable
     tokens: list[int]
@@ -64,6 +67,10 @@ class Sequence:
     @property
     def output_tokens(self) -> list[int]:
         return self.tokens[self.num_prompt_tokens :]
+
+    def tokens_between(self, start: int, stop: int | None = None) -> list[int]:
+        """The tokens at positions ``start:stop`` of the sequence (prompt first), as a new list."""
+        return self.tokens[start:stop]
 
     @property
     def is_finished(self) -> bool:

@@ -22,7 +22,6 @@ from typing import cast
 from tqdm import tqdm
 
 from kvcache.cache.config import DEFAULT_BLOCK_SIZE, CacheConfig
-from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import BlockManager, Prompt
 from kvcache.costs import LatencyModel
 from kvcache.errors import ConfigError
@@ -127,13 +126,14 @@ class _Replay:
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
         self.seq += 1
 
-    def send_events(self, worker_id: int, events: list[CacheEvent]) -> None:
-        if not events:
+    def send_events(self, worker_id: int, runs: list[tuple[bool, list[bytes]]]) -> None:
+        """A worker's pool events (as runs of keys) reach the router, ``event_delay_ms`` later."""
+        if not runs:
             return
         if self.config.event_delay_ms:
-            self.push(self.now + self.config.event_delay_ms, _EVENTS, worker_id, events)
+            self.push(self.now + self.config.event_delay_ms, _EVENTS, worker_id, runs)
         else:
-            self.router.on_events(worker_id, events)
+            self.router.on_key_runs(worker_id, runs)
 
     def route(self, job: Job) -> None:
         r = job.request
@@ -145,10 +145,14 @@ class _Replay:
     def settle(self, w: int) -> None:
         """Forward the worker's pool events and queue the end of its work in flight if it moved."""
         worker = self.workers[w]
-        self.send_events(w, worker.take_events())
-        if worker.busy_until_ms is not None and worker.version != self.pushed[w]:
-            self.pushed[w] = worker.version
-            self.push(worker.busy_until_ms, _STEP, w, worker.version)
+        runs = worker.take_key_runs()
+        if runs:
+            self.send_events(w, runs)
+        version = worker.version
+        if worker.busy_until_ms is not None and version != self.pushed[w]:
+            self.pushed[w] = version
+            heapq.heappush(self.heap, (worker.busy_until_ms, self.seq, _STEP, w, version))
+            self.seq += 1
 
     def run(self, progress: bool) -> None:
         for job in self.jobs:
@@ -181,7 +185,7 @@ class _Replay:
                 self.route(a)
             elif kind == _EVENTS:
                 assert isinstance(a, int) and isinstance(b, list)
-                self.router.on_events(a, b)
+                self.router.on_key_runs(a, b)
             else:
                 assert isinstance(a, int)
                 self.fail(a)

@@ -86,6 +86,30 @@ class Job:
     prefill_tokens: int = 0  # computed
 
 
+@dataclass(slots=True, eq=False)
+class SimSequence(Sequence):
+    """A simulated request as the scheduler sees it: ``tokens`` holds only its placeholder outputs
+    and the prompt is a count (its keys are ``prompt``; its tokens are never read), so a
+    50,000-token prompt costs no list of 50,000 placeholders."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.tokens)
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return list(self.tokens)
+
+    def tokens_between(self, start: int, stop: int | None = None) -> list[int]:
+        """Placeholders for the prompt's positions, then the outputs'."""
+        num_prompt, num_tokens = self.num_prompt_tokens, self.num_tokens
+        stop = num_tokens if stop is None else min(stop, num_tokens)
+        assert start >= 0, "positions from the start of the sequence"
+        in_prompt = max(0, min(stop, num_prompt) - start)
+        outputs = self.tokens[max(0, start - num_prompt) : max(0, stop - num_prompt)]
+        return [PLACEHOLDER_TOKEN] * in_prompt + outputs
+
+
 class SimWorker:
     """One simulated GPU worker with ``num_blocks`` KV blocks of ``block_size`` tokens."""
 
@@ -115,7 +139,7 @@ class SimWorker:
         self._step_ms = 0.0
         self._num_steps = 0
         self._uncached: dict[Hashable, int] = {}  # request id -> prompt tokens cut off (never cached)
-        self._events: list[CacheEvent] = []
+        self._params: dict[int, SamplingParams] = {}  # by max_tokens: frozen, so shared
         self._evicted: list[bytes] = []
         self._transfer_ms = 0.0
         if spill is not None:
@@ -135,8 +159,11 @@ class SimWorker:
 
     def take_events(self) -> list[CacheEvent]:
         """The pool's events since the last call (for the router's index)."""
-        events, self._events = self._events, []
-        return events
+        return self.manager.drain_events()
+
+    def take_key_runs(self) -> list[tuple[bool, list[bytes]]]:
+        """``take_events`` as runs of keys (``BlockManager.drain_key_runs``), for ``Router.on_key_runs``."""
+        return self.manager.drain_key_runs()
 
     # ---- the replay's calls ------------------------------------------------------------------
 
@@ -166,27 +193,30 @@ class SimWorker:
         (their blocks stay cached) and the next step starts. Returns the finished jobs."""
         out = self._out
         assert out is not None and self.busy_until_ms == now_ms
-        end_ms = self._start_ms + self._step_ms
-        overhead_ms = self.latency.request_overhead_ms  # serving time outside the engine
+        scheduler, jobs = self.scheduler, self.jobs
+        first_token_ms = self._start_ms + self._step_ms + self.latency.request_overhead_ms
         done: list[Sequence] = []
-        for seq in self.scheduler.complete(out):
-            seq.tokens.append(PLACEHOLDER_TOKEN)
-            num_outputs = seq.num_tokens - seq.num_prompt_tokens
-            if num_outputs == 1:
-                self.jobs[seq.request_id].first_token_ms = end_ms + overhead_ms
+        for seq in scheduler.complete(out):
+            outputs = seq.tokens  # a SimSequence's tokens are its outputs
+            outputs.append(PLACEHOLDER_TOKEN)
+            num_outputs = len(outputs)
+            if num_outputs == 1:  # serving time outside the engine is added to both times
+                jobs[seq.request_id].first_token_ms = first_token_ms
             if num_outputs >= seq.params.max_tokens:
                 done.append(seq)
         if self._num_steps > 1:  # nobody finished before the run's last step, nobody starts in it
-            self.scheduler.skip_decode_steps(self._num_steps - 1, PLACEHOLDER_TOKEN)
-            running = self.scheduler.running
-            done = [s for s in running if s.num_tokens - s.num_prompt_tokens >= s.params.max_tokens]
+            scheduler.skip_decode_steps(self._num_steps - 1, PLACEHOLDER_TOKEN)
+            done = [s for s in scheduler.running if len(s.tokens) >= s.params.max_tokens]
         finished: list[Job] = []
-        for seq in done:
-            self.scheduler.finish(seq, "length")
-            job = self.jobs.pop(seq.request_id)
-            self._uncached.pop(seq.request_id, None)
-            job.finish_ms = now_ms + overhead_ms
-            finished.append(job)
+        if done:
+            finish_ms = now_ms + self.latency.request_overhead_ms
+            for seq in done:
+                scheduler.finish(seq, "length")
+                job = jobs.pop(seq.request_id)
+                if self._uncached:
+                    self._uncached.pop(seq.request_id, None)
+                job.finish_ms = finish_ms
+                finished.append(job)
         self._start(now_ms)
         return finished
 
@@ -209,20 +239,26 @@ class SimWorker:
     def _start(self, now_ms: float) -> None:
         """Schedule the next step at ``now_ms`` and price it (a run of them when steady)."""
         self._start_ms, self._transfer_ms = now_ms, 0.0
-        out = self.scheduler.schedule()
-        self._flush_evicted(now_ms)
-        self._events += self.manager.drain_events()
-        for seq in out.failed:  # cannot fit even alone: lost (the replay counts it)
-            del self.jobs[seq.request_id]
+        scheduler = self.scheduler
         self.version += 1
-        if not out.scheduled:
+        if not scheduler.running and not scheduler.waiting:  # idle: there is nothing to schedule
+            self._flush_evicted(now_ms)
             self._out, self.busy_until_ms = None, None
             return
-        shape = step_shape(out.scheduled)
+        out = scheduler.schedule()
+        if self._evicted:
+            self._flush_evicted(now_ms)
+        for seq in out.failed:  # cannot fit even alone: lost (the replay counts it)
+            del self.jobs[seq.request_id]
+        scheduled = out.scheduled
+        if not scheduled:
+            self._out, self.busy_until_ms = None, None
+            return
+        shape = step_shape(scheduled)
         lat = self.latency
         step_ms = lat.step_ms(shape.num_prefill_tokens, shape.attention_work, shape.num_decode_seqs)
         if self._uncached:
-            for s in out.scheduled:
+            for s in scheduled:
                 seq, cut = s.seq, self._uncached.get(s.seq.request_id, 0)
                 if (
                     cut
@@ -233,16 +269,15 @@ class SimWorker:
                     step_ms += lat.compute_ms(cut, seq.num_prompt_tokens)
         step_ms += self._transfer_ms
         num_steps = 1
-        if self.scheduler.is_steady(out):
+        if shape.num_decode_seqs == len(scheduled) and scheduler.is_steady(out):  # a prefill never is
             # every sequence samples once a step: the run ends at the first one's last token
-            left = min(
-                s.params.max_tokens - (s.num_tokens - s.num_prompt_tokens) for s in self.scheduler.running
-            )
-            num_steps = max(1, min(left, self.scheduler.decode_slack() + 1))
+            left = min([s.params.max_tokens - len(s.tokens) for s in scheduler.running])
+            if left > 1:
+                num_steps = min(left, scheduler.decode_slack() + 1)
         self._out, self._step_ms, self._num_steps = out, step_ms, num_steps
         self.busy_until_ms = now_ms + num_steps * step_ms
 
-    def _sequence(self, job: Job) -> Sequence:
+    def _sequence(self, job: Job) -> SimSequence:
         """The scheduler's view of ``job``: its keyed prompt (cut to the pool when needed) and
         placeholder tokens."""
         req, prompt = job.request, job.prompt
@@ -258,12 +293,15 @@ class SimWorker:
             else:
                 assert req.tokens is not None
                 prompt = self.manager.hash(req.tokens[:num_prompt], prompt.scope)
-        return Sequence(
+        params = self._params.get(num_outputs)
+        if params is None:
+            params = self._params[num_outputs] = SamplingParams(max_tokens=num_outputs)
+        return SimSequence(
             request_id=job.request_id,
-            tokens=[PLACEHOLDER_TOKEN] * num_prompt,
+            tokens=[],
             num_prompt_tokens=num_prompt,
             scope=prompt.scope,
-            params=SamplingParams(max_tokens=num_outputs),
+            params=params,
             generator=None,
             arrival_s=job.arrival_ms / 1000.0,
             prompt=prompt,

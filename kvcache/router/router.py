@@ -366,6 +366,12 @@ class Router:
         if isinstance(self.index, PreciseIndex):
             self.index.apply(worker_id, events)
 
+    def on_key_runs(self, worker_id: WorkerId, runs: Sequence[tuple[bool, Sequence[bytes]]]) -> None:
+        """``on_events`` given the events' keys as runs, ``(True, keys)`` stored and ``(False, keys)``
+        removed, in order (``BlockManager.drain_key_runs``): the same index change, no records."""
+        if worker_id in self.loads and isinstance(self.index, PreciseIndex):
+            self.index.apply_keys(worker_id, runs)
+
     def on_finished(self, request_id: Hashable) -> None:
         """The request is done (or abandoned): its worker's load goes down."""
         worker_id = self.where.pop(request_id, None)
