@@ -10,7 +10,8 @@ from tiers_helpers import LAYOUT, block, same_bits
 from kvcache.cache.config import CacheConfig
 from kvcache.cache.manager import BlockManager
 from kvcache.cache.tenancy import Scope
-from kvcache.engine.prefix_load import PrefixLoad, load_prefix, loadable_blocks
+from kvcache.engine.prefix_load import PrefixLoad, load_prefix
+from kvcache.engine.scheduler import loadable_blocks
 from kvcache.tiers import Hierarchy, HostTier
 
 BS = LAYOUT.block_size  # 4 tokens

@@ -44,10 +44,10 @@ from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.cache.tenancy import Scope, as_scope
 from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.prefetch import Prefetcher, PrefetchStats, Settled
-from kvcache.engine.prefix_load import load_prefix, loadable_blocks, tiers_gated
+from kvcache.engine.prefix_load import load_prefix
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import SamplingParams, sample
-from kvcache.engine.scheduler import Scheduler, SchedulerConfig
+from kvcache.engine.scheduler import Scheduler, SchedulerConfig, loadable_blocks, tiers_gated
 from kvcache.engine.sequence import Sequence as Seq
 from kvcache.errors import ConfigError, InvalidTokensError, ModelError, RequestError, TierError
 from kvcache.kernels.dispatch import Backend

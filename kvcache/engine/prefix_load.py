@@ -5,10 +5,10 @@ measure the tiers.
 After the pool's hit (``Allocation.num_cached_tokens``), the blocks a spill hierarchy holds next
 are restored into the request's own freshly allocated blocks, in one unpack. The rules:
 
-- gated: a request of a share group under k-anonymity never loads (``tiers_gated``): a tier cannot
+- gated: a request of a share group under k-anonymity never loads (``scheduler.tiers_gated``): a tier cannot
   tell how many tenants wrote a block, so a load could reveal what one tenant sent;
 - the last prompt token is always computed, since the model must produce its logits: the block
-  holding it is never loaded (``loadable_blocks``), whether a tier holds it or not;
+  holding it is never loaded (``scheduler.loadable_blocks``), whether a tier holds it or not;
 - a prefetch job of the request is settled (stopped, and its hits counted in the prefetcher's
   stats) under the tier lock the load runs in (``settle``: ``prefetch.Prefetcher.settle``).
 
@@ -27,6 +27,7 @@ import torch
 from kvcache.cache.config import CacheConfig
 from kvcache.cache.manager import Allocation, Prompt
 from kvcache.engine.prefetch import Settled
+from kvcache.engine.scheduler import loadable_blocks, tiers_gated
 from kvcache.tiers import Hierarchy
 
 Settle = Callable[[Sequence[bytes]], contextlib.AbstractContextManager[Settled]]
@@ -42,18 +43,6 @@ class PrefixLoad:
     first_block: int
     num_blocks: int = 0
     restored: bool = False
-
-
-def tiers_gated(config: CacheConfig, prompt: Prompt) -> bool:
-    """Whether ``prompt`` must not use the spill tiers: a share group under k-anonymity."""
-    return config.k_anonymity > 1 and prompt.scope.is_shared
-
-
-def loadable_blocks(prompt: Prompt, num_cached_tokens: int, block_size: int) -> range:
-    """The prompt's blocks a load may bring after a hit of ``num_cached_tokens``: full blocks,
-    short of the one holding the last token (computed, for its logits)."""
-    last = min(len(prompt.keys), (prompt.num_tokens - 1) // block_size)
-    return range(num_cached_tokens // block_size, last)
 
 
 def _no_prefetch(keys: Sequence[bytes]) -> contextlib.AbstractContextManager[Settled]:

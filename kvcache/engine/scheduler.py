@@ -39,11 +39,27 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from kvcache.cache.config import CacheConfig
 from kvcache.cache.hashing import KIND_BLOCK_IDS
-from kvcache.cache.manager import Allocation, BlockManager
+from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.costs import ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS
 from kvcache.engine.sequence import Sequence, Status
 from kvcache.errors import CapacityError, ConfigError, QuotaError
+
+
+def tiers_gated(config: CacheConfig, prompt: Prompt) -> bool:
+    """Whether ``prompt`` must not use the spill tiers: a share group under k-anonymity (a tier
+    cannot tell how many tenants wrote a block, so a load could reveal what one tenant sent)."""
+    return config.k_anonymity > 1 and prompt.scope.is_shared
+
+
+def loadable_blocks(prompt: Prompt, num_cached_tokens: int, block_size: int) -> range:
+    """The prompt's blocks a load from the spill tiers may bring at admission, after a hit of
+    ``num_cached_tokens``: full blocks, short of the one holding the last token (computed, for
+    its logits). Here, beside the admission rules, so the simulated workers (which import no
+    torch) load by the engine's rule (``prefix_load`` runs the load itself)."""
+    last = min(len(prompt.keys), (prompt.num_tokens - 1) // block_size)
+    return range(num_cached_tokens // block_size, last)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,9 +38,14 @@ from kvcache.cache.config import CacheConfig
 from kvcache.cache.events import CacheEvent
 from kvcache.cache.manager import Allocation, BlockManager, Prompt
 from kvcache.costs import LatencyModel
-from kvcache.engine.prefix_load import loadable_blocks
 from kvcache.engine.sampling import SamplingParams
-from kvcache.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, step_shape
+from kvcache.engine.scheduler import (
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    loadable_blocks,
+    step_shape,
+)
 from kvcache.engine.sequence import Sequence
 from kvcache.lab.trace import TraceRequest
 
@@ -57,7 +62,7 @@ class SpillHook(Protocol):
         self, worker_id: int, keys: list[bytes], now_ms: float, context_tokens: int
     ) -> tuple[int, float]:
         """Of ``keys`` (the blocks an admission may load after the device hit of
-        ``context_tokens``: ``engine.prefix_load.loadable_blocks``), how many leading ones lower
+        ``context_tokens``: ``engine.scheduler.loadable_blocks``), how many leading ones lower
         tiers hold and are worth loading, and the milliseconds to load them."""
 
     def prestage(self, worker_id: int, keys: list[bytes], now_ms: float) -> None:
