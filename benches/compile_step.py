@@ -1,6 +1,6 @@
 """One decode step of a registry model at batch 1, eager against ``torch.compile``, side by side.
 
-    .venv/bin/python benches/bench_compile.py [--model smollm2-135m] [--rounds 5] [--steps 12]
+    .venv/bin/python benches/compile_step.py [--model smollm2-135m] [--rounds 5] [--steps 12]
 
 transformers' own forward over a ``StaticCache`` (fixed shapes, so the compiled graph is reused
 every step): a 128-token prompt, then ``--steps`` decode steps timed one by one, eager and compiled
