@@ -161,3 +161,69 @@ def test_async_streams_run_concurrently_and_a_cancelled_one_is_aborted() -> None
     assert not engine.has_unfinished() and engine.manager.num_running == 0
     assert max(r.num_decode_seqs for r in engine.step_records) >= 2  # the streams shared steps
     engine.manager.check_invariants()
+
+
+def test_a_stream_gets_its_first_token_when_the_engine_steps_before_the_stream_resumes() -> None:
+    """The engine thread may run a request's first step before the stream's coroutine resumes
+    after the add (the event loop is busy): that step's token still reaches the stream."""
+    import asyncio
+    import time
+
+    from kvcache.engine import AsyncEngine
+
+    engine = Engine(_loaded("tiny-qwen2"), EngineConfig(num_blocks=64, block_size=BS))
+    solo = Engine(_loaded("tiny-qwen2"), EngineConfig(num_blocks=64, block_size=BS))
+    want = solo.generate(toks(41, 20), max_new_tokens=4).output_tokens
+    add = engine.add_request
+
+    async def main() -> list[int]:
+        front = AsyncEngine(engine)
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def slow_add(*args: object, **kwargs: object) -> object:
+            rid = add(*args, **kwargs)  # type: ignore[arg-type]
+            if args[3:4] == ("late",):  # AsyncEngine passes the request id fourth
+                time.sleep(0.1)  # the loop submits the next step meanwhile; it queues behind this add
+                loop.call_soon_threadsafe(time.sleep, 0.3)  # then the loop is busy while that step runs
+            return rid
+
+        engine.add_request = slow_add  # type: ignore[method-assign]
+
+        async def long() -> None:  # keeps the engine stepping
+            async for _ in front.stream(toks(40, 20), "t0", SamplingParams(max_tokens=60)):
+                started.set()
+
+        async def late() -> list[int]:
+            await started.wait()
+            stream = front.stream(toks(41, 20), "t1", SamplingParams(max_tokens=4), "late")
+            return [s.token_id async for s in stream]
+
+        _, tokens = await asyncio.gather(long(), late())
+        await front.close()
+        return tokens
+
+    assert asyncio.run(main()) == want
+
+
+def test_a_stream_with_a_live_request_id_is_refused_and_the_live_one_runs_on() -> None:
+    import asyncio
+
+    from kvcache.engine import AsyncEngine
+    from kvcache.errors import RequestError
+
+    loaded = _loaded("tiny-qwen2")
+    want = Engine(loaded, EngineConfig(num_blocks=64, block_size=BS)).generate(toks(42, 20), max_new_tokens=5)
+    engine = Engine(loaded, EngineConfig(num_blocks=64, block_size=BS))
+
+    async def main() -> list[int]:
+        front = AsyncEngine(engine)
+        first = front.stream(toks(42, 20), "t0", SamplingParams(max_tokens=5), "same")
+        tokens = [(await anext(first)).token_id]
+        with pytest.raises(RequestError, match="'same' is already in use"):
+            await anext(front.stream(toks(43, 20), "t1", SamplingParams(max_tokens=5), "same"))
+        tokens += [s.token_id async for s in first]
+        await front.close()
+        return tokens
+
+    assert asyncio.run(main()) == want.output_tokens

@@ -14,6 +14,7 @@ Not here: HTTP (``kvcache.serve``), scheduling (``scheduler``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kvcache.cache.tenancy import Scope
 from kvcache.engine.engine import Engine, GenerationStep, RequestOutput
 from kvcache.engine.sampling import SamplingParams
+from kvcache.errors import RequestError
 
 _End = tuple[str, BaseException | None]
 
@@ -35,6 +37,7 @@ class AsyncEngine:
         self._queues: dict[Hashable, asyncio.Queue[GenerationStep | _End]] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._request_ids = itertools.count()
 
     async def stream(
         self,
@@ -44,6 +47,15 @@ class AsyncEngine:
         request_id: Hashable | None = None,
     ) -> AsyncGenerator[GenerationStep, None]:
         loop = asyncio.get_running_loop()
+        if request_id is None:
+            request_id = ("aio", next(self._request_ids))
+        elif request_id in self._queues:
+            in_use = f"request id {request_id!r} is already in use"
+            raise RequestError(f"{in_use}; wait for it to finish or abort it")
+        # The queue is in place before the add: the engine thread may step the request before this
+        # coroutine resumes, and a step's outputs go to the queue registered for them.
+        queue: asyncio.Queue[GenerationStep | _End] = asyncio.Queue()
+        self._queues[request_id] = queue
         cancelled = threading.Event()
 
         def add() -> Hashable:
@@ -56,11 +68,13 @@ class AsyncEngine:
         try:
             rid = await asyncio.shield(added)
         except asyncio.CancelledError:
+            self._queues.pop(request_id, None)
             cancelled.set()
             added.add_done_callback(self._abort_added)  # the add still runs: undo it once it has
             raise
-        queue: asyncio.Queue[GenerationStep | _End] = asyncio.Queue()
-        self._queues[rid] = queue
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
         self._start(loop)
         finished = False
         try:

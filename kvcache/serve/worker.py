@@ -277,7 +277,9 @@ class Worker:
                         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                         await response.prepare(request)
                     await response.write(wire.encode_line(line))
-            reason = self._finished.pop(rid, "length")
+            reason = self._finished.pop(rid, None)
+            if reason not in FINISH_REASONS:  # a stream ends at its finish: none recorded is a bug
+                raise RuntimeError(f"the engine ended request {rid} without a finish reason ({reason!r})")
         except Exception as exc:  # a request must never take the worker down
             if not isinstance(exc, KVCacheError):
                 log.exception("request %s failed", rid)
@@ -300,7 +302,7 @@ class Worker:
         done = wire.GenerateLine(
             done=True,
             engine_s=time.monotonic() - received - queue_s,
-            finish_reason=FINISH_REASONS.get(reason, "length"),
+            finish_reason=FINISH_REASONS[reason],
         )
         await response.write(wire.encode_line(done))
         await response.write_eof()
