@@ -38,13 +38,26 @@ longest requests it aborts ("effect-free zero-duration pass"; on the shared trac
 x 68 blocks, 256 x 17, 1,024 x 4; on bursty at 16 workers x 17 blocks, the longest prompt, as
 its output needs an 18th). With the floor every request completes on both sides, so the hit
 rates cover the same requests. ``--capacity-blocks`` overrides it for the shared trace. Dynamo's
-hit rate is its ``prefix_cache_reused_ratio`` (reused / prompt tokens); its kv_router is not
-deterministic (about +-1.5% between identical runs). CPU seconds: ``time.process_time()`` (every
+hit rate is its ``first_admission_prefix_cache_reused_ratio``: prompt tokens reused when a
+request is first admitted, over prompt tokens, the project's token hit rate. Its
+``prefix_cache_reused_ratio`` also counts what a preempted request reuses of its own blocks when
+it is admitted again (printed beside it: up to 5.4 points more in the cells that preempt most).
+Its kv_router is not deterministic (about +-1.5% between identical runs).
+
+Timing (``--timing``): each side's replay runs on its own engine model by default, Dynamo's
+mocker and the project's latency model, and they differ (the mocker prefills 8,192 tokens in
+about 170 ms, the project's default model in about 710 ms), so the same trace loads the two
+fleets differently. ``--timing mocker`` replays the project's policies on the mocker's timing:
+the project's latency model fitted (``kvcache calibrate``'s least-squares fit) to steps the
+mocker timed on probes of one worker (prefills of 512-16,384 tokens, alone and after a cached
+prefix; decode steps of 1-128 sequences); ``project,mocker`` runs both. The mocker's other
+rules (its admission, eviction and preemption) stay its own. CPU seconds: ``time.process_time()`` (every
 thread of the process) around the replay call on both sides; Dynamo runs in a child process per
 replay, kvcache in this one, excluding reading the trace.
 
     python benches/bench_vs_dynamo.py [TRACE] [--workers 16,64,256,1024] [--policies ...]
     python benches/bench_vs_dynamo.py --skip-index --shapes all [--fractions 0.05,0.1,0.3] [--json F]
+    python benches/bench_vs_dynamo.py --skip-index --shapes all --timing project,mocker
     pytest benches/bench_vs_dynamo.py --benchmark-only        # the index lookup at 1,024 workers
 
 Needs ``pip install kvcache[bench-dynamo]`` (the ``ai-dynamo-runtime`` wheel); without it the
@@ -54,6 +67,7 @@ script exits with a message saying so and pytest skips with that reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -68,6 +82,7 @@ import pytest
 
 from kvcache.cache.events import BlockRemoved, BlockStored, CacheEvent
 from kvcache.child import python_argv
+from kvcache.costs import LatencyModel
 from kvcache.lab import tables
 from kvcache.lab.tables import Column
 from kvcache.lab.trace import Trace
@@ -242,8 +257,52 @@ result = run_mocker_trace_replay([trace], extra_engine_args={"engine": engine},
     trace_format="mooncake", trace_block_size=512)
 cpu_s = time.process_time() - start
 s = result.summary
-print(json.dumps({"cpu_s": cpu_s, "token_hit_rate": s["prefix_cache_reused_ratio"],
+print(json.dumps({"cpu_s": cpu_s, "token_hit_rate": s["first_admission_prefix_cache_reused_ratio"],
+    "reused_with_readmissions": s["prefix_cache_reused_ratio"],
     "completed": s["completed_requests"], "requests": s["num_requests"], "p99_ttft_ms": s["p99_ttft_ms"]}))
+"""
+
+# Dynamo's mocker timed on probes, one worker: prefills alone (some after a cached prefix) and
+# decode steps of 1-128 sequences. Prints one step per line: prefill tokens, attention work,
+# decoding sequences, milliseconds (a prefill of ceil(n / 8192) chunks: its TTFT split evenly).
+_DYNAMO_PROBE = """
+import json, os, sys
+os.environ.setdefault("DYN_LOG", "error")
+from dynamo._core import KvRouterConfig, run_mocker_trace_replay
+path = sys.argv[1]
+engine = {"block_size": 512, "num_gpu_blocks": 4000, "max_num_seqs": 128,
+          "max_num_batched_tokens": 8192, "enable_prefix_caching": True, "enable_chunked_prefill": True}
+next_id = [1]
+def fresh(n):
+    next_id[0] += n
+    return list(range(next_id[0] - n, next_id[0]))
+def run(reqs):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\\n" for r in reqs)
+    result = run_mocker_trace_replay([path], extra_engine_args={"engine": engine},
+        router_config=KvRouterConfig(), num_workers=1, router_mode="round_robin",
+        trace_format="mooncake", trace_block_size=512, capture_per_request=True)
+    return sorted(result.per_request, key=lambda r: r["arrival_time_ms"])
+reqs, shapes, t = [], [], 0
+for blocks in (1, 2, 4, 8, 16, 32):
+    prefix = fresh(blocks)
+    reqs.append({"timestamp": t, "input_length": blocks * 512, "output_length": 2, "hash_ids": prefix})
+    shapes.append((blocks * 512, 0))
+    reqs.append({"timestamp": t + 60000, "input_length": (blocks + 1) * 512, "output_length": 2,
+                 "hash_ids": prefix + fresh(1)})
+    shapes.append((512, blocks * 512))
+    t += 120000
+for rec, (n, cached) in zip(run(reqs), shapes):
+    assert rec["reused_input_tokens"] == cached, (rec["reused_input_tokens"], cached)
+    chunks = -(-n // 8192)
+    for c in range(chunks):
+        m = min(8192, n - c * 8192)
+        print(json.dumps([m, m * (cached + c * 8192 + m / 2), 0, rec["ttft_ms"] / chunks]))
+for seqs in (1, 4, 16, 64, 128):
+    recs = run([{"timestamp": 0, "input_length": 512, "output_length": 256, "hash_ids": fresh(1)}
+                for _ in range(seqs)])
+    itl = sorted(r["itl_ms"] for r in recs)[len(recs) // 2]
+    print(json.dumps([0, 0.0, seqs, itl]))
 """
 
 
@@ -262,15 +321,47 @@ def dynamo_replay(trace: Path, workers: int, capacity: int, mode: str) -> dict[s
     return row
 
 
-def ours_replay(trace: Any, prompts: Any, workers: int, capacity: int, policy: str) -> dict[str, Any]:
+def mocker_latency() -> LatencyModel:
+    """The project's latency model fitted to Dynamo's mocker engine (``kvcache calibrate``'s
+    least-squares fit, on steps timed by the mocker instead of the engine): replays on it run the
+    project's policies on the timing Dynamo's router was measured on."""
+    from kvcache.engine.engine import StepRecord
+    from kvcache.lab.calibration import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            python_argv("-c", _DYNAMO_PROBE, str(Path(tmp) / "probe.jsonl")),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "DYN_LOG": "error"},
+            check=False,
+        )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"timing Dynamo's mocker failed: {tail}")
+    steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    records = [StepRecord(int(p), int(d), 0, float(w), ms / 1000, ms / 1000) for p, w, d, ms in steps]
+    return fit(records, max_num_seqs=128, max_num_batched_tokens=8192)
+
+
+def ours_replay(
+    trace: Any, prompts: Any, workers: int, capacity: int, policy: str, latency: LatencyModel | None = None
+) -> dict[str, Any]:
     from kvcache.lab import report
     from kvcache.lab.replay import ReplayConfig, replay
 
+    config = ReplayConfig(workers, capacity, policy, latency=latency or LatencyModel())
     start = time.process_time()
-    result = replay(trace, ReplayConfig(workers, capacity, policy), prompts=prompts)
+    result = replay(trace, config, prompts=prompts)
     cpu_s = time.process_time() - start
     m = report.metrics(result)
-    return {"cpu_s": cpu_s, "token_hit_rate": m["token_hit_rate"], "completed": m["completed"]}
+    return {
+        "cpu_s": cpu_s,
+        "token_hit_rate": m["token_hit_rate"],
+        "completed": m["completed"],
+        "p99_ttft_ms": m["p99_ttft_ms"],
+    }
 
 
 def floored(capacity_blocks: int, longest_blocks: int) -> int:
@@ -292,7 +383,12 @@ def longest_blocks(trace: Trace) -> int:
 
 
 def replay_rows(
-    trace_path: Path, workers: list[int], policies: list[str], modes: list[str], capacity: int | None
+    trace_path: Path,
+    workers: list[int],
+    policies: list[str],
+    modes: list[str],
+    capacity: int | None,
+    timings: dict[str, LatencyModel | None],
 ) -> list[dict[str, Any]]:
     from kvcache.lab.replay import prepare
     from kvcache.lab.trace import read_trace
@@ -308,10 +404,14 @@ def replay_rows(
         for mode in modes:
             row[f"dynamo {mode}"] = dynamo_replay(trace_path, w, cap, mode)
         for policy in policies:
-            row[policy] = ours_replay(trace, prompts, w, cap, policy)
+            for suffix, latency in timings.items():
+                row[policy + suffix] = ours_replay(trace, prompts, w, cap, policy, latency)
         row["load"] = os.getloadavg()[0]
         rows.append(row)
-        print(replay_table([row], policies, modes).splitlines()[-1], flush=True)
+        print(
+            replay_table([row], [p + s for p in policies for s in timings], modes).splitlines()[-1],
+            flush=True,
+        )
     return rows
 
 
@@ -336,7 +436,11 @@ def replay_table(rows: list[dict[str, Any]], policies: list[str], modes: list[st
 
 
 def shape_rows(
-    shapes: list[str], workers: list[int], fractions: list[float], policies: list[str]
+    shapes: list[str],
+    workers: list[int],
+    fractions: list[float],
+    policies: list[str],
+    timings: dict[str, LatencyModel | None],
 ) -> list[dict[str, Any]]:
     """Every matrix cell (shape x workers x fraction) through Dynamo's kv_router and the project's
     replay under ``policies``, at the matrix's pool raised by ``floored``. Fractions whose pools
@@ -372,16 +476,17 @@ def shape_rows(
                     }
                     if cap in done:
                         first = done[cap]
-                        row.update({k: first[k] for k in ["dynamo kv_router", *policies, "load"]})
+                        row.update({k: v for k, v in first.items() if k not in row and k != "fraction"})
                         row["shared_with"] = first["fraction"]
                     else:
                         row["dynamo kv_router"] = dynamo_replay(path, w, cap, "kv_router")
                         for policy in policies:
-                            row[policy] = ours_replay(trace, prompts, w, cap, policy)
+                            for suffix, latency in timings.items():
+                                row[policy + suffix] = ours_replay(trace, prompts, w, cap, policy, latency)
                         row["load"] = os.getloadavg()[0]
                         done[cap] = row
                     rows.append(row)
-                    print(shape_table([row], policies).splitlines()[-1], flush=True)
+                    print(shape_table([row], policies, timings).splitlines()[-1], flush=True)
     return rows
 
 
@@ -393,7 +498,9 @@ def _hit_cpu(cell: dict[str, Any]) -> str:
     )
 
 
-def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
+def shape_table(
+    rows: list[dict[str, Any]], policies: list[str], timings: dict[str, LatencyModel | None]
+) -> str:
     """One line per replayed pool: fractions of a (shape, workers) trace that share a pool share
     a line. A pool raised by the floor shows as ``matrix -> run``."""
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
@@ -410,12 +517,19 @@ def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
         dropped = ref.get("requests", 0) - ref.get("completed", 0)
         return _hit_cpu(ref) + (f" ({dropped} dropped)" if dropped > 0 else "")
 
-    def hit_ratio(group: list[dict[str, Any]]) -> str:
-        ref, me = group[0]["dynamo kv_router"], group[0].get("affinity", {})
+    def hit_ratio(group: list[dict[str, Any]], name: str) -> str:
+        ref, me = group[0]["dynamo kv_router"], group[0].get(name, {})
         if "token_hit_rate" in ref and "token_hit_rate" in me and ref["token_hit_rate"]:
             return f"{me['token_hit_rate'] / ref['token_hit_rate']:.2f}x"
         return "-"
 
+    def ours(name: str) -> Column:
+        return Column(f"kvcache `{name}`", lambda g: _hit_cpu(g[0][name]), align="<")
+
+    def ratio(suffix: str) -> Column:
+        return Column(f"affinity{suffix} / Dynamo", lambda g: hit_ratio(g, "affinity" + suffix))
+
+    names = [p + suffix for p in policies for suffix in timings]
     columns = [
         Column("shape", lambda g: g[0]["shape"], align="<"),
         Column("workers", lambda g: g[0]["workers"], ","),
@@ -424,12 +538,17 @@ def shape_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
         Column("pool: matrix -> run", pool),
         Column("Dynamo kv_router hit / CPU-s", dynamo, align="<"),
         Column(
-            "its p99 TTFT s (its mocker's timing)",
+            "its hit with re-admissions",
+            lambda g: g[0]["dynamo kv_router"].get("reused_with_readmissions", float("nan")),
+            ".1%",
+        ),
+        Column(
+            "its p99 TTFT s (mocker)",
             lambda g: g[0]["dynamo kv_router"].get("p99_ttft_ms", float("nan")) / 1000,
             ",.1f",
         ),
-        *(Column(f"kvcache `{p}`", lambda g, p=p: _hit_cpu(g[0][p]), align="<") for p in policies),
-        Column("affinity / Dynamo", hit_ratio),
+        *(ours(n) for n in names),
+        *(ratio(suffix) for suffix in timings if "affinity" in policies),
         Column("load", lambda g: g[0]["load"], ".2f"),
     ]
     return tables.markdown(columns, groups.values())
@@ -457,12 +576,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-blocks", type=int, default=None, help="override the capacity rule")
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--skip-replay", action="store_true")
+    parser.add_argument(
+        "--timing",
+        default="project",
+        help="the project's replays on 'project' (its default latency model), 'mocker' (the latency "
+        "model fitted to Dynamo's mocker engine, the timing Dynamo's router runs on), or both "
+        "('project,mocker')",
+    )
     args = parser.parse_args(argv)
     core = dynamo_core()
     if core is None:
         print(MISSING, file=sys.stderr)
         return 2
     workers = [int(w) for w in args.workers.split(",")]
+    timings: dict[str, LatencyModel | None] = {}
+    for name in args.timing.split(","):
+        if name not in ("project", "mocker"):
+            parser.error(f"--timing {name!r}: give project, mocker or both (project,mocker)")
+        timings["" if name == "project" else " @mocker"] = None if name == "project" else mocker_latency()
+    if " @mocker" in timings:
+        print(f"latency model fitted to Dynamo's mocker: {timings[' @mocker']}")
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cpus")
     if not args.skip_index:
@@ -478,10 +611,13 @@ def main(argv: list[str] | None = None) -> int:
             "\nmatrix shapes through Dynamo's kv_router and kvcache's replay"
             " (pools floored at the longest request)"
         )
-        rows = shape_rows(shapes, workers, [float(f) for f in args.fractions.split(",")], policies)
-        print(shape_table(rows, policies))
+        fractions = [float(f) for f in args.fractions.split(",")]
+        rows = shape_rows(shapes, workers, fractions, policies, timings)
+        print(shape_table(rows, policies, timings))
         if args.json:
-            args.json.write_text(json.dumps({"load_before": load, "rows": rows}, indent=1) + "\n")
+            fitted = {k.strip(): dataclasses.asdict(v) for k, v in timings.items() if v is not None}
+            record = {"load_before": load, "timings": fitted, "rows": rows}
+            args.json.write_text(json.dumps(record, indent=1) + "\n")
     elif not args.skip_replay:
         if not args.trace.is_file():
             print(f"trace {args.trace} not found; pass its path", file=sys.stderr)
@@ -489,8 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         policies = (args.policies or "round_robin,dynamo,affinity").split(",")
         modes = args.dynamo_modes.split(",")
         print(f"\nreplay of {args.trace}")
-        rows = replay_rows(args.trace, workers, policies, modes, args.capacity_blocks)
-        print(replay_table(rows, policies, modes))
+        rows = replay_rows(args.trace, workers, policies, modes, args.capacity_blocks, timings)
+        print(replay_table(rows, [p + s for p in policies for s in timings], modes))
     load = os.getloadavg()
     print(f"\nload average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
