@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from kvcache import cli
+from kvcache.costs import LatencyModel
 
 
 def test_trace_then_replay_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,3 +130,32 @@ def test_shape_trace_and_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "affinity meets all three checks in" in capsys.readouterr().out
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert cli.main([*argv[:-1], "nope"]) == 2
+
+
+def test_matrix_scales_and_replays_its_cells_on_a_given_latency_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fast = dataclasses.replace(LatencyModel(), prefill_base_ms=1.0, prefill_ms_per_token=0.02)
+    path = tmp_path / "fast.json"
+    fast.to_json(path)
+    argv = ["matrix", "--shapes", "rag", "--workers", "2", "--fractions", "0.1", "--policy", "affinity"]
+    argv += ["--jobs", "1"]
+    runs = {}
+    for name, extra in (("built-in", []), ("fast", ["--latency", str(path)])):
+        out = tmp_path / f"{name}.json"
+        assert cli.main([*argv, *extra, "--json", str(out)]) == 0
+        runs[name] = json.loads(out.read_text())
+    assert runs["built-in"]["config"]["latency"] == dataclasses.asdict(LatencyModel())
+    assert runs["fast"]["config"]["latency"] == dataclasses.asdict(fast)
+    # the same requests at the same offered load on a 4x faster prefill: arrivals closer, and
+    # every first token sooner
+    builtin, quick = runs["built-in"]["results"][0], runs["fast"]["results"][0]
+    assert builtin["num_requests"] == quick["num_requests"]
+    assert quick["median_ttft_ms"] < builtin["median_ttft_ms"] / 2
+    # affinity alone has no baseline to set its bars: no verdicts, said so (was a ValueError)
+    assert "no verdicts: the checks judge affinity against the baselines" in capsys.readouterr().out
+    assert all("ok" not in cell for cell in runs["fast"]["cells"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prefill_base_ms": 1.0}')
+    assert cli.main([*argv, "--latency", str(bad)]) == 2
+    assert f"kvcache matrix: error: {bad}: " in capsys.readouterr().err

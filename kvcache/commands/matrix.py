@@ -34,6 +34,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trace", default=None, help="also replay this Mooncake trace as one more shape")
     parser.add_argument("--max-requests", type=int, default=2500, help="largest synthetic trace")
+    parser.add_argument(
+        "--latency",
+        default=None,
+        help="latency model JSON (LatencyModel.to_json, e.g. from kvcache calibrate) the cells are "
+        "scaled to --load on and replayed on (default: the built-in model)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     parser.add_argument("--json", default=None, help="write every row and verdict here")
@@ -41,6 +47,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvcache.costs import LatencyModel
     from kvcache.errors import ConfigError
     from kvcache.lab.matrix import MatrixConfig, plot, run_matrix, summary
     from kvcache.lab.workloads import SHAPES
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         max_requests=args.max_requests,
         seed=args.seed,
         trace_path=args.trace,
+        latency=LatencyModel.from_json(args.latency) if args.latency else LatencyModel(),
     )
     payload = run_matrix(cfg, jobs=args.jobs)
     print(summary(payload))

@@ -23,7 +23,7 @@ import math
 import multiprocessing
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class MatrixConfig:
     max_requests: int = 2500
     seed: int = 0
     trace_path: str | None = None  # a Mooncake trace replayed as one more shape
+    latency: LatencyModel = field(default_factory=LatencyModel)  # cells scaled and replayed on it
 
 
 def requests_for(shape: str, num_workers: int, cfg: MatrixConfig) -> int:
@@ -82,7 +83,7 @@ def cell_trace(shape: str, num_workers: int, cfg: MatrixConfig) -> Trace:
         assert cfg.trace_path is not None
         return read_trace(cfg.trace_path)
     reqs = synthesize_shape(ShapeConfig(shape, requests_for(shape, num_workers, cfg), seed=cfg.seed))
-    return Trace(scale_to_load(reqs, num_workers, cfg.load), FORMAT_MOONCAKE, 512)
+    return Trace(scale_to_load(reqs, num_workers, cfg.load, cfg.latency), FORMAT_MOONCAKE, 512)
 
 
 def pool_blocks(fraction: float, unique_blocks: int, num_workers: int, mean_request_blocks: float) -> int:
@@ -107,7 +108,9 @@ def run_cell(args: tuple[str, int, MatrixConfig]) -> list[dict[str, Any]]:
         capacity = pool_blocks(fraction, unique, num_workers, mean_blocks)
         for policy in cfg.policies:
             result = replay(
-                trace, ReplayConfig(num_workers, capacity, policy, seed=cfg.seed), prompts=prompts
+                trace,
+                ReplayConfig(num_workers, capacity, policy, latency=cfg.latency, seed=cfg.seed),
+                prompts=prompts,
             )
             m = report.metrics(result)
             row = {k: m[k] for k in _KEEP}
@@ -184,7 +187,7 @@ def run_matrix(cfg: MatrixConfig, jobs: int = 1) -> dict[str, Any]:
     for key in dict.fromkeys(_cell_key(r)[:3] for r in rows):
         at = [r for r in rows if _cell_key(r)[:3] == key]
         cell = {k: at[0][k] for k in ("shape", "num_workers", "fraction", "num_requests", "capacity_blocks")}
-        cells.append({**cell, **(verdict(at) if OURS in cfg.policies else {})})
+        cells.append({**cell, **(verdict(at) if judged(cfg.policies) else {})})
     return {
         "config": {
             "shapes": shapes,
@@ -194,7 +197,7 @@ def run_matrix(cfg: MatrixConfig, jobs: int = 1) -> dict[str, Any]:
             "load": cfg.load,
             "seed": cfg.seed,
             "trace": cfg.trace_path,
-            "latency": dataclasses.asdict(LatencyModel()),
+            "latency": dataclasses.asdict(cfg.latency),
         },
         "cells": cells,
         "results": rows,
@@ -233,12 +236,21 @@ SUMMARY_COLUMNS = (  # one row per judged cell
 )
 
 
+def judged(policies: Sequence[str]) -> bool:
+    """Whether a matrix of ``policies`` judges ``affinity``: it and a baseline to set the bars."""
+    return OURS in policies and any(p in BASELINES for p in policies)
+
+
 def summary(payload: dict[str, Any]) -> str:
     """One line per cell: the verdict and the ratios behind it."""
-    judged = [c for c in payload["cells"] if "ok" in c]
+    if not judged(payload["config"]["policies"]):
+        return (
+            f"no verdicts: the checks judge {OURS} against the baselines ({', '.join(BASELINES)}); "
+            "replay it with at least one of them"
+        )
     ok = sum(1 for c in payload["cells"] if c.get("ok"))
     return (
-        tables.plain(SUMMARY_COLUMNS, judged)
+        tables.plain(SUMMARY_COLUMNS, payload["cells"])
         + f"\naffinity meets all three checks in {ok} of {len(payload['cells'])} cells"
     )
 
