@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kvcache.costs import LatencyModel
 from kvcache.lab import report, tables
 from kvcache.lab.replay import ReplayConfig, prepare, replay
@@ -177,11 +179,21 @@ def run_matrix(cfg: MatrixConfig, jobs: int = 1) -> dict[str, Any]:
     shapes = [*cfg.shapes, *(["trace"] if cfg.trace_path else [])]
     tasks = [(s, w, cfg) for s in shapes for w in cfg.workers]
     tasks.sort(key=lambda t: -t[1])  # the biggest first, so the pool ends together
+    progress = tqdm(total=len(tasks), desc="matrix traces", unit="trace", leave=False, disable=None)
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            results = pool.map(run_cell, tasks, chunksize=1)
+            results = []
+            for rows in pool.imap(run_cell, tasks, chunksize=1):
+                results.append(rows)
+                progress.update()
+            pool.close()  # the workers exit before the pool is torn down: nothing left to clean up
+            pool.join()
     else:
-        results = [run_cell(t) for t in tasks]
+        results = []
+        for task in tasks:
+            results.append(run_cell(task))
+            progress.update()
+    progress.close()
     rows = sorted((r for cell in results for r in cell), key=_cell_key)
     cells = []
     for key in dict.fromkeys(_cell_key(r)[:3] for r in rows):
